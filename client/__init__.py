@@ -1,0 +1,1 @@
+"""Scanner-side tools: send series to the gateway, render results. Never imports torch."""

@@ -1,0 +1,196 @@
+"""The one command line, `ctjoint`. Every subcommand imports its implementation lazily, so
+`ctjoint send` runs with only the client extra installed (no torch, no onnxruntime)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from ctjoint import contracts
+
+app = typer.Typer(
+    name="ctjoint",
+    help="Joint COVID-19 / CAP / normal chest-CT classification and lesion segmentation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+export_app = typer.Typer(help="Export trained models (ONNX).", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ModelName(StrEnum):
+    jcs2d = contracts.MODEL_JCS2D
+    deepsc3d = contracts.MODEL_DEEPSC3D
+
+
+class PhantomKind(StrEnum):
+    covid19 = "covid19"
+    cap = "cap"
+    normal = "normal"
+
+
+class ConfigName(StrEnum):
+    tiny = "tiny"
+    full = "full"
+
+
+def clean_errors(func: F) -> F:
+    """Turn the project's own errors into one line on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ctjoint.gateway.errors import CtJointError
+
+        try:
+            return func(*args, **kwargs)
+        except CtJointError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@clean_errors
+def phantom(
+    out_dir: Annotated[Path, typer.Argument(help="Case folder to create (series/ and truth/).")],
+    kind: Annotated[
+        PhantomKind, typer.Option(help="Which findings to plant.")
+    ] = PhantomKind.covid19,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same files.")] = 0,
+    slices: Annotated[int | None, typer.Option(help="Number of slices (default: random).")] = None,
+    size: Annotated[int, typer.Option(help="Rows and columns of each slice.")] = 512,
+) -> None:
+    """Write a synthetic chest-CT DICOM series plus NIfTI ground truth and its label."""
+    from ctjoint.export.phantom import write_phantom_case
+
+    case = write_phantom_case(out_dir, kind=kind.value, seed=seed, slices=slices, size=size)
+    typer.echo(case.summary())
+
+
+@app.command("phantom-set")
+@clean_errors
+def phantom_set(
+    out_dir: Annotated[Path, typer.Argument(help="Set folder to create (labels.csv + cases).")],
+    n: Annotated[int, typer.Option(help="Number of cases, balanced over the three classes.")] = 300,
+    seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
+    size: Annotated[int, typer.Option(help="Rows and columns of each slice.")] = 256,
+    workers: Annotated[int, typer.Option(help="Processes to generate with.")] = 2,
+) -> None:
+    """Write a labelled train/val/test set of phantom cases."""
+    from ctjoint.export.phantom import write_phantom_set
+
+    summary = write_phantom_set(out_dir, n=n, seed=seed, size=size, workers=workers)
+    typer.echo(summary)
+
+
+@app.command()
+@clean_errors
+def train(
+    model: Annotated[ModelName, typer.Option(help="Which network.")],
+    data: Annotated[Path, typer.Option(help="Data set folder (phantom or real-data layout).")],
+    config: Annotated[ConfigName, typer.Option(help="Model/training size.")] = ConfigName.tiny,
+    out: Annotated[Path | None, typer.Option(help="Run folder (checkpoints, log).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override the config's epochs.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[
+        bool, typer.Option(help="Resume from the run folder's last checkpoint.")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
+) -> None:
+    """Train a joint network with its joint loss; checkpoints are resumable."""
+    from ctjoint.export.train import train_model
+
+    result = train_model(
+        model=model.value,
+        data_dir=data,
+        config_name=config.value,
+        out_dir=out,
+        epochs=epochs,
+        seed=seed,
+        resume=resume,
+        threads=threads,
+    )
+    typer.echo(result)
+
+
+@app.command()
+@clean_errors
+def evaluate(
+    model: Annotated[ModelName, typer.Option(help="Which network.")],
+    data: Annotated[Path, typer.Option(help="Data set folder (phantom or real-data layout).")],
+    split: Annotated[str, typer.Option(help="Which split of the set to evaluate.")] = "test",
+    onnx: Annotated[
+        Path | None, typer.Option(help="ONNX file (default: the exported one).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write the JSON report.")] = None,
+) -> None:
+    """Evaluate an exported model through the serving pipeline: Dice, sens/spec, AUC, confusion."""
+    from ctjoint.export.evaluate import evaluate_model
+
+    report = evaluate_model(model=model.value, data_dir=data, split=split, onnx_file=onnx, out=out)
+    typer.echo(report)
+
+
+@export_app.command("onnx")
+@clean_errors
+def export_onnx_command(
+    model: Annotated[ModelName, typer.Option(help="Which network.")],
+    weights: Annotated[
+        Path | None, typer.Option(help="Checkpoint (default: bundled weights).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="ONNX file (default: build/onnx/<model>.onnx).")
+    ] = None,
+) -> None:
+    """Export to ONNX (dynamic batch, opset 17+), check it and compare it with PyTorch."""
+    from ctjoint.export.onnx_export import export_onnx
+
+    report = export_onnx(model=model.value, weights=weights, out=out)
+    typer.echo(report)
+
+
+@app.command()
+@clean_errors
+def analyze(
+    series_dir: Annotated[
+        Path, typer.Argument(help="Folder with the DICOM files of one CT series.")
+    ],
+    model: Annotated[ModelName, typer.Option(help="Which network.")] = ModelName.jcs2d,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the result as JSON.")
+    ] = None,
+    png_out: Annotated[
+        Path | None, typer.Option("--png", help="Write an overlay montage PNG.")
+    ] = None,
+    model_dir: Annotated[Path | None, typer.Option(help="Folder of exported ONNX models.")] = None,
+) -> None:
+    """Analyse a series in-process with ONNX Runtime and print the result."""
+    from ctjoint.client.render import format_summary, write_overlay_png, write_result_json
+    from ctjoint.gateway.analysis import analyze_directory
+
+    analysis = analyze_directory(series_dir, model=model.value, model_dir=model_dir)
+    typer.echo(format_summary(analysis.result))
+    if json_out is not None:
+        write_result_json(analysis.result, json_out)
+        typer.echo(f"wrote {json_out}")
+    if png_out is not None:
+        write_overlay_png(analysis.volume_hu, analysis.label_map, png_out)
+        typer.echo(f"wrote {png_out}")
+
+
+def main() -> None:
+    """Entry point of the `ctjoint` script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

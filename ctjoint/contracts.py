@@ -1,0 +1,86 @@
+"""Names and shapes shared by every side (export, gateway, Triton models, client).
+
+One module so that a tensor name, a class order or a file layout cannot drift between the
+side that writes it and the side that reads it. Pure Python: importable everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Final
+
+# --- Models ---------------------------------------------------------------------------------
+MODEL_JCS2D: Final = "jcs2d"
+MODEL_DEEPSC3D: Final = "deepsc3d"
+MODEL_NAMES: Final = (MODEL_JCS2D, MODEL_DEEPSC3D)
+DEFAULT_MODEL: Final = MODEL_JCS2D
+
+# --- Classes (order is the order of `cls_logits` / `probs`) -----------------------------------
+CLASS_NAMES: Final = ("covid19", "cap", "normal")
+CLASS_COVID19: Final = 0
+CLASS_CAP: Final = 1
+CLASS_NORMAL: Final = 2
+
+# Lesion segmentation classes (channel order of `seg_logits`, values of the label mask).
+# Lungs are not a model channel: the gateway segments them classically (documented in README).
+SEG_CLASS_NAMES: Final = ("background", "ground_glass", "consolidation")
+SEG_BACKGROUND: Final = 0
+SEG_GROUND_GLASS: Final = 1
+SEG_CONSOLIDATION: Final = 2
+LESION_CLASS_NAMES: Final = SEG_CLASS_NAMES[1:]
+
+# Lung label map values in phantom ground truth (truth/lungs.nii.gz).
+LUNG_RIGHT: Final = 1
+LUNG_LEFT: Final = 2
+
+# --- Tensors ----------------------------------------------------------------------------------
+INPUT_IMAGE: Final = "image"  # float32 [B,3,H,W] (jcs2d) or [B,1,D,H,W] (deepsc3d)
+OUTPUT_SEG_LOGITS: Final = "seg_logits"  # float32 [B,K,H,W] or [B,K,D,H,W]
+OUTPUT_CLS_LOGITS: Final = "cls_logits"  # float32 [B,3]
+POST_PROBS: Final = "probs"  # float32 [B,3]
+POST_MASK: Final = "mask"  # uint8 [B,H,W] (or [B,D,H,W]) label map
+POST_LESION_AREA: Final = "lesion_area"  # int64 [B] lesion pixels per slice (per volume in 3D)
+
+# --- ONNX metadata keys (the exported file carries its own preprocessing plan) ----------------
+ONNX_META_MODEL: Final = "ctjoint.model"
+ONNX_META_VERSION: Final = "ctjoint.version"
+ONNX_META_PLAN: Final = "ctjoint.preprocess_plan"
+ONNX_META_CLASSES: Final = "ctjoint.classes"
+ONNX_META_SEG_CLASSES: Final = "ctjoint.seg_classes"
+ONNX_META_TRAINED_ON: Final = "ctjoint.trained_on"
+
+# --- On-disk layout of a case (phantoms and the DICOM real-data layout) -----------------------
+# CASE/series/*.dcm        the CT series, one file per slice
+# CASE/truth/lesions.nii.gz   label map SEG_CLASS_NAMES, array order (x, y, z) as NIfTI stores it
+# CASE/truth/lungs.nii.gz     0 outside, LUNG_RIGHT, LUNG_LEFT
+# CASE/truth/label.json       {"label": one of CLASS_NAMES, ...}
+# A set: SET/labels.csv with columns case,label,split and SET/<case>/ folders as above.
+CASE_SERIES_DIR: Final = "series"
+CASE_TRUTH_DIR: Final = "truth"
+TRUTH_LESIONS: Final = "lesions.nii.gz"
+TRUTH_LUNGS: Final = "lungs.nii.gz"
+TRUTH_LABEL: Final = "label.json"
+SET_LABELS_CSV: Final = "labels.csv"
+SPLITS: Final = ("train", "val", "test")
+
+# --- Artefact locations -----------------------------------------------------------------------
+ENV_MODEL_DIR: Final = "CTJOINT_MODEL_DIR"
+
+
+def repo_root() -> Path:
+    """The checkout root when running from the repository (editable install)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def default_model_dir() -> Path:
+    """Where exported ONNX models live: $CTJOINT_MODEL_DIR, else <repo>/build/onnx."""
+    configured = os.environ.get(ENV_MODEL_DIR)
+    if configured:
+        return Path(configured)
+    return repo_root() / "build" / "onnx"
+
+
+def onnx_path(model: str, model_dir: Path | None = None) -> Path:
+    """The ONNX file of a model inside a model directory."""
+    return (model_dir or default_model_dir()) / f"{model}.onnx"

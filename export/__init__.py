@@ -1,0 +1,1 @@
+"""Everything that makes the models: phantoms, networks, training, evaluation, export."""

@@ -1,0 +1,1 @@
+"""The gateway: DICOM in, validated series, preprocessing, inference backends, results out."""

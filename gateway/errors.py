@@ -1,0 +1,81 @@
+"""The gateway's exception hierarchy: one root, one subclass per cause.
+
+Messages name the file and the attribute at fault and never carry patient identifiers.
+Foreign errors (pydicom, onnxruntime, tritonclient) are translated at the boundary with
+`raise ... from err`; the gRPC layer (issue: gateway) maps these classes to status codes in one
+place.
+"""
+
+from __future__ import annotations
+
+
+class CtJointError(Exception):
+    """Root of every error the project raises on purpose."""
+
+
+class InputError(CtJointError):
+    """The caller sent something we cannot analyse (maps to INVALID_ARGUMENT)."""
+
+    def __init__(self, problem: str, *, source: str | None = None, attribute: str | None = None):
+        self.problem = problem
+        self.source = source
+        self.attribute = attribute
+        parts = []
+        if source is not None:
+            parts.append(source)
+        if attribute is not None:
+            parts.append(attribute)
+        prefix = ": ".join(parts)
+        super().__init__(f"{prefix}: {problem}" if prefix else problem)
+
+
+class EmptySeriesError(InputError):
+    """No DICOM file at all."""
+
+
+class NotDicomError(InputError):
+    """A file is not a DICOM Part-10 file (or is truncated beyond reading)."""
+
+
+class NotCtError(InputError):
+    """A DICOM file that is not a CT image (wrong modality or SOP class)."""
+
+
+class MissingAttributeError(InputError):
+    """A required attribute is absent or empty."""
+
+
+class InvalidAttributeError(InputError):
+    """An attribute is present but its value is unusable."""
+
+
+class MixedSeriesError(InputError):
+    """Files from more than one series (or study) in one scan."""
+
+
+class InconsistentGeometryError(InputError):
+    """Slices disagree on orientation, size or spacing, or positions collide."""
+
+
+class UnsupportedTransferSyntaxError(CtJointError):
+    """Pixel data we cannot decode here (maps to FAILED_PRECONDITION)."""
+
+    def __init__(self, problem: str, *, source: str | None = None):
+        self.source = source
+        super().__init__(f"{source}: {problem}" if source else problem)
+
+
+class LimitExceededError(CtJointError):
+    """Too big, too many slices, too many concurrent scans (maps to RESOURCE_EXHAUSTED)."""
+
+
+class ModelNotFoundError(CtJointError):
+    """The requested model is not known or its artefact is missing (maps to NOT_FOUND)."""
+
+
+class BackendUnavailableError(CtJointError):
+    """The inference backend cannot serve right now (maps to UNAVAILABLE)."""
+
+
+class BackendError(CtJointError):
+    """The inference backend failed on a request (maps to INTERNAL)."""
