@@ -10,7 +10,7 @@ MODELS := jcs2d deepsc3d
 ONNX := $(foreach m,$(MODELS),build/onnx/$(m).onnx)
 DEMO_DIR := out/demo
 
-.PHONY: demo test lint typecheck install onnx clean
+.PHONY: demo test lint typecheck install onnx proto clean
 
 $(STAMP): pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -51,9 +51,15 @@ lint: install
 # the same mapping setuptools' package-dir makes at install time.
 typecheck: install
 	rm -rf .typecheck && mkdir -p .typecheck/ctjoint
-	for f in ctjoint/*.py ctjoint/py.typed; do ln -s ../../$$f .typecheck/ctjoint/; done
+	for f in ctjoint/*.py ctjoint/py.typed ctjoint/v1; do ln -s ../../$$f .typecheck/ctjoint/; done
 	for d in gateway client export; do ln -s ../../$$d .typecheck/ctjoint/$$d; done
 	cd .typecheck && ../$(BIN)/mypy --config-file ../pyproject.toml -p ctjoint
+
+# The gRPC contract: generated code is committed (imports read `from ctjoint.v1 import ...`);
+# tests/test_gateway_proto.py regenerates into a temporary folder and fails if these are stale.
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+	  ctjoint/v1/scan.proto
 
 clean:
 	rm -rf build out .typecheck

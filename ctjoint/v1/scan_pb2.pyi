@@ -1,0 +1,240 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ScanRequest(_message.Message):
+    __slots__ = ("header", "file")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    header: ScanHeader
+    file: DicomFile
+    def __init__(self, header: _Optional[_Union[ScanHeader, _Mapping]] = ..., file: _Optional[_Union[DicomFile, _Mapping]] = ...) -> None: ...
+
+class ScanHeader(_message.Message):
+    __slots__ = ("request_id", "model", "outputs", "expected_files")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FILES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    outputs: OutputOptions
+    expected_files: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., outputs: _Optional[_Union[OutputOptions, _Mapping]] = ..., expected_files: _Optional[int] = ...) -> None: ...
+
+class OutputOptions(_message.Message):
+    __slots__ = ("masks", "seg", "overlay")
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    SEG_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    masks: bool
+    seg: bool
+    overlay: bool
+    def __init__(self, masks: _Optional[bool] = ..., seg: _Optional[bool] = ..., overlay: _Optional[bool] = ...) -> None: ...
+
+class DicomFile(_message.Message):
+    __slots__ = ("content",)
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    content: bytes
+    def __init__(self, content: _Optional[bytes] = ...) -> None: ...
+
+class ScanResult(_message.Message):
+    __slots__ = ("request_id", "label", "class_names", "probabilities", "slices", "lesions", "mask", "seg_dicom", "overlay_png", "timings", "model", "backend", "geometry", "slice_file_index")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    LESIONS_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    SEG_DICOM_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    SLICE_FILE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    label: str
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    slices: _containers.RepeatedCompositeFieldContainer[SliceEvidence]
+    lesions: LesionStatistics
+    mask: LabelVolume
+    seg_dicom: bytes
+    overlay_png: bytes
+    timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    model: ModelRef
+    backend: str
+    geometry: SeriesGeometry
+    slice_file_index: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., slices: _Optional[_Iterable[_Union[SliceEvidence, _Mapping]]] = ..., lesions: _Optional[_Union[LesionStatistics, _Mapping]] = ..., mask: _Optional[_Union[LabelVolume, _Mapping]] = ..., seg_dicom: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., geometry: _Optional[_Union[SeriesGeometry, _Mapping]] = ..., slice_file_index: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SliceEvidence(_message.Message):
+    __slots__ = ("index", "probabilities", "lesion_pixels")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LESION_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    lesion_pixels: int
+    def __init__(self, index: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., lesion_pixels: _Optional[int] = ...) -> None: ...
+
+class LesionStatistics(_message.Message):
+    __slots__ = ("classes", "total_voxels", "total_volume_ml")
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_VOXELS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_VOLUME_ML_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedCompositeFieldContainer[LesionClassStatistics]
+    total_voxels: int
+    total_volume_ml: float
+    def __init__(self, classes: _Optional[_Iterable[_Union[LesionClassStatistics, _Mapping]]] = ..., total_voxels: _Optional[int] = ..., total_volume_ml: _Optional[float] = ...) -> None: ...
+
+class LesionClassStatistics(_message.Message):
+    __slots__ = ("name", "voxels", "volume_ml")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VOXELS_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ML_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    voxels: int
+    volume_ml: float
+    def __init__(self, name: _Optional[str] = ..., voxels: _Optional[int] = ..., volume_ml: _Optional[float] = ...) -> None: ...
+
+class LabelVolume(_message.Message):
+    __slots__ = ("encoding", "shape", "data", "class_names")
+    class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ENCODING_UNSPECIFIED: _ClassVar[LabelVolume.Encoding]
+        ENCODING_ZLIB_UINT8: _ClassVar[LabelVolume.Encoding]
+    ENCODING_UNSPECIFIED: LabelVolume.Encoding
+    ENCODING_ZLIB_UINT8: LabelVolume.Encoding
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    encoding: LabelVolume.Encoding
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, encoding: _Optional[_Union[LabelVolume.Encoding, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SeriesGeometry(_message.Message):
+    __slots__ = ("slices", "rows", "columns", "row_spacing_mm", "column_spacing_mm", "slice_spacing_mm")
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    ROW_SPACING_MM_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_SPACING_MM_FIELD_NUMBER: _ClassVar[int]
+    SLICE_SPACING_MM_FIELD_NUMBER: _ClassVar[int]
+    slices: int
+    rows: int
+    columns: int
+    row_spacing_mm: float
+    column_spacing_mm: float
+    slice_spacing_mm: float
+    def __init__(self, slices: _Optional[int] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., row_spacing_mm: _Optional[float] = ..., column_spacing_mm: _Optional[float] = ..., slice_spacing_mm: _Optional[float] = ...) -> None: ...
+
+class StageTiming(_message.Message):
+    __slots__ = ("stage", "seconds")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    seconds: float
+    def __init__(self, stage: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ModelRef(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ScanEvent(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    result: ScanResult
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[ScanResult, _Mapping]] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("stage", "done", "total", "request_id")
+    class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STAGE_UNSPECIFIED: _ClassVar[Progress.Stage]
+        STAGE_RECEIVED: _ClassVar[Progress.Stage]
+        STAGE_VALIDATED: _ClassVar[Progress.Stage]
+        STAGE_ASSEMBLED: _ClassVar[Progress.Stage]
+        STAGE_PREPROCESSED: _ClassVar[Progress.Stage]
+        STAGE_INFERRED: _ClassVar[Progress.Stage]
+        STAGE_POSTPROCESSED: _ClassVar[Progress.Stage]
+    STAGE_UNSPECIFIED: Progress.Stage
+    STAGE_RECEIVED: Progress.Stage
+    STAGE_VALIDATED: Progress.Stage
+    STAGE_ASSEMBLED: Progress.Stage
+    STAGE_PREPROCESSED: Progress.Stage
+    STAGE_INFERRED: Progress.Stage
+    STAGE_POSTPROCESSED: Progress.Stage
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    stage: Progress.Stage
+    done: int
+    total: int
+    request_id: str
+    def __init__(self, stage: _Optional[_Union[Progress.Stage, str]] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class GetModelInfoResponse(_message.Message):
+    __slots__ = ("backend", "default_model", "models")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    default_model: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, backend: _Optional[str] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "version", "class_names", "seg_class_names", "input", "ready", "trained_on")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SEG_CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_ON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    seg_class_names: _containers.RepeatedScalarFieldContainer[str]
+    input: InputGeometry
+    ready: bool
+    trained_on: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., seg_class_names: _Optional[_Iterable[str]] = ..., input: _Optional[_Union[InputGeometry, _Mapping]] = ..., ready: _Optional[bool] = ..., trained_on: _Optional[str] = ...) -> None: ...
+
+class InputGeometry(_message.Message):
+    __slots__ = ("kind", "channels", "depth", "height", "width")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    channels: int
+    depth: int
+    height: int
+    width: int
+    def __init__(self, kind: _Optional[str] = ..., channels: _Optional[int] = ..., depth: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
