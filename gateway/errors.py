@@ -41,6 +41,10 @@ class NotCtError(InputError):
     """A DICOM file that is not a CT image (wrong modality or SOP class)."""
 
 
+class UnsupportedSopClassError(NotCtError):
+    """A CT object we do not read (Enhanced / Legacy Converted Enhanced CT, multi-frame)."""
+
+
 class MissingAttributeError(InputError):
     """A required attribute is absent or empty."""
 
@@ -55,6 +59,10 @@ class MixedSeriesError(InputError):
 
 class InconsistentGeometryError(InputError):
     """Slices disagree on orientation, size or spacing, or positions collide."""
+
+
+class DuplicateSliceError(InconsistentGeometryError):
+    """Two files are the same instance or sit at the same position along the slice normal."""
 
 
 class UnsupportedTransferSyntaxError(CtJointError):

@@ -1,0 +1,412 @@
+"""Read one DICOM Part-10 file into a validated CT slice in Hounsfield units.
+
+Every check fails fast with one error that names the file and the attribute at fault (never a
+patient identifier). Used file by file: by `load_series_dir` on a folder, and by the gateway on
+each file of a stream as it arrives.
+
+Decisions (documented here because the gateway and the export side rely on them):
+- Accepted: CT Image Storage only, one frame per file, Modality CT. Enhanced / Legacy Converted
+  Enhanced CT (multi-frame, geometry in functional groups) is a CT but is refused with
+  `UnsupportedSopClassError`, so a scanner sending it gets a clear answer rather than a guess.
+- RescaleSlope and RescaleIntercept are Type 1 in the CT Image Module: a file without them is
+  refused (MissingAttributeError) instead of defaulting to 1 / 0, because a wrong default
+  silently shifts every value by about 1024 HU and the lung window would then see noise.
+- Pixel data is decoded by pydicom's own decoders; a compressed transfer syntax without an
+  installed decoder (pylibjpeg, gdcm, Pillow) gives `UnsupportedTransferSyntaxError`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, CTImageStorage
+
+from ctjoint.gateway.errors import (
+    InputError,
+    InvalidAttributeError,
+    MissingAttributeError,
+    NotCtError,
+    NotDicomError,
+    UnsupportedSopClassError,
+    UnsupportedTransferSyntaxError,
+)
+
+logger = logging.getLogger(__name__)
+
+# CT SOP classes we recognise as CT but do not read (multi-frame; geometry lives elsewhere).
+_MULTIFRAME_CT_SOP_CLASSES = {
+    UID("1.2.840.10008.5.1.4.1.1.2.1"): "Enhanced CT Image Storage",
+    UID("1.2.840.10008.5.1.4.1.1.2.2"): "Legacy Converted Enhanced CT Image Storage",
+}
+
+# Largest slice we accept: a 4096^2 matrix already exceeds any clinical CT reconstruction, and
+# the bound keeps a corrupt Rows/Columns from asking for gigabytes.
+MAX_MATRIX = 4096
+
+# Tolerance on the unit length and orthogonality of the direction cosines (scanners write them
+# with 6 or so decimals; rounding to that leaves errors around 1e-6).
+_COSINE_TOLERANCE = 1e-3
+
+DicomSource = str | os.PathLike[str] | bytes
+
+
+@dataclass(frozen=True, eq=False)
+class CtSlice:
+    """One validated CT slice: HU pixels plus the geometry and identity needed to assemble it.
+
+    `hu` is [rows, columns] float32, read-only. Positions and spacings are in millimetres in the
+    patient coordinate system (LPS) of the file.
+    """
+
+    hu: np.ndarray
+    position: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) as DICOM orders it
+    slice_thickness: float | None
+    series_uid: str
+    study_uid: str
+    frame_of_reference_uid: str
+    sop_instance_uid: str
+    instance_number: int | None
+    source: str
+
+    def __post_init__(self) -> None:
+        hu = np.ascontiguousarray(self.hu, dtype=np.float32)
+        if hu.ndim != 2:
+            raise ValueError(f"a CT slice is 2D, got shape {hu.shape}")
+        hu.flags.writeable = False
+        object.__setattr__(self, "hu", hu)
+        object.__setattr__(self, "position", tuple(float(v) for v in self.position))
+        object.__setattr__(self, "orientation", tuple(float(v) for v in self.orientation))
+        object.__setattr__(self, "pixel_spacing", tuple(float(v) for v in self.pixel_spacing))
+
+    @property
+    def rows(self) -> int:
+        return int(self.hu.shape[0])
+
+    @property
+    def columns(self) -> int:
+        return int(self.hu.shape[1])
+
+    @property
+    def normal(self) -> np.ndarray:
+        """Unit slice normal: row cosines x column cosines."""
+        return slice_normal(self.orientation)
+
+
+def slice_normal(orientation: Sequence[float]) -> np.ndarray:
+    """The normal of an ImageOrientationPatient (cross product of its row and column cosines)."""
+    row = np.asarray(orientation[:3], dtype=np.float64)
+    col = np.asarray(orientation[3:6], dtype=np.float64)
+    normal = np.cross(row, col)
+    return normal / np.linalg.norm(normal)
+
+
+def describe_source(index: int, name: str | None = None) -> str:
+    """How errors name a file: 'file 3 (IM00003.dcm)' (1-based, in the order received)."""
+    return f"file {index} ({name})" if name else f"file {index}"
+
+
+def read_ct_slice(data: DicomSource, *, source: str | None = None) -> CtSlice:
+    """Parse, validate and decode one DICOM file (a path or its bytes) into a `CtSlice`."""
+    if source is None:
+        source = "DICOM bytes" if isinstance(data, bytes) else Path(os.fspath(data)).name
+    dataset = read_dataset(data, source=source)
+    return ct_slice_from_dataset(dataset, source=source)
+
+
+def read_dataset(data: DicomSource, *, source: str) -> Dataset:
+    """Parse a DICOM Part-10 file (the 'DICM' preamble is required) without validating it."""
+    try:
+        if isinstance(data, bytes):
+            return pydicom.dcmread(io.BytesIO(data))
+        return pydicom.dcmread(os.fspath(data))
+    except InvalidDicomError as err:
+        raise NotDicomError("not a DICOM Part-10 file (no 'DICM' preamble)", source=source) from err
+    except IsADirectoryError as err:
+        raise NotDicomError("is a folder, not a DICOM file", source=source) from err
+    except OSError as err:
+        raise InputError(f"cannot read the file ({err.strerror or err})", source=source) from err
+    except Exception as err:
+        # pydicom reports truncated or garbled files with a variety of exception types
+        # (EOFError, struct.error, ValueError, ...); to the caller they all mean the same.
+        raise NotDicomError(f"unreadable DICOM file ({type(err).__name__})", source=source) from err
+
+
+def ct_slice_from_dataset(dataset: Dataset, *, source: str) -> CtSlice:
+    """Validate a parsed dataset as a single-frame CT image and convert its pixels to HU."""
+    _check_is_ct(dataset, source)
+    rows = _positive_int(dataset, "Rows", source, maximum=MAX_MATRIX)
+    columns = _positive_int(dataset, "Columns", source, maximum=MAX_MATRIX)
+    _check_pixel_format(dataset, source)
+    spacing = _float_values(dataset, "PixelSpacing", 2, source)
+    if not all(v > 0 for v in spacing):
+        raise InvalidAttributeError(
+            f"must be positive, got {_fmt(spacing)}", source=source, attribute="PixelSpacing"
+        )
+    position = _float_values(dataset, "ImagePositionPatient", 3, source)
+    orientation = _float_values(dataset, "ImageOrientationPatient", 6, source)
+    _check_orientation(orientation, source)
+    slope = _float_values(dataset, "RescaleSlope", 1, source)[0]
+    intercept = _float_values(dataset, "RescaleIntercept", 1, source)[0]
+    if slope == 0:
+        raise InvalidAttributeError("must not be 0", source=source, attribute="RescaleSlope")
+    thickness = _optional_positive_float(dataset, "SliceThickness", source)
+    pixels = _decode_pixels(dataset, rows, columns, source)
+    hu = pixels.astype(np.float32)
+    # Skip the identity parts of the rescale: most CT stores slope 1, and it saves a full pass.
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    if intercept != 0.0:
+        hu += np.float32(intercept)
+    return CtSlice(
+        hu=hu,
+        position=(position[0], position[1], position[2]),
+        orientation=(
+            orientation[0],
+            orientation[1],
+            orientation[2],
+            orientation[3],
+            orientation[4],
+            orientation[5],
+        ),
+        pixel_spacing=(spacing[0], spacing[1]),
+        slice_thickness=thickness,
+        series_uid=_required_uid(dataset, "SeriesInstanceUID", source),
+        study_uid=_required_uid(dataset, "StudyInstanceUID", source),
+        frame_of_reference_uid=str(dataset.get("FrameOfReferenceUID", "") or ""),
+        sop_instance_uid=_required_uid(dataset, "SOPInstanceUID", source),
+        instance_number=_optional_int(dataset, "InstanceNumber"),
+        source=source,
+    )
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+
+def _check_is_ct(dataset: Dataset, source: str) -> None:
+    modality = str(dataset.get("Modality", "") or "").strip()
+    if not modality:
+        raise MissingAttributeError("is absent or empty", source=source, attribute="Modality")
+    if modality != "CT":
+        raise NotCtError(
+            f"is {modality!r}, expected 'CT' (only CT series can be analysed)",
+            source=source,
+            attribute="Modality",
+        )
+    sop_class = dataset.get("SOPClassUID") or getattr(
+        dataset.get("file_meta"), "MediaStorageSOPClassUID", None
+    )
+    if not sop_class:
+        raise MissingAttributeError("is absent or empty", source=source, attribute="SOPClassUID")
+    sop_class = UID(str(sop_class))
+    if sop_class in _MULTIFRAME_CT_SOP_CLASSES:
+        raise UnsupportedSopClassError(
+            f"is {_MULTIFRAME_CT_SOP_CLASSES[sop_class]} (multi-frame), which is not supported; "
+            "send the series as CT Image Storage, one slice per file",
+            source=source,
+            attribute="SOPClassUID",
+        )
+    if sop_class != CTImageStorage:
+        raise NotCtError(
+            f"is {sop_class.name or 'an unknown SOP class'}, expected CT Image Storage",
+            source=source,
+            attribute="SOPClassUID",
+        )
+    frames = _optional_int(dataset, "NumberOfFrames")
+    if frames is not None and frames != 1:
+        raise InvalidAttributeError(
+            f"is {frames}, expected 1 (one slice per file)",
+            source=source,
+            attribute="NumberOfFrames",
+        )
+
+
+def _check_pixel_format(dataset: Dataset, source: str) -> None:
+    samples = _optional_int(dataset, "SamplesPerPixel")
+    if samples is not None and samples != 1:
+        raise InvalidAttributeError(
+            f"is {samples}, expected 1 (greyscale)", source=source, attribute="SamplesPerPixel"
+        )
+    photometric = str(dataset.get("PhotometricInterpretation", "") or "").strip()
+    if photometric and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise InvalidAttributeError(
+            f"is {photometric!r}, expected MONOCHROME2",
+            source=source,
+            attribute="PhotometricInterpretation",
+        )
+    bits = _positive_int(dataset, "BitsAllocated", source, maximum=64)
+    if bits not in (8, 16, 32):
+        raise InvalidAttributeError(
+            f"is {bits}, expected 8, 16 or 32", source=source, attribute="BitsAllocated"
+        )
+    representation = _optional_int(dataset, "PixelRepresentation")
+    if representation is None:
+        raise MissingAttributeError(
+            "is absent or empty", source=source, attribute="PixelRepresentation"
+        )
+    if representation not in (0, 1):
+        raise InvalidAttributeError(
+            f"is {representation}, expected 0 (unsigned) or 1 (signed)",
+            source=source,
+            attribute="PixelRepresentation",
+        )
+
+
+def _check_orientation(cosines: list[float], source: str) -> None:
+    row = np.asarray(cosines[:3])
+    col = np.asarray(cosines[3:])
+    unit = abs(np.linalg.norm(row) - 1) < _COSINE_TOLERANCE
+    unit = unit and abs(np.linalg.norm(col) - 1) < _COSINE_TOLERANCE
+    if not unit or abs(float(np.dot(row, col))) > _COSINE_TOLERANCE:
+        raise InvalidAttributeError(
+            f"{_fmt(cosines)} are not two orthogonal unit vectors",
+            source=source,
+            attribute="ImageOrientationPatient",
+        )
+
+
+def _decode_pixels(dataset: Dataset, rows: int, columns: int, source: str) -> np.ndarray:
+    if "PixelData" not in dataset:
+        raise MissingAttributeError(
+            "is absent (the file carries no image)", source=source, attribute="PixelData"
+        )
+    file_meta = dataset.get("file_meta")
+    syntax = getattr(file_meta, "TransferSyntaxUID", None)
+    if not syntax:
+        raise MissingAttributeError(
+            "is absent from the file meta information", source=source, attribute="TransferSyntaxUID"
+        )
+    syntax = UID(str(syntax))
+    try:
+        decoder = pydicom.pixels.get_decoder(syntax)
+    except NotImplementedError as err:
+        raise UnsupportedTransferSyntaxError(
+            f"transfer syntax {syntax.name or syntax} has no pixel data decoder", source=source
+        ) from err
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
+        raise UnsupportedTransferSyntaxError(
+            f"transfer syntax {syntax.name} needs a decoder that is not installed ({missing})",
+            source=source,
+        )
+    if not syntax.is_compressed:
+        # Checked before decoding so a truncated file gets a size message, not a numpy one.
+        bits = int(dataset.BitsAllocated)
+        expected = rows * columns * bits // 8
+        actual = len(dataset.PixelData)
+        if actual < expected:
+            raise InvalidAttributeError(
+                f"holds {actual} bytes, expected {expected} for {rows}x{columns} at {bits} bits",
+                source=source,
+                attribute="PixelData",
+            )
+    try:
+        pixels = dataset.pixel_array
+    except Exception as err:
+        # Decoders raise whatever their library raises; all of it means "cannot decode".
+        raise InvalidAttributeError(
+            f"cannot be decoded ({type(err).__name__}: {err})",
+            source=source,
+            attribute="PixelData",
+        ) from err
+    if pixels.shape != (rows, columns):
+        raise InvalidAttributeError(
+            f"decodes to shape {pixels.shape}, expected ({rows}, {columns})",
+            source=source,
+            attribute="PixelData",
+        )
+    return pixels
+
+
+# --- attribute access ------------------------------------------------------------------------
+
+
+def _element_value(dataset: Dataset, keyword: str, source: str) -> Any:
+    try:
+        value = dataset.get(keyword)
+    except Exception as err:
+        # pydicom converts raw values lazily, so a malformed value only fails on access.
+        raise InvalidAttributeError(
+            f"cannot be parsed ({type(err).__name__})", source=source, attribute=keyword
+        ) from err
+    if value is None or (isinstance(value, str | bytes | list) and len(value) == 0):
+        raise MissingAttributeError("is absent or empty", source=source, attribute=keyword)
+    return value
+
+
+def _float_values(dataset: Dataset, keyword: str, count: int, source: str) -> list[float]:
+    value = _element_value(dataset, keyword, source)
+    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    try:
+        numbers = [float(v) for v in items]
+    except (TypeError, ValueError) as err:
+        raise InvalidAttributeError(
+            "holds a value that is not a number", source=source, attribute=keyword
+        ) from err
+    if len(numbers) != count:
+        raise InvalidAttributeError(
+            f"has {len(numbers)} values, expected {count}", source=source, attribute=keyword
+        )
+    if not all(math.isfinite(v) for v in numbers):
+        raise InvalidAttributeError(
+            f"holds a non-finite value {_fmt(numbers)}", source=source, attribute=keyword
+        )
+    return numbers
+
+
+def _positive_int(dataset: Dataset, keyword: str, source: str, *, maximum: int) -> int:
+    value = _element_value(dataset, keyword, source)
+    try:
+        number = int(value)
+    except (TypeError, ValueError) as err:
+        raise InvalidAttributeError("is not an integer", source=source, attribute=keyword) from err
+    if not 0 < number <= maximum:
+        raise InvalidAttributeError(
+            f"is {number}, expected 1..{maximum}", source=source, attribute=keyword
+        )
+    return number
+
+
+def _optional_int(dataset: Dataset, keyword: str) -> int | None:
+    try:
+        value = dataset.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _optional_positive_float(dataset: Dataset, keyword: str, source: str) -> float | None:
+    try:
+        value = dataset.get(keyword)
+        number = None if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        logger.warning("%s: %s is not a number; ignored", source, keyword)
+        return None
+    if number is not None and not (math.isfinite(number) and number > 0):
+        logger.warning("%s: %s is not a positive number; ignored", source, keyword)
+        return None
+    return number
+
+
+def _required_uid(dataset: Dataset, keyword: str, source: str) -> str:
+    value = str(_element_value(dataset, keyword, source)).strip()
+    if not value:
+        raise MissingAttributeError("is absent or empty", source=source, attribute=keyword)
+    return value
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"

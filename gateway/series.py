@@ -1,0 +1,398 @@
+"""Assemble validated CT slices into one volume: consistency checks as each slice arrives,
+then sort along the slice normal and check the spacing when the series is complete.
+
+`SeriesAssembler` is fed one `CtSlice` at a time (a folder read, or files streaming into the
+gateway) and copies each slice straight into one preallocated array, so a series never exists
+twice in memory. `CtVolume` is the contract between the reader and the analysis; it can also be
+built from a plain array (NIfTI data sets) without any DICOM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ctjoint.gateway.dicom_io import CtSlice, describe_source, read_ct_slice, slice_normal
+from ctjoint.gateway.errors import (
+    DuplicateSliceError,
+    EmptySeriesError,
+    InconsistentGeometryError,
+    LimitExceededError,
+    MixedSeriesError,
+)
+
+logger = logging.getLogger(__name__)
+
+AXIAL_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+# Two slices are "at the same position" closer than this (mm): scanners print positions with
+# at least 3 decimals, real slice spacings are >= 0.25 mm.
+DUPLICATE_POSITION_MM = 1e-3
+# Spacing along the normal may wander this much (relative, plus an absolute floor in mm) before
+# we call the series non-uniform: it absorbs rounding of printed positions, yet a single missing
+# slice (a 100 % jump) is far outside it.
+SPACING_RELATIVE_TOLERANCE = 0.05
+SPACING_ABSOLUTE_TOLERANCE_MM = 0.01
+# In-plane agreement between slices.
+PIXEL_SPACING_RELATIVE_TOLERANCE = 1e-3
+ORIENTATION_TOLERANCE = 1e-4
+# How many offending slice gaps an error lists before summarising.
+MAX_REPORTED = 3
+
+
+@dataclass(frozen=True, eq=False)
+class CtVolume:
+    """A CT volume in HU, slices sorted along the normal: `hu` is [Z, Y, X] float32, read-only.
+
+    `spacing_mm` is (between slices, between rows, between columns). `origin` is the position of
+    the first voxel of the first slice, `orientation` its row and column cosines. UIDs are empty
+    for volumes that did not come from DICOM; they are kept for the SEG writer, never logged.
+    """
+
+    hu: np.ndarray
+    spacing_mm: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    orientation: tuple[float, float, float, float, float, float] = AXIAL_ORIENTATION
+    sop_instance_uids: tuple[str, ...] = ()
+    series_uid: str = ""
+    study_uid: str = ""
+    frame_of_reference_uid: str = ""
+    slice_thickness_mm: float | None = None
+    source_names: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        hu = np.ascontiguousarray(self.hu, dtype=np.float32)
+        if hu.ndim != 3 or min(hu.shape) < 1:
+            raise ValueError(f"a CT volume is [slices, rows, columns], got shape {hu.shape}")
+        hu.flags.writeable = False
+        object.__setattr__(self, "hu", hu)
+        spacing = tuple(float(v) for v in self.spacing_mm)
+        if len(spacing) != 3 or not all(np.isfinite(v) and v > 0 for v in spacing):
+            raise ValueError(f"spacing must be three positive numbers, got {self.spacing_mm}")
+        object.__setattr__(self, "spacing_mm", spacing)
+        object.__setattr__(self, "origin", tuple(float(v) for v in self.origin))
+        object.__setattr__(self, "orientation", tuple(float(v) for v in self.orientation))
+        object.__setattr__(self, "sop_instance_uids", tuple(self.sop_instance_uids))
+        object.__setattr__(self, "source_names", tuple(self.source_names))
+        if self.sop_instance_uids and len(self.sop_instance_uids) != hu.shape[0]:
+            raise ValueError("one SOP instance UID per slice is required")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.hu.shape
+        return int(z), int(y), int(x)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (1 mL = 1000 mm^3)."""
+        z, y, x = self.spacing_mm
+        return z * y * x / 1000.0
+
+    @classmethod
+    def from_array(
+        cls,
+        hu: np.ndarray,
+        spacing_mm: Sequence[float],
+        *,
+        origin: Sequence[float] = (0.0, 0.0, 0.0),
+        orientation: Sequence[float] = AXIAL_ORIENTATION,
+    ) -> CtVolume:
+        """A volume from a HU array already in [Z, Y, X] order with spacing (z, y, x) in mm."""
+        return cls(
+            hu=hu,
+            spacing_mm=(spacing_mm[0], spacing_mm[1], spacing_mm[2]),
+            origin=(origin[0], origin[1], origin[2]),
+            orientation=(
+                orientation[0],
+                orientation[1],
+                orientation[2],
+                orientation[3],
+                orientation[4],
+                orientation[5],
+            ),
+        )
+
+    @classmethod
+    def from_nifti_array(cls, data_xyz: np.ndarray, zooms_xyz: Sequence[float]) -> CtVolume:
+        """A volume from NIfTI data as nibabel returns it: array (x, y, z), zooms (x, y, z) mm.
+
+        Only the axes are reordered (to z, y, x), nothing is flipped, so masks stored the same
+        way (contracts: truth/*.nii.gz) line up voxel for voxel after the same transpose.
+        """
+        if data_xyz.ndim != 3:
+            raise ValueError(f"expected a 3D NIfTI array, got shape {data_xyz.shape}")
+        hu = np.transpose(np.asarray(data_xyz, dtype=np.float32), (2, 1, 0))
+        return cls.from_array(hu, (zooms_xyz[2], zooms_xyz[1], zooms_xyz[0]))
+
+
+@dataclass(frozen=True)
+class _SliceRecord:
+    """What the assembler keeps of a slice once its pixels are in the buffer."""
+
+    slot: int
+    source: str
+    position: tuple[float, float, float]
+    sop_instance_uid: str
+
+
+class SeriesAssembler:
+    """Collect the slices of one CT series as they arrive and build a `CtVolume`.
+
+    Each `add` checks the slice against the first one (same series and study, orientation,
+    matrix size and pixel spacing) and copies its pixels into a preallocated buffer. Pass
+    `expected_slices` when the count is known (a folder listing, a stream header): the buffer is
+    then allocated once; otherwise it grows by doubling. `finish` sorts the slices in place.
+    """
+
+    def __init__(
+        self, *, expected_slices: int | None = None, max_slices: int | None = None
+    ) -> None:
+        self._expected = expected_slices
+        self._max = max_slices
+        self._first: CtSlice | None = None
+        self._buffer: np.ndarray | None = None
+        self._records: list[_SliceRecord] = []
+        self._uids: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def add(self, ct_slice: CtSlice) -> None:
+        """Check one slice against the series so far and take its pixels."""
+        if self._max is not None and len(self._records) >= self._max:
+            raise LimitExceededError(
+                f"{ct_slice.source}: the series has more than {self._max} slices (the limit)"
+            )
+        if self._first is None:
+            self._first = ct_slice
+        else:
+            self._check_consistent(ct_slice, self._first)
+        earlier = self._uids.get(ct_slice.sop_instance_uid)
+        if earlier is not None:
+            raise DuplicateSliceError(
+                f"is the same instance (SOPInstanceUID) as {earlier}",
+                source=ct_slice.source,
+                attribute="SOPInstanceUID",
+            )
+        self._uids[ct_slice.sop_instance_uid] = ct_slice.source
+        slot = len(self._records)
+        buffer = self._reserve(slot + 1, ct_slice.hu.shape)
+        buffer[slot] = ct_slice.hu
+        self._records.append(
+            _SliceRecord(slot, ct_slice.source, ct_slice.position, ct_slice.sop_instance_uid)
+        )
+
+    def finish(self) -> CtVolume:
+        """Sort along the slice normal, check the spacing and return the volume."""
+        first, buffer = self._first, self._buffer
+        if first is None or buffer is None:
+            raise EmptySeriesError("no CT slice was received")
+        normal = slice_normal(first.orientation)
+        distances = np.array([np.dot(r.position, normal) for r in self._records])
+        order = np.argsort(distances, kind="stable")
+        records = [self._records[i] for i in order]
+        sorted_distances = distances[order]
+        spacing_z = self._slice_spacing(records, sorted_distances, first)
+        self._warn_if_sheared(records, normal)
+        count = len(records)
+        volume = buffer[:count] if buffer.shape[0] == count else buffer[:count].copy()
+        _permute_in_place(volume, [r.slot for r in records])
+        row_spacing, col_spacing = first.pixel_spacing
+        origin = records[0].position
+        # The buffer belongs to the volume now; a second finish() must not hand it out again.
+        self._buffer = None
+        self._first = None
+        self._records = []
+        self._uids = {}
+        return CtVolume(
+            hu=volume,
+            spacing_mm=(spacing_z, row_spacing, col_spacing),
+            origin=origin,
+            orientation=first.orientation,
+            sop_instance_uids=tuple(r.sop_instance_uid for r in records),
+            series_uid=first.series_uid,
+            study_uid=first.study_uid,
+            frame_of_reference_uid=first.frame_of_reference_uid,
+            slice_thickness_mm=first.slice_thickness,
+            source_names=tuple(r.source for r in records),
+        )
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _reserve(self, count: int, shape: tuple[int, ...]) -> np.ndarray:
+        buffer = self._buffer
+        if buffer is not None and buffer.shape[0] >= count:
+            return buffer
+        capacity = max(count, self._expected or 0)
+        if buffer is not None:
+            capacity = max(capacity, 2 * buffer.shape[0])
+        if self._max is not None:
+            capacity = min(capacity, self._max)
+        grown = np.empty((capacity, *shape), dtype=np.float32)
+        if buffer is not None:
+            grown[: buffer.shape[0]] = buffer
+        self._buffer = grown
+        return grown
+
+    @staticmethod
+    def _check_consistent(s: CtSlice, first: CtSlice) -> None:
+        if s.study_uid != first.study_uid:
+            raise MixedSeriesError(
+                f"belongs to another study than {first.source}; send one series per scan",
+                source=s.source,
+                attribute="StudyInstanceUID",
+            )
+        if s.series_uid != first.series_uid:
+            raise MixedSeriesError(
+                f"belongs to another series than {first.source}; send one series per scan",
+                source=s.source,
+                attribute="SeriesInstanceUID",
+            )
+        if (
+            first.frame_of_reference_uid
+            and s.frame_of_reference_uid
+            and s.frame_of_reference_uid != first.frame_of_reference_uid
+        ):
+            raise InconsistentGeometryError(
+                f"differs from {first.source}",
+                source=s.source,
+                attribute="FrameOfReferenceUID",
+            )
+        if s.hu.shape != first.hu.shape:
+            raise InconsistentGeometryError(
+                f"is {s.rows}x{s.columns}, {first.source} is {first.rows}x{first.columns}",
+                source=s.source,
+                attribute="Rows/Columns",
+            )
+        if not np.allclose(s.orientation, first.orientation, rtol=0, atol=ORIENTATION_TOLERANCE):
+            raise InconsistentGeometryError(
+                f"{_fmt(s.orientation)} differs from {first.source} {_fmt(first.orientation)}",
+                source=s.source,
+                attribute="ImageOrientationPatient",
+            )
+        if not np.allclose(
+            s.pixel_spacing, first.pixel_spacing, rtol=PIXEL_SPACING_RELATIVE_TOLERANCE, atol=0
+        ):
+            raise InconsistentGeometryError(
+                f"{_fmt(s.pixel_spacing)} differs from {first.source} {_fmt(first.pixel_spacing)}",
+                source=s.source,
+                attribute="PixelSpacing",
+            )
+
+    def _slice_spacing(
+        self, records: list[_SliceRecord], distances: np.ndarray, first: CtSlice
+    ) -> float:
+        if len(records) == 1:
+            # One slice has no spacing; its thickness is the best stand-in for voxel volumes.
+            return first.slice_thickness or 1.0
+        gaps = np.diff(distances)
+        for i in np.flatnonzero(gaps < DUPLICATE_POSITION_MM)[:1]:
+            raise DuplicateSliceError(
+                f"is at the same position along the slice normal as {records[i].source}",
+                source=records[i + 1].source,
+                attribute="ImagePositionPatient",
+            )
+        spacing = float(np.median(gaps))
+        tolerance = max(SPACING_RELATIVE_TOLERANCE * spacing, SPACING_ABSOLUTE_TOLERANCE_MM)
+        bad = np.flatnonzero(np.abs(gaps - spacing) > tolerance)
+        if bad.size:
+            details = [
+                f"{gaps[i]:.3g} mm between {records[i].source} and {records[i + 1].source}"
+                for i in bad[:MAX_REPORTED]
+            ]
+            more = f" and {bad.size - MAX_REPORTED} more" if bad.size > MAX_REPORTED else ""
+            raise InconsistentGeometryError(
+                f"slice spacing is not uniform (expected {spacing:.3g} mm): "
+                f"{'; '.join(details)}{more}; is a slice missing?",
+                attribute="ImagePositionPatient",
+            )
+        return spacing
+
+    @staticmethod
+    def _warn_if_sheared(records: list[_SliceRecord], normal: np.ndarray) -> None:
+        # Gantry-tilted series step sideways between slices; we treat them as unsheared, which
+        # is harmless for classification and slightly distorts volumes: say so in the log.
+        positions = np.array([r.position for r in records], dtype=np.float64)
+        steps = np.diff(positions, axis=0)
+        sideways = steps - np.outer(steps @ normal, normal)
+        if len(steps) and float(np.max(np.linalg.norm(sideways, axis=1))) > 0.01:
+            logger.warning("series is sheared (gantry tilt?); analysed as if it were not")
+
+
+def _permute_in_place(volume: np.ndarray, slots: Sequence[int]) -> None:
+    """Reorder slices so that volume[i] becomes old volume[slots[i]], with one slice of scratch.
+
+    Follows the permutation's cycles instead of `volume[slots]`, which would copy the series.
+    """
+    done = np.zeros(len(slots), dtype=bool)
+    scratch: np.ndarray | None = None
+    for start in range(len(slots)):
+        if done[start] or slots[start] == start:
+            done[start] = True
+            continue
+        if scratch is None:
+            scratch = np.empty_like(volume[0])
+        scratch[...] = volume[start]
+        i = start
+        while True:
+            done[i] = True
+            j = slots[i]
+            if j == start:
+                volume[i] = scratch
+                break
+            volume[i] = volume[j]
+            i = j
+
+
+def list_series_files(folder: Path) -> list[Path]:
+    """The candidate DICOM files of a series folder: non-hidden regular files, sorted by name.
+
+    Subfolders are ignored (a series is one folder); if there is no file at all the error says
+    so and mentions subfolders, since a parent folder is the usual mistake.
+    """
+    if not folder.exists():
+        raise EmptySeriesError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise EmptySeriesError(f"{folder}: not a folder (give the folder of the series)")
+    files: list[Path] = []
+    subfolders = 0
+    for entry in _scan(folder):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            subfolders += 1
+        elif entry.is_file():
+            files.append(Path(entry.path))
+    if not files:
+        hint = (
+            f"; it has {subfolders} subfolder(s): give the folder that holds the DICOM files"
+            if subfolders
+            else ""
+        )
+        raise EmptySeriesError(f"{folder}: no DICOM file in this folder{hint}")
+    return sorted(files, key=lambda p: p.name)
+
+
+def _scan(folder: Path) -> Iterator[os.DirEntry[str]]:
+    with os.scandir(folder) as entries:
+        yield from entries
+
+
+def load_series_dir(folder: Path | str, *, max_slices: int | None = None) -> CtVolume:
+    """Read, validate and assemble every file of a series folder into a `CtVolume`."""
+    files = list_series_files(Path(folder))
+    assembler = SeriesAssembler(expected_slices=len(files), max_slices=max_slices)
+    for index, path in enumerate(files, start=1):
+        assembler.add(read_ct_slice(path, source=describe_source(index, path.name)))
+    volume = assembler.finish()
+    logger.info("assembled %d slices of %dx%d", *volume.shape)
+    return volume
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
