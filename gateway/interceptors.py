@@ -1,0 +1,243 @@
+"""The one place where project exceptions become gRPC status codes.
+
+`ScanServiceInterceptor` wraps every `ctjoint.v1` method: it gives the RPC a request id (the
+`x-request-id` metadata, else a fresh one) in the logging ContextVar, maps `CtJointError`
+subclasses to status codes with the error's own message, turns anything unexpected into
+INTERNAL with a request id instead of gRPC's UNKNOWN-with-traceback, and counts scan outcomes.
+Servicers raise; they never call `context.abort` themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from typing import Any, Final
+
+import grpc
+import grpc.aio
+
+from ctjoint.gateway.errors import (
+    BackendError,
+    BackendUnavailableError,
+    CtJointError,
+    InputError,
+    LimitExceededError,
+    ModelNotFoundError,
+    UnsupportedTransferSyntaxError,
+)
+from ctjoint.gateway.logging_setup import REQUEST_ID, clean_request_id, scrub_uids
+from ctjoint.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_METADATA: Final = "x-request-id"
+SERVICE_PREFIX: Final = "/ctjoint.v1."
+SCAN_METHODS: Final = ("AnalyzeScan", "AnalyzeScanWithProgress")
+
+# Most specific first: the first matching class decides.
+STATUS_BY_ERROR: Final[tuple[tuple[type[CtJointError], grpc.StatusCode], ...]] = (
+    (InputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnsupportedTransferSyntaxError, grpc.StatusCode.FAILED_PRECONDITION),
+    (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (BackendError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """The status code a client sees for an exception raised by a servicer."""
+    for cls, code in STATUS_BY_ERROR:
+        if isinstance(error, cls):
+            return code
+    if isinstance(error, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.INTERNAL
+
+
+class ScanContext:
+    """Per-RPC facts the servicer reports back to the interceptor (the model, for metrics)."""
+
+    def __init__(self, request_id_from_metadata: bool) -> None:
+        self.model = UNKNOWN_MODEL
+        self.request_id_from_metadata = request_id_from_metadata
+
+
+# A mutable holder in a ContextVar: the interceptor creates it, the servicer (same task, so same
+# context) fills it in, and the interceptor reads it after the handler is done.
+_SCAN_CONTEXT: ContextVar[ScanContext | None] = ContextVar("ctjoint_scan_context", default=None)
+
+
+def note_model(model: str) -> None:
+    """Record the model the current scan uses so its outcome is counted under it."""
+    holder = _SCAN_CONTEXT.get()
+    if holder is not None:
+        holder.model = model
+
+
+def adopt_request_id(context: grpc.aio.ServicerContext, candidate: str) -> str:
+    """Use the id from a ScanHeader unless the call's metadata already named one.
+
+    Returns the request id in force for the rest of the RPC.
+    """
+    holder = _SCAN_CONTEXT.get()
+    if candidate and holder is not None and not holder.request_id_from_metadata:
+        request_id = clean_request_id(candidate)
+        REQUEST_ID.set(request_id)
+        context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
+    return REQUEST_ID.get()
+
+
+def _metadata_value(metadata: Sequence[Any] | None, key: str) -> str | None:
+    for item in metadata or ():
+        name, value = item
+        if name == key and isinstance(value, str):
+            return value
+    return None
+
+
+class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids, error mapping and outcome metrics for the ctjoint.v1 service."""
+
+    def __init__(self, metrics: GatewayMetrics | None = None) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler  # health, reflection: theirs to answer
+        name = method.rsplit("/", 1)[-1]
+        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+        given = _metadata_value(metadata, REQUEST_ID_METADATA)
+        request_id = clean_request_id(given)
+        from_metadata = given is not None and given == request_id
+        is_scan = name in SCAN_METHODS
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, request_id, from_metadata, is_scan),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, request_id, from_metadata, is_scan),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_streaming(handler.stream_stream, request_id, from_metadata, is_scan),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_streaming(handler.unary_stream, request_id, from_metadata, is_scan),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(
+        self,
+        behavior: Callable[..., Awaitable[Any]],
+        request_id: str,
+        from_metadata: bool,
+        is_scan: bool,
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            scan = self._begin(context, request_id, from_metadata)
+            started = time.perf_counter()
+            try:
+                response = await behavior(request, context)
+            except BaseException as err:  # re-raised, or turned into a status
+                await self._fail(err, context, scan, is_scan, started)
+                raise  # _fail aborts (raising) for everything it maps; others go up as-is
+            self._succeed(scan, is_scan, started)
+            return response
+
+        return wrapped
+
+    def _wrap_streaming(
+        self,
+        behavior: Callable[..., AsyncIterator[Any]],
+        request_id: str,
+        from_metadata: bool,
+        is_scan: bool,
+    ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            scan = self._begin(context, request_id, from_metadata)
+            started = time.perf_counter()
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as err:  # re-raised, or turned into a status
+                await self._fail(err, context, scan, is_scan, started)
+                raise
+            self._succeed(scan, is_scan, started)
+
+        return wrapped
+
+    def _begin(
+        self, context: grpc.aio.ServicerContext, request_id: str, from_metadata: bool
+    ) -> ScanContext:
+        # Each RPC runs in its own asyncio task (its own context copy), so setting the var
+        # here cannot leak into another scan, and the servicer may re-bind it from the header.
+        REQUEST_ID.set(request_id)
+        scan = ScanContext(from_metadata)
+        _SCAN_CONTEXT.set(scan)
+        # Echo the id so a client can quote it, whatever the outcome.
+        context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
+        return scan
+
+    def _succeed(self, scan: ScanContext, is_scan: bool, started: float) -> None:
+        if is_scan and self._metrics is not None:
+            self._metrics.record_scan(scan.model, "ok", grpc.StatusCode.OK.name)
+            self._metrics.scan_seconds.labels(model=scan.model).observe(
+                time.perf_counter() - started
+            )
+
+    async def _fail(
+        self,
+        err: BaseException,
+        context: grpc.aio.ServicerContext,
+        scan: ScanContext,
+        is_scan: bool,
+        started: float,
+    ) -> None:
+        """Count and log a failed RPC; abort with the mapped status (raises) where we map it."""
+        if isinstance(err, grpc.aio.AbortError):
+            # Someone (gRPC or a helper) already set the status; nothing to translate.
+            self._count(scan, is_scan, "error", context.code() or grpc.StatusCode.UNKNOWN)
+            return
+        if isinstance(err, asyncio.CancelledError):
+            # The client went away or its deadline passed: gRPC already answered it.
+            expired = context.time_remaining() is not None and (context.time_remaining() or 0) <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            log.info("scan stopped code=%s", code.name)
+            self._count(scan, is_scan, "cancelled", code)
+            return
+        if not isinstance(err, Exception):
+            return  # KeyboardInterrupt, SystemExit: not ours to turn into a status
+        code = status_for(err)
+        if isinstance(err, CtJointError):
+            message = scrub_uids(str(err))
+            log.info("request failed code=%s error=%s: %s", code.name, type(err).__name__, message)
+        else:
+            # A bug: the traceback goes to our log, the client gets a request id to quote.
+            log.exception("unexpected error, answering INTERNAL")
+            message = f"internal error in the gateway (request id {REQUEST_ID.get()})"
+        self._count(scan, is_scan, "error", code)
+        await context.abort(code, message)
+
+    def _count(self, scan: ScanContext, is_scan: bool, outcome: str, code: grpc.StatusCode) -> None:
+        if is_scan and self._metrics is not None:
+            self._metrics.record_scan(scan.model, outcome, code.name)
