@@ -53,19 +53,18 @@ class GatewayLimits:
         """
         return self.max_file_bytes + MESSAGE_OVERHEAD_BYTES
 
-    def check_file_size(self, index: int, size: int) -> None:
-        """Refuse a file larger than max_file_bytes (index: its position in the stream)."""
+    def check_file_size(self, source: str, size: int) -> None:
+        """Refuse a file larger than max_file_bytes (source: how errors name the file)."""
         if size > self.max_file_bytes:
             raise LimitExceededError(
-                f"file {index}: {size} bytes exceeds the limit of {self.max_file_bytes} bytes "
-                "per file"
+                f"{source}: {size} bytes exceeds the limit of {self.max_file_bytes} bytes per file"
             )
 
-    def check_slice_count(self, count: int) -> None:
-        """Refuse the scan as soon as it has more files than max_slices."""
+    def check_slice_count(self, source: str, count: int) -> None:
+        """Refuse the scan as soon as its count-th file is one more than max_slices allows."""
         if count > self.max_slices:
             raise LimitExceededError(
-                f"file {count - 1}: the scan exceeds the limit of {self.max_slices} slices"
+                f"{source}: the scan has more than {self.max_slices} slices (the limit)"
             )
 
 
