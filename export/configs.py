@@ -1,0 +1,222 @@
+"""Model and training configurations: `tiny` (trains on two CPU cores in minutes) and `full`
+(paper scale, for a GPU). One typed spec per (model, size); checkpoints store it, so a file
+is rebuilt with the exact network it was trained with even if these defaults change later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, MODEL_NAMES
+from ctjoint.gateway.preprocess import PreprocessPlan
+
+CONFIG_NAMES = ("tiny", "full")
+TaskBalance = Literal["fixed", "uncertainty"]
+NormKind = Literal["batch", "instance", "group"]
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Network shape. `widths` are the channels of each encoder level, finest first."""
+
+    widths: tuple[int, ...]
+    norm: NormKind = "batch"
+    # 3D only: stride of the stem per axis (z, y, x); the decoder ends on the stem's grid and
+    # the logits are interpolated back to the input grid, which keeps tiny 3D training cheap.
+    stem_stride: tuple[int, ...] = (1, 1, 1)
+    cls_hidden: int = 64
+    dropout: float = 0.2
+    # Decoder levels (counted from the finest, 0) that get an auxiliary head during training.
+    deep_supervision: tuple[int, ...] = (1, 2)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "stem_stride", tuple(int(s) for s in self.stem_stride))
+        object.__setattr__(self, "deep_supervision", tuple(int(s) for s in self.deep_supervision))
+        if len(self.widths) < 2 or min(self.widths) < 1:
+            raise ValueError(f"need at least two positive widths, got {self.widths}")
+        if any(not 0 < level < len(self.widths) - 1 for level in self.deep_supervision):
+            raise ValueError(
+                f"deep supervision levels {self.deep_supervision} must lie strictly between the "
+                f"finest (0) and the bottleneck ({len(self.widths) - 1})"
+            )
+
+    @property
+    def total_stride(self) -> int:
+        """Downsampling from the stem's grid to the bottleneck (per axis)."""
+        return int(2 ** (len(self.widths) - 1))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and sampling settings."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    task_balance: TaskBalance = "fixed"
+    seg_weight: float = 1.0
+    cls_weight: float = 1.0
+    # Weights of the deep-supervision heads, in the order of NetConfig.deep_supervision.
+    aux_weights: tuple[float, ...] = (0.5, 0.25)
+    # 2.5D sampling: lesion-free slices drawn per epoch, per lesion slice.
+    negatives_per_lesion_slice: float = 1.0
+    # 2.5D: cap on slices per epoch (None: all lesion slices + their share of negatives).
+    max_slices_per_epoch: int | None = None
+    # Augmentation in the normalised intensity space ([-1, 1] after the lung window).
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.1
+    noise_std: float = 0.03
+    max_shift_px: int = 6
+    grad_clip: float = 5.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aux_weights", tuple(float(w) for w in self.aux_weights))
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs >= 0, batch_size >= 1 and lr > 0 are required")
+        if self.task_balance not in ("fixed", "uncertainty"):
+            raise ValueError(f"unknown task balance {self.task_balance!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a trained model: its input plan, its network, its training."""
+
+    model: str
+    name: str
+    plan: PreprocessPlan
+    net: NetConfig
+    train: TrainConfig
+    version: str = field(default="0.1.0")
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.model!r}; expected one of {MODEL_NAMES}")
+        if self.plan.model != self.model:
+            raise ValueError(f"plan is for {self.plan.model!r}, config for {self.model!r}")
+        if len(self.train.aux_weights) != len(self.net.deep_supervision):
+            raise ValueError("one auxiliary loss weight per deep-supervision level is required")
+        stride = self.net.total_stride
+        grid = [self.plan.height, self.plan.width]
+        strides = [stride, stride]
+        if self.plan.kind == "3d":
+            grid = [self.plan.depth, *grid]
+            strides = [stride * s for s in self.net.stem_stride]
+        for size, step in zip(grid, strides, strict=True):
+            if size % step:
+                raise ValueError(
+                    f"input grid {grid} must be divisible by the network stride {strides}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "name": self.name,
+            "version": self.version,
+            "plan": self.plan.to_json(),
+            "net": asdict(self.net),
+            "train": asdict(self.train),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return cls(
+            model=data["model"],
+            name=data["name"],
+            version=data.get("version", "0.1.0"),
+            plan=PreprocessPlan.from_json(data["plan"]),
+            net=NetConfig(**data["net"]),
+            train=TrainConfig(**data["train"]),
+        )
+
+    def with_epochs(self, epochs: int) -> RunConfig:
+        return replace(self, train=replace(self.train, epochs=epochs))
+
+
+def _jcs2d(name: str) -> RunConfig:
+    if name == "tiny":
+        return RunConfig(
+            model=MODEL_JCS2D,
+            name=name,
+            version="0.1.0-tiny-phantom",
+            plan=PreprocessPlan.default(MODEL_JCS2D, height=128, width=128),
+            net=NetConfig(widths=(8, 16, 32, 64, 128), norm="batch", cls_hidden=64),
+            train=TrainConfig(
+                epochs=12,
+                batch_size=16,
+                lr=2e-3,
+                negatives_per_lesion_slice=0.75,
+                max_slices_per_epoch=2400,
+            ),
+        )
+    # Paper scale: JCS works on 512x512 slices with a deep encoder.
+    return RunConfig(
+        model=MODEL_JCS2D,
+        name=name,
+        version="0.1.0-full",
+        plan=PreprocessPlan.default(MODEL_JCS2D, height=512, width=512),
+        net=NetConfig(widths=(32, 64, 128, 256, 512), norm="batch", cls_hidden=256),
+        train=TrainConfig(
+            epochs=60,
+            batch_size=16,
+            lr=1e-3,
+            aux_weights=(0.5, 0.25, 0.125),
+            max_slices_per_epoch=None,
+        ),
+    )
+
+
+def _deepsc3d(name: str) -> RunConfig:
+    if name == "tiny":
+        return RunConfig(
+            model=MODEL_DEEPSC3D,
+            name=name,
+            version="0.1.0-tiny-phantom",
+            plan=PreprocessPlan.default(MODEL_DEEPSC3D, height=128, width=128, depth=64),
+            net=NetConfig(
+                widths=(8, 16, 32, 64),
+                norm="instance",
+                stem_stride=(2, 2, 2),
+                cls_hidden=64,
+                deep_supervision=(1,),
+            ),
+            train=TrainConfig(
+                epochs=30,
+                batch_size=2,
+                lr=2e-3,
+                task_balance="uncertainty",
+                aux_weights=(0.5,),
+                warmup_steps=30,
+                max_shift_px=4,
+            ),
+        )
+    return RunConfig(
+        model=MODEL_DEEPSC3D,
+        name=name,
+        version="0.1.0-full",
+        plan=PreprocessPlan.default(MODEL_DEEPSC3D, height=256, width=256, depth=128),
+        net=NetConfig(
+            widths=(24, 48, 96, 192, 320),
+            norm="instance",
+            stem_stride=(1, 2, 2),
+            cls_hidden=256,
+            deep_supervision=(1, 2),
+        ),
+        train=TrainConfig(
+            epochs=200, batch_size=2, lr=1e-3, task_balance="uncertainty", max_shift_px=8
+        ),
+    )
+
+
+def get_config(model: str, name: str) -> RunConfig:
+    """The named configuration of a model."""
+    if name not in CONFIG_NAMES:
+        raise ValueError(f"unknown config {name!r}; expected one of {CONFIG_NAMES}")
+    if model == MODEL_JCS2D:
+        return _jcs2d(name)
+    if model == MODEL_DEEPSC3D:
+        return _deepsc3d(name)
+    raise ValueError(f"unknown model {model!r}; expected one of {MODEL_NAMES}")

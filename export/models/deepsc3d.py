@@ -1,0 +1,116 @@
+"""deepsc3d: the DeepSC-COVID-style 3D joint network on whole scans.
+
+Three subnets, as in the paper:
+- cross-task feature subnet: a shared 3D residual encoder behind a strided stem (the stem
+  halves every axis, which is what keeps the tiny configuration trainable on a CPU);
+- 3D lesion segmentation subnet: an attention-gated decoder back to the stem's grid, whose
+  logits are interpolated (trilinear) to the input grid;
+- classification subnet: re-weights the shared bottleneck by the segmentation-derived lesion
+  attention (residual attention, x * (1 + a)), refines it with one convolution, and pools it
+  uniformly and by attention; the decoder's last features pooled the same way and the lesion
+  fractions per image half (bilateral vs unilateral, ground-glass vs consolidation) join it.
+
+Input `image` [B, 1, D, H, W]; outputs `seg_logits` [B, 3, D, H, W] and `cls_logits` [B, 3].
+The two tasks are balanced by the task-aware loss in `ctjoint.export.losses`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctjoint.contracts import CLASS_NAMES, SEG_CLASS_NAMES
+from ctjoint.export.configs import NetConfig
+from ctjoint.export.models.blocks import (
+    LESION_FRACTION_SCALE,
+    ClassifierHead,
+    ConvNormAct,
+    JointOutput,
+    ResBlock,
+    UpBlock,
+    attention_pool,
+    conv1x1,
+    global_pool,
+    lesion_statistics,
+    upsample_logits,
+)
+
+
+class DeepSc3d(nn.Module):
+    """The 3D joint network; see the module docstring."""
+
+    def __init__(
+        self,
+        net: NetConfig,
+        in_channels: int = 1,
+        num_seg_classes: int = len(SEG_CLASS_NAMES),
+        num_classes: int = len(CLASS_NAMES),
+    ) -> None:
+        super().__init__()
+        widths = net.widths
+        self.stem_stride = net.stem_stride
+        self.deep_supervision = net.deep_supervision
+        self.pool_factor = net.total_stride
+        # Cross-task feature subnet.
+        self.stem = nn.Sequential(
+            ConvNormAct(3, in_channels, widths[0], stride=net.stem_stride, norm=net.norm),
+            ConvNormAct(3, widths[0], widths[0], norm=net.norm),
+        )
+        self.encoder = nn.ModuleList(
+            ResBlock(3, widths[i - 1], widths[i], stride=2, norm=net.norm)
+            for i in range(1, len(widths))
+        )
+        # Segmentation subnet: decoder[i] brings level i+1 up to level i.
+        self.decoder = nn.ModuleList(
+            UpBlock(3, widths[i + 1], widths[i], widths[i], norm=net.norm)
+            for i in range(len(widths) - 1)
+        )
+        self.seg_head = conv1x1(3, widths[0], num_seg_classes)
+        self.aux_heads = nn.ModuleDict(
+            {
+                str(level): conv1x1(3, widths[level], num_seg_classes)
+                for level in net.deep_supervision
+            }
+        )
+        # Classification subnet.
+        self.cls_refine = ConvNormAct(3, widths[-1], widths[-1], norm=net.norm)
+        pooled = 2 * widths[-1] + 2 * widths[0] + 2 * (num_seg_classes - 1)
+        self.classifier = ClassifierHead(pooled, net.cls_hidden, num_classes, net.dropout)
+
+    def forward_all(self, image: torch.Tensor) -> JointOutput:
+        """Both outputs plus the deep-supervision logits (training)."""
+        skips = [self.stem(image)]
+        for block in self.encoder:
+            skips.append(block(skips[-1]))
+        bottleneck = skips[-1]
+        x = bottleneck
+        aux: dict[int, torch.Tensor] = {}
+        for level in range(len(self.decoder) - 1, -1, -1):
+            x = self.decoder[level](x, skips[level])
+            if str(level) in self.aux_heads:
+                aux[level] = self.aux_heads[str(level)](x)
+        stem_logits = self.seg_head(x)
+        seg_logits = upsample_logits(stem_logits, self.stem_stride, 3)
+
+        # Detached: the lesion mask explains the class; the class loss does not bend the mask.
+        attention, fractions = lesion_statistics(stem_logits.detach())
+        coarse_attention = F.avg_pool3d(attention, kernel_size=self.pool_factor)
+        focused = self.cls_refine(bottleneck * (1.0 + coarse_attention))
+        features = torch.cat(
+            [
+                global_pool(focused),
+                attention_pool(focused, coarse_attention),
+                global_pool(x),
+                attention_pool(x, attention),
+                fractions * LESION_FRACTION_SCALE,
+            ],
+            dim=1,
+        )
+        aux_logits = tuple(aux[level] for level in self.deep_supervision)
+        return JointOutput(seg_logits, self.classifier(features), aux_logits)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exported contract: (`seg_logits`, `cls_logits`)."""
+        out = self.forward_all(image)
+        return out.seg_logits, out.cls_logits
