@@ -22,6 +22,8 @@ app = typer.Typer(
 )
 export_app = typer.Typer(help="Export trained models (ONNX).", no_args_is_help=True)
 app.add_typer(export_app, name="export")
+gateway_app = typer.Typer(help="The gRPC gateway that serves the models.", no_args_is_help=True)
+app.add_typer(gateway_app, name="gateway")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,6 +42,19 @@ class PhantomKind(StrEnum):
 class ConfigName(StrEnum):
     tiny = "tiny"
     full = "full"
+
+
+class BackendName(StrEnum):
+    embedded = "embedded"
+    triton = "triton"
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
 
 
 def clean_errors(func: F) -> F:
@@ -185,6 +200,151 @@ def analyze(
     if png_out is not None:
         write_overlay_png(analysis.volume_hu, analysis.label_map, png_out)
         typer.echo(f"wrote {png_out}")
+
+
+@gateway_app.command("serve")
+@clean_errors
+def gateway_serve(
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="gRPC port (0: any free port, logged).")] = 50051,
+    backend: Annotated[BackendName, typer.Option(help="Inference backend.")] = BackendName.embedded,
+    triton_url: Annotated[
+        str | None, typer.Option(help="Triton gRPC endpoint (triton backend).")
+    ] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Folder of exported ONNX models (embedded backend).")
+    ] = None,
+    model: Annotated[
+        list[ModelName] | None, typer.Option(help="Model to serve (repeat; default: all).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics on this port (0: any).")
+    ] = None,
+    max_file_bytes: Annotated[int, typer.Option(help="Largest DICOM file accepted.")] = (
+        8 * 1024 * 1024
+    ),
+    max_slices: Annotated[int, typer.Option(help="Most slices in one scan.")] = 1000,
+    max_concurrent_scans: Annotated[
+        int, typer.Option(help="Scans at once; more are refused with RESOURCE_EXHAUSTED.")
+    ] = 4,
+    grace: Annotated[
+        float, typer.Option(help="Seconds in-flight scans get to finish on SIGTERM.")
+    ] = 30.0,
+    threads: Annotated[
+        int | None, typer.Option(help="ONNX Runtime threads per inference (default: all cores).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+    log_format: Annotated[LogFormat, typer.Option(help="Log line format.")] = LogFormat.text,
+) -> None:
+    """Serve AnalyzeScan, GetModelInfo, health and reflection over gRPC until SIGTERM."""
+    from ctjoint.gateway.limits import GatewayLimits
+    from ctjoint.gateway.logging_setup import configure_logging
+    from ctjoint.gateway.server import GatewayConfig, run
+
+    configure_logging(log_level, log_format.value)
+    models = tuple(dict.fromkeys(m.value for m in model)) if model else contracts.MODEL_NAMES
+    try:
+        config = GatewayConfig(
+            host=host,
+            port=port,
+            backend=backend.value,  # type: ignore[arg-type]
+            triton_url=triton_url,
+            model_dir=model_dir,
+            models=models,
+            default_model=contracts.DEFAULT_MODEL
+            if contracts.DEFAULT_MODEL in models
+            else models[0],
+            metrics_port=metrics_port,
+            limits=GatewayLimits(
+                max_file_bytes=max_file_bytes,
+                max_slices=max_slices,
+                max_concurrent_scans=max_concurrent_scans,
+            ),
+            grace_seconds=grace,
+            threads=threads,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    run(config)
+
+
+@app.command()
+def send(
+    series_dir: Annotated[
+        Path, typer.Argument(help="Folder with the DICOM files of one CT series.")
+    ],
+    gateway: Annotated[str, typer.Option(help="Gateway address HOST:PORT.")] = DEFAULT_GATEWAY,
+    model: Annotated[ModelName, typer.Option(help="Which network.")] = ModelName.jcs2d,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write result.json, overlay.png and masks.npz into this folder."),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="Deadline for the whole scan, in seconds.")
+    ] = 600.0,
+    retries: Annotated[
+        int, typer.Option(help="Retries while the gateway is UNAVAILABLE (with backoff).")
+    ] = 5,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Stream a series to the gateway and print (and save) what comes back."""
+    from ctjoint.client.send import SendError, send_series
+
+    try:
+        send_series(
+            series_dir,
+            gateway=gateway,
+            model=model.value,
+            out_dir=out,
+            timeout=timeout,
+            retries=retries,
+            show_progress=progress,
+        )
+    except SendError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=err.exit_code) from None
+
+
+@app.command()
+def watch(
+    folder: Annotated[Path, typer.Argument(help="Folder to watch for new series folders.")],
+    gateway: Annotated[str, typer.Option(help="Gateway address HOST:PORT.")] = DEFAULT_GATEWAY,
+    model: Annotated[ModelName, typer.Option(help="Which network.")] = ModelName.jcs2d,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Results root (default: FOLDER/../<name>-results), one folder per series."
+        ),
+    ] = None,
+    settle: Annotated[
+        float, typer.Option(help="A series is complete after this many seconds without change.")
+    ] = 5.0,
+    poll: Annotated[float, typer.Option(help="Seconds between scans of the folder.")] = 1.0,
+    timeout: Annotated[float, typer.Option(help="Deadline per series, in seconds.")] = 600.0,
+    once: Annotated[
+        bool, typer.Option(help="Send what is there once it has settled, then exit.")
+    ] = False,
+) -> None:
+    """Send each new complete series folder under FOLDER to the gateway, once."""
+    from ctjoint.client.send import SendError
+    from ctjoint.client.watch import watch_folder
+
+    try:
+        watch_folder(
+            folder,
+            gateway=gateway,
+            model=model.value,
+            out_root=out,
+            settle_seconds=settle,
+            poll_seconds=poll,
+            timeout=timeout,
+            once=once,
+        )
+    except SendError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=err.exit_code) from None
 
 
 def main() -> None:
