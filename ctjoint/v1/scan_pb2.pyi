@@ -82,18 +82,20 @@ class SliceEvidence(_message.Message):
     LESION_PIXELS_FIELD_NUMBER: _ClassVar[int]
     index: int
     probabilities: _containers.RepeatedScalarFieldContainer[float]
-    lesion_pixels: int
-    def __init__(self, index: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., lesion_pixels: _Optional[int] = ...) -> None: ...
+    lesion_pixels: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[int] = ..., probabilities: _Optional[_Iterable[float]] = ..., lesion_pixels: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LesionStatistics(_message.Message):
-    __slots__ = ("classes", "total_voxels", "total_volume_ml")
+    __slots__ = ("classes", "total_voxels", "total_volume_ml", "voxel_volume_ml")
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_VOXELS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_VOLUME_ML_FIELD_NUMBER: _ClassVar[int]
+    VOXEL_VOLUME_ML_FIELD_NUMBER: _ClassVar[int]
     classes: _containers.RepeatedCompositeFieldContainer[LesionClassStatistics]
     total_voxels: int
     total_volume_ml: float
-    def __init__(self, classes: _Optional[_Iterable[_Union[LesionClassStatistics, _Mapping]]] = ..., total_voxels: _Optional[int] = ..., total_volume_ml: _Optional[float] = ...) -> None: ...
+    voxel_volume_ml: float
+    def __init__(self, classes: _Optional[_Iterable[_Union[LesionClassStatistics, _Mapping]]] = ..., total_voxels: _Optional[int] = ..., total_volume_ml: _Optional[float] = ..., voxel_volume_ml: _Optional[float] = ...) -> None: ...
 
 class LesionClassStatistics(_message.Message):
     __slots__ = ("name", "voxels", "volume_ml")
@@ -124,28 +126,30 @@ class LabelVolume(_message.Message):
     def __init__(self, encoding: _Optional[_Union[LabelVolume.Encoding, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SeriesGeometry(_message.Message):
-    __slots__ = ("slices", "rows", "columns", "row_spacing_mm", "column_spacing_mm", "slice_spacing_mm")
+    __slots__ = ("slices", "rows", "columns", "slice_spacing_mm", "row_spacing_mm", "column_spacing_mm", "slice_thickness_mm")
     SLICES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    SLICE_SPACING_MM_FIELD_NUMBER: _ClassVar[int]
     ROW_SPACING_MM_FIELD_NUMBER: _ClassVar[int]
     COLUMN_SPACING_MM_FIELD_NUMBER: _ClassVar[int]
-    SLICE_SPACING_MM_FIELD_NUMBER: _ClassVar[int]
+    SLICE_THICKNESS_MM_FIELD_NUMBER: _ClassVar[int]
     slices: int
     rows: int
     columns: int
+    slice_spacing_mm: float
     row_spacing_mm: float
     column_spacing_mm: float
-    slice_spacing_mm: float
-    def __init__(self, slices: _Optional[int] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., row_spacing_mm: _Optional[float] = ..., column_spacing_mm: _Optional[float] = ..., slice_spacing_mm: _Optional[float] = ...) -> None: ...
+    slice_thickness_mm: float
+    def __init__(self, slices: _Optional[int] = ..., rows: _Optional[int] = ..., columns: _Optional[int] = ..., slice_spacing_mm: _Optional[float] = ..., row_spacing_mm: _Optional[float] = ..., column_spacing_mm: _Optional[float] = ..., slice_thickness_mm: _Optional[float] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("stage", "seconds")
+    __slots__ = ("stage", "milliseconds")
     STAGE_FIELD_NUMBER: _ClassVar[int]
-    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MILLISECONDS_FIELD_NUMBER: _ClassVar[int]
     stage: str
-    seconds: float
-    def __init__(self, stage: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+    milliseconds: float
+    def __init__(self, stage: _Optional[str] = ..., milliseconds: _Optional[float] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")
