@@ -1,0 +1,160 @@
+"""The scan result: what one analysed series comes back as (CLI JSON, gRPC answer, client).
+
+Frozen dataclasses normalised in `__post_init__`; `to_dict()` is JSON-ready and is the format
+`ctjoint analyze --json` writes and the client renders. Holds no patient identifier and no UID.
+Slice order everywhere is the assembled order: ascending along the slice normal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES
+
+RESULT_SCHEMA = "ctjoint.scan_result/1"
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """Geometry of the analysed series (no identifiers)."""
+
+    slices: int
+    rows: int
+    columns: int
+    spacing_mm: tuple[float, float, float]  # (between slices, between rows, between columns)
+    slice_thickness_mm: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spacing_mm", tuple(float(v) for v in self.spacing_mm))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "slices": self.slices,
+            "rows": self.rows,
+            "columns": self.columns,
+            "spacing_mm": list(self.spacing_mm),
+            "slice_thickness_mm": self.slice_thickness_mm,
+        }
+
+
+@dataclass(frozen=True)
+class LesionStatistics:
+    """Lesion voxels per lesion class on the source grid, their volume, and per-slice areas.
+
+    Volumes are voxel counts x voxel volume of the source series (spacing between slices x
+    pixel spacing), in mL. `slice_pixels[name]` has one count per slice.
+    """
+
+    voxel_volume_ml: float
+    voxels: Mapping[str, int]
+    slice_pixels: Mapping[str, tuple[int, ...]]
+
+    def __post_init__(self) -> None:
+        voxels = {name: int(self.voxels.get(name, 0)) for name in LESION_CLASS_NAMES}
+        slice_pixels = {
+            name: tuple(int(v) for v in self.slice_pixels.get(name, ()))
+            for name in LESION_CLASS_NAMES
+        }
+        object.__setattr__(self, "voxels", voxels)
+        object.__setattr__(self, "slice_pixels", slice_pixels)
+        object.__setattr__(self, "voxel_volume_ml", float(self.voxel_volume_ml))
+
+    @property
+    def volumes_ml(self) -> dict[str, float]:
+        return {name: count * self.voxel_volume_ml for name, count in self.voxels.items()}
+
+    @property
+    def total_voxels(self) -> int:
+        return sum(self.voxels.values())
+
+    @property
+    def total_volume_ml(self) -> float:
+        return self.total_voxels * self.voxel_volume_ml
+
+    def to_dict(self) -> dict[str, Any]:
+        classes: dict[str, Any] = {
+            name: {"voxels": count, "volume_ml": count * self.voxel_volume_ml}
+            for name, count in self.voxels.items()
+        }
+        return {
+            "voxel_volume_ml": self.voxel_volume_ml,
+            "classes": classes,
+            "total": {"voxels": self.total_voxels, "volume_ml": self.total_volume_ml},
+            "slice_pixels": {name: list(v) for name, v in self.slice_pixels.items()},
+        }
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Milliseconds per stage. `read`: parsing files; `validate`: checks, HU and assembly;
+    `infer` includes `model` (the time inside the model itself, summed over batches)."""
+
+    read_ms: float = 0.0
+    validate_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    infer_ms: float = 0.0
+    postprocess_ms: float = 0.0
+    total_ms: float = 0.0
+    model_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "read_ms": round(self.read_ms, 3),
+            "validate_ms": round(self.validate_ms, 3),
+            "preprocess_ms": round(self.preprocess_ms, 3),
+            "infer_ms": round(self.infer_ms, 3),
+            "postprocess_ms": round(self.postprocess_ms, 3),
+            "total_ms": round(self.total_ms, 3),
+            "model_ms": round(self.model_ms, 3),
+        }
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """The answer for one series: label, probabilities, evidence, lesions, provenance, timings."""
+
+    label: str
+    probabilities: Mapping[str, float]
+    lesions: LesionStatistics
+    series: SeriesInfo
+    model: str
+    model_version: str
+    backend: str
+    timings: StageTimings = field(default_factory=StageTimings)
+    # Per slice, per class (2D model only; empty for the 3D model).
+    slice_probabilities: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.label not in CLASS_NAMES:
+            raise ValueError(f"label {self.label!r} is not one of {CLASS_NAMES}")
+        probabilities = {name: float(self.probabilities[name]) for name in CLASS_NAMES}
+        object.__setattr__(self, "probabilities", probabilities)
+        per_slice = {
+            name: tuple(float(v) for v in self.slice_probabilities[name])
+            for name in CLASS_NAMES
+            if name in self.slice_probabilities
+        }
+        object.__setattr__(self, "slice_probabilities", per_slice)
+
+    @classmethod
+    def from_probabilities(cls, probabilities: Sequence[float], **fields: Any) -> ScanResult:
+        """A result labelled with the most probable class (`probabilities` in CLASS_NAMES order)."""
+        values = [float(p) for p in probabilities]
+        label = CLASS_NAMES[max(range(len(values)), key=values.__getitem__)]
+        return cls(label=label, probabilities=dict(zip(CLASS_NAMES, values, strict=True)), **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": RESULT_SCHEMA,
+            "label": self.label,
+            "probabilities": dict(self.probabilities),
+            "classes": list(CLASS_NAMES),
+            "slice_probabilities": {k: list(v) for k, v in self.slice_probabilities.items()},
+            "lesions": self.lesions.to_dict(),
+            "series": self.series.to_dict(),
+            "model": {"name": self.model, "version": self.model_version},
+            "backend": self.backend,
+            "timings": self.timings.to_dict(),
+        }
