@@ -174,14 +174,12 @@ class Progress(_message.Message):
         STAGE_UNSPECIFIED: _ClassVar[Progress.Stage]
         STAGE_RECEIVED: _ClassVar[Progress.Stage]
         STAGE_VALIDATED: _ClassVar[Progress.Stage]
-        STAGE_ASSEMBLED: _ClassVar[Progress.Stage]
         STAGE_PREPROCESSED: _ClassVar[Progress.Stage]
         STAGE_INFERRED: _ClassVar[Progress.Stage]
         STAGE_POSTPROCESSED: _ClassVar[Progress.Stage]
     STAGE_UNSPECIFIED: Progress.Stage
     STAGE_RECEIVED: Progress.Stage
     STAGE_VALIDATED: Progress.Stage
-    STAGE_ASSEMBLED: Progress.Stage
     STAGE_PREPROCESSED: Progress.Stage
     STAGE_INFERRED: Progress.Stage
     STAGE_POSTPROCESSED: Progress.Stage
