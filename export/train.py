@@ -1,0 +1,623 @@
+"""Training of both joint networks: data sampling, augmentation, joint loss, per-epoch
+validation, resumable checkpoints and a JSON log.
+
+Run folder (default runs/<model>-<config>): last.pt (everything needed to resume: weights,
+optimizer, scheduler, loss balance, history), best.pt (weights + config + plan + metrics of
+the best validation epoch: the format bundled in export/weights/ and read by the ONNX export),
+train_log.json, and cache/ (preprocessed cases; CTJOINT_CACHE_DIR overrides).
+
+Sampling. jcs2d trains on slices: every epoch takes every lesion slice plus a random share of
+lesion-free slices (from all training scans, normal ones included). A slice's class target is
+the scan label if the slice holds lesion pixels and `normal` otherwise: a lesion-free slice of
+a COVID-19 scan looks normal, and the scan label comes from the slice vote in
+gateway.aggregate, which reads abnormality from the most abnormal slices. deepsc3d trains on
+whole scans.
+
+Augmentation: intensity scale/shift and noise (scanner and reconstruction variation) and small
+in-plane translations. No left-right flip: the chest is not mirror-symmetric (heart, aorta,
+the three-lobed right lung), and side is diagnostic evidence (CAP is typically unilateral and
+more often right-sided in real data); a flip would teach the network mirror-image anatomy it
+never meets in service and erase that evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+
+from ctjoint.contracts import CLASS_NAMES, CLASS_NORMAL
+from ctjoint.export.configs import RunConfig, TrainConfig, get_config
+from ctjoint.export.dataset import (
+    CaseCache,
+    PreparedCase,
+    context_window,
+    discover_cases,
+)
+from ctjoint.export.losses import JointLoss
+from ctjoint.export.metrics import OverlapCounts, overlap
+from ctjoint.export.models import JointNetwork, build_model, count_parameters
+from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
+from ctjoint.gateway.errors import CtJointError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "ctjoint-checkpoint/1"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+TRAIN_LOG = "train_log.json"
+ENV_CACHE_DIR = "CTJOINT_CACHE_DIR"
+DEFAULT_THREADS = 2
+# Normalised intensity of air (the bottom of the lung window): what shifted-in borders hold.
+AIR = -1.0
+PREDICT_BATCH = 32
+
+
+class TrainingError(CtJointError):
+    """A training run cannot start or continue (bad run folder, no data, bad checkpoint)."""
+
+
+# --- Reproducibility --------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The sampling / augmentation generator of one epoch: a resumed run replays the same
+    epochs as an uninterrupted one without storing generator states."""
+    return np.random.default_rng([seed, epoch])
+
+
+# --- Batches -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Network input, segmentation target and class target as tensors."""
+
+    image: torch.Tensor
+    seg: torch.Tensor
+    cls: torch.Tensor
+
+
+def slice_items(
+    cases: Sequence[PreparedCase], config: TrainConfig, rng: np.random.Generator
+) -> list[tuple[int, int]]:
+    """(case index, slice index) pairs of one 2.5D epoch, shuffled: every lesion slice plus
+    `negatives_per_lesion_slice` lesion-free slices each, capped at `max_slices_per_epoch`."""
+    positives: list[tuple[int, int]] = []
+    negatives: list[tuple[int, int]] = []
+    for c, case in enumerate(cases):
+        lesion = np.zeros(len(case.labels), dtype=bool)
+        lesion[case.lesion_planes()] = True
+        positives.extend((c, int(z)) for z in np.flatnonzero(lesion))
+        negatives.extend((c, int(z)) for z in np.flatnonzero(~lesion))
+    n_neg = min(len(negatives), round(config.negatives_per_lesion_slice * len(positives)))
+    if not positives:
+        n_neg = len(negatives)  # a set without lesions still trains the normal class
+    chosen = [negatives[i] for i in rng.choice(len(negatives), size=n_neg, replace=False)]
+    items = positives + chosen
+    order = rng.permutation(len(items))
+    items = [items[i] for i in order]
+    cap = config.max_slices_per_epoch
+    if cap is not None and len(items) > cap:
+        items = items[:cap]  # already shuffled: the cap keeps the lesion/normal proportion
+    return items
+
+
+def _shift_planes(array: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
+    """Translate the last two axes by (dy, dx) pixels, filling the uncovered border."""
+    out = np.full_like(array, fill)
+    h, w = array.shape[-2:]
+    src_y = slice(max(0, -dy), h - max(0, dy))
+    dst_y = slice(max(0, dy), h - max(0, -dy))
+    src_x = slice(max(0, -dx), w - max(0, dx))
+    dst_x = slice(max(0, dx), w - max(0, -dx))
+    out[..., dst_y, dst_x] = array[..., src_y, src_x]
+    return out
+
+
+def augment(
+    image: np.ndarray, labels: np.ndarray, config: TrainConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Intensity jitter, noise and in-plane translation of a batch ([B, C, ...] image,
+    [B, ...] labels); geometry changes are applied identically to image and labels."""
+    b = image.shape[0]
+    extra = (1,) * (image.ndim - 1)
+    scale = 1.0 + rng.uniform(-config.intensity_scale, config.intensity_scale, b)
+    shift = rng.uniform(-config.intensity_shift, config.intensity_shift, b)
+    image = image * scale.reshape(b, *extra) + shift.reshape(b, *extra)
+    if config.noise_std > 0:
+        image = image + rng.normal(0.0, config.noise_std, image.shape)
+    if config.max_shift_px > 0:
+        m = config.max_shift_px
+        image = image.copy()
+        labels = labels.copy()
+        for i in range(b):
+            dy, dx = (int(v) for v in rng.integers(-m, m + 1, 2))
+            if dy or dx:
+                image[i] = _shift_planes(image[i], dy, dx, AIR * scale[i] + shift[i])
+                labels[i] = _shift_planes(labels[i], dy, dx, 0)
+    return image.astype(np.float32), labels
+
+
+def slice_batch(
+    cases: Sequence[PreparedCase],
+    items: Sequence[tuple[int, int]],
+    context: int,
+    config: TrainConfig | None,
+    rng: np.random.Generator,
+) -> Batch:
+    """A 2.5D batch; `config` None means no augmentation."""
+    image = np.stack([context_window(cases[c].image, z, context) for c, z in items])
+    labels = np.stack([cases[c].labels[z] for c, z in items])
+    targets = np.array(
+        [cases[c].label if cases[c].labels[z].any() else CLASS_NORMAL for c, z in items]
+    )
+    image = image.astype(np.float32)
+    if config is not None:
+        image, labels = augment(image, labels, config, rng)
+    return Batch(
+        torch.from_numpy(image),
+        torch.from_numpy(labels.astype(np.int64)),
+        torch.from_numpy(targets.astype(np.int64)),
+    )
+
+
+def volume_batch(
+    cases: Sequence[PreparedCase], config: TrainConfig | None, rng: np.random.Generator
+) -> Batch:
+    """A 3D batch of whole scans; `config` None means no augmentation."""
+    image = np.stack([case.image for case in cases])[:, None].astype(np.float32)
+    labels = np.stack([case.labels for case in cases])
+    if config is not None:
+        image, labels = augment(image, labels, config, rng)
+    targets = np.array([case.label for case in cases], dtype=np.int64)
+    return Batch(
+        torch.from_numpy(image),
+        torch.from_numpy(labels.astype(np.int64)),
+        torch.from_numpy(targets),
+    )
+
+
+def epoch_batches(
+    config: RunConfig, cases: Sequence[PreparedCase], rng: np.random.Generator
+) -> list[list[Any]]:
+    """The batches of one epoch as lists of slice items (2.5D) or case indices (3D)."""
+    size = config.train.batch_size
+    members: list[Any]
+    if config.plan.kind == "2.5d":
+        members = slice_items(cases, config.train, rng)
+    else:
+        members = [int(i) for i in rng.permutation(len(cases))]
+    batches = [members[i : i + size] for i in range(0, len(members), size)]
+    # A trailing batch of one breaks batch norm statistics and adds little; drop it.
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()
+    return batches
+
+
+def make_batch(
+    config: RunConfig,
+    cases: Sequence[PreparedCase],
+    members: Sequence[Any],
+    augment_data: bool,
+    rng: np.random.Generator,
+) -> Batch:
+    train_config = config.train if augment_data else None
+    if config.plan.kind == "2.5d":
+        return slice_batch(cases, members, config.plan.context, train_config, rng)
+    return volume_batch([cases[i] for i in members], train_config, rng)
+
+
+# --- Prediction on the model grid (validation) -------------------------------------------------
+
+
+@torch.no_grad()
+def predict_case(
+    net: JointNetwork, case: PreparedCase, context: int, kind: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Label map on the model grid and scan probabilities [3] for one prepared case."""
+    net.eval()
+    if kind == "2.5d":
+        labels = []
+        slice_logits = []
+        for start in range(0, len(case.image), PREDICT_BATCH):
+            stop = min(start + PREDICT_BATCH, len(case.image))
+            stack = np.stack([context_window(case.image, z, context) for z in range(start, stop)])
+            seg, cls = net(torch.from_numpy(stack.astype(np.float32)))
+            labels.append(seg.argmax(dim=1).to(torch.uint8).numpy())
+            slice_logits.append(cls.numpy())
+        probs = aggregate_slice_probabilities(softmax(np.concatenate(slice_logits), axis=1))
+        return np.concatenate(labels), probs
+    image = torch.from_numpy(case.image.astype(np.float32))[None, None]
+    seg, cls = net(image)
+    return seg[0].argmax(dim=0).to(torch.uint8).numpy(), softmax(cls.numpy(), axis=1)[0]
+
+
+def validate(net: JointNetwork, cases: Sequence[PreparedCase], config: RunConfig) -> dict[str, Any]:
+    """Lesion Dice (binary, on the model grid; mean over cases with lesions and pooled) and
+    scan accuracy on prepared validation cases."""
+    dices: list[float] = []
+    pooled = OverlapCounts(0, 0, 0)
+    correct = 0
+    for case in cases:
+        labels, probs = predict_case(net, case, config.plan.context, config.plan.kind)
+        counts = overlap(labels > 0, case.labels > 0)
+        pooled = pooled + counts
+        if counts.truth > 0:
+            dices.append(counts.dice)
+        correct += int(int(np.argmax(probs)) == case.label)
+    mean_dice = float(np.mean(dices)) if dices else math.nan
+    accuracy = correct / len(cases) if cases else math.nan
+    return {
+        "dice": mean_dice,
+        "global_dice": pooled.dice,
+        "accuracy": accuracy,
+        "cases": len(cases),
+    }
+
+
+def validation_score(metrics: dict[str, Any]) -> float:
+    """One number to pick the best epoch by: the mean of lesion Dice and accuracy."""
+    parts = [v for v in (metrics.get("dice"), metrics.get("accuracy")) if v is not None]
+    parts = [v for v in parts if not math.isnan(v)]
+    return float(np.mean(parts)) if parts else -math.inf
+
+
+# --- Checkpoints -------------------------------------------------------------------------------
+
+
+def _fp32_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).clone()
+        for k, v in module.state_dict().items()
+    }
+
+
+def model_checkpoint(
+    net: nn.Module, config: RunConfig, metrics: dict[str, Any], epoch: int
+) -> dict[str, Any]:
+    """The portable checkpoint: enough to rebuild, export and describe the model, no more."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": config.model,
+        "config_name": config.name,
+        "config": config.to_dict(),
+        "plan": config.plan.to_json(),
+        "state_dict": _fp32_state(net),
+        "metrics": metrics,
+        "epoch": epoch,
+    }
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> None:
+    """torch.save through a temporary file, so an interrupted save never corrupts a checkpoint."""
+    partial = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """A checkpoint written by this module (tensors and plain data only: weights_only)."""
+    file = Path(path)
+    if not file.is_file():
+        raise TrainingError(f"{file}: checkpoint not found")
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise TrainingError(f"{file}: not a readable checkpoint: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{file}: not a {CHECKPOINT_FORMAT} checkpoint")
+    return data
+
+
+def model_from_checkpoint(path: Path | str) -> tuple[JointNetwork, RunConfig, dict[str, Any]]:
+    """Rebuild the network a checkpoint describes, weights loaded, in eval mode."""
+    data = load_checkpoint(path)
+    config = RunConfig.from_dict(data["config"])
+    net = build_model(config)
+    net.load_state_dict(data["state_dict"])
+    net.eval()
+    return net, config, data
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON: NaN and infinities become null (strict parsers reject them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value
+
+
+# --- The loop ----------------------------------------------------------------------------------
+
+
+def lr_schedule(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 2 % of the base rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run reports."""
+
+    run_dir: Path
+    config: RunConfig
+    parameters: int
+    history: list[dict[str, Any]]
+    wall_seconds: float
+    train_cases: int
+
+    def summary(self) -> str:
+        text = (
+            f"{self.config.model} ({self.config.name}, {self.parameters:,} parameters): "
+            f"{len(self.history)} epochs in {self.wall_seconds / 60:.1f} min on "
+            f"{self.train_cases} training scans"
+        )
+        scored = [r for r in self.history if r["val"]]
+        if scored:
+            best = max(scored, key=lambda r: r["score"])
+            text += (
+                f"; best epoch {best['epoch']}: val lesion Dice {best['val']['dice']:.3f}, "
+                f"accuracy {best['val']['accuracy']:.3f}"
+            )
+        return text + f"; checkpoints and {TRAIN_LOG} in {self.run_dir}"
+
+
+def train_model(
+    model: str,
+    data_dir: Path,
+    config_name: str = "tiny",
+    out_dir: Path | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    threads: int | None = None,
+) -> str:
+    """Train `model` on a data set folder; returns a one-paragraph summary.
+
+    Checkpoints go to `out_dir` (default runs/<model>-<config>); `resume` continues from its
+    last.pt with the stored configuration (`epochs` may extend it).
+    """
+    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"{model}-{config_name}"
+    config = get_config(model, config_name)
+    if epochs is not None:
+        config = config.with_epochs(epochs)
+    result = train_run(
+        config,
+        data_dir,
+        run_dir,
+        seed=seed,
+        resume=resume,
+        threads=threads,
+        epochs=epochs,
+    )
+    return result.summary()
+
+
+def train_run(
+    config: RunConfig,
+    data_dir: Path,
+    run_dir: Path,
+    *,
+    seed: int = 0,
+    resume: bool = False,
+    threads: int | None = None,
+    epochs: int | None = None,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train with an explicit configuration (tests use small ones). On `resume` the stored
+    configuration and seed win; `epochs` may still extend the run."""
+    torch.set_num_threads(threads or DEFAULT_THREADS)
+    last_path = run_dir / LAST_CHECKPOINT
+    state: dict[str, Any] | None = None
+    if resume:
+        state = load_checkpoint(last_path)
+        if state.get("model") != config.model:
+            raise TrainingError(f"{last_path}: a {state.get('model')} run, not {config.model}")
+        config = RunConfig.from_dict(state["config"])
+        if epochs is not None:
+            config = config.with_epochs(epochs)
+        seed = int(state["seed"])
+    elif last_path.exists():
+        raise TrainingError(
+            f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+
+    console = console or Console(stderr=True)
+    train_refs = discover_cases(data_dir, "train")
+    val_refs = discover_cases(data_dir, "val")
+    if not train_refs:
+        raise TrainingError(f"{data_dir}: no training cases (split 'train')")
+    cache = CaseCache(Path(os.environ.get(ENV_CACHE_DIR) or run_dir / "cache"), config.plan)
+    with _progress(console) as progress:
+        task = progress.add_task("preparing", total=len(train_refs) + len(val_refs), status="")
+        train_cases = cache.get_many(train_refs, lambda: progress.advance(task))
+        val_cases = cache.get_many(val_refs, lambda: progress.advance(task))
+
+    net = build_model(config)
+    loss_fn = JointLoss(config.train)
+    parameters = count_parameters(net)
+    decay, no_decay = [], []
+    for name, param in net.named_parameters():
+        # Norm scales and biases are not weights to shrink.
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.train.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+            {"params": list(loss_fn.parameters()), "weight_decay": 0.0},
+        ],
+        lr=config.train.lr,
+    )
+    steps_per_epoch = len(epoch_batches(config, train_cases, epoch_rng(seed, 0)))
+    total_steps = max(1, steps_per_epoch * config.train.epochs)
+    warmup = min(config.train.warmup_steps, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_schedule(step, warmup, total_steps)
+    )
+
+    history: list[dict[str, Any]] = []
+    best_score = -math.inf
+    start_epoch = 0
+    wall_before = 0.0
+    if state is not None:
+        net.load_state_dict(state["state_dict"])
+        loss_fn.load_state_dict(state["loss_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = list(state["history"])
+        best_score = float(state["best_score"])
+        start_epoch = int(state["epoch"])
+        wall_before = float(state.get("wall_seconds", 0.0))
+        console.print(f"resuming {run_dir} at epoch {start_epoch + 1}")
+
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.train.epochs):
+        epoch_started = time.perf_counter()
+        rng = epoch_rng(seed, epoch)
+        torch.manual_seed(seed * 100_003 + epoch)  # dropout masks, replayable on resume
+        batches = epoch_batches(config, train_cases, rng)
+        net.train()
+        totals = {"loss": 0.0, "seg": 0.0, "cls": 0.0}
+        weights = (1.0, 1.0)
+        with _progress(console) as progress:
+            task = progress.add_task(
+                f"epoch {epoch + 1}/{config.train.epochs}", total=len(batches), status=""
+            )
+            for step, members in enumerate(batches):
+                batch = make_batch(config, train_cases, members, True, rng)
+                out = net.forward_all(batch.image)
+                terms = loss_fn(out, batch.seg, batch.cls)
+                optimizer.zero_grad(set_to_none=True)
+                terms.total.backward()
+                nn.utils.clip_grad_norm_(net.parameters(), config.train.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                totals["loss"] += float(terms.total.detach())
+                totals["seg"] += float(terms.seg)
+                totals["cls"] += float(terms.cls)
+                weights = (terms.seg_weight, terms.cls_weight)
+                progress.update(
+                    task,
+                    advance=1,
+                    status=f"seg {totals['seg'] / (step + 1):.3f} "
+                    f"cls {totals['cls'] / (step + 1):.3f}",
+                )
+        n = max(1, len(batches))
+        metrics = validate(net, val_cases, config) if val_cases else {}
+        score = validation_score(metrics)
+        record = {
+            "epoch": epoch + 1,
+            "loss": totals["loss"] / n,
+            "seg_loss": totals["seg"] / n,
+            "cls_loss": totals["cls"] / n,
+            "seg_weight": weights[0],
+            "cls_weight": weights[1],
+            "lr": scheduler.get_last_lr()[0],
+            "steps": len(batches),
+            "seconds": time.perf_counter() - epoch_started,
+            "val": metrics,
+            "score": score,
+        }
+        history.append(record)
+        improved = score > best_score or not val_cases
+        if improved:
+            best_score = score
+            best = model_checkpoint(net, config, {**metrics, "epoch": epoch + 1}, epoch + 1)
+            save_atomic(best, run_dir / BEST_CHECKPOINT)
+        wall = wall_before + time.perf_counter() - started
+        save_atomic(
+            {
+                **model_checkpoint(net, config, metrics, epoch + 1),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "loss_state": loss_fn.state_dict(),
+                "history": history,
+                "best_score": best_score,
+                "seed": seed,
+                "wall_seconds": wall,
+            },
+            last_path,
+        )
+        _write_log(run_dir, config, seed, parameters, history, wall)
+        console.print(
+            f"epoch {epoch + 1}: seg {record['seg_loss']:.3f} cls {record['cls_loss']:.3f} "
+            f"val dice {metrics.get('dice', math.nan):.3f} "
+            f"acc {metrics.get('accuracy', math.nan):.3f}"
+            f"{' (best)' if improved else ''} [{record['seconds']:.0f} s]"
+        )
+
+    wall = wall_before + time.perf_counter() - started
+    _write_log(run_dir, config, seed, parameters, history, wall)
+    return TrainResult(run_dir, config, parameters, history, wall, len(train_cases))
+
+
+def _write_log(
+    run_dir: Path,
+    config: RunConfig,
+    seed: int,
+    parameters: int,
+    history: list[dict[str, Any]],
+    wall: float,
+) -> None:
+    log = {
+        "model": config.model,
+        "config": config.to_dict(),
+        "seed": seed,
+        "parameters": parameters,
+        "classes": list(CLASS_NAMES),
+        "wall_seconds": wall,
+        "epochs": history,
+    }
+    partial = run_dir / (TRAIN_LOG + ".tmp")
+    partial.write_text(json.dumps(json_safe(log), indent=2), encoding="utf-8")
+    os.replace(partial, run_dir / TRAIN_LOG)
