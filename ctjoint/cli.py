@@ -249,7 +249,7 @@ def gateway_serve(
         config = GatewayConfig(
             host=host,
             port=port,
-            backend=backend.value,  # type: ignore[arg-type]
+            backend=backend.value,
             triton_url=triton_url,
             model_dir=model_dir,
             models=models,

@@ -111,11 +111,11 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler  # health, reflection: theirs to answer
         name = method.rsplit("/", 1)[-1]
-        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+        metadata = handler_call_details.invocation_metadata
         given = _metadata_value(metadata, REQUEST_ID_METADATA)
         request_id = clean_request_id(given)
         from_metadata = given is not None and given == request_id
