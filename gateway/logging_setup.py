@@ -23,9 +23,12 @@ REQUEST_ID: ContextVar[str] = ContextVar("ctjoint_request_id", default=NO_REQUES
 # Caller-chosen ids end up in logs and metrics-free traces: keep them short and plain so that
 # nobody can smuggle log lines (newlines) or long free text (a patient name) through them.
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-# A DICOM UID: digits in dot-separated components (PS3.5 9.1), at least four of them so that
-# version numbers and decimals are left alone.
-_UID_RE = re.compile(r"(?<![\w.])[0-9]+(?:\.[0-9]+){3,}(?![\w.])")
+# Candidate DICOM UIDs: digits in dot-separated components (PS3.5 9.1). `_looks_like_uid`
+# then keeps version numbers (1.85.1) and IPv4 addresses (127.0.0.1) out.
+_UID_RE = re.compile(r"(?<![\w.])[0-9]+(?:\.[0-9]+){2,}(?![\w.])")
+# Real UIDs have many components (1.2.840.10008...) or one long one (2.25.<128-bit integer>).
+_UID_MIN_COMPONENTS = 5
+_UID_LONG_COMPONENT = 10
 
 LogFormat = Literal["text", "json"]
 
@@ -38,7 +41,7 @@ def new_request_id() -> str:
 def clean_request_id(candidate: str | None) -> str:
     """The caller's id if it is a plain short token, else a fresh one."""
     # A UID-shaped id would put a study or series UID in every log line: refuse it too.
-    if candidate and _REQUEST_ID_RE.match(candidate) and not _UID_RE.fullmatch(candidate):
+    if candidate and _REQUEST_ID_RE.match(candidate) and not _looks_like_uid(candidate):
         return candidate
     return new_request_id()
 
@@ -48,10 +51,22 @@ def pseudonym(value: str) -> str:
     return "h:" + hashlib.sha256(value.encode("utf-8")).hexdigest()[:12]
 
 
+def _looks_like_uid(text: str) -> bool:
+    if not _UID_RE.fullmatch(text):
+        return False
+    parts = text.split(".")
+    return len(parts) >= _UID_MIN_COMPONENTS or max(map(len, parts)) >= _UID_LONG_COMPONENT
+
+
 def scrub_uids(text: str) -> str:
     """Replace anything shaped like a DICOM UID by its pseudonym (defence in depth for messages
     that leave the process: error details and log lines)."""
-    return _UID_RE.sub(lambda m: pseudonym(m.group(0)), text)
+
+    def replace(match: re.Match[str]) -> str:
+        value = match.group(0)
+        return pseudonym(value) if _looks_like_uid(value) else value
+
+    return _UID_RE.sub(replace, text)
 
 
 class RequestIdFilter(logging.Filter):

@@ -1,0 +1,116 @@
+"""A `ctjoint.v1.ScanResult` back into plain Python: the result dict and the label map.
+
+`result_dict` rebuilds exactly the fields `ctjoint analyze --json` writes (the gateway's
+`ScanResult.to_dict()`), so scripts read one format whichever way a scan was analysed.
+Imports only numpy and the generated proto code: this runs on the scanner side.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Final
+
+import numpy as np
+
+from ctjoint.v1 import scan_pb2
+
+# The schema tag of ScanResult.to_dict(); the result format is shared, so is its version.
+RESULT_SCHEMA: Final = "ctjoint.scan_result/1"
+# Analysis stages as StageTimings.to_dict() names them; other stages are the gateway's own.
+ANALYSIS_STAGES: Final = (
+    "read",
+    "validate",
+    "preprocess",
+    "infer",
+    "postprocess",
+    "total",
+    "model",
+)
+
+
+class ResultFormatError(ValueError):
+    """The gateway's answer does not decode (a version mismatch, or a corrupted message)."""
+
+
+def result_dict(message: scan_pb2.ScanResult) -> dict[str, Any]:
+    """The JSON-ready dict of a result, field for field as `ctjoint analyze --json` writes it.
+
+    Timings hold the analysis stages under their usual keys plus the gateway's own stages
+    ("receive_ms", "encode_ms", "gateway_total_ms").
+    """
+    classes = list(message.class_names)
+    if len(classes) != len(message.probabilities):
+        raise ResultFormatError(
+            f"{len(classes)} class names but {len(message.probabilities)} probabilities"
+        )
+    lesion_names = [c.name for c in message.lesions.classes]
+    slices = list(message.slices)
+    has_slice_probs = bool(slices) and all(len(s.probabilities) == len(classes) for s in slices)
+    slice_probabilities = (
+        {name: [float(s.probabilities[i]) for s in slices] for i, name in enumerate(classes)}
+        if has_slice_probs
+        else {}
+    )
+    slice_pixels = {
+        name: [int(s.lesion_pixels[j]) if j < len(s.lesion_pixels) else 0 for s in slices]
+        for j, name in enumerate(lesion_names)
+    }
+    lesions = message.lesions
+    geometry = message.geometry
+    timings = {f"{t.stage}_ms": round(float(t.milliseconds), 3) for t in message.timings}
+    ordered = {f"{s}_ms": timings.pop(f"{s}_ms") for s in ANALYSIS_STAGES if f"{s}_ms" in timings}
+    return {
+        "schema": RESULT_SCHEMA,
+        "label": message.label,
+        "probabilities": {
+            name: float(p) for name, p in zip(classes, message.probabilities, strict=True)
+        },
+        "classes": classes,
+        "slice_probabilities": slice_probabilities,
+        "lesions": {
+            "voxel_volume_ml": float(lesions.voxel_volume_ml),
+            "classes": {
+                c.name: {"voxels": int(c.voxels), "volume_ml": float(c.volume_ml)}
+                for c in lesions.classes
+            },
+            "total": {
+                "voxels": int(lesions.total_voxels),
+                "volume_ml": float(lesions.total_volume_ml),
+            },
+            "slice_pixels": slice_pixels,
+        },
+        "series": {
+            "slices": int(geometry.slices),
+            "rows": int(geometry.rows),
+            "columns": int(geometry.columns),
+            "spacing_mm": [
+                float(geometry.slice_spacing_mm),
+                float(geometry.row_spacing_mm),
+                float(geometry.column_spacing_mm),
+            ],
+            "slice_thickness_mm": (
+                float(geometry.slice_thickness_mm)
+                if geometry.HasField("slice_thickness_mm")
+                else None
+            ),
+        },
+        "model": {"name": message.model.name, "version": message.model.version},
+        "backend": message.backend,
+        "timings": {**ordered, **timings},
+    }
+
+
+def decode_label_map(volume: scan_pb2.LabelVolume) -> np.ndarray:
+    """The uint8 [slices, rows, columns] label map of a LabelVolume."""
+    if volume.encoding != scan_pb2.LabelVolume.ENCODING_ZLIB_UINT8:
+        raise ResultFormatError(f"unknown mask encoding {volume.encoding}")
+    shape = tuple(int(v) for v in volume.shape)
+    if len(shape) != 3:
+        raise ResultFormatError(f"a mask has three dimensions, got shape {list(shape)}")
+    try:
+        raw = zlib.decompress(volume.data)
+    except zlib.error as err:
+        raise ResultFormatError(f"the mask does not decompress ({err})") from err
+    if len(raw) != int(np.prod(shape)):
+        raise ResultFormatError(f"the mask holds {len(raw)} bytes, shape {list(shape)} needs more")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)

@@ -1,0 +1,179 @@
+"""The gateway process: one `async def serve(config)` that runs the grpc.aio server.
+
+Lifecycle: bind and start (health NOT_SERVING) -> load the backend -> SERVING -> on SIGTERM or
+SIGINT: NOT_SERVING, stop taking new scans, let in-flight scans finish within the grace period,
+close the backend. Health, reflection and the Prometheus endpoint come with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ctjoint import contracts
+from ctjoint.gateway.backends.base import InferenceBackend
+from ctjoint.gateway.errors import BackendUnavailableError
+from ctjoint.gateway.interceptors import ScanServiceInterceptor
+from ctjoint.gateway.limits import GatewayLimits
+from ctjoint.gateway.metrics import GatewayMetrics
+from ctjoint.gateway.service import ScanServicer
+from ctjoint.v1 import scan_pb2, scan_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+BackendName = Literal["embedded", "triton"]
+SERVICE_NAME: Final = scan_pb2.DESCRIPTOR.services_by_name["ScanService"].full_name
+# Results carry masks (zlib) and an overlay PNG: bounded, but above gRPC's 4 MiB default for a
+# large lesion load, so the send limit is raised deliberately too.
+MAX_SEND_MESSAGE_BYTES: Final = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything `ctjoint gateway serve` can be told."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    backend: BackendName = "embedded"
+    triton_url: str | None = None
+    model_dir: Path | None = None
+    models: tuple[str, ...] = contracts.MODEL_NAMES
+    default_model: str = contracts.DEFAULT_MODEL
+    metrics_port: int | None = None
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
+    grace_seconds: float = 30.0
+    # ONNX Runtime threads per inference (None: its default, every core); set it on a shared box.
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m not in contracts.MODEL_NAMES]
+        if unknown or not self.models:
+            raise ValueError(f"models must be among {contracts.MODEL_NAMES}, got {self.models}")
+        if self.default_model not in self.models:
+            raise ValueError(f"default model {self.default_model!r} is not served")
+        if self.grace_seconds < 0:
+            raise ValueError("the grace period cannot be negative")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+
+def create_backend(config: GatewayConfig) -> InferenceBackend:
+    """The backend the configuration names; the service only ever sees the interface."""
+    if config.backend == "embedded":
+        from ctjoint.gateway.backends.embedded import EmbeddedBackend
+
+        return EmbeddedBackend(
+            config.models, model_dir=config.model_dir, intra_op_threads=config.threads
+        )
+    if config.backend == "triton":
+        raise BackendUnavailableError(
+            "the triton backend is not available until the Triton backend lands; "
+            "use --backend embedded"
+        )
+    raise BackendUnavailableError(f"unknown backend {config.backend!r}")
+
+
+async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = None) -> None:
+    """Run the gateway until SIGTERM/SIGINT, then stop gracefully."""
+    metrics = GatewayMetrics()
+    backend = backend if backend is not None else create_backend(config)
+    servicer = ScanServicer(
+        backend, limits=config.limits, metrics=metrics, default_model=config.default_model
+    )
+    health_servicer = health.aio.HealthServicer()
+    server = grpc.aio.server(
+        interceptors=[ScanServiceInterceptor(metrics)],
+        options=[
+            ("grpc.max_receive_message_length", config.limits.max_receive_message_bytes),
+            ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
+            # Two gateways must not silently share one port.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    scan_pb2_grpc.add_ScanServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        port = server.add_insecure_port(config.address)
+    except RuntimeError as err:
+        raise BackendUnavailableError(f"cannot listen on {config.address}: {err}") from err
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    metrics_http: Any = None
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    await server.start()
+    log.info("listening on %s:%d backend=%s", config.host, port, config.backend)
+    try:
+        if config.metrics_port is not None:
+            metrics_http = metrics.serve_http(config.metrics_port, config.host)
+            log.info("metrics on http://%s:%d/metrics", config.host, metrics_http.server_port)
+        started = time.perf_counter()
+        await _start_backend(backend, stop)
+        if not stop.is_set():
+            metrics.backend_ready.set(1)
+            await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving; backend ready in %.2f s", time.perf_counter() - started)
+        await stop.wait()
+        log.info("stopping: new scans refused, in-flight scans get %.0f s", config.grace_seconds)
+    finally:
+        # Health first, so load balancers stop sending before the listener goes away.
+        await health_servicer.enter_graceful_shutdown()
+        metrics.backend_ready.set(0)
+        await server.stop(config.grace_seconds)
+        await backend.close()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+        log.info("stopped")
+
+
+async def _start_backend(backend: InferenceBackend, stop: asyncio.Event) -> None:
+    """Load the backend, unless a stop signal comes first (then leave it unloaded)."""
+    load = asyncio.ensure_future(backend.load())
+    stopping = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if load not in done:
+        load.cancel()
+        return
+    stopping.cancel()
+    load.result()  # a backend that cannot load stops the gateway with its own error
+
+
+async def _set_health(servicer: Any, status: int) -> None:
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_signal, signum, stop)
+
+
+def _on_signal(signum: int, stop: asyncio.Event) -> None:
+    log.info("received %s", signal.Signals(signum).name)
+    stop.set()
+
+
+def run(config: GatewayConfig) -> None:
+    """Blocking entry point for the CLI."""
+    asyncio.run(serve(config))

@@ -1,0 +1,346 @@
+"""The ctjoint.v1 ScanService: DICOM files streamed in, a scan result (and progress) out.
+
+Knows only the `InferenceBackend` interface, never which backend it has. Each file is checked
+against the limits and validated as it arrives (by the shared analysis pipeline), so a bad
+file ends the scan at once. Errors are raised as the project's exceptions; the interceptor
+turns them into status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Final
+
+import grpc.aio
+import numpy as np
+
+from ctjoint.contracts import MODEL_NAMES
+from ctjoint.gateway.analysis import Progress, ScanAnalysis, ScanAnalyzer
+from ctjoint.gateway.backends.base import InferenceBackend
+from ctjoint.gateway.dicom_io import describe_source
+from ctjoint.gateway.errors import (
+    BackendUnavailableError,
+    EmptySeriesError,
+    InputError,
+    LimitExceededError,
+    ModelNotFoundError,
+)
+from ctjoint.gateway.interceptors import adopt_request_id, note_model
+from ctjoint.gateway.limits import GatewayLimits, ScanSlots
+from ctjoint.gateway.metrics import GatewayMetrics
+from ctjoint.gateway.wire import encode_label_map, model_info_to_proto, result_to_proto
+from ctjoint.v1 import scan_pb2, scan_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+STAGE_BY_NAME: Final = {
+    "received": scan_pb2.Progress.STAGE_RECEIVED,
+    "validated": scan_pb2.Progress.STAGE_VALIDATED,
+    "preprocessed": scan_pb2.Progress.STAGE_PREPROCESSED,
+    "inferred": scan_pb2.Progress.STAGE_INFERRED,
+    "postprocessed": scan_pb2.Progress.STAGE_POSTPROCESSED,
+}
+_FILE_NUMBER: Final = re.compile(r"^file (\d+)")
+
+Emit = Callable[[str, int, int | None], None]
+
+
+class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
+    """AnalyzeScan, AnalyzeScanWithProgress and GetModelInfo on one backend."""
+
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        *,
+        limits: GatewayLimits,
+        metrics: GatewayMetrics,
+        default_model: str,
+        analyzer: ScanAnalyzer | None = None,
+    ) -> None:
+        self._backend = backend
+        self._analyzer = analyzer if analyzer is not None else ScanAnalyzer(backend)
+        self._limits = limits
+        self._slots = ScanSlots(limits.max_concurrent_scans)
+        self._metrics = metrics
+        self._default_model = default_model
+
+    # --- RPCs --------------------------------------------------------------------------------
+
+    async def AnalyzeScan(  # noqa: N802 - the generated base class names it
+        self,
+        request_iterator: AsyncIterator[scan_pb2.ScanRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> scan_pb2.ScanResult:
+        result: scan_pb2.ScanResult | None = None
+        async for event in self._scan(request_iterator, context, with_progress=False):
+            result = event.result
+        if result is None:  # _scan always ends with a result or raises
+            raise RuntimeError("scan ended without a result")
+        return result
+
+    async def AnalyzeScanWithProgress(  # noqa: N802 - the generated base class names it
+        self,
+        request_iterator: AsyncIterator[scan_pb2.ScanRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[scan_pb2.ScanEvent]:
+        async for event in self._scan(request_iterator, context, with_progress=True):
+            yield event
+
+    async def GetModelInfo(  # noqa: N802 - the generated base class names it
+        self, request: scan_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> scan_pb2.GetModelInfoResponse:
+        self._require_ready()
+        names = self._backend.models()
+        if request.model:
+            if request.model not in names:
+                raise ModelNotFoundError(
+                    f"model {request.model!r} is not served (served: {', '.join(names)})"
+                )
+            names = (request.model,)
+        return scan_pb2.GetModelInfoResponse(
+            backend=self._backend.name,
+            default_model=self._default_model,
+            models=[
+                model_info_to_proto(self._backend.model_info(name), ready=self._backend.ready)
+                for name in names
+            ],
+        )
+
+    # --- one scan ----------------------------------------------------------------------------
+
+    async def _scan(
+        self,
+        requests: AsyncIterator[scan_pb2.ScanRequest],
+        context: grpc.aio.ServicerContext,
+        *,
+        with_progress: bool,
+    ) -> AsyncIterator[scan_pb2.ScanEvent]:
+        # Admission first: a scan past the limit is refused before we read a byte of it.
+        with self._slots.acquire():
+            self._metrics.in_flight.inc()
+            try:
+                async for event in self._admitted_scan(requests, context, with_progress):
+                    yield event
+            finally:
+                self._metrics.in_flight.dec()
+
+    async def _admitted_scan(
+        self,
+        requests: AsyncIterator[scan_pb2.ScanRequest],
+        context: grpc.aio.ServicerContext,
+        with_progress: bool,
+    ) -> AsyncIterator[scan_pb2.ScanEvent]:
+        started = time.perf_counter()
+        self._require_ready()
+        stream = aiter(requests)
+        header = await self._read_header(stream)
+        request_id = adopt_request_id(context, header.request_id)
+        model = header.model or self._default_model
+        if model not in MODEL_NAMES:
+            raise InputError(
+                f"unknown model {model!r}; expected one of {', '.join(MODEL_NAMES)}",
+                source="ScanHeader",
+                attribute="model",
+            )
+        note_model(model)
+        expected = header.expected_files or None
+        if expected is not None and expected > self._limits.max_slices:
+            raise LimitExceededError(
+                f"ScanHeader: expected_files is {expected}, more than the limit of "
+                f"{self._limits.max_slices} slices"
+            )
+        log.info("scan started model=%s expected_files=%s", model, expected or "unknown")
+
+        queue: asyncio.Queue[scan_pb2.ScanEvent] = asyncio.Queue()
+
+        def emit(stage: str, done: int, total: int | None) -> None:
+            if with_progress:
+                progress = scan_pb2.Progress(
+                    stage=STAGE_BY_NAME[stage], done=done, total=total or 0, request_id=request_id
+                )
+                queue.put_nowait(scan_pb2.ScanEvent(progress=progress))
+
+        receive = _Receiver(stream, self._limits, self._metrics, emit, expected)
+        analysis_task = asyncio.ensure_future(
+            self._analyzer.analyze_files(
+                receive.files(),
+                model,
+                expected_slices=expected,
+                max_slices=self._limits.max_slices,
+                progress=lambda p: _forward(p, emit),
+            )
+        )
+        try:
+            if with_progress:
+                async for event in _drain_while_running(queue, analysis_task):
+                    yield event
+            analysis = await analysis_task
+        finally:
+            # The client went away or its deadline passed: stop the pipeline with the RPC.
+            if not analysis_task.done():
+                analysis_task.cancel()
+
+        encode_started = time.perf_counter()
+        emit("postprocessed", 1, 1)
+        result = await asyncio.to_thread(
+            self._result_message, analysis, header.outputs, request_id, receive.receive_ms
+        )
+        encode_ms = (time.perf_counter() - encode_started) * 1000.0
+        total_ms = (time.perf_counter() - started) * 1000.0
+        result.timings.add(stage="encode", milliseconds=round(encode_ms, 3))
+        result.timings.add(stage="gateway_total", milliseconds=round(total_ms, 3))
+        self._observe(analysis, receive.receive_ms, encode_ms)
+        log.info(
+            "scan done model=%s slices=%d label=%s lesion_ml=%.1f total_ms=%.0f receive_ms=%.0f "
+            "encode_ms=%.0f",
+            model,
+            analysis.result.series.slices,
+            analysis.result.label,
+            analysis.result.lesions.total_volume_ml,
+            total_ms,
+            receive.receive_ms,
+            encode_ms,
+        )
+        while not queue.empty():
+            yield queue.get_nowait()
+        yield scan_pb2.ScanEvent(result=result)
+
+    async def _read_header(
+        self, stream: AsyncIterator[scan_pb2.ScanRequest]
+    ) -> scan_pb2.ScanHeader:
+        first = await anext(stream, None)
+        if first is None:
+            raise EmptySeriesError(
+                "the request stream is empty; send a ScanHeader, then one DICOM file per message"
+            )
+        if first.WhichOneof("payload") != "header":
+            raise InputError(
+                "the first message must be a ScanHeader, then one DICOM file per message",
+                source="message 1",
+                attribute="ScanRequest.header",
+            )
+        return first.header
+
+    def _require_ready(self) -> None:
+        if not self._backend.ready:
+            raise BackendUnavailableError("the inference backend is not ready yet; retry shortly")
+
+    def _result_message(
+        self,
+        analysis: ScanAnalysis,
+        outputs: scan_pb2.OutputOptions,
+        request_id: str,
+        receive_ms: float,
+    ) -> scan_pb2.ScanResult:
+        """Build the answer (in a worker thread: mask compression and PNG take real time)."""
+        numbers = [_file_number(name) for name in analysis.volume.source_names]
+        message = result_to_proto(
+            analysis.result,
+            request_id=request_id,
+            slice_file_numbers=numbers,
+            extra_timings_ms={"receive": receive_ms},
+        )
+        if outputs.masks:
+            message.mask.CopyFrom(encode_label_map(analysis.label_map))
+        if outputs.overlay:
+            message.overlay_png = _overlay_png(analysis.volume.hu, analysis.label_map)
+        # outputs.seg: the DICOM SEG writer is a later issue; seg_dicom stays empty until then.
+        return message
+
+    def _observe(self, analysis: ScanAnalysis, receive_ms: float, encode_ms: float) -> None:
+        timings = analysis.result.timings
+        for stage, ms in (
+            ("receive", receive_ms),
+            ("decode", timings.read_ms + timings.validate_ms),
+            ("preprocess", timings.preprocess_ms),
+            ("infer", timings.infer_ms),
+            ("postprocess", timings.postprocess_ms),
+            ("encode", encode_ms),
+        ):
+            self._metrics.observe_stage(stage, ms / 1000.0)
+        self._metrics.slices.labels(model=analysis.result.model).inc(analysis.result.series.slices)
+
+
+class _Receiver:
+    """Turns the request stream into the pipeline's (name, bytes) inputs, enforcing the limits
+    per file before any decoding, and timing how long we wait on the network."""
+
+    def __init__(
+        self,
+        stream: AsyncIterator[scan_pb2.ScanRequest],
+        limits: GatewayLimits,
+        metrics: GatewayMetrics,
+        emit: Emit,
+        expected: int | None,
+    ) -> None:
+        self._stream = stream
+        self._limits = limits
+        self._metrics = metrics
+        self._emit = emit
+        self._expected = expected
+        self.receive_ms = 0.0
+
+    async def files(self) -> AsyncIterator[tuple[str, bytes]]:
+        count = 0
+        while True:
+            waited = time.perf_counter()
+            message = await anext(self._stream, None)
+            self.receive_ms += (time.perf_counter() - waited) * 1000.0
+            if message is None:
+                return
+            count += 1
+            source = describe_source(count)
+            if message.WhichOneof("payload") != "file":
+                raise InputError(
+                    "expected a DicomFile message (the ScanHeader comes once, first)",
+                    source=source,
+                    attribute="ScanRequest.file",
+                )
+            self._limits.check_slice_count(source, count)
+            content = message.file.content
+            self._limits.check_file_size(source, len(content))
+            self._metrics.received_bytes.inc(len(content))
+            self._emit("received", count, self._expected)
+            # No name: file names can carry patient data; errors say "file N" instead.
+            yield "", content
+
+
+def _forward(progress: Progress, emit: Emit) -> None:
+    if progress.stage in STAGE_BY_NAME:
+        emit(progress.stage, progress.done, progress.total)
+
+
+async def _drain_while_running(
+    queue: asyncio.Queue[scan_pb2.ScanEvent], task: asyncio.Future[Any]
+) -> AsyncIterator[scan_pb2.ScanEvent]:
+    """Yield queued events until `task` finishes (its outcome is left for the caller)."""
+    while not task.done():
+        getter = asyncio.ensure_future(queue.get())
+        done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            yield getter.result()
+        else:
+            getter.cancel()
+    while not queue.empty():
+        yield queue.get_nowait()
+
+
+def _file_number(source: str) -> int:
+    match = _FILE_NUMBER.match(source)
+    return int(match.group(1)) if match else 0
+
+
+def _overlay_png(volume_hu: np.ndarray, label_map: np.ndarray) -> bytes:
+    """The overlay montage as PNG bytes, drawn by the same renderer `ctjoint analyze` uses."""
+    from ctjoint.client.render import write_overlay_png
+
+    with tempfile.TemporaryDirectory(prefix="ctjoint-overlay-") as tmp:
+        path = Path(tmp) / "overlay.png"
+        write_overlay_png(volume_hu, label_map, path)
+        return path.read_bytes()
