@@ -46,7 +46,8 @@ DicomInput = tuple[str, DicomSource]
 
 @dataclass(frozen=True)
 class Progress:
-    """A progress event: `stage` is one of "validated", "preprocessed", "inferred"."""
+    """A progress event; `stage`: "validated" (per file), "preprocessed", "inferred" (per
+    batch, `done` counts slices), "postprocessed"."""
 
     stage: str
     done: int
@@ -198,7 +199,7 @@ class ScanAnalyzer:
             progress(Progress("preprocessed", z, z))
 
         t0 = time.perf_counter()
-        outputs = await self._infer(info, image, progress)
+        outputs = await self._infer(info, image, z, progress)
         infer_ms = (time.perf_counter() - t0) * 1000.0
         del image
 
@@ -207,6 +208,8 @@ class ScanAnalyzer:
             _postprocess, info, outputs, geometry, volume
         )
         postprocess_ms = (time.perf_counter() - t0) * 1000.0
+        if progress is not None:
+            progress(Progress("postprocessed", z, z))
 
         before = prior or StageTimings()
         elapsed = (time.perf_counter() - started) * 1000.0
@@ -255,13 +258,13 @@ class ScanAnalyzer:
         return ScanAnalysis(result=result, volume=volume, label_map=label_map)
 
     async def _infer(
-        self, info: ModelInfo, image: np.ndarray, progress: ProgressCallback | None
+        self, info: ModelInfo, image: np.ndarray, slices: int, progress: ProgressCallback | None
     ) -> ModelOutputs:
         if info.plan.kind != "2.5d":
             outputs = await self.backend.infer(info.name, image)
             _check_outputs(info, outputs, image.shape[0])
             if progress is not None:
-                progress(Progress("inferred", 1, 1))
+                progress(Progress("inferred", slices, slices))
             return outputs
         total = image.shape[0]
         starts = list(range(0, total, self.batch_size))

@@ -131,8 +131,9 @@ def read_dataset(data: DicomSource, *, source: str) -> Dataset:
     """Parse a DICOM Part-10 file (the 'DICM' preamble is required) without validating it."""
     try:
         if isinstance(data, bytes):
-            return pydicom.dcmread(io.BytesIO(data))
-        return pydicom.dcmread(os.fspath(data))
+            dataset = pydicom.dcmread(io.BytesIO(data))
+        else:
+            dataset = pydicom.dcmread(os.fspath(data))
     except InvalidDicomError as err:
         raise NotDicomError("not a DICOM Part-10 file (no 'DICM' preamble)", source=source) from err
     except IsADirectoryError as err:
@@ -143,6 +144,11 @@ def read_dataset(data: DicomSource, *, source: str) -> Dataset:
         # pydicom reports truncated or garbled files with a variety of exception types
         # (EOFError, struct.error, ValueError, ...); to the caller they all mean the same.
         raise NotDicomError(f"unreadable DICOM file ({type(err).__name__})", source=source) from err
+    if len(dataset) == 0:
+        raise NotDicomError(
+            "holds no data set after its file meta information (truncated?)", source=source
+        )
+    return dataset
 
 
 def ct_slice_from_dataset(dataset: Dataset, *, source: str) -> CtSlice:

@@ -1,7 +1,8 @@
 """Small synthetic CT series written with pydicom, for tests that need DICOM files quickly.
 
 A crude chest: air, an elliptic body (40 HU), two lungs (-850 HU) and optional lesion blocks
-(ground-glass -600 HU, consolidation 30 HU) at known places, so tests can check both the
+at known places (ground-glass -600 HU; "consolidation" -250 HU, lower than real consolidation
+so the band-rule test models can tell it from soft tissue), so tests can check both the
 geometry that comes back and the lesion volumes an analysis finds. The phantom generator in
 export/ makes the realistic series; this one is minimal and fast on purpose.
 """
@@ -18,7 +19,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 INTERCEPT = -1024.0
 GROUND_GLASS_HU = -600.0
-CONSOLIDATION_HU = 30.0
+CONSOLIDATION_HU = -250.0  # inside the test models' consolidation band
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,16 @@ class Lesion:
     x0: int
     x1: int
     hu: float
+
+
+# Lesions of the small default series (8 slices of 32x32): 3 slices of 6x6 ground-glass and
+# 1 slice of 4x4 consolidation.
+SMALL_SERIES_LESIONS = (
+    Lesion(2, 5, 10, 16, 8, 14, GROUND_GLASS_HU),
+    Lesion(3, 4, 10, 14, 20, 24, CONSOLIDATION_HU),
+)
+SMALL_SERIES_GROUND_GLASS_VOXELS = 3 * 6 * 6
+SMALL_SERIES_CONSOLIDATION_VOXELS = 4 * 4
 
 
 def chest_volume(slices: int, size: int, lesions: Sequence[Lesion] = ()) -> np.ndarray:

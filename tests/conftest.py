@@ -1,0 +1,28 @@
+"""Shared fixtures: small, generic, cheap. Helpers live in their own modules beside this one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from contract_models import export_contract_model
+from dicom_factory import SMALL_SERIES_LESIONS, write_ct_series
+
+from ctjoint.contracts import MODEL_NAMES
+
+
+@pytest.fixture(scope="session")
+def contract_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder with tiny band-rule ONNX stand-ins for every model (see contract_models)."""
+    folder = tmp_path_factory.mktemp("contract_models")
+    for model in MODEL_NAMES:
+        export_contract_model(model, folder)
+    return folder
+
+
+@pytest.fixture
+def ct_series_dir(tmp_path: Path) -> Path:
+    """A valid 8-slice 32x32 CT series (files named in reverse slice order) with lesions."""
+    folder = tmp_path / "series"
+    write_ct_series(folder, slices=8, size=32, lesions=SMALL_SERIES_LESIONS, reverse_names=True)
+    return folder
