@@ -1,0 +1,670 @@
+"""Synthetic chest-CT phantoms: a real multi-file DICOM CT series plus NIfTI ground truth.
+
+`write_phantom_case` writes one case (`ctjoint phantom`), `write_phantom_set` a labelled
+train/val/test set (`ctjoint phantom-set`), and `read_truth` reads a case's truth back.
+
+Geometry. The anatomy is described in millimetres (see `phantom_anatomy`), so `size` only
+changes the resolution: at size 512 the in-plane spacing is drawn from 0.6-0.9 mm (at least
+enough for the body to fit); at other sizes it is scaled by 512/size, so the field of view and
+the anatomy stay the same. The scan covers 250-320 mm along z with 60-120 slices by default
+(slice spacing = thickness = coverage / slices, clipped to 1-5 mm, rounded to 0.05 mm); with
+`slices` given, the same rule sets the thickness and the slab is centred on the mid lungs.
+
+Files. CASE/series/IM00001.dcm... are written in acquisition order, head first (cranio-caudal,
+as scanners write a chest): IM00001 / InstanceNumber 1 is the MOST SUPERIOR slice. Readers
+must sort by ImagePositionPatient along the slice normal, never by file name. Truth volumes use
+the opposite, ascending order: NIfTI data axes are (x=column, y=row, z=k) with k the position
+in the series sorted ascending along the normal (k=0 is the most inferior slice), i.e.
+`volume_zyx.transpose(2, 1, 0)`, and the affine is the DICOM geometry converted from LPS to RAS.
+
+Determinism. Everything follows from the seed through separate random streams (scan, anatomy,
+vessel trees, lesions, noise, identity): the same seed gives byte-identical files, the same seed
+with another kind gives the same body with other findings. UIDs are hashed from the seed;
+dates are drawn from the seed, never from the clock.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import multiprocessing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import nibabel as nib
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage
+
+from ctjoint.contracts import (
+    CASE_SERIES_DIR,
+    CASE_TRUTH_DIR,
+    CLASS_NAMES,
+    LESION_CLASS_NAMES,
+    LUNG_LEFT,
+    LUNG_RIGHT,
+    SEG_CONSOLIDATION,
+    SEG_GROUND_GLASS,
+    SET_LABELS_CSV,
+    SPLITS,
+    TRUTH_LABEL,
+    TRUTH_LESIONS,
+    TRUTH_LUNGS,
+)
+from ctjoint.export.phantom_anatomy import (
+    HU_AIR,
+    HU_AIRWAY_WALL,
+    HU_BLOOD,
+    Anatomy,
+    CoarseLungs,
+    Grid,
+    Lesion,
+    Point,
+    airway_segments,
+    draw_lesion,
+    draw_tubes,
+    plan_lesions,
+    render_anatomy,
+    vessel_segments,
+)
+from ctjoint.gateway.errors import CtJointError
+from ctjoint.gateway.preprocess import LUNG_WINDOW_CENTER, LUNG_WINDOW_WIDTH
+
+# Part of every UID hash: a new generator version must not reuse the UIDs of old images.
+GENERATOR_VERSION: Final = "1"
+MANUFACTURER: Final = "ctjoint phantom"
+SYNTHETIC_COMMENT: Final = "synthetic phantom (ctjoint); not a real patient"
+RESCALE_INTERCEPT: Final = -1024
+HU_MIN, HU_MAX = -1024.0, 3071.0
+MIN_SIZE: Final = 32
+MAX_SIZE: Final = 2048
+MAX_SLICES: Final = 2000
+REFERENCE_SIZE: Final = 512
+PIXEL_MM_RANGE: Final = (0.6, 0.9)
+SLICE_MM_RANGE: Final = (1.0, 5.0)
+COVERAGE_MM_RANGE: Final = (250.0, 320.0)
+DEFAULT_SLICES_RANGE: Final = (60, 120)
+NOISE_HU_RANGE: Final = (10.0, 35.0)
+BLUR_PX_RANGE: Final = (0.45, 0.75)
+SPLIT_FRACTIONS: Final = (0.70, 0.15, 0.15)
+
+_FIRST_NAMES_F: Final = (
+    "JANE", "MARY", "ANNA", "LAURA", "SARAH", "EMMA", "JULIA", "CLARA", "SOFIA", "HELEN",
+    "MARTA", "NORA", "ELENA", "GRACE", "LUCY", "ALICE", "IRENE", "ROSA", "PAULA", "EVA",
+)  # fmt: skip
+_FIRST_NAMES_M: Final = (
+    "JOHN", "PETER", "DAVID", "MARK", "PAUL", "JAMES", "THOMAS", "LUCAS", "DANIEL", "OSCAR",
+    "HENRY", "SIMON", "VICTOR", "MARTIN", "HUGO", "ADAM", "LEON", "FELIX", "ANDREW", "KARL",
+)  # fmt: skip
+_LAST_NAMES: Final = (
+    "DOE", "SMITH", "MILLER", "BROWN", "WILSON", "MOORE", "TAYLOR", "CLARK", "LEWIS", "WALKER",
+    "HALL", "YOUNG", "KING", "WRIGHT", "HILL", "GREEN", "ADAMS", "BAKER", "NELSON", "CARTER",
+    "MITCHELL", "ROBERTS", "TURNER", "PHILLIPS", "CAMPBELL", "PARKER", "EVANS", "EDWARDS",
+    "COLLINS", "STEWART", "MORRIS", "ROGERS", "REED", "COOK", "MORGAN", "BELL",
+)  # fmt: skip
+
+
+class PhantomError(CtJointError):
+    """Bad arguments for the phantom generator (size, slices, kind, seed, output folder)."""
+
+
+@dataclass(frozen=True)
+class ScanGeometry:
+    """Where the voxels are: patient LPS millimetres, slices ascending along +z (k=0 lowest)."""
+
+    size: int
+    n_slices: int
+    pixel_mm: float
+    slice_mm: float
+    origin: Point  # patient (x, y, z) of the centre of voxel (k=0, row 0, column 0)
+    body_centre: Point  # patient position of the anatomy's (u, v, z) = (0, 0, 0)
+
+    def slice_z(self, k: int) -> float:
+        """Patient z of slice k, rounded the way it is written to DICOM."""
+        return round(self.origin[2] + k * self.slice_mm, 4)
+
+    def affine_lps(self) -> npt.NDArray[np.float64]:
+        """Voxel (column, row, k) -> patient LPS mm."""
+        affine = np.eye(4)
+        affine[0, 0] = self.pixel_mm
+        affine[1, 1] = self.pixel_mm
+        affine[2, 2] = self.slice_mm
+        affine[:3, 3] = self.origin
+        return affine
+
+    def affine_ras(self) -> npt.NDArray[np.float64]:
+        """Voxel (column, row, k) -> RAS mm, the NIfTI convention."""
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine_lps()
+
+    def grid(self) -> Grid:
+        """The voxel centres in the anatomy's body-centred coordinates."""
+        idx = np.arange(self.size, dtype=np.float64)
+        ks = np.arange(self.n_slices)
+        zs = np.array([self.slice_z(int(k)) for k in ks])
+        return Grid(
+            u=(self.origin[0] + idx * self.pixel_mm - self.body_centre[0]).astype(np.float32),
+            v=(self.origin[1] + idx * self.pixel_mm - self.body_centre[1]).astype(np.float32),
+            z=(zs - self.body_centre[2]).astype(np.float32),
+            pixel_mm=self.pixel_mm,
+            slice_mm=self.slice_mm,
+        )
+
+    def to_patient(self, point: Point) -> Point:
+        """Body-centred (u, v, z) -> patient LPS (x, y, z)."""
+        return (
+            point[0] + self.body_centre[0],
+            point[1] + self.body_centre[1],
+            point[2] + self.body_centre[2],
+        )
+
+    @property
+    def voxel_ml(self) -> float:
+        return self.pixel_mm * self.pixel_mm * self.slice_mm / 1000.0
+
+
+@dataclass(frozen=True)
+class PhantomIdentity:
+    """Synthetic patient and study attributes (look real, belong to nobody)."""
+
+    patient_name: str
+    patient_id: str
+    birth_date: str
+    sex: str
+    age: str
+    study_date: str
+    study_time: str
+    accession: str
+
+
+@dataclass(frozen=True)
+class PhantomVolume:
+    """One rendered phantom in memory: HU image, truth maps and what was planted."""
+
+    kind: str
+    seed: int
+    geometry: ScanGeometry
+    hu: npt.NDArray[np.int16]  # [Z, Y, X] HU, slices ascending in z
+    lesions: npt.NDArray[np.uint8]  # [Z, Y, X] SEG_CLASS_NAMES values
+    lungs: npt.NDArray[np.uint8]  # [Z, Y, X] 0 / LUNG_RIGHT / LUNG_LEFT
+    planted: tuple[Lesion, ...]
+    identity: PhantomIdentity
+    noise_hu: float
+
+    def lesion_volume_ml(self) -> dict[str, float]:
+        vox = self.geometry.voxel_ml
+        counts = np.bincount(self.lesions.ravel(), minlength=3)
+        return {
+            LESION_CLASS_NAMES[0]: round(float(counts[SEG_GROUND_GLASS]) * vox, 3),
+            LESION_CLASS_NAMES[1]: round(float(counts[SEG_CONSOLIDATION]) * vox, 3),
+        }
+
+    def lesion_sides(self) -> set[int]:
+        """Lungs that actually contain lesion voxels."""
+        sides = np.unique(self.lungs[self.lesions > 0])
+        return {int(s) for s in sides if s in (LUNG_RIGHT, LUNG_LEFT)}
+
+
+@dataclass(frozen=True)
+class PhantomCase:
+    """What `write_phantom_case` wrote (no patient identifiers)."""
+
+    out_dir: Path
+    kind: str
+    seed: int
+    n_slices: int
+    size: int
+    spacing_mm: tuple[float, float, float]  # (z, y, x)
+    lesion_volume_ml: Mapping[str, float] = field(default_factory=dict)
+    n_lesions: int = 0
+    bilateral: bool = False
+    lung_volume_ml: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return self.kind
+
+    def summary(self) -> str:
+        """A readable multi-line report of the case."""
+        dz, dy, dx = self.spacing_mm
+        volumes = ", ".join(
+            f"{k.replace('_', '-')} {v:.1f} mL" for k, v in self.lesion_volume_ml.items()
+        )
+        if self.n_lesions == 0:
+            findings = "none"
+        else:
+            extent = "bilateral" if self.bilateral else "unilateral"
+            findings = f"{self.n_lesions} lesion(s), {extent}; {volumes}"
+        return "\n".join(
+            [
+                f"phantom {self.out_dir.name}: {self.kind} (seed {self.seed})",
+                f"  series: {self.out_dir / CASE_SERIES_DIR} ({self.n_slices} slices of "
+                f"{self.size}x{self.size}, spacing z/y/x {dz:.2f}/{dy:.3f}/{dx:.3f} mm)",
+                f"  lungs: {self.lung_volume_ml:.0f} mL",
+                f"  lesions: {findings}",
+                f"  truth: {self.out_dir / CASE_TRUTH_DIR} "
+                f"({TRUTH_LESIONS}, {TRUTH_LUNGS}, {TRUTH_LABEL})",
+            ]
+        )
+
+
+# --- generation -------------------------------------------------------------------------------
+def _check_args(kind: str, seed: int, slices: int | None, size: int) -> None:
+    if kind not in CLASS_NAMES:
+        raise PhantomError(f"unknown kind {kind!r}; expected one of {', '.join(CLASS_NAMES)}")
+    if seed < 0:
+        raise PhantomError(f"seed must be >= 0, got {seed}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise PhantomError(f"size must be between {MIN_SIZE} and {MAX_SIZE}, got {size}")
+    if slices is not None and not 1 <= slices <= MAX_SLICES:
+        raise PhantomError(f"slices must be between 1 and {MAX_SLICES}, got {slices}")
+
+
+def _sample_geometry(
+    rng: np.random.Generator, anatomy: Anatomy, slices: int | None, size: int
+) -> ScanGeometry:
+    # The scanner's field of view must hold the body with some air around it.
+    need = (2.0 * anatomy.half_width + 40.0) / REFERENCE_SIZE
+    pixel_512 = min(max(float(rng.uniform(*PIXEL_MM_RANGE)), need), PIXEL_MM_RANGE[1])
+    pixel = round(pixel_512 * REFERENCE_SIZE / size, 6)
+    coverage = float(rng.uniform(*COVERAGE_MM_RANGE))
+    default_n = int(rng.integers(DEFAULT_SLICES_RANGE[0], DEFAULT_SLICES_RANGE[1] + 1))
+    n = default_n if slices is None else slices
+    thickness = round(float(np.clip(coverage / n, *SLICE_MM_RANGE)) * 20.0) / 20.0
+    thickness = float(np.clip(thickness, *SLICE_MM_RANGE))
+    span = (n - 1) * thickness
+    height = anatomy.z_top - anatomy.z_bottom
+    # A full scan is centred on the lungs; a thin slab on the mid lungs where both are large.
+    level = 0.47 if span > 150.0 else 0.4
+    centre_local = anatomy.z_bottom + level * height + float(rng.uniform(-8.0, 8.0))
+    table_z = -float(rng.uniform(150.0, 400.0))  # the scanner's z of the lung base
+    fov_half = (size - 1) / 2.0 * pixel
+    recon_x = float(rng.uniform(-8.0, 8.0))
+    recon_y = float(rng.uniform(-20.0, 5.0))
+    body_x = float(rng.uniform(-10.0, 10.0))
+    body_y = float(rng.uniform(-10.0, 5.0))
+    first_z = round(table_z + centre_local - span / 2.0, 2)
+    return ScanGeometry(
+        size=size,
+        n_slices=n,
+        pixel_mm=pixel,
+        slice_mm=thickness,
+        origin=(round(recon_x - fov_half, 4), round(recon_y - fov_half, 4), first_z),
+        body_centre=(recon_x + body_x, recon_y + body_y, table_z),
+    )
+
+
+def _sample_identity(rng: np.random.Generator) -> PhantomIdentity:
+    sex = "F" if rng.random() < 0.5 else "M"
+    first = _FIRST_NAMES_F if sex == "F" else _FIRST_NAMES_M
+    study = dt.date(2020, 3, 1) + dt.timedelta(days=int(rng.integers(0, 1400)))
+    age = int(rng.integers(22, 88))
+    birth = study - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
+    seconds = int(rng.integers(7 * 3600, 20 * 3600))
+    return PhantomIdentity(
+        patient_name=f"{rng.choice(_LAST_NAMES)}^{rng.choice(first)}",
+        patient_id=f"{int(rng.integers(10_000_000, 100_000_000)):08d}",
+        birth_date=birth.strftime("%Y%m%d"),
+        sex=sex,
+        age=f"{age:03d}Y",
+        study_date=study.strftime("%Y%m%d"),
+        study_time=f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}",
+        accession=f"{int(rng.integers(10**9, 10**10)):010d}",
+    )
+
+
+def _blur_and_noise(
+    hu: npt.NDArray[np.float32], rng: np.random.Generator, noise_hu: float, sigma_px: float
+) -> npt.NDArray[np.float32]:
+    """In-plane blur (the reconstruction kernel) applied to image + white noise together.
+
+    Blurring the noise too gives it the fine grain of real CT noise; its amplitude is pre-scaled
+    by the kernel's noise gain so the final standard deviation is `noise_hu`.
+    """
+    radius = int(4.0 * sigma_px + 0.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2)
+    taps /= taps.sum()
+    gain = float(np.sum(taps**2))  # std of blurred unit white noise in 2D: sum of squares
+    noisy = hu + rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(noise_hu / gain)
+    out = ndimage.correlate1d(noisy, taps, axis=1, mode="nearest")
+    return ndimage.correlate1d(out, taps, axis=2, mode="nearest")
+
+
+def generate_phantom(
+    *, kind: str, seed: int, slices: int | None = None, size: int = REFERENCE_SIZE
+) -> PhantomVolume:
+    """Render a phantom in memory (nothing is written)."""
+    _check_args(kind, seed, slices, size)
+    streams = np.random.SeedSequence([seed, 0x0C7]).spawn(6)
+    scan_rng, anatomy_rng, tree_rng, lesion_rng, noise_rng, identity_rng = (
+        np.random.default_rng(s) for s in streams
+    )
+    anatomy = Anatomy.sample(anatomy_rng)
+    geometry = _sample_geometry(scan_rng, anatomy, slices, size)
+    grid = geometry.grid()
+    coarse = CoarseLungs.build(anatomy)
+
+    hu, lungs = render_anatomy(anatomy, grid)
+    lung_mask = lungs > 0
+    draw_tubes(hu, grid, vessel_segments(tree_rng, anatomy, coarse), HU_BLOOD, within=lung_mask)
+    airways = airway_segments(tree_rng, anatomy, coarse)
+    draw_tubes(hu, grid, airways, HU_AIRWAY_WALL, grow_mm=1.3)
+    draw_tubes(hu, grid, airways, HU_AIR)
+
+    z_range = (float(grid.z[0]), float(grid.z[-1]))
+    planted = plan_lesions(lesion_rng, kind, anatomy, coarse, z_range)
+    labels = np.zeros(lungs.shape, np.uint8)
+    for lesion in planted:
+        draw_lesion(hu, labels, lungs, grid, lesion)
+
+    noise_hu = float(noise_rng.uniform(*NOISE_HU_RANGE))
+    sigma_px = float(noise_rng.uniform(*BLUR_PX_RANGE))
+    image = _blur_and_noise(hu, noise_rng, noise_hu, sigma_px)
+    np.clip(np.rint(image), HU_MIN, HU_MAX, out=image)
+    return PhantomVolume(
+        kind=kind,
+        seed=seed,
+        geometry=geometry,
+        hu=image.astype(np.int16),
+        lesions=labels,
+        lungs=lungs,
+        planted=tuple(planted),
+        identity=_sample_identity(identity_rng),
+        noise_hu=noise_hu,
+    )
+
+
+# --- writing ----------------------------------------------------------------------------------
+def _ds(value: float) -> str:
+    """A decimal string (DICOM DS) of at most 16 characters."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def _uid(phantom: PhantomVolume, *parts: object) -> str:
+    g = phantom.geometry
+    sources = ["ctjoint-phantom", GENERATOR_VERSION, phantom.kind, str(phantom.seed)]
+    sources += [str(g.size), str(g.n_slices), *(str(p) for p in parts)]
+    return str(generate_uid(entropy_srcs=sources))
+
+
+def _later(time: str, minutes: int) -> str:
+    t = dt.datetime.strptime(time, "%H%M%S") + dt.timedelta(minutes=minutes)
+    return t.strftime("%H%M%S")
+
+
+def write_series(phantom: PhantomVolume, series_dir: Path) -> list[Path]:
+    """Write the HU volume as a CT series, one Part-10 file per slice, cranio-caudal order."""
+    g, ident = phantom.geometry, phantom.identity
+    study_uid = _uid(phantom, "study")
+    series_uid = _uid(phantom, "series")
+    frame_uid = _uid(phantom, "frame-of-reference")
+    series_time = _later(ident.study_time, 3)
+    stored = (phantom.hu.astype(np.int32) - RESCALE_INTERCEPT).astype("<i2")
+    series_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number in range(1, g.n_slices + 1):
+        k = g.n_slices - number  # instance 1 is the top slice
+        sop_uid = _uid(phantom, "sop", k)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = generate_uid(entropy_srcs=["ctjoint-phantom-implementation"])
+        meta.ImplementationVersionName = f"CTJOINT_PH_{GENERATOR_VERSION}"
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ident.study_date
+        ds.StudyTime = ident.study_time
+        ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = series_time
+        ds.AccessionNumber = ident.accession
+        ds.Modality = "CT"
+        ds.Manufacturer = MANUFACTURER
+        ds.ManufacturerModelName = "synthetic chest CT"
+        ds.SoftwareVersions = f"ctjoint phantom {GENERATOR_VERSION}"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "CT CHEST"
+        ds.SeriesDescription = f"CHEST {g.slice_mm:g} LUNG"
+        ds.PatientName = ident.patient_name
+        ds.PatientID = ident.patient_id
+        ds.PatientBirthDate = ident.birth_date
+        ds.PatientSex = ident.sex
+        ds.PatientAge = ident.age
+        ds.BodyPartExamined = "CHEST"
+        ds.SliceThickness = _ds(g.slice_mm)
+        ds.SpacingBetweenSlices = _ds(g.slice_mm)
+        ds.KVP = "120"
+        ds.ConvolutionKernel = "LUNG"
+        ds.PatientPosition = "HFS"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = 2
+        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = number
+        ds.ImagePositionPatient = [_ds(g.origin[0]), _ds(g.origin[1]), _ds(g.slice_z(k))]
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = _ds(g.slice_z(k))
+        ds.Laterality = ""
+        ds.ImageComments = SYNTHETIC_COMMENT
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = g.size
+        ds.Columns = g.size
+        ds.PixelSpacing = [_ds(g.pixel_mm), _ds(g.pixel_mm)]
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.WindowCenter = _ds(LUNG_WINDOW_CENTER)
+        ds.WindowWidth = _ds(LUNG_WINDOW_WIDTH)
+        ds.RescaleIntercept = _ds(RESCALE_INTERCEPT)
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.PixelData = stored[k].tobytes()
+        path = series_dir / f"IM{number:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _save_nifti(volume_zyx: npt.NDArray[np.uint8], geometry: ScanGeometry, path: Path) -> None:
+    affine = geometry.affine_ras()
+    image = nib.Nifti1Image(np.ascontiguousarray(volume_zyx.transpose(2, 1, 0)), affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header["descrip"] = b"ctjoint phantom truth"
+    nib.save(image, path)
+
+
+def _label_info(phantom: PhantomVolume) -> dict[str, Any]:
+    g = phantom.geometry
+    return {
+        "label": phantom.kind,
+        "kind": phantom.kind,
+        "seed": phantom.seed,
+        "size": g.size,
+        "n_slices": g.n_slices,
+        "spacing_mm": [g.slice_mm, g.pixel_mm, g.pixel_mm],
+        "lesion_volume_ml": phantom.lesion_volume_ml(),
+        "lung_volume_ml": round(float(np.count_nonzero(phantom.lungs)) * g.voxel_ml, 1),
+        "lesions": [lesion.describe(g.to_patient) for lesion in phantom.planted],
+        "bilateral": len(phantom.lesion_sides()) == 2,
+        "noise_hu": round(phantom.noise_hu, 1),
+        "series_order": "IM00001 is the most superior slice; truth k=0 the most inferior",
+        "generator": f"ctjoint phantom {GENERATOR_VERSION}",
+    }
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise PhantomError(f"{out_dir}: exists and is not a folder")
+        if any(out_dir.iterdir()):
+            raise PhantomError(f"{out_dir}: folder exists and is not empty")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_phantom_case(
+    out_dir: Path, *, kind: str, seed: int, slices: int | None, size: int
+) -> PhantomCase:
+    """Write CASE/series/*.dcm and CASE/truth/{lesions,lungs}.nii.gz + label.json."""
+    out_dir = Path(out_dir)
+    _check_args(kind, seed, slices, size)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        _prepare_out_dir(out_dir)  # raises with the precise reason
+    # Render before touching the disk, so a failure leaves no half-written case.
+    phantom = generate_phantom(kind=kind, seed=seed, slices=slices, size=size)
+    _prepare_out_dir(out_dir)
+    write_series(phantom, out_dir / CASE_SERIES_DIR)
+    truth = out_dir / CASE_TRUTH_DIR
+    truth.mkdir()
+    _save_nifti(phantom.lesions, phantom.geometry, truth / TRUTH_LESIONS)
+    _save_nifti(phantom.lungs, phantom.geometry, truth / TRUTH_LUNGS)
+    info = _label_info(phantom)
+    (truth / TRUTH_LABEL).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    g = phantom.geometry
+    return PhantomCase(
+        out_dir=out_dir,
+        kind=kind,
+        seed=seed,
+        n_slices=g.n_slices,
+        size=g.size,
+        spacing_mm=(g.slice_mm, g.pixel_mm, g.pixel_mm),
+        lesion_volume_ml=info["lesion_volume_ml"],
+        n_lesions=len(phantom.planted),
+        bilateral=bool(info["bilateral"]),
+        lung_volume_ml=float(info["lung_volume_ml"]),
+    )
+
+
+def read_truth(
+    case_dir: Path,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], dict[str, Any]]:
+    """(lesions [Z,Y,X], lungs [Z,Y,X], label.json) of a case; Z ascending along the normal."""
+    truth = Path(case_dir) / CASE_TRUTH_DIR
+    try:
+        lesions = np.asarray(nib.load(truth / TRUTH_LESIONS).dataobj, dtype=np.uint8)
+        lungs = np.asarray(nib.load(truth / TRUTH_LUNGS).dataobj, dtype=np.uint8)
+        info = json.loads((truth / TRUTH_LABEL).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise PhantomError(f"{truth}: cannot read the phantom truth ({err})") from err
+    if lesions.ndim != 3 or lesions.shape != lungs.shape:
+        raise PhantomError(f"{truth}: lesion and lung maps differ in shape")
+    return (
+        np.ascontiguousarray(lesions.transpose(2, 1, 0)),
+        np.ascontiguousarray(lungs.transpose(2, 1, 0)),
+        info,
+    )
+
+
+# --- sets -------------------------------------------------------------------------------------
+def case_seed(base_seed: int, index: int) -> int:
+    """The seed of case `index` of a set: a hash of (base seed, index), stable forever."""
+    state = np.random.SeedSequence([base_seed, index]).generate_state(1, np.uint32)
+    return int(state[0])
+
+
+def _split_sizes(count: int) -> tuple[int, int, int]:
+    """70/15/15 of one class, with at least one val and test case when there are enough."""
+    n_val = max(1, round(count * SPLIT_FRACTIONS[1])) if count >= 3 else 0
+    n_test = max(1, round(count * SPLIT_FRACTIONS[2])) if count >= 2 else 0
+    return count - n_val - n_test, n_val, n_test
+
+
+def plan_set(n: int, seed: int) -> list[tuple[str, str, str, int]]:
+    """(case name, label, split, case seed) for every case of a set, in case order."""
+    width = max(4, len(str(n - 1)))
+    kinds = [CLASS_NAMES[i % len(CLASS_NAMES)] for i in range(n)]
+    splits = [""] * n
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E7]))
+    for label in CLASS_NAMES:
+        members = [i for i in range(n) if kinds[i] == label]
+        order = [members[j] for j in rng.permutation(len(members))]
+        sizes = _split_sizes(len(members))
+        start = 0
+        for split, count in zip(SPLITS, sizes, strict=True):
+            for i in order[start : start + count]:
+                splits[i] = split
+            start += count
+    return [(f"case_{i:0{width}d}", kinds[i], splits[i], case_seed(seed, i)) for i in range(n)]
+
+
+def _write_set_case(job: tuple[str, str, int, int]) -> PhantomCase:
+    """Pool worker (top level, so it pickles under the spawn start method)."""
+    out_dir, kind, seed, size = job
+    return write_phantom_case(Path(out_dir), kind=kind, seed=seed, slices=None, size=size)
+
+
+def write_phantom_set(out_dir: Path, *, n: int, seed: int, size: int, workers: int) -> str:
+    """Write SET/labels.csv and SET/<case>/ for n balanced cases; returns a summary."""
+    out_dir = Path(out_dir)
+    if n < 1:
+        raise PhantomError(f"n must be >= 1, got {n}")
+    if workers < 1:
+        raise PhantomError(f"workers must be >= 1, got {workers}")
+    _check_args(CLASS_NAMES[0], seed, None, size)
+    _prepare_out_dir(out_dir)
+    plan = plan_set(n, seed)
+    jobs = [(str(out_dir / name), label, s, size) for name, label, _, s in plan]
+    results: list[PhantomCase]
+    if workers == 1 or n == 1:
+        results = [_write_set_case(job) for job in jobs]
+    else:
+        # spawn, not fork: safe whatever threads the parent (typer, BLAS) has started.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(min(workers, n)) as pool:
+            results = pool.map(_write_set_case, jobs, chunksize=1)
+    with (out_dir / SET_LABELS_CSV).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["case", "label", "split"])
+        for name, label, split, _ in plan:
+            writer.writerow([name, label, split])
+    return _set_summary(out_dir, plan, results)
+
+
+def _set_summary(
+    out_dir: Path, plan: list[tuple[str, str, str, int]], results: list[PhantomCase]
+) -> str:
+    lines = [f"phantom set {out_dir}: {len(plan)} cases, labels in {out_dir / SET_LABELS_CSV}"]
+    header = f"  {'':8s}" + "".join(f"{s:>7s}" for s in SPLITS) + f"{'total':>7s}"
+    lines.append(header)
+    for label in CLASS_NAMES:
+        counts = [sum(1 for _, lb, sp, _ in plan if lb == label and sp == s) for s in SPLITS]
+        lines.append(f"  {label:8s}" + "".join(f"{c:7d}" for c in counts) + f"{sum(counts):7d}")
+    slices = [r.n_slices for r in results]
+    lines.append(
+        f"  slices per case {min(slices)}-{max(slices)}, size {results[0].size}x{results[0].size}"
+    )
+    ggo = sum(r.lesion_volume_ml.get(LESION_CLASS_NAMES[0], 0.0) for r in results)
+    cons = sum(r.lesion_volume_ml.get(LESION_CLASS_NAMES[1], 0.0) for r in results)
+    lines.append(
+        f"  lesion volume in all cases: ground-glass {ggo:.0f} mL, consolidation {cons:.0f} mL"
+    )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "PhantomCase",
+    "PhantomError",
+    "PhantomVolume",
+    "ScanGeometry",
+    "case_seed",
+    "generate_phantom",
+    "plan_set",
+    "read_truth",
+    "write_phantom_case",
+    "write_phantom_set",
+    "write_series",
+]
