@@ -32,13 +32,13 @@ import multiprocessing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from ctjoint.contracts import (
@@ -385,11 +385,11 @@ def _ds(value: float) -> str:
     return "0" if text in ("", "-0") else text
 
 
-def _uid(phantom: PhantomVolume, *parts: object) -> str:
+def _uid(phantom: PhantomVolume, *parts: object) -> UID:
     g = phantom.geometry
     sources = ["ctjoint-phantom", GENERATOR_VERSION, phantom.kind, str(phantom.seed)]
     sources += [str(g.size), str(g.n_slices), *(str(p) for p in parts)]
-    return str(generate_uid(entropy_srcs=sources))
+    return generate_uid(entropy_srcs=sources)
 
 
 def _later(time: str, minutes: int) -> str:
@@ -549,14 +549,19 @@ def write_phantom_case(
     )
 
 
+def _load_nifti(path: Path) -> npt.NDArray[np.uint8]:
+    image = cast(nib.Nifti1Image, nib.load(path))
+    return np.asarray(image.dataobj, dtype=np.uint8)
+
+
 def read_truth(
     case_dir: Path,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], dict[str, Any]]:
     """(lesions [Z,Y,X], lungs [Z,Y,X], label.json) of a case; Z ascending along the normal."""
     truth = Path(case_dir) / CASE_TRUTH_DIR
     try:
-        lesions = np.asarray(nib.load(truth / TRUTH_LESIONS).dataobj, dtype=np.uint8)
-        lungs = np.asarray(nib.load(truth / TRUTH_LUNGS).dataobj, dtype=np.uint8)
+        lesions = _load_nifti(truth / TRUTH_LESIONS)
+        lungs = _load_nifti(truth / TRUTH_LUNGS)
         info = json.loads((truth / TRUTH_LABEL).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise PhantomError(f"{truth}: cannot read the phantom truth ({err})") from err

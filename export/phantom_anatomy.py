@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +22,8 @@ FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
 ByteArray = npt.NDArray[np.uint8]
 Point = tuple[float, float, float]
+Wave = tuple[float, float, float, float]  # (ku, kv, kz) rad/mm and phase
+HuValue = float | FloatArray
 
 # Hounsfield units of the tissues (non-contrast chest CT).
 HU_AIR = -1000.0
@@ -129,7 +130,7 @@ class Anatomy:
             fat_mm=fat,
             muscle_mm=muscle,
             rib_mm=float(rng.uniform(6.0, 8.0)),
-            lung_hu=float(rng.uniform(-870.0, -835.0)),
+            lung_hu=float(rng.uniform(-875.0, -835.0)),
             lung_gradient_hu=float(rng.uniform(10.0, 40.0)),
             lung_base=(base_r, 0.0),
             lung_apex=(apex_r, apex_l),
@@ -190,14 +191,14 @@ class Anatomy:
 
     def structures(
         self, u: FloatArray, v: FloatArray, z: float | FloatArray
-    ) -> tuple[list[tuple[BoolArray, float]], BoolArray]:
+    ) -> tuple[list[tuple[BoolArray, HuValue]], BoolArray]:
         """Mediastinal and spinal structures at (u, v, z): [(mask, HU)] and the lung exclusion.
 
         The exclusion is every structure grown by a few mm (the fat that separates it from the
         lung) plus a central band, so the lungs' medial borders follow the real organs.
         """
         margin = 4.0
-        paint: list[tuple[BoolArray, float]] = []
+        paint: list[tuple[BoolArray, HuValue]] = []
         exclusion = np.abs(u - np.float32(0.15 * self.med_half_width)) < np.float32(
             self.med_half_width
         )
@@ -266,7 +267,7 @@ class Anatomy:
         d2 = u**2 + (v - np.float32(self.spine_v)) ** 2
         rs = self.spine_radius
         paint.append((d2 <= rs * rs, HU_CORTICAL_BONE))
-        paint.append((d2 <= (rs - 2.0) ** 2, body_hu))  # type: ignore[arg-type]
+        paint.append((d2 <= (rs - 2.0) ** 2, body_hu))
         canal_v = self.spine_v + rs + 9.0
         dc2 = u**2 + (v - np.float32(canal_v)) ** 2
         paint.append((dc2 <= 11.5**2, HU_CORTICAL_BONE))
@@ -323,7 +324,8 @@ def _segment_dist2_2d(
     du, dv = b[0] - a[0], b[1] - a[1]
     t = ((u - np.float32(a[0])) * du + (v - np.float32(a[1])) * dv) / (du * du + dv * dv)
     t = np.clip(t, 0.0, 1.0)
-    return (u - np.float32(a[0]) - t * du) ** 2 + (v - np.float32(a[1]) - t * dv) ** 2
+    d2 = (u - np.float32(a[0]) - t * du) ** 2 + (v - np.float32(a[1]) - t * dv) ** 2
+    return np.asarray(d2, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -337,7 +339,9 @@ class Grid:
     slice_mm: float
 
     def index_box(
-        self, lo: Sequence[float], hi: Sequence[float]
+        self,
+        lo: Sequence[float] | npt.NDArray[np.float64],
+        hi: Sequence[float] | npt.NDArray[np.float64],
     ) -> tuple[slice, slice, slice] | None:
         """Index ranges (z, y, x) of the voxels whose centres lie in the mm box, or None."""
         out = []
@@ -517,7 +521,7 @@ def grow_tree(
         if end is None:
             continue
         r_end = r * taper
-        segments.append(Segment(tuple(p.tolist()), tuple(end.tolist()), r, r_end))  # type: ignore[arg-type]
+        segments.append(Segment(_point(p), _point(end), r, r_end))
         if r_end < min_radius or depth + 1 >= max_depth:
             continue
         for _ in range(2):
@@ -579,7 +583,7 @@ def airway_segments(
         sign = SIDE_SIGN[side]
         entry = _lung_entry(coarse, side, a.hilum(side))
         main_r = r * (0.72 if side == LUNG_RIGHT else 0.62)
-        segments.append(Segment(tuple(carina.tolist()), tuple(entry.tolist()), main_r, main_r))  # type: ignore[arg-type]
+        segments.append(Segment(_point(carina), _point(entry), main_r, main_r))
         for direction in ((0.5 * sign, 0.0, 1.0), (0.6 * sign, 0.3, -1.0), (sign, -0.5, -0.3)):
             segments += grow_tree(
                 rng,
@@ -613,6 +617,9 @@ def _capsule_weight(
     dist = np.sqrt((du - t * d[0]) ** 2 + (dv - t * d[1]) ** 2 + (dz - t * d[2]) ** 2)
     radius = np.float32(seg.r0) + t * np.float32(seg.r1 - seg.r0)
     weight = np.clip((radius - dist) / np.float32(soft_mm) + 0.5, 0.0, 1.0)
+    # A tube thinner than a pixel fills only part of it: scale its contrast so that it does
+    # not look (and weigh) like a tube one pixel wide.
+    weight *= np.minimum(np.float32(1.0), radius * np.float32(2.0 / soft_mm))
     return box, weight.astype(np.float32)
 
 
@@ -653,7 +660,7 @@ class Lesion:
     core: float  # fraction of the size that consolidates (ground-glass lesions), 0 = none
     core_hu: float
     halo_mm: float  # thin ground-glass rim around a consolidation, 0 = none
-    waves: tuple[tuple[float, float, float, float], ...]  # (ku, kv, kz, phase) shape/texture
+    waves: tuple[Wave, ...]  # smooth shape irregularity and texture
     pleural_mm: float  # distance of the centre to the pleura
     bronchograms: tuple[Segment, ...] = ()
 
@@ -678,18 +685,22 @@ class Lesion:
         }
 
 
-def _waves(rng: np.random.Generator, n: int, wavelength: tuple[float, float]) -> list[list[float]]:
+def _point(values: npt.NDArray[np.float64] | Sequence[float]) -> Point:
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def _waves(rng: np.random.Generator, n: int, wavelength: tuple[float, float]) -> tuple[Wave, ...]:
     out = []
     for _ in range(n):
         k = 2.0 * math.pi / float(rng.uniform(*wavelength))
-        d = _unit(rng.normal(size=3))
-        out.append([*(k * d).tolist(), float(rng.uniform(0.0, 2.0 * math.pi))])
-    return out
+        d = _unit(rng.normal(size=3)) * k
+        out.append((float(d[0]), float(d[1]), float(d[2]), float(rng.uniform(0.0, 2.0 * math.pi))))
+    return tuple(out)
 
 
-def _field(waves: Sequence[Sequence[float]], u: FloatArray, v: FloatArray, z: FloatArray) -> Any:
+def _field(waves: Sequence[Wave], u: FloatArray, v: FloatArray, z: FloatArray) -> FloatArray:
     """Sum of plane waves, roughly in [-1, 1]: smooth irregularity and texture."""
-    total: FloatArray | float = 0.0
+    total = np.zeros(np.broadcast_shapes(u.shape, v.shape, z.shape), np.float32)
     for ku, kv, kz, phase in waves:
         total = total + np.cos(
             u * np.float32(ku) + v * np.float32(kv) + z * np.float32(kz) + np.float32(phase)
@@ -697,12 +708,11 @@ def _field(waves: Sequence[Sequence[float]], u: FloatArray, v: FloatArray, z: Fl
     return total * np.float32(1.0 / math.sqrt(len(waves)) / 1.5)
 
 
-def _basis(normal: npt.NDArray[np.float64] | None, rng: np.random.Generator) -> np.ndarray:
-    """An orthonormal basis whose first row is `normal` (random when None)."""
-    n = _unit(rng.normal(size=3)) if normal is None else _unit(normal)
+def _basis(normal: npt.NDArray[np.float64], rng: np.random.Generator) -> tuple[Point, Point, Point]:
+    """An orthonormal basis whose first axis is `normal`, the others randomly turned."""
+    n = _unit(normal)
     e1 = _perturb(rng, n, 90.0)
-    e2 = np.cross(n, e1)
-    return np.stack([n, e1, e2])
+    return (_point(n), _point(e1), _point(np.cross(n, e1)))
 
 
 def _pick(
@@ -790,7 +800,9 @@ def _plan_covid(
     # COVID-19 favours the posterior and lower lung.
     v = (points[:, 1] + anatomy.half_depth) / (2.0 * anatomy.half_depth)
     low = 1.0 - (points[:, 2] - anatomy.z_bottom) / (anatomy.z_top - anatomy.z_bottom)
-    i = _pick(rng, points, 1.0 + 1.2 * v + 0.8 * np.clip(low, 0.0, 1.0))
+    # Subpleural means mostly under the costal pleura, not against the mediastinum.
+    lateral = np.abs(points[:, 0]) / anatomy.half_width
+    i = _pick(rng, points, 1.0 + 1.2 * v + 0.8 * np.clip(low, 0.0, 1.0) + 1.5 * lateral)
     centre = points[i] + rng.uniform(-0.5, 0.5, size=3) * coarse.step
     radius = float(rng.uniform(12.0, 34.0))
     axes = (radius * float(rng.uniform(0.55, 0.8)), radius, radius * float(rng.uniform(0.7, 1.0)))
@@ -798,14 +810,14 @@ def _plan_covid(
     return Lesion(
         side=side,
         kind="ground_glass",
-        centre=tuple(centre.tolist()),  # type: ignore[arg-type]
+        centre=_point(centre),
         axes=axes,
-        basis=tuple(map(tuple, _basis(_pleura_normal(coarse, points[i]), rng).tolist())),  # type: ignore[arg-type]
+        basis=_basis(_pleura_normal(coarse, points[i]), rng),
         hu=float(rng.uniform(-680.0, -480.0)),
-        core=float(rng.uniform(0.35, 0.55)) if has_core else 0.0,
-        core_hu=float(rng.uniform(-60.0, 40.0)),
+        core=float(rng.uniform(0.4, 0.6)) if has_core else 0.0,
+        core_hu=float(rng.uniform(-30.0, 45.0)),
         halo_mm=0.0,
-        waves=tuple(tuple(w) for w in _waves(rng, 6, (12.0, 40.0))),  # type: ignore[misc]
+        waves=_waves(rng, 6, (12.0, 40.0)),
         pleural_mm=float(dist[i]),
     )
 
@@ -827,7 +839,6 @@ def _plan_cap(
     radius = float(rng.uniform(22.0, 44.0))
     axes = (radius, radius * float(rng.uniform(0.65, 0.95)), radius * float(rng.uniform(0.6, 0.9)))
     outward = _unit(centre - hilum)
-    basis = _basis(outward, rng)
     bronchograms = []
     # Air bronchograms: a few thin tubes running outwards through the consolidation.
     for _ in range(int(rng.integers(2, 5))):
@@ -835,18 +846,18 @@ def _plan_cap(
         start = centre - d * radius * 0.6 + rng.normal(scale=radius * 0.15, size=3)
         end = start + d * radius * float(rng.uniform(0.9, 1.4))
         r0 = float(rng.uniform(1.6, 2.4))
-        bronchograms.append(Segment(tuple(start.tolist()), tuple(end.tolist()), r0, r0 * 0.6))  # type: ignore[arg-type]
+        bronchograms.append(Segment(_point(start), _point(end), r0, r0 * 0.6))
     return Lesion(
         side=side,
         kind="consolidation",
-        centre=tuple(centre.tolist()),  # type: ignore[arg-type]
+        centre=_point(centre),
         axes=axes,
-        basis=tuple(map(tuple, basis.tolist())),  # type: ignore[arg-type]
-        hu=float(rng.uniform(-60.0, 40.0)),
+        basis=_basis(outward, rng),
+        hu=float(rng.uniform(-40.0, 45.0)),
         core=0.0,
         core_hu=0.0,
         halo_mm=float(rng.uniform(3.0, 7.0)) if rng.random() < 0.5 else 0.0,
-        waves=tuple(tuple(w) for w in _waves(rng, 6, (15.0, 50.0))),  # type: ignore[misc]
+        waves=_waves(rng, 6, (15.0, 50.0)),
         pleural_mm=float(dist[i]),
         bronchograms=tuple(bronchograms),
     )
