@@ -158,7 +158,12 @@ def _jcs2d(name: str) -> RunConfig:
         name=name,
         version="0.1.0-full",
         plan=PreprocessPlan.default(MODEL_JCS2D, height=512, width=512),
-        net=NetConfig(widths=(32, 64, 128, 256, 512), norm="batch", cls_hidden=256),
+        net=NetConfig(
+            widths=(32, 64, 128, 256, 512),
+            norm="batch",
+            cls_hidden=256,
+            deep_supervision=(1, 2, 3),
+        ),
         train=TrainConfig(
             epochs=60,
             batch_size=16,

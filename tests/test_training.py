@@ -1,0 +1,182 @@
+"""Joint loss and training: finite losses, learning on a tiny data set, checkpoints, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from ctjoint.contracts import CLASS_NORMAL
+from ctjoint.export.configs import NetConfig, RunConfig, get_config
+from ctjoint.export.dataset import CaseCache, PreparedCase, discover_cases
+from ctjoint.export.losses import JointLoss, soft_dice_loss
+from ctjoint.export.models import build_model
+from ctjoint.export.models.blocks import JointOutput
+from ctjoint.export.train import (
+    TrainingError,
+    make_batch,
+    model_from_checkpoint,
+    slice_items,
+    train_run,
+)
+from ctjoint.gateway.preprocess import PreprocessPlan
+from synthetic_ct import write_nifti_set
+
+
+@pytest.fixture(autouse=True)
+def _two_threads() -> None:
+    torch.set_num_threads(2)
+
+
+def small_config(model: str, epochs: int = 1) -> RunConfig:
+    """The tiny configuration shrunk to 32x32 inputs and three levels (seconds per epoch)."""
+    base = get_config(model, "tiny")
+    if model == "jcs2d":
+        plan = PreprocessPlan.default(model, 32, 32)
+        net = NetConfig(widths=(8, 16, 32), deep_supervision=(1,))
+    else:
+        plan = PreprocessPlan.default(model, 32, 32, 8)
+        net = NetConfig(
+            widths=(4, 8, 16), norm="instance", stem_stride=(2, 2, 2), deep_supervision=(1,)
+        )
+    train = dataclasses.replace(
+        base.train,
+        epochs=epochs,
+        batch_size=8 if model == "jcs2d" else 2,
+        aux_weights=(0.5,),
+        max_slices_per_epoch=None,
+        warmup_steps=2,
+        max_shift_px=2,
+    )
+    return dataclasses.replace(base, plan=plan, net=net, train=train)
+
+
+@pytest.fixture(scope="module")
+def nifti_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_nifti_set(tmp_path_factory.mktemp("data") / "set", per_class=4, size=32, slices=8)
+
+
+def prepared(config: RunConfig, root: Path, cache: Path) -> list[PreparedCase]:
+    return CaseCache(cache, config.plan).get_many(discover_cases(root, "train"))
+
+
+def random_output(shape: tuple[int, ...], aux: tuple[tuple[int, ...], ...]) -> JointOutput:
+    return JointOutput(
+        torch.randn(shape, requires_grad=True),
+        torch.randn(shape[0], 3, requires_grad=True),
+        tuple(torch.randn(a, requires_grad=True) for a in aux),
+    )
+
+
+@pytest.mark.parametrize("balance", ["fixed", "uncertainty"])
+def test_joint_loss_is_finite_and_differentiable(balance: str) -> None:
+    loss = JointLoss(
+        dataclasses.replace(
+            get_config("jcs2d", "tiny").train, task_balance=balance, aux_weights=(0.5,)
+        )
+    )
+    out = random_output((2, 3, 16, 16), ((2, 3, 8, 8),))
+    terms = loss(out, torch.randint(0, 3, (2, 16, 16)), torch.tensor([0, 2]))
+    terms.total.backward()
+    assert torch.isfinite(terms.total)
+    assert out.aux_seg_logits[0].grad is not None
+
+
+def test_uncertainty_weighting_learns_both_log_variances() -> None:
+    loss = JointLoss(get_config("deepsc3d", "tiny").train)
+    out = random_output((2, 3, 4, 8, 8), ((2, 3, 2, 4, 4),))
+    loss(out, torch.randint(0, 3, (2, 4, 8, 8)), torch.tensor([1, 2])).total.backward()
+    assert loss.log_variances.grad is not None
+    assert torch.all(loss.log_variances.grad != 0)
+
+
+def test_soft_dice_loss_vanishes_for_a_perfect_prediction() -> None:
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 2:5, 2:5] = 1
+    target[0, 6:, 6:] = 2
+    logits = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float() * 50.0
+    assert float(soft_dice_loss(logits, target)) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_lesion_free_slices_are_trained_as_normal(nifti_set: Path, tmp_path: Path) -> None:
+    config = small_config("jcs2d")
+    cases = prepared(config, nifti_set, tmp_path)
+    rng = np.random.default_rng(0)
+    items = slice_items(cases, config.train, rng)
+    batch = make_batch(config, cases, items, False, rng)
+    has_lesion = batch.seg.flatten(1).any(dim=1)
+    assert torch.all(batch.cls[~has_lesion] == CLASS_NORMAL)
+    assert torch.all(batch.cls[has_lesion] != CLASS_NORMAL)
+
+
+def test_every_lesion_slice_is_sampled_each_epoch(nifti_set: Path, tmp_path: Path) -> None:
+    config = small_config("jcs2d")
+    cases = prepared(config, nifti_set, tmp_path)
+    items = set(slice_items(cases, config.train, np.random.default_rng(3)))
+    lesion_slices = {(c, int(z)) for c, case in enumerate(cases) for z in case.lesion_planes()}
+    assert lesion_slices and lesion_slices <= items
+
+
+@pytest.mark.parametrize("model", ["jcs2d", "deepsc3d"])
+def test_a_few_training_steps_lower_the_joint_loss(
+    model: str, nifti_set: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    config = small_config(model)
+    cases = prepared(config, nifti_set, tmp_path)
+    rng = np.random.default_rng(0)
+    members = slice_items(cases, config.train, rng)[:16] if model == "jcs2d" else list(range(4))
+    batch = make_batch(config, cases, members, False, rng)
+    net = build_model(config)
+    loss_fn = JointLoss(dataclasses.replace(config.train, task_balance="fixed"))
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+
+    def loss() -> torch.Tensor:
+        terms = loss_fn(net.forward_all(batch.image), batch.seg, batch.cls)
+        return terms.total
+
+    net.train()
+    before = float(loss().detach())
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    assert float(loss().detach()) < 0.8 * before
+
+
+def test_training_writes_checkpoints_and_a_json_log(nifti_set: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = train_run(small_config("deepsc3d"), nifti_set, run, console=Console(quiet=True))
+    log = json.loads((run / "train_log.json").read_text())
+    assert [e["epoch"] for e in log["epochs"]] == [1]
+    assert {"dice", "accuracy"} <= set(log["epochs"][0]["val"])
+    net, config, data = model_from_checkpoint(run / "best.pt")
+    assert config == small_config("deepsc3d")
+    assert "optimizer" not in data and data["metrics"]["epoch"] == 1
+    assert result.parameters == sum(p.numel() for p in net.parameters())
+
+
+def test_resume_continues_from_the_last_checkpoint(nifti_set: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    quiet = Console(quiet=True)
+    train_run(small_config("jcs2d"), nifti_set, run, seed=4, console=quiet)
+    result = train_run(small_config("jcs2d"), nifti_set, run, resume=True, epochs=2, console=quiet)
+    assert [e["epoch"] for e in result.history] == [1, 2]
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_one(nifti_set: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    quiet = Console(quiet=True)
+    train_run(small_config("deepsc3d"), nifti_set, run, console=quiet)
+    with pytest.raises(TrainingError, match="already holds a run; pass --resume"):
+        train_run(small_config("deepsc3d"), nifti_set, run, console=quiet)
+
+
+def test_resume_without_a_checkpoint_is_refused(nifti_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="last.pt: checkpoint not found"):
+        train_run(small_config("jcs2d"), nifti_set, tmp_path / "none", resume=True)
