@@ -7,6 +7,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from dicom_factory import GROUND_GLASS_HU, Lesion, write_ct_series
+from synthetic_ct import synthetic_case, write_nifti_set
 
 from ctjoint.contracts import CASE_TRUTH_DIR, SPLITS, TRUTH_LESIONS
 from ctjoint.export import dataset
@@ -19,8 +21,6 @@ from ctjoint.export.dataset import (
     load_case,
 )
 from ctjoint.gateway.preprocess import PreprocessPlan, preprocess_volume
-from dicom_factory import GROUND_GLASS_HU, Lesion, write_ct_series
-from synthetic_ct import synthetic_case, write_nifti_set
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_mask_values_outside_the_seg_classes_are_refused(nifti_set: Path) -> Non
     data[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(data, image.affine), path)
     ref = next(c for c in discover_cases(nifti_set) if c.case_id == "cap-00")
-    with pytest.raises(DatasetError, match="mask values must lie in 0..2"):
+    with pytest.raises(DatasetError, match=r"mask values must lie in 0\.\.2"):
         load_case(ref)
 
 
@@ -87,7 +87,7 @@ def test_unknown_label_is_refused_with_its_line(nifti_set: Path) -> None:
 
 
 def test_folder_without_labels_csv_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="no labels.csv"):
+    with pytest.raises(DatasetError, match=r"no labels\.csv"):
         discover_cases(tmp_path)
 
 

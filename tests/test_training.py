@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from synthetic_ct import write_nifti_set
 
 from ctjoint.contracts import CLASS_NORMAL
 from ctjoint.export.configs import NetConfig, RunConfig, get_config
@@ -25,7 +26,6 @@ from ctjoint.export.train import (
     train_run,
 )
 from ctjoint.gateway.preprocess import PreprocessPlan
-from synthetic_ct import write_nifti_set
 
 
 @pytest.fixture(autouse=True)
@@ -178,5 +178,5 @@ def test_a_fresh_run_refuses_a_folder_that_holds_one(nifti_set: Path, tmp_path: 
 
 
 def test_resume_without_a_checkpoint_is_refused(nifti_set: Path, tmp_path: Path) -> None:
-    with pytest.raises(TrainingError, match="last.pt: checkpoint not found"):
+    with pytest.raises(TrainingError, match=r"last\.pt: checkpoint not found"):
         train_run(small_config("jcs2d"), nifti_set, tmp_path / "none", resume=True)
