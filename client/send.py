@@ -102,7 +102,8 @@ def send_series(
     console: Console | None = None,
 ) -> SendOutcome:
     """Send a series, print a short summary, write result.json/overlay.png/masks.npz to out_dir."""
-    out = console or Console()
+    # soft_wrap: summary lines stay whole when piped (rich would wrap them at 80 columns).
+    out = console or Console(soft_wrap=True, highlight=False)
     files = list_series_files(series_dir)
     header = scan_pb2.ScanHeader(
         request_id=uuid.uuid4().hex[:16],
@@ -113,20 +114,27 @@ def send_series(
         expected_files=len(files),
     )
     started = time.perf_counter()
+    errors = Console(stderr=True, soft_wrap=True, highlight=False)
     message, attempts = _call_with_retries(
-        gateway, files, header, timeout=timeout, retries=retries, show_progress=show_progress
+        gateway,
+        files,
+        header,
+        timeout=timeout,
+        retries=retries,
+        show_progress=show_progress,
+        notify=lambda text: errors.print(text, markup=False),
     )
     seconds = time.perf_counter() - started
     try:
         result = result_dict(message)
     except ResultFormatError as err:
         raise SendError(f"the gateway's answer does not decode: {err}") from err
-    out.print(format_summary(result))
+    out.print(format_summary(result), markup=False)
     written: tuple[Path, ...] = ()
     if out_dir is not None:
         written = write_outputs(message, result, files, out_dir)
         for path in written:
-            out.print(f"wrote {path}")
+            out.print(f"wrote {path}", markup=False)
     log.info("request %s done in %.2f s after %d attempt(s)", header.request_id, seconds, attempts)
     return SendOutcome(message, result, tuple(files), seconds, attempts, written)
 
@@ -174,6 +182,7 @@ def _call_with_retries(
     timeout: float,
     retries: int,
     show_progress: bool,
+    notify: Callable[[str], None],
 ) -> tuple[scan_pb2.ScanResult, int]:
     deadline = time.monotonic() + timeout
     delay = BACKOFF_FIRST_S
@@ -192,7 +201,7 @@ def _call_with_retries(
             details = (err.details() if hasattr(err, "details") else None) or str(code)
             retryable = code == grpc.StatusCode.UNAVAILABLE
             if retryable and attempt <= retries and deadline - time.monotonic() > delay:
-                log.warning("gateway unavailable (%s); retrying in %.1f s", details, delay)
+                notify(f"gateway unavailable ({details}); retry {attempt}/{retries} in {delay:g} s")
                 time.sleep(delay)
                 delay = min(2 * delay, BACKOFF_MAX_S)
                 continue

@@ -123,19 +123,19 @@ def watch_folder(
     A series the gateway refuses is reported and not retried (it would be refused again);
     an unreachable gateway stops the watcher. Returns the number of series sent.
     """
-    out = console or Console()
+    out = console or Console(soft_wrap=True, highlight=False)
     if not root.is_dir():
         raise SendError(f"{root}: not a folder", exit_code=2)
     root = root.resolve()
     results = (out_root or root.with_name(root.name + "-results")).resolve()
     watcher = FolderWatcher(root, results, settle_seconds)
-    out.print(f"watching {root} (settle {settle_seconds:g} s); results in {results}")
+    out.print(f"watching {root} (settle {settle_seconds:g} s); results in {results}", markup=False)
     sent = 0
     try:
         while True:
             for folder in watcher.poll():
                 target = result_folder(root, folder, results)
-                out.print(f"sending {folder}")
+                out.print(f"sending {folder}", markup=False)
                 try:
                     send_series(
                         folder,
@@ -150,11 +150,11 @@ def watch_folder(
                 except SendError as err:
                     if err.code in (None, "UNAVAILABLE"):
                         raise
-                    out.print(f"[red]failed[/red] {folder}: {err}")
+                    out.print(f"failed {folder}: {err}", markup=False, style="red")
                 watcher.mark_done(folder)
             if once and watcher.pending == 0:
                 return sent
             time.sleep(poll_seconds)
     except KeyboardInterrupt:
-        out.print(f"stopped; {sent} series sent")
+        out.print(f"stopped; {sent} series sent", markup=False)
         return sent
