@@ -144,4 +144,16 @@ def analyze(
     """One AnalyzeScan call; raises grpc.RpcError on a status other than OK."""
     with channel(address) as ch:
         stub = scan_pb2_grpc.ScanServiceStub(ch)
-        return stub.AnalyzeScan(requests(contents, **header), timeout=timeout)  # type: ignore[arg-type]
+        return stub.AnalyzeScan(requests(contents, **header), timeout=timeout)
+
+
+def ctjoint(*args: str, code: str = "") -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a fresh interpreter (optionally after `code`, e.g. an import blocker)."""
+    program = code + "import sys\nfrom ctjoint.cli import main\nsys.argv[0] = 'ctjoint'\nmain()\n"
+    return subprocess.run(
+        [sys.executable, "-c", program, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )

@@ -4,10 +4,7 @@ the masks and result of the embedded analysis, failures are one line with the st
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicom_factory import write_ct_series
-from gateway_process import GatewayProcess
+from gateway_process import GatewayProcess, ctjoint
 from test_packaging import BLOCK_HEAVY
 
 from ctjoint.contracts import CASE_SERIES_DIR, CLASS_NAMES, MODEL_DEEPSC3D, MODEL_JCS2D
@@ -46,18 +43,6 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         / CASE_SERIES_DIR
         for i, kind in enumerate(PHANTOM_KINDS)
     }
-
-
-def ctjoint(*args: str, code: str = "") -> subprocess.CompletedProcess[str]:
-    """Run the CLI in a fresh interpreter (optionally after `code`, e.g. an import blocker)."""
-    program = code + "import sys\nfrom ctjoint.cli import main\nsys.argv[0] = 'ctjoint'\nmain()\n"
-    return subprocess.run(
-        [sys.executable, "-c", program, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 def _assert_same_as_embedded(out: Path, series: Path, model: str, model_dir: Path) -> None:
