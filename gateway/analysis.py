@@ -322,13 +322,14 @@ def _postprocess(
 
 
 def source_label_map(seg_logits: np.ndarray, geometry: ResampleGeometry) -> np.ndarray:
-    """Label map [Z, Y, X] on the source grid, upsampling logits only where lesions can be.
+    """Label map [Z, Y, X] on the source grid: `logits_to_source_labels`, computed sparsely.
 
-    Logits are interpolated linearly, i.e. by convex combinations: where every model pixel
-    a source slice draws from has background as its argmax, the interpolated background logit
-    still wins everywhere on that slice. Those slices are background without computing them,
-    which skips the costly full-resolution interpolation for the (many) lesion-free slices.
-    The remaining slices go through the shared `logits_to_source_labels` unchanged.
+    The shared definition interpolates logits linearly (z first for 3D, then rows and columns)
+    and takes the argmax. Linear interpolation is a convex combination of at most two samples
+    per axis, so where every model sample a source pixel draws from has the same argmax, the
+    interpolated logits have it too. Only pixels whose samples disagree (class boundaries, a
+    few percent) need their logits interpolated; lesion-free slices need nothing at all. This
+    gives the same labels at a fraction of the cost of full-resolution dense interpolation.
     """
     z, y, x = geometry.source_shape
     out = np.zeros((z, y, x), dtype=np.uint8)
@@ -340,16 +341,64 @@ def source_label_map(seg_logits: np.ndarray, geometry: ResampleGeometry) -> np.n
         model_lesion = np.argmax(volume, axis=0).any(axis=(1, 2))  # [D]
         rz = resample_matrix(volume.shape[1], z, "linear")  # [Z, D]
         lesion_slices = np.flatnonzero((rz[:, model_lesion] > 0).any(axis=1))
-        # The z interpolation the 3D path would do, restricted to the slices that need it.
+        # The z interpolation the 3D path does, restricted to the slices that need it.
         logits = np.tensordot(rz[lesion_slices], volume, axes=(1, 1))  # [n, K, H, W]
     if lesion_slices.size == 0:
         return out
-    sub = ResampleGeometry(
-        (int(lesion_slices.size), y, x),
-        (int(lesion_slices.size), *logits.shape[2:]),
-        "2.5d",
-    )
-    out[lesion_slices] = logits_to_source_labels(logits.astype(np.float32, copy=False), sub)
+    logits = logits.astype(np.float32, copy=False)
+    taps_y = _two_taps(resample_matrix(logits.shape[2], y, "linear"))
+    taps_x = _two_taps(resample_matrix(logits.shape[3], x, "linear"))
+    if taps_y is None or taps_x is None:
+        sub = ResampleGeometry(
+            (int(lesion_slices.size), y, x), (int(lesion_slices.size), *logits.shape[2:]), "2.5d"
+        )
+        out[lesion_slices] = logits_to_source_labels(logits, sub)
+        return out
+    out[lesion_slices] = _upsample_labels(logits, taps_y, taps_x)
+    return out
+
+
+_Taps = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _two_taps(matrix: np.ndarray) -> _Taps | None:
+    """(first, second, w_first, w_second) per output row of a resample matrix with at most two
+    non-negative taps per row; None if the matrix is not of that kind (then stay dense)."""
+    if (matrix < 0).any() or ((matrix != 0).sum(axis=1) > 2).any():
+        return None
+    nonzero = matrix != 0
+    rows = np.arange(matrix.shape[0])
+    first = np.argmax(nonzero, axis=1)
+    second = matrix.shape[1] - 1 - np.argmax(nonzero[:, ::-1], axis=1)
+    w_first = matrix[rows, first]
+    w_second = np.where(second != first, matrix[rows, second], 0.0).astype(np.float32)
+    return first, second, w_first, w_second
+
+
+def _upsample_labels(logits: np.ndarray, taps_y: _Taps, taps_x: _Taps) -> np.ndarray:
+    """[n, K, H, W] logits -> [n, Y, X] labels; interpolates only where neighbours disagree."""
+    y0, y1, wy0, wy1 = taps_y
+    x0, x1, wx0, wx1 = taps_x
+    n, k, h, w = logits.shape
+    labels = np.argmax(logits, axis=1).astype(np.uint8)  # [n, H, W]
+    # np.take along an axis is several times faster than the equivalent fancy indexing.
+    rows0, rows1 = np.take(labels, y0, axis=1), np.take(labels, y1, axis=1)  # [n, Y, W]
+    out = np.take(rows0, x0, axis=2)
+    unsure = out != np.take(rows0, x1, axis=2)
+    unsure |= out != np.take(rows1, x0, axis=2)
+    unsure |= out != np.take(rows1, x1, axis=2)
+    zz, yy, xx = np.nonzero(unsure)
+    if zz.size:
+        # Bilinear logits at the unsure pixels only: gather whole K-vectors from a pixel-major
+        # copy of the logits, four corners, weighted.
+        pixels = np.ascontiguousarray(np.moveaxis(logits, 1, 3)).reshape(n * h * w, k)
+        base_y0 = (zz * h + y0[yy]) * w
+        base_y1 = (zz * h + y1[yy]) * w
+        values = np.zeros((zz.size, k), dtype=np.float32)
+        for base, wy in ((base_y0, wy0[yy]), (base_y1, wy1[yy])):
+            for cols, wx in ((x0[xx], wx0[xx]), (x1[xx], wx1[xx])):
+                values += (wy * wx)[:, None] * np.take(pixels, base + cols, axis=0)
+        out[zz, yy, xx] = np.argmax(values, axis=1)
     return out
 
 
