@@ -57,6 +57,7 @@ from ctjoint.contracts import (
     TRUTH_LUNGS,
 )
 from ctjoint.export.phantom_anatomy import (
+    COARSE_STEP_MM,
     HU_AIR,
     HU_AIRWAY_WALL,
     HU_BLOOD,
@@ -355,7 +356,9 @@ def generate_phantom(
     draw_tubes(hu, grid, airways, HU_AIRWAY_WALL, grow_mm=1.3)
     draw_tubes(hu, grid, airways, HU_AIR)
 
-    z_range = (float(grid.z[0]), float(grid.z[-1]))
+    # Lesion centres must lie in the scanned slab (widened so one slice still finds some).
+    half = max(geometry.slice_mm, COARSE_STEP_MM) / 2.0
+    z_range = (float(grid.z[0]) - half, float(grid.z[-1]) + half)
     planted = plan_lesions(lesion_rng, kind, anatomy, coarse, z_range)
     labels = np.zeros(lungs.shape, np.uint8)
     for lesion in planted:

@@ -804,8 +804,9 @@ def _plan_covid(
     lateral = np.abs(points[:, 0]) / anatomy.half_width
     i = _pick(rng, points, 1.0 + 1.2 * v + 0.8 * np.clip(low, 0.0, 1.0) + 1.5 * lateral)
     centre = points[i] + rng.uniform(-0.5, 0.5, size=3) * coarse.step
-    radius = float(rng.uniform(12.0, 34.0))
-    axes = (radius * float(rng.uniform(0.55, 0.8)), radius, radius * float(rng.uniform(0.7, 1.0)))
+    # Big enough to stay a few pixels wide on a 128x128 model grid even when flattened.
+    radius = float(rng.uniform(14.0, 35.0))
+    axes = (radius * float(rng.uniform(0.6, 0.85)), radius, radius * float(rng.uniform(0.7, 1.0)))
     has_core = rng.random() < 0.4
     return Lesion(
         side=side,
@@ -863,6 +864,19 @@ def _plan_cap(
     )
 
 
+def _main_component(mask: BoolArray, seed: BoolArray | None = None) -> BoolArray:
+    """The largest connected part of a mask (or the parts touching `seed`)."""
+    labelled, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    if seed is not None:
+        keep = np.unique(labelled[seed & mask])
+        return np.isin(labelled, keep[keep > 0])
+    sizes = np.bincount(labelled.ravel())
+    sizes[0] = 0
+    return np.asarray(labelled == int(np.argmax(sizes)))
+
+
 def draw_lesion(
     hu: FloatArray, labels: ByteArray, lungs: ByteArray, grid: Grid, lesion: Lesion
 ) -> None:
@@ -888,7 +902,9 @@ def draw_lesion(
     # Normalised radius with an irregular (lobulated) boundary.
     rad = np.sqrt(radius2) * (1.0 + np.float32(0.18) * shape_noise)
     lung = lungs[box] > 0
-    region = lung & (rad < 1.0)
+    # One lesion is one connected region: the lung boundary may cut off slivers that would be
+    # single stray voxels at model resolution, so they are not drawn at all.
+    region = _main_component(lung & (rad < 1.0))
     texture = _field(lesion.waves[::-1], v, z, u) * np.float32(30.0)
     crop, lab = hu[box], labels[box]
     if lesion.kind == "ground_glass":
@@ -897,13 +913,13 @@ def draw_lesion(
         crop[region] = np.maximum(crop, ggo)[region]
         lab[region & (lab != SEG_CONSOLIDATION)] = SEG_GROUND_GLASS
         if lesion.core > 0:
-            core = lung & (rad < lesion.core)
+            core = region & (rad < lesion.core)
             crop[core] = (np.float32(lesion.core_hu) + texture)[core]
             lab[core] = SEG_CONSOLIDATION
         return
     if lesion.halo_mm > 0:
-        halo = lung & ~region & (rad < 1.0 + lesion.halo_mm / max(lesion.axes))
-        halo &= lab == 0
+        shell = lung & (rad < 1.0 + lesion.halo_mm / max(lesion.axes))
+        halo = _main_component(shell, seed=region) & ~region & (lab == 0)
         ggo = np.float32(-600.0) + texture
         crop[halo] = np.maximum(crop, ggo)[halo]
         lab[halo] = SEG_GROUND_GLASS

@@ -217,6 +217,11 @@ def test_covid19_plans_lesions_in_both_lungs_for_every_seed() -> None:
         assert {lesion.side for lesion in lesions} == {LUNG_RIGHT, LUNG_LEFT}
 
 
+def test_covid19_single_slice_still_shows_lesions_in_both_lungs() -> None:
+    phantom = generate_phantom(kind="covid19", seed=6, slices=1, size=64)
+    assert phantom.lesion_sides() == {LUNG_RIGHT, LUNG_LEFT}
+
+
 def test_normal_has_no_lesion_voxels(cases: dict[str, Path]) -> None:
     lesions, lungs, info = read_truth(cases["normal"])
     assert not lesions.any()
