@@ -187,12 +187,25 @@ def analyze(
         Path | None, typer.Option("--png", help="Write an overlay montage PNG.")
     ] = None,
     model_dir: Annotated[Path | None, typer.Option(help="Folder of exported ONNX models.")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="ONNX Runtime threads per inference (default: all cores)."),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Slices per inference batch (2D model).")
+    ] = 16,
 ) -> None:
     """Analyse a series in-process with ONNX Runtime and print the result."""
     from ctjoint.client.render import format_summary, write_overlay_png, write_result_json
     from ctjoint.gateway.analysis import analyze_directory
 
-    analysis = analyze_directory(series_dir, model=model.value, model_dir=model_dir)
+    analysis = analyze_directory(
+        series_dir,
+        model=model.value,
+        model_dir=model_dir,
+        intra_op_threads=threads,
+        batch_size=batch_size,
+    )
     typer.echo(format_summary(analysis.result))
     if json_out is not None:
         write_result_json(analysis.result, json_out)
