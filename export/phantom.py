@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import math
 import multiprocessing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -198,10 +199,11 @@ class PhantomVolume:
 
     def lesion_volume_ml(self) -> dict[str, float]:
         vox = self.geometry.voxel_ml
-        counts = np.bincount(self.lesions.ravel(), minlength=3)
         return {
-            LESION_CLASS_NAMES[0]: round(float(counts[SEG_GROUND_GLASS]) * vox, 3),
-            LESION_CLASS_NAMES[1]: round(float(counts[SEG_CONSOLIDATION]) * vox, 3),
+            name: round(float(np.count_nonzero(self.lesions == value)) * vox, 3)
+            for name, value in zip(
+                LESION_CLASS_NAMES, (SEG_GROUND_GLASS, SEG_CONSOLIDATION), strict=True
+            )
         }
 
     def lesion_sides(self) -> set[int]:
@@ -326,11 +328,13 @@ def _blur_and_noise(
     Blurring the noise too gives it the fine grain of real CT noise; its amplitude is pre-scaled
     by the kernel's noise gain so the final standard deviation is `noise_hu`.
     """
-    radius = int(4.0 * sigma_px + 0.5)
+    radius = max(1, math.ceil(3.0 * sigma_px))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2)
     taps /= taps.sum()
     gain = float(np.sum(taps**2))  # std of blurred unit white noise in 2D: sum of squares
-    noisy = hu + rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(noise_hu / gain)
+    noisy = rng.standard_normal(hu.shape, dtype=np.float32)
+    noisy *= np.float32(noise_hu / gain)
+    noisy += hu
     out = ndimage.correlate1d(noisy, taps, axis=1, mode="nearest")
     return ndimage.correlate1d(out, taps, axis=2, mode="nearest")
 
@@ -400,80 +404,86 @@ def _later(time: str, minutes: int) -> str:
     return t.strftime("%H%M%S")
 
 
+def _series_template(phantom: PhantomVolume) -> Dataset:
+    """Every attribute the slices of the series share (per-slice ones are set by the writer)."""
+    g, ident = phantom.geometry, phantom.identity
+    series_time = _later(ident.study_time, 3)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = generate_uid(entropy_srcs=["ctjoint-phantom-implementation"])
+    meta.ImplementationVersionName = f"CTJOINT_PH_{GENERATOR_VERSION}"
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ident.study_date
+    ds.StudyTime = ident.study_time
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = series_time
+    ds.AccessionNumber = ident.accession
+    ds.Modality = "CT"
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = "synthetic chest CT"
+    ds.SoftwareVersions = f"ctjoint phantom {GENERATOR_VERSION}"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CT CHEST"
+    ds.SeriesDescription = f"CHEST {g.slice_mm:g} LUNG"
+    ds.PatientName = ident.patient_name
+    ds.PatientID = ident.patient_id
+    ds.PatientBirthDate = ident.birth_date
+    ds.PatientSex = ident.sex
+    ds.PatientAge = ident.age
+    ds.BodyPartExamined = "CHEST"
+    ds.SliceThickness = _ds(g.slice_mm)
+    ds.SpacingBetweenSlices = _ds(g.slice_mm)
+    ds.KVP = "120"
+    ds.ConvolutionKernel = "LUNG"
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = _uid(phantom, "study")
+    ds.SeriesInstanceUID = _uid(phantom, "series")
+    ds.StudyID = "1"
+    ds.SeriesNumber = 2
+    ds.AcquisitionNumber = 1
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.FrameOfReferenceUID = _uid(phantom, "frame-of-reference")
+    ds.PositionReferenceIndicator = ""
+    ds.Laterality = ""
+    ds.ImageComments = SYNTHETIC_COMMENT
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = g.size
+    ds.Columns = g.size
+    ds.PixelSpacing = [_ds(g.pixel_mm), _ds(g.pixel_mm)]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.WindowCenter = _ds(LUNG_WINDOW_CENTER)
+    ds.WindowWidth = _ds(LUNG_WINDOW_WIDTH)
+    ds.RescaleIntercept = _ds(RESCALE_INTERCEPT)
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    return ds
+
+
 def write_series(phantom: PhantomVolume, series_dir: Path) -> list[Path]:
     """Write the HU volume as a CT series, one Part-10 file per slice, cranio-caudal order."""
-    g, ident = phantom.geometry, phantom.identity
-    study_uid = _uid(phantom, "study")
-    series_uid = _uid(phantom, "series")
-    frame_uid = _uid(phantom, "frame-of-reference")
-    series_time = _later(ident.study_time, 3)
+    g = phantom.geometry
     stored = (phantom.hu.astype(np.int32) - RESCALE_INTERCEPT).astype("<i2")
     series_dir.mkdir(parents=True, exist_ok=True)
+    # One dataset, re-stamped per slice: building ~60 attributes per file costs more than
+    # rendering the phantom.
+    ds = _series_template(phantom)
     paths = []
     for number in range(1, g.n_slices + 1):
         k = g.n_slices - number  # instance 1 is the top slice
         sop_uid = _uid(phantom, "sop", k)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = generate_uid(entropy_srcs=["ctjoint-phantom-implementation"])
-        meta.ImplementationVersionName = f"CTJOINT_PH_{GENERATOR_VERSION}"
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
         ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ident.study_date
-        ds.StudyTime = ident.study_time
-        ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = series_time
-        ds.AccessionNumber = ident.accession
-        ds.Modality = "CT"
-        ds.Manufacturer = MANUFACTURER
-        ds.ManufacturerModelName = "synthetic chest CT"
-        ds.SoftwareVersions = f"ctjoint phantom {GENERATOR_VERSION}"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "CT CHEST"
-        ds.SeriesDescription = f"CHEST {g.slice_mm:g} LUNG"
-        ds.PatientName = ident.patient_name
-        ds.PatientID = ident.patient_id
-        ds.PatientBirthDate = ident.birth_date
-        ds.PatientSex = ident.sex
-        ds.PatientAge = ident.age
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = _ds(g.slice_mm)
-        ds.SpacingBetweenSlices = _ds(g.slice_mm)
-        ds.KVP = "120"
-        ds.ConvolutionKernel = "LUNG"
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = 2
-        ds.AcquisitionNumber = 1
         ds.InstanceNumber = number
         ds.ImagePositionPatient = [_ds(g.origin[0]), _ds(g.origin[1]), _ds(g.slice_z(k))]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
         ds.SliceLocation = _ds(g.slice_z(k))
-        ds.Laterality = ""
-        ds.ImageComments = SYNTHETIC_COMMENT
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = g.size
-        ds.Columns = g.size
-        ds.PixelSpacing = [_ds(g.pixel_mm), _ds(g.pixel_mm)]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.WindowCenter = _ds(LUNG_WINDOW_CENTER)
-        ds.WindowWidth = _ds(LUNG_WINDOW_WIDTH)
-        ds.RescaleIntercept = _ds(RESCALE_INTERCEPT)
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
         ds.PixelData = stored[k].tobytes()
         path = series_dir / f"IM{number:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
@@ -483,7 +493,8 @@ def write_series(phantom: PhantomVolume, series_dir: Path) -> list[Path]:
 
 def _save_nifti(volume_zyx: npt.NDArray[np.uint8], geometry: ScanGeometry, path: Path) -> None:
     affine = geometry.affine_ras()
-    image = nib.Nifti1Image(np.ascontiguousarray(volume_zyx.transpose(2, 1, 0)), affine)
+    # The transposed view is already Fortran-contiguous, the order NIfTI stores: no copy.
+    image = nib.Nifti1Image(volume_zyx.transpose(2, 1, 0), affine)
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)

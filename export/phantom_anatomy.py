@@ -480,13 +480,25 @@ def _perturb(
     rng: np.random.Generator, direction: npt.NDArray[np.float64], angle_deg: float
 ) -> npt.NDArray[np.float64]:
     """A unit vector at `angle_deg` from `direction`, rotated about a random perpendicular."""
-    helper = np.array([0.0, 0.0, 1.0]) if abs(direction[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
-    e1 = _unit(np.cross(direction, helper))
-    e2 = np.cross(direction, e1)
+    # Plain floats: numpy's per-call overhead dominates on 3-vectors, and trees make thousands.
+    dx, dy, dz = (float(c) for c in direction)
+    hx, hy, hz = (0.0, 0.0, 1.0) if abs(dz) < 0.9 else (1.0, 0.0, 0.0)
+    ax, ay, az = dy * hz - dz * hy, dz * hx - dx * hz, dx * hy - dy * hx
+    norm = math.sqrt(ax * ax + ay * ay + az * az) or 1.0
+    ax, ay, az = ax / norm, ay / norm, az / norm
+    bx, by, bz = dy * az - dz * ay, dz * ax - dx * az, dx * ay - dy * ax
     phi = float(rng.uniform(0.0, 2.0 * math.pi))
-    perp = math.cos(phi) * e1 + math.sin(phi) * e2
+    c, s = math.cos(phi), math.sin(phi)
     angle = math.radians(angle_deg)
-    return _unit(math.cos(angle) * direction + math.sin(angle) * perp)
+    ca, sa = math.cos(angle), math.sin(angle)
+    out = np.array(
+        [
+            ca * dx + sa * (c * ax + s * bx),
+            ca * dy + sa * (c * ay + s * by),
+            ca * dz + sa * (c * az + s * bz),
+        ]
+    )
+    return _unit(out)
 
 
 def grow_tree(
@@ -712,7 +724,7 @@ def _basis(normal: npt.NDArray[np.float64], rng: np.random.Generator) -> tuple[P
     """An orthonormal basis whose first axis is `normal`, the others randomly turned."""
     n = _unit(normal)
     e1 = _perturb(rng, n, 90.0)
-    return (_point(n), _point(e1), _point(np.cross(n, e1)))
+    return (_point(n), _point(e1), _point(np.cross(n, e1).astype(np.float64)))
 
 
 def _pick(
