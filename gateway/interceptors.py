@@ -55,7 +55,19 @@ def status_for(error: BaseException) -> grpc.StatusCode:
             return code
     if isinstance(error, TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(error, MemoryError):
+        # A scan too big for what this box has free right now: the caller may retry later.
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
+
+
+def _public_message(error: Exception) -> str | None:
+    """What the client may read about an error we did not raise on purpose (None: a bug)."""
+    if isinstance(error, TimeoutError):
+        return "the gateway timed out waiting for a dependency"
+    if isinstance(error, MemoryError):
+        return "not enough memory for this scan right now; retry later"
+    return None
 
 
 class ScanContext:
@@ -228,9 +240,13 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
         if not isinstance(err, Exception):
             return  # KeyboardInterrupt, SystemExit: not ours to turn into a status
         code = status_for(err)
+        public = _public_message(err)
         if isinstance(err, CtJointError):
             message = scrub_uids(str(err))
             log.info("request failed code=%s error=%s: %s", code.name, type(err).__name__, message)
+        elif public is not None:
+            message = public
+            log.warning("request failed code=%s error=%s", code.name, type(err).__name__)
         else:
             # A bug: the traceback goes to our log, the client gets a request id to quote.
             log.exception("unexpected error, answering INTERNAL")

@@ -171,3 +171,15 @@ def test_a_bug_is_internal_with_a_request_id_never_unknown(files: list[bytes]) -
         assert "Traceback" not in details and "ZeroDivisionError" not in details
 
     _run_with_gateway(body)
+
+
+def test_running_out_of_memory_is_resource_exhausted(files: list[bytes]) -> None:
+    async def body(address: str, backend: ScriptedBackend) -> None:
+        backend.failure = MemoryError()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _scan(address, files)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "not enough memory" in (info.value.details() or "")
+        assert await _health(address) == health_pb2.HealthCheckResponse.SERVING
+
+    _run_with_gateway(body)

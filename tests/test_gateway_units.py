@@ -91,6 +91,7 @@ def test_cli_limit_defaults_are_the_gateway_defaults() -> None:
         (errors.BackendUnavailableError("x"), grpc.StatusCode.UNAVAILABLE),
         (errors.BackendError("x"), grpc.StatusCode.INTERNAL),
         (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (MemoryError(), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (KeyError("bug"), grpc.StatusCode.INTERNAL),
     ],
 )
