@@ -88,8 +88,13 @@ class LesionStatistics:
 
 @dataclass(frozen=True)
 class StageTimings:
-    """Milliseconds per stage. `read`: parsing files; `validate`: checks, HU and assembly;
-    `infer` includes `model` (the time inside the model itself, summed over batches)."""
+    """Milliseconds per stage, each summed over its own work (not waits for a stream).
+
+    `read`: each file parsed, checked as a CT image and decoded to HU; `validate`: the series
+    checks and assembly (same series and geometry, sort along the normal, uniform spacing);
+    `infer` includes `model`, the time inside the model itself summed over batches; `total` is
+    wall time from the first file to the result (for a stream, including its waits).
+    """
 
     read_ms: float = 0.0
     validate_ms: float = 0.0
