@@ -328,7 +328,7 @@ def watch(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Results root (default: FOLDER/../<name>-results), one folder per series."
+            help="Results root, one folder per series (default: FOLDER-results beside FOLDER)."
         ),
     ] = None,
     settle: Annotated[
