@@ -175,12 +175,16 @@ def test_bad_input_fails_before_inference(contract_model_dir: Path, tmp_path: Pa
 
 
 @pytest.mark.parametrize("kind", ["2.5d", "3d"])
-def test_skipping_lesion_free_slices_matches_the_full_upsampling(kind: str) -> None:
+@pytest.mark.parametrize("in_plane", [(24, 20), (5, 7), (8, 8)])
+def test_sparse_upsampling_matches_the_shared_dense_definition(
+    kind: str, in_plane: tuple[int, int]
+) -> None:
     rng = np.random.default_rng(1)
-    source = (10, 24, 20)
+    source = (10, *in_plane)
     if kind == "2.5d":
         logits = rng.normal(size=(10, 3, 8, 8)).astype(np.float32)
         logits[:, 0] += 2.5  # mostly background, some slices entirely
+        logits[4:6, 0] -= 10.0  # two slices entirely lesion
         model_shape = (10, 8, 8)
     else:
         logits = rng.normal(size=(1, 3, 4, 8, 8)).astype(np.float32)
