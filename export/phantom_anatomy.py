@@ -46,6 +46,10 @@ SIDE_NAMES: dict[int, str] = {LUNG_RIGHT: "right", LUNG_LEFT: "left"}
 # The right lung lies on the patient's right, i.e. at negative u in LPS.
 SIDE_SIGN: dict[int, float] = {LUNG_RIGHT: -1.0, LUNG_LEFT: 1.0}
 
+# The back is flattened where the patient lies on the table, at this fraction of half-depth.
+BACK_FRACTION = 0.95
+# Vertebral body centre to spinal canal centre.
+CANAL_OFFSET_MM = 9.0
 # Grid step of the coarse lung model used to place lesions and grow vessel trees.
 COARSE_STEP_MM = 4.0
 
@@ -105,15 +109,17 @@ class Anatomy:
         dome_r = float(rng.uniform(45.0, 65.0))
         dome_l = dome_r - float(rng.uniform(0.0, 12.0))
         spine_r = float(rng.uniform(15.0, 19.0))
-        back = 0.9 * d
-        canal_v = back - fat - 45.0
-        spine_v = canal_v - 7.0 - spine_r - 2.0
-        heart_v = -0.3 * d + float(rng.uniform(-5.0, 5.0))
-        # The heart stops short of the oesophagus and aorta in front of the spine.
-        heart_back = spine_v - spine_r - 14.0
+        back = BACK_FRACTION * d
+        # The spinal canal lies under the back muscles; the vertebral body just in front of it.
+        canal_v = back - fat - muscle - float(rng.uniform(18.0, 26.0))
+        spine_v = canal_v - spine_r - CANAL_OFFSET_MM
+        # The heart fills the space between the sternum and the oesophagus/aorta.
+        heart_front = -d + fat + muscle + 16.0
+        heart_back = spine_v - spine_r - 12.0
+        heart_v = (heart_front + heart_back) / 2.0
         heart_axes = (
-            float(rng.uniform(0.32, 0.38)) * w,
-            min(float(rng.uniform(0.40, 0.48)) * d, heart_back - heart_v),
+            float(rng.uniform(0.36, 0.42)) * w,
+            (heart_back - heart_front) / 2.0 * float(rng.uniform(0.88, 1.0)),
             float(rng.uniform(55.0, 70.0)),
         )
         heart_centre = (
@@ -186,7 +192,7 @@ class Anatomy:
         ) ** (1.0 / p)
         r = np.hypot(u, v)
         ray = (1.0 - rho) * r / np.maximum(rho, np.float32(1e-3))
-        back = np.float32(0.9 * self.half_depth) - v
+        back = np.float32(BACK_FRACTION * self.half_depth) - v
         return np.minimum(ray, back).astype(np.float32)
 
     def structures(
@@ -268,11 +274,11 @@ class Anatomy:
         rs = self.spine_radius
         paint.append((d2 <= rs * rs, HU_CORTICAL_BONE))
         paint.append((d2 <= (rs - 2.0) ** 2, body_hu))
-        canal_v = self.spine_v + rs + 9.0
+        canal_v = self.spine_v + rs + CANAL_OFFSET_MM
         dc2 = u**2 + (v - np.float32(canal_v)) ** 2
         paint.append((dc2 <= 11.5**2, HU_CORTICAL_BONE))
         paint.append((dc2 <= 7.5**2, HU_CSF))
-        spinous = (np.abs(u) < 3.5) & (v > canal_v + 10.0) & (v < canal_v + 32.0)
+        spinous = (np.abs(u) < 3.5) & (v > canal_v + 10.0) & (v < canal_v + 26.0)
         paint.append((spinous, HU_CORTICAL_BONE))
         behind = (np.abs(u) < rs + 6.0) & (v > self.spine_v - 4.0)
         exclusion = exclusion | (d2 <= (rs + margin) ** 2) | behind
@@ -306,7 +312,7 @@ class Anatomy:
             q2 = ((u - np.float32(0.9 * cu)) / (0.36 * self.half_width)) ** 2 + (
                 (v + np.float32(0.05 * self.half_depth)) / (0.55 * self.half_depth)
             ) ** 2
-            dome = base + self.dome_height[index] * np.maximum(0.0, 1.0 - q2)
+            dome = base + self.dome_height[index] * np.maximum(0.0, 1.0 - q2) ** 0.6
             dome = dome - 12.0 * (v / np.float32(self.half_depth) + 0.2)
             inside = cavity & (ell < 1.0) & (z > dome) & (t < 1.0) & (sign * u > 0)
             out[np.broadcast_to(inside, out.shape)] = side
@@ -416,10 +422,11 @@ def render_anatomy(anatomy: Anatomy, grid: Grid) -> tuple[FloatArray, ByteArray]
             sl[sternum <= 1.0] = HU_CORTICAL_BONE
             sl[sternum <= 0.45] = HU_CANCELLOUS_BONE
         paint, exclusion = a.structures(u, v, z)
-        below = z < a.lung_base[0] + a.dome_height[0] + 10.0
-        if below:
+        if z < a.lung_base[0] + a.dome_height[0] + 10.0:
             sl[cavity] = HU_LIVER
-        sl[cavity & exclusion] = HU_MEDIASTINAL_FAT
+        # Under the diaphragm the midline is abdomen, not mediastinal fat.
+        if z > a.z_bottom + 0.6 * min(a.dome_height):
+            sl[cavity & exclusion] = HU_MEDIASTINAL_FAT
         for mask, value in paint:
             full = np.broadcast_to(mask, sl.shape)
             if np.ndim(value) == 0:
