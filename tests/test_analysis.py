@@ -195,3 +195,14 @@ def test_sparse_upsampling_matches_the_shared_dense_definition(
     np.testing.assert_array_equal(
         source_label_map(logits, geometry), logits_to_source_labels(logits, geometry)
     )
+
+
+def test_missing_models_can_be_skipped(contract_model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "jcs2d.onnx").write_bytes((contract_model_dir / "jcs2d.onnx").read_bytes())
+
+    async def served() -> tuple[str, ...]:
+        backend = EmbeddedBackend(MODEL_NAMES, model_dir=tmp_path, skip_missing=True)
+        async with backend:
+            return backend.models()
+
+    assert asyncio.run(served()) == (MODEL_JCS2D,)

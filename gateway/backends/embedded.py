@@ -41,7 +41,8 @@ class EmbeddedBackend(InferenceBackend):
 
     `intra_op_threads` bounds ONNX Runtime's threads per inference (None: its default, all
     cores); `workers` bounds how many batches run at once (1 keeps a small box from
-    oversubscribing; more helps only with cores to spare).
+    oversubscribing; more helps only with cores to spare). With `skip_missing`, models whose
+    ONNX file is absent are left out (logged) as long as one model loads.
     """
 
     name = "embedded-onnxruntime"
@@ -53,6 +54,7 @@ class EmbeddedBackend(InferenceBackend):
         model_dir: Path | None = None,
         intra_op_threads: int | None = None,
         workers: int = 1,
+        skip_missing: bool = False,
     ) -> None:
         unknown = [m for m in models if m not in MODEL_NAMES]
         if unknown:
@@ -65,6 +67,7 @@ class EmbeddedBackend(InferenceBackend):
         self._model_dir = model_dir or default_model_dir()
         self._intra_op_threads = intra_op_threads
         self._workers = max(1, workers)
+        self._skip_missing = skip_missing
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._infos: dict[str, ModelInfo] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -81,11 +84,21 @@ class EmbeddedBackend(InferenceBackend):
             return
         executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="onnxrt")
         loop = asyncio.get_running_loop()
+        missing: list[ModelNotFoundError] = []
         try:
             for model in self._wanted:
-                session, info = await loop.run_in_executor(executor, self._load_one, model)
+                try:
+                    session, info = await loop.run_in_executor(executor, self._load_one, model)
+                except ModelNotFoundError as err:
+                    if not self._skip_missing:
+                        raise
+                    logger.warning("%s; serving the other models", err)
+                    missing.append(err)
+                    continue
                 self._sessions[model] = session
                 self._infos[model] = info
+            if not self._sessions:
+                raise missing[0]
         except BaseException:
             executor.shutdown(wait=False)
             self._sessions.clear()
