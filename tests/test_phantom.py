@@ -155,6 +155,18 @@ def test_truth_slices_match_the_series_sorted_by_position(tmp_path: Path) -> Non
     np.testing.assert_array_equal(_hu_volume(tmp_path / "case"), phantom.hu)
 
 
+def test_gateway_series_reader_assembles_the_phantom_onto_the_truth_grid(tmp_path: Path) -> None:
+    from ctjoint.gateway.series import load_series_dir
+
+    phantom = generate_phantom(kind="cap", seed=12, slices=9, size=64)
+    write_phantom_case(tmp_path / "case", kind="cap", seed=12, slices=9, size=64)
+    volume = load_series_dir(tmp_path / "case" / CASE_SERIES_DIR)
+    lesions, _, info = read_truth(tmp_path / "case")
+    np.testing.assert_array_equal(volume.hu, phantom.hu)
+    assert volume.shape == lesions.shape
+    np.testing.assert_allclose(volume.spacing_mm, info["spacing_mm"])
+
+
 def test_lung_is_about_minus_850_hu(cases: dict[str, Path]) -> None:
     hu = _hu_volume(cases["normal"])
     _, lungs, _ = read_truth(cases["normal"])
