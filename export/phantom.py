@@ -17,6 +17,13 @@ the opposite, ascending order: NIfTI data axes are (x=column, y=row, z=k) with k
 in the series sorted ascending along the normal (k=0 is the most inferior slice), i.e.
 `volume_zyx.transpose(2, 1, 0)`, and the affine is the DICOM geometry converted from LPS to RAS.
 
+Findings (DeepSC-COVID): covid19 = 3-8 bilateral, peripheral (subpleural) ground-glass lesions
+(-680..-480 HU), some with a consolidation core; cap = 1-2 central consolidations (-40..+45 HU)
+near the hilum, in one lung (about 15% bilateral), with air bronchograms and sometimes a thin
+ground-glass halo; normal = none. Air bronchograms stay in the consolidation class of the
+truth (the consolidated region as an annotator outlines it). Every mask is exactly where the
+lesion intensity was applied, before the light in-plane blur and noise.
+
 Determinism. Everything follows from the seed through separate random streams (scan, anatomy,
 vessel trees, lesions, noise, identity): the same seed gives byte-identical files, the same seed
 with another kind gives the same body with other findings. UIDs are hashed from the seed;
