@@ -187,6 +187,18 @@ def test_a_transfer_syntax_without_decoder_is_unsupported() -> None:
         read_ct_slice(ds_bytes(ds), source=SOURCE)
 
 
+def test_a_compressed_ct_decodes_or_names_the_missing_decoder() -> None:
+    # pydicom's JPEG 2000 CT: decoded where a plugin (Pillow, pylibjpeg, gdcm) is installed,
+    # otherwise refused with a message that says which plugin would decode it.
+    path = get_testdata_file("693_J2KI.dcm")
+    syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    if pydicom.pixels.get_decoder(syntax).is_available:
+        assert read_ct_slice(path).hu.shape == (512, 512)
+    else:
+        with pytest.raises(UnsupportedTransferSyntaxError, match=r"JPEG 2000.*not installed"):
+            read_ct_slice(path)
+
+
 def test_errors_carry_no_patient_identifier() -> None:
     ds = _dataset()
     del ds.PixelData
