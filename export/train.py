@@ -147,10 +147,11 @@ def augment(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Intensity jitter, noise and in-plane translation of a batch ([B, C, ...] image,
     [B, ...] labels); geometry changes are applied identically to image and labels."""
-    b = image.shape[0]
+    b = int(image.shape[0])
     extra = (1,) * (image.ndim - 1)
-    scale = 1.0 + rng.uniform(-config.intensity_scale, config.intensity_scale, b)
-    shift = rng.uniform(-config.intensity_shift, config.intensity_shift, b)
+    jitter = config.intensity_scale
+    scale = rng.uniform(1.0 - jitter, 1.0 + jitter, size=b)
+    shift = rng.uniform(-config.intensity_shift, config.intensity_shift, size=b)
     image = image * scale.reshape(b, *extra) + shift.reshape(b, *extra)
     if config.noise_std > 0:
         image = image + rng.normal(0.0, config.noise_std, image.shape)
@@ -486,7 +487,8 @@ def train_run(
     net = build_model(config)
     loss_fn = JointLoss(config.train)
     parameters = count_parameters(net)
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in net.named_parameters():
         # Norm scales and biases are not weights to shrink.
         (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)

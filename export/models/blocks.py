@@ -18,11 +18,26 @@ from ctjoint.export.configs import NormKind
 Stride = int | tuple[int, ...]
 
 
-def _conv(dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
+def conv_nd(
+    dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    stride: Stride = 1,
+    bias: bool = True,
+) -> nn.Module:
+    """A 2D or 3D convolution with "same" padding for odd kernels."""
+    padding = kernel_size // 2
     if dims == 2:
-        return nn.Conv2d
+        s2 = (stride, stride) if isinstance(stride, int) else (stride[0], stride[1])
+        return nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=s2, padding=padding, bias=bias
+        )
     if dims == 3:
-        return nn.Conv3d
+        s3 = (stride,) * 3 if isinstance(stride, int) else (stride[0], stride[1], stride[2])
+        return nn.Conv3d(
+            in_channels, out_channels, kernel_size, stride=s3, padding=padding, bias=bias
+        )
     raise ValueError(f"dims must be 2 or 3, got {dims}")
 
 
@@ -43,7 +58,7 @@ def make_norm(kind: NormKind, channels: int, dims: int) -> nn.Module:
 
 def conv1x1(dims: int, in_channels: int, out_channels: int, bias: bool = True) -> nn.Module:
     """A pointwise convolution (projection or prediction head)."""
-    return _conv(dims)(in_channels, out_channels, kernel_size=1, bias=bias)
+    return conv_nd(dims, in_channels, out_channels, kernel_size=1, bias=bias)
 
 
 class ConvNormAct(nn.Sequential):
@@ -59,14 +74,7 @@ class ConvNormAct(nn.Sequential):
         norm: NormKind = "batch",
         act: bool = True,
     ) -> None:
-        conv = _conv(dims)(
-            in_channels,
-            out_channels,
-            kernel_size=kernel_size,
-            stride=stride,
-            padding=kernel_size // 2,
-            bias=False,
-        )
+        conv = conv_nd(dims, in_channels, out_channels, kernel_size, stride, bias=False)
         layers: list[nn.Module] = [conv, make_norm(norm, out_channels, dims)]
         if act:
             layers.append(nn.LeakyReLU(0.01, inplace=True))
@@ -91,7 +99,7 @@ class ResBlock(nn.Module):
         self.shortcut: nn.Module
         if in_channels != out_channels or strided:
             self.shortcut = nn.Sequential(
-                _conv(dims)(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                conv_nd(dims, in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
                 make_norm(norm, out_channels, dims),
             )
         else:
