@@ -40,7 +40,44 @@ OUTPUT_SEG_LOGITS: Final = "seg_logits"  # float32 [B,K,H,W] or [B,K,D,H,W]
 OUTPUT_CLS_LOGITS: Final = "cls_logits"  # float32 [B,3]
 POST_PROBS: Final = "probs"  # float32 [B,3]
 POST_MASK: Final = "mask"  # uint8 [B,H,W] (or [B,D,H,W]) label map
-POST_LESION_AREA: Final = "lesion_area"  # int64 [B] lesion pixels per slice (per volume in 3D)
+# int64 [B, L] (2D) or [B, D, L] (3D): lesion pixels per slice and per lesion class, in
+# LESION_CLASS_NAMES order (per-slice evidence a reader can check, for both models).
+POST_LESION_AREA: Final = "lesion_area"
+
+# --- Triton model repository ------------------------------------------------------------------
+# `<model>` is the ensemble clients call: `<model>_<variant>` (logits) -> `postprocess_<model>`.
+# Variants: `cpu` (python backend running the ONNX file with ONNX Runtime), `onnx`
+# (onnxruntime_onnx with the TensorRT execution provider), `trt` (tensorrt_plan engine).
+TRITON_VARIANT_CPU: Final = "cpu"
+TRITON_VARIANT_ONNX: Final = "onnx"
+TRITON_VARIANT_TRT: Final = "trt"
+TRITON_VARIANTS: Final = (TRITON_VARIANT_CPU, TRITON_VARIANT_ONNX, TRITON_VARIANT_TRT)
+TRITON_TARGET_CPU: Final = "cpu"
+TRITON_TARGET_GPU: Final = "gpu"
+TRITON_TARGETS: Final = (TRITON_TARGET_CPU, TRITON_TARGET_GPU)
+# Ensemble tensors between the network and its postprocessing; the ensemble also returns them,
+# because the gateway maps logits (not the model-grid mask) back onto the source slice grid.
+ENSEMBLE_LESION_LOGITS: Final = "lesion_logits"  # the network's seg_logits
+ENSEMBLE_DIAGNOSIS_LOGITS: Final = "diagnosis_logits"  # the network's cls_logits
+# Config parameter of the python-backend network model: ONNX Runtime intra-op threads.
+TRITON_PARAM_INTRA_OP_THREADS: Final = "intra_op_threads"
+# File names inside a model version folder (Triton's defaults for each platform).
+TRITON_ONNX_FILE: Final = "model.onnx"
+TRITON_PLAN_FILE: Final = "model.plan"
+TRITON_PYTHON_FILE: Final = "model.py"
+
+
+def triton_model_name(model: str, variant: str) -> str:
+    """The Triton name of a model's network for one variant, e.g. `jcs2d_cpu`."""
+    if variant not in TRITON_VARIANTS:
+        raise ValueError(f"unknown Triton variant {variant!r}; expected one of {TRITON_VARIANTS}")
+    return f"{model}_{variant}"
+
+
+def triton_postprocess_name(model: str) -> str:
+    """The Triton name of a model's postprocessing (python backend)."""
+    return f"postprocess_{model}"
+
 
 # --- ONNX metadata keys (the exported file carries its own preprocessing plan) ----------------
 ONNX_META_MODEL: Final = "ctjoint.model"

@@ -1,0 +1,321 @@
+"""Start a real `tritonserver` on a model repository and wait until every model is READY.
+
+Two installs are supported: `tritonserver` on PATH (the NGC container, with all its backends),
+and the binary bundled in the `nvidia-pytriton` wheel (python backend only, CPU machines).
+The wheel's binary needs its own library folder on LD_LIBRARY_PATH, a writable backend folder
+holding the python-backend stub for this Python, and this environment's site-packages visible
+to the stub's embedded interpreter (see `_wheel_install`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Final
+
+from ctjoint.gateway.errors import CtJointError
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S: Final = 180.0
+STOP_GRACE_S: Final = 30.0
+_POLL_S: Final = 0.25
+_LOG_TAIL_LINES: Final = 40
+
+
+class TritonServerError(CtJointError):
+    """tritonserver is missing, would not start, or did not become ready in time."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """A runnable tritonserver: the binary, its backend folder and the environment it needs."""
+
+    binary: Path
+    backend_dir: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    # A folder made for this install (the wheel's backends copy), removed with the server.
+    scratch: Path | None = None
+    source: str = "PATH"
+
+
+@dataclass(frozen=True)
+class TritonServerConfig:
+    """How to run the server. Loopback by default: Triton has no authentication of its own."""
+
+    repository: Path
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    log_verbose: int = 0
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def grpc_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"{host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.http_port}"
+
+
+def find_install(binary: Path | None = None) -> TritonInstall:
+    """An explicit binary, else `tritonserver` on PATH, else the nvidia-pytriton wheel's."""
+    if binary is not None:
+        if not binary.is_file():
+            raise TritonServerError(f"no tritonserver at {binary}")
+        return TritonInstall(binary=binary, source=str(binary))
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(binary=Path(on_path), source="PATH")
+    return _wheel_install()
+
+
+def _wheel_install() -> TritonInstall:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonServerError(
+            "no tritonserver on PATH and the nvidia-pytriton wheel is not installed; install "
+            "the `triton` extra (pip install -e '.[triton]') or run inside the NGC container"
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    root = package / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    libs = package.parent / "nvidia_pytriton.libs"
+    for needed in (binary, stub, root / "backends" / "python"):
+        if not needed.exists():
+            raise TritonServerError(f"the nvidia-pytriton wheel lacks {needed}")
+    # The stub must sit next to libtriton_python.so, so the backends go to a folder of ours.
+    scratch = Path(tempfile.mkdtemp(prefix="ctjoint-triton-"))
+    backends = scratch / "backends"
+    shutil.copytree(root / "backends", backends)
+    shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
+    env = {"LD_LIBRARY_PATH": _prepend(str(libs), os.environ.get("LD_LIBRARY_PATH"))}
+    # The stub embeds libpython and ignores PYTHONPATH; it derives its prefix from the first
+    # `python3` on PATH. This environment's bin/ first makes models see its site-packages
+    # (numpy, onnxruntime, ctjoint.contracts), exactly what the gateway itself runs with.
+    env["PATH"] = _prepend(str(Path(sys.prefix) / "bin"), os.environ.get("PATH"))
+    return TritonInstall(
+        binary=binary, backend_dir=backends, env=env, scratch=scratch, source="nvidia-pytriton"
+    )
+
+
+def _prepend(first: str, rest: str | None) -> str:
+    return f"{first}{os.pathsep}{rest}" if rest else first
+
+
+def server_args(config: TritonServerConfig, install: TritonInstall) -> list[str]:
+    """The command line: every model loaded at start, READY only when all of them are."""
+    args = [
+        str(install.binary),
+        f"--model-repository={config.repository}",
+        "--model-control-mode=none",
+        "--strict-readiness=true",
+        "--exit-on-error=true",
+        # Every config is complete (generated), so no stub needs spawning just to complete it.
+        "--disable-auto-complete-config",
+        f"--grpc-address={config.host}",
+        f"--grpc-port={config.grpc_port}",
+        f"--http-address={config.host}",
+        f"--http-port={config.http_port}",
+        f"--metrics-address={config.host}",
+        f"--metrics-port={config.metrics_port}",
+        f"--log-verbose={config.log_verbose}",
+        # Servers on one host must not share python-backend shared-memory region names.
+        f"--backend-config=python,shm-region-prefix-name=ctjoint{os.getpid()}p{config.grpc_port}_",
+        # 3D logits are ~12 MB a scan: grow the python backend's arena in big steps.
+        "--backend-config=python,shm-growth-byte-size=16777216",
+    ]
+    if install.backend_dir is not None:
+        args.append(f"--backend-directory={install.backend_dir}")
+    args.extend(config.extra_args)
+    return args
+
+
+class TritonServer:
+    """A tritonserver child process: `start()`, `wait_ready()`, `stop()` (or use `with`)."""
+
+    def __init__(
+        self,
+        config: TritonServerConfig,
+        *,
+        install: TritonInstall | None = None,
+        log_file: Path | None = None,
+    ) -> None:
+        if not (config.repository / "").is_dir():
+            raise TritonServerError(f"model repository {config.repository} is not a folder")
+        self.config = config
+        self._install = install
+        self._log_file = log_file
+        self._log_handle: IO[bytes] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        if self._process is not None:
+            raise TritonServerError("this server was already started")
+        install = self._install or find_install()
+        self._install = install
+        args = server_args(self.config, install)
+        env = {**os.environ, **install.env}
+        stdout: IO[bytes] | None = None
+        if self._log_file is not None:
+            self._log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = self._log_file.open("ab")
+            stdout = self._log_handle
+        log.info(
+            "starting tritonserver (%s) on %s, repository %s",
+            install.source,
+            self.config.grpc_url,
+            self.config.repository,
+        )
+        try:
+            self._process = subprocess.Popen(
+                args, env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None
+            )
+        except OSError as err:
+            self._cleanup()
+            raise TritonServerError(f"cannot run {install.binary}: {err}") from err
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
+        """Poll Triton's readiness until it is READY; returns the seconds it took.
+
+        Fails at once when the process exits (a model that fails to load stops it, with
+        --exit-on-error), naming the exit status and the end of its log.
+        """
+        started = time.monotonic()
+        deadline = started + timeout
+        url = f"{self.config.http_url}/v2/health/ready"
+        while True:
+            process = self._process
+            if process is None:
+                raise TritonServerError("the server was not started")
+            code = process.poll()
+            if code is not None:
+                raise TritonServerError(
+                    f"tritonserver exited with status {code} before it was ready{self._log_tail()}"
+                )
+            if _http_ok(url):
+                return time.monotonic() - started
+            if time.monotonic() > deadline:
+                raise TritonServerError(
+                    f"tritonserver was not ready after {timeout:.0f} s{self._log_tail()}"
+                )
+            time.sleep(_POLL_S)
+
+    def stop(self, grace: float = STOP_GRACE_S) -> int | None:
+        """SIGTERM (Triton finishes in-flight requests), then SIGKILL after `grace` seconds."""
+        process, self._process = self._process, None
+        code: int | None = None
+        if process is not None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(grace)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            code = process.returncode
+        self._cleanup()
+        return code
+
+    def wait(self) -> int:
+        """Block until the server exits; returns its status."""
+        if self._process is None:
+            raise TritonServerError("the server was not started")
+        return self._process.wait()
+
+    def _cleanup(self) -> None:
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        if self._install is not None and self._install.scratch is not None:
+            shutil.rmtree(self._install.scratch, ignore_errors=True)
+            self._install = None
+
+    def _log_tail(self) -> str:
+        if self._log_file is None or not self._log_file.is_file():
+            return ""
+        lines = self._log_file.read_text(errors="replace").splitlines()
+        interesting = [line for line in lines if not line.startswith(("+", "|"))]
+        tail = "\n".join(interesting[-_LOG_TAIL_LINES:])
+        return f"; end of {self._log_file}:\n{tail}"
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def serve_forever(
+    config: TritonServerConfig, *, binary: Path | None = None, timeout: float = READY_TIMEOUT_S
+) -> int:
+    """`ctjoint triton serve`: start, wait until READY, then run until the server exits.
+
+    SIGINT/SIGTERM go to the whole foreground process group, so tritonserver gets them too
+    and drains; this returns its exit status.
+    """
+    server = TritonServer(config, install=find_install(binary))
+    server.start()
+    try:
+        seconds = server.wait_ready(timeout)
+        log.info("tritonserver ready on %s after %.1f s", config.grpc_url, seconds)
+        return server.wait()
+    except KeyboardInterrupt:
+        return server.stop() or 0
+    finally:
+        server.stop()
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> Sequence[int]:
+    """`count` distinct ports free on `host` right now (for tests and `--grpc-port 0`)."""
+    import socket
+
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
