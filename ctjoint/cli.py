@@ -230,7 +230,8 @@ def gateway_serve(
         Path | None, typer.Option(help="Folder of exported ONNX models (embedded backend).")
     ] = None,
     model: Annotated[
-        list[ModelName] | None, typer.Option(help="Model to serve (repeat; default: all).")
+        list[ModelName] | None,
+        typer.Option(help="Model to serve (repeat; default: every model whose file exists)."),
     ] = None,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics on this port (0: any).")
@@ -277,6 +278,8 @@ def gateway_serve(
             ),
             grace_seconds=grace,
             threads=threads,
+            # Named models must all load; by default, serve whichever have been exported.
+            require_all_models=bool(model),
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None

@@ -54,6 +54,8 @@ class GatewayConfig:
     grace_seconds: float = 30.0
     # ONNX Runtime threads per inference (None: its default, every core); set it on a shared box.
     threads: int | None = None
+    # False: serve whichever of `models` are available (at least one); True: all or refuse to start.
+    require_all_models: bool = True
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in contracts.MODEL_NAMES]
@@ -76,7 +78,10 @@ def create_backend(config: GatewayConfig) -> InferenceBackend:
         from ctjoint.gateway.backends.embedded import EmbeddedBackend
 
         return EmbeddedBackend(
-            config.models, model_dir=config.model_dir, intra_op_threads=config.threads
+            config.models,
+            model_dir=config.model_dir,
+            intra_op_threads=config.threads,
+            skip_missing=not config.require_all_models,
         )
     if config.backend == "triton":
         raise BackendUnavailableError(

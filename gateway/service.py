@@ -105,7 +105,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             names = (request.model,)
         return scan_pb2.GetModelInfoResponse(
             backend=self._backend.name,
-            default_model=self._default_model,
+            default_model=self._default(),
             models=[
                 model_info_to_proto(self._backend.model_info(name), ready=self._backend.ready)
                 for name in names
@@ -141,7 +141,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         stream = aiter(requests)
         header = await self._read_header(stream)
         request_id = adopt_request_id(context, header.request_id)
-        model = header.model or self._default_model
+        model = header.model or self._default()
         if model not in MODEL_NAMES:
             raise InputError(
                 f"unknown model {model!r}; expected one of {', '.join(MODEL_NAMES)}",
@@ -226,6 +226,13 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
                 attribute="ScanRequest.header",
             )
         return first.header
+
+    def _default(self) -> str:
+        """The configured default model, or the first served one when it is not served."""
+        served = self._backend.models()
+        if self._default_model in served or not served:
+            return self._default_model
+        return served[0]
 
     def _require_ready(self) -> None:
         if not self._backend.ready:

@@ -101,3 +101,26 @@ def test_the_triton_backend_is_a_typed_error_until_it_lands(tmp_path: Path) -> N
     assert done.returncode == 2
     assert "not available until the Triton backend lands" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_without_model_options_it_serves_whichever_models_exist(
+    contract_model_dir: Path, tmp_path: Path
+) -> None:
+    only = tmp_path / "models"
+    only.mkdir()
+    (only / "deepsc3d.onnx").write_bytes((contract_model_dir / "deepsc3d.onnx").read_bytes())
+    gateway = GatewayProcess(only, tmp_path / "gateway.log").start()
+    try:
+        with channel(gateway.address) as ch:
+            info = scan_pb2_grpc.ScanServiceStub(ch).GetModelInfo(scan_pb2.GetModelInfoRequest())
+        assert [m.name for m in info.models] == ["deepsc3d"]
+        assert info.default_model == "deepsc3d"
+    finally:
+        gateway.stop()
+
+
+def test_with_no_model_at_all_start_up_stops_with_one_clear_line(tmp_path: Path) -> None:
+    done = _serve(model_dir=tmp_path / "empty")
+    assert done.returncode == 2
+    assert "no ONNX file at" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
