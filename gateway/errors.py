@@ -87,3 +87,7 @@ class BackendUnavailableError(CtJointError):
 
 class BackendError(CtJointError):
     """The inference backend failed on a request (maps to INTERNAL)."""
+
+
+class DeadlineExceededError(CtJointError, TimeoutError):
+    """The caller's deadline passed before the backend answered (maps to DEADLINE_EXCEEDED)."""

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ctjoint import contracts
+from ctjoint.gateway.analysis import ScanAnalyzer
 from ctjoint.gateway.backends.base import InferenceBackend
 from ctjoint.gateway.errors import BackendUnavailableError
 from ctjoint.gateway.interceptors import ScanServiceInterceptor
@@ -36,6 +37,8 @@ SERVICE_NAME: Final = scan_pb2.DESCRIPTOR.services_by_name["ScanService"].full_n
 # Results carry masks (zlib) and an overlay PNG: bounded, but above gRPC's 4 MiB default for a
 # large lesion load, so the send limit is raised deliberately too.
 MAX_SEND_MESSAGE_BYTES: Final = 256 * 1024 * 1024
+# How often health is brought in step with the backend's readiness once serving.
+BACKEND_POLL_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,30 @@ def create_backend(config: GatewayConfig) -> InferenceBackend:
             skip_missing=not config.require_all_models,
         )
     if config.backend == "triton":
-        raise BackendUnavailableError(
-            "the triton backend is not available until the Triton backend lands; "
-            "use --backend embedded"
-        )
+        if not config.triton_url:
+            raise BackendUnavailableError(
+                "the triton backend needs --triton-url HOST:PORT (Triton's gRPC endpoint)"
+            )
+        try:
+            from ctjoint.gateway.backends.triton import TritonBackend
+        except ImportError as err:
+            raise BackendUnavailableError(
+                f"the triton backend needs tritonclient[grpc] ({err}); install the gateway extra"
+            ) from err
+        return TritonBackend(config.triton_url, config.models)
     raise BackendUnavailableError(f"unknown backend {config.backend!r}")
+
+
+def create_analyzer(config: GatewayConfig, backend: InferenceBackend) -> ScanAnalyzer:
+    """In-process inference runs one batch at a time; Triton gets many small concurrent
+    requests so its dynamic batcher forms the batches (across slices and scans)."""
+    if config.backend == "triton":
+        from ctjoint.gateway.backends.triton import MAX_IN_FLIGHT_PER_SCAN, REQUEST_SLICES
+
+        return ScanAnalyzer(
+            backend, batch_size=REQUEST_SLICES, max_in_flight=MAX_IN_FLIGHT_PER_SCAN
+        )
+    return ScanAnalyzer(backend)
 
 
 async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = None) -> None:
@@ -96,7 +118,11 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
     metrics = GatewayMetrics()
     backend = backend if backend is not None else create_backend(config)
     servicer = ScanServicer(
-        backend, limits=config.limits, metrics=metrics, default_model=config.default_model
+        backend,
+        limits=config.limits,
+        metrics=metrics,
+        default_model=config.default_model,
+        analyzer=create_analyzer(config, backend),
     )
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(
@@ -134,11 +160,15 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
             log.info("metrics on http://%s:%d/metrics", config.host, metrics_http.server_port)
         started = time.perf_counter()
         await _start_backend(backend, stop)
+        follow: asyncio.Task[None] | None = None
         if not stop.is_set():
             metrics.backend_ready.set(1)
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving; backend ready in %.2f s", time.perf_counter() - started)
+            follow = asyncio.create_task(_follow_backend(backend, health_servicer, metrics))
         await stop.wait()
+        if follow is not None:
+            follow.cancel()
         log.info("stopping: new scans refused, in-flight scans get %.0f s", config.grace_seconds)
     finally:
         # Health first, so load balancers stop sending before the listener goes away.
@@ -161,6 +191,28 @@ async def _start_backend(backend: InferenceBackend, stop: asyncio.Event) -> None
         return
     stopping.cancel()
     load.result()  # a backend that cannot load stops the gateway with its own error
+
+
+async def _follow_backend(
+    backend: InferenceBackend, health_servicer: Any, metrics: GatewayMetrics
+) -> None:
+    """Health follows the backend after start-up (a remote Triton can go away and come back)."""
+    serving = True
+    while True:
+        await asyncio.sleep(BACKEND_POLL_S)
+        if backend.ready == serving:
+            continue
+        serving = backend.ready
+        metrics.backend_ready.set(1 if serving else 0)
+        await _set_health(
+            health_servicer,
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+        log.warning(
+            "backend %s: health is now %s", backend.name, "SERVING" if serving else "NOT_SERVING"
+        )
 
 
 async def _set_health(servicer: Any, status: int) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 from ctjoint.contracts import MODEL_NAMES
 from ctjoint.gateway.analysis import Progress, ScanAnalysis, ScanAnalyzer
 from ctjoint.gateway.backends.base import InferenceBackend
+from ctjoint.gateway.deadlines import set_deadline
 from ctjoint.gateway.dicom_io import describe_source
 from ctjoint.gateway.errors import (
     BackendUnavailableError,
@@ -141,6 +142,8 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         stream = aiter(requests)
         header = await self._read_header(stream)
         request_id = adopt_request_id(context, header.request_id)
+        # The client's deadline travels in this context down to the backend's own calls.
+        set_deadline(context.time_remaining())
         model = header.model or self._default()
         if model not in MODEL_NAMES:
             raise InputError(
@@ -236,7 +239,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
 
     def _require_ready(self) -> None:
         if not self._backend.ready:
-            raise BackendUnavailableError("the inference backend is not ready yet; retry shortly")
+            raise BackendUnavailableError(self._backend.unavailable_reason)
 
     def _result_message(
         self,

@@ -106,6 +106,11 @@ class InferenceBackend(abc.ABC):
     def ready(self) -> bool:
         """True once models are loaded and requests can be served."""
 
+    @property
+    def unavailable_reason(self) -> str:
+        """Why the backend is not ready: the message clients get with UNAVAILABLE."""
+        return "the inference backend is not ready yet; retry shortly"
+
     @abc.abstractmethod
     async def load(self) -> None:
         """Load (or connect to) the models; raises if none can be served."""
