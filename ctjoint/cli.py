@@ -20,10 +20,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-export_app = typer.Typer(help="Export trained models (ONNX).", no_args_is_help=True)
+export_app = typer.Typer(
+    help="Export trained models (ONNX, TensorRT, Triton repository).", no_args_is_help=True
+)
 app.add_typer(export_app, name="export")
 gateway_app = typer.Typer(help="The gRPC gateway that serves the models.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
+triton_app = typer.Typer(help="Run and measure a Triton Inference Server.", no_args_is_help=True)
+app.add_typer(triton_app, name="triton")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,6 +51,22 @@ class ConfigName(StrEnum):
 class BackendName(StrEnum):
     embedded = "embedded"
     triton = "triton"
+
+
+class TritonTarget(StrEnum):
+    cpu = contracts.TRITON_TARGET_CPU
+    gpu = contracts.TRITON_TARGET_GPU
+
+
+class GpuEngine(StrEnum):
+    trt = contracts.TRITON_VARIANT_TRT
+    onnx = contracts.TRITON_VARIANT_ONNX
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
 
 
 class LogFormat(StrEnum):
@@ -171,6 +191,151 @@ def export_onnx_command(
 
     report = export_onnx(model=model.value, weights=weights, out=out)
     typer.echo(report)
+
+
+@export_app.command("repository")
+@clean_errors
+def export_repository_command(
+    out: Annotated[Path, typer.Argument(help="Repository folder to write (or refresh).")],
+    target: Annotated[TritonTarget, typer.Option(help="Which Triton runs it.")] = (
+        TritonTarget.cpu
+    ),
+    model: Annotated[
+        list[ModelName] | None, typer.Option(help="Model to include (repeat; default: all).")
+    ] = None,
+    onnx_dir: Annotated[
+        Path | None, typer.Option(help="Folder of exported ONNX files (default: build/onnx).")
+    ] = None,
+    engine_dir: Annotated[
+        Path | None, typer.Option(help="Folder of TensorRT engines (default: build/trt).")
+    ] = None,
+    configs_only: Annotated[
+        bool,
+        typer.Option(help="Write configs and python sources only (what model_repository/ keeps)."),
+    ] = False,
+    config: Annotated[
+        ConfigName, typer.Option(help="Model configuration the shapes come from (configs only).")
+    ] = ConfigName.tiny,
+    gpu_engine: Annotated[
+        GpuEngine, typer.Option(help="gpu target: the network behind each ensemble.")
+    ] = GpuEngine.trt,
+) -> None:
+    """Write a Triton model repository (config.pbtxt, python models, artefacts) from the spec."""
+    from ctjoint.export.triton_repository import write_repository
+
+    models = tuple(dict.fromkeys(m.value for m in model)) if model else contracts.MODEL_NAMES
+    report = write_repository(
+        out,
+        target=target.value,
+        models=models,
+        onnx_dir=onnx_dir,
+        engine_dir=engine_dir,
+        config_name=config.value,
+        configs_only=configs_only,
+        gpu_engine=gpu_engine.value,
+    )
+    typer.echo(report.summary())
+
+
+@export_app.command("trt")
+@clean_errors
+def export_trt_command(
+    model: Annotated[ModelName, typer.Option(help="Which network.")],
+    precision: Annotated[Precision, typer.Option(help="Engine precision.")] = Precision.fp16,
+    onnx: Annotated[
+        Path | None, typer.Option(help="ONNX file (default: build/onnx/<model>.onnx).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Engine file (default: build/trt/<model>.plan).")
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Largest batch of the profile (default: the spec's).")
+    ] = None,
+    calibration_scans: Annotated[
+        int, typer.Option(help="int8: phantom scans to calibrate on.")
+    ] = 8,
+    timing_cache: Annotated[
+        Path | None, typer.Option(help="Timing cache file (default: build/trt/timing.cache).")
+    ] = None,
+) -> None:
+    """Build a TensorRT engine (needs an NVIDIA GPU), check it against ONNX Runtime."""
+    from ctjoint.export.tensorrt_build import build_engine
+
+    record = build_engine(
+        model=model.value,
+        precision=precision.value,
+        onnx_file=onnx,
+        out=out,
+        max_batch=max_batch,
+        calibration_scans=calibration_scans,
+        timing_cache=timing_cache,
+    )
+    typer.echo(record.summary())
+
+
+@triton_app.command("serve")
+@clean_errors
+def triton_serve(
+    repository: Annotated[
+        Path | None,
+        typer.Option(help="Model repository (default: model_repository/cpu of the checkout)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: every interface).")] = (
+        "127.0.0.1"
+    ),
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+    http_port: Annotated[int, typer.Option(help="HTTP port (readiness, metrics API).")] = 8000,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    server: Annotated[
+        Path | None,
+        typer.Option(help="tritonserver binary (default: PATH, else the nvidia-pytriton wheel)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every model.")] = 180.0,
+) -> None:
+    """Run tritonserver on a repository until interrupted (every model READY or it exits)."""
+    import logging
+
+    from ctjoint.gateway.triton_server import TritonServerConfig, serve_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    folder = repository or contracts.repo_root() / "model_repository" / contracts.TRITON_TARGET_CPU
+    config = TritonServerConfig(
+        repository=folder,
+        host=host,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+    )
+    code = serve_forever(config, binary=server, timeout=timeout)
+    raise typer.Exit(code=code)
+
+
+@triton_app.command("perf")
+@clean_errors
+def triton_perf(
+    model: Annotated[ModelName, typer.Option(help="Ensemble to measure.")] = ModelName.jcs2d,
+    url: Annotated[str, typer.Option(help="Triton gRPC endpoint HOST:PORT.")] = ("127.0.0.1:8001"),
+    concurrency: Annotated[
+        str, typer.Option(help="perf_analyzer concurrency range START:END[:STEP].")
+    ] = "1:4",
+    batch: Annotated[int, typer.Option(help="Samples per request.")] = 1,
+    out: Annotated[Path, typer.Option(help="Folder for the CSV and JSON reports.")] = Path(
+        "out/perf"
+    ),
+    measurement_ms: Annotated[int, typer.Option(help="Measurement window per step.")] = 3000,
+) -> None:
+    """Run perf_analyzer against a served ensemble (concurrency sweep, CSV + JSON)."""
+    from ctjoint.export.triton_perf import run_perf_analyzer
+
+    report = run_perf_analyzer(
+        model=model.value,
+        url=url,
+        concurrency=concurrency,
+        batch=batch,
+        out_dir=out,
+        measurement_ms=measurement_ms,
+    )
+    typer.echo(report.summary())
 
 
 @app.command()

@@ -86,6 +86,8 @@ ONNX_META_PLAN: Final = "ctjoint.preprocess_plan"
 ONNX_META_CLASSES: Final = "ctjoint.classes"
 ONNX_META_SEG_CLASSES: Final = "ctjoint.seg_classes"
 ONNX_META_TRAINED_ON: Final = "ctjoint.trained_on"
+# Provenance of the bundled weights (ONNX metadata and the Triton ensembles' parameters).
+TRAINED_ON_PHANTOMS: Final = "synthetic phantoms, not for clinical use"
 
 # --- On-disk layout of a case (phantoms and the DICOM real-data layout) -----------------------
 # CASE/series/*.dcm        the CT series, one file per slice

@@ -30,7 +30,7 @@ OPSET = 18
 PARITY_TOLERANCE = 1e-3
 PARITY_BATCH = 2
 PARITY_BATCHES = (1, 3)
-TRAINED_ON_PHANTOMS = "synthetic phantoms, not for clinical use"
+TRAINED_ON_PHANTOMS = contracts.TRAINED_ON_PHANTOMS
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 

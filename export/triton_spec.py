@@ -257,10 +257,9 @@ class ModelFacts:
     def from_config(cls, model: str, config_name: str = "tiny") -> ModelFacts:
         """Facts from a training configuration (the bundled weights are the tiny ones)."""
         from ctjoint.export.configs import get_config
-        from ctjoint.export.onnx_export import TRAINED_ON_PHANTOMS
 
         config = get_config(model, config_name)
-        return cls(model, config.plan, config.version, TRAINED_ON_PHANTOMS)
+        return cls(model, config.plan, config.version, contracts.TRAINED_ON_PHANTOMS)
 
     @classmethod
     def from_onnx(cls, path: Path) -> ModelFacts:
