@@ -23,6 +23,7 @@ from ctjoint.gateway.errors import (
     BackendError,
     BackendUnavailableError,
     CtJointError,
+    DeadlineExceededError,
     InputError,
     LimitExceededError,
     ModelNotFoundError,
@@ -44,6 +45,7 @@ STATUS_BY_ERROR: Final[tuple[tuple[type[CtJointError], grpc.StatusCode], ...]] =
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (BackendError, grpc.StatusCode.INTERNAL),
 )
 

@@ -96,10 +96,10 @@ def test_a_missing_model_stops_start_up_with_one_clear_line(tmp_path: Path) -> N
     assert "Traceback" not in done.stderr + done.stdout
 
 
-def test_the_triton_backend_is_a_typed_error_until_it_lands(tmp_path: Path) -> None:
+def test_the_triton_backend_without_its_url_is_one_clear_line(tmp_path: Path) -> None:
     done = _serve("--backend", "triton", model_dir=tmp_path)
     assert done.returncode == 2
-    assert "not available until the Triton backend lands" in done.stderr
+    assert "error: the triton backend needs --triton-url" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
 
 

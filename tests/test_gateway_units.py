@@ -90,6 +90,7 @@ def test_cli_limit_defaults_are_the_gateway_defaults() -> None:
         (errors.ModelNotFoundError("x"), grpc.StatusCode.NOT_FOUND),
         (errors.BackendUnavailableError("x"), grpc.StatusCode.UNAVAILABLE),
         (errors.BackendError("x"), grpc.StatusCode.INTERNAL),
+        (errors.DeadlineExceededError("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
         (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
         (MemoryError(), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (KeyError("bug"), grpc.StatusCode.INTERNAL),
