@@ -50,7 +50,7 @@ demo: install onnx
 	  --json $(DEMO_DIR)/result_deepsc3d.json --png $(DEMO_DIR)/overlay_deepsc3d.png
 
 test: install onnx repository
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check .
