@@ -314,7 +314,7 @@ def _make_calibrator(trt: Any, batches: Iterator[np.ndarray], cache_file: Path) 
     """An IInt8EntropyCalibrator2 fed from `batches` (device copies kept alive per batch)."""
     import torch
 
-    class PhantomCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+    class PhantomCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             super().__init__()
             self.samples = 0
