@@ -6,13 +6,15 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ctjoint-installed
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.ctjoint-installed
 MODELS := jcs2d deepsc3d
 ONNX := $(foreach m,$(MODELS),build/onnx/$(m).onnx)
 # The CPU Triton repository's built artefacts: the exported ONNX beside each <model>_cpu model.
 REPOSITORY := $(foreach m,$(MODELS),model_repository/cpu/$(m)_cpu/1/model.onnx)
 DEMO_DIR := out/demo
 
-.PHONY: demo test lint typecheck install onnx repository proto clean
+.PHONY: demo test lint typecheck install onnx repository proto clean triton-runtime
 
 $(STAMP): pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -26,7 +28,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[client,gateway,export,test]'
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) $(TRITON_STAMP)
+
+# The CPU tritonserver (python backend only) ships in the nvidia-pytriton wheel. It runs in an
+# environment of its own: the wheel's python-backend stub needs numpy 1.x, the gateway side
+# runs numpy 2 with the tritonclient that matches protobuf 6. The models it serves see this
+# environment's numpy and onnxruntime, and ctjoint.contracts (installed without dependencies).
+$(TRITON_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	$(TRITON_VENV)/bin/pip install -q nvidia-pytriton==0.7.0 'numpy<2' onnxruntime
+	$(TRITON_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+triton-runtime: $(TRITON_STAMP)
 
 # Exported ONNX is produced from the bundled weights by the set-up, never committed.
 build/onnx/%.onnx: export/weights/%_tiny.pt $(STAMP)

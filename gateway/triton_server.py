@@ -9,7 +9,6 @@ to the stub's embedded interpreter (see `_wheel_install`).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -24,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
+from ctjoint.contracts import repo_root
 from ctjoint.gateway.errors import CtJointError
 
 log = logging.getLogger(__name__)
 
+ENV_TRITON_RUNTIME: Final = "CTJOINT_TRITON_ENV"
 READY_TIMEOUT_S: Final = 180.0
 STOP_GRACE_S: Final = 30.0
 _POLL_S: Final = 0.25
@@ -85,17 +86,32 @@ def find_install(binary: Path | None = None) -> TritonInstall:
     return _wheel_install()
 
 
+def runtime_env() -> Path:
+    """The Python environment the wheel's server and its python-backend stubs run in.
+
+    $CTJOINT_TRITON_ENV, else `<repo>/.venv-triton` (made by `make`), else this environment.
+    A separate environment because the wheel's stub is built against numpy 1.x: under numpy 2
+    it hands Triton empty output tensors, while the gateway side wants numpy 2 and the
+    tritonclient that goes with protobuf 6.
+    """
+    configured = os.environ.get(ENV_TRITON_RUNTIME)
+    if configured:
+        return Path(configured)
+    default = repo_root() / ".venv-triton"
+    return default if default.is_dir() else Path(sys.prefix)
+
+
 def _wheel_install() -> TritonInstall:
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
+    prefix = runtime_env()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    package = prefix / "lib" / f"python{version}" / "site-packages" / "pytriton"
+    if not package.is_dir():
         raise TritonServerError(
-            "no tritonserver on PATH and the nvidia-pytriton wheel is not installed; install "
-            "the `triton` extra (pip install -e '.[triton]') or run inside the NGC container"
+            f"no tritonserver on PATH and no nvidia-pytriton wheel in {prefix}; run `make "
+            f"triton-runtime` (or set {ENV_TRITON_RUNTIME}), or run inside the NGC container"
         )
-    package = Path(next(iter(spec.submodule_search_locations)))
     root = package / "tritonserver"
     binary = root / "bin" / "tritonserver"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     libs = package.parent / "nvidia_pytriton.libs"
     for needed in (binary, stub, root / "backends" / "python"):
@@ -108,9 +124,9 @@ def _wheel_install() -> TritonInstall:
     shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
     env = {"LD_LIBRARY_PATH": _prepend(str(libs), os.environ.get("LD_LIBRARY_PATH"))}
     # The stub embeds libpython and ignores PYTHONPATH; it derives its prefix from the first
-    # `python3` on PATH. This environment's bin/ first makes models see its site-packages
-    # (numpy, onnxruntime, ctjoint.contracts), exactly what the gateway itself runs with.
-    env["PATH"] = _prepend(str(Path(sys.prefix) / "bin"), os.environ.get("PATH"))
+    # `python3` on PATH. The runtime environment's bin/ first makes models see its
+    # site-packages (numpy, onnxruntime, ctjoint.contracts).
+    env["PATH"] = _prepend(str(prefix / "bin"), os.environ.get("PATH"))
     return TritonInstall(
         binary=binary, backend_dir=backends, env=env, scratch=scratch, source="nvidia-pytriton"
     )
