@@ -54,7 +54,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     batch (not per image) so that lesion-free images, common in 2.5D batches, add false-positive
     mass without dividing zero by zero. The union term is the binary lesion Dice we report.
     """
-    probs = torch.softmax(logits, dim=1)
+    probs = torch.softmax(logits.float(), dim=1)
     num_classes = logits.shape[1]
     onehot = F.one_hot(target.long(), num_classes).movedim(-1, 1).to(probs.dtype)
     axes = (0, *range(2, logits.dim()))
@@ -76,7 +76,11 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (every voxel) + soft Dice (lesion overlap, robust to class imbalance)."""
+    """Cross-entropy (every voxel) + soft Dice (lesion overlap, robust to class imbalance).
+
+    Computed in float32 whatever precision the network ran in.
+    """
+    logits = logits.float()
     return F.cross_entropy(logits, target.long()) + soft_dice_loss(logits, target)
 
 
@@ -114,7 +118,7 @@ class JointLoss(nn.Module):
         self, out: JointOutput, seg_target: torch.Tensor, cls_target: torch.Tensor
     ) -> LossTerms:
         seg = self.segmentation(out, seg_target)
-        cls = F.cross_entropy(out.cls_logits, cls_target.long())
+        cls = F.cross_entropy(out.cls_logits.float(), cls_target.long())
         if self.mode == "uncertainty":
             s = self.log_variances.clamp(-LOG_VARIANCE_LIMIT, LOG_VARIANCE_LIMIT)
             weights = torch.exp(-s)

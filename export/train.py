@@ -93,6 +93,12 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
+def autocast(enabled: bool) -> torch.autocast:
+    """bfloat16 autocast on CPUs that compute bf16 natively; a no-op context elsewhere."""
+    native = enabled and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=native)
+
+
 # --- Batches -----------------------------------------------------------------------------------
 
 
@@ -241,7 +247,7 @@ def make_batch(
 
 @torch.no_grad()
 def predict_case(
-    net: JointNetwork, case: PreparedCase, context: int, kind: str
+    net: JointNetwork, case: PreparedCase, context: int, kind: str, amp: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Label map on the model grid and scan probabilities [3] for one prepared case."""
     net.eval()
@@ -251,14 +257,16 @@ def predict_case(
         for start in range(0, len(case.image), PREDICT_BATCH):
             stop = min(start + PREDICT_BATCH, len(case.image))
             stack = np.stack([context_window(case.image, z, context) for z in range(start, stop)])
-            seg, cls = net(torch.from_numpy(stack.astype(np.float32)))
+            with autocast(amp):
+                seg, cls = net(torch.from_numpy(stack.astype(np.float32)))
             labels.append(seg.argmax(dim=1).to(torch.uint8).numpy())
-            slice_logits.append(cls.numpy())
+            slice_logits.append(cls.float().numpy())
         probs = aggregate_slice_probabilities(softmax(np.concatenate(slice_logits), axis=1))
         return np.concatenate(labels), probs
     image = torch.from_numpy(case.image.astype(np.float32))[None, None]
-    seg, cls = net(image)
-    return seg[0].argmax(dim=0).to(torch.uint8).numpy(), softmax(cls.numpy(), axis=1)[0]
+    with autocast(amp):
+        seg, cls = net(image)
+    return seg[0].argmax(dim=0).to(torch.uint8).numpy(), softmax(cls.float().numpy(), axis=1)[0]
 
 
 def validate(net: JointNetwork, cases: Sequence[PreparedCase], config: RunConfig) -> dict[str, Any]:
@@ -268,7 +276,9 @@ def validate(net: JointNetwork, cases: Sequence[PreparedCase], config: RunConfig
     pooled = OverlapCounts(0, 0, 0)
     correct = 0
     for case in cases:
-        labels, probs = predict_case(net, case, config.plan.context, config.plan.kind)
+        labels, probs = predict_case(
+            net, case, config.plan.context, config.plan.kind, config.train.amp
+        )
         counts = overlap(labels > 0, case.labels > 0)
         pooled = pooled + counts
         if counts.truth > 0:
@@ -537,7 +547,8 @@ def train_run(
             )
             for step, members in enumerate(batches):
                 batch = make_batch(config, train_cases, members, True, rng)
-                out = net.forward_all(batch.image)
+                with autocast(config.train.amp):
+                    out = net.forward_all(batch.image)
                 terms = loss_fn(out, batch.seg, batch.cls)
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()

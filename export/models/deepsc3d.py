@@ -4,7 +4,8 @@ Three subnets, as in the paper:
 - cross-task feature subnet: a shared 3D residual encoder behind a strided stem (the stem
   halves every axis, which is what keeps the tiny configuration trainable on a CPU);
 - 3D lesion segmentation subnet: an attention-gated decoder back to the stem's grid, whose
-  logits are interpolated (trilinear) to the input grid;
+  logits are interpolated (trilinear) to the input grid and refined there by one small
+  convolution that sees the image (lesion borders at input resolution, cheaply);
 - classification subnet: re-weights the shared bottleneck by the segmentation-derived lesion
   attention (residual attention, x * (1 + a)), refines it with one convolution, and pools it
   uniformly and by attention; the decoder's last features pooled the same way and the lesion
@@ -67,6 +68,14 @@ class DeepSc3d(nn.Module):
             for i in range(len(widths) - 1)
         )
         self.seg_head = conv1x1(3, widths[0], num_seg_classes)
+        # Input-resolution refinement: a residual correction of the interpolated logits from
+        # the logits and the image together, so borders follow the image, not the coarse grid.
+        self.refine: nn.Module | None = None
+        if net.refine_channels > 0:
+            self.refine = nn.Sequential(
+                ConvNormAct(3, in_channels + num_seg_classes, net.refine_channels, norm=net.norm),
+                conv1x1(3, net.refine_channels, num_seg_classes),
+            )
         self.aux_heads = nn.ModuleDict(
             {
                 str(level): conv1x1(3, widths[level], num_seg_classes)
@@ -92,6 +101,8 @@ class DeepSc3d(nn.Module):
                 aux[level] = self.aux_heads[str(level)](x)
         stem_logits = self.seg_head(x)
         seg_logits = upsample_logits(stem_logits, self.stem_stride, 3)
+        if self.refine is not None:
+            seg_logits = seg_logits + self.refine(torch.cat([image, seg_logits], dim=1))
 
         # Detached: the lesion mask explains the class; the class loss does not bend the mask.
         attention, fractions = lesion_statistics(stem_logits.detach())
