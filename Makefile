@@ -14,7 +14,7 @@ ONNX := $(foreach m,$(MODELS),build/onnx/$(m).onnx)
 REPOSITORY := $(foreach m,$(MODELS),model_repository/cpu/$(m)_cpu/1/model.onnx)
 DEMO_DIR := out/demo
 
-.PHONY: demo test lint typecheck install onnx repository proto clean triton-runtime
+.PHONY: demo test lint typecheck install onnx repository proto clean triton-runtime perf-tools
 
 $(STAMP): pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -42,6 +42,16 @@ $(TRITON_STAMP): pyproject.toml
 	touch $@
 
 triton-runtime: $(TRITON_STAMP)
+
+# perf_analyzer (ctjoint triton perf): the binary of the tritonclient 2.51 wheel, installed
+# without its Python dependencies in an environment of its own, plus the CUDA runtime library
+# it links (it runs without a GPU); libb64-0d comes from apt.
+perf-tools: $(STAMP)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libb64-0d >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d; \
+	fi
+	$(PYTHON) -m venv .venv-perf
+	.venv-perf/bin/pip install -q --no-deps tritonclient==2.51.0 nvidia-cuda-runtime-cu12
 
 # Exported ONNX is produced from the bundled weights by the set-up, never committed.
 build/onnx/%.onnx: export/weights/%_tiny.pt $(STAMP)

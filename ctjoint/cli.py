@@ -323,6 +323,9 @@ def triton_perf(
         "out/perf"
     ),
     measurement_ms: Annotated[int, typer.Option(help="Measurement window per step.")] = 3000,
+    stability: Annotated[
+        int, typer.Option(help="Percent by which windows may differ and still count stable.")
+    ] = 30,
 ) -> None:
     """Run perf_analyzer against a served ensemble (concurrency sweep, CSV + JSON)."""
     from ctjoint.export.triton_perf import run_perf_analyzer
@@ -334,6 +337,7 @@ def triton_perf(
         batch=batch,
         out_dir=out,
         measurement_ms=measurement_ms,
+        stability_percent=stability,
     )
     typer.echo(report.summary())
 

@@ -1,11 +1,15 @@
 """`ctjoint triton perf`: perf_analyzer against a served ensemble, a concurrency sweep written
-as CSV (perf_analyzer's own) and JSON (its profile export plus our summary).
+as CSV (perf_analyzer's own) and JSON (the parsed rows).
 
-perf_analyzer ships as `bin/perf_analyzer` with the tritonclient 2.51 wheel. On a CPU machine
-it still links the CUDA runtime: it needs `libb64-0d` (apt) and the pip package
-`nvidia-cuda-runtime-cu12` whose library folder this module puts on LD_LIBRARY_PATH.
-Input is random data of the ensemble's own input shape (perf_analyzer reads it from Triton).
+perf_analyzer ships as `bin/perf_analyzer` in the tritonclient 2.51 wheel (newer wheels dropped
+it, and the gateway's tritonclient is newer), so `make perf-tools` puts that wheel, without its
+Python dependencies, in an environment of its own, `.venv-perf`, together with the pip CUDA
+runtime (`nvidia-cuda-runtime-cu12`) it links even on a CPU machine; it also needs `libb64-0d`
+(apt). Input is zeros of the ensemble's input shape (perf_analyzer reads it from Triton).
+The run is bounded in memory and time: against a server that dies under it, perf_analyzer's
+memory grows without limit, and this machine is shared.
 
+    make perf-tools
     ctjoint triton serve &                      # or any Triton with the ensembles loaded
     ctjoint triton perf --model jcs2d --concurrency 1:4 --out out/perf
 """
@@ -13,10 +17,10 @@ Input is random data of the ensemble's own input shape (perf_analyzer reads it f
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -24,8 +28,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Final
 
+from ctjoint.contracts import repo_root
 from ctjoint.gateway.errors import CtJointError
 
+ENV_PERF_ANALYZER: Final = "CTJOINT_PERF_ANALYZER"
+PERF_VENV: Final = ".venv-perf"
+# perf_analyzer itself needs a few hundred MB; the cap only stops a runaway.
+MEMORY_LIMIT_BYTES: Final = 4 << 30
 _CONCURRENCY: Final = re.compile(r"^\d+(:\d+(:\d+)?)?$")
 
 
@@ -63,26 +72,39 @@ class PerfReport:
 
 
 def find_perf_analyzer() -> Path:
-    """perf_analyzer on PATH (the NGC SDK container), else the tritonclient wheel's."""
-    found = shutil.which("perf_analyzer") or str(Path(sys.prefix) / "bin" / "perf_analyzer")
-    path = Path(found)
-    if not path.is_file():
-        raise PerfAnalyzerError(
-            "perf_analyzer not found: it comes with tritonclient==2.51.0 (the gateway extra) "
-            "or the NGC tritonserver SDK container"
-        )
-    return path
+    """$CTJOINT_PERF_ANALYZER, else perf_analyzer on PATH (the NGC SDK container), else the one
+    `make perf-tools` installs in <repo>/.venv-perf, else this environment's."""
+    candidates = [
+        os.environ.get(ENV_PERF_ANALYZER),
+        shutil.which("perf_analyzer"),
+        str(repo_root() / PERF_VENV / "bin" / "perf_analyzer"),
+        str(Path(sys.prefix) / "bin" / "perf_analyzer"),
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise PerfAnalyzerError(
+        "perf_analyzer not found: run `make perf-tools` (tritonclient 2.51's binary in "
+        f"{PERF_VENV}), set {ENV_PERF_ANALYZER}, or use the NGC tritonserver SDK container"
+    )
 
 
-def perf_env() -> dict[str, str]:
-    """The environment perf_analyzer needs on a machine without CUDA: the pip CUDA runtime."""
+def perf_env(binary: Path) -> dict[str, str]:
+    """The environment perf_analyzer needs on a machine without CUDA: the pip CUDA runtime
+    installed beside it (in the same virtual environment)."""
     env = dict(os.environ)
-    spec = importlib.util.find_spec("nvidia.cuda_runtime")
-    if spec is not None and spec.submodule_search_locations:
-        lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    venv = binary.resolve().parent.parent
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    libs = sorted(venv.glob(f"lib/{version}/site-packages/nvidia/cuda_runtime/lib"))
+    if libs:
         current = env.get("LD_LIBRARY_PATH")
-        env["LD_LIBRARY_PATH"] = f"{lib}{os.pathsep}{current}" if current else str(lib)
+        env["LD_LIBRARY_PATH"] = f"{libs[0]}{os.pathsep}{current}" if current else str(libs[0])
     return env
+
+
+def _limit_memory() -> None:
+    """In the child before exec: cap its heap (RLIMIT_DATA), so a runaway fails alone."""
+    resource.setrlimit(resource.RLIMIT_DATA, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
 
 
 def run_perf_analyzer(
@@ -93,6 +115,7 @@ def run_perf_analyzer(
     batch: int = 1,
     out_dir: Path,
     measurement_ms: int = 3000,
+    stability_percent: int = 30,
 ) -> PerfReport:
     """Sweep concurrency against `model` at `url` (gRPC); returns the parsed rows."""
     if not _CONCURRENCY.match(concurrency):
@@ -101,9 +124,9 @@ def run_perf_analyzer(
         raise PerfAnalyzerError("batch must be >= 1 and the measurement window >= 100 ms")
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{model}_b{batch}.csv"
-    profile_path = out_dir / f"{model}_b{batch}.profile.json"
+    binary = find_perf_analyzer()
     args = [
-        str(find_perf_analyzer()),
+        str(binary),
         "-m",
         model,
         "-i",
@@ -116,15 +139,35 @@ def run_perf_analyzer(
         concurrency,
         "--measurement-interval",
         str(measurement_ms),
+        # perf_analyzer's "random" FP32 data are random bit patterns, NaN and inf among them,
+        # which the network model refuses per request; the cost does not depend on the values.
+        "--input-data",
+        "zero",
+        # A shared or small machine rarely holds perf_analyzer's default 10 % stability.
+        "--stability-percentage",
+        str(stability_percent),
         "--percentile",
         "99",
+        # No --profile-export-file: perf_analyzer 2.51 holds every request's record for it and
+        # grew to tens of GB on this machine; the CSV has what the sweep needs.
         "-f",
         str(csv_path),
-        "--profile-export-file",
-        str(profile_path),
     ]
+    # Each step measures until stable, at most 10 windows; anything far beyond is a hang.
+    steps = len(range(*_sweep(concurrency)))
+    timeout_s = 60.0 + steps * 12 * measurement_ms / 1000.0
     try:
-        done = subprocess.run(args, env=perf_env(), capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            args,
+            env=perf_env(binary),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout_s,
+            preexec_fn=_limit_memory,
+        )
+    except subprocess.TimeoutExpired as err:
+        raise PerfAnalyzerError(f"perf_analyzer did not finish within {timeout_s:.0f} s") from err
     except OSError as err:
         raise PerfAnalyzerError(f"cannot run perf_analyzer: {err}") from err
     if done.returncode != 0:
@@ -142,7 +185,6 @@ def run_perf_analyzer(
                 "batch": batch,
                 "url": url,
                 "rows": [asdict(r) for r in rows],
-                "perf_analyzer_profile": profile_path.name,
                 "perf_analyzer_csv": csv_path.name,
             },
             indent=2,
@@ -150,6 +192,15 @@ def run_perf_analyzer(
         + "\n"
     )
     return report
+
+
+def _sweep(concurrency: str) -> tuple[int, int, int]:
+    """START[:END[:STEP]] as range() arguments."""
+    parts = [int(p) for p in concurrency.split(":")]
+    start = parts[0]
+    end = parts[1] if len(parts) > 1 else start
+    step = parts[2] if len(parts) > 2 else 1
+    return start, end + 1, max(step, 1)
 
 
 def _read_rows(csv_path: Path) -> list[PerfRow]:
@@ -166,4 +217,4 @@ def _read_rows(csv_path: Path) -> list[PerfRow]:
                     p99_latency_ms=float(row["p99 latency"]) / 1000.0,
                 )
             )
-    return rows
+    return sorted(rows, key=lambda r: r.concurrency)
