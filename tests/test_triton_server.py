@@ -432,3 +432,26 @@ def _wait_for_listening(log_path: Path, process: subprocess.Popen[bytes]) -> str
             return f"{found.group(1)}:{found.group(2)}"
         time.sleep(0.1)
     raise AssertionError(f"gateway did not listen:\n{log_path.read_text()}")
+
+
+def test_perf_analyzer_sweep_writes_csv_and_json(
+    triton: TritonServerConfig, tmp_path: Path
+) -> None:
+    from ctjoint.export.triton_perf import PerfAnalyzerError, find_perf_analyzer, run_perf_analyzer
+
+    try:
+        find_perf_analyzer()
+    except PerfAnalyzerError as err:
+        pytest.skip(str(err))
+    report = run_perf_analyzer(
+        model=contracts.MODEL_JCS2D,
+        url=triton.grpc_url,
+        concurrency="1:2",
+        out_dir=tmp_path,
+        measurement_ms=1000,
+        stability_percent=60,
+    )
+    print(report.summary())
+    assert [r.concurrency for r in report.rows] == [1, 2]
+    assert all(r.throughput_per_s > 0 for r in report.rows)
+    assert report.csv_path.is_file() and report.json_path.is_file()
