@@ -393,7 +393,12 @@ def gateway_serve(
     port: Annotated[int, typer.Option(help="gRPC port (0: any free port, logged).")] = 50051,
     backend: Annotated[BackendName, typer.Option(help="Inference backend.")] = BackendName.embedded,
     triton_url: Annotated[
-        str | None, typer.Option(help="Triton gRPC endpoint (triton backend).")
+        list[str] | None,
+        typer.Option(
+            help="Triton gRPC endpoint HOST:PORT (triton backend). Repeat it, or separate "
+            "with commas, for several replicas; a name resolving to several addresses (a "
+            "headless Service) counts as one replica per address."
+        ),
     ] = None,
     model_dir: Annotated[
         Path | None, typer.Option(help="Folder of exported ONNX models (embedded backend).")
@@ -422,6 +427,7 @@ def gateway_serve(
     log_format: Annotated[LogFormat, typer.Option(help="Log line format.")] = LogFormat.text,
 ) -> None:
     """Serve AnalyzeScan, GetModelInfo, health and reflection over gRPC until SIGTERM."""
+    from ctjoint.gateway.backends.replicas import parse_endpoints
     from ctjoint.gateway.limits import GatewayLimits
     from ctjoint.gateway.logging_setup import configure_logging
     from ctjoint.gateway.server import GatewayConfig, run
@@ -429,11 +435,14 @@ def gateway_serve(
     configure_logging(log_level, log_format.value)
     models = tuple(dict.fromkeys(m.value for m in model)) if model else contracts.MODEL_NAMES
     try:
+        if triton_url:
+            # A malformed endpoint is a usage error: refuse it before anything starts.
+            parse_endpoints(triton_url)
         config = GatewayConfig(
             host=host,
             port=port,
             backend=backend.value,
-            triton_url=triton_url,
+            triton_url=",".join(triton_url) if triton_url else None,
             model_dir=model_dir,
             models=models,
             default_model=contracts.DEFAULT_MODEL

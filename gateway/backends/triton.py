@@ -6,9 +6,13 @@ behind it. The ensemble also returns the network's logits, which the shared pipe
 onto the source slice grid exactly as with the embedded backend. A model's preprocessing plan
 comes from the ensemble's config parameters (the same keys as the ONNX metadata).
 
-Readiness follows Triton: `load()` waits (with backoff) until the server and every model are
-ready, and a monitor keeps `ready` in step afterwards. tritonclient errors become the
-project's typed errors at this boundary.
+Several Triton replicas may stand behind one backend (see replicas.py): each request goes to
+the healthy replica with the fewest requests in flight; a replica that fails its health check
+or answers UNAVAILABLE is ejected and probed again later, and the request is re-sent to
+another replica (inference is idempotent), so a scan survives a dying replica. Readiness
+follows Triton: `load()` waits (with backoff) until one replica has every model ready, and a
+monitor keeps `ready` in step afterwards. tritonclient errors become the project's typed
+errors at this boundary.
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ from ctjoint.gateway.backends.base import (
     ModelOutputs,
     model_info_from_metadata,
 )
+from ctjoint.gateway.backends.replicas import (
+    PROBE_FIRST_S,
+    PROBE_MAX_S,
+    Replica,
+    ReplicaPool,
+    ReplicaStats,
+    parse_endpoints,
+    resolve,
+)
 from ctjoint.gateway.deadlines import time_left
 from ctjoint.gateway.errors import (
     BackendError,
@@ -59,9 +72,15 @@ REQUESTED_OUTPUTS: Final = (ENSEMBLE_LESION_LOGITS, ENSEMBLE_DIAGNOSIS_LOGITS, P
 # Checks (readiness, configs) are cheap; they get a short timeout of their own.
 CHECK_TIMEOUT_S: Final = 5.0
 HEALTH_INTERVAL_S: Final = 2.0
+# A name can resolve to more (or fewer) replicas over time (Kubernetes headless Service).
+DNS_REFRESH_S: Final = 15.0
+# How long a request whose replica died waits for another one to become healthy.
+FAILOVER_WAIT_S: Final = 30.0
 _BACKOFF_FIRST_S: Final = 0.5
 _BACKOFF_MAX_S: Final = 5.0
 # Status codes as tritonclient spells them in InferenceServerException.status().
+# These mean "this replica cannot answer now", never "this request is wrong": the request is
+# re-sent to another replica.
 _UNAVAILABLE: Final = frozenset(
     {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.CANCELLED"}
 )
@@ -70,22 +89,27 @@ _NOT_FOUND: Final = "StatusCode.NOT_FOUND"
 
 
 class TritonBackend(InferenceBackend):
-    """Models served by Triton at `url` (HOST:PORT of its gRPC endpoint).
+    """Models served by one or more Tritons: `url` is HOST:PORT of a gRPC endpoint, several
+    of them (a sequence, or comma-separated), or a name resolving to several addresses.
 
     `request_timeout_s` bounds one inference when the scan has no deadline of its own;
-    `load_timeout_s` (None: wait for ever) bounds how long `load()` waits for Triton.
+    `load_timeout_s` (None: wait for ever) bounds how long `load()` waits for a first replica.
     """
 
     name = "triton"
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         models: Sequence[str] = MODEL_NAMES,
         *,
         request_timeout_s: float | None = 300.0,
         load_timeout_s: float | None = None,
         health_interval_s: float = HEALTH_INTERVAL_S,
+        probe_first_s: float = PROBE_FIRST_S,
+        probe_max_s: float = PROBE_MAX_S,
+        failover_wait_s: float = FAILOVER_WAIT_S,
+        dns_refresh_s: float = DNS_REFRESH_S,
     ) -> None:
         unknown = [m for m in models if m not in MODEL_NAMES]
         if unknown:
@@ -94,24 +118,31 @@ class TritonBackend(InferenceBackend):
             )
         if not models:
             raise ValueError("a Triton backend needs at least one model")
-        if not url or url.startswith(("http://", "https://")):
-            raise ValueError(f"the Triton gRPC endpoint must be HOST:PORT, got {url!r}")
-        self.url = url
+        self._endpoints = parse_endpoints(url)
+        self.url = ",".join(e.target for e in self._endpoints)
         self._wanted = tuple(models)
         self._request_timeout_s = request_timeout_s
         self._load_timeout_s = load_timeout_s
         self._health_interval_s = health_interval_s
-        self._client: triton_aio.InferenceServerClient | None = None
+        self._failover_wait_s = failover_wait_s
+        self._dns_refresh_s = dns_refresh_s
+        self._pool = ReplicaPool(probe_first_s=probe_first_s, probe_max_s=probe_max_s)
+        self._clients: dict[str, triton_aio.InferenceServerClient] = {}
+        # Replicas DNS no longer lists, closed once their last request has finished.
+        self._retiring: list[Replica] = []
         self._infos: dict[str, ModelInfo] = {}
-        self._ready = False
-        self._reason = f"Triton at {url} has not been reached yet; retry shortly"
+        self._healthy = asyncio.Event()
+        self._closed = False
+        self._resolved_at = 0.0
+        self._retried_slices = 0
+        self._reason = f"Triton at {self.url} has not been reached yet; retry shortly"
         self._monitor: asyncio.Task[None] | None = None
 
     # --- InferenceBackend ---------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._pool.healthy_count > 0
 
     @property
     def unavailable_reason(self) -> str:
@@ -131,26 +162,26 @@ class TritonBackend(InferenceBackend):
         return info
 
     async def load(self) -> None:
-        """Connect and wait until Triton and every model are ready, then keep watching."""
-        if self._client is None:
-            self._client = triton_aio.InferenceServerClient(self.url)
+        """Find the replicas and wait until one has every model ready, then keep watching."""
+        self._closed = False
         started = time.monotonic()
         delay = _BACKOFF_FIRST_S
         while True:
-            try:
-                await self._check()
+            await self._refresh_replicas(force=True)
+            await asyncio.gather(*(self._probe(r) for r in self._pool.replicas))
+            if self.ready:
                 break
-            except BackendUnavailableError as err:
-                self._reason = str(err)
-                waited = time.monotonic() - started
-                if self._load_timeout_s is not None and waited >= self._load_timeout_s:
-                    raise
-                if delay == _BACKOFF_FIRST_S:
-                    log.warning("waiting for Triton: %s", err)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _BACKOFF_MAX_S)
+            waited = time.monotonic() - started
+            if self._load_timeout_s is not None and waited >= self._load_timeout_s:
+                raise BackendUnavailableError(self._reason)
+            if delay == _BACKOFF_FIRST_S:
+                log.warning("waiting for Triton: %s", self._reason)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX_S)
         log.info(
-            "Triton at %s ready with %s in %.2f s",
+            "Triton ready at %d of %d replicas (%s) with %s in %.2f s",
+            self._pool.healthy_count,
+            len(self._pool),
             self.url,
             ", ".join(f"{i.name} {i.version}" for i in self._infos.values()),
             time.monotonic() - started,
@@ -159,41 +190,183 @@ class TritonBackend(InferenceBackend):
             self._monitor = asyncio.create_task(self._watch(), name="triton-health")
 
     async def infer(self, model: str, image: np.ndarray) -> ModelOutputs:
-        client = self._client
-        if client is None or not self._ready:
+        if self._closed or not self._pool.replicas:
             raise BackendUnavailableError(self._reason)
         self.model_info(model)
-        timeout = self._timeout()
         request = InferInput(INPUT_IMAGE, list(image.shape), "FP32")
         request.set_data_from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         outputs = [InferRequestedOutput(name) for name in REQUESTED_OUTPUTS]
-        started = time.perf_counter()
-        try:
-            result = await client.infer(model, [request], outputs=outputs, client_timeout=timeout)
-        except InferenceServerException as err:
-            raise self._translate(err, f"model {model!r}") from err
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
-        seg = result.as_numpy(ENSEMBLE_LESION_LOGITS)
-        cls = result.as_numpy(ENSEMBLE_DIAGNOSIS_LOGITS)
-        if seg is None or cls is None:
-            raise BackendError(
-                f"model {model!r}: Triton's answer lacks {ENSEMBLE_LESION_LOGITS!r} or "
-                f"{ENSEMBLE_DIAGNOSIS_LOGITS!r}"
-            )
-        # model_ms is this request's round trip (queueing and batching included).
-        return ModelOutputs(seg_logits=seg, cls_logits=cls, model_ms=elapsed_ms)
+        failed: set[str] = set()
+        # Each replica may fail a request once or twice (a flapping one); more means the
+        # failure is not about replicas and retrying would only hide it.
+        attempts = 2 * max(len(self._pool), 1) + 1
+        for attempt in range(attempts):
+            replica = await self._next_replica(frozenset(failed))
+            timeout = self._timeout()
+            client = self._client_for(replica)
+            replica.in_flight += 1
+            replica.requests += 1
+            started = time.perf_counter()
+            try:
+                result = await client.infer(
+                    model, [request], outputs=outputs, client_timeout=timeout
+                )
+            except InferenceServerException as err:
+                replica.failures += 1
+                if (err.status() or "") not in _UNAVAILABLE or attempt + 1 == attempts:
+                    raise self._translate(err, f"model {model!r}", replica.address) from err
+                # The replica (not the request) failed: take it out and send the same slices
+                # to another one. Inference is idempotent, so a duplicate costs only time.
+                failed.add(replica.address)
+                self._eject(replica, f"{err.status()}: {err.message() or err}")
+                self._retried_slices += int(image.shape[0]) if image.ndim else 1
+                continue
+            finally:
+                replica.in_flight -= 1
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            seg = result.as_numpy(ENSEMBLE_LESION_LOGITS)
+            cls = result.as_numpy(ENSEMBLE_DIAGNOSIS_LOGITS)
+            if seg is None or cls is None:
+                raise BackendError(
+                    f"model {model!r}: Triton at {replica.address} answered without "
+                    f"{ENSEMBLE_LESION_LOGITS!r} or {ENSEMBLE_DIAGNOSIS_LOGITS!r}"
+                )
+            # model_ms is this request's round trip (queueing and batching included).
+            return ModelOutputs(seg_logits=seg, cls_logits=cls, model_ms=elapsed_ms)
+        raise BackendUnavailableError(f"model {model!r}: {self._reason}")  # pragma: no cover
 
     async def close(self) -> None:
+        self._closed = True
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor
-        client, self._client = self._client, None
-        self._ready = False
+        for replica in self._pool.replicas:
+            self._pool.eject(replica, "the Triton backend is closed")
+        self._healthy.clear()
         self._reason = "the Triton backend is closed"
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.close()
+
+    # --- replicas -----------------------------------------------------------------------------
+
+    @property
+    def retried_slices(self) -> int:
+        """Slices re-sent to another replica after theirs failed, since start."""
+        return self._retried_slices
+
+    def replica_stats(self) -> tuple[ReplicaStats, ...]:
+        """Per-replica health and request counters."""
+        return self._pool.stats()
+
+    async def _next_replica(self, failed: frozenset[str]) -> Replica:
+        """A healthy replica, waiting (bounded) for one to come back when none is."""
+        replica = self._pool.pick(avoid=failed)
+        if replica is not None:
+            return replica
+        wait = self._failover_wait_s
+        left = time_left()
+        if left is not None:
+            wait = min(wait, max(left, 0.0))
+        try:
+            await asyncio.wait_for(self._healthy.wait(), timeout=wait)
+        except TimeoutError:
+            raise BackendUnavailableError(self._reason) from None
+        replica = self._pool.pick(avoid=failed)
+        if replica is None or self._closed:
+            raise BackendUnavailableError(self._reason)
+        return replica
+
+    def _client_for(self, replica: Replica) -> triton_aio.InferenceServerClient:
+        client = self._clients.get(replica.address)
+        if client is None:
+            client = triton_aio.InferenceServerClient(replica.address)
+            self._clients[replica.address] = client
+        return client
+
+    async def _drop_client(self, address: str) -> None:
+        client = self._clients.pop(address, None)
         if client is not None:
             await client.close()
+
+    def _eject(self, replica: Replica, reason: str) -> None:
+        if self._pool.eject(replica, reason):
+            log.warning(
+                "Triton replica %s ejected (%d of %d healthy): %s",
+                replica.address,
+                self._pool.healthy_count,
+                len(self._pool),
+                reason,
+            )
+        self._update_health()
+
+    def _update_health(self) -> None:
+        if self._pool.healthy_count:
+            self._healthy.set()
+            self._reason = ""
+            return
+        self._healthy.clear()
+        reasons = "; ".join(f"Triton at {r.address}: {r.reason}" for r in self._pool.replicas)
+        self._reason = f"no Triton replica is ready ({reasons or f'none found for {self.url}'})"
+
+    async def _refresh_replicas(self, *, force: bool = False) -> None:
+        """Re-read the replica list from DNS (names only; IPs stand for themselves)."""
+        now = time.monotonic()
+        if not force and now - self._resolved_at < self._dns_refresh_s:
+            return
+        self._resolved_at = now
+        resolved = await asyncio.gather(*(resolve(e) for e in self._endpoints))
+        targets = [
+            (a, e.target) for e, addrs in zip(self._endpoints, resolved, strict=True) for a in addrs
+        ]
+        if not targets and len(self._pool):
+            # A failed lookup is not "no replicas": keep what is known rather than drop it.
+            return
+        added, removed = self._pool.sync(targets)
+        for replica in added:
+            log.info("Triton replica %s (%s) found", replica.address, replica.endpoint)
+        for replica in removed:
+            log.info("Triton replica %s is no longer listed by DNS", replica.address)
+            self._retiring.append(replica)
+        still: list[Replica] = []
+        for replica in self._retiring:
+            if replica.in_flight:
+                still.append(replica)
+            else:
+                await self._drop_client(replica.address)
+        self._retiring = still
+        self._update_health()
+
+    async def _probe(self, replica: Replica) -> None:
+        """Health-check one replica: server and models ready, model infos as the pool's."""
+        if not replica.healthy and not replica.in_flight:
+            # An ejected replica gets a fresh channel: the old one may sit in gRPC's reconnect
+            # back-off (up to minutes), which would hide a restarted server that long. Not
+            # while requests still run on it: closing a channel cancels its calls.
+            await self._drop_client(replica.address)
+        client = self._client_for(replica)
+        try:
+            infos = await self._check(client, replica.address)
+            others = [r for r in self._pool.replicas if r.healthy and r is not replica]
+            if others and self._infos and infos != self._infos:
+                raise BackendError(
+                    f"Triton at {replica.address} serves other model versions or plans than "
+                    "the healthy replicas; not mixing them in one scan"
+                )
+        except CtJointError as err:
+            self._eject(replica, str(err))
+            return
+        self._infos = infos
+        if self._pool.restore(replica):
+            log.info(
+                "Triton replica %s is healthy (%d of %d)",
+                replica.address,
+                self._pool.healthy_count,
+                len(self._pool),
+            )
+        self._update_health()
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -207,41 +380,34 @@ class TritonBackend(InferenceBackend):
             return left
         return min(left, self._request_timeout_s)
 
-    async def _check(self) -> None:
+    async def _check(
+        self, client: triton_aio.InferenceServerClient, address: str
+    ) -> dict[str, ModelInfo]:
         """Server and models ready; model infos read from the ensembles' configs."""
-        client = self._client
-        if client is None:
-            raise BackendUnavailableError("the Triton backend is closed")
         try:
             if not await client.is_server_ready(client_timeout=CHECK_TIMEOUT_S):
-                raise BackendUnavailableError(f"Triton at {self.url} is not ready")
+                raise BackendUnavailableError(f"Triton at {address} is not ready")
             infos: dict[str, ModelInfo] = {}
             for model in self._wanted:
                 if not await client.is_model_ready(model, client_timeout=CHECK_TIMEOUT_S):
                     raise BackendUnavailableError(
-                        f"Triton at {self.url} does not have model {model!r} ready"
+                        f"Triton at {address} does not have model {model!r} ready"
                     )
                 response = await client.get_model_config(
                     model, as_json=True, client_timeout=CHECK_TIMEOUT_S
                 )
-                infos[model] = self._info_from_config(model, response)
+                infos[model] = self._info_from_config(model, response, address)
         except InferenceServerException as err:
-            self._ready = False
-            raise self._translate(err, "readiness check") from err
-        except BackendUnavailableError:
-            self._ready = False
-            raise
-        self._infos = infos
-        self._ready = True
-        self._reason = ""
+            raise self._translate(err, "readiness check", address) from err
+        return infos
 
-    def _info_from_config(self, model: str, response: dict[str, Any]) -> ModelInfo:
+    def _info_from_config(self, model: str, response: dict[str, Any], address: str) -> ModelInfo:
         config = response.get("config", {})
         parameters = {
             key: value.get("string_value", "")
             for key, value in config.get("parameters", {}).items()
         }
-        source = f"Triton model {model!r} at {self.url}"
+        source = f"Triton model {model!r} at {address}"
         inputs = {i["name"]: i for i in config.get("input", [])}
         if INPUT_IMAGE not in inputs:
             raise BackendError(f"{source}: no input {INPUT_IMAGE!r}")
@@ -259,32 +425,30 @@ class TritonBackend(InferenceBackend):
         )
 
     async def _watch(self) -> None:
-        """Keep `ready` in step with Triton, logging each change once."""
+        """Keep every replica's health in step: re-check the healthy, probe the ejected when
+        their back-off is over, and follow DNS."""
         while True:
             await asyncio.sleep(self._health_interval_s)
-            was_ready = self._ready
-            try:
-                await self._check()
-            except CtJointError as err:
-                self._reason = str(err)
-                if was_ready:
-                    log.warning("Triton is no longer ready: %s", err)
-                continue
-            if not was_ready:
-                log.info("Triton at %s is ready again", self.url)
+            was_ready = self.ready
+            await self._refresh_replicas()
+            due = [r for r in self._pool.replicas if r.healthy]
+            due.extend(self._pool.due_for_probe())
+            await asyncio.gather(*(self._probe(r) for r in due))
+            if was_ready and not self.ready:
+                log.warning("Triton is no longer ready: %s", self._reason)
+            elif self.ready and not was_ready:
+                log.info("Triton is ready again (%s)", self.url)
 
-    def _translate(self, err: InferenceServerException, what: str) -> CtJointError:
+    def _translate(self, err: InferenceServerException, what: str, address: str) -> CtJointError:
         status = err.status() or ""
         message = err.message() or str(err)
         if status == _DEADLINE:
             return DeadlineExceededError(f"{what}: Triton did not answer in time ({message})")
         if status in _UNAVAILABLE:
-            self._ready = False
-            self._reason = f"Triton at {self.url} is unavailable: {message}"
-            return BackendUnavailableError(f"{what}: {self._reason}")
+            return BackendUnavailableError(f"{what}: Triton at {address} is unavailable: {message}")
         if status == _NOT_FOUND:
-            return ModelNotFoundError(f"{what}: Triton at {self.url}: {message}")
-        return BackendError(f"{what}: Triton at {self.url} failed: {message}")
+            return ModelNotFoundError(f"{what}: Triton at {address}: {message}")
+        return BackendError(f"{what}: Triton at {address} failed: {message}")
 
 
 __all__ = ["MAX_IN_FLIGHT_PER_SCAN", "REQUEST_SLICES", "TritonBackend"]
