@@ -173,6 +173,8 @@ def _copy_artefact(
         hint = f"`ctjoint export trt --model {model}` on the GPU machine"
     if not source.is_file():
         raise SpecError(f"model {spec.name!r}: {source} is missing; build it with {hint}")
+    # A network model (trt, onnx) has no committed file in its version folder to create it.
+    version_dir.mkdir(parents=True, exist_ok=True)
     # Copied beside the target, then renamed: a running Triton never sees half a file.
     with tempfile.NamedTemporaryFile(dir=version_dir, suffix=".tmp", delete=False) as handle:
         temp = Path(handle.name)
