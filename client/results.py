@@ -97,6 +97,45 @@ def result_dict(message: scan_pb2.ScanResult) -> dict[str, Any]:
         "model": {"name": message.model.name, "version": message.model.version},
         "backend": message.backend,
         "timings": {**ordered, **timings},
+        "quantification": (
+            _quantification_dict(message.quantification)
+            if message.HasField("quantification")
+            else None
+        ),
+    }
+
+
+def _quantification_dict(message: scan_pb2.Quantification) -> dict[str, Any]:
+    """Quantification.to_dict() of the gateway, rebuilt from its message."""
+    lungs: dict[str, Any] = {}
+    for lung in message.lungs:
+        lungs[lung.side] = {
+            "side": lung.side,
+            "volume_ml": float(lung.volume_ml),
+            "lesion_volume_ml": {c.name: float(c.volume_ml) for c in lung.lesions},
+            "total_lesion_ml": float(lung.total_lesion_ml),
+            "percent_involved": float(lung.percent_involved),
+            "zones": [
+                {
+                    "zone": z.zone,
+                    "lung_volume_ml": float(z.lung_volume_ml),
+                    "lesion_volume_ml": float(z.lesion_volume_ml),
+                    "percent_involved": float(z.percent_involved),
+                    "severity": int(z.severity),
+                }
+                for z in lung.zones
+            ],
+        }
+    return {
+        "method": message.method,
+        "lungs": lungs,
+        "bilateral": bool(message.bilateral),
+        "peripheral_fraction": float(message.peripheral_fraction),
+        "central_fraction": float(message.central_fraction),
+        "distribution": message.distribution,
+        "peripheral_rule": message.peripheral_rule,
+        "severity_score": int(message.severity_score),
+        "severity_scale": message.severity_scale,
     }
 
 

@@ -22,6 +22,7 @@ from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
 from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
 from ctjoint.gateway.dicom_io import DicomSource, describe_source, read_ct_slice
 from ctjoint.gateway.errors import BackendError
+from ctjoint.gateway.lesions import quantify
 from ctjoint.gateway.preprocess import (
     ResampleGeometry,
     logits_to_source_labels,
@@ -30,6 +31,7 @@ from ctjoint.gateway.preprocess import (
 )
 from ctjoint.gateway.result import (
     LesionStatistics,
+    Quantification,
     ScanResult,
     SeriesInfo,
     StageTimings,
@@ -204,7 +206,7 @@ class ScanAnalyzer:
         del image
 
         t0 = time.perf_counter()
-        probabilities, slice_probs, label_map, lesions = await asyncio.to_thread(
+        probabilities, slice_probs, label_map, lesions, quantification = await asyncio.to_thread(
             _postprocess, info, outputs, geometry, volume
         )
         postprocess_ms = (time.perf_counter() - t0) * 1000.0
@@ -225,6 +227,7 @@ class ScanAnalyzer:
         result = ScanResult.from_probabilities(
             probabilities.tolist(),
             lesions=lesions,
+            quantification=quantification,
             series=SeriesInfo(
                 slices=z,
                 rows=volume.shape[1],
@@ -309,8 +312,9 @@ def _check_outputs(info: ModelInfo, outputs: ModelOutputs, batch: int) -> None:
 
 def _postprocess(
     info: ModelInfo, outputs: ModelOutputs, geometry: ResampleGeometry, volume: CtVolume
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, LesionStatistics]:
-    """Probabilities (scan and, for 2.5D, per slice), source-grid label map, lesion statistics."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, LesionStatistics, Quantification]:
+    """Probabilities (scan and, for 2.5D, per slice), source-grid label map, lesion statistics
+    and the lung quantification (gateway/lesions.py)."""
     slice_probs: np.ndarray | None = None
     if info.plan.kind == "2.5d":
         slice_probs = softmax(outputs.cls_logits, axis=1)
@@ -318,7 +322,13 @@ def _postprocess(
     else:
         probabilities = softmax(outputs.cls_logits, axis=1)[0]
     label_map = source_label_map(outputs.seg_logits, geometry)
-    return probabilities, slice_probs, label_map, lesion_statistics(label_map, volume)
+    return (
+        probabilities,
+        slice_probs,
+        label_map,
+        lesion_statistics(label_map, volume),
+        quantify(label_map, volume),
+    )
 
 
 def source_label_map(seg_logits: np.ndarray, geometry: ResampleGeometry) -> np.ndarray:

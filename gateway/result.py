@@ -86,6 +86,125 @@ class LesionStatistics:
         }
 
 
+LUNG_SIDES = ("right", "left")
+ZONE_NAMES = ("upper", "middle", "lower")
+
+
+@dataclass(frozen=True)
+class ZoneStatistics:
+    """One cranio-caudal third of one lung: volumes, percent involved, severity score 0-5."""
+
+    zone: str
+    lung_volume_ml: float
+    lesion_volume_ml: float
+    percent_involved: float
+    severity: int
+
+    def __post_init__(self) -> None:
+        if self.zone not in ZONE_NAMES:
+            raise ValueError(f"zone {self.zone!r} is not one of {ZONE_NAMES}")
+        for name in ("lung_volume_ml", "lesion_volume_ml", "percent_involved"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "severity", int(self.severity))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "zone": self.zone,
+            "lung_volume_ml": self.lung_volume_ml,
+            "lesion_volume_ml": self.lesion_volume_ml,
+            "percent_involved": self.percent_involved,
+            "severity": self.severity,
+        }
+
+
+@dataclass(frozen=True)
+class LungStatistics:
+    """One lung: its volume (lesions included), lesion volume per class, percent involved."""
+
+    side: str
+    volume_ml: float
+    lesion_volume_ml: Mapping[str, float]
+    percent_involved: float
+    zones: tuple[ZoneStatistics, ...]
+
+    def __post_init__(self) -> None:
+        if self.side not in LUNG_SIDES:
+            raise ValueError(f"lung side {self.side!r} is not one of {LUNG_SIDES}")
+        volumes = {name: float(self.lesion_volume_ml.get(name, 0.0)) for name in LESION_CLASS_NAMES}
+        object.__setattr__(self, "lesion_volume_ml", volumes)
+        object.__setattr__(self, "volume_ml", float(self.volume_ml))
+        object.__setattr__(self, "percent_involved", float(self.percent_involved))
+        object.__setattr__(self, "zones", tuple(self.zones))
+        if tuple(z.zone for z in self.zones) != ZONE_NAMES:
+            raise ValueError(f"a lung has the zones {ZONE_NAMES} in that order")
+
+    @property
+    def total_lesion_ml(self) -> float:
+        return sum(self.lesion_volume_ml.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "side": self.side,
+            "volume_ml": self.volume_ml,
+            "lesion_volume_ml": dict(self.lesion_volume_ml),
+            "total_lesion_ml": self.total_lesion_ml,
+            "percent_involved": self.percent_involved,
+            "zones": [z.to_dict() for z in self.zones],
+        }
+
+
+@dataclass(frozen=True)
+class Quantification:
+    """Lungs and lesion distribution (gateway/lesions.py documents every rule and threshold).
+
+    `lungs` is (right, left); `peripheral_fraction` + `central_fraction` = 1 when there is any
+    lesion (both 0 otherwise); the severity score is the sum over the six zones, 0-30.
+    """
+
+    lungs: tuple[LungStatistics, ...]
+    bilateral: bool
+    peripheral_fraction: float
+    central_fraction: float
+    method: str
+    peripheral_rule: str
+    severity_scale: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lungs", tuple(self.lungs))
+        if tuple(lung.side for lung in self.lungs) != LUNG_SIDES:
+            raise ValueError(f"quantification has the lungs {LUNG_SIDES} in that order")
+        object.__setattr__(self, "bilateral", bool(self.bilateral))
+        object.__setattr__(self, "peripheral_fraction", float(self.peripheral_fraction))
+        object.__setattr__(self, "central_fraction", float(self.central_fraction))
+
+    def lung(self, side: str) -> LungStatistics:
+        return self.lungs[LUNG_SIDES.index(side)]
+
+    @property
+    def severity_score(self) -> int:
+        return sum(zone.severity for lung in self.lungs for zone in lung.zones)
+
+    @property
+    def distribution(self) -> str:
+        """ "peripheral", "central" (the larger fraction) or "none" without lesions."""
+        if self.peripheral_fraction == 0.0 and self.central_fraction == 0.0:
+            return "none"
+        return "peripheral" if self.peripheral_fraction >= self.central_fraction else "central"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "lungs": {lung.side: lung.to_dict() for lung in self.lungs},
+            "bilateral": self.bilateral,
+            "peripheral_fraction": self.peripheral_fraction,
+            "central_fraction": self.central_fraction,
+            "distribution": self.distribution,
+            "peripheral_rule": self.peripheral_rule,
+            "severity_score": self.severity_score,
+            "severity_scale": self.severity_scale,
+        }
+
+
 @dataclass(frozen=True)
 class StageTimings:
     """Milliseconds per stage, each summed over its own work (not waits for a stream).
@@ -130,6 +249,8 @@ class ScanResult:
     timings: StageTimings = field(default_factory=StageTimings)
     # Per slice, per class (2D model only; empty for the 3D model).
     slice_probabilities: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    # Lungs and lesion distribution; None only for results built without a CT volume.
+    quantification: Quantification | None = None
 
     def __post_init__(self) -> None:
         if self.label not in CLASS_NAMES:
@@ -162,4 +283,7 @@ class ScanResult:
             "model": {"name": self.model, "version": self.model_version},
             "backend": self.backend,
             "timings": self.timings.to_dict(),
+            "quantification": (
+                None if self.quantification is None else self.quantification.to_dict()
+            ),
         }

@@ -13,7 +13,7 @@ import numpy as np
 
 from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES, SEG_CLASS_NAMES
 from ctjoint.gateway.backends.base import ModelInfo
-from ctjoint.gateway.result import ScanResult
+from ctjoint.gateway.result import Quantification, ScanResult
 from ctjoint.v1 import scan_pb2
 
 # Level 1 is ~3x faster than the default and loses little here: label maps are long runs of
@@ -89,10 +89,44 @@ def result_to_proto(
             probabilities=[values[index] for values in per_class] if has_slice_probs else [],
             lesion_pixels=[counts[index] for counts in pixels],
         )
+    if result.quantification is not None:
+        message.quantification.CopyFrom(quantification_to_proto(result.quantification))
     for key, stage in ANALYSIS_STAGES:
         message.timings.add(stage=stage, milliseconds=timings[key])
     for stage, ms in (extra_timings_ms or {}).items():
         message.timings.add(stage=stage, milliseconds=round(ms, 3))
+    return message
+
+
+def quantification_to_proto(quantification: Quantification) -> scan_pb2.Quantification:
+    """The lungs and lesion distribution as a message (client/results.py reads it back)."""
+    message = scan_pb2.Quantification(
+        bilateral=quantification.bilateral,
+        peripheral_fraction=quantification.peripheral_fraction,
+        central_fraction=quantification.central_fraction,
+        distribution=quantification.distribution,
+        severity_score=quantification.severity_score,
+        method=quantification.method,
+        peripheral_rule=quantification.peripheral_rule,
+        severity_scale=quantification.severity_scale,
+    )
+    for lung in quantification.lungs:
+        entry = message.lungs.add(
+            side=lung.side,
+            volume_ml=lung.volume_ml,
+            total_lesion_ml=lung.total_lesion_ml,
+            percent_involved=lung.percent_involved,
+        )
+        for name in LESION_CLASS_NAMES:
+            entry.lesions.add(name=name, volume_ml=lung.lesion_volume_ml[name])
+        for zone in lung.zones:
+            entry.zones.add(
+                zone=zone.zone,
+                lung_volume_ml=zone.lung_volume_ml,
+                lesion_volume_ml=zone.lesion_volume_ml,
+                percent_involved=zone.percent_involved,
+                severity=zone.severity,
+            )
     return message
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63tjoint/v1/scan.proto\x12\nctjoint.v1\"i\n\x0bScanRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.ctjoint.v1.ScanHeaderH\x00\x12%\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x15.ctjoint.v1.DicomFileH\x00\x42\t\n\x07payload\"s\n\nScanHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07outputs\x18\x03 \x01(\x0b\x32\x19.ctjoint.v1.OutputOptions\x12\x16\n\x0e\x65xpected_files\x18\x04 \x01(\r\"<\n\rOutputOptions\x12\r\n\x05masks\x18\x01 \x01(\x08\x12\x0b\n\x03seg\x18\x02 \x01(\x08\x12\x0f\n\x07overlay\x18\x03 \x01(\x08\"\x1c\n\tDicomFile\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\"\xad\x03\n\nScanResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x03 \x03(\t\x12\x15\n\rprobabilities\x18\x04 \x03(\x02\x12)\n\x06slices\x18\x05 \x03(\x0b\x32\x19.ctjoint.v1.SliceEvidence\x12-\n\x07lesions\x18\x06 \x01(\x0b\x32\x1c.ctjoint.v1.LesionStatistics\x12%\n\x04mask\x18\x07 \x01(\x0b\x32\x17.ctjoint.v1.LabelVolume\x12\x11\n\tseg_dicom\x18\x08 \x01(\x0c\x12\x13\n\x0boverlay_png\x18\t \x01(\x0c\x12(\n\x07timings\x18\n \x03(\x0b\x32\x17.ctjoint.v1.StageTiming\x12#\n\x05model\x18\x0b \x01(\x0b\x32\x14.ctjoint.v1.ModelRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\x12,\n\x08geometry\x18\r \x01(\x0b\x32\x1a.ctjoint.v1.SeriesGeometry\x12\x19\n\x11slice_file_number\x18\x0e \x03(\r\"L\n\rSliceEvidence\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x15\n\rlesion_pixels\x18\x03 \x03(\x04\"\x8e\x01\n\x10LesionStatistics\x12\x32\n\x07\x63lasses\x18\x01 \x03(\x0b\x32!.ctjoint.v1.LesionClassStatistics\x12\x14\n\x0ctotal_voxels\x18\x02 \x01(\x04\x12\x17\n\x0ftotal_volume_ml\x18\x03 \x01(\x01\x12\x17\n\x0fvoxel_volume_ml\x18\x04 \x01(\x01\"H\n\x15LesionClassStatistics\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06voxels\x18\x02 \x01(\x04\x12\x11\n\tvolume_ml\x18\x03 \x01(\x01\"\xb2\x01\n\x0bLabelVolume\x12\x32\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32 .ctjoint.v1.LabelVolume.Encoding\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\"=\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NCODING_ZLIB_UINT8\x10\x01\"\xc4\x01\n\x0eSeriesGeometry\x12\x0e\n\x06slices\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x03 \x01(\r\x12\x18\n\x10slice_spacing_mm\x18\x04 \x01(\x01\x12\x16\n\x0erow_spacing_mm\x18\x05 \x01(\x01\x12\x19\n\x11\x63olumn_spacing_mm\x18\x06 \x01(\x01\x12\x1f\n\x12slice_thickness_mm\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_slice_thickness_mm\"2\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x14\n\x0cmilliseconds\x18\x02 \x01(\x01\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"h\n\tScanEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.ctjoint.v1.ProgressH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.ctjoint.v1.ScanResultH\x00\x42\x07\n\x05\x65vent\"\xf5\x01\n\x08Progress\x12)\n\x05stage\x18\x01 \x01(\x0e\x32\x1a.ctjoint.v1.Progress.Stage\x12\x0c\n\x04\x64one\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x8c\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_RECEIVED\x10\x01\x12\x13\n\x0fSTAGE_VALIDATED\x10\x02\x12\x16\n\x12STAGE_PREPROCESSED\x10\x03\x12\x12\n\x0eSTAGE_INFERRED\x10\x04\x12\x17\n\x13STAGE_POSTPROCESSED\x10\x05\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"e\n\x14GetModelInfoResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12%\n\x06models\x18\x03 \x03(\x0b\x32\x15.ctjoint.v1.ModelInfo\"\xa5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x03 \x03(\t\x12\x17\n\x0fseg_class_names\x18\x04 \x03(\t\x12(\n\x05input\x18\x05 \x01(\x0b\x32\x19.ctjoint.v1.InputGeometry\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x12\n\ntrained_on\x18\x07 \x01(\t\"]\n\rInputGeometry\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r2\xf1\x01\n\x0bScanService\x12@\n\x0b\x41nalyzeScan\x12\x17.ctjoint.v1.ScanRequest\x1a\x16.ctjoint.v1.ScanResult(\x01\x12M\n\x17\x41nalyzeScanWithProgress\x12\x17.ctjoint.v1.ScanRequest\x1a\x15.ctjoint.v1.ScanEvent(\x01\x30\x01\x12Q\n\x0cGetModelInfo\x12\x1f.ctjoint.v1.GetModelInfoRequest\x1a .ctjoint.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63tjoint/v1/scan.proto\x12\nctjoint.v1\"i\n\x0bScanRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.ctjoint.v1.ScanHeaderH\x00\x12%\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x15.ctjoint.v1.DicomFileH\x00\x42\t\n\x07payload\"s\n\nScanHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07outputs\x18\x03 \x01(\x0b\x32\x19.ctjoint.v1.OutputOptions\x12\x16\n\x0e\x65xpected_files\x18\x04 \x01(\r\"H\n\rOutputOptions\x12\r\n\x05masks\x18\x01 \x01(\x08\x12\x0b\n\x03seg\x18\x02 \x01(\x08\x12\x0f\n\x07overlay\x18\x03 \x01(\x08\x12\n\n\x02sr\x18\x04 \x01(\x08\"\x1c\n\tDicomFile\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\"\x9a\x04\n\nScanResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x03 \x03(\t\x12\x15\n\rprobabilities\x18\x04 \x03(\x02\x12)\n\x06slices\x18\x05 \x03(\x0b\x32\x19.ctjoint.v1.SliceEvidence\x12-\n\x07lesions\x18\x06 \x01(\x0b\x32\x1c.ctjoint.v1.LesionStatistics\x12%\n\x04mask\x18\x07 \x01(\x0b\x32\x17.ctjoint.v1.LabelVolume\x12\x11\n\tseg_dicom\x18\x08 \x01(\x0c\x12\x13\n\x0boverlay_png\x18\t \x01(\x0c\x12(\n\x07timings\x18\n \x03(\x0b\x32\x17.ctjoint.v1.StageTiming\x12#\n\x05model\x18\x0b \x01(\x0b\x32\x14.ctjoint.v1.ModelRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x0c \x01(\t\x12,\n\x08geometry\x18\r \x01(\x0b\x32\x1a.ctjoint.v1.SeriesGeometry\x12\x19\n\x11slice_file_number\x18\x0e \x03(\r\x12\x32\n\x0equantification\x18\x0f \x01(\x0b\x32\x1a.ctjoint.v1.Quantification\x12\x10\n\x08sr_dicom\x18\x10 \x01(\x0c\x12%\n\x04pacs\x18\x11 \x01(\x0b\x32\x17.ctjoint.v1.PacsOutcome\"\xf4\x01\n\x0eQuantification\x12)\n\x05lungs\x18\x01 \x03(\x0b\x32\x1a.ctjoint.v1.LungStatistics\x12\x11\n\tbilateral\x18\x02 \x01(\x08\x12\x1b\n\x13peripheral_fraction\x18\x03 \x01(\x01\x12\x18\n\x10\x63\x65ntral_fraction\x18\x04 \x01(\x01\x12\x14\n\x0c\x64istribution\x18\x05 \x01(\t\x12\x16\n\x0eseverity_score\x18\x06 \x01(\r\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x17\n\x0fperipheral_rule\x18\x08 \x01(\t\x12\x16\n\x0eseverity_scale\x18\t \x01(\t\"\xc3\x01\n\x0eLungStatistics\x12\x0c\n\x04side\x18\x01 \x01(\t\x12\x11\n\tvolume_ml\x18\x02 \x01(\x01\x12\x32\n\x07lesions\x18\x03 \x03(\x0b\x32!.ctjoint.v1.LesionClassStatistics\x12\x17\n\x0ftotal_lesion_ml\x18\x04 \x01(\x01\x12\x18\n\x10percent_involved\x18\x05 \x01(\x01\x12)\n\x05zones\x18\x06 \x03(\x0b\x32\x1a.ctjoint.v1.ZoneStatistics\"|\n\x0eZoneStatistics\x12\x0c\n\x04zone\x18\x01 \x01(\t\x12\x16\n\x0elung_volume_ml\x18\x02 \x01(\x01\x12\x18\n\x10lesion_volume_ml\x18\x03 \x01(\x01\x12\x18\n\x10percent_involved\x18\x04 \x01(\x01\x12\x10\n\x08severity\x18\x05 \x01(\r\"d\n\x0bPacsOutcome\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x0f\n\x07objects\x18\x05 \x03(\t\"L\n\rSliceEvidence\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x15\n\rlesion_pixels\x18\x03 \x03(\x04\"\x8e\x01\n\x10LesionStatistics\x12\x32\n\x07\x63lasses\x18\x01 \x03(\x0b\x32!.ctjoint.v1.LesionClassStatistics\x12\x14\n\x0ctotal_voxels\x18\x02 \x01(\x04\x12\x17\n\x0ftotal_volume_ml\x18\x03 \x01(\x01\x12\x17\n\x0fvoxel_volume_ml\x18\x04 \x01(\x01\"H\n\x15LesionClassStatistics\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06voxels\x18\x02 \x01(\x04\x12\x11\n\tvolume_ml\x18\x03 \x01(\x01\"\xb2\x01\n\x0bLabelVolume\x12\x32\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32 .ctjoint.v1.LabelVolume.Encoding\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\"=\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45NCODING_ZLIB_UINT8\x10\x01\"\xc4\x01\n\x0eSeriesGeometry\x12\x0e\n\x06slices\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x03 \x01(\r\x12\x18\n\x10slice_spacing_mm\x18\x04 \x01(\x01\x12\x16\n\x0erow_spacing_mm\x18\x05 \x01(\x01\x12\x19\n\x11\x63olumn_spacing_mm\x18\x06 \x01(\x01\x12\x1f\n\x12slice_thickness_mm\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_slice_thickness_mm\"2\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x14\n\x0cmilliseconds\x18\x02 \x01(\x01\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"h\n\tScanEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.ctjoint.v1.ProgressH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.ctjoint.v1.ScanResultH\x00\x42\x07\n\x05\x65vent\"\xf5\x01\n\x08Progress\x12)\n\x05stage\x18\x01 \x01(\x0e\x32\x1a.ctjoint.v1.Progress.Stage\x12\x0c\n\x04\x64one\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x8c\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_RECEIVED\x10\x01\x12\x13\n\x0fSTAGE_VALIDATED\x10\x02\x12\x16\n\x12STAGE_PREPROCESSED\x10\x03\x12\x12\n\x0eSTAGE_INFERRED\x10\x04\x12\x17\n\x13STAGE_POSTPROCESSED\x10\x05\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"e\n\x14GetModelInfoResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12%\n\x06models\x18\x03 \x03(\x0b\x32\x15.ctjoint.v1.ModelInfo\"\xa5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x03 \x03(\t\x12\x17\n\x0fseg_class_names\x18\x04 \x03(\t\x12(\n\x05input\x18\x05 \x01(\x0b\x32\x19.ctjoint.v1.InputGeometry\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x12\n\ntrained_on\x18\x07 \x01(\t\"]\n\rInputGeometry\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\r\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r2\xf1\x01\n\x0bScanService\x12@\n\x0b\x41nalyzeScan\x12\x17.ctjoint.v1.ScanRequest\x1a\x16.ctjoint.v1.ScanResult(\x01\x12M\n\x17\x41nalyzeScanWithProgress\x12\x17.ctjoint.v1.ScanRequest\x1a\x15.ctjoint.v1.ScanEvent(\x01\x30\x01\x12Q\n\x0cGetModelInfo\x12\x1f.ctjoint.v1.GetModelInfoRequest\x1a .ctjoint.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,41 +36,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCANHEADER']._serialized_start=144
   _globals['_SCANHEADER']._serialized_end=259
   _globals['_OUTPUTOPTIONS']._serialized_start=261
-  _globals['_OUTPUTOPTIONS']._serialized_end=321
-  _globals['_DICOMFILE']._serialized_start=323
-  _globals['_DICOMFILE']._serialized_end=351
-  _globals['_SCANRESULT']._serialized_start=354
-  _globals['_SCANRESULT']._serialized_end=783
-  _globals['_SLICEEVIDENCE']._serialized_start=785
-  _globals['_SLICEEVIDENCE']._serialized_end=861
-  _globals['_LESIONSTATISTICS']._serialized_start=864
-  _globals['_LESIONSTATISTICS']._serialized_end=1006
-  _globals['_LESIONCLASSSTATISTICS']._serialized_start=1008
-  _globals['_LESIONCLASSSTATISTICS']._serialized_end=1080
-  _globals['_LABELVOLUME']._serialized_start=1083
-  _globals['_LABELVOLUME']._serialized_end=1261
-  _globals['_LABELVOLUME_ENCODING']._serialized_start=1200
-  _globals['_LABELVOLUME_ENCODING']._serialized_end=1261
-  _globals['_SERIESGEOMETRY']._serialized_start=1264
-  _globals['_SERIESGEOMETRY']._serialized_end=1460
-  _globals['_STAGETIMING']._serialized_start=1462
-  _globals['_STAGETIMING']._serialized_end=1512
-  _globals['_MODELREF']._serialized_start=1514
-  _globals['_MODELREF']._serialized_end=1555
-  _globals['_SCANEVENT']._serialized_start=1557
-  _globals['_SCANEVENT']._serialized_end=1661
-  _globals['_PROGRESS']._serialized_start=1664
-  _globals['_PROGRESS']._serialized_end=1909
-  _globals['_PROGRESS_STAGE']._serialized_start=1769
-  _globals['_PROGRESS_STAGE']._serialized_end=1909
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1911
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1947
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1949
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2050
-  _globals['_MODELINFO']._serialized_start=2053
-  _globals['_MODELINFO']._serialized_end=2218
-  _globals['_INPUTGEOMETRY']._serialized_start=2220
-  _globals['_INPUTGEOMETRY']._serialized_end=2313
-  _globals['_SCANSERVICE']._serialized_start=2316
-  _globals['_SCANSERVICE']._serialized_end=2557
+  _globals['_OUTPUTOPTIONS']._serialized_end=333
+  _globals['_DICOMFILE']._serialized_start=335
+  _globals['_DICOMFILE']._serialized_end=363
+  _globals['_SCANRESULT']._serialized_start=366
+  _globals['_SCANRESULT']._serialized_end=904
+  _globals['_QUANTIFICATION']._serialized_start=907
+  _globals['_QUANTIFICATION']._serialized_end=1151
+  _globals['_LUNGSTATISTICS']._serialized_start=1154
+  _globals['_LUNGSTATISTICS']._serialized_end=1349
+  _globals['_ZONESTATISTICS']._serialized_start=1351
+  _globals['_ZONESTATISTICS']._serialized_end=1475
+  _globals['_PACSOUTCOME']._serialized_start=1477
+  _globals['_PACSOUTCOME']._serialized_end=1577
+  _globals['_SLICEEVIDENCE']._serialized_start=1579
+  _globals['_SLICEEVIDENCE']._serialized_end=1655
+  _globals['_LESIONSTATISTICS']._serialized_start=1658
+  _globals['_LESIONSTATISTICS']._serialized_end=1800
+  _globals['_LESIONCLASSSTATISTICS']._serialized_start=1802
+  _globals['_LESIONCLASSSTATISTICS']._serialized_end=1874
+  _globals['_LABELVOLUME']._serialized_start=1877
+  _globals['_LABELVOLUME']._serialized_end=2055
+  _globals['_LABELVOLUME_ENCODING']._serialized_start=1994
+  _globals['_LABELVOLUME_ENCODING']._serialized_end=2055
+  _globals['_SERIESGEOMETRY']._serialized_start=2058
+  _globals['_SERIESGEOMETRY']._serialized_end=2254
+  _globals['_STAGETIMING']._serialized_start=2256
+  _globals['_STAGETIMING']._serialized_end=2306
+  _globals['_MODELREF']._serialized_start=2308
+  _globals['_MODELREF']._serialized_end=2349
+  _globals['_SCANEVENT']._serialized_start=2351
+  _globals['_SCANEVENT']._serialized_end=2455
+  _globals['_PROGRESS']._serialized_start=2458
+  _globals['_PROGRESS']._serialized_end=2703
+  _globals['_PROGRESS_STAGE']._serialized_start=2563
+  _globals['_PROGRESS_STAGE']._serialized_end=2703
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2705
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2741
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2743
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2844
+  _globals['_MODELINFO']._serialized_start=2847
+  _globals['_MODELINFO']._serialized_end=3012
+  _globals['_INPUTGEOMETRY']._serialized_start=3014
+  _globals['_INPUTGEOMETRY']._serialized_end=3107
+  _globals['_SCANSERVICE']._serialized_start=3110
+  _globals['_SCANSERVICE']._serialized_end=3351
 # @@protoc_insertion_point(module_scope)

@@ -28,14 +28,16 @@ class ScanHeader(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., outputs: _Optional[_Union[OutputOptions, _Mapping]] = ..., expected_files: _Optional[int] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
-    __slots__ = ("masks", "seg", "overlay")
+    __slots__ = ("masks", "seg", "overlay", "sr")
     MASKS_FIELD_NUMBER: _ClassVar[int]
     SEG_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    SR_FIELD_NUMBER: _ClassVar[int]
     masks: bool
     seg: bool
     overlay: bool
-    def __init__(self, masks: _Optional[bool] = ..., seg: _Optional[bool] = ..., overlay: _Optional[bool] = ...) -> None: ...
+    sr: bool
+    def __init__(self, masks: _Optional[bool] = ..., seg: _Optional[bool] = ..., overlay: _Optional[bool] = ..., sr: _Optional[bool] = ...) -> None: ...
 
 class DicomFile(_message.Message):
     __slots__ = ("content",)
@@ -44,7 +46,7 @@ class DicomFile(_message.Message):
     def __init__(self, content: _Optional[bytes] = ...) -> None: ...
 
 class ScanResult(_message.Message):
-    __slots__ = ("request_id", "label", "class_names", "probabilities", "slices", "lesions", "mask", "seg_dicom", "overlay_png", "timings", "model", "backend", "geometry", "slice_file_number")
+    __slots__ = ("request_id", "label", "class_names", "probabilities", "slices", "lesions", "mask", "seg_dicom", "overlay_png", "timings", "model", "backend", "geometry", "slice_file_number", "quantification", "sr_dicom", "pacs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +61,9 @@ class ScanResult(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     SLICE_FILE_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    QUANTIFICATION_FIELD_NUMBER: _ClassVar[int]
+    SR_DICOM_FIELD_NUMBER: _ClassVar[int]
+    PACS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     label: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
@@ -73,7 +78,76 @@ class ScanResult(_message.Message):
     backend: str
     geometry: SeriesGeometry
     slice_file_number: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., slices: _Optional[_Iterable[_Union[SliceEvidence, _Mapping]]] = ..., lesions: _Optional[_Union[LesionStatistics, _Mapping]] = ..., mask: _Optional[_Union[LabelVolume, _Mapping]] = ..., seg_dicom: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., geometry: _Optional[_Union[SeriesGeometry, _Mapping]] = ..., slice_file_number: _Optional[_Iterable[int]] = ...) -> None: ...
+    quantification: Quantification
+    sr_dicom: bytes
+    pacs: PacsOutcome
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., slices: _Optional[_Iterable[_Union[SliceEvidence, _Mapping]]] = ..., lesions: _Optional[_Union[LesionStatistics, _Mapping]] = ..., mask: _Optional[_Union[LabelVolume, _Mapping]] = ..., seg_dicom: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., geometry: _Optional[_Union[SeriesGeometry, _Mapping]] = ..., slice_file_number: _Optional[_Iterable[int]] = ..., quantification: _Optional[_Union[Quantification, _Mapping]] = ..., sr_dicom: _Optional[bytes] = ..., pacs: _Optional[_Union[PacsOutcome, _Mapping]] = ...) -> None: ...
+
+class Quantification(_message.Message):
+    __slots__ = ("lungs", "bilateral", "peripheral_fraction", "central_fraction", "distribution", "severity_score", "method", "peripheral_rule", "severity_scale")
+    LUNGS_FIELD_NUMBER: _ClassVar[int]
+    BILATERAL_FIELD_NUMBER: _ClassVar[int]
+    PERIPHERAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    CENTRAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_SCORE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PERIPHERAL_RULE_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_SCALE_FIELD_NUMBER: _ClassVar[int]
+    lungs: _containers.RepeatedCompositeFieldContainer[LungStatistics]
+    bilateral: bool
+    peripheral_fraction: float
+    central_fraction: float
+    distribution: str
+    severity_score: int
+    method: str
+    peripheral_rule: str
+    severity_scale: str
+    def __init__(self, lungs: _Optional[_Iterable[_Union[LungStatistics, _Mapping]]] = ..., bilateral: _Optional[bool] = ..., peripheral_fraction: _Optional[float] = ..., central_fraction: _Optional[float] = ..., distribution: _Optional[str] = ..., severity_score: _Optional[int] = ..., method: _Optional[str] = ..., peripheral_rule: _Optional[str] = ..., severity_scale: _Optional[str] = ...) -> None: ...
+
+class LungStatistics(_message.Message):
+    __slots__ = ("side", "volume_ml", "lesions", "total_lesion_ml", "percent_involved", "zones")
+    SIDE_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ML_FIELD_NUMBER: _ClassVar[int]
+    LESIONS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_LESION_ML_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_INVOLVED_FIELD_NUMBER: _ClassVar[int]
+    ZONES_FIELD_NUMBER: _ClassVar[int]
+    side: str
+    volume_ml: float
+    lesions: _containers.RepeatedCompositeFieldContainer[LesionClassStatistics]
+    total_lesion_ml: float
+    percent_involved: float
+    zones: _containers.RepeatedCompositeFieldContainer[ZoneStatistics]
+    def __init__(self, side: _Optional[str] = ..., volume_ml: _Optional[float] = ..., lesions: _Optional[_Iterable[_Union[LesionClassStatistics, _Mapping]]] = ..., total_lesion_ml: _Optional[float] = ..., percent_involved: _Optional[float] = ..., zones: _Optional[_Iterable[_Union[ZoneStatistics, _Mapping]]] = ...) -> None: ...
+
+class ZoneStatistics(_message.Message):
+    __slots__ = ("zone", "lung_volume_ml", "lesion_volume_ml", "percent_involved", "severity")
+    ZONE_FIELD_NUMBER: _ClassVar[int]
+    LUNG_VOLUME_ML_FIELD_NUMBER: _ClassVar[int]
+    LESION_VOLUME_ML_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_INVOLVED_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    zone: str
+    lung_volume_ml: float
+    lesion_volume_ml: float
+    percent_involved: float
+    severity: int
+    def __init__(self, zone: _Optional[str] = ..., lung_volume_ml: _Optional[float] = ..., lesion_volume_ml: _Optional[float] = ..., percent_involved: _Optional[float] = ..., severity: _Optional[int] = ...) -> None: ...
+
+class PacsOutcome(_message.Message):
+    __slots__ = ("destination", "stored", "attempts", "error", "objects")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    destination: str
+    stored: bool
+    attempts: int
+    error: str
+    objects: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, destination: _Optional[str] = ..., stored: _Optional[bool] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., objects: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SliceEvidence(_message.Message):
     __slots__ = ("index", "probabilities", "lesion_pixels")

@@ -1,0 +1,127 @@
+"""Lesion quantification (gateway/lesions.py) against phantom truth, and the result's schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from ctjoint.client.results import result_dict
+from ctjoint.contracts import LESION_CLASS_NAMES, LUNG_LEFT, LUNG_RIGHT, MODEL_NAMES, SEG_CLASS_NAMES
+from ctjoint.export.phantom import PhantomVolume, generate_phantom
+from ctjoint.gateway.analysis import analyze_directory
+from ctjoint.gateway.lesions import quantify, segment_lungs, severity_score
+from ctjoint.gateway.result import Quantification
+from ctjoint.gateway.series import CtVolume
+from ctjoint.gateway.wire import result_to_proto
+
+SCHEMA = Path(__file__).resolve().parent.parent / "client" / "schema" / "scan_result.schema.json"
+# (kind, seed): each planted pattern twice; size 96, 32 slices keeps each case ~1 s.
+CASES = [("covid19", 3), ("covid19", 23), ("cap", 3), ("cap", 11), ("normal", 5)]
+TOLERANCE = 0.15
+
+
+def _phantom(kind: str, seed: int) -> tuple[PhantomVolume, CtVolume]:
+    phantom = generate_phantom(kind=kind, seed=seed, slices=32, size=96)
+    g = phantom.geometry
+    volume = CtVolume.from_array(phantom.hu, (g.slice_mm, g.pixel_mm, g.pixel_mm))
+    return phantom, volume
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{k}-{s}" for k, s in CASES])
+def measured(request: pytest.FixtureRequest) -> tuple[PhantomVolume, CtVolume, Quantification]:
+    phantom, volume = _phantom(*request.param)
+    # The truth lesion map stands in for a perfect model: what is tested is the quantification.
+    return phantom, volume, quantify(phantom.lesions, volume)
+
+
+def test_lung_volumes_agree_with_the_truth(
+    measured: tuple[PhantomVolume, CtVolume, Quantification],
+) -> None:
+    phantom, volume, q = measured
+    for side, value in (("right", LUNG_RIGHT), ("left", LUNG_LEFT)):
+        truth = np.count_nonzero(phantom.lungs == value) * volume.voxel_volume_ml
+        assert q.lung(side).volume_ml == pytest.approx(truth, rel=TOLERANCE)
+
+
+def test_lesion_volumes_per_lung_agree_with_the_truth(
+    measured: tuple[PhantomVolume, CtVolume, Quantification],
+) -> None:
+    phantom, volume, q = measured
+    for side, value in (("right", LUNG_RIGHT), ("left", LUNG_LEFT)):
+        for name in LESION_CLASS_NAMES:
+            in_truth = (phantom.lungs == value) & (phantom.lesions == SEG_CLASS_NAMES.index(name))
+            truth = np.count_nonzero(in_truth) * volume.voxel_volume_ml
+            assert q.lung(side).lesion_volume_ml[name] == pytest.approx(
+                truth, rel=TOLERANCE, abs=0.05
+            )
+
+
+def test_bilateral_flag_and_dominant_distribution_follow_the_pattern(
+    measured: tuple[PhantomVolume, CtVolume, Quantification],
+) -> None:
+    phantom, _, q = measured
+    assert q.bilateral == (phantom.lesion_sides() == {LUNG_RIGHT, LUNG_LEFT})
+    expected = {"covid19": "peripheral", "cap": "central", "normal": "none"}[phantom.kind]
+    assert q.distribution == expected
+    if phantom.kind != "normal":
+        assert q.peripheral_fraction + q.central_fraction == pytest.approx(1.0)
+
+
+def test_severity_is_zero_without_lesions_and_bounded_with_them(
+    measured: tuple[PhantomVolume, CtVolume, Quantification],
+) -> None:
+    phantom, _, q = measured
+    assert (q.severity_score == 0) == (phantom.kind == "normal")
+    assert 0 <= q.severity_score <= 30
+    for lung in q.lungs:
+        assert [z.zone for z in lung.zones] == ["upper", "middle", "lower"]
+        assert sum(z.lung_volume_ml for z in lung.zones) == pytest.approx(lung.volume_ml)
+
+
+@pytest.mark.parametrize(
+    ("percent", "score"),
+    [(0.0, 0), (0.1, 1), (4.99, 1), (5.0, 2), (25.0, 3), (50.0, 4), (75.0, 5), (100.0, 5)],
+)
+def test_severity_scale_per_zone(percent: float, score: int) -> None:
+    assert severity_score(percent) == score
+
+
+def test_right_lung_follows_the_image_orientation_not_the_column_order() -> None:
+    phantom, volume = _phantom("normal", 5)
+    flipped = CtVolume.from_array(
+        volume.hu[:, :, ::-1], volume.spacing_mm, orientation=(-1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    )
+    lungs = segment_lungs(flipped)
+    truth = phantom.lungs[:, :, ::-1]
+    agree = np.count_nonzero((lungs == truth) & (truth > 0)) / np.count_nonzero(truth)
+    assert agree > 0.9
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_results_match_the_json_schema_directly_and_over_the_wire(
+    model: str, ct_series_dir: Path, contract_model_dir: Path
+) -> None:
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    result = analyze_directory(ct_series_dir, model=model, model_dir=contract_model_dir).result
+    assert result.quantification is not None
+    direct = json.loads(json.dumps(result.to_dict()))
+    jsonschema.validate(direct, schema)
+    rebuilt = result_dict(result_to_proto(result, request_id="r1"))
+    jsonschema.validate(rebuilt, schema)
+    assert rebuilt["quantification"] == direct["quantification"]
+
+
+def test_the_schema_rejects_a_severity_outside_the_scale(
+    ct_series_dir: Path, contract_model_dir: Path
+) -> None:
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    result = analyze_directory(ct_series_dir, model=MODEL_NAMES[0], model_dir=contract_model_dir)
+    document = result.result.to_dict()
+    document["quantification"]["lungs"]["right"]["zones"][0]["severity"] = 6
+    with pytest.raises(jsonschema.ValidationError, match="6 is greater than the maximum of 5"):
+        jsonschema.validate(document, schema)
