@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from ctjoint.client.results import result_dict
-from ctjoint.contracts import LESION_CLASS_NAMES, LUNG_LEFT, LUNG_RIGHT, MODEL_NAMES, SEG_CLASS_NAMES
+from ctjoint.contracts import (
+    LESION_CLASS_NAMES,
+    LUNG_LEFT,
+    LUNG_RIGHT,
+    MODEL_NAMES,
+    SEG_CLASS_NAMES,
+)
 from ctjoint.export.phantom import PhantomVolume, generate_phantom
 from ctjoint.gateway.analysis import analyze_directory
 from ctjoint.gateway.lesions import quantify, segment_lungs, severity_score
