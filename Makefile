@@ -67,12 +67,10 @@ model_repository/cpu/%_cpu/1/model.onnx: build/onnx/%.onnx
 
 repository: $(REPOSITORY)
 
-demo: install onnx
-	$(BIN)/ctjoint phantom $(DEMO_DIR)/case --kind covid19 --seed 2026 --size 512 --slices 100
-	$(BIN)/ctjoint analyze $(DEMO_DIR)/case/series --model jcs2d \
-	  --json $(DEMO_DIR)/result_jcs2d.json --png $(DEMO_DIR)/overlay_jcs2d.png
-	$(BIN)/ctjoint analyze $(DEMO_DIR)/case/series --model deepsc3d \
-	  --json $(DEMO_DIR)/result_deepsc3d.json --png $(DEMO_DIR)/overlay_deepsc3d.png
+# The main job: a 512x512x100 phantom through `ctjoint analyze` (embedded ONNX Runtime) and
+# through `ctjoint send` -> gateway -> a real tritonserver; prints both answers, writes out/demo/.
+demo: install onnx repository
+	$(BIN)/ctjoint demo $(DEMO_DIR)
 
 test: install onnx repository
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup

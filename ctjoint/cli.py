@@ -541,6 +541,25 @@ def watch(
         raise typer.Exit(code=err.exit_code) from None
 
 
+@app.command()
+@clean_errors
+def demo(
+    out_dir: Annotated[
+        Path, typer.Argument(help="Folder for the phantom and every output.")
+    ] = Path("out/demo"),
+    kind: Annotated[
+        PhantomKind, typer.Option(help="Which findings to plant.")
+    ] = PhantomKind.covid19,
+    seed: Annotated[int, typer.Option(help="Phantom seed.")] = 2026,
+    size: Annotated[int, typer.Option(help="Rows and columns of each slice.")] = 512,
+    slices: Annotated[int, typer.Option(help="Number of slices.")] = 100,
+) -> None:
+    """A phantom series analysed in-process and through client -> gateway -> Triton."""
+    from ctjoint.demo import run_demo
+
+    run_demo(out_dir, kind=kind.value, seed=seed, size=size, slices=slices)
+
+
 def main() -> None:
     """Entry point of the `ctjoint` script."""
     app()

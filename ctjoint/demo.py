@@ -1,0 +1,168 @@
+"""`ctjoint demo`: one phantom chest CT through the whole product, as a user would run it.
+
+A 512x512x100 phantom series is analysed three ways and the answers are compared:
+in-process (embedded ONNX Runtime), and streamed by the scanner-side client through the gRPC
+gateway backed by a real tritonserver. Every output lands in one folder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+
+from ctjoint import contracts
+from ctjoint.gateway.errors import CtJointError
+
+GATEWAY_START_S: Final = 120.0
+
+
+class DemoError(CtJointError):
+    """A part of the stack did not come up for the demo."""
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One model's answers: embedded and through gateway + Triton."""
+
+    model: str
+    embedded_label: str
+    embedded_seconds: float
+    gateway_label: str
+    gateway_seconds: float
+    mask_agreement: float
+
+
+def run_demo(out_dir: Path, *, kind: str, seed: int, size: int, slices: int) -> list[DemoRun]:
+    """Generate the phantom, analyse it embedded and through gateway + Triton, compare."""
+    from ctjoint.client.render import format_summary, write_overlay_png, write_result_json
+    from ctjoint.client.send import send_series
+    from ctjoint.export.phantom import write_phantom_case
+    from ctjoint.gateway.analysis import analyze_directory
+    from ctjoint.gateway.triton_server import TritonServer, TritonServerConfig, free_ports
+
+    console = Console(soft_wrap=True, highlight=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    case_dir = out_dir / "case"
+    if not (case_dir / contracts.CASE_SERIES_DIR).is_dir():
+        case = write_phantom_case(case_dir, kind=kind, seed=seed, slices=slices, size=size)
+        console.print(case.summary(), markup=False)
+    series = case_dir / contracts.CASE_SERIES_DIR
+
+    embedded = {}
+    for model in contracts.MODEL_NAMES:
+        console.rule(f"{model}: embedded ONNX Runtime (ctjoint analyze)")
+        started = time.perf_counter()
+        analysis = analyze_directory(series, model=model)
+        seconds = time.perf_counter() - started
+        console.print(format_summary(analysis.result), markup=False)
+        write_result_json(analysis.result, out_dir / f"embedded_{model}.json")
+        write_overlay_png(analysis.volume_hu, analysis.label_map, out_dir / f"embedded_{model}.png")
+        embedded[model] = (analysis.result.label, seconds, analysis.label_map)
+
+    repository = contracts.repo_root() / "model_repository" / "cpu"
+    grpc_port, http_port, metrics_port, gateway_port, gateway_metrics = free_ports(5)
+    triton = TritonServer(
+        TritonServerConfig(
+            repository=repository,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            metrics_port=metrics_port,
+        ),
+        log_file=out_dir / "triton.log",
+    )
+    runs: list[DemoRun] = []
+    console.rule("starting tritonserver and the gateway (--backend triton)")
+    with triton:
+        gateway = _start_gateway(
+            out_dir / "gateway.log", gateway_port, gateway_metrics, f"127.0.0.1:{grpc_port}"
+        )
+        try:
+            for model in contracts.MODEL_NAMES:
+                console.rule(f"{model}: ctjoint send -> gateway -> Triton")
+                outcome = send_series(
+                    series,
+                    gateway=f"127.0.0.1:{gateway_port}",
+                    model=model,
+                    out_dir=out_dir / f"gateway_{model}",
+                    show_progress=False,
+                    console=console,
+                )
+                with np.load(out_dir / f"gateway_{model}" / "masks.npz") as masks:
+                    agreement = float(np.mean(masks["labels"] == embedded[model][2]))
+                label, seconds, _ = embedded[model]
+                runs.append(
+                    DemoRun(
+                        model, label, seconds, outcome.result["label"], outcome.seconds, agreement
+                    )
+                )
+        finally:
+            gateway.send_signal(signal.SIGTERM)
+            try:
+                gateway.wait(30)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+                gateway.wait()
+    console.rule("summary")
+    for run in runs:
+        console.print(
+            f"{run.model}: embedded {run.embedded_label} in {run.embedded_seconds:.2f} s | "
+            f"gateway+Triton {run.gateway_label} in {run.gateway_seconds:.2f} s | "
+            f"masks agree on {100 * run.mask_agreement:.3f}% of voxels",
+            markup=False,
+        )
+    console.print(f"outputs in {out_dir}", markup=False)
+    return runs
+
+
+def _start_gateway(
+    log_path: Path, port: int, metrics_port: int, triton_url: str
+) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "ctjoint.cli",
+        "gateway",
+        "serve",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--backend",
+        "triton",
+        "--triton-url",
+        triton_url,
+    ]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
+        )
+    deadline = time.monotonic() + GATEWAY_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DemoError(f"the gateway exited with {process.returncode}; see {log_path}")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                status = (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    .status
+                )
+            except grpc.RpcError:
+                status = None
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            return process
+        time.sleep(0.25)
+    process.kill()
+    process.wait()
+    raise DemoError(f"the gateway was not SERVING after {GATEWAY_START_S:.0f} s; see {log_path}")
