@@ -16,13 +16,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES, MODEL_JCS2D, SEG_CLASS_NAMES
 from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
 from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
-from ctjoint.gateway.dicom_io import DicomSource, describe_source, read_ct_slice
+from ctjoint.gateway.dicom_io import DicomSource, describe_source, read_ct_slice, read_dataset
 from ctjoint.gateway.errors import BackendError
-from ctjoint.gateway.lesions import quantify
+from ctjoint.gateway.lesions import quantify_with_lungs, segment_lungs
 from ctjoint.gateway.preprocess import (
     ResampleGeometry,
     logits_to_source_labels,
@@ -70,6 +71,12 @@ class ScanAnalysis:
     result: ScanResult
     volume: CtVolume
     label_map: np.ndarray
+    # Lungs on the same grid (0 outside, 1 right, 2 left; gateway/lesions.py); None for
+    # analyses built without one.
+    lung_map: np.ndarray | None = None
+    # The first file's data set without pixel data (patient, study, equipment): what the SEG
+    # and SR writers copy and reference. None for volumes that did not come from DICOM.
+    source_header: Dataset | None = None
 
     @property
     def volume_hu(self) -> np.ndarray:
@@ -96,6 +103,7 @@ class SeriesIntake:
         self._count = 0
         self.read_ms = 0.0
         self.validate_ms = 0.0
+        self.header: Dataset | None = None
 
     @property
     def count(self) -> int:
@@ -115,6 +123,9 @@ class SeriesIntake:
         # the copy into the volume are "validate", matching StageTimings.
         started = time.perf_counter()
         ct_slice = read_ct_slice(data, source=source)
+        if self.header is None:
+            # Parsed once more without pixels: one file's header serves the DICOM outputs.
+            self.header = read_dataset(data, source=source, stop_before_pixels=True)
         parsed = time.perf_counter()
         self._assembler.add(ct_slice)
         self.read_ms += (parsed - started) * 1000.0
@@ -179,7 +190,11 @@ class ScanAnalyzer:
         )
         total = (time.perf_counter() - started) * 1000.0
         timings = replace(analysis.result.timings, total_ms=total)
-        return replace(analysis, result=replace(analysis.result, timings=timings))
+        return replace(
+            analysis,
+            result=replace(analysis.result, timings=timings),
+            source_header=intake.header,
+        )
 
     async def analyze_volume(
         self,
@@ -206,9 +221,14 @@ class ScanAnalyzer:
         del image
 
         t0 = time.perf_counter()
-        probabilities, slice_probs, label_map, lesions, quantification = await asyncio.to_thread(
-            _postprocess, info, outputs, geometry, volume
-        )
+        (
+            probabilities,
+            slice_probs,
+            label_map,
+            lung_map,
+            lesions,
+            quantification,
+        ) = await asyncio.to_thread(_postprocess, info, outputs, geometry, volume)
         postprocess_ms = (time.perf_counter() - t0) * 1000.0
         if progress is not None:
             progress(Progress("postprocessed", z, z))
@@ -258,7 +278,7 @@ class ScanAnalyzer:
             infer_ms,
             postprocess_ms,
         )
-        return ScanAnalysis(result=result, volume=volume, label_map=label_map)
+        return ScanAnalysis(result=result, volume=volume, label_map=label_map, lung_map=lung_map)
 
     async def _infer(
         self, info: ModelInfo, image: np.ndarray, slices: int, progress: ProgressCallback | None
@@ -312,9 +332,9 @@ def _check_outputs(info: ModelInfo, outputs: ModelOutputs, batch: int) -> None:
 
 def _postprocess(
     info: ModelInfo, outputs: ModelOutputs, geometry: ResampleGeometry, volume: CtVolume
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, LesionStatistics, Quantification]:
-    """Probabilities (scan and, for 2.5D, per slice), source-grid label map, lesion statistics
-    and the lung quantification (gateway/lesions.py)."""
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, LesionStatistics, Quantification]:
+    """Probabilities (scan and, for 2.5D, per slice), source-grid label map, lung map, lesion
+    statistics and the lung quantification (gateway/lesions.py)."""
     slice_probs: np.ndarray | None = None
     if info.plan.kind == "2.5d":
         slice_probs = softmax(outputs.cls_logits, axis=1)
@@ -322,12 +342,14 @@ def _postprocess(
     else:
         probabilities = softmax(outputs.cls_logits, axis=1)[0]
     label_map = source_label_map(outputs.seg_logits, geometry)
+    lung_map = segment_lungs(volume, label_map)
     return (
         probabilities,
         slice_probs,
         label_map,
+        lung_map,
         lesion_statistics(label_map, volume),
-        quantify(label_map, volume),
+        quantify_with_lungs(label_map, lung_map, volume),
     )
 
 

@@ -127,13 +127,13 @@ def read_ct_slice(data: DicomSource, *, source: str | None = None) -> CtSlice:
     return ct_slice_from_dataset(dataset, source=source)
 
 
-def read_dataset(data: DicomSource, *, source: str) -> Dataset:
+def read_dataset(data: DicomSource, *, source: str, stop_before_pixels: bool = False) -> Dataset:
     """Parse a DICOM Part-10 file (the 'DICM' preamble is required) without validating it."""
     try:
         if isinstance(data, bytes):
-            dataset = pydicom.dcmread(io.BytesIO(data))
+            dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
         else:
-            dataset = pydicom.dcmread(os.fspath(data))
+            dataset = pydicom.dcmread(os.fspath(data), stop_before_pixels=stop_before_pixels)
     except InvalidDicomError as err:
         raise NotDicomError("not a DICOM Part-10 file (no 'DICM' preamble)", source=source) from err
     except IsADirectoryError as err:

@@ -64,6 +64,9 @@ class CtVolume:
     frame_of_reference_uid: str = ""
     slice_thickness_mm: float | None = None
     source_names: tuple[str, ...] = field(default=())
+    # ImagePositionPatient of each slice as its file states it (the SEG writer's frame
+    # geometry); empty for volumes that did not come from DICOM.
+    positions: tuple[tuple[float, float, float], ...] = ()
 
     def __post_init__(self) -> None:
         hu = np.ascontiguousarray(self.hu, dtype=np.float32)
@@ -79,6 +82,9 @@ class CtVolume:
         object.__setattr__(self, "orientation", tuple(float(v) for v in self.orientation))
         object.__setattr__(self, "sop_instance_uids", tuple(self.sop_instance_uids))
         object.__setattr__(self, "source_names", tuple(self.source_names))
+        object.__setattr__(
+            self, "positions", tuple(tuple(float(v) for v in p) for p in self.positions)
+        )
         if self.sop_instance_uids and len(self.sop_instance_uids) != hu.shape[0]:
             raise ValueError("one SOP instance UID per slice is required")
 
@@ -220,6 +226,7 @@ class SeriesAssembler:
             frame_of_reference_uid=first.frame_of_reference_uid,
             slice_thickness_mm=first.slice_thickness,
             source_names=tuple(r.source for r in records),
+            positions=tuple(r.position for r in records),
         )
 
     # --- internals ---------------------------------------------------------------------------

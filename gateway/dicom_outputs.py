@@ -1,0 +1,391 @@
+"""DICOM outputs of a scan, built with highdicom: a Segmentation and a Comprehensive 3D SR.
+
+SEG: one binary segment per lesion class (ground glass, consolidation) and one per lung
+(classical segmentation, gateway/lesions.py), every segment marked AUTOMATIC with the model as
+its algorithm (name, version, family "Artificial Intelligence"). Frames reference the source
+CT instances one to one: each source slice's header is rebuilt from the first file's header
+with its own SOP Instance UID and its own ImagePositionPatient as its file stated it, so a
+mask pixel lands on the source pixel it came from.
+
+SR: TID 1500 measurement report referencing the SEG: per lesion segment its volume (mL) and,
+per lung segment, its volume and percent involved; one group without an ROI carries the scan
+label with its probability, the bilateral flag, the peripheral fraction and the severity score.
+
+Codes: DICOM (DCM) and SNOMED CT (SCT) where the standard's code tables have a concept we are
+sure of; the rest use the private coding scheme `99CTJOINT` (DICOM reserves "99" prefixes for
+private schemes), so no code is guessed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from ctjoint.contracts import SEG_CONSOLIDATION, SEG_GROUND_GLASS
+from ctjoint.gateway.errors import InputError
+from ctjoint.gateway.result import LUNG_SIDES, ScanResult
+from ctjoint.gateway.series import CtVolume
+
+MANUFACTURER: Final = "ctjoint"
+MODEL_NAME: Final = "ctjoint gateway"
+SOFTWARE_VERSION: Final = "0.1.0"
+DEVICE_SERIAL: Final = "ctjoint-edge"
+SEG_SERIES_NUMBER: Final = 9901
+SR_SERIES_NUMBER: Final = 9902
+PRIVATE_SCHEME: Final = "99CTJOINT"
+
+# Segment numbers (1-based, SEG order).
+SEGMENT_GROUND_GLASS: Final = 1
+SEGMENT_CONSOLIDATION: Final = 2
+SEGMENT_RIGHT_LUNG: Final = 3
+SEGMENT_LEFT_LUNG: Final = 4
+LESION_SEGMENTS: Final = {
+    "ground_glass": SEGMENT_GROUND_GLASS,
+    "consolidation": SEGMENT_CONSOLIDATION,
+}
+LUNG_SEGMENTS: Final = {"right": SEGMENT_RIGHT_LUNG, "left": SEGMENT_LEFT_LUNG}
+
+
+def _private(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning)
+
+
+CONSOLIDATION_CODE: Final = _private("consolidation", "Consolidation")
+CLASS_CODES: Final = {
+    "covid19": _private("covid19", "COVID-19 pneumonia"),
+    "cap": _private("cap", "Community-acquired pneumonia"),
+    "normal": _private("normal", "No pneumonia"),
+}
+DIAGNOSIS_CODE: Final = _private("diagnosis", "Scan classification")
+PERCENT_INVOLVED_CODE: Final = _private("percent_involved", "Percent of lung involved")
+PERIPHERAL_CODE: Final = _private("peripheral_fraction", "Peripheral fraction of lesion volume")
+SEVERITY_CODE: Final = _private("severity_score", "CT severity score (six zones, 0-30)")
+BILATERAL_CODE: Final = _private("bilateral", "Bilateral involvement")
+YES: Final = _private("yes", "Yes")
+NO: Final = _private("no", "No")
+MILLILITER: Final = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
+CT_CHEST: Final = _private("ct_chest", "CT of chest")
+RIGHT: Final = hd.sr.CodedConcept(value="24028007", scheme_designator="SCT", meaning="Right")
+LEFT: Final = hd.sr.CodedConcept(value="7771000", scheme_designator="SCT", meaning="Left")
+
+
+@dataclass(frozen=True)
+class OutputIdentity:
+    """What identifies our output objects (the source's patient and study come from its files).
+
+    UIDs are made fresh per object unless given (tests pin them).
+    """
+
+    manufacturer: str = MANUFACTURER
+    model_name: str = MODEL_NAME
+    software_version: str = SOFTWARE_VERSION
+    device_serial_number: str = DEVICE_SERIAL
+
+
+def source_datasets(volume: CtVolume, header: Dataset) -> list[Dataset]:
+    """One header per assembled slice (no pixels): the first file's attributes, with each
+    slice's own SOP Instance UID, position and instance number."""
+    if not volume.sop_instance_uids or len(volume.positions) != volume.shape[0]:
+        raise InputError(
+            "a DICOM SEG needs the source series' instance UIDs and positions",
+            source="series",
+            attribute="SOPInstanceUID",
+        )
+    out: list[Dataset] = []
+    for index, (uid, position) in enumerate(
+        zip(volume.sop_instance_uids, volume.positions, strict=True)
+    ):
+        ds = copy.deepcopy(header)
+        ds.SOPInstanceUID = uid
+        ds.ImagePositionPatient = [float(v) for v in position]
+        ds.InstanceNumber = index + 1
+        out.append(ds)
+    return out
+
+
+def _algorithm(result: ScanResult) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(
+        name=f"ctjoint {result.model}",
+        version=result.model_version or "unknown",
+        family=codes.DCM.ArtificialIntelligence,
+        source=MANUFACTURER,
+    )
+
+
+def _sr_algorithm(result: ScanResult) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=f"ctjoint {result.model}", version=result.model_version or "unknown"
+    )
+
+
+def _segment_descriptions(result: ScanResult) -> list[hd.seg.SegmentDescription]:
+    algorithm = _algorithm(result)
+    lungs_algorithm = hd.AlgorithmIdentificationSequence(
+        name="ctjoint classical lung segmentation",
+        version=SOFTWARE_VERSION,
+        family=_private("classical", "Threshold and connected components"),
+        source=MANUFACTURER,
+    )
+    specs = [
+        (SEGMENT_GROUND_GLASS, "Ground-glass opacity", codes.SCT.MorphologicallyAbnormalStructure,
+         codes.DCM.GroundGlassOpacity, algorithm),
+        (SEGMENT_CONSOLIDATION, "Consolidation", codes.SCT.MorphologicallyAbnormalStructure,
+         CONSOLIDATION_CODE, algorithm),
+        (SEGMENT_RIGHT_LUNG, "Right lung", codes.SCT.Organ, codes.SCT.Lung, lungs_algorithm),
+        (SEGMENT_LEFT_LUNG, "Left lung", codes.SCT.Organ, codes.SCT.Lung, lungs_algorithm),
+    ]  # fmt: skip
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=category,
+            segmented_property_type=kind,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo,
+            tracking_uid=hd.UID(),
+            tracking_id=f"ctjoint segment {number}",
+            # Lesions say where they are; a lung segment is its own anatomy.
+            anatomic_regions=[codes.SCT.Lung] if category is not codes.SCT.Organ else None,
+        )
+        for number, label, category, kind, algo in specs
+    ]
+
+
+def segment_masks(label_map: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+    """bool [Z, Y, X, 4] in segment order: ground glass, consolidation, right, left lung."""
+    return np.stack(
+        [label_map == SEG_GROUND_GLASS, label_map == SEG_CONSOLIDATION, lungs == 1, lungs == 2],
+        axis=-1,
+    )
+
+
+def build_seg(
+    result: ScanResult,
+    volume: CtVolume,
+    header: Dataset,
+    label_map: np.ndarray,
+    lungs: np.ndarray,
+    *,
+    identity: OutputIdentity | None = None,
+    sources: Sequence[Dataset] | None = None,
+) -> hd.seg.Segmentation:
+    """The DICOM Segmentation of a scan (see module doc); `lungs`: 1 right, 2 left."""
+    who = identity or OutputIdentity()
+    images = list(sources) if sources is not None else source_datasets(volume, header)
+    return hd.seg.Segmentation(
+        source_images=images,
+        pixel_array=segment_masks(label_map, lungs),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=_segment_descriptions(result),
+        series_instance_uid=hd.UID(),
+        series_number=SEG_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=who.manufacturer,
+        manufacturer_model_name=who.model_name,
+        software_versions=who.software_version,
+        device_serial_number=who.device_serial_number,
+        series_description="ctjoint lesions and lungs",
+        content_label="LESIONS",
+        content_description="Lesion and lung segmentation (automatic, not for clinical use)",
+        # Empty frames are kept: one frame per source slice and segment keeps the mapping
+        # trivially exact for every reader, and binary frames cost a bit per pixel.
+        omit_empty_frames=False,
+    )
+
+
+def _volume(value: float) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=codes.SCT.Volume, value=float(value), unit=MILLILITER)
+
+
+def build_sr(
+    result: ScanResult,
+    seg: hd.seg.Segmentation,
+    header: Dataset,
+    *,
+    identity: OutputIdentity | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """The TID 1500 measurement report of a scan, referencing its SEG (see module doc)."""
+    who = identity or OutputIdentity()
+    quantification = result.quantification
+    if quantification is None:
+        raise ValueError("a measurement report needs the scan's quantification")
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(),
+            name=f"ctjoint {result.model}",
+            manufacturer_name=who.manufacturer,
+            model_name=who.model_name,
+            serial_number=who.device_serial_number,
+        ),
+    )
+    context = hd.sr.ObservationContext(observer_device_context=observer)
+    source_series = hd.sr.SourceSeriesForSegmentation(header.SeriesInstanceUID)
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    lesion_volumes = result.lesions.volumes_ml
+    for name, number in LESION_SEGMENTS.items():
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=hd.UID(), identifier=f"{name} lesions"
+                ),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.SOPClassUID,
+                    sop_instance_uid=seg.SOPInstanceUID,
+                    segment_number=number,
+                    source_series=source_series,
+                ),
+                finding_type=codes.SCT.Lesion,
+                algorithm_id=_sr_algorithm(result),
+                measurements=[_volume(lesion_volumes[name])],
+            )
+        )
+    for side in LUNG_SIDES:
+        lung = quantification.lung(side)
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=hd.UID(), identifier=f"{side} lung"
+                ),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=seg.SOPClassUID,
+                    sop_instance_uid=seg.SOPInstanceUID,
+                    segment_number=LUNG_SEGMENTS[side],
+                    source_series=source_series,
+                ),
+                finding_type=codes.SCT.Lung,
+                finding_sites=[
+                    hd.sr.FindingSite(
+                        anatomic_location=codes.SCT.Lung,
+                        laterality=RIGHT if side == "right" else LEFT,
+                    )
+                ],
+                measurements=[
+                    _volume(lung.volume_ml),
+                    hd.sr.Measurement(
+                        name=PERCENT_INVOLVED_CODE,
+                        value=lung.percent_involved,
+                        unit=codes.UCUM.Percent,
+                    ),
+                ],
+            )
+        )
+    label = result.label
+    groups.append(
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="scan"),
+            finding_type=CLASS_CODES[label],
+            algorithm_id=_sr_algorithm(result),
+            measurements=[
+                hd.sr.Measurement(
+                    name=codes.DCM.Probability,
+                    value=result.probabilities[label],
+                    unit=codes.UCUM.NoUnits,
+                ),
+                hd.sr.Measurement(
+                    name=PERIPHERAL_CODE,
+                    value=quantification.peripheral_fraction,
+                    unit=codes.UCUM.NoUnits,
+                ),
+                hd.sr.Measurement(
+                    name=SEVERITY_CODE,
+                    value=quantification.severity_score,
+                    unit=codes.UCUM.NoUnits,
+                ),
+            ],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(name=DIAGNOSIS_CODE, value=CLASS_CODES[label]),
+                hd.sr.QualitativeEvaluation(
+                    name=BILATERAL_CODE, value=YES if quantification.bilateral else NO
+                ),
+            ],
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=CT_CHEST,
+        imaging_measurements=groups,
+        title=codes.cid7021.ImagingMeasurementReport,
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=[seg],
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=who.manufacturer,
+        series_description="ctjoint measurement report",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+
+
+def to_bytes(dataset: Dataset) -> bytes:
+    """A data set as DICOM Part-10 bytes."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class ScanObjects:
+    """A scan's DICOM outputs as Part-10 bytes (None where not asked for)."""
+
+    seg: bytes | None
+    sr: bytes | None
+
+
+def scan_objects(
+    result: ScanResult,
+    volume: CtVolume,
+    header: Dataset | None,
+    label_map: np.ndarray,
+    lungs: np.ndarray | None,
+    *,
+    seg: bool = True,
+    sr: bool = True,
+    identity: OutputIdentity | None = None,
+) -> ScanObjects:
+    """Build the asked-for objects of an analysed DICOM series (the SR references the SEG, so
+    a SEG is built for an SR alone too). Raises InputError for volumes without DICOM headers."""
+    if not (seg or sr):
+        return ScanObjects(None, None)
+    if header is None:
+        raise InputError(
+            "DICOM outputs need a DICOM source series", source="series", attribute="header"
+        )
+    lung_map = lungs if lungs is not None else np.zeros(label_map.shape, dtype=np.uint8)
+    segmentation = build_seg(result, volume, header, label_map, lung_map, identity=identity)
+    report = build_sr(result, segmentation, header, identity=identity) if sr else None
+    return ScanObjects(
+        seg=to_bytes(segmentation) if seg else None,
+        sr=to_bytes(report) if report is not None else None,
+    )
+
+
+__all__ = [
+    "LESION_SEGMENTS",
+    "LUNG_SEGMENTS",
+    "OutputIdentity",
+    "ScanObjects",
+    "build_seg",
+    "build_sr",
+    "scan_objects",
+    "segment_masks",
+    "source_datasets",
+    "to_bytes",
+]

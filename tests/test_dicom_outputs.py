@@ -1,0 +1,153 @@
+"""DICOM SEG and Comprehensive 3D SR of a scan: dciodvfy-valid, read back into the same masks,
+frames on their source slices, measurements equal to the result."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from ctjoint.contracts import MODEL_JCS2D
+from ctjoint.export.phantom import write_phantom_case
+from ctjoint.gateway.analysis import ScanAnalysis, analyze_directory
+from ctjoint.gateway.dicom_outputs import (
+    LESION_SEGMENTS,
+    LUNG_SEGMENTS,
+    ScanObjects,
+    scan_objects,
+    segment_masks,
+)
+from ctjoint.gateway.series import list_series_files
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The `Error - ` lines dciodvfy prints for a file (it reports on stderr only)."""
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        reason = "dciodvfy (Debian dicom3tools) is not installed"
+        if os.geteuid() == 0:
+            pytest.fail(f"{reason}; `make test` installs it when run as root")
+        pytest.skip(f"{reason}; install dicom3tools (apt-get) to validate DICOM outputs")
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if "Error - " in line]
+
+
+@pytest.fixture(scope="module")
+def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    case = tmp_path_factory.mktemp("seg_phantom")
+    write_phantom_case(case, kind="covid19", seed=3, slices=10, size=64)
+    return case / "series"
+
+
+@pytest.fixture(scope="module")
+def analysed(phantom_series: Path, contract_model_dir: Path) -> tuple[ScanAnalysis, ScanObjects]:
+    analysis = analyze_directory(phantom_series, model=MODEL_JCS2D, model_dir=contract_model_dir)
+    objects = scan_objects(
+        analysis.result,
+        analysis.volume,
+        analysis.source_header,
+        analysis.label_map,
+        analysis.lung_map,
+    )
+    return analysis, objects
+
+
+def _write(tmp_path: Path, name: str, data: bytes | None) -> Path:
+    assert data is not None
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_seg_and_sr_pass_dciodvfy(
+    analysed: tuple[ScanAnalysis, ScanObjects], tmp_path: Path
+) -> None:
+    _, objects = analysed
+    assert dciodvfy_errors(_write(tmp_path, "seg.dcm", objects.seg)) == []
+    assert dciodvfy_errors(_write(tmp_path, "sr.dcm", objects.sr)) == []
+
+
+def test_seg_reads_back_into_the_same_masks(analysed: tuple[ScanAnalysis, ScanObjects]) -> None:
+    analysis, objects = analysed
+    assert objects.seg is not None and analysis.lung_map is not None
+    seg = hd.seg.segread(pydicom.filebase.DicomBytesIO(objects.seg))
+    numbers = [*LESION_SEGMENTS.values(), *LUNG_SEGMENTS.values()]
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(analysis.volume.sop_instance_uids),
+        segment_numbers=numbers,
+    )
+    expected = segment_masks(analysis.label_map, analysis.lung_map)
+    assert expected[..., :2].any() and expected[..., 2:].any()
+    np.testing.assert_array_equal(pixels.astype(bool), expected)
+
+
+def test_each_seg_frame_lies_on_its_source_slice(
+    analysed: tuple[ScanAnalysis, ScanObjects], phantom_series: Path
+) -> None:
+    analysis, objects = analysed
+    assert objects.seg is not None
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(objects.seg))
+    sources = {
+        ds.SOPInstanceUID: ds
+        for ds in (
+            pydicom.dcmread(p, stop_before_pixels=True) for p in list_series_files(phantom_series)
+        )
+    }
+    assert seg.StudyInstanceUID == next(iter(sources.values())).StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == analysis.volume.series_uid
+    assert seg.FrameOfReferenceUID == analysis.volume.frame_of_reference_uid
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert position == pytest.approx([float(v) for v in sources[uid].ImagePositionPatient])
+
+
+def test_segments_name_the_algorithm(analysed: tuple[ScanAnalysis, ScanObjects]) -> None:
+    analysis, objects = analysed
+    assert objects.seg is not None
+    seg = hd.seg.segread(pydicom.filebase.DicomBytesIO(objects.seg))
+    first = seg.get_segment_description(LESION_SEGMENTS["ground_glass"])
+    assert first.algorithm_type == hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+    assert first.algorithm_identification[0].AlgorithmName == f"ctjoint {analysis.result.model}"
+    assert first.segmented_property_type == codes.DCM.GroundGlassOpacity
+
+
+def test_sr_holds_the_volumes_percentages_and_label(
+    analysed: tuple[ScanAnalysis, ScanObjects],
+) -> None:
+    analysis, objects = analysed
+    assert objects.sr is not None and objects.seg is not None
+    sr = hd.sr.srread(pydicom.filebase.DicomBytesIO(objects.sr))
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(objects.seg))
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    volumes: dict[int, float] = {}
+    percent: dict[int, float] = {}
+    for group in groups:
+        [number] = group.referenced_segment.referenced_segment_numbers
+        for measurement in group.get_measurements():
+            if measurement.name == codes.SCT.Volume:
+                volumes[number] = measurement.value
+            elif measurement.unit == codes.UCUM.Percent:
+                percent[number] = measurement.value
+    lesions = analysis.result.lesions.volumes_ml
+    quantification = analysis.result.quantification
+    assert quantification is not None
+    assert volumes[LESION_SEGMENTS["ground_glass"]] == pytest.approx(lesions["ground_glass"])
+    assert volumes[LESION_SEGMENTS["consolidation"]] == pytest.approx(lesions["consolidation"])
+    for side, number in LUNG_SEGMENTS.items():
+        lung = quantification.lung(side)
+        assert volumes[number] == pytest.approx(lung.volume_ml)
+        assert percent[number] == pytest.approx(lung.percent_involved)
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].StudyInstanceUID == seg.StudyInstanceUID
+    [scan] = sr.content.get_image_measurement_groups()
+    probability = next(m for m in scan.get_measurements() if m.name == codes.DCM.Probability)
+    label = analysis.result.label
+    assert probability.value == pytest.approx(analysis.result.probabilities[label])
+    assert scan.finding_type.value == label
