@@ -24,6 +24,7 @@ from typing import Final
 from ctjoint import contracts
 from ctjoint.export.triton_repository import write_repository
 from ctjoint.export.triton_spec import SERVING
+from ctjoint.gateway.errors import CtJointError
 
 log = logging.getLogger(__name__)
 
@@ -214,17 +215,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     models = tuple(args.model or contracts.MODEL_NAMES)
-    gpu = detect_gpu()
-    log.info(
-        "GPU %s (compute %s), TensorRT %s", gpu.name, gpu.compute_capability, gpu.tensorrt_version
-    )
-    engines = prepare_engines(
-        args.cache, args.onnx_dir, gpu, models=models, precision=args.precision
-    )
-    engine_dir = link_engines(engines, args.repository.parent / "engines")
-    report = write_repository(
-        args.repository, target="gpu", models=models, onnx_dir=args.onnx_dir, engine_dir=engine_dir
-    )
+    try:
+        gpu = detect_gpu()
+        log.info(
+            "GPU %s (compute %s), TensorRT %s",
+            gpu.name,
+            gpu.compute_capability,
+            gpu.tensorrt_version,
+        )
+        engines = prepare_engines(
+            args.cache, args.onnx_dir, gpu, models=models, precision=args.precision
+        )
+        engine_dir = link_engines(engines, args.repository.parent / "engines")
+        report = write_repository(
+            args.repository,
+            target="gpu",
+            models=models,
+            onnx_dir=args.onnx_dir,
+            engine_dir=engine_dir,
+        )
+    except (CtJointError, OSError) as err:
+        # One line in the container log, and a status the orchestrator shows as a failed start.
+        log.error("cannot prepare the Triton repository: %s", err)
+        return 2
     log.info("%s", report.summary())
     return 0
 

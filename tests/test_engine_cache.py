@@ -17,8 +17,10 @@ from ctjoint.export.engine_cache import (
     GpuFacts,
     file_sha256,
     link_engines,
+    main,
     prepare_engines,
 )
+from ctjoint.export.tensorrt_build import gpu_problem
 from ctjoint.export.triton_repository import write_repository
 
 H100 = GpuFacts(name="NVIDIA H100 80GB HBM3", compute_capability="9.0", tensorrt_version="10.8.0")
@@ -129,3 +131,16 @@ def test_the_gpu_repository_takes_the_cached_engines(
     for engine in engines:
         plan = repository / f"{engine.key.model}_trt" / "1" / contracts.TRITON_PLAN_FILE
         assert plan.read_bytes() == engine.path.read_bytes()
+
+
+def test_start_up_without_a_gpu_fails_in_one_log_line(
+    tmp_path: Path, contract_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    problem = gpu_problem()
+    if problem is None:
+        pytest.skip("a GPU with TensorRT is here: the start-up would build real engines")
+    args = ["--cache", str(tmp_path / "cache"), "--onnx-dir", str(contract_model_dir)]
+    status = main([*args, "--repository", str(tmp_path / "repository")])
+    assert status == 2
+    assert "cannot prepare the Triton repository: cannot build TensorRT engines here" in caplog.text
+    assert not (tmp_path / "repository").exists()
