@@ -432,12 +432,15 @@ def gateway_serve(
     from ctjoint.gateway.logging_setup import configure_logging
     from ctjoint.gateway.server import GatewayConfig, run
 
+    if triton_url:
+        # A malformed endpoint is a usage error: refuse it before anything starts.
+        try:
+            parse_endpoints(triton_url)
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--triton-url") from None
     configure_logging(log_level, log_format.value)
     models = tuple(dict.fromkeys(m.value for m in model)) if model else contracts.MODEL_NAMES
     try:
-        if triton_url:
-            # A malformed endpoint is a usage error: refuse it before anything starts.
-            parse_endpoints(triton_url)
         config = GatewayConfig(
             host=host,
             port=port,

@@ -158,7 +158,8 @@ def test_no_scan_fails_when_a_replica_dies_and_traffic_returns_after_its_restart
 
     async def scenario() -> dict[str, float]:
         backend = TritonBackend(
-            [c.grpc_url for c in configs],
+            # One by address, one by name: the name is resolved to the same loopback address.
+            [configs[0].grpc_url, f"localhost:{victim.grpc_port}"],
             (MODEL,),
             load_timeout_s=30,
             health_interval_s=0.25,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from typer.testing import CliRunner
 
+from ctjoint.cli import app
 from ctjoint.gateway.backends.replicas import (
     Endpoint,
     ReplicaPool,
@@ -110,3 +112,12 @@ def test_sync_keeps_known_replicas_and_their_counters() -> None:
     added, removed = pool.sync([("a:1", "svc:1"), ("c:1", "svc:1")])
     assert [r.address for r in added] == ["c:1"] and [r.address for r in removed] == ["b:1"]
     assert pool.replicas[0] is a and a.requests == 7 and a.healthy
+
+
+def test_the_gateway_command_refuses_a_malformed_triton_url_before_starting() -> None:
+    args = ["gateway", "serve", "--backend", "triton", "--triton-url", "127.0.0.1:8001"]
+    result = CliRunner().invoke(
+        app, [*args, "--triton-url", "http://triton:8000"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 2
+    assert "--triton-url" in result.output and "http://triton:8000" in result.output
