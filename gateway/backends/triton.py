@@ -218,7 +218,10 @@ class TritonBackend(InferenceBackend):
                 # The replica (not the request) failed: take it out and send the same slices
                 # to another one. Inference is idempotent, so a duplicate costs only time.
                 failed.add(replica.address)
-                self._eject(replica, f"{err.status()}: {err.message() or err}")
+                if replica.healthy:
+                    # Only the first failure ejects: the others were in flight on the same
+                    # dying replica and must not stretch its probe back-off.
+                    self._eject(replica, f"{err.status()}: {err.message() or err}")
                 self._retried_slices += int(image.shape[0]) if image.ndim else 1
                 continue
             finally:
