@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 REQUEST_ID_METADATA: Final = "x-request-id"
 RESULT_JSON: Final = "result.json"
 OVERLAY_PNG: Final = "overlay.png"
+SEG_DCM: Final = "seg.dcm"
+SR_DCM: Final = "sr.dcm"
 MASKS_NPZ: Final = "masks.npz"
 # Results carry a zlib'd label map and a PNG: raise gRPC's 4 MiB receive default deliberately.
 MAX_RECEIVE_MESSAGE_BYTES: Final = 256 * 1024 * 1024
@@ -100,8 +102,11 @@ def send_series(
     retries: int = 5,
     show_progress: bool = True,
     console: Console | None = None,
+    seg: bool = False,
+    sr: bool = False,
 ) -> SendOutcome:
-    """Send a series, print a short summary, write result.json/overlay.png/masks.npz to out_dir."""
+    """Send a series, print a short summary, write result.json/overlay.png/masks.npz to out_dir
+    (and seg.dcm / sr.dcm when `seg` / `sr` ask the gateway for them)."""
     # soft_wrap: summary lines stay whole when piped (rich would wrap them at 80 columns).
     out = console or Console(soft_wrap=True, highlight=False)
     files = list_series_files(series_dir)
@@ -109,7 +114,7 @@ def send_series(
         request_id=uuid.uuid4().hex[:16],
         model=model,
         outputs=scan_pb2.OutputOptions(
-            masks=out_dir is not None, overlay=out_dir is not None, seg=False
+            masks=out_dir is not None, overlay=out_dir is not None, seg=seg, sr=sr
         ),
         expected_files=len(files),
     )
@@ -142,7 +147,8 @@ def send_series(
 def write_outputs(
     message: scan_pb2.ScanResult, result: dict[str, Any], files: Sequence[Path], out_dir: Path
 ) -> tuple[Path, ...]:
-    """result.json always; overlay.png and masks.npz when the answer carries them."""
+    """result.json always; overlay.png, masks.npz, seg.dcm and sr.dcm when the answer carries
+    them."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = [out_dir / RESULT_JSON]
@@ -150,6 +156,10 @@ def write_outputs(
         if message.overlay_png:
             (out_dir / OVERLAY_PNG).write_bytes(message.overlay_png)
             written.append(out_dir / OVERLAY_PNG)
+        for name, data in ((SEG_DCM, message.seg_dicom), (SR_DCM, message.sr_dicom)):
+            if data:
+                (out_dir / name).write_bytes(data)
+                written.append(out_dir / name)
         if message.HasField("mask"):
             labels = decode_label_map(message.mask)
             numbers = np.asarray(message.slice_file_number, dtype=np.int64)

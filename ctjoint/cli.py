@@ -363,6 +363,14 @@ def analyze(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Slices per inference batch (2D model).")
     ] = 16,
+    seg_out: Annotated[
+        Path | None,
+        typer.Option("--seg", help="Write a DICOM Segmentation (lesion classes and lungs)."),
+    ] = None,
+    sr_out: Annotated[
+        Path | None,
+        typer.Option("--sr", help="Write a DICOM Comprehensive 3D SR (TID 1500 measurements)."),
+    ] = None,
 ) -> None:
     """Analyse a series in-process with ONNX Runtime and print the result."""
     from ctjoint.client.render import format_summary, write_overlay_png, write_result_json
@@ -382,6 +390,14 @@ def analyze(
     if png_out is not None:
         write_overlay_png(analysis.volume_hu, analysis.label_map, png_out)
         typer.echo(f"wrote {png_out}")
+    if seg_out is not None or sr_out is not None:
+        from ctjoint.gateway.dicom_outputs import analysis_objects
+
+        objects = analysis_objects(analysis, seg=seg_out is not None, sr=sr_out is not None)
+        for path, data in ((seg_out, objects.seg), (sr_out, objects.sr)):
+            if path is not None and data is not None:
+                path.write_bytes(data)
+                typer.echo(f"wrote {path}")
 
 
 @gateway_app.command("serve")
@@ -425,11 +441,23 @@ def gateway_serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
     log_format: Annotated[LogFormat, typer.Option(help="Log line format.")] = LogFormat.text,
+    pacs_ae: Annotated[
+        str | None, typer.Option(help="After each scan, C-STORE its SEG and SR to this AE title.")
+    ] = None,
+    pacs_host: Annotated[str, typer.Option(help="The PACS host.")] = "127.0.0.1",
+    pacs_port: Annotated[int, typer.Option(help="The PACS DIMSE port.")] = 104,
+    pacs_calling_ae: Annotated[str, typer.Option(help="Our AE title towards the PACS.")] = (
+        "CTJOINT"
+    ),
+    pacs_attempts: Annotated[
+        int, typer.Option(min=1, help="Attempts per scan before the push is reported failed.")
+    ] = 3,
 ) -> None:
     """Serve AnalyzeScan, GetModelInfo, health and reflection over gRPC until SIGTERM."""
     from ctjoint.gateway.backends.replicas import parse_endpoints
     from ctjoint.gateway.limits import GatewayLimits
     from ctjoint.gateway.logging_setup import configure_logging
+    from ctjoint.gateway.pacs import PacsDestination
     from ctjoint.gateway.server import GatewayConfig, run
 
     if triton_url:
@@ -461,6 +489,15 @@ def gateway_serve(
             threads=threads,
             # Named models must all load; by default, serve whichever have been exported.
             require_all_models=bool(model),
+            pacs=PacsDestination(
+                ae_title=pacs_ae,
+                host=pacs_host,
+                port=pacs_port,
+                calling_ae_title=pacs_calling_ae,
+                attempts=pacs_attempts,
+            )
+            if pacs_ae
+            else None,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -485,6 +522,12 @@ def send(
         int, typer.Option(help="Retries while the gateway is UNAVAILABLE (with backoff).")
     ] = 5,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    seg: Annotated[
+        bool, typer.Option("--seg", help="Ask for a DICOM SEG; written to --out as seg.dcm.")
+    ] = False,
+    sr: Annotated[
+        bool, typer.Option("--sr", help="Ask for a DICOM SR; written to --out as sr.dcm.")
+    ] = False,
 ) -> None:
     """Stream a series to the gateway and print (and save) what comes back."""
     from ctjoint.client.send import SendError, send_series
@@ -498,6 +541,8 @@ def send(
             timeout=timeout,
             retries=retries,
             show_progress=progress,
+            seg=seg,
+            sr=sr,
         )
     except SendError as err:
         typer.echo(f"error: {err}", err=True)

@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from ctjoint.contracts import SEG_CONSOLIDATION, SEG_GROUND_GLASS
+from ctjoint.gateway.analysis import ScanAnalysis
 from ctjoint.gateway.errors import InputError
 from ctjoint.gateway.result import LUNG_SIDES, ScanResult
 from ctjoint.gateway.series import CtVolume
@@ -377,11 +378,25 @@ def scan_objects(
     )
 
 
+def analysis_objects(analysis: ScanAnalysis, *, seg: bool = True, sr: bool = True) -> ScanObjects:
+    """`scan_objects` of a finished analysis."""
+    return scan_objects(
+        analysis.result,
+        analysis.volume,
+        analysis.source_header,
+        analysis.label_map,
+        analysis.lung_map,
+        seg=seg,
+        sr=sr,
+    )
+
+
 __all__ = [
     "LESION_SEGMENTS",
     "LUNG_SEGMENTS",
     "OutputIdentity",
     "ScanObjects",
+    "analysis_objects",
     "build_seg",
     "build_sr",
     "scan_objects",

@@ -27,6 +27,7 @@ from ctjoint.gateway.errors import BackendUnavailableError
 from ctjoint.gateway.interceptors import ScanServiceInterceptor
 from ctjoint.gateway.limits import GatewayLimits
 from ctjoint.gateway.metrics import GatewayMetrics
+from ctjoint.gateway.pacs import PacsDestination
 from ctjoint.gateway.service import ScanServicer
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
@@ -59,6 +60,8 @@ class GatewayConfig:
     threads: int | None = None
     # False: serve whichever of `models` are available (at least one); True: all or refuse to start.
     require_all_models: bool = True
+    # Where SEG and SR go after each scan (C-STORE); None: nowhere.
+    pacs: PacsDestination | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in contracts.MODEL_NAMES]
@@ -123,6 +126,7 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         metrics=metrics,
         default_model=config.default_model,
         analyzer=create_analyzer(config, backend),
+        pacs=config.pacs,
     )
     health_servicer = health.aio.HealthServicer()
     server = grpc.aio.server(

@@ -25,6 +25,7 @@ from ctjoint.gateway.analysis import Progress, ScanAnalysis, ScanAnalyzer
 from ctjoint.gateway.backends.base import InferenceBackend
 from ctjoint.gateway.deadlines import set_deadline
 from ctjoint.gateway.dicom_io import describe_source
+from ctjoint.gateway.dicom_outputs import ScanObjects, analysis_objects
 from ctjoint.gateway.errors import (
     BackendUnavailableError,
     EmptySeriesError,
@@ -35,6 +36,7 @@ from ctjoint.gateway.errors import (
 from ctjoint.gateway.interceptors import adopt_request_id, note_model
 from ctjoint.gateway.limits import GatewayLimits, ScanSlots
 from ctjoint.gateway.metrics import GatewayMetrics
+from ctjoint.gateway.pacs import PacsDestination, PacsOutcome, push
 from ctjoint.gateway.wire import encode_label_map, model_info_to_proto, result_to_proto
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
@@ -63,6 +65,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         metrics: GatewayMetrics,
         default_model: str,
         analyzer: ScanAnalyzer | None = None,
+        pacs: PacsDestination | None = None,
     ) -> None:
         self._backend = backend
         self._analyzer = analyzer if analyzer is not None else ScanAnalyzer(backend)
@@ -70,6 +73,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         self._slots = ScanSlots(limits.max_concurrent_scans)
         self._metrics = metrics
         self._default_model = default_model
+        self._pacs = pacs
 
     # --- RPCs --------------------------------------------------------------------------------
 
@@ -191,10 +195,12 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
 
         encode_started = time.perf_counter()
         emit("postprocessed", 1, 1)
-        result = await asyncio.to_thread(
+        result, objects = await asyncio.to_thread(
             self._result_message, analysis, header.outputs, request_id, receive.receive_ms
         )
         encode_ms = (time.perf_counter() - encode_started) * 1000.0
+        if self._pacs is not None:
+            result.pacs.CopyFrom(await self._push(objects))
         total_ms = (time.perf_counter() - started) * 1000.0
         result.timings.add(stage="encode", milliseconds=round(encode_ms, 3))
         result.timings.add(stage="gateway_total", milliseconds=round(total_ms, 3))
@@ -247,8 +253,9 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         outputs: scan_pb2.OutputOptions,
         request_id: str,
         receive_ms: float,
-    ) -> scan_pb2.ScanResult:
-        """Build the answer (in a worker thread: mask compression and PNG take real time)."""
+    ) -> tuple[scan_pb2.ScanResult, ScanObjects | BaseException]:
+        """Build the answer (in a worker thread: mask compression, PNG, SEG and SR take real
+        time), and the DICOM objects for the PACS, or why they could not be built."""
         numbers = [_file_number(name) for name in analysis.volume.source_names]
         message = result_to_proto(
             analysis.result,
@@ -260,8 +267,50 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             message.mask.CopyFrom(encode_label_map(analysis.label_map))
         if outputs.overlay:
             message.overlay_png = _overlay_png(analysis.volume.hu, analysis.label_map)
-        # outputs.seg: the DICOM SEG writer is a later issue; seg_dicom stays empty until then.
-        return message
+        objects: ScanObjects | BaseException = ScanObjects(None, None)
+        pacs = self._pacs is not None
+        if outputs.seg or outputs.sr or pacs:
+            started = time.perf_counter()
+            try:
+                objects = analysis_objects(analysis, seg=outputs.seg or pacs, sr=outputs.sr or pacs)
+            except (InputError, ValueError) as err:
+                if outputs.seg or outputs.sr:
+                    raise
+                # Only the PACS wanted them: the scan result still goes back, saying why not.
+                objects = err
+            else:
+                message.seg_dicom = (objects.seg or b"") if outputs.seg else b""
+                message.sr_dicom = (objects.sr or b"") if outputs.sr else b""
+            message.timings.add(
+                stage="dicom_outputs", milliseconds=round((time.perf_counter() - started) * 1e3, 3)
+            )
+        return message, objects
+
+    async def _push(self, objects: ScanObjects | BaseException) -> scan_pb2.PacsOutcome:
+        """Send SEG and SR to the configured PACS; failures are reported, never raised."""
+        destination = self._pacs
+        if destination is None:
+            raise RuntimeError("no PACS is configured")
+        if isinstance(objects, BaseException):
+            outcome = PacsOutcome(
+                destination.name, False, 0, f"no DICOM outputs: {type(objects).__name__}", ()
+            )
+        else:
+            pairs = [(k, d) for k, d in (("seg", objects.seg), ("sr", objects.sr)) if d]
+            outcome = await push(destination, pairs)
+        log.info(
+            "pacs push to %s: stored=%s attempts=%d",
+            outcome.destination,
+            outcome.stored,
+            outcome.attempts,
+        )
+        return scan_pb2.PacsOutcome(
+            destination=outcome.destination,
+            stored=outcome.stored,
+            attempts=outcome.attempts,
+            error=outcome.error,
+            objects=list(outcome.objects),
+        )
 
     def _observe(self, analysis: ScanAnalysis, receive_ms: float, encode_ms: float) -> None:
         timings = analysis.result.timings
