@@ -78,6 +78,21 @@ def format_summary(result: ResultLike) -> str:
         involved = sum(1 for v in per_slice if v > 0)
         where = f", on {involved} of {len(per_slice)} slices" if per_slice else ""
         lines.append(f"Lesions:       {', '.join(parts)}; total {total:.1f} mL{where}")
+    quantification = data.get("quantification") or {}
+    lungs = quantification.get("lungs") or {}
+    if lungs:
+        sides = "  ".join(
+            f"{side} {lung.get('volume_ml', 0.0):.0f} mL ({lung.get('percent_involved', 0.0):.1f}%"
+            " involved)"
+            for side, lung in lungs.items()
+        )
+        lines.append(f"Lungs:         {sides}")
+        extent = "bilateral" if quantification.get("bilateral") else "not bilateral"
+        lines.append(
+            f"Distribution:  {extent}, {quantification.get('distribution')} "
+            f"(peripheral {quantification.get('peripheral_fraction', 0.0):.0%}), "
+            f"severity {quantification.get('severity_score')}/30"
+        )
     series = data.get("series") or {}
     if series:
         spacing = " x ".join(f"{v:.2f}" for v in series.get("spacing_mm", ()))

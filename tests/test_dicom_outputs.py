@@ -13,7 +13,11 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
+from typer.testing import CliRunner
 
+from ctjoint.cli import app
+from ctjoint.client.send import SEG_DCM, SR_DCM, write_outputs
 from ctjoint.contracts import MODEL_JCS2D
 from ctjoint.export.phantom import write_phantom_case
 from ctjoint.gateway.analysis import ScanAnalysis, analyze_directory
@@ -25,6 +29,7 @@ from ctjoint.gateway.dicom_outputs import (
     segment_masks,
 )
 from ctjoint.gateway.series import list_series_files
+from ctjoint.v1 import scan_pb2
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -151,3 +156,29 @@ def test_sr_holds_the_volumes_percentages_and_label(
     label = analysis.result.label
     assert probability.value == pytest.approx(analysis.result.probabilities[label])
     assert scan.finding_type.value == label
+
+
+def test_analyze_writes_seg_and_sr_files(
+    phantom_series: Path, contract_model_dir: Path, tmp_path: Path
+) -> None:
+    seg_path, sr_path = tmp_path / "out.seg.dcm", tmp_path / "out.sr.dcm"
+    result = CliRunner().invoke(
+        app,
+        [
+            *("analyze", str(phantom_series), "--model-dir", str(contract_model_dir)),
+            *("--seg", str(seg_path), "--sr", str(sr_path)),
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert "Distribution:" in result.output
+    assert pydicom.dcmread(seg_path).SOPClassUID == SegmentationStorage
+    assert pydicom.dcmread(sr_path).SOPClassUID == Comprehensive3DSRStorage
+
+
+def test_send_writes_the_seg_and_sr_it_received(tmp_path: Path) -> None:
+    message = scan_pb2.ScanResult(label="normal", seg_dicom=b"SEG", sr_dicom=b"SR")
+    written = write_outputs(message, {"label": "normal"}, [], tmp_path)
+    assert (tmp_path / SEG_DCM).read_bytes() == b"SEG"
+    assert (tmp_path / SR_DCM).read_bytes() == b"SR"
+    assert {p.name for p in written} >= {SEG_DCM, SR_DCM}
