@@ -28,6 +28,13 @@ OVERLAY = {
     SEG_GROUND_GLASS: ((255, 190, 0), 0.45),
     SEG_CONSOLIDATION: ((235, 40, 40), 0.55),
 }
+# Lung outline (from the gateway's lung segmentation), drawn over the lesion colours.
+LUNG_OUTLINE = (60, 200, 255)
+LEGEND = (
+    ("GROUND-GLASS", OVERLAY[SEG_GROUND_GLASS][0]),
+    ("CONSOLIDATION", OVERLAY[SEG_CONSOLIDATION][0]),
+    ("LUNG", LUNG_OUTLINE),
+)
 MONTAGE_TILES = 12
 MONTAGE_COLUMNS = 4
 MAX_TILE_PIXELS = 256
@@ -132,11 +139,15 @@ def write_overlay_png(
     *,
     tiles: int = MONTAGE_TILES,
     columns: int = MONTAGE_COLUMNS,
+    lung_map: np.ndarray | None = None,
+    legend: bool = True,
 ) -> list[int]:
     """Write a montage of up to `tiles` slices, lung window with lesions coloured, as PNG.
 
     Slices are those with the most lesion (kept apart so neighbours do not fill the montage),
-    topped up with evenly spread slices. Returns the chosen slice indices (ascending).
+    topped up with evenly spread slices. With `lung_map` (same shape, >0 inside a lung) the
+    lungs are outlined; `legend` adds a strip below naming each colour. Returns the chosen
+    slice indices (ascending).
     """
     volume_hu = np.asarray(volume_hu)
     label_map = np.asarray(label_map)
@@ -144,12 +155,22 @@ def write_overlay_png(
         raise ValueError(
             f"volume {volume_hu.shape} and label map {label_map.shape} must be the same [Z,Y,X]"
         )
+    if lung_map is not None and np.shape(lung_map) != label_map.shape:
+        raise ValueError(f"lung map {np.shape(lung_map)} must match the label map")
     chosen = choose_slices(np.count_nonzero(label_map, axis=(1, 2)), tiles)
     factor = max(1, math.ceil(max(volume_hu.shape[1:]) / MAX_TILE_PIXELS))
-    rendered = [_render_tile(volume_hu[z], label_map[z], factor) for z in chosen]
+    rendered = [
+        _render_tile(
+            volume_hu[z], label_map[z], factor, None if lung_map is None else lung_map[z] > 0
+        )
+        for z in chosen
+    ]
+    image = _montage(rendered, columns)
+    if legend:
+        image = _with_legend(image, LEGEND if lung_map is not None else LEGEND[:2])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(_montage(rendered, columns)))
+    path.write_bytes(encode_png(image))
     return chosen
 
 
@@ -179,7 +200,9 @@ def choose_slices(lesion_pixels: np.ndarray, tiles: int) -> list[int]:
     return sorted(chosen)
 
 
-def _render_tile(hu: np.ndarray, labels: np.ndarray, factor: int) -> np.ndarray:
+def _render_tile(
+    hu: np.ndarray, labels: np.ndarray, factor: int, lungs: np.ndarray | None = None
+) -> np.ndarray:
     """One slice as RGB uint8, reduced by `factor` (grey by block mean, labels by block max)."""
     if factor > 1:
         y = hu.shape[0] // factor * factor
@@ -187,13 +210,84 @@ def _render_tile(hu: np.ndarray, labels: np.ndarray, factor: int) -> np.ndarray:
         blocks = (y // factor, factor, x // factor, factor)
         hu = hu[:y, :x].reshape(blocks).mean(axis=(1, 3))
         labels = labels[:y, :x].reshape(blocks).max(axis=(1, 3))
+        if lungs is not None:
+            lungs = lungs[:y, :x].reshape(blocks).max(axis=(1, 3))
     grey = np.clip((hu.astype(np.float32) - WINDOW_LOW_HU) / WINDOW_WIDTH_HU, 0.0, 1.0) * 255.0
     rgb = np.repeat(grey[..., None], 3, axis=2)
     for value, (colour, alpha) in OVERLAY.items():
         mask = labels == value
         if mask.any():
             rgb[mask] = (1.0 - alpha) * rgb[mask] + alpha * np.asarray(colour, dtype=np.float32)
+    if lungs is not None and lungs.any():
+        rgb[_outline(lungs)] = LUNG_OUTLINE
     return np.round(rgb).astype(np.uint8)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of `mask` with a 4-neighbour outside it (the image edge counts as outside)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+# A 5x7 bitmap font of our own, just the characters the legend needs ("#" is ink).
+_GLYPHS = {
+    "A": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "C": (".###.", "#...#", "#....", "#....", "#....", "#...#", ".###."),
+    "D": ("####.", "#...#", "#...#", "#...#", "#...#", "#...#", "####."),
+    "G": (".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".####"),
+    "I": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "#####"),
+    "L": ("#....", "#....", "#....", "#....", "#....", "#....", "#####"),
+    "N": ("#...#", "##..#", "#.#.#", "#..##", "#...#", "#...#", "#...#"),
+    "O": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "R": ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#"),
+    "S": (".####", "#....", "#....", ".###.", "....#", "....#", "####."),
+    "T": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
+    "U": ("#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "-": (".....", ".....", ".....", "#####", ".....", ".....", "....."),
+    " ": (".....", ".....", ".....", ".....", ".....", ".....", "....."),
+}
+_GLYPH_W, _GLYPH_H = 5, 7
+LEGEND_SCALE = 2
+LEGEND_PAD = 6
+
+
+def text_mask(text: str, scale: int = LEGEND_SCALE) -> np.ndarray:
+    """Boolean [7*scale, 6*len*scale] ink of `text` in the legend font (one column apart)."""
+    columns = []
+    for char in text.upper():
+        glyph = _GLYPHS.get(char)
+        if glyph is None:
+            raise ValueError(f"the legend font has no {char!r}")
+        cell = np.array([[c == "#" for c in row] for row in glyph], dtype=bool)
+        columns.append(np.pad(cell, ((0, 0), (0, 1))))
+    ink = np.concatenate(columns, axis=1) if columns else np.zeros((_GLYPH_H, 0), dtype=bool)
+    return np.kron(ink, np.ones((scale, scale), dtype=bool)).astype(bool)
+
+
+def _with_legend(
+    image: np.ndarray, entries: tuple[tuple[str, tuple[int, int, int]], ...]
+) -> np.ndarray:
+    """The montage with a strip below it: a colour swatch and a name per entry."""
+    height = _GLYPH_H * LEGEND_SCALE
+    swatch = height
+    pieces: list[np.ndarray] = []
+    for name, colour in entries:
+        ink = text_mask(name)
+        piece = np.full(
+            (height, swatch + LEGEND_PAD + ink.shape[1] + 2 * LEGEND_PAD, 3), 32, np.uint8
+        )
+        piece[:, :swatch] = colour
+        text = piece[:, swatch + LEGEND_PAD : swatch + LEGEND_PAD + ink.shape[1]]
+        text[ink] = 230
+        pieces.append(piece)
+    row = np.concatenate(pieces, axis=1)
+    width = max(image.shape[1], row.shape[1])
+    out = np.full((image.shape[0] + height + 2 * LEGEND_PAD, width, 3), 32, dtype=np.uint8)
+    out[: image.shape[0], : image.shape[1]] = image
+    top = image.shape[0] + LEGEND_PAD
+    out[top : top + height, : row.shape[1]] = row
+    return out
 
 
 def _montage(tiles: list[np.ndarray], columns: int) -> np.ndarray:

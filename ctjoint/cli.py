@@ -388,7 +388,9 @@ def analyze(
         write_result_json(analysis.result, json_out)
         typer.echo(f"wrote {json_out}")
     if png_out is not None:
-        write_overlay_png(analysis.volume_hu, analysis.label_map, png_out)
+        write_overlay_png(
+            analysis.volume_hu, analysis.label_map, png_out, lung_map=analysis.lung_map
+        )
         typer.echo(f"wrote {png_out}")
     if seg_out is not None or sr_out is not None:
         from ctjoint.gateway.dicom_outputs import analysis_objects

@@ -266,7 +266,9 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         if outputs.masks:
             message.mask.CopyFrom(encode_label_map(analysis.label_map))
         if outputs.overlay:
-            message.overlay_png = _overlay_png(analysis.volume.hu, analysis.label_map)
+            message.overlay_png = _overlay_png(
+                analysis.volume.hu, analysis.label_map, analysis.lung_map
+            )
         objects: ScanObjects | BaseException = ScanObjects(None, None)
         pacs = self._pacs is not None
         if outputs.seg or outputs.sr or pacs:
@@ -395,11 +397,13 @@ def _file_number(source: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _overlay_png(volume_hu: np.ndarray, label_map: np.ndarray) -> bytes:
+def _overlay_png(
+    volume_hu: np.ndarray, label_map: np.ndarray, lung_map: np.ndarray | None
+) -> bytes:
     """The overlay montage as PNG bytes, drawn by the same renderer `ctjoint analyze` uses."""
     from ctjoint.client.render import write_overlay_png
 
     with tempfile.TemporaryDirectory(prefix="ctjoint-overlay-") as tmp:
         path = Path(tmp) / "overlay.png"
-        write_overlay_png(volume_hu, label_map, path)
+        write_overlay_png(volume_hu, label_map, path, lung_map=lung_map)
         return path.read_bytes()

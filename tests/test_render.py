@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from ctjoint.client.render import (
+    LEGEND,
+    LUNG_OUTLINE,
     choose_slices,
     encode_png,
     format_summary,
+    text_mask,
     write_overlay_png,
     write_result_json,
 )
@@ -71,7 +74,7 @@ def test_overlay_colours_lesions_and_windows_the_lung(tmp_path: Path) -> None:
     hu = np.full((3, 8, 8), -1350.0, dtype=np.float32)  # bottom of the lung window: black
     labels = np.zeros((3, 8, 8), dtype=np.uint8)
     labels[1, 2:4, 2:4] = 2
-    chosen = write_overlay_png(hu, labels, tmp_path / "o.png", tiles=12)
+    chosen = write_overlay_png(hu, labels, tmp_path / "o.png", tiles=12, legend=False)
     image = decode_png((tmp_path / "o.png").read_bytes())
     assert chosen == [0, 1, 2]
     assert image.shape == (8, 3 * 8 + 2 * 4, 3)
@@ -101,3 +104,19 @@ def test_json_is_written_with_parent_folders(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "result.json"
     write_result_json(RESULT, path)
     assert json.loads(path.read_text()) == RESULT
+
+
+def test_overlay_has_a_legend_and_outlines_the_lungs(tmp_path: Path) -> None:
+    hu = np.full((2, 16, 16), -1350.0, dtype=np.float32)
+    labels = np.zeros((2, 16, 16), dtype=np.uint8)
+    lungs = np.zeros((2, 16, 16), dtype=np.uint8)
+    lungs[:, 4:12, 4:12] = 1
+    write_overlay_png(hu, labels, tmp_path / "o.png", lung_map=lungs)
+    image = decode_png((tmp_path / "o.png").read_bytes())
+    assert image.shape[0] > 16  # the legend strip below the tiles
+    assert tuple(image[4, 4]) == LUNG_OUTLINE and tuple(image[8, 8]) == (0, 0, 0)
+    legend = image[16:]
+    for _, colour in LEGEND:
+        assert (legend == colour).all(axis=2).any(), colour
+    ink = text_mask("LUNG")
+    assert ink.any() and ink.shape[0] == 14
