@@ -148,6 +148,7 @@ class ReplicaStats:
     requests: int
     failures: int
     ejections: int
+    reason: str
 
 
 class ReplicaPool:
@@ -231,6 +232,7 @@ class ReplicaPool:
                 requests=r.requests,
                 failures=r.failures,
                 ejections=r.ejections,
+                reason=r.reason,
             )
             for r in self._replicas.values()
         )
