@@ -19,6 +19,7 @@ from prometheus_client import (
 )
 
 from ctjoint.contracts import MODEL_NAMES
+from ctjoint.gateway.backends.replicas import Replicated
 
 STAGES: Final = ("receive", "decode", "assemble", "preprocess", "infer", "postprocess", "encode")
 # Seconds: a 512-pixel slice decodes in ~1 ms, a whole 3D inference on CPU takes tens of seconds.
@@ -77,6 +78,19 @@ class GatewayMetrics:
             "1 when the inference backend is ready to serve, else 0.",
             registry=self.registry,
         )
+        # Replicas are counted by state only: pod addresses come and go, labels must not.
+        self.triton_replicas = Gauge(
+            "ctjoint_triton_replicas",
+            "Triton replicas this gateway knows, by state (healthy, ejected).",
+            ("state",),
+            registry=self.registry,
+        )
+        self.retried_slices = Counter(
+            "ctjoint_retried_slices",
+            "Slices re-sent to another Triton replica after theirs failed.",
+            registry=self.registry,
+        )
+        self._retried_seen = 0
         # Pre-create the stage series so dashboards see every stage from the first scrape.
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
@@ -86,6 +100,19 @@ class GatewayMetrics:
 
     def record_scan(self, model: str, outcome: str, code: str) -> None:
         self.scans.labels(model=model_label(model), outcome=outcome, code=code).inc()
+
+    def observe_replicas(self, backend: object) -> None:
+        """Replica states and retries of a replicated backend (Triton); others are ignored."""
+        if not isinstance(backend, Replicated):
+            return
+        replicas = backend.replica_stats()
+        healthy = sum(1 for r in replicas if r.healthy)
+        self.triton_replicas.labels(state="healthy").set(healthy)
+        self.triton_replicas.labels(state="ejected").set(len(replicas) - healthy)
+        retried = backend.retried_slices
+        if retried > self._retried_seen:
+            self.retried_slices.inc(retried - self._retried_seen)
+            self._retried_seen = retried
 
     def exposition(self) -> bytes:
         """The text exposition format of this registry (what a scrape returns)."""

@@ -204,6 +204,7 @@ async def _follow_backend(
     serving = True
     while True:
         await asyncio.sleep(BACKEND_POLL_S)
+        metrics.observe_replicas(backend)
         if backend.ready == serving:
             continue
         serving = backend.ready

@@ -21,6 +21,7 @@ from ctjoint import contracts
 from ctjoint.gateway.backends import triton as triton_module
 from ctjoint.gateway.backends.triton import TritonBackend
 from ctjoint.gateway.errors import BackendError, BackendUnavailableError
+from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.preprocess import PreprocessPlan
 
 MODEL = contracts.MODEL_JCS2D
@@ -223,6 +224,24 @@ def test_a_replica_serving_another_model_version_is_kept_out(world: _World) -> N
         assert backend.model_info(MODEL).version == "1.0"
 
     _run(world, body)
+
+
+def test_gateway_metrics_count_replicas_by_state_and_retried_slices(world: _World) -> None:
+    world.servers[A].infer_error = "UNAVAILABLE"
+    metrics = GatewayMetrics()
+
+    async def body(backend: TritonBackend) -> None:
+        world.servers[A].ready = False  # keep it out once ejected
+        for _ in range(3):
+            await backend.infer(MODEL, _image(batch=2))
+        metrics.observe_replicas(backend)
+        metrics.observe_replicas(backend)  # counts only what is new
+
+    _run(world, body)
+    sample = metrics.registry.get_sample_value
+    assert sample("ctjoint_triton_replicas", {"state": "healthy"}) == 1
+    assert sample("ctjoint_triton_replicas", {"state": "ejected"}) == 1
+    assert sample("ctjoint_retried_slices_total") == 2
 
 
 def _stats(backend: TritonBackend) -> dict[str, Any]:

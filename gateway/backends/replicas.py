@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol, runtime_checkable
 
 PROBE_FIRST_S: Final = 0.5
 PROBE_MAX_S: Final = 5.0
@@ -151,6 +151,16 @@ class ReplicaStats:
     reason: str
 
 
+@runtime_checkable
+class Replicated(Protocol):
+    """A backend that spreads work over replicas (the Triton backend), as metrics see it."""
+
+    @property
+    def retried_slices(self) -> int: ...
+
+    def replica_stats(self) -> tuple[ReplicaStats, ...]: ...
+
+
 class ReplicaPool:
     """The replicas currently known, and the choice of one for each request."""
 
@@ -243,6 +253,7 @@ __all__ = [
     "Replica",
     "ReplicaPool",
     "ReplicaStats",
+    "Replicated",
     "parse_endpoints",
     "resolve",
 ]
