@@ -12,7 +12,7 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,6 +35,9 @@ LEGEND = (
     ("CONSOLIDATION", OVERLAY[SEG_CONSOLIDATION][0]),
     ("LUNG", LUNG_OUTLINE),
 )
+# Class activation map: a magenta tint whose opacity follows the map (0 none, 255 strongest).
+CAM_COLOUR = (255, 0, 220)
+CAM_MAX_ALPHA = 0.6
 MONTAGE_TILES = 12
 MONTAGE_COLUMNS = 4
 MAX_TILE_PIXELS = 256
@@ -140,14 +143,17 @@ def write_overlay_png(
     tiles: int = MONTAGE_TILES,
     columns: int = MONTAGE_COLUMNS,
     lung_map: np.ndarray | None = None,
+    cam: np.ndarray | Callable[[list[int]], np.ndarray] | None = None,
     legend: bool = True,
 ) -> list[int]:
     """Write a montage of up to `tiles` slices, lung window with lesions coloured, as PNG.
 
     Slices are those with the most lesion (kept apart so neighbours do not fill the montage),
     topped up with evenly spread slices. With `lung_map` (same shape, >0 inside a lung) the
-    lungs are outlined; `legend` adds a strip below naming each colour. Returns the chosen
-    slice indices (ascending).
+    lungs are outlined; with `cam` (uint8 [Z, Y, X], or a callable giving those slices for
+    a list of indices) the class activation map tints the slices under the lesion colours;
+    `legend` adds a strip below naming each colour. Returns the chosen slice indices
+    (ascending).
     """
     volume_hu = np.asarray(volume_hu)
     label_map = np.asarray(label_map)
@@ -159,15 +165,27 @@ def write_overlay_png(
         raise ValueError(f"lung map {np.shape(lung_map)} must match the label map")
     chosen = choose_slices(np.count_nonzero(label_map, axis=(1, 2)), tiles)
     factor = max(1, math.ceil(max(volume_hu.shape[1:]) / MAX_TILE_PIXELS))
+    heat = None
+    if cam is not None:
+        heat = np.asarray(cam(chosen) if callable(cam) else np.asarray(cam)[chosen])
+        if heat.shape != (len(chosen), *label_map.shape[1:]):
+            raise ValueError(f"cam slices {heat.shape} do not match the label map")
     rendered = [
         _render_tile(
-            volume_hu[z], label_map[z], factor, None if lung_map is None else lung_map[z] > 0
+            volume_hu[z],
+            label_map[z],
+            factor,
+            None if lung_map is None else lung_map[z] > 0,
+            None if heat is None else heat[i],
         )
-        for z in chosen
+        for i, z in enumerate(chosen)
     ]
     image = _montage(rendered, columns)
     if legend:
-        image = _with_legend(image, LEGEND if lung_map is not None else LEGEND[:2])
+        entries = list(LEGEND if lung_map is not None else LEGEND[:2])
+        if heat is not None:
+            entries.append(("CAM", CAM_COLOUR))
+        image = _with_legend(image, tuple(entries))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(encode_png(image))
@@ -201,7 +219,11 @@ def choose_slices(lesion_pixels: np.ndarray, tiles: int) -> list[int]:
 
 
 def _render_tile(
-    hu: np.ndarray, labels: np.ndarray, factor: int, lungs: np.ndarray | None = None
+    hu: np.ndarray,
+    labels: np.ndarray,
+    factor: int,
+    lungs: np.ndarray | None = None,
+    heat: np.ndarray | None = None,
 ) -> np.ndarray:
     """One slice as RGB uint8, reduced by `factor` (grey by block mean, labels by block max)."""
     if factor > 1:
@@ -212,8 +234,13 @@ def _render_tile(
         labels = labels[:y, :x].reshape(blocks).max(axis=(1, 3))
         if lungs is not None:
             lungs = lungs[:y, :x].reshape(blocks).max(axis=(1, 3))
+        if heat is not None:
+            heat = heat[:y, :x].reshape(blocks).mean(axis=(1, 3))
     grey = np.clip((hu.astype(np.float32) - WINDOW_LOW_HU) / WINDOW_WIDTH_HU, 0.0, 1.0) * 255.0
     rgb = np.repeat(grey[..., None], 3, axis=2)
+    if heat is not None:
+        tint = (np.asarray(heat, dtype=np.float32) / 255.0 * CAM_MAX_ALPHA)[..., None]
+        rgb = (1.0 - tint) * rgb + tint * np.asarray(CAM_COLOUR, dtype=np.float32)
     for value, (colour, alpha) in OVERLAY.items():
         mask = labels == value
         if mask.any():
@@ -237,6 +264,7 @@ _GLYPHS = {
     "D": ("####.", "#...#", "#...#", "#...#", "#...#", "#...#", "####."),
     "G": (".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".####"),
     "I": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "#####"),
+    "M": ("#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"),
     "L": ("#....", "#....", "#....", "#....", "#....", "#....", "#####"),
     "N": ("#...#", "##..#", "#.#.#", "#..##", "#...#", "#...#", "#...#"),
     "O": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),

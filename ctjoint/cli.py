@@ -374,7 +374,7 @@ def analyze(
 ) -> None:
     """Analyse a series in-process with ONNX Runtime and print the result."""
     from ctjoint.client.render import format_summary, write_overlay_png, write_result_json
-    from ctjoint.gateway.analysis import analyze_directory
+    from ctjoint.gateway.analysis import analyze_directory, cam_on_source
 
     analysis = analyze_directory(
         series_dir,
@@ -388,8 +388,15 @@ def analyze(
         write_result_json(analysis.result, json_out)
         typer.echo(f"wrote {json_out}")
     if png_out is not None:
+        cam = analysis.cam
         write_overlay_png(
-            analysis.volume_hu, analysis.label_map, png_out, lung_map=analysis.lung_map
+            analysis.volume_hu,
+            analysis.label_map,
+            png_out,
+            lung_map=analysis.lung_map,
+            cam=None
+            if cam is None
+            else (lambda slices: cam_on_source(cam, analysis.volume.shape, slices)),
         )
         typer.echo(f"wrote {png_out}")
     if seg_out is not None or sr_out is not None:

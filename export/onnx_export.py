@@ -21,6 +21,7 @@ from torch import nn
 
 from ctjoint import contracts
 from ctjoint.export.configs import RunConfig
+from ctjoint.export.models import DeepSc3d, Jcs2d, JointNetwork
 from ctjoint.export.train import model_from_checkpoint
 from ctjoint.gateway.errors import CtJointError
 
@@ -81,6 +82,25 @@ def metadata(config: RunConfig, trained_on: str) -> dict[str, str]:
     }
 
 
+class _WithCam(nn.Module):
+    """The network's exported contract plus its optional `cam` output (same weights)."""
+
+    def __init__(self, net: JointNetwork) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.net.forward_with_cam(image)
+
+
+def _exported(net: nn.Module) -> tuple[nn.Module, list[str]]:
+    """What is traced and its output names: with `cam` when the network can compute it."""
+    names = [contracts.OUTPUT_SEG_LOGITS, contracts.OUTPUT_CLS_LOGITS]
+    if isinstance(net, Jcs2d | DeepSc3d):
+        return _WithCam(net).eval(), [*names, contracts.OUTPUT_CAM]
+    return net, names
+
+
 def _to_onnx(net: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter reports optional torchvision ops it skips and internal deprecations; they
@@ -91,12 +111,13 @@ def _to_onnx(net: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            traced, output_names = _exported(net)
             program = torch.onnx.export(
-                net,
+                traced,
                 (example,),
                 dynamo=True,
                 input_names=[contracts.INPUT_IMAGE],
-                output_names=[contracts.OUTPUT_SEG_LOGITS, contracts.OUTPUT_CLS_LOGITS],
+                output_names=output_names,
                 dynamic_shapes={"image": {0: batch}},
                 opset_version=OPSET,
                 verbose=False,
@@ -134,6 +155,20 @@ def parity(
     )
 
 
+def _cam_parity(net: nn.Module, session: ort.InferenceSession, config: RunConfig) -> float:
+    """Max abs difference of the `cam` output (0 for a network without one)."""
+    if not isinstance(net, Jcs2d | DeepSc3d):
+        return 0.0
+    generator = torch.Generator().manual_seed(7)
+    image = torch.randn(input_shape(config, PARITY_BATCHES[0]), generator=generator)
+    with torch.no_grad():
+        _, _, reference = _WithCam(net)(image)
+    (cam,) = session.run([contracts.OUTPUT_CAM], {contracts.INPUT_IMAGE: image.numpy()})
+    if cam.shape != tuple(reference.shape):
+        raise ExportError(f"ONNX cam {cam.shape} differs in shape from PyTorch's")
+    return float(np.max(np.abs(cam - reference.numpy())))
+
+
 def export_network(
     net: nn.Module,
     config: RunConfig,
@@ -158,13 +193,14 @@ def export_network(
     session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
     # Two batch sizes other than the traced one prove the batch axis is really dynamic.
     diffs = [parity(net, session, config, batch, seed=batch) for batch in PARITY_BATCHES]
+    cam_diff = _cam_parity(net, session, config)
     seg_diff = max(d[0] for d in diffs)
     cls_diff = max(d[1] for d in diffs)
     logger.info("ONNX parity: seg %.3g, cls %.3g", seg_diff, cls_diff)
-    if max(seg_diff, cls_diff) > tolerance:
+    if max(seg_diff, cls_diff, cam_diff) > tolerance:
         raise ExportError(
             f"ONNX Runtime disagrees with PyTorch: max abs diff seg_logits {seg_diff:.3g}, "
-            f"cls_logits {cls_diff:.3g} (tolerance {tolerance:g})"
+            f"cls_logits {cls_diff:.3g}, cam {cam_diff:.3g} (tolerance {tolerance:g})"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target, then renamed: a served model directory never sees half a file.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -77,10 +77,42 @@ class ScanAnalysis:
     # The first file's data set without pixel data (patient, study, equipment): what the SEG
     # and SR writers copy and reference. None for volumes that did not come from DICOM.
     source_header: Dataset | None = None
+    # Class activation map of the predicted class on the model's coarse grid: [Z, h, w] for
+    # 2.5D (one per source slice), [d, h, w] for 3D; None when the model has no `cam` output.
+    # `cam_on_source` maps it onto the source grid.
+    cam: np.ndarray | None = None
 
     @property
     def volume_hu(self) -> np.ndarray:
         return self.volume.hu
+
+
+def cam_on_source(
+    cam: np.ndarray, source_shape: tuple[int, int, int], slices: Sequence[int] | None = None
+) -> np.ndarray:
+    """A model-grid class activation map as uint8 [n, Y, X] on the source grid (all slices, or
+    `slices`), linearly interpolated per axis; the map's maximum on the model grid is 255.
+
+    A 2.5D map has one slice per source slice; a 3D map is interpolated along z as well. Scaling
+    by the scan maximum (not per slice) keeps slices comparable: where the head looked most.
+    """
+    z, y, x = source_shape
+    wanted = list(range(z)) if slices is None else [int(s) for s in slices]
+    peak = float(cam.max()) if cam.size else 0.0
+    out = np.zeros((len(wanted), y, x), dtype=np.uint8)
+    if peak <= 0.0 or not wanted:
+        return out
+    ry = resample_matrix(cam.shape[1], y, "linear").astype(np.float32)  # [Y, h]
+    rx = resample_matrix(cam.shape[2], x, "linear").astype(np.float32)  # [X, w]
+    if cam.shape[0] == z:
+        planes = cam[wanted]
+    else:
+        rz = resample_matrix(cam.shape[0], z, "linear").astype(np.float32)  # [Z, d]
+        planes = np.tensordot(rz[wanted], cam, axes=(1, 0))
+    for i, plane in enumerate(planes):
+        values = ry @ plane.astype(np.float32) @ rx.T
+        out[i] = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+    return out
 
 
 class SeriesIntake:
@@ -278,7 +310,13 @@ class ScanAnalyzer:
             infer_ms,
             postprocess_ms,
         )
-        return ScanAnalysis(result=result, volume=volume, label_map=label_map, lung_map=lung_map)
+        cam = None
+        if outputs.cam is not None:
+            # 2.5D: one map per source slice; 3D: the one volume's map.
+            cam = outputs.cam if info.plan.kind == "2.5d" else outputs.cam[0]
+        return ScanAnalysis(
+            result=result, volume=volume, label_map=label_map, lung_map=lung_map, cam=cam
+        )
 
     async def _infer(
         self, info: ModelInfo, image: np.ndarray, slices: int, progress: ProgressCallback | None
@@ -312,6 +350,11 @@ class ScanAnalyzer:
             seg_logits=np.concatenate([p.seg_logits for p in parts]),
             cls_logits=np.concatenate([p.cls_logits for p in parts]),
             model_ms=sum(p.model_ms for p in parts),
+            cam=(
+                np.concatenate([p.cam for p in parts if p.cam is not None])
+                if all(p.cam is not None for p in parts)
+                else None
+            ),
         )
 
 
@@ -494,6 +537,7 @@ __all__ = [
     "ScanAnalyzer",
     "SeriesIntake",
     "analyze_directory",
+    "cam_on_source",
     "lesion_statistics",
     "source_label_map",
 ]

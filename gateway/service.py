@@ -13,6 +13,7 @@ import logging
 import re
 import tempfile
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -21,7 +22,7 @@ import grpc.aio
 import numpy as np
 
 from ctjoint.contracts import MODEL_NAMES
-from ctjoint.gateway.analysis import Progress, ScanAnalysis, ScanAnalyzer
+from ctjoint.gateway.analysis import Progress, ScanAnalysis, ScanAnalyzer, cam_on_source
 from ctjoint.gateway.backends.base import InferenceBackend
 from ctjoint.gateway.deadlines import set_deadline
 from ctjoint.gateway.dicom_io import describe_source
@@ -37,7 +38,12 @@ from ctjoint.gateway.interceptors import adopt_request_id, note_model
 from ctjoint.gateway.limits import GatewayLimits, ScanSlots
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import PacsDestination, PacsOutcome, push
-from ctjoint.gateway.wire import encode_label_map, model_info_to_proto, result_to_proto
+from ctjoint.gateway.wire import (
+    MASK_ZLIB_LEVEL,
+    encode_label_map,
+    model_info_to_proto,
+    result_to_proto,
+)
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -266,9 +272,11 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         if outputs.masks:
             message.mask.CopyFrom(encode_label_map(analysis.label_map))
         if outputs.overlay:
-            message.overlay_png = _overlay_png(
-                analysis.volume.hu, analysis.label_map, analysis.lung_map
-            )
+            message.overlay_png = _overlay_png(analysis)
+        if outputs.cam and analysis.cam is not None:
+            heat = cam_on_source(analysis.cam, analysis.volume.shape)
+            message.cam.shape.extend(int(v) for v in heat.shape)
+            message.cam.data = zlib.compress(heat.tobytes(), MASK_ZLIB_LEVEL)
         objects: ScanObjects | BaseException = ScanObjects(None, None)
         pacs = self._pacs is not None
         if outputs.seg or outputs.sr or pacs:
@@ -397,13 +405,26 @@ def _file_number(source: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _overlay_png(
-    volume_hu: np.ndarray, label_map: np.ndarray, lung_map: np.ndarray | None
-) -> bytes:
+def _overlay_png(analysis: ScanAnalysis) -> bytes:
     """The overlay montage as PNG bytes, drawn by the same renderer `ctjoint analyze` uses."""
     from ctjoint.client.render import write_overlay_png
 
     with tempfile.TemporaryDirectory(prefix="ctjoint-overlay-") as tmp:
         path = Path(tmp) / "overlay.png"
-        write_overlay_png(volume_hu, label_map, path, lung_map=lung_map)
+        write_overlay_png(
+            analysis.volume.hu,
+            analysis.label_map,
+            path,
+            lung_map=analysis.lung_map,
+            cam=_cam_slices(analysis),
+        )
         return path.read_bytes()
+
+
+def _cam_slices(analysis: ScanAnalysis) -> Callable[[list[int]], np.ndarray] | None:
+    """The overlay's CAM source: only the slices it shows are mapped onto the source grid."""
+    cam = analysis.cam
+    if cam is None:
+        return None
+    shape = analysis.volume.shape
+    return lambda slices: cam_on_source(cam, shape, slices)

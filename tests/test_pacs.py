@@ -3,40 +3,28 @@ and a PACS that is down costs retries and an outcome in the result, never the re
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc.aio
 import pydicom
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from inprocess_gateway import free_port, scan_in_process
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
-from ctjoint.contracts import MODEL_JCS2D
 from ctjoint.export.phantom import write_phantom_case
-from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.pacs import PacsDestination, push_blocking
 from ctjoint.gateway.series import list_series_files
-from ctjoint.gateway.server import GatewayConfig, serve
-from ctjoint.v1 import scan_pb2, scan_pb2_grpc
+from ctjoint.v1 import scan_pb2
 
 ORTHANC = "/usr/sbin/Orthanc"
 ORTHANC_AE = "ORTHANC"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -58,7 +46,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
             pytest.fail(f"{reason}; `make test` installs it when run as root")
         pytest.skip(f"{reason}; install the orthanc package to test the PACS push")
     folder = tmp_path_factory.mktemp("orthanc")
-    server = Orthanc(_free_port(), _free_port())
+    server = Orthanc(free_port(), free_port())
     config = {
         "Name": "ctjoint-test",
         "StorageDirectory": str(folder / "db"),
@@ -104,52 +92,11 @@ def phantom_files(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     return [p.read_bytes() for p in list_series_files(case / "series")]
 
 
-async def _wait_serving(channel: grpc.aio.Channel, server: asyncio.Future[None]) -> None:
-    """Until the gateway's health says SERVING (its backend has loaded), at most 30 s."""
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if server.done():
-            server.result()  # serve() failed: show why
-        try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(0.05)
-    pytest.fail("the gateway was not SERVING within 30 s")
-
-
 def _scan_through_gateway(
     files: list[bytes], model_dir: Path, pacs: PacsDestination
 ) -> scan_pb2.ScanResult:
-    """One AnalyzeScan against a gateway served in this process with the PACS configured."""
-
-    async def main() -> scan_pb2.ScanResult:
-        port = _free_port()
-        config = GatewayConfig(port=port, models=(MODEL_JCS2D,), grace_seconds=1.0, pacs=pacs)
-        backend = EmbeddedBackend((MODEL_JCS2D,), model_dir=model_dir, intra_op_threads=1)
-        server = asyncio.ensure_future(serve(config, backend=backend))
-
-        async def requests() -> AsyncIterator[scan_pb2.ScanRequest]:
-            header = scan_pb2.ScanHeader(
-                model=MODEL_JCS2D, outputs=scan_pb2.OutputOptions(seg=True, sr=True)
-            )
-            yield scan_pb2.ScanRequest(header=header)
-            for content in files:
-                yield scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=content))
-
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await _wait_serving(channel, server)
-                stub = scan_pb2_grpc.ScanServiceStub(channel)
-                return await stub.AnalyzeScan(requests(), timeout=60, wait_for_ready=True)
-        finally:
-            server.cancel()
-            await asyncio.gather(server, return_exceptions=True)
-
-    return asyncio.run(main())
+    outputs = scan_pb2.OutputOptions(seg=True, sr=True)
+    return scan_in_process(files, model_dir, outputs=outputs, pacs=pacs)
 
 
 def test_seg_and_sr_land_in_orthanc_and_reference_the_study(
@@ -179,7 +126,7 @@ def test_seg_and_sr_land_in_orthanc_and_reference_the_study(
 def test_a_pacs_that_is_down_is_retried_and_reported_not_raised(
     phantom_files: list[bytes], contract_model_dir: Path
 ) -> None:
-    down = PacsDestination("NOBODY", "127.0.0.1", _free_port(), attempts=2, backoff_s=0.05)
+    down = PacsDestination("NOBODY", "127.0.0.1", free_port(), attempts=2, backoff_s=0.05)
     result = _scan_through_gateway(phantom_files, contract_model_dir, down)
     assert result.label and result.seg_dicom and result.sr_dicom  # the scan result survives
     assert not result.pacs.stored
@@ -190,6 +137,6 @@ def test_a_pacs_that_is_down_is_retried_and_reported_not_raised(
 
 
 def test_nothing_to_send_opens_no_association() -> None:
-    nobody = PacsDestination("NOBODY", "127.0.0.1", _free_port(), attempts=1)
+    nobody = PacsDestination("NOBODY", "127.0.0.1", free_port(), attempts=1)
     outcome = push_blocking(nobody, [])
     assert outcome.stored and outcome.attempts == 0 and outcome.objects == ()

@@ -28,16 +28,18 @@ class ScanHeader(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., outputs: _Optional[_Union[OutputOptions, _Mapping]] = ..., expected_files: _Optional[int] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
-    __slots__ = ("masks", "seg", "overlay", "sr")
+    __slots__ = ("masks", "seg", "overlay", "sr", "cam")
     MASKS_FIELD_NUMBER: _ClassVar[int]
     SEG_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
     SR_FIELD_NUMBER: _ClassVar[int]
+    CAM_FIELD_NUMBER: _ClassVar[int]
     masks: bool
     seg: bool
     overlay: bool
     sr: bool
-    def __init__(self, masks: _Optional[bool] = ..., seg: _Optional[bool] = ..., overlay: _Optional[bool] = ..., sr: _Optional[bool] = ...) -> None: ...
+    cam: bool
+    def __init__(self, masks: _Optional[bool] = ..., seg: _Optional[bool] = ..., overlay: _Optional[bool] = ..., sr: _Optional[bool] = ..., cam: _Optional[bool] = ...) -> None: ...
 
 class DicomFile(_message.Message):
     __slots__ = ("content",)
@@ -46,7 +48,7 @@ class DicomFile(_message.Message):
     def __init__(self, content: _Optional[bytes] = ...) -> None: ...
 
 class ScanResult(_message.Message):
-    __slots__ = ("request_id", "label", "class_names", "probabilities", "slices", "lesions", "mask", "seg_dicom", "overlay_png", "timings", "model", "backend", "geometry", "slice_file_number", "quantification", "sr_dicom", "pacs")
+    __slots__ = ("request_id", "label", "class_names", "probabilities", "slices", "lesions", "mask", "seg_dicom", "overlay_png", "timings", "model", "backend", "geometry", "slice_file_number", "quantification", "sr_dicom", "pacs", "cam")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +66,7 @@ class ScanResult(_message.Message):
     QUANTIFICATION_FIELD_NUMBER: _ClassVar[int]
     SR_DICOM_FIELD_NUMBER: _ClassVar[int]
     PACS_FIELD_NUMBER: _ClassVar[int]
+    CAM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     label: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
@@ -81,7 +84,16 @@ class ScanResult(_message.Message):
     quantification: Quantification
     sr_dicom: bytes
     pacs: PacsOutcome
-    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., slices: _Optional[_Iterable[_Union[SliceEvidence, _Mapping]]] = ..., lesions: _Optional[_Union[LesionStatistics, _Mapping]] = ..., mask: _Optional[_Union[LabelVolume, _Mapping]] = ..., seg_dicom: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., geometry: _Optional[_Union[SeriesGeometry, _Mapping]] = ..., slice_file_number: _Optional[_Iterable[int]] = ..., quantification: _Optional[_Union[Quantification, _Mapping]] = ..., sr_dicom: _Optional[bytes] = ..., pacs: _Optional[_Union[PacsOutcome, _Mapping]] = ...) -> None: ...
+    cam: ScalarVolume
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., slices: _Optional[_Iterable[_Union[SliceEvidence, _Mapping]]] = ..., lesions: _Optional[_Union[LesionStatistics, _Mapping]] = ..., mask: _Optional[_Union[LabelVolume, _Mapping]] = ..., seg_dicom: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., geometry: _Optional[_Union[SeriesGeometry, _Mapping]] = ..., slice_file_number: _Optional[_Iterable[int]] = ..., quantification: _Optional[_Union[Quantification, _Mapping]] = ..., sr_dicom: _Optional[bytes] = ..., pacs: _Optional[_Union[PacsOutcome, _Mapping]] = ..., cam: _Optional[_Union[ScalarVolume, _Mapping]] = ...) -> None: ...
+
+class ScalarVolume(_message.Message):
+    __slots__ = ("shape", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Quantification(_message.Message):
     __slots__ = ("lungs", "bilateral", "peripheral_fraction", "central_fraction", "distribution", "severity_score", "method", "peripheral_rule", "severity_scale")

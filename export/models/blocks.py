@@ -177,6 +177,10 @@ def spatial_dims(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(range(2, x.dim()))
 
 
+# Keeps attention pooling finite on slices without lesion attention (grad_cam repeats it).
+ATTENTION_EPS = 1e-3
+
+
 def attention_pool(features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     """Average of `features` [N,C,...] weighted by `attention` [N,1,...] on the same grid.
 
@@ -186,7 +190,7 @@ def attention_pool(features: torch.Tensor, attention: torch.Tensor) -> torch.Ten
     axes = spatial_dims(features)
     weighted = (features * attention).sum(dim=axes)
     mass = attention.sum(dim=axes)
-    return weighted / (mass + 1e-3)
+    return weighted / (mass + ATTENTION_EPS)
 
 
 def global_pool(features: torch.Tensor) -> torch.Tensor:
@@ -208,6 +212,53 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def grad_cam(
+    head: ClassifierHead,
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    maps: torch.Tensor,
+    attention: torch.Tensor,
+) -> torch.Tensor:
+    """Grad-CAM of each sample's predicted class on `maps` [N, C, ...], computed in the graph.
+
+    `maps` must enter the head as the first 2C features: `global_pool(maps)` then
+    `attention_pool(maps, attention)` (both networks build their features that way). The
+    head is Linear -> LeakyReLU -> Dropout -> Linear, so the gradient of the class logit with
+    respect to the features is analytic: W1^T (slope(h) * W2[c]). Grad-CAM's channel weights
+    are the spatial mean of the logit's gradient with respect to the maps, which for those two
+    poolings is g_mean / n + g_attention * (sum(a) / (sum(a) + eps)) / n. The map is then
+    ReLU(sum_k weight_k * maps_k) [N, ...] (Selvaraju et al., ICCV 2017), without autograd, so it
+    exports to ONNX with the rest of the network.
+    """
+    first, activation, _, last = head.net
+    if not (
+        isinstance(first, nn.Linear)
+        and isinstance(activation, nn.LeakyReLU)
+        and isinstance(last, nn.Linear)
+    ):
+        raise TypeError(
+            "grad_cam expects the ClassifierHead layout Linear-LeakyReLU-Dropout-Linear"
+        )
+    hidden = first(features)
+    slope = torch.where(
+        hidden > 0, torch.ones_like(hidden), torch.full_like(hidden, activation.negative_slope)
+    )
+    predicted = logits.argmax(dim=1)
+    grad_features = (last.weight[predicted] * slope) @ first.weight  # [N, F]
+    channels = maps.shape[1]
+    axes = spatial_dims(maps)
+    count = 1
+    for axis in axes:
+        count *= maps.shape[axis]
+    mass = attention.sum(dim=axes)  # [N, 1]
+    weights = (
+        grad_features[:, :channels] / count
+        + grad_features[:, channels : 2 * channels] * (mass / (mass + ATTENTION_EPS)) / count
+    )
+    shaped = weights.reshape(*weights.shape, *([1] * len(axes)))
+    return torch.relu((shaped * maps).sum(dim=1))
 
 
 class JointOutput(NamedTuple):

@@ -29,6 +29,7 @@ from ctjoint.export.models.blocks import (
     attention_pool,
     conv1x1,
     global_pool,
+    grad_cam,
     lesion_statistics,
 )
 
@@ -69,6 +70,19 @@ class Jcs2d(nn.Module):
 
     def forward_all(self, image: torch.Tensor) -> JointOutput:
         """Both outputs plus the deep-supervision logits (training)."""
+        return self._run(image, cam=False)[0]
+
+    def forward_with_cam(
+        self, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The exported contract with the optional `cam` output: (`seg_logits`, `cls_logits`,
+        Grad-CAM of the predicted class on the head's coarse feature grid)."""
+        out, cam = self._run(image, cam=True)
+        if cam is None:
+            raise RuntimeError("no class activation map was computed")
+        return out.seg_logits, out.cls_logits, cam
+
+    def _run(self, image: torch.Tensor, *, cam: bool) -> tuple[JointOutput, torch.Tensor | None]:
         skips = [self.stem(image)]
         for block in self.encoder:
             skips.append(block(skips[-1]))
@@ -94,7 +108,13 @@ class Jcs2d(nn.Module):
             dim=1,
         )
         aux_logits = tuple(aux[level] for level in self.deep_supervision)
-        return JointOutput(seg_logits, self.classifier(features), aux_logits)
+        cls_logits = self.classifier(features)
+        activation = (
+            grad_cam(self.classifier, features, cls_logits, bottleneck, coarse_attention)
+            if cam
+            else None
+        )
+        return JointOutput(seg_logits, cls_logits, aux_logits), activation
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exported contract: (`seg_logits`, `cls_logits`)."""

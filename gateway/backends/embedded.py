@@ -20,6 +20,7 @@ import onnxruntime as ort
 from ctjoint.contracts import (
     INPUT_IMAGE,
     MODEL_NAMES,
+    OUTPUT_CAM,
     OUTPUT_CLS_LOGITS,
     OUTPUT_SEG_LOGITS,
     default_model_dir,
@@ -195,15 +196,18 @@ class EmbeddedBackend(InferenceBackend):
             raise BackendError(
                 f"model {model!r}: input shape {list(image.shape)} does not match {list(expected)}"
             )
+        # The class activation map is optional: models exported before it have no such output.
+        names = [OUTPUT_SEG_LOGITS, OUTPUT_CLS_LOGITS]
+        if OUTPUT_CAM in {o.name for o in session.get_outputs()}:
+            names.append(OUTPUT_CAM)
         started = time.perf_counter()
         try:
-            seg, cls = session.run(
-                [OUTPUT_SEG_LOGITS, OUTPUT_CLS_LOGITS],
-                {INPUT_IMAGE: np.ascontiguousarray(image)},
-            )
+            seg, cls, *cam = session.run(names, {INPUT_IMAGE: np.ascontiguousarray(image)})
         except Exception as err:
             raise BackendError(
                 f"model {model!r}: inference failed ({type(err).__name__}: {err})"
             ) from err
         elapsed = (time.perf_counter() - started) * 1000.0
-        return ModelOutputs(seg_logits=seg, cls_logits=cls, model_ms=elapsed)
+        return ModelOutputs(
+            seg_logits=seg, cls_logits=cls, model_ms=elapsed, cam=cam[0] if cam else None
+        )

@@ -1,0 +1,75 @@
+"""One AnalyzeScan against a gateway served in this process (embedded backend, one model)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ctjoint.contracts import MODEL_JCS2D
+from ctjoint.gateway.backends.embedded import EmbeddedBackend
+from ctjoint.gateway.pacs import PacsDestination
+from ctjoint.gateway.server import GatewayConfig, serve
+from ctjoint.v1 import scan_pb2, scan_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def _wait_serving(channel: grpc.aio.Channel, server: asyncio.Future[None]) -> None:
+    """Until the gateway's health says SERVING (its backend has loaded), at most 30 s."""
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if server.done():
+            server.result()  # serve() failed: show why
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.05)
+    pytest.fail("the gateway was not SERVING within 30 s")
+
+
+def scan_in_process(
+    files: list[bytes],
+    model_dir: Path,
+    *,
+    outputs: scan_pb2.OutputOptions,
+    pacs: PacsDestination | None = None,
+) -> scan_pb2.ScanResult:
+    """Serve jcs2d from `model_dir`, send `files` with `outputs`, return the answer."""
+
+    async def main() -> scan_pb2.ScanResult:
+        port = free_port()
+        config = GatewayConfig(port=port, models=(MODEL_JCS2D,), grace_seconds=1.0, pacs=pacs)
+        backend = EmbeddedBackend((MODEL_JCS2D,), model_dir=model_dir, intra_op_threads=1)
+        server = asyncio.ensure_future(serve(config, backend=backend))
+
+        async def requests() -> AsyncIterator[scan_pb2.ScanRequest]:
+            header = scan_pb2.ScanHeader(model=MODEL_JCS2D, outputs=outputs)
+            yield scan_pb2.ScanRequest(header=header)
+            for content in files:
+                yield scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=content))
+
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await _wait_serving(channel, server)
+                stub = scan_pb2_grpc.ScanServiceStub(channel)
+                return await stub.AnalyzeScan(requests(), timeout=60)
+        finally:
+            server.cancel()
+            await asyncio.gather(server, return_exceptions=True)
+
+    return asyncio.run(main())
