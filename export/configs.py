@@ -28,6 +28,10 @@ class NetConfig:
     # 3D only: channels of the input-resolution refinement that sharpens the interpolated
     # logits with the image itself (0: none). Lesion borders cost Dice on a strided grid.
     refine_channels: int = 0
+    # Prior attention mass (fraction of the grid) in the head's attention pooling: lesion
+    # evidence smaller than this is damped, so stray false-positive pixels cannot pass for a
+    # lesion (see blocks.attention_denominator). 0 disables it.
+    attention_prior: float = 0.0
     cls_hidden: int = 64
     dropout: float = 0.2
     # Decoder levels (counted from the finest, 0) that get an auxiliary head during training.
@@ -149,12 +153,14 @@ def _jcs2d(name: str) -> RunConfig:
             name=name,
             version="0.1.0-tiny-phantom",
             plan=PreprocessPlan.default(MODEL_JCS2D, height=128, width=128),
-            net=NetConfig(widths=(8, 16, 32, 64, 128), norm="batch", cls_hidden=64),
+            net=NetConfig(
+                widths=(8, 16, 32, 64, 128), norm="batch", cls_hidden=64, attention_prior=0.002
+            ),
             train=TrainConfig(
-                epochs=12,
+                epochs=20,
                 batch_size=16,
                 lr=2e-3,
-                negatives_per_lesion_slice=0.75,
+                negatives_per_lesion_slice=1.0,
                 max_slices_per_epoch=2400,
             ),
         )
@@ -168,6 +174,7 @@ def _jcs2d(name: str) -> RunConfig:
             widths=(32, 64, 128, 256, 512),
             norm="batch",
             cls_hidden=256,
+            attention_prior=0.002,
             deep_supervision=(1, 2, 3),
         ),
         train=TrainConfig(
@@ -192,6 +199,7 @@ def _deepsc3d(name: str) -> RunConfig:
                 norm="instance",
                 stem_stride=(2, 2, 2),
                 refine_channels=4,
+                attention_prior=0.0005,
                 cls_hidden=64,
                 deep_supervision=(1,),
             ),
@@ -214,6 +222,8 @@ def _deepsc3d(name: str) -> RunConfig:
             widths=(24, 48, 96, 192, 320),
             norm="instance",
             stem_stride=(1, 2, 2),
+            refine_channels=8,
+            attention_prior=0.0005,
             cls_hidden=256,
             deep_supervision=(1, 2),
         ),

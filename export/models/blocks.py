@@ -181,8 +181,26 @@ def spatial_dims(x: torch.Tensor) -> tuple[int, ...]:
 ATTENTION_EPS = 1e-3
 
 
-def attention_pool(features: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    """Average of `features` [N,C,...] weighted by `attention` [N,1,...] on the same grid.
+def spatial_size(x: torch.Tensor) -> int:
+    """Number of positions on the spatial grid of an [N, C, ...] tensor (static in export)."""
+    count = 1
+    for axis in spatial_dims(x):
+        count *= int(x.shape[axis])
+    return count
+
+
+def attention_denominator(mass: torch.Tensor, count: int, prior: float) -> torch.Tensor:
+    """Normaliser of attention pooling: the attention mass plus a prior mass of `prior` times
+    the grid size. Without the prior, a few stray false-positive pixels would yield pooled
+    features as strong as a real lesion's; with it, evidence fades in with lesion size."""
+    return mass + (ATTENTION_EPS + prior * count)
+
+
+def attention_pool(
+    features: torch.Tensor, attention: torch.Tensor, prior: float = 0.0
+) -> torch.Tensor:
+    """Average of `features` [N,C,...] weighted by `attention` [N,1,...] on the same grid,
+    shrunk towards zero when the attention mass is small next to `prior` x grid size.
 
     A scan with no lesion attention at all falls back to (nearly) zero, which the head learns
     to read as "nothing to look at" together with the lesion-mass features.
@@ -190,7 +208,7 @@ def attention_pool(features: torch.Tensor, attention: torch.Tensor) -> torch.Ten
     axes = spatial_dims(features)
     weighted = (features * attention).sum(dim=axes)
     mass = attention.sum(dim=axes)
-    return weighted / (mass + ATTENTION_EPS)
+    return weighted / attention_denominator(mass, spatial_size(features), prior)
 
 
 def global_pool(features: torch.Tensor) -> torch.Tensor:
@@ -220,15 +238,16 @@ def grad_cam(
     logits: torch.Tensor,
     maps: torch.Tensor,
     attention: torch.Tensor,
+    prior: float = 0.0,
 ) -> torch.Tensor:
     """Grad-CAM of each sample's predicted class on `maps` [N, C, ...], computed in the graph.
 
     `maps` must enter the head as the first 2C features: `global_pool(maps)` then
-    `attention_pool(maps, attention)` (both networks build their features that way). The
+    `attention_pool(maps, attention, prior)` (both networks build their features that way). The
     head is Linear -> LeakyReLU -> Dropout -> Linear, so the gradient of the class logit with
     respect to the features is analytic: W1^T (slope(h) * W2[c]). Grad-CAM's channel weights
     are the spatial mean of the logit's gradient with respect to the maps, which for those two
-    poolings is g_mean / n + g_attention * (sum(a) / (sum(a) + eps)) / n. The map is then
+    poolings is g_mean / n + g_attention * (sum(a) / denominator) / n. The map is then
     ReLU(sum_k weight_k * maps_k) [N, ...] (Selvaraju et al., ICCV 2017), without autograd, so it
     exports to ONNX with the rest of the network.
     """
@@ -249,13 +268,12 @@ def grad_cam(
     grad_features = (last.weight[predicted] * slope) @ first.weight  # [N, F]
     channels = maps.shape[1]
     axes = spatial_dims(maps)
-    count = 1
-    for axis in axes:
-        count *= maps.shape[axis]
+    count = spatial_size(maps)
     mass = attention.sum(dim=axes)  # [N, 1]
+    share = mass / attention_denominator(mass, count, prior)
     weights = (
         grad_features[:, :channels] / count
-        + grad_features[:, channels : 2 * channels] * (mass / (mass + ATTENTION_EPS)) / count
+        + grad_features[:, channels : 2 * channels] * share / count
     )
     shaped = weights.reshape(*weights.shape, *([1] * len(axes)))
     return torch.relu((shaped * maps).sum(dim=1))

@@ -54,6 +54,7 @@ class DeepSc3d(nn.Module):
         self.stem_stride = net.stem_stride
         self.deep_supervision = net.deep_supervision
         self.pool_factor = net.total_stride
+        self.attention_prior = net.attention_prior
         # Cross-task feature subnet.
         self.stem = nn.Sequential(
             ConvNormAct(3, in_channels, widths[0], stride=net.stem_stride, norm=net.norm),
@@ -125,9 +126,9 @@ class DeepSc3d(nn.Module):
         features = torch.cat(
             [
                 global_pool(focused),
-                attention_pool(focused, coarse_attention),
+                attention_pool(focused, coarse_attention, self.attention_prior),
                 global_pool(x),
-                attention_pool(x, attention),
+                attention_pool(x, attention, self.attention_prior),
                 fractions * LESION_FRACTION_SCALE,
             ],
             dim=1,
@@ -135,7 +136,14 @@ class DeepSc3d(nn.Module):
         aux_logits = tuple(aux[level] for level in self.deep_supervision)
         cls_logits = self.classifier(features)
         activation = (
-            grad_cam(self.classifier, features, cls_logits, focused, coarse_attention)
+            grad_cam(
+                self.classifier,
+                features,
+                cls_logits,
+                focused,
+                coarse_attention,
+                self.attention_prior,
+            )
             if cam
             else None
         )

@@ -48,6 +48,7 @@ class Jcs2d(nn.Module):
         widths = net.widths
         self.deep_supervision = net.deep_supervision
         self.pool_factor = net.total_stride
+        self.attention_prior = net.attention_prior
         self.stem = ResBlock(2, in_channels, widths[0], norm=net.norm)
         self.encoder = nn.ModuleList(
             ResBlock(2, widths[i - 1], widths[i], stride=2, norm=net.norm)
@@ -100,9 +101,9 @@ class Jcs2d(nn.Module):
         features = torch.cat(
             [
                 global_pool(bottleneck),
-                attention_pool(bottleneck, coarse_attention),
+                attention_pool(bottleneck, coarse_attention, self.attention_prior),
                 global_pool(x),
-                attention_pool(x, attention),
+                attention_pool(x, attention, self.attention_prior),
                 fractions * LESION_FRACTION_SCALE,
             ],
             dim=1,
@@ -110,7 +111,14 @@ class Jcs2d(nn.Module):
         aux_logits = tuple(aux[level] for level in self.deep_supervision)
         cls_logits = self.classifier(features)
         activation = (
-            grad_cam(self.classifier, features, cls_logits, bottleneck, coarse_attention)
+            grad_cam(
+                self.classifier,
+                features,
+                cls_logits,
+                bottleneck,
+                coarse_attention,
+                self.attention_prior,
+            )
             if cam
             else None
         )
