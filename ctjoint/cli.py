@@ -599,6 +599,56 @@ def watch(
 
 
 @app.command()
+def listen(
+    ae_title: Annotated[str, typer.Option(help="Our AE title (what the scanner calls).")] = (
+        "CTJOINT"
+    ),
+    port: Annotated[int, typer.Option(help="DIMSE port to listen on (0: any free port).")] = 11112,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    gateway: Annotated[str, typer.Option(help="Gateway address HOST:PORT.")] = DEFAULT_GATEWAY,
+    model: Annotated[ModelName, typer.Option(help="Which network.")] = ModelName.jcs2d,
+    out: Annotated[
+        Path, typer.Option(help="Results root, one folder per series (a hash of its UID).")
+    ] = Path("ctjoint-results"),
+    spool: Annotated[
+        Path | None, typer.Option(help="Where received files wait (default: OUT/.spool).")
+    ] = None,
+    quiet: Annotated[
+        float,
+        typer.Option(
+            help="A series is complete when its associations ended and no file came for this "
+            "many seconds."
+        ),
+    ] = 5.0,
+    timeout: Annotated[float, typer.Option(help="Deadline per series, in seconds.")] = 600.0,
+    seg: Annotated[bool, typer.Option("--seg", help="Ask for and write seg.dcm.")] = False,
+    sr: Annotated[bool, typer.Option("--sr", help="Ask for and write sr.dcm.")] = False,
+) -> None:
+    """Receive CT series by C-STORE and forward each complete series to the gateway, once."""
+    import logging
+
+    from ctjoint.client.listen import gateway_forward
+    from ctjoint.client.listen import listen as serve_storage
+
+    # Only the listener's own lines (series keys, counts): no identifiers reach the log.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    forward = gateway_forward(
+        gateway=gateway, model=model.value, out_root=out, timeout=timeout, seg=seg, sr=sr
+    )
+    try:
+        serve_storage(
+            ae_title=ae_title,
+            port=port,
+            host=host,
+            spool=spool or out / ".spool",
+            forward=forward,
+            quiet_seconds=quiet,
+        )
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+
+
+@app.command()
 @clean_errors
 def demo(
     out_dir: Annotated[

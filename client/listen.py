@@ -1,0 +1,200 @@
+"""`ctjoint listen`: a DICOM storage SCP beside the scanner that forwards each series it
+receives to the gateway, once, and writes what comes back.
+
+CT images arrive by C-STORE (from the scanner, or a PACS routing them), one file at a time,
+several series possibly interleaved in one association. Files are spooled to disk per series
+(by Series Instance UID). DIMSE has no end-of-series message, so a series is complete when
+every association that brought it files has ended (released or aborted) and no file of it has
+arrived for `quiet_seconds`. It is then sent like `ctjoint send` does, from the spool folder,
+and its outputs land in `OUT/<series key>/`. The key is a hash of the Series Instance UID: no
+UID or patient data appears in folder names or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUIET_SECONDS: Final = 5.0
+POLL_SECONDS: Final = 0.2
+# C-STORE statuses: success, and "cannot understand" for a data set we cannot file.
+STATUS_SUCCESS: Final = 0x0000
+STATUS_CANNOT_UNDERSTAND: Final = 0xC000
+
+
+def series_key(series_uid: str) -> str:
+    """A stable, identifier-free name for a series (folder names, logs)."""
+    return hashlib.sha256(series_uid.encode("ascii", "replace")).hexdigest()[:12]
+
+
+@dataclass
+class _Series:
+    key: str
+    folder: Path
+    files: int = 0
+    last_file_at: float = 0.0
+    open_associations: set[int] = field(default_factory=set)
+    seen_associations: set[int] = field(default_factory=set)
+
+
+# What forwarding a complete series does: (spool folder, series key) -> None.
+Forward = Callable[[Path, str], None]
+
+
+class SeriesListener:
+    """Storage SCP state: spools files per series, decides when a series is complete."""
+
+    def __init__(self, spool: Path, forward: Forward, *, quiet_seconds: float) -> None:
+        self._spool = spool
+        self._forward = forward
+        self._quiet = quiet_seconds
+        self._lock = threading.Lock()
+        self._series: dict[str, _Series] = {}
+        self.forwarded: list[str] = []
+
+    # --- pynetdicom event handlers (run on the association's thread) -------------------------
+
+    def on_store(self, event: Any) -> int:
+        dataset: Dataset = event.dataset
+        dataset.file_meta = event.file_meta
+        uid = str(getattr(dataset, "SeriesInstanceUID", ""))
+        instance = str(getattr(dataset, "SOPInstanceUID", ""))
+        if not uid or not instance:
+            return STATUS_CANNOT_UNDERSTAND
+        association = id(event.assoc)
+        with self._lock:
+            series = self._series.get(uid)
+            if series is None:
+                key = series_key(uid)
+                series = _Series(key, self._spool / key)
+                series.folder.mkdir(parents=True, exist_ok=True)
+                self._series[uid] = series
+                log.info("series %s: first file received", key)
+            series.open_associations.add(association)
+            series.seen_associations.add(association)
+            name = f"{hashlib.sha256(instance.encode()).hexdigest()[:16]}.dcm"
+            target = series.folder / name
+        dataset.save_as(target, enforce_file_format=True)
+        with self._lock:
+            series.files += 1
+            series.last_file_at = time.monotonic()
+        return STATUS_SUCCESS
+
+    def on_association_end(self, event: Any) -> None:
+        association = id(event.assoc)
+        with self._lock:
+            for series in self._series.values():
+                series.open_associations.discard(association)
+
+    # --- completion ------------------------------------------------------------------------
+
+    def complete_series(self, now: float | None = None) -> list[tuple[str, _Series]]:
+        """Series whose associations all ended and that were quiet long enough (removed)."""
+        moment = time.monotonic() if now is None else now
+        done: list[tuple[str, _Series]] = []
+        with self._lock:
+            for uid, series in list(self._series.items()):
+                if series.open_associations or moment - series.last_file_at < self._quiet:
+                    continue
+                done.append((uid, self._series.pop(uid)))
+        return done
+
+    def forward_complete(self) -> int:
+        """Forward every complete series once; a failure is logged, the spool kept for it."""
+        count = 0
+        for _, series in self.complete_series():
+            log.info("series %s complete: %d files, forwarding", series.key, series.files)
+            try:
+                self._forward(series.folder, series.key)
+            except Exception as err:  # one bad series must not stop the listener
+                log.error("series %s: forwarding failed: %s", series.key, type(err).__name__)
+                continue
+            self.forwarded.append(series.key)
+            shutil.rmtree(series.folder, ignore_errors=True)
+            count += 1
+        return count
+
+
+def gateway_forward(
+    *, gateway: str, model: str, out_root: Path, timeout: float, seg: bool, sr: bool
+) -> Forward:
+    """Forwarding by `ctjoint send`: results into `out_root/<series key>/`."""
+    from ctjoint.client.send import send_series
+
+    def forward(folder: Path, key: str) -> None:
+        send_series(
+            folder,
+            gateway=gateway,
+            model=model,
+            out_dir=out_root / key,
+            timeout=timeout,
+            show_progress=False,
+            seg=seg,
+            sr=sr,
+        )
+
+    return forward
+
+
+def make_ae(ae_title: str) -> AE:
+    """A storage SCP for CT images (every transfer syntax pydicom can store)."""
+    ae = AE(ae_title=ae_title)
+    ae.add_supported_context(CTImageStorage)
+    ae.require_called_aet = False
+    return ae
+
+
+def handlers(listener: SeriesListener) -> list[evt.EventHandlerType]:
+    """The pynetdicom events the listener follows: stores, and every way an association ends."""
+    return [
+        (evt.EVT_C_STORE, listener.on_store),
+        (evt.EVT_RELEASED, listener.on_association_end),
+        (evt.EVT_ABORTED, listener.on_association_end),
+    ]
+
+
+def listen(
+    *,
+    ae_title: str,
+    port: int,
+    host: str,
+    spool: Path,
+    forward: Forward,
+    quiet_seconds: float = DEFAULT_QUIET_SECONDS,
+    stop: threading.Event | None = None,
+    started: Callable[[int], None] | None = None,
+) -> SeriesListener:
+    """Serve C-STORE on host:port until `stop` is set, forwarding complete series."""
+    listener = SeriesListener(spool, forward, quiet_seconds=quiet_seconds)
+    ae = make_ae(ae_title)
+    server = ae.start_server((host, port), block=False, evt_handlers=handlers(listener))
+    if server is None:  # only a blocking server returns None
+        raise RuntimeError("the storage SCP did not start")
+    bound = int(server.server_address[1])
+    log.info("listening for C-STORE as %s on %s:%d", ae_title, host, bound)
+    if started is not None:
+        started(bound)
+    halt = stop or threading.Event()
+    try:
+        while not halt.wait(POLL_SECONDS):
+            listener.forward_complete()
+    finally:
+        server.shutdown()
+        listener.forward_complete()
+    return listener
+
+
+__all__ = ["SeriesListener", "gateway_forward", "listen", "series_key"]

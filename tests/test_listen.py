@@ -1,0 +1,147 @@
+"""`ctjoint listen`: dcmtk's storescu sends phantom series to the storage SCP; each complete
+series reaches the gateway once, and two series interleaved in one association stay apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pydicom
+import pytest
+from gateway_process import GatewayProcess
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from ctjoint.client.listen import SeriesListener, gateway_forward, listen, series_key
+from ctjoint.client.send import RESULT_JSON
+from ctjoint.export.phantom import write_phantom_case
+from ctjoint.gateway.series import list_series_files
+
+AE_TITLE = "CTJOINT"
+
+
+def _storescu() -> str:
+    tool = shutil.which("storescu")
+    if tool is None:
+        reason = "storescu (Debian dcmtk) is not installed"
+        if os.geteuid() == 0:
+            pytest.fail(f"{reason}; `make test` installs it when run as root")
+        pytest.skip(f"{reason}; install dcmtk to test the DIMSE listener")
+    return tool
+
+
+@pytest.fixture(scope="module")
+def gateway(contract_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("listen_gateway") / "gateway.log"
+    process = GatewayProcess(contract_model_dir, log).start()
+    try:
+        yield process.address
+    finally:
+        process.stop()
+
+
+def _series(root: Path, seed: int, slices: int) -> list[Path]:
+    write_phantom_case(root, kind="covid19", seed=seed, slices=slices, size=32)
+    return list_series_files(root / "series")
+
+
+def test_interleaved_series_are_forwarded_once_each_and_kept_apart(
+    gateway: str, tmp_path: Path
+) -> None:
+    storescu = _storescu()
+    first = _series(tmp_path / "a", seed=11, slices=4)
+    second = _series(tmp_path / "b", seed=12, slices=6)
+    # One association, the two series' files interleaved.
+    interleaved = [p for pair in zip(first, second, strict=False) for p in pair] + second[4:]
+    out = tmp_path / "results"
+    ports: list[int] = []
+    ready, stop = threading.Event(), threading.Event()
+    forward = gateway_forward(
+        gateway=gateway, model="jcs2d", out_root=out, timeout=60.0, seg=False, sr=False
+    )
+    result: dict[str, object] = {}
+
+    def serve() -> None:
+        result["listener"] = listen(
+            ae_title=AE_TITLE,
+            port=0,
+            host="127.0.0.1",
+            spool=tmp_path / "spool",
+            forward=forward,
+            quiet_seconds=0.5,
+            stop=stop,
+            started=lambda port: (ports.append(port), ready.set()),
+        )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10), "the listener did not start"
+        sent = subprocess.run(
+            [storescu, "-aec", AE_TITLE, "127.0.0.1", str(ports[0]), *map(str, interleaved)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
+        keys = {
+            series_key(str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID))
+            for files in (first, second)
+        }
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all((out / key / RESULT_JSON).exists() for key in keys):
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)  # a second forward of either series would show up by now
+    finally:
+        stop.set()
+        thread.join(30)
+    listener = result["listener"]
+    assert sorted(listener.forwarded) == sorted(keys)  # type: ignore[attr-defined]
+    slices = {
+        key: json.loads((out / key / RESULT_JSON).read_text())["series"]["slices"] for key in keys
+    }
+    first_key = series_key(
+        str(pydicom.dcmread(first[0], stop_before_pixels=True).SeriesInstanceUID)
+    )
+    assert slices[first_key] == 4
+    assert sorted(slices.values()) == [4, 6]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(keys)
+
+
+def _event(assoc: object, series: str, instance: str) -> SimpleNamespace:
+    dataset = Dataset()
+    dataset.SOPClassUID = CTImageStorage
+    dataset.SOPInstanceUID = instance
+    dataset.SeriesInstanceUID = series
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return SimpleNamespace(assoc=assoc, dataset=dataset, file_meta=meta)
+
+
+def test_a_series_is_complete_only_after_its_association_ended_and_a_quiet_time(
+    tmp_path: Path,
+) -> None:
+    forwarded: list[str] = []
+    listener = SeriesListener(
+        tmp_path, lambda folder, key: forwarded.append(key), quiet_seconds=5.0
+    )
+    assoc = object()
+    listener.on_store(_event(assoc, "1.2.3", "1.2.3.1"))
+    later = time.monotonic() + 60
+    assert listener.complete_series(now=later) == []  # association still open
+    listener.on_association_end(SimpleNamespace(assoc=assoc))
+    assert listener.complete_series(now=time.monotonic()) == []  # not quiet yet
+    [(uid, series)] = listener.complete_series(now=later)
+    assert uid == "1.2.3" and series.files == 1 and series.key == series_key("1.2.3")
+    assert "1.2.3" not in series.key
