@@ -21,8 +21,14 @@ from pydicom.dataset import Dataset
 from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES, MODEL_JCS2D, SEG_CLASS_NAMES
 from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
 from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
-from ctjoint.gateway.dicom_io import DicomSource, describe_source, read_ct_slice, read_dataset
-from ctjoint.gateway.errors import BackendError
+from ctjoint.gateway.dicom_io import (
+    DicomSource,
+    ct_slice_from_dataset,
+    describe_source,
+    is_localizer,
+    read_dataset,
+)
+from ctjoint.gateway.errors import BackendError, EmptySeriesError
 from ctjoint.gateway.lesions import quantify_with_lungs, segment_lungs
 from ctjoint.gateway.preprocess import (
     ResampleGeometry,
@@ -128,8 +134,11 @@ class SeriesIntake:
         expected_slices: int | None = None,
         max_slices: int | None = None,
         progress: ProgressCallback | None = None,
+        skip_localizers: bool = True,
     ) -> None:
         self._assembler = SeriesAssembler(expected_slices=expected_slices, max_slices=max_slices)
+        self._skip_localizers = skip_localizers
+        self.skipped_localizers = 0
         self._expected = expected_slices
         self._progress = progress
         self._count = 0
@@ -154,10 +163,20 @@ class SeriesIntake:
         # Per-file work (parse, CT checks, decode to HU) is "read"; the series-level checks and
         # the copy into the volume are "validate", matching StageTimings.
         started = time.perf_counter()
-        ct_slice = read_ct_slice(data, source=source)
+        dataset = read_dataset(data, source=source)
+        if self._skip_localizers and is_localizer(dataset):
+            # Series selection rule: scouts travel with the study but are not part of the
+            # volume (dicom_io.is_localizer documents the rule).
+            self.skipped_localizers += 1
+            self.read_ms += (time.perf_counter() - started) * 1000.0
+            return
+        ct_slice = ct_slice_from_dataset(dataset, source=source)
         if self.header is None:
-            # Parsed once more without pixels: one file's header serves the DICOM outputs.
-            self.header = read_dataset(data, source=source, stop_before_pixels=True)
+            # One file's header (without its pixels) serves the DICOM outputs.
+            header = dataset.copy()
+            if "PixelData" in header:
+                del header.PixelData
+            self.header = header
         parsed = time.perf_counter()
         self._assembler.add(ct_slice)
         self.read_ms += (parsed - started) * 1000.0
@@ -166,6 +185,10 @@ class SeriesIntake:
     async def finish(self) -> CtVolume:
         """Sort, check spacing and return the volume (EmptySeriesError if nothing arrived)."""
         started = time.perf_counter()
+        if self.skipped_localizers and not len(self._assembler):
+            raise EmptySeriesError(
+                f"no CT slice was received, only {self.skipped_localizers} localizer image(s)"
+            )
         volume = await asyncio.to_thread(self._assembler.finish)
         self.validate_ms += (time.perf_counter() - started) * 1000.0
         return volume
@@ -185,9 +208,11 @@ class ScanAnalyzer:
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_in_flight: int = 1,
+        skip_localizers: bool = True,
     ) -> None:
         if batch_size < 1 or max_in_flight < 1:
             raise ValueError("batch_size and max_in_flight must be at least 1")
+        self.skip_localizers = skip_localizers
         self.backend = backend
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
@@ -205,7 +230,10 @@ class ScanAnalyzer:
         started = time.perf_counter()
         self.backend.model_info(model)  # an unknown model fails before any file is read
         intake = SeriesIntake(
-            expected_slices=expected_slices, max_slices=max_slices, progress=progress
+            expected_slices=expected_slices,
+            max_slices=max_slices,
+            progress=progress,
+            skip_localizers=self.skip_localizers,
         )
         if isinstance(inputs, AsyncIterable):
             async for name, data in inputs:

@@ -127,6 +127,22 @@ def read_ct_slice(data: DicomSource, *, source: str | None = None) -> CtSlice:
     return ct_slice_from_dataset(dataset, source=source)
 
 
+def is_localizer(dataset: Dataset) -> bool:
+    """Whether an image is a localizer (scout, topogram): CT Image Type value 3 "LOCALIZER".
+
+    Series selection rule: the analysis skips such images (ScanAnalyzer(skip_localizers=...)),
+    so a scanner or PACS may send a study's scout with, or inside, the axial series; a stream
+    of localizers only is an empty series.
+    """
+    image_type = dataset.get("ImageType")
+    if image_type is None:
+        return False
+    # One value comes back as a plain string, several as a MultiValue.
+    items = [image_type] if isinstance(image_type, str) else list(image_type)
+    values = [str(v).strip().upper() for v in items]
+    return len(values) >= 3 and values[2] == "LOCALIZER"
+
+
 def read_dataset(data: DicomSource, *, source: str, stop_before_pixels: bool = False) -> Dataset:
     """Parse a DICOM Part-10 file (the 'DICM' preamble is required) without validating it."""
     try:

@@ -1,0 +1,48 @@
+"""Series selection: localizer (scout) images sent with a series are skipped, not fatal."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from ctjoint.contracts import MODEL_JCS2D
+from ctjoint.export.phantom import write_phantom_case
+from ctjoint.gateway.analysis import analyze_directory
+from ctjoint.gateway.errors import EmptySeriesError
+from ctjoint.gateway.series import list_series_files
+
+
+@pytest.fixture(scope="module")
+def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    case = tmp_path_factory.mktemp("scout_phantom")
+    write_phantom_case(case, kind="normal", seed=4, slices=6, size=32)
+    return case / "series"
+
+
+def test_a_localizer_in_the_series_is_skipped(
+    phantom_series: Path, contract_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "with_scout"
+    shutil.copytree(phantom_series, folder)
+    scout = pydicom.dcmread(next(iter(sorted(folder.iterdir()))))
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.SOPInstanceUID = pydicom.uid.generate_uid()
+    scout.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # a sagittal scout, not a slice
+    scout.save_as(folder / "scout.dcm", enforce_file_format=True)
+    analysis = analyze_directory(folder, model=MODEL_JCS2D, model_dir=contract_model_dir)
+    assert analysis.volume.shape[0] == len(list_series_files(phantom_series))
+
+
+def test_a_series_of_localizers_only_is_empty(
+    phantom_series: Path, contract_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "scouts"
+    folder.mkdir()
+    scout = pydicom.dcmread(list_series_files(phantom_series)[0])
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.save_as(folder / "scout.dcm", enforce_file_format=True)
+    with pytest.raises(EmptySeriesError, match="only 1 localizer image"):
+        analyze_directory(folder, model=MODEL_JCS2D, model_dir=contract_model_dir)
