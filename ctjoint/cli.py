@@ -461,6 +461,14 @@ def gateway_serve(
     pacs_attempts: Annotated[
         int, typer.Option(min=1, help="Attempts per scan before the push is reported failed.")
     ] = 3,
+    pacs_wait: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Seconds a scan's answer waits for its push; a slower push goes on in the "
+            "background and the answer says so.",
+        ),
+    ] = 20.0,
 ) -> None:
     """Serve AnalyzeScan, GetModelInfo, health and reflection over gRPC until SIGTERM."""
     from ctjoint.gateway.backends.replicas import parse_endpoints
@@ -504,6 +512,7 @@ def gateway_serve(
                 port=pacs_port,
                 calling_ae_title=pacs_calling_ae,
                 attempts=pacs_attempts,
+                wait_s=pacs_wait,
             )
             if pacs_ae
             else None,

@@ -40,6 +40,9 @@ class PacsDestination:
     attempts: int = 3
     backoff_s: float = 1.0
     timeout_s: float = 30.0
+    # How long a scan's answer waits for its push (also bounded by the caller's deadline); a
+    # push still running then goes on in the background and the answer says so.
+    wait_s: float = 20.0
 
     def __post_init__(self) -> None:
         for name in ("ae_title", "calling_ae_title"):
@@ -50,6 +53,8 @@ class PacsDestination:
             raise ValueError(f"port must be 1-65535, got {self.port}")
         if self.attempts < 1:
             raise ValueError("attempts must be at least 1")
+        if min(self.backoff_s, self.timeout_s, self.wait_s) < 0:
+            raise ValueError("backoff, timeout and wait cannot be negative")
 
     @property
     def name(self) -> str:

@@ -56,6 +56,8 @@ STAGE_BY_NAME: Final = {
     "postprocessed": scan_pb2.Progress.STAGE_POSTPROCESSED,
 }
 _FILE_NUMBER: Final = re.compile(r"^file (\d+)")
+# Time kept back from the caller's deadline to send the answer after a PACS push.
+PACS_ANSWER_MARGIN_S: Final = 1.0
 
 Emit = Callable[[str, int, int | None], None]
 
@@ -80,6 +82,8 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         self._metrics = metrics
         self._default_model = default_model
         self._pacs = pacs
+        # Pushes that outlived their scan's answer; kept so they are not garbage collected.
+        self._background: set[asyncio.Future[PacsOutcome]] = set()
 
     # --- RPCs --------------------------------------------------------------------------------
 
@@ -206,7 +210,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         )
         encode_ms = (time.perf_counter() - encode_started) * 1000.0
         if self._pacs is not None:
-            result.pacs.CopyFrom(await self._push(objects))
+            result.pacs.CopyFrom(await self._push(objects, context.time_remaining()))
         total_ms = (time.perf_counter() - started) * 1000.0
         result.timings.add(stage="encode", milliseconds=round(encode_ms, 3))
         result.timings.add(stage="gateway_total", milliseconds=round(total_ms, 3))
@@ -296,8 +300,15 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             )
         return message, objects
 
-    async def _push(self, objects: ScanObjects | BaseException) -> scan_pb2.PacsOutcome:
-        """Send SEG and SR to the configured PACS; failures are reported, never raised."""
+    async def _push(
+        self, objects: ScanObjects | BaseException, time_remaining: float | None
+    ) -> scan_pb2.PacsOutcome:
+        """Send SEG and SR to the configured PACS; failures are reported, never raised.
+
+        The answer waits at most `wait_s`, and never past the caller's deadline (less a second
+        to send the answer): a slow PACS must not cost the caller its scan result. A push still
+        running then continues in the background and logs its own outcome.
+        """
         destination = self._pacs
         if destination is None:
             raise RuntimeError("no PACS is configured")
@@ -307,7 +318,23 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             )
         else:
             pairs = [(k, d) for k, d in (("seg", objects.seg), ("sr", objects.sr)) if d]
-            outcome = await push(destination, pairs)
+            limit = destination.wait_s
+            if time_remaining is not None:
+                limit = max(0.0, min(limit, time_remaining - PACS_ANSWER_MARGIN_S))
+            task = asyncio.ensure_future(push(destination, pairs))
+            done, _ = await asyncio.wait({task}, timeout=limit)
+            if task in done:
+                outcome = task.result()
+            else:
+                self._background.add(task)
+                task.add_done_callback(self._background_done)
+                outcome = PacsOutcome(
+                    destination.name,
+                    False,
+                    0,
+                    f"still sending after {limit:.1f} s; continuing in the background",
+                    tuple(kind for kind, _ in pairs),
+                )
         log.info(
             "pacs push to %s: stored=%s attempts=%d",
             outcome.destination,
@@ -320,6 +347,18 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             attempts=outcome.attempts,
             error=outcome.error,
             objects=list(outcome.objects),
+        )
+
+    def _background_done(self, task: asyncio.Future[PacsOutcome]) -> None:
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        outcome = task.result()
+        log.info(
+            "pacs background push to %s: stored=%s attempts=%d",
+            outcome.destination,
+            outcome.stored,
+            outcome.attempts,
         )
 
     def _observe(self, analysis: ScanAnalysis, receive_ms: float, encode_ms: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 import urllib.request
@@ -140,3 +141,23 @@ def test_nothing_to_send_opens_no_association() -> None:
     nobody = PacsDestination("NOBODY", "127.0.0.1", free_port(), attempts=1)
     outcome = push_blocking(nobody, [])
     assert outcome.stored and outcome.attempts == 0 and outcome.objects == ()
+
+
+def test_a_pacs_that_hangs_does_not_hold_the_answer_past_its_wait(
+    phantom_files: list[bytes], contract_model_dir: Path
+) -> None:
+    # A socket that accepts connections (the backlog does) but never speaks DICOM.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = int(silent.getsockname()[1])
+        hanging = PacsDestination(
+            "SILENT", "127.0.0.1", port, attempts=1, timeout_s=3.0, wait_s=0.5
+        )
+        started = time.monotonic()
+        result = _scan_through_gateway(phantom_files, contract_model_dir, hanging)
+        elapsed = time.monotonic() - started
+    assert result.label and result.seg_dicom
+    assert not result.pacs.stored
+    assert "continuing in the background" in result.pacs.error
+    assert elapsed < 15.0
