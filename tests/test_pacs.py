@@ -4,6 +4,7 @@ and a PACS that is down costs retries and an outcome in the result, never the re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -101,10 +102,14 @@ def _scan_through_gateway(
 
 
 def test_seg_and_sr_land_in_orthanc_and_reference_the_study(
-    orthanc: Orthanc, phantom_files: list[bytes], contract_model_dir: Path
+    orthanc: Orthanc,
+    phantom_files: list[bytes],
+    contract_model_dir: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     pacs = PacsDestination(ORTHANC_AE, "127.0.0.1", orthanc.dicom_port, backoff_s=0.1)
-    result = _scan_through_gateway(phantom_files, contract_model_dir, pacs)
+    with caplog.at_level(logging.DEBUG, logger="ctjoint"):
+        result = _scan_through_gateway(phantom_files, contract_model_dir, pacs)
     assert result.pacs.stored, result.pacs.error
     assert result.pacs.attempts == 1
     assert list(result.pacs.objects) == ["seg", "sr"]
@@ -122,6 +127,9 @@ def test_seg_and_sr_land_in_orthanc_and_reference_the_study(
         assert stored[uid]["PatientID"] == source.PatientID
     referenced = seg.ReferencedSeriesSequence[0].SeriesInstanceUID
     assert referenced == source.SeriesInstanceUID
+    assert "pacs stored seg,sr" in caplog.text
+    for identifier in (str(source.PatientName), source.PatientID, source.StudyInstanceUID):
+        assert identifier not in caplog.text
 
 
 def test_a_pacs_that_is_down_is_retried_and_reported_not_raised(
