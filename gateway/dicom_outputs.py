@@ -55,6 +55,18 @@ LESION_SEGMENTS: Final = {
 LUNG_SEGMENTS: Final = {"right": SEGMENT_RIGHT_LUNG, "left": SEGMENT_LEFT_LUNG}
 
 
+def _coding_schemes() -> list[hd.coding_schemes.CodingSchemeIdentificationItem]:
+    """Declares our private coding scheme in the objects that use it (Coding Scheme
+    Identification Sequence), so readers know whose codes they are."""
+    return [
+        hd.coding_schemes.CodingSchemeIdentificationItem(
+            designator=PRIVATE_SCHEME,
+            name="ctjoint private codes",
+            responsible_organization=MANUFACTURER,
+        )
+    ]
+
+
 def _private(value: str, meaning: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning)
 
@@ -200,6 +212,7 @@ def build_seg(
         # Empty frames are kept: one frame per source slice and segment keeps the mapping
         # trivially exact for every reader, and binary frames cost a bit per pixel.
         omit_empty_frames=False,
+        coding_schemes=_coding_schemes(),
     )
 
 
@@ -332,6 +345,7 @@ def build_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
+        coding_schemes=_coding_schemes(),
     )
 
 
