@@ -41,7 +41,8 @@ from typing import Final
 import numpy as np
 from scipy import ndimage
 
-from ctjoint.contracts import LESION_CLASS_NAMES, SEG_CLASS_NAMES
+from ctjoint.contracts import LESION_CLASS_NAMES, LUNG_LEFT, LUNG_RIGHT, SEG_CLASS_NAMES
+from ctjoint.gateway.dicom_io import slice_normal
 from ctjoint.gateway.result import (
     LUNG_SIDES,
     ZONE_NAMES,
@@ -67,7 +68,7 @@ METHOD: Final = (
 PERIPHERAL_RULE: Final = f"within {PERIPHERAL_MM:g} mm (3D) of the pleura (lung surface)"
 SEVERITY_SCALE: Final = "0 none, 1 <5%, 2 5-25%, 3 25-50%, 4 50-75%, 5 >75% per zone; total 0-30"
 
-_RIGHT, _LEFT = 1, 2
+_RIGHT, _LEFT = LUNG_RIGHT, LUNG_LEFT
 
 
 def segment_lungs(volume: CtVolume, lesion_map: np.ndarray | None = None) -> np.ndarray:
@@ -170,6 +171,9 @@ def quantify_with_lungs(
     lesion_voxels = int(np.count_nonzero(lesion))
     peripheral_voxels = int(np.count_nonzero(peripheral))
 
+    # Slices ascend along the normal; the upper zone is at the end when the normal points to
+    # the head (+z in LPS, every axial series), at the start otherwise.
+    head_last = float(slice_normal(volume.orientation)[2]) >= 0.0
     sides: list[LungStatistics] = []
     for side_value, side_name in zip((_RIGHT, _LEFT), LUNG_SIDES, strict=True):
         in_side = lungs == side_value
@@ -184,12 +188,10 @@ def quantify_with_lungs(
         zones: list[ZoneStatistics] = []
         for zone_index, zone_name in enumerate(ZONE_NAMES):
             if present.size:
-                # Slices ascend along the normal, i.e. towards the head for axial series: the
-                # upper zone is the last third of the lung's slices.
                 lo, hi = int(present[0]), int(present[-1]) + 1
                 edges = np.linspace(lo, hi, len(ZONE_NAMES) + 1)
-                top = len(ZONE_NAMES) - zone_index
-                start, stop = round(edges[top - 1]), round(edges[top])
+                third = len(ZONE_NAMES) - 1 - zone_index if head_last else zone_index
+                start, stop = round(edges[third]), round(edges[third + 1])
                 lung_v = int(per_slice_lung[start:stop].sum())
                 lesion_v = int(per_slice_lesion[start:stop].sum())
             else:

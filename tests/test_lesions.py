@@ -131,3 +131,19 @@ def test_the_schema_rejects_a_severity_outside_the_scale(
     document["quantification"]["lungs"]["right"]["zones"][0]["severity"] = 6
     with pytest.raises(jsonschema.ValidationError, match="6 is greater than the maximum of 5"):
         jsonschema.validate(document, schema)
+
+
+def test_upper_zone_is_where_the_head_is_whichever_way_the_slices_run() -> None:
+    phantom, volume = _phantom("covid19", 23)
+    q = quantify(phantom.lesions, volume)
+    # The same patient with slices running head to feet and rows anterior to posterior
+    # reversed: column direction -y makes the slice normal (row x column) point to the feet.
+    reversed_volume = CtVolume.from_array(
+        volume.hu[::-1, ::-1], volume.spacing_mm, orientation=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+    )
+    q_reversed = quantify(phantom.lesions[::-1, ::-1], reversed_volume)
+    for side in ("right", "left"):
+        ours = [z.lesion_volume_ml for z in q.lung(side).zones]
+        theirs = [z.lesion_volume_ml for z in q_reversed.lung(side).zones]
+        assert ours == pytest.approx(theirs, rel=0.02, abs=0.05)
+    assert q.lung("right").zones[0].zone == "upper"
