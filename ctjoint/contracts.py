@@ -38,9 +38,9 @@ LUNG_LEFT: Final = 2
 INPUT_IMAGE: Final = "image"  # float32 [B,3,H,W] (jcs2d) or [B,1,D,H,W] (deepsc3d)
 OUTPUT_SEG_LOGITS: Final = "seg_logits"  # float32 [B,K,H,W] or [B,K,D,H,W]
 OUTPUT_CLS_LOGITS: Final = "cls_logits"  # float32 [B,3]
-# Optional: float32 [B,h,w] (2D) or [B,d,h,w] (3D), >= 0: Grad-CAM of the predicted class on the
-# last feature map the classification head pools (its own coarse grid, aligned with the input
-# grid at the network's total stride). Models exported before it existed lack it.
+# Optional: float32 [B,3,h,w] (2D) or [B,3,d,h,w] (3D), >= 0: Grad-CAM of each class (CLASS_NAMES
+# order) on the last feature map the classification head pools (its own coarse grid, aligned
+# with the input grid at the network's total stride). Models exported before it lack it.
 OUTPUT_CAM: Final = "cam"
 POST_PROBS: Final = "probs"  # float32 [B,3]
 POST_MASK: Final = "mask"  # uint8 [B,H,W] (or [B,D,H,W]) label map

@@ -83,7 +83,7 @@ class ScanAnalysis:
     # The first file's data set without pixel data (patient, study, equipment): what the SEG
     # and SR writers copy and reference. None for volumes that did not come from DICOM.
     source_header: Dataset | None = None
-    # Class activation map of the predicted class on the model's coarse grid: [Z, h, w] for
+    # Class activation map of the scan's label on the model's coarse grid: [Z, h, w] for
     # 2.5D (one per source slice), [d, h, w] for 3D; None when the model has no `cam` output.
     # `cam_on_source` maps it onto the source grid.
     cam: np.ndarray | None = None
@@ -340,8 +340,13 @@ class ScanAnalyzer:
         )
         cam = None
         if outputs.cam is not None:
-            # 2.5D: one map per source slice; 3D: the one volume's map.
-            cam = outputs.cam if info.plan.kind == "2.5d" else outputs.cam[0]
+            # The scan label's map (not each slice's own argmax). 2.5D: one map per source
+            # slice; 3D: the one volume's map.
+            label_index = CLASS_NAMES.index(result.label)
+            if info.plan.kind == "2.5d":
+                cam = outputs.cam[:, label_index]
+            else:
+                cam = outputs.cam[0, label_index]
         return ScanAnalysis(
             result=result, volume=volume, label_map=label_map, lung_map=lung_map, cam=cam
         )

@@ -235,12 +235,14 @@ class ClassifierHead(nn.Module):
 def grad_cam(
     head: ClassifierHead,
     features: torch.Tensor,
-    logits: torch.Tensor,
     maps: torch.Tensor,
     attention: torch.Tensor,
     prior: float = 0.0,
 ) -> torch.Tensor:
-    """Grad-CAM of each sample's predicted class on `maps` [N, C, ...], computed in the graph.
+    """Grad-CAM of every class on `maps` [N, C, ...], computed in the graph: [N, K, ...].
+
+    Every class, not just each sample's argmax: a 2.5D scan's label comes from many slices, and
+    the map to show is that label's, whatever one slice alone would have predicted.
 
     `maps` must enter the head as the first 2C features: `global_pool(maps)` then
     `attention_pool(maps, attention, prior)` (both networks build their features that way). The
@@ -248,8 +250,8 @@ def grad_cam(
     respect to the features is analytic: W1^T (slope(h) * W2[c]). Grad-CAM's channel weights
     are the spatial mean of the logit's gradient with respect to the maps, which for those two
     poolings is g_mean / n + g_attention * (sum(a) / denominator) / n. The map is then
-    ReLU(sum_k weight_k * maps_k) [N, ...] (Selvaraju et al., ICCV 2017), without autograd, so it
-    exports to ONNX with the rest of the network.
+    ReLU(sum_k weight_k * maps_k) per class (Selvaraju et al., ICCV 2017), without autograd, so
+    it exports to ONNX with the rest of the network.
     """
     first, activation, _, last = head.net
     if not (
@@ -264,19 +266,19 @@ def grad_cam(
     slope = torch.where(
         hidden > 0, torch.ones_like(hidden), torch.full_like(hidden, activation.negative_slope)
     )
-    predicted = logits.argmax(dim=1)
-    grad_features = (last.weight[predicted] * slope) @ first.weight  # [N, F]
+    # d logit_k / d features for every class k: [N, K, F].
+    grad_features = (last.weight.unsqueeze(0) * slope.unsqueeze(1)) @ first.weight
     channels = maps.shape[1]
     axes = spatial_dims(maps)
     count = spatial_size(maps)
     mass = attention.sum(dim=axes)  # [N, 1]
-    share = mass / attention_denominator(mass, count, prior)
+    share = (mass / attention_denominator(mass, count, prior)).unsqueeze(1)  # [N, 1, 1]
     weights = (
-        grad_features[:, :channels] / count
-        + grad_features[:, channels : 2 * channels] * share / count
-    )
+        grad_features[:, :, :channels] / count
+        + grad_features[:, :, channels : 2 * channels] * share / count
+    )  # [N, K, C]
     shaped = weights.reshape(*weights.shape, *([1] * len(axes)))
-    return torch.relu((shaped * maps).sum(dim=1))
+    return torch.relu((shaped * maps.unsqueeze(1)).sum(dim=2))
 
 
 class JointOutput(NamedTuple):

@@ -139,7 +139,6 @@ class DeepSc3d(nn.Module):
             grad_cam(
                 self.classifier,
                 features,
-                cls_logits,
                 focused,
                 coarse_attention,
                 self.attention_prior,

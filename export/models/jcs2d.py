@@ -114,7 +114,6 @@ class Jcs2d(nn.Module):
             grad_cam(
                 self.classifier,
                 features,
-                cls_logits,
                 bottleneck,
                 coarse_attention,
                 self.attention_prior,

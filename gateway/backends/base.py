@@ -71,8 +71,8 @@ class ModelOutputs:
     seg_logits: np.ndarray
     cls_logits: np.ndarray
     model_ms: float = 0.0
-    # Optional `cam` [B, h, w] or [B, d, h, w] (contracts.OUTPUT_CAM); None when the model or
-    # the backend does not provide it.
+    # Optional `cam` [B, 3, h, w] or [B, 3, d, h, w] (contracts.OUTPUT_CAM); None when the model
+    # or the backend does not provide it.
     cam: np.ndarray | None = None
 
     def __post_init__(self) -> None:
@@ -87,7 +87,7 @@ class ModelOutputs:
         object.__setattr__(self, "model_ms", float(self.model_ms))
         if self.cam is not None:
             cam = np.asarray(self.cam, dtype=np.float32)
-            if cam.ndim != seg.ndim - 1 or cam.shape[0] != seg.shape[0]:
+            if cam.ndim != seg.ndim or cam.shape[:2] != (seg.shape[0], cls.shape[1]):
                 raise ValueError(f"cam {cam.shape} does not match seg_logits {seg.shape}")
             object.__setattr__(self, "cam", cam)
 
