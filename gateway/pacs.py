@@ -81,7 +81,8 @@ def _store_all(destination: PacsDestination, objects: Sequence[tuple[str, bytes]
     datasets = [(kind, pydicom.dcmread(io.BytesIO(data))) for kind, data in objects]
     ae = AE(ae_title=destination.calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout_s
-    # Propose exactly what the objects need (SEG, Comprehensive 3D SR), explicit little endian.
+    # Propose exactly what the objects need (SEG, Comprehensive 3D SR) with pynetdicom's default
+    # uncompressed transfer syntaxes; highdicom writes explicit VR little endian.
     for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
         ae.add_requested_context(sop_class)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
@@ -102,7 +103,11 @@ def _store_all(destination: PacsDestination, objects: Sequence[tuple[str, bytes]
 def push_blocking(
     destination: PacsDestination, objects: Sequence[tuple[str, bytes]]
 ) -> PacsOutcome:
-    """Store `objects` ((kind, Part-10 bytes) pairs) with retries; never raises for failures."""
+    """Store `objects` ((kind, Part-10 bytes) pairs) with retries; never raises for failures.
+
+    A retry sends every object again: storing an instance the PACS already holds replaces it
+    with the same content (same SOP Instance UID), so a partly stored set is simply completed.
+    """
     kinds = tuple(kind for kind, _ in objects)
     if not objects:
         return PacsOutcome(destination.name, True, 0, "", kinds)
