@@ -1,12 +1,15 @@
-"""Series selection: localizer (scout) images sent with a series are skipped, not fatal."""
+"""Real-data readiness: localizer (scout) images sent with a series are skipped, not fatal;
+losslessly compressed series analyse exactly like the original."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from ctjoint.contracts import MODEL_JCS2D
 from ctjoint.export.phantom import write_phantom_case
@@ -46,3 +49,22 @@ def test_a_series_of_localizers_only_is_empty(
     scout.save_as(folder / "scout.dcm", enforce_file_format=True)
     with pytest.raises(EmptySeriesError, match="only 1 localizer image"):
         analyze_directory(folder, model=MODEL_JCS2D, model_dir=contract_model_dir)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless])
+def test_a_losslessly_compressed_series_is_analysed_like_the_original(
+    syntax: UID, phantom_series: Path, contract_model_dir: Path, tmp_path: Path
+) -> None:
+    if not pydicom.pixels.get_encoder(syntax).is_available:
+        pytest.skip(f"no {syntax.name} encoder here to make the test series")
+    folder = tmp_path / "compressed"
+    folder.mkdir()
+    for path in list_series_files(phantom_series):
+        ds = pydicom.dcmread(path)
+        ds.compress(syntax)
+        ds.save_as(folder / path.name, enforce_file_format=True)
+    assert pydicom.dcmread(next(folder.iterdir())).file_meta.TransferSyntaxUID == syntax
+    original = analyze_directory(phantom_series, model=MODEL_JCS2D, model_dir=contract_model_dir)
+    compressed = analyze_directory(folder, model=MODEL_JCS2D, model_dir=contract_model_dir)
+    np.testing.assert_array_equal(compressed.volume_hu, original.volume_hu)
+    np.testing.assert_array_equal(compressed.label_map, original.label_map)
