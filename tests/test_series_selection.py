@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import UID, ExplicitVRBigEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from ctjoint.contracts import MODEL_JCS2D
 from ctjoint.export.phantom import write_phantom_case
@@ -68,3 +69,31 @@ def test_a_losslessly_compressed_series_is_analysed_like_the_original(
     compressed = analyze_directory(folder, model=MODEL_JCS2D, model_dir=contract_model_dir)
     np.testing.assert_array_equal(compressed.volume_hu, original.volume_hu)
     np.testing.assert_array_equal(compressed.label_map, original.label_map)
+
+
+def test_a_big_endian_series_is_analysed_like_the_original(
+    phantom_series: Path, contract_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "big_endian"
+    folder.mkdir()
+    for path in list_series_files(phantom_series):
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+        ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+        # pydicom writes element values in the new byte order but leaves pixel bytes as given.
+        ds.PixelData = pixels.astype(pixels.dtype.newbyteorder(">")).tobytes()
+        dcmwrite(
+            folder / path.name,
+            ds,
+            implicit_vr=False,
+            little_endian=False,
+            force_encoding=True,
+        )
+    assert (
+        pydicom.dcmread(next(folder.iterdir())).file_meta.TransferSyntaxUID.is_little_endian
+        is False
+    )
+    original = analyze_directory(phantom_series, model=MODEL_JCS2D, model_dir=contract_model_dir)
+    swapped = analyze_directory(folder, model=MODEL_JCS2D, model_dir=contract_model_dir)
+    np.testing.assert_array_equal(swapped.volume_hu, original.volume_hu)
+    np.testing.assert_array_equal(swapped.label_map, original.label_map)
