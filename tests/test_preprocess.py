@@ -78,3 +78,22 @@ def test_labels_survive_a_model_grid_round_trip() -> None:
     back = logits_to_source_labels(logits, geometry)
     assert back.shape == labels.shape
     assert np.mean(back == labels) > 0.99
+
+
+def test_a_few_false_positive_slices_leave_a_scan_normal() -> None:
+    from ctjoint.gateway.aggregate import aggregate_slice_probabilities
+
+    probs = np.tile(np.array([[0.05, 0.05, 0.9]], np.float32), (80, 1))
+    probs[10:13] = [0.7, 0.1, 0.2]  # three noisy slices
+    scan = aggregate_slice_probabilities(probs)
+    assert int(np.argmax(scan)) == 2
+
+
+def test_confident_lesion_slices_make_the_scan_abnormal_with_their_class() -> None:
+    from ctjoint.gateway.aggregate import aggregate_slice_probabilities
+
+    probs = np.tile(np.array([[0.01, 0.01, 0.98]], np.float32), (80, 1))
+    probs[30:40] = [0.0001, 0.99985, 0.00005]
+    scan = aggregate_slice_probabilities(probs)
+    assert int(np.argmax(scan)) == 1
+    assert abs(float(scan.sum()) - 1.0) < 1e-5
