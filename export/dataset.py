@@ -339,7 +339,9 @@ class CaseCache:
         self.folder = Path(root) / f"{plan.model}-{plan_key(plan)}"
 
     def _path(self, ref: CaseRef) -> Path:
-        return self.folder / f"{ref.case_id}.npz"
+        # Case names repeat across data sets (case_0000...); the source path keeps them apart.
+        source = hashlib.sha256(str(ref.image.resolve()).encode("utf-8")).hexdigest()[:10]
+        return self.folder / f"{ref.case_id}-{source}.npz"
 
     def _source_id(self, ref: CaseRef) -> str:
         return f"{CACHE_FORMAT}|{_fingerprint(ref.image)}|{_fingerprint(ref.mask)}|{ref.label}"
