@@ -20,7 +20,6 @@ from ctjoint.contracts import (
     CLASS_NAMES,
     INPUT_IMAGE,
     MODEL_DEEPSC3D,
-    MODEL_JCS2D,
     ONNX_META_CLASSES,
     ONNX_META_MODEL,
     ONNX_META_PLAN,
@@ -78,7 +77,8 @@ def plan_for(model: str, size: int = 32, depth: int = 8) -> PreprocessPlan:
 def export_contract_model(model: str, out_dir: Path, *, size: int = 32, depth: int = 8) -> Path:
     """Export the band-rule stand-in for `model` to out_dir/<model>.onnx with its metadata."""
     plan = plan_for(model, size, depth)
-    module = BandRule(plan, gain=50.0 if model == MODEL_JCS2D else 200.0).eval()
+    # Confident on lesion slices, like a trained network (the scan vote needs it).
+    module = BandRule(plan, gain=200.0).eval()
     if model == MODEL_DEEPSC3D:
         example = torch.zeros(1, 1, depth, size, size)
     else:
