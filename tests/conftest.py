@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import figures
 import pytest
 from contract_models import export_contract_model
 from dicom_factory import SMALL_SERIES_LESIONS, write_ct_series
@@ -26,3 +27,16 @@ def ct_series_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "series"
     write_ct_series(folder, slices=8, size=32, lesions=SMALL_SERIES_LESIONS, reverse_names=True)
     return folder
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller, not an xdist worker
+        figures.clear()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = figures.summary_lines()
+    if lines:
+        terminalreporter.section("measured figures")
+        for line in lines:
+            terminalreporter.write_line(line)
