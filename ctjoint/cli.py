@@ -658,6 +658,87 @@ def listen(
 
 
 @app.command()
+def bench(
+    gateway: Annotated[
+        str | None, typer.Option(help="A running gateway HOST:PORT (or --spawn).")
+    ] = None,
+    spawn: Annotated[
+        bool, typer.Option(help="Start tritonserver and a gateway on loopback for the run.")
+    ] = False,
+    backend: Annotated[
+        BackendName, typer.Option(help="With --spawn: the gateway's backend.")
+    ] = BackendName.triton,
+    series: Annotated[
+        Path | None, typer.Option(help="A series folder to send (default: a phantom).")
+    ] = None,
+    size: Annotated[int, typer.Option(help="Phantom rows and columns.")] = 256,
+    slices: Annotated[int, typer.Option(help="Phantom slices.")] = 64,
+    model: Annotated[ModelName, typer.Option(help="Model to run.")] = ModelName.jcs2d,
+    concurrency: Annotated[
+        str, typer.Option(help="Scans in flight per point: 1,2,4 or 1:4.")
+    ] = "1,2,4",
+    scans: Annotated[int, typer.Option(min=1, help="Scans per concurrency point.")] = 8,
+    out: Annotated[Path, typer.Option(help="Folder for bench.json/.csv/.png.")] = Path(
+        "out/bench"
+    ),
+    gateway_pid: Annotated[
+        int | None, typer.Option(help="Gateway process id (CPU and RSS; with --gateway).")
+    ] = None,
+    triton_pid: Annotated[
+        int | None, typer.Option(help="tritonserver process id (CPU and RSS; with --gateway).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="With --spawn: ONNX Runtime threads of the gateway.")
+    ] = None,
+) -> None:
+    """End-to-end throughput/latency sweep over concurrency with the gateway's stage times."""
+    from ctjoint.client.bench import (
+        BenchError,
+        parse_concurrency,
+        phantom_series,
+        run_bench,
+        spawned_stack,
+    )
+
+    if (gateway is None) == (not spawn):
+        raise typer.BadParameter("give either --gateway HOST:PORT or --spawn")
+    try:
+        levels = parse_concurrency(concurrency)
+        series_dir = series or phantom_series(out / "phantoms", size=size, slices=slices)
+        if spawn:
+            with spawned_stack(out / "logs", backend=backend.value, threads=threads) as stack:
+                report = run_bench(
+                    address=stack.address,
+                    series_dir=series_dir,
+                    model=model.value,
+                    levels=levels,
+                    scans=scans,
+                    out_dir=out,
+                    pids=stack.pids,
+                )
+        else:
+            pids = {
+                name: pid
+                for name, pid in (("gateway", gateway_pid), ("triton", triton_pid))
+                if pid is not None
+            }
+            report = run_bench(
+                address=str(gateway),
+                series_dir=series_dir,
+                model=model.value,
+                levels=levels,
+                scans=scans,
+                out_dir=out,
+                pids=pids,
+            )
+    except BenchError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(report.summary())
+    typer.echo(f"wrote {out / 'bench.json'}, {out / 'bench.csv'}, {out / 'bench.png'}")
+
+
+@app.command()
 @clean_errors
 def demo(
     out_dir: Annotated[

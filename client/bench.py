@@ -1,0 +1,814 @@
+"""`ctjoint bench`: end-to-end throughput and latency of a running gateway, swept over
+concurrency, with the gateway's own per-stage timings and the CPU and memory of the serving
+processes. Writes JSON, CSV and a PNG plot.
+
+Client-side code (no torch, no onnxruntime, no matplotlib): the plot is drawn with numpy and
+the project's PNG encoder. `--spawn` starts tritonserver and a gateway itself (that needs the
+gateway side installed, imported only then); a phantom series needs the export extra.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ctjoint.client.render import encode_png
+from ctjoint.client.send import MAX_RECEIVE_MESSAGE_BYTES, REQUEST_ID_METADATA, list_series_files
+from ctjoint.v1 import scan_pb2, scan_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON: Final = "bench.json"
+REPORT_CSV: Final = "bench.csv"
+REPORT_PNG: Final = "bench.png"
+# The issue's stage breakdown, each a sum of the gateway's own timing entries (in ms).
+STAGE_GROUPS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
+    ("receive", ("receive",)),
+    ("decode", ("read", "validate")),
+    ("preprocess", ("preprocess",)),
+    ("infer", ("infer",)),
+    ("postprocess", ("postprocess",)),
+    ("outputs", ("encode", "dicom_outputs")),
+)
+STAGE_COLOURS: Final = (
+    (120, 120, 120),
+    (70, 130, 220),
+    (60, 180, 120),
+    (230, 80, 60),
+    (240, 180, 40),
+    (160, 90, 200),
+)
+GATEWAY_START_S: Final = 120.0
+_LISTENING: Final = re.compile(r"listening on (\S+):(\d+) ")
+_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class BenchError(Exception):
+    """The benchmark could not run: bad arguments, no gateway, a scan that failed."""
+
+
+# --- one scan ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanSample:
+    """One scan as the client saw it, plus the gateway's stage timings (ms) for it.
+
+    `last_received_s` is when the gateway reported the last file received (seconds after the
+    call started; only with progress events), `result_s` when the answer arrived.
+    """
+
+    latency_s: float
+    slices: int
+    upload_bytes: int
+    stages_ms: dict[str, float]
+    last_received_s: float | None = None
+
+
+def scan_messages(
+    contents: Sequence[bytes], *, model: str, request_id: str
+) -> Iterator[scan_pb2.ScanRequest]:
+    """The request stream of one scan: the header, then one message per file."""
+    header = scan_pb2.ScanHeader(request_id=request_id, model=model, expected_files=len(contents))
+    yield scan_pb2.ScanRequest(header=header)
+    for content in contents:
+        yield scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=content))
+
+
+def open_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", -1),
+        ],
+    )
+
+
+def run_scan(
+    channel: grpc.Channel,
+    contents: Sequence[bytes],
+    *,
+    model: str,
+    progress_events: bool = False,
+    timeout: float = 600.0,
+) -> ScanSample:
+    """Send one series (already in memory, so disk reads are not measured) and time it."""
+    stub = scan_pb2_grpc.ScanServiceStub(channel)
+    request_id = uuid.uuid4().hex[:16]
+    metadata = ((REQUEST_ID_METADATA, request_id),)
+    started = time.perf_counter()
+    last_received: float | None = None
+    result: scan_pb2.ScanResult | None = None
+    messages = scan_messages(contents, model=model, request_id=request_id)
+    try:
+        if progress_events:
+            for event in stub.AnalyzeScanWithProgress(messages, timeout=timeout, metadata=metadata):
+                if event.HasField("result"):
+                    result = event.result
+                elif (
+                    event.progress.stage == scan_pb2.Progress.STAGE_RECEIVED
+                    and event.progress.done == len(contents)
+                ):
+                    last_received = time.perf_counter() - started
+        else:
+            result = stub.AnalyzeScan(messages, timeout=timeout, metadata=metadata)
+    except grpc.RpcError as err:
+        code = err.code().name if hasattr(err, "code") else "UNKNOWN"
+        details = err.details() if hasattr(err, "details") else str(err)
+        raise BenchError(f"scan failed: {code}: {details}") from None
+    latency = time.perf_counter() - started
+    if result is None:
+        raise BenchError("the gateway closed the stream without a result")
+    stages: dict[str, float] = {}
+    for timing in result.timings:
+        stages[timing.stage] = stages.get(timing.stage, 0.0) + float(timing.milliseconds)
+    return ScanSample(
+        latency_s=latency,
+        slices=int(result.geometry.slices),
+        upload_bytes=sum(len(c) for c in contents),
+        stages_ms=stages,
+        last_received_s=last_received,
+    )
+
+
+# --- process CPU and memory (Linux /proc) ---------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Triton's python-backend stubs are its children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _read_stat(int(entry.name))
+        if stat is not None:
+            children.setdefault(int(stat[1]), []).append(int(entry.name))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(children.get(current, ()))
+    return tree
+
+
+def _read_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: [state, ppid, ...]; None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def tree_cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of the processes (utime and stime are fields 14 and 15)."""
+    total = 0
+    for pid in pids:
+        stat = _read_stat(pid)
+        if stat is not None:
+            total += int(stat[11]) + int(stat[12])
+    return total / _CLOCK_TICKS
+
+
+def tree_rss_bytes(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/statm").read_text().split()
+        except OSError:
+            continue
+        total += int(fields[1]) * _PAGE_SIZE
+    return total
+
+
+class ResourceSampler:
+    """CPU seconds used and peak RSS of named process trees over an interval, sampled on a
+    background thread (peak memory falls between samples, so the interval is short)."""
+
+    def __init__(self, pids: Mapping[str, int], interval_s: float = 0.2) -> None:
+        self._roots = dict(pids)
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._trees: dict[str, list[int]] = {}
+        self._cpu_start: dict[str, float] = {}
+        self.peak_rss: dict[str, int] = {}
+        self.cpu_s: dict[str, float] = {}
+        self._started = 0.0
+        self.seconds = 0.0
+
+    def __enter__(self) -> ResourceSampler:
+        self._started = time.perf_counter()
+        for name, pid in self._roots.items():
+            self._trees[name] = process_tree(pid)
+            self._cpu_start[name] = tree_cpu_seconds(self._trees[name])
+            self.peak_rss[name] = tree_rss_bytes(self._trees[name])
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            for name, tree in self._trees.items():
+                self.peak_rss[name] = max(self.peak_rss[name], tree_rss_bytes(tree))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.seconds = time.perf_counter() - self._started
+        for name, tree in self._trees.items():
+            self.cpu_s[name] = tree_cpu_seconds(tree) - self._cpu_start[name]
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per process tree: CPU seconds, mean CPU percent of one core, peak RSS in MB."""
+        return {
+            name: {
+                "cpu_s": round(self.cpu_s.get(name, 0.0), 3),
+                "cpu_percent": round(100.0 * self.cpu_s.get(name, 0.0) / self.seconds, 1)
+                if self.seconds
+                else 0.0,
+                "peak_rss_mb": round(self.peak_rss.get(name, 0) / 1e6, 1),
+            }
+            for name in self._roots
+        }
+
+
+# --- one point of the sweep and the whole report ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchPoint:
+    """All scans at one concurrency."""
+
+    concurrency: int
+    scans: int
+    slices_per_scan: int
+    wall_s: float
+    scans_per_s: float
+    slices_per_s: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    stages_ms: dict[str, float]
+    raw_stages_ms: dict[str, float]
+    processes: dict[str, dict[str, float]]
+    upload_mb_per_s: float | None = None
+    last_file_to_result_ms: float | None = None
+
+    def csv_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("stages_ms", "raw_stages_ms", "processes")
+        }
+        for stage, _ in STAGE_GROUPS:
+            row[f"{stage}_ms"] = self.stages_ms.get(stage, 0.0)
+        for name, figures in self.processes.items():
+            for key, value in figures.items():
+                row[f"{name}_{key}"] = value
+        return row
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    model: str
+    gateway: str
+    series: str
+    slices: int
+    upload_bytes_per_scan: int
+    points: tuple[BenchPoint, ...]
+    host: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["points"] = [asdict(p) for p in self.points]
+        return data
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.model} on {self.gateway}: {self.slices} slices per scan "
+            f"({self.upload_bytes_per_scan / 1e6:.1f} MB)"
+        ]
+        for p in self.points:
+            stages = ", ".join(f"{k} {v:.0f}" for k, v in p.stages_ms.items())
+            procs = "; ".join(
+                f"{name} CPU {f['cpu_percent']:.0f}% RSS {f['peak_rss_mb']:.0f} MB"
+                for name, f in p.processes.items()
+            )
+            lines.append(
+                f"  concurrency {p.concurrency}: {p.scans_per_s:.3f} scans/s, "
+                f"{p.slices_per_s:.1f} slices/s, latency p50 {p.latency_p50_ms:.0f} / "
+                f"p95 {p.latency_p95_ms:.0f} / p99 {p.latency_p99_ms:.0f} ms; "
+                f"stages (ms per scan) {stages}" + (f"; {procs}" if procs else "")
+            )
+        return "\n".join(lines)
+
+
+def stage_breakdown(samples: Sequence[ScanSample]) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean ms per scan of the issue's stages, and of every raw timing entry the gateway sent."""
+    raw: dict[str, float] = {}
+    for sample in samples:
+        for stage, ms in sample.stages_ms.items():
+            raw[stage] = raw.get(stage, 0.0) + ms / len(samples)
+    grouped = {name: sum(raw.get(part, 0.0) for part in parts) for name, parts in STAGE_GROUPS}
+    return (
+        {k: round(v, 3) for k, v in grouped.items()},
+        {k: round(v, 3) for k, v in raw.items()},
+    )
+
+
+def run_point(
+    address: str,
+    contents: Sequence[bytes],
+    *,
+    model: str,
+    concurrency: int,
+    scans: int,
+    pids: Mapping[str, int] | None = None,
+    progress_events: bool = False,
+    on_done: Any = None,
+) -> tuple[BenchPoint, list[ScanSample]]:
+    """`scans` scans with `concurrency` in flight at a time (one channel per worker)."""
+    if concurrency < 1 or scans < 1:
+        raise BenchError("concurrency and scans must be at least 1")
+    lock = threading.Lock()
+    remaining = [scans]
+    samples: list[ScanSample] = []
+
+    def worker() -> None:
+        with open_channel(address) as channel:
+            while True:
+                with lock:
+                    if remaining[0] == 0:
+                        return
+                    remaining[0] -= 1
+                sample = run_scan(channel, contents, model=model, progress_events=progress_events)
+                with lock:
+                    samples.append(sample)
+                if on_done is not None:
+                    on_done()
+
+    workers = min(concurrency, scans)
+    with ResourceSampler(pids or {}) as sampler, ThreadPoolExecutor(workers) as pool:
+        started = time.perf_counter()
+        futures = [pool.submit(worker) for _ in range(workers)]
+        for future in futures:
+            future.result()
+        wall = time.perf_counter() - started
+    latencies = np.array([s.latency_s for s in samples]) * 1000.0
+    stages, raw = stage_breakdown(samples)
+    slices = samples[0].slices
+    uploads = [s.upload_bytes / s.last_received_s / 1e6 for s in samples if s.last_received_s]
+    tails = [s.latency_s - s.last_received_s for s in samples if s.last_received_s is not None]
+    point = BenchPoint(
+        concurrency=concurrency,
+        scans=len(samples),
+        slices_per_scan=slices,
+        wall_s=round(wall, 3),
+        scans_per_s=round(len(samples) / wall, 4),
+        slices_per_s=round(sum(s.slices for s in samples) / wall, 2),
+        latency_p50_ms=round(float(np.percentile(latencies, 50)), 2),
+        latency_p95_ms=round(float(np.percentile(latencies, 95)), 2),
+        latency_p99_ms=round(float(np.percentile(latencies, 99)), 2),
+        stages_ms=stages,
+        raw_stages_ms=raw,
+        processes=sampler.summary(),
+        upload_mb_per_s=round(float(np.median(uploads)), 2) if uploads else None,
+        last_file_to_result_ms=round(float(np.median(tails)) * 1000.0, 2) if tails else None,
+    )
+    return point, samples
+
+
+def load_series(series_dir: Path) -> list[bytes]:
+    """Every file of the series, read once, so each scan sends the same bytes from memory."""
+    try:
+        return [path.read_bytes() for path in list_series_files(series_dir)]
+    except Exception as err:  # SendError or OSError, both worth one line
+        raise BenchError(f"cannot read the series in {series_dir}: {err}") from err
+
+
+def parse_concurrency(text: str) -> list[int]:
+    """'1,2,4' or '1:4' (inclusive range) -> sorted distinct positive levels."""
+    try:
+        if ":" in text:
+            low, high = (int(v) for v in text.split(":", 1))
+            levels = list(range(low, high + 1))
+        else:
+            levels = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BenchError(f"concurrency must look like 1,2,4 or 1:4, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise BenchError(f"concurrency levels must be positive integers, got {text!r}")
+    return sorted(set(levels))
+
+
+def host_facts() -> dict[str, Any]:
+    """Where the figures were taken: CPU model, cores, load, Python."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        load = []
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average": load,
+        "python": platform.python_version(),
+    }
+
+
+def run_bench(
+    *,
+    address: str,
+    series_dir: Path,
+    model: str,
+    levels: Sequence[int],
+    scans: int,
+    out_dir: Path,
+    pids: Mapping[str, int] | None = None,
+    warmup: int = 1,
+    progress_events: bool = False,
+    show_progress: bool = True,
+) -> BenchReport:
+    """The sweep: a warm-up scan, then `scans` scans per concurrency level; writes the reports."""
+    contents = load_series(series_dir)
+    console = Console(stderr=True)
+    bar = Progress(
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not (show_progress and console.is_terminal),
+    )
+    points: list[BenchPoint] = []
+    slices = 0
+    with bar:
+        if warmup:
+            task = bar.add_task("warm-up", total=warmup)
+            with open_channel(address) as channel:
+                for _ in range(warmup):
+                    slices = run_scan(channel, contents, model=model).slices
+                    bar.advance(task)
+        for level in levels:
+            task = bar.add_task(f"concurrency {level}", total=scans)
+            point, _ = run_point(
+                address,
+                contents,
+                model=model,
+                concurrency=level,
+                scans=scans,
+                pids=pids,
+                progress_events=progress_events,
+                on_done=lambda task=task: bar.advance(task),
+            )
+            slices = point.slices_per_scan
+            points.append(point)
+    report = BenchReport(
+        model=model,
+        gateway=address,
+        series=str(series_dir),
+        slices=slices,
+        upload_bytes_per_scan=sum(len(c) for c in contents),
+        points=tuple(points),
+        host=host_facts(),
+    )
+    write_reports(report, out_dir)
+    return report
+
+
+def write_reports(report: BenchReport, out_dir: Path) -> tuple[Path, Path, Path]:
+    """bench.json (everything), bench.csv (one row per concurrency), bench.png (the plot)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path, png_path = (
+        out_dir / REPORT_JSON,
+        out_dir / REPORT_CSV,
+        out_dir / REPORT_PNG,
+    )
+    json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    rows = [p.csv_row() for p in report.points]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    png_path.write_bytes(encode_png(plot_report(report)))
+    return json_path, csv_path, png_path
+
+
+# --- the plot (numpy only) --------------------------------------------------------------------
+
+# A 3x5 bitmap font of our own for the plot's labels ("#" is ink).
+_FONT: Final = {
+    "0": ("###", "#.#", "#.#", "#.#", "###"),
+    "1": (".#.", "##.", ".#.", ".#.", "###"),
+    "2": ("###", "..#", "###", "#..", "###"),
+    "3": ("###", "..#", "###", "..#", "###"),
+    "4": ("#.#", "#.#", "###", "..#", "..#"),
+    "5": ("###", "#..", "###", "..#", "###"),
+    "6": ("###", "#..", "###", "#.#", "###"),
+    "7": ("###", "..#", "..#", "..#", "..#"),
+    "8": ("###", "#.#", "###", "#.#", "###"),
+    "9": ("###", "#.#", "###", "..#", "###"),
+    ".": ("...", "...", "...", "...", ".#."),
+    "/": ("..#", "..#", ".#.", "#..", "#.."),
+    " ": ("...", "...", "...", "...", "..."),
+    "A": (".#.", "#.#", "###", "#.#", "#.#"),
+    "B": ("##.", "#.#", "##.", "#.#", "##."),
+    "C": ("###", "#..", "#..", "#..", "###"),
+    "D": ("##.", "#.#", "#.#", "#.#", "##."),
+    "E": ("###", "#..", "##.", "#..", "###"),
+    "F": ("###", "#..", "##.", "#..", "#.."),
+    "G": ("###", "#..", "#.#", "#.#", "###"),
+    "H": ("#.#", "#.#", "###", "#.#", "#.#"),
+    "I": ("###", ".#.", ".#.", ".#.", "###"),
+    "J": ("..#", "..#", "..#", "#.#", "###"),
+    "K": ("#.#", "#.#", "##.", "#.#", "#.#"),
+    "L": ("#..", "#..", "#..", "#..", "###"),
+    "M": ("#.#", "###", "###", "#.#", "#.#"),
+    "N": ("##.", "#.#", "#.#", "#.#", "#.#"),
+    "O": ("###", "#.#", "#.#", "#.#", "###"),
+    "P": ("###", "#.#", "###", "#..", "#.."),
+    "R": ("##.", "#.#", "##.", "#.#", "#.#"),
+    "S": ("###", "#..", "###", "..#", "###"),
+    "T": ("###", ".#.", ".#.", ".#.", ".#."),
+    "U": ("#.#", "#.#", "#.#", "#.#", "###"),
+    "V": ("#.#", "#.#", "#.#", "#.#", ".#."),
+    "W": ("#.#", "#.#", "###", "###", "#.#"),
+    "X": ("#.#", "#.#", ".#.", "#.#", "#.#"),
+    "Y": ("#.#", "#.#", ".#.", ".#.", ".#."),
+    "Z": ("###", "..#", ".#.", "#..", "###"),
+    "-": ("...", "...", "###", "...", "..."),
+}
+_SCALE: Final = 2
+_PANEL: Final = (220, 300)  # height, width of one chart's plotting area
+_MARGIN: Final = 40
+_BACKGROUND: Final = 255
+_INK: Final = (30, 30, 30)
+
+
+def _text(canvas: np.ndarray, text: str, top: int, left: int, colour: tuple[int, int, int]) -> None:
+    """Draw `text` (characters outside the font become spaces) with its top-left at (top, left)."""
+    for i, char in enumerate(text.upper()):
+        glyph = _FONT.get(char, _FONT[" "])
+        cell = np.array([[c == "#" for c in row] for row in glyph], dtype=bool)
+        ink = np.kron(cell, np.ones((_SCALE, _SCALE), dtype=bool))
+        y, x = top, left + i * 4 * _SCALE
+        region = canvas[y : y + ink.shape[0], x : x + ink.shape[1]]
+        region[ink[: region.shape[0], : region.shape[1]]] = colour
+
+
+def _line(canvas: np.ndarray, y0: float, x0: float, y1: float, x1: float, colour: Any) -> None:
+    steps = int(max(abs(y1 - y0), abs(x1 - x0))) + 1
+    ys = np.rint(np.linspace(y0, y1, steps)).astype(int)
+    xs = np.rint(np.linspace(x0, x1, steps)).astype(int)
+    for dy in (0, 1):
+        canvas[np.clip(ys + dy, 0, canvas.shape[0] - 1), xs] = colour
+
+
+def _axes(canvas: np.ndarray, top: int, left: int, title: str, y_max: float) -> None:
+    height, width = _PANEL
+    canvas[top : top + height, left] = _INK
+    canvas[top + height, left : left + width] = _INK
+    _text(canvas, title, top - 16, left, _INK)
+    _text(canvas, f"{y_max:.3g}", top, left - 36, _INK)
+    _text(canvas, "0", top + height - 10, left - 12, _INK)
+
+
+def _chart(
+    canvas: np.ndarray,
+    top: int,
+    left: int,
+    title: str,
+    levels: Sequence[int],
+    values: Sequence[float],
+    colour: tuple[int, int, int],
+) -> None:
+    """A line chart of `values` against concurrency levels (evenly spaced, labelled)."""
+    height, width = _PANEL
+    y_max = max(max(values), 1e-9) * 1.15
+    _axes(canvas, top, left, title, y_max)
+    step = width / (len(levels) + 1)
+    points = [
+        (top + height - v / y_max * height, left + (i + 1) * step) for i, v in enumerate(values)
+    ]
+    for (y0, x0), (y1, x1) in itertools.pairwise(points):
+        _line(canvas, y0, x0, y1, x1, colour)
+    for (y, x), level, value in zip(points, levels, values, strict=True):
+        yi, xi = int(y), int(x)
+        canvas[max(yi - 3, 0) : yi + 4, max(xi - 3, 0) : xi + 4] = colour
+        _text(canvas, f"{value:.3g}", max(yi - 16, top), xi - 8, colour)
+        _text(canvas, str(level), top + height + 6, xi - 2, _INK)
+    _text(canvas, "CONCURRENCY", top + height + 20, left + width // 2 - 40, _INK)
+
+
+def _stacked(canvas: np.ndarray, top: int, left: int, report: BenchReport) -> None:
+    """Per concurrency, one bar of the mean stage times per scan, stacked in pipeline order."""
+    height, width = _PANEL
+    totals = [sum(p.stages_ms.values()) for p in report.points]
+    y_max = max(max(totals), 1e-9) * 1.1
+    _axes(canvas, top, left, "STAGE MS PER SCAN", y_max)
+    step = width / (len(report.points) + 1)
+    bar = max(int(step * 0.5), 4)
+    for i, point in enumerate(report.points):
+        x = int(left + (i + 1) * step - bar / 2)
+        base = float(top + height)
+        for (stage, _), colour in zip(STAGE_GROUPS, STAGE_COLOURS, strict=True):
+            ms = point.stages_ms.get(stage, 0.0)
+            rise = ms / y_max * height
+            canvas[int(base - rise) : int(base), x : x + bar] = colour
+            base -= rise
+        _text(canvas, str(point.concurrency), top + height + 6, x + bar // 2 - 2, _INK)
+    # Legend on the right of the chart.
+    for j, ((stage, _), colour) in enumerate(zip(STAGE_GROUPS, STAGE_COLOURS, strict=True)):
+        y = top + 4 + j * 16
+        canvas[y : y + 10, left + width + 10 : left + width + 20] = colour
+        _text(canvas, stage, y, left + width + 26, _INK)
+
+
+def plot_report(report: BenchReport) -> np.ndarray:
+    """RGB image: throughput and p95 latency against concurrency, and stacked stage times."""
+    if not report.points:
+        raise BenchError("nothing to plot: the report has no points")
+    height, width = _PANEL
+    cell_w = width + 2 * _MARGIN + 110
+    canvas = np.full((height + 3 * _MARGIN + 20, 3 * cell_w, 3), _BACKGROUND, dtype=np.uint8)
+    levels = [p.concurrency for p in report.points]
+    top = 2 * _MARGIN
+    _text(canvas, f"{report.model} {report.slices} SLICES PER SCAN", 8, _MARGIN, _INK)
+    _chart(
+        canvas,
+        top,
+        _MARGIN + 10,
+        "SCANS/S",
+        levels,
+        [p.scans_per_s for p in report.points],
+        (40, 110, 200),
+    )
+    _chart(
+        canvas,
+        top,
+        cell_w + _MARGIN + 10,
+        "P95 LATENCY MS",
+        levels,
+        [p.latency_p95_ms for p in report.points],
+        (210, 60, 50),
+    )
+    _stacked(canvas, top, 2 * cell_w + _MARGIN + 10, report)
+    return canvas
+
+
+# --- a gateway (and Triton) started for the run -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What --spawn started: the gateway address and the process ids to watch."""
+
+    address: str
+    pids: dict[str, int]
+    triton_url: str | None = None
+    triton_metrics_url: str | None = None
+
+
+@contextmanager
+def spawned_stack(
+    log_dir: Path, *, backend: str = "triton", threads: int | None = None
+) -> Iterator[Stack]:
+    """tritonserver on the checkout's CPU repository (triton backend) and a gateway, both on
+    loopback with free ports; stopped on exit."""
+    try:
+        from ctjoint.contracts import TRITON_TARGET_CPU, repo_root
+        from ctjoint.gateway.triton_server import TritonServer, TritonServerConfig, free_ports
+    except ImportError as err:
+        raise BenchError(f"--spawn needs the gateway side installed ({err})") from err
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if backend == "triton":
+        grpc_port, http_port, metrics_port = free_ports(3)
+        config = TritonServerConfig(
+            repository=repo_root() / "model_repository" / TRITON_TARGET_CPU,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            metrics_port=metrics_port,
+        )
+        with TritonServer(config, log_file=log_dir / "triton.log") as triton:
+            url = config.grpc_url
+            with _gateway(
+                log_dir / "gateway.log", ["--backend", "triton", "--triton-url", url], threads
+            ) as (address, pid):
+                pids = {"gateway": pid}
+                if triton.pid is not None:
+                    pids["triton"] = triton.pid
+                yield Stack(address, pids, url, f"http://127.0.0.1:{metrics_port}/metrics")
+    else:
+        with _gateway(log_dir / "gateway.log", ["--backend", "embedded"], threads) as (
+            address,
+            pid,
+        ):
+            yield Stack(address, {"gateway": pid})
+
+
+@contextmanager
+def _gateway(log_path: Path, args: list[str], threads: int | None) -> Iterator[tuple[str, int]]:
+    command = [sys.executable, "-m", "ctjoint.cli", "gateway", "serve", "--port", "0", *args]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + GATEWAY_START_S
+        address = ""
+        while not address:
+            if process.poll() is not None:
+                raise BenchError(f"the gateway exited with {process.returncode}; see {log_path}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"the gateway did not start in {GATEWAY_START_S:.0f} s")
+            match = _LISTENING.search(log_path.read_text(errors="replace"))
+            if match:
+                address = f"{match.group(1)}:{match.group(2)}"
+            else:
+                time.sleep(0.2)
+        _wait_serving(address, process, deadline, log_path)
+        yield address, process.pid
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_serving(
+    address: str, process: subprocess.Popen[bytes], deadline: float, log_path: Path
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"the gateway exited with {process.returncode}; see {log_path}")
+        with grpc.insecure_channel(address) as channel:
+            try:
+                status = (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    .status
+                )
+            except grpc.RpcError:
+                status = None
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.25)
+    raise BenchError(f"the gateway was not SERVING in {GATEWAY_START_S:.0f} s; see {log_path}")
+
+
+def phantom_series(
+    cache_dir: Path, *, size: int, slices: int, kind: str = "covid19", seed: int = 2026
+) -> Path:
+    """A phantom series (made once and cached); needs the export extra."""
+    folder = cache_dir / f"phantom-{kind}-{size}x{slices}-s{seed}"
+    series = folder / "series"
+    if series.is_dir() and any(series.iterdir()):
+        return series
+    try:
+        from ctjoint.export.phantom import write_phantom_case
+    except ImportError as err:
+        raise BenchError(
+            f"making a phantom needs the export extra ({err}); pass --series DIR instead"
+        ) from err
+    write_phantom_case(folder, kind=kind, seed=seed, slices=slices, size=size)
+    return series
