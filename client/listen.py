@@ -26,6 +26,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from ctjoint.client.channel import ChannelSecurity
+
 log = logging.getLogger(__name__)
 
 DEFAULT_QUIET_SECONDS: Final = 5.0
@@ -129,7 +131,14 @@ class SeriesListener:
 
 
 def gateway_forward(
-    *, gateway: str, model: str, out_root: Path, timeout: float, seg: bool, sr: bool
+    *,
+    gateway: str,
+    model: str,
+    out_root: Path,
+    timeout: float,
+    seg: bool,
+    sr: bool,
+    security: ChannelSecurity | None = None,
 ) -> Forward:
     """Forwarding by `ctjoint send`: results into `out_root/<series key>/`."""
     from ctjoint.client.send import send_series
@@ -144,6 +153,7 @@ def gateway_forward(
             show_progress=False,
             seg=seg,
             sr=sr,
+            security=security,
         )
 
     return forward

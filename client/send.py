@@ -22,6 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ctjoint.client.channel import ChannelConfigError, ChannelSecurity, open_channel
 from ctjoint.client.render import format_summary, write_result_json
 from ctjoint.client.results import ResultFormatError, decode_label_map, result_dict
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
@@ -104,6 +105,7 @@ def send_series(
     console: Console | None = None,
     seg: bool = False,
     sr: bool = False,
+    security: ChannelSecurity | None = None,
 ) -> SendOutcome:
     """Send a series, print a short summary, write result.json/overlay.png/masks.npz to out_dir
     (and seg.dcm / sr.dcm when `seg` / `sr` ask the gateway for them)."""
@@ -128,6 +130,7 @@ def send_series(
         retries=retries,
         show_progress=show_progress,
         notify=lambda text: errors.print(text, markup=False),
+        security=security,
     )
     seconds = time.perf_counter() - started
     try:
@@ -193,6 +196,7 @@ def _call_with_retries(
     retries: int,
     show_progress: bool,
     notify: Callable[[str], None],
+    security: ChannelSecurity | None = None,
 ) -> tuple[scan_pb2.ScanResult, int]:
     deadline = time.monotonic() + timeout
     delay = BACKOFF_FIRST_S
@@ -205,7 +209,7 @@ def _call_with_retries(
                 f"DEADLINE_EXCEEDED: no answer within {timeout:g} s", code="DEADLINE_EXCEEDED"
             )
         try:
-            return _call_once(gateway, files, header, remaining, show_progress), attempt
+            return _call_once(gateway, files, header, remaining, show_progress, security), attempt
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
             details = (err.details() if hasattr(err, "details") else None) or str(code)
@@ -226,13 +230,18 @@ def _call_once(
     header: scan_pb2.ScanHeader,
     timeout: float,
     show_progress: bool,
+    security: ChannelSecurity | None = None,
 ) -> scan_pb2.ScanResult:
     options = [
         ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
         ("grpc.max_send_message_length", -1),
     ]
+    try:
+        channel = open_channel(gateway, security, options)
+    except ChannelConfigError as err:
+        raise SendError(str(err), exit_code=EXIT_LOCAL) from None
     display = _ProgressDisplay(len(files), enabled=show_progress)
-    with grpc.insecure_channel(gateway, options=options) as channel, display:
+    with channel, display:
         stub = scan_pb2_grpc.ScanServiceStub(channel)
         events = stub.AnalyzeScanWithProgress(
             scan_requests(files, header, display.sent),

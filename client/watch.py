@@ -19,6 +19,7 @@ from typing import Final
 
 from rich.console import Console
 
+from ctjoint.client.channel import ChannelSecurity
 from ctjoint.client.send import RESULT_JSON, SendError, send_series
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ def watch_folder(
     timeout: float = 600.0,
     once: bool = False,
     console: Console | None = None,
+    security: ChannelSecurity | None = None,
 ) -> int:
     """Watch `root` until interrupted (or, with `once`, until nothing is left to send).
 
@@ -145,10 +147,12 @@ def watch_folder(
                         timeout=timeout,
                         show_progress=False,
                         console=out,
+                        security=security,
                     )
                     sent += 1
                 except SendError as err:
-                    if err.code in (None, "UNAVAILABLE"):
+                    # Unreachable or refusing our credentials: every other series would fail too.
+                    if err.code in (None, "UNAVAILABLE", "UNAUTHENTICATED"):
                         raise
                     out.print(f"failed {folder}: {err}", markup=False, style="red")
                 watcher.mark_done(folder)

@@ -76,6 +76,45 @@ class LogFormat(StrEnum):
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 
+# Client-side channel security, the same options on every command that talks to the gateway.
+TlsOption = Annotated[
+    bool, typer.Option("--tls", help="Use TLS (implied by --ca-cert / --client-cert).")
+]
+CaCertOption = Annotated[
+    Path | None,
+    typer.Option(help="PEM CA that signed the gateway's certificate (default: system roots)."),
+]
+ClientCertOption = Annotated[
+    Path | None, typer.Option(help="PEM client certificate, for a gateway requiring mTLS.")
+]
+ClientKeyOption = Annotated[Path | None, typer.Option(help="PEM key of --client-cert.")]
+TokenFileOption = Annotated[
+    Path | None,
+    typer.Option(help="File whose first line is the bearer token (default: $CTJOINT_TOKEN)."),
+]
+
+
+def _channel_security(
+    tls: bool,
+    ca_cert: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    token_file: Path | None,
+) -> Any:
+    """The client's ChannelSecurity; an impossible combination is a usage error."""
+    from ctjoint.client.channel import ChannelConfigError, ChannelSecurity
+
+    try:
+        return ChannelSecurity(
+            tls=tls,
+            ca_cert=ca_cert,
+            client_cert=client_cert,
+            client_key=client_key,
+            token_file=token_file,
+        )
+    except ChannelConfigError as err:
+        raise typer.BadParameter(str(err)) from None
+
 
 def clean_errors(func: F) -> F:
     """Turn the project's own errors into one line on stderr and exit status 2 (no traceback)."""
@@ -469,8 +508,24 @@ def gateway_serve(
             "background and the answer says so.",
         ),
     ] = 20.0,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate (chain) of the gateway: serve TLS.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    client_ca: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA for client certificates: require and verify them (mTLS)."),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Accepted bearer tokens, one per line (also $CTJOINT_GATEWAY_TOKENS); "
+            "with any token, every call but health needs one."
+        ),
+    ] = None,
 ) -> None:
     """Serve AnalyzeScan, GetModelInfo, health and reflection over gRPC until SIGTERM."""
+    from ctjoint.gateway.auth import TlsConfig, load_tokens
     from ctjoint.gateway.backends.replicas import parse_endpoints
     from ctjoint.gateway.limits import GatewayLimits
     from ctjoint.gateway.logging_setup import configure_logging
@@ -483,6 +538,16 @@ def gateway_serve(
             parse_endpoints(triton_url)
         except ValueError as err:
             raise typer.BadParameter(str(err), param_hint="--triton-url") from None
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("--tls-cert and --tls-key go together")
+    if client_ca is not None and tls_cert is None:
+        raise typer.BadParameter("--client-ca (mTLS) needs --tls-cert and --tls-key")
+    tls = (
+        TlsConfig(cert=tls_cert, key=tls_key, client_ca=client_ca)
+        if tls_cert is not None and tls_key is not None
+        else None
+    )
+    tokens = load_tokens(token_file)
     configure_logging(log_level, log_format.value)
     models = tuple(dict.fromkeys(m.value for m in model)) if model else contracts.MODEL_NAMES
     try:
@@ -516,6 +581,8 @@ def gateway_serve(
             )
             if pacs_ae
             else None,
+            tls=tls,
+            tokens=tokens,
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -546,10 +613,16 @@ def send(
     sr: Annotated[
         bool, typer.Option("--sr", help="Ask for a DICOM SR; written to --out as sr.dcm.")
     ] = False,
+    tls: TlsOption = False,
+    ca_cert: CaCertOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    token_file: TokenFileOption = None,
 ) -> None:
     """Stream a series to the gateway and print (and save) what comes back."""
     from ctjoint.client.send import SendError, send_series
 
+    security = _channel_security(tls, ca_cert, client_cert, client_key, token_file)
     try:
         send_series(
             series_dir,
@@ -561,6 +634,7 @@ def send(
             show_progress=progress,
             seg=seg,
             sr=sr,
+            security=security,
         )
     except SendError as err:
         typer.echo(f"error: {err}", err=True)
@@ -586,11 +660,17 @@ def watch(
     once: Annotated[
         bool, typer.Option(help="Send what is there once it has settled, then exit.")
     ] = False,
+    tls: TlsOption = False,
+    ca_cert: CaCertOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    token_file: TokenFileOption = None,
 ) -> None:
     """Send each new complete series folder under FOLDER to the gateway, once."""
     from ctjoint.client.send import SendError
     from ctjoint.client.watch import watch_folder
 
+    security = _channel_security(tls, ca_cert, client_cert, client_key, token_file)
     try:
         watch_folder(
             folder,
@@ -601,6 +681,7 @@ def watch(
             poll_seconds=poll,
             timeout=timeout,
             once=once,
+            security=security,
         )
     except SendError as err:
         typer.echo(f"error: {err}", err=True)
@@ -632,6 +713,11 @@ def listen(
     timeout: Annotated[float, typer.Option(help="Deadline per series, in seconds.")] = 600.0,
     seg: Annotated[bool, typer.Option("--seg", help="Ask for and write seg.dcm.")] = False,
     sr: Annotated[bool, typer.Option("--sr", help="Ask for and write sr.dcm.")] = False,
+    tls: TlsOption = False,
+    ca_cert: CaCertOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    token_file: TokenFileOption = None,
 ) -> None:
     """Receive CT series by C-STORE and forward each complete series to the gateway, once."""
     import logging
@@ -641,8 +727,15 @@ def listen(
 
     # Only the listener's own lines (series keys, counts): no identifiers reach the log.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    security = _channel_security(tls, ca_cert, client_cert, client_key, token_file)
     forward = gateway_forward(
-        gateway=gateway, model=model.value, out_root=out, timeout=timeout, seg=seg, sr=sr
+        gateway=gateway,
+        model=model.value,
+        out_root=out,
+        timeout=timeout,
+        seg=seg,
+        sr=sr,
+        security=security,
     )
     try:
         serve_storage(

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ctjoint import contracts
 from ctjoint.gateway.analysis import ScanAnalyzer
+from ctjoint.gateway.auth import TlsConfig, TokenAuthInterceptor
 from ctjoint.gateway.backends.base import InferenceBackend
 from ctjoint.gateway.errors import BackendUnavailableError
 from ctjoint.gateway.interceptors import ScanServiceInterceptor
@@ -62,6 +63,10 @@ class GatewayConfig:
     require_all_models: bool = True
     # Where SEG and SR go after each scan (C-STORE); None: nowhere.
     pacs: PacsDestination | None = None
+    # TLS (and mTLS with a client CA); None: plaintext, fit only for loopback or a mesh.
+    tls: TlsConfig | None = None
+    # Accepted bearer tokens; empty: no token needed (gateway/auth.py).
+    tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in contracts.MODEL_NAMES]
@@ -129,8 +134,12 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         pacs=config.pacs,
     )
     health_servicer = health.aio.HealthServicer()
+    interceptors: list[grpc.aio.ServerInterceptor] = [ScanServiceInterceptor(metrics)]
+    if config.tokens:
+        # First in the chain: a refused call never reaches the scan service.
+        interceptors.insert(0, TokenAuthInterceptor(config.tokens))
     server = grpc.aio.server(
-        interceptors=[ScanServiceInterceptor(metrics)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.limits.max_receive_message_bytes),
             ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
@@ -149,7 +158,10 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         server,
     )
     try:
-        port = server.add_insecure_port(config.address)
+        if config.tls is not None:
+            port = server.add_secure_port(config.address, config.tls.credentials())
+        else:
+            port = server.add_insecure_port(config.address)
     except RuntimeError as err:
         raise BackendUnavailableError(f"cannot listen on {config.address}: {err}") from err
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -157,7 +169,18 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     await server.start()
-    log.info("listening on %s:%d backend=%s", config.host, port, config.backend)
+    log.info(
+        "listening on %s:%d backend=%s tls=%s auth=%s",
+        config.host,
+        port,
+        config.backend,
+        _tls_mode(config.tls),
+        "token" if config.tokens else "none",
+    )
+    if config.tokens and config.tls is None and not _is_loopback_host(config.host):
+        log.warning(
+            "bearer tokens without TLS on %s: tokens cross the network in clear text", config.host
+        )
     try:
         if config.metrics_port is not None:
             metrics_http = metrics.serve_http(config.metrics_port, config.host)
@@ -183,6 +206,23 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         if metrics_http is not None:
             metrics_http.shutdown()
         log.info("stopped")
+
+
+def _tls_mode(tls: TlsConfig | None) -> str:
+    if tls is None:
+        return "off"
+    return "mutual" if tls.client_ca is not None else "on"
+
+
+def _is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def _start_backend(backend: InferenceBackend, stop: asyncio.Event) -> None:
