@@ -701,7 +701,7 @@ class Stack:
     address: str
     pids: dict[str, int]
     triton_url: str | None = None
-    triton_metrics_url: str | None = None
+    triton_http_url: str | None = None
 
 
 @contextmanager
@@ -732,7 +732,7 @@ def spawned_stack(
                 pids = {"gateway": pid}
                 if triton.pid is not None:
                     pids["triton"] = triton.pid
-                yield Stack(address, pids, url, f"http://127.0.0.1:{metrics_port}/metrics")
+                yield Stack(address, pids, url, config.http_url)
     else:
         with _gateway(log_dir / "gateway.log", ["--backend", "embedded"], threads) as (
             address,

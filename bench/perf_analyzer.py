@@ -1,0 +1,120 @@
+"""perf_analyzer figures for both ensembles at concurrency 1..4, next to the end-to-end
+figures of `ctjoint bench`, so the cost of the gateway (DICOM, preprocessing, postprocessing,
+outputs) shows beside Triton alone.
+
+    make perf-tools
+    .venv/bin/python bench/perf_analyzer.py [--url HOST:PORT] \
+        [--e2e jcs2d=out/bench/jcs2d/bench.json --e2e deepsc3d=out/bench/deepsc3d/bench.json]
+
+Without --url it starts tritonserver on the checkout's CPU repository (free loopback ports)
+and stops it after. jcs2d requests carry 4 slices each (what the gateway sends, REQUEST_SLICES),
+deepsc3d requests one scan. perf_analyzer's input is zeros; the cost does not depend on values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, TRITON_TARGET_CPU, repo_root
+from ctjoint.export.triton_perf import PerfReport, run_perf_analyzer
+from ctjoint.gateway.backends.triton import REQUEST_SLICES
+from ctjoint.gateway.triton_server import TritonServer, TritonServerConfig, free_ports
+
+BATCH = {MODEL_JCS2D: REQUEST_SLICES, MODEL_DEEPSC3D: 1}
+UNIT = {MODEL_JCS2D: "slices/s", MODEL_DEEPSC3D: "scans/s"}
+
+
+@contextlib.contextmanager
+def triton(url: str | None, log_dir: Path) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    grpc_port, http_port, metrics_port = free_ports(3)
+    config = TritonServerConfig(
+        repository=repo_root() / "model_repository" / TRITON_TARGET_CPU,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        metrics_port=metrics_port,
+    )
+    with TritonServer(config, log_file=log_dir / "triton.log"):
+        yield config.grpc_url
+
+
+def e2e_rows(path: Path) -> dict[int, dict[str, float]]:
+    """concurrency -> slices/s, scans/s, p50 of a `ctjoint bench` report."""
+    report = json.loads(path.read_text())
+    return {
+        int(p["concurrency"]): {
+            "slices_per_s": float(p["slices_per_s"]),
+            "scans_per_s": float(p["scans_per_s"]),
+            "latency_p50_ms": float(p["latency_p50_ms"]),
+        }
+        for p in report["points"]
+    }
+
+
+def table(report: PerfReport, e2e: dict[int, dict[str, float]] | None) -> list[str]:
+    model = report.model
+    lines = [
+        f"{model}: perf_analyzer, {report.batch} sample(s) per request "
+        f"({UNIT[model]} = requests/s x {report.batch})"
+        + ("; end to end = ctjoint bench through the gateway" if e2e else "")
+    ]
+    for row in report.rows:
+        samples = row.throughput_per_s * report.batch
+        line = (
+            f"  concurrency {row.concurrency}: Triton {samples:8.1f} {UNIT[model]}, "
+            f"p50 {row.p50_latency_ms:7.1f} ms, p99 {row.p99_latency_ms:7.1f} ms"
+        )
+        if e2e and row.concurrency in e2e:
+            point = e2e[row.concurrency]
+            line += (
+                f" | end to end {point['slices_per_s']:8.1f} slices/s, "
+                f"{point['scans_per_s']:.3f} scans/s, p50 {point['latency_p50_ms']:.0f} ms"
+            )
+        lines.append(line)
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running Triton's gRPC HOST:PORT")
+    parser.add_argument("--concurrency", default="1:4")
+    parser.add_argument("--measurement-ms", type=int, default=3000)
+    parser.add_argument("--out", type=Path, default=Path("out/bench/perf_analyzer"))
+    parser.add_argument(
+        "--e2e", action="append", default=[], help="MODEL=bench.json of `ctjoint bench`"
+    )
+    args = parser.parse_args(argv)
+    e2e: dict[str, dict[int, dict[str, float]]] = {}
+    for item in args.e2e:
+        model, _, path = item.partition("=")
+        if model not in BATCH or not path:
+            parser.error(f"--e2e takes MODEL=PATH with MODEL in {sorted(BATCH)}, got {item!r}")
+        e2e[model] = e2e_rows(Path(path))
+    lines: list[str] = []
+    with triton(args.url, args.out) as url:
+        for model, batch in BATCH.items():
+            report = run_perf_analyzer(
+                model=model,
+                url=url,
+                concurrency=args.concurrency,
+                batch=batch,
+                out_dir=args.out,
+                measurement_ms=args.measurement_ms,
+            )
+            block = table(report, e2e.get(model))
+            print("\n".join(block), flush=True)
+            lines += block
+    (args.out / "summary.txt").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+"""The performance ratios of the serving path, each numerator and denominator measured in one
+run on the same series (a phantom chest CT, 512x512x100 by default), printed with its target.
+
+    .venv/bin/python bench/ratios.py [--size 512 --slices 100] [--only decode,upload,...]
+
+1. triton   Triton path per-scan time / embedded in-process ONNX Runtime        (<= 1.10)
+2. overhead gateway non-model time / model time (Triton's own compute stats)    (<= 0.25)
+3. decode   gateway decode + preprocess per slice / pydicom dcmread+pixel_array (<= 2.0)
+4. upload   gateway gRPC receive path / bare grpc.aio byte stream, throughput   (>= 0.5)
+5. scaling  end-to-end throughput at concurrency 4 / concurrency 1 via Triton   (>= 1.3)
+6. tail     last file received -> result / the scan's model time (jcs2d)        (<= 0.2)
+
+A benchmark, not a test: it takes minutes and its figures depend on the machine and its load
+(printed with the results). Writes everything to --out (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import statistics
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ctjoint.client.bench import (
+    host_facts,
+    load_series,
+    phantom_series,
+    run_point,
+    run_scan,
+    spawned_stack,
+)
+from ctjoint.v1 import scan_pb2, scan_pb2_grpc
+
+RATIOS = ("decode", "upload", "triton", "overhead", "scaling", "tail")
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """One figure: numerator / denominator against its target."""
+
+    name: str
+    what: str
+    numerator: float
+    denominator: float
+    unit: str
+    target: float
+    at_most: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def value(self) -> float:
+        return self.numerator / self.denominator if self.denominator else float("inf")
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.target if self.at_most else self.value >= self.target
+
+    def line(self) -> str:
+        sign = "<=" if self.at_most else ">="
+        verdict = "met" if self.met else "MISSED"
+        return (
+            f"{self.name:<9} {self.value:7.3f}  (target {sign} {self.target:g}: {verdict})  "
+            f"{self.what}: {self.numerator:.4g} / {self.denominator:.4g} {self.unit}"
+        )
+
+
+def _median_of(runs: int, measure: Callable[[], float]) -> float:
+    return statistics.median(measure() for _ in range(runs))
+
+
+# --- 3. decode + preprocess vs bare pydicom ----------------------------------------------------
+
+
+def ratio_decode(contents: Sequence[bytes], model: str, runs: int) -> Ratio:
+    """Per slice: the gateway's own per-file read/validate/decode to HU, series assembly and
+    preprocessing (what it does before inference) against pydicom's dcmread + pixel_array."""
+    from pydicom import dcmread
+
+    from ctjoint.gateway.dicom_io import describe_source, read_ct_slice
+    from ctjoint.gateway.preprocess import preprocess_volume
+    from ctjoint.gateway.series import SeriesAssembler
+
+    plan = _embedded_plan(model)
+
+    def gateway() -> float:
+        started = time.perf_counter()
+        assembler = SeriesAssembler(expected_slices=len(contents))
+        for index, data in enumerate(contents, start=1):
+            assembler.add(read_ct_slice(data, source=describe_source(index)))
+        volume = assembler.finish()
+        preprocess_volume(volume.hu, plan)
+        return (time.perf_counter() - started) / len(contents)
+
+    def bare() -> float:
+        started = time.perf_counter()
+        for data in contents:
+            dcmread(io.BytesIO(data)).pixel_array  # noqa: B018 - the decode is the point
+        return (time.perf_counter() - started) / len(contents)
+
+    gateway_s, bare_s = [], []
+    for _ in range(runs):  # alternated, so a load spike hits both sides alike
+        gateway_s.append(gateway())
+        bare_s.append(bare())
+    return Ratio(
+        "decode",
+        "gateway decode+preprocess / pydicom dcmread+pixel_array, per slice",
+        statistics.median(gateway_s) * 1e3,
+        statistics.median(bare_s) * 1e3,
+        "ms",
+        2.0,
+        True,
+        {"gateway_ms_runs": gateway_s, "pydicom_ms_runs": bare_s},
+    )
+
+
+def _embedded_plan(model: str) -> Any:
+    from ctjoint.gateway.backends.embedded import EmbeddedBackend
+
+    async def load() -> Any:
+        backend = EmbeddedBackend([model], intra_op_threads=1)
+        await backend.load()
+        try:
+            return backend.model_info(model).plan
+        finally:
+            await backend.close()
+
+    return asyncio.run(load())
+
+
+# --- 4. upload: the gateway's receive path vs a bare grpc.aio stream ---------------------------
+
+
+class _BareServicer(scan_pb2_grpc.ScanServiceServicer):
+    """Reads the stream and nothing else: the floor for moving these bytes over gRPC."""
+
+    async def AnalyzeScan(  # noqa: N802 - the generated base class names it
+        self, request_iterator: AsyncIterator[scan_pb2.ScanRequest], context: Any
+    ) -> scan_pb2.ScanResult:
+        count = 0
+        async for _ in request_iterator:
+            count += 1
+        return scan_pb2.ScanResult(request_id=str(count))
+
+
+class _ReceiveServicer(scan_pb2_grpc.ScanServiceServicer):
+    """The gateway's own receive path: header first, then `_Receiver` (per-file message type,
+    slice-count and file-size limits, byte metrics, progress hook) yielding each file."""
+
+    async def AnalyzeScan(  # noqa: N802 - the generated base class names it
+        self, request_iterator: AsyncIterator[scan_pb2.ScanRequest], context: Any
+    ) -> scan_pb2.ScanResult:
+        from ctjoint.gateway.limits import GatewayLimits
+        from ctjoint.gateway.metrics import GatewayMetrics
+        from ctjoint.gateway.service import _Receiver
+
+        stream = aiter(request_iterator)
+        first = await anext(stream)
+        receiver = _Receiver(
+            stream,
+            GatewayLimits(),
+            self.metrics if hasattr(self, "metrics") else GatewayMetrics(),
+            lambda stage, done, total: None,
+            first.header.expected_files or None,
+        )
+        count = 0
+        async for _ in receiver.files():
+            count += 1
+        return scan_pb2.ScanResult(request_id=str(count))
+
+
+async def _upload_rates(contents: Sequence[bytes], runs: int) -> tuple[list[float], list[float]]:
+    from ctjoint.gateway.limits import GatewayLimits
+    from ctjoint.gateway.metrics import GatewayMetrics
+    from ctjoint.gateway.server import MAX_SEND_MESSAGE_BYTES
+
+    limits = GatewayLimits()
+    options = [
+        ("grpc.max_receive_message_length", limits.max_receive_message_bytes),
+        ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
+    ]
+    receive = _ReceiveServicer()
+    receive.metrics = GatewayMetrics()  # type: ignore[attr-defined]
+    servers, addresses = [], []
+    for servicer in (_BareServicer(), receive):
+        server = grpc.aio.server(options=options)
+        scan_pb2_grpc.add_ScanServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        addresses.append(f"127.0.0.1:{port}")
+    header = scan_pb2.ScanRequest(
+        header=scan_pb2.ScanHeader(request_id="bench", expected_files=len(contents))
+    )
+    messages = [header] + [
+        scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=c)) for c in contents
+    ]
+    total = sum(len(c) for c in contents)
+    rates: tuple[list[float], list[float]] = ([], [])
+    try:
+        channels = [
+            grpc.aio.insecure_channel(a, options=[("grpc.max_send_message_length", -1)])
+            for a in addresses
+        ]
+        stubs = [scan_pb2_grpc.ScanServiceStub(c) for c in channels]
+
+        async def stream() -> AsyncIterator[scan_pb2.ScanRequest]:
+            for message in messages:
+                yield message
+
+        for _ in range(runs + 1):  # the first round warms both connections up
+            for i, stub in enumerate(stubs):
+                started = time.perf_counter()
+                answer = await stub.AnalyzeScan(stream())
+                seconds = time.perf_counter() - started
+                if int(answer.request_id) < len(contents):
+                    raise RuntimeError(f"server {i} saw {answer.request_id} messages")
+                rates[i].append(total / seconds / 1e6)
+        for channel in channels:
+            await channel.close()
+    finally:
+        for server in servers:
+            await server.stop(None)
+    return rates[0][1:], rates[1][1:]
+
+
+def ratio_upload(contents: Sequence[bytes], runs: int) -> Ratio:
+    bare, gateway = asyncio.run(_upload_rates(contents, runs))
+    return Ratio(
+        "upload",
+        "gateway receive path / bare grpc.aio stream, loopback throughput",
+        statistics.median(gateway),
+        statistics.median(bare),
+        "MB/s",
+        0.5,
+        False,
+        {"gateway_mb_s_runs": gateway, "bare_mb_s_runs": bare, "mb": sum(map(len, contents)) / 1e6},
+    )
+
+
+# --- 1. Triton vs embedded, in-process, same volume --------------------------------------------
+
+
+async def _per_scan_times(
+    contents: Sequence[bytes], model: str, triton_url: str, runs: int
+) -> dict[str, list[float]]:
+    from ctjoint.gateway.analysis import ScanAnalyzer
+    from ctjoint.gateway.backends.embedded import EmbeddedBackend
+    from ctjoint.gateway.backends.triton import (
+        MAX_IN_FLIGHT_PER_SCAN,
+        REQUEST_SLICES,
+        TritonBackend,
+    )
+    from ctjoint.gateway.dicom_io import describe_source, read_ct_slice
+    from ctjoint.gateway.series import SeriesAssembler
+
+    assembler = SeriesAssembler(expected_slices=len(contents))
+    for index, data in enumerate(contents, start=1):
+        assembler.add(read_ct_slice(data, source=describe_source(index)))
+    volume = assembler.finish()
+    embedded = EmbeddedBackend([model])
+    triton = TritonBackend(triton_url, [model], load_timeout_s=120.0)
+    await embedded.load()
+    await triton.load()
+    analyzers = {
+        # As the gateway configures each (gateway/server.py create_analyzer).
+        "embedded": ScanAnalyzer(embedded),
+        "triton": ScanAnalyzer(
+            triton, batch_size=REQUEST_SLICES, max_in_flight=MAX_IN_FLIGHT_PER_SCAN
+        ),
+    }
+    times: dict[str, list[float]] = {f"{k}_{s}": [] for k in analyzers for s in ("scan", "infer")}
+    try:
+        for round_ in range(runs + 1):  # round 0 warms both paths up
+            for name, analyzer in analyzers.items():
+                started = time.perf_counter()
+                analysis = await analyzer.analyze_volume(volume, model)
+                seconds = time.perf_counter() - started
+                if round_:
+                    times[f"{name}_scan"].append(seconds)
+                    times[f"{name}_infer"].append(analysis.result.timings.infer_ms / 1e3)
+    finally:
+        await embedded.close()
+        await triton.close()
+    return times
+
+
+def ratio_triton(contents: Sequence[bytes], model: str, triton_url: str, runs: int) -> Ratio:
+    times = asyncio.run(_per_scan_times(contents, model, triton_url, runs))
+    infer = statistics.median(times["triton_infer"]) / statistics.median(times["embedded_infer"])
+    return Ratio(
+        "triton",
+        f"{model} per scan (preprocess+infer+postprocess), Triton / embedded ORT",
+        statistics.median(times["triton_scan"]),
+        statistics.median(times["embedded_scan"]),
+        "s",
+        1.10,
+        True,
+        {"infer_stage_ratio": round(infer, 3), **times},
+    )
+
+
+# --- 2, 5, 6: through the gateway and Triton ---------------------------------------------------
+
+
+def triton_compute_s(http_url: str, model: str) -> float:
+    """Seconds Triton spent executing the network model (`<model>_cpu`), summed over its batch
+    executions: batch_stats counts each execution once, where the per-request figures would
+    count a batch of k requests k times."""
+    name = f"{model}_cpu"
+    with urllib.request.urlopen(f"{http_url}/v2/models/{name}/stats", timeout=10) as response:
+        stats = json.load(response)
+    total_ns = 0
+    for entry in stats.get("model_stats", []):
+        for batch in entry.get("batch_stats", []):
+            total_ns += int(batch["compute_infer"]["ns"])
+    return total_ns / 1e9
+
+
+def ratios_end_to_end(
+    contents: Sequence[bytes],
+    series_dir: Path,
+    model: str,
+    scans: int,
+    wanted: set[str],
+    log_dir: Path,
+) -> tuple[list[Ratio], str | None]:
+    ratios: list[Ratio] = []
+    with spawned_stack(log_dir, backend="triton") as stack:
+        assert stack.triton_http_url is not None and stack.triton_url is not None
+        if "triton" in wanted:
+            ratios.append(ratio_triton(contents, model, stack.triton_url, max(2, scans)))
+        if not wanted & {"overhead", "scaling", "tail"}:
+            return ratios, stack.triton_url
+        with grpc.insecure_channel(stack.address) as channel:
+            run_scan(channel, contents, model=model)  # warm-up
+        before = triton_compute_s(stack.triton_http_url, model)
+        one, samples = run_point(
+            stack.address,
+            contents,
+            model=model,
+            concurrency=1,
+            scans=scans,
+            pids=stack.pids,
+            progress_events=True,
+        )
+        model_s = (triton_compute_s(stack.triton_http_url, model) - before) / len(samples)
+        gateway_ms = statistics.mean(s.stages_ms.get("gateway_total", 0.0) for s in samples)
+        detail = {"c1": asdict(one), "triton_compute_s_per_scan": model_s}
+        if "overhead" in wanted:
+            ratios.append(
+                Ratio(
+                    "overhead",
+                    "gateway_total - Triton compute / Triton compute, per scan",
+                    gateway_ms / 1e3 - model_s,
+                    model_s,
+                    "s",
+                    0.25,
+                    True,
+                    detail,
+                )
+            )
+        if "tail" in wanted:
+            tails = [s.latency_s - s.last_received_s for s in samples if s.last_received_s]
+            ratios.append(
+                Ratio(
+                    "tail",
+                    "last file received -> result / Triton compute, per scan",
+                    statistics.median(tails),
+                    model_s,
+                    "s",
+                    0.2,
+                    True,
+                    {"tails_s": tails, "upload_mb_s_gateway": one.upload_mb_per_s},
+                )
+            )
+        if "scaling" in wanted:
+            four, _ = run_point(
+                stack.address,
+                contents,
+                model=model,
+                concurrency=4,
+                scans=max(4, 2 * scans),
+                pids=stack.pids,
+                progress_events=True,
+            )
+            ratios.append(
+                Ratio(
+                    "scaling",
+                    "end-to-end scans/s at concurrency 4 / concurrency 1 (gateway + Triton)",
+                    four.scans_per_s,
+                    one.scans_per_s,
+                    "scans/s",
+                    1.3,
+                    False,
+                    {"c1": asdict(one), "c4": asdict(four)},
+                )
+            )
+    return ratios, None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--series", type=Path, help="series folder (default: a phantom)")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument("--model", default="jcs2d", choices=("jcs2d", "deepsc3d"))
+    parser.add_argument("--scans", type=int, default=3, help="scans per end-to-end point")
+    parser.add_argument("--runs", type=int, default=5, help="repeats of in-process figures")
+    parser.add_argument("--only", default=",".join(RATIOS), help=f"subset of {','.join(RATIOS)}")
+    parser.add_argument("--out", type=Path, default=Path("out/bench/ratios.json"))
+    parser.add_argument("--phantoms", type=Path, default=Path("out/bench/phantoms"))
+    args = parser.parse_args(argv)
+    wanted = {w.strip() for w in args.only.split(",") if w.strip()}
+    unknown = wanted - set(RATIOS)
+    if unknown:
+        parser.error(f"unknown ratio(s) {sorted(unknown)}; choose from {','.join(RATIOS)}")
+    series_dir = args.series or phantom_series(args.phantoms, size=args.size, slices=args.slices)
+    contents = load_series(series_dir)
+    host = host_facts()
+    print(
+        f"series {series_dir}: {len(contents)} files, {sum(map(len, contents)) / 1e6:.1f} MB; "
+        f"{host['cpu']}, {host['cores']} cores, load {host['load_average']}",
+        flush=True,
+    )
+    ratios: list[Ratio] = []
+    if "decode" in wanted:
+        ratios.append(ratio_decode(contents, args.model, args.runs))
+        print(ratios[-1].line(), flush=True)
+    if "upload" in wanted:
+        ratios.append(ratio_upload(contents, args.runs))
+        print(ratios[-1].line(), flush=True)
+    if wanted & {"triton", "overhead", "scaling", "tail"}:
+        more, _ = ratios_end_to_end(
+            contents, series_dir, args.model, args.scans, wanted, args.out.parent / "logs"
+        )
+        for ratio in more:
+            print(ratio.line(), flush=True)
+        ratios.extend(more)
+    load_after = host_facts()["load_average"]
+    print(f"load average before {host['load_average']}, after {load_after}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "series": str(series_dir),
+                "model": args.model,
+                "host": host,
+                "load_after": load_after,
+                "ratios": [{**asdict(r), "value": r.value, "met": r.met} for r in ratios],
+            },
+            indent=2,
+            default=float,
+        )
+        + "\n"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
