@@ -323,8 +323,12 @@ def triton_serve(
         "127.0.0.1"
     ),
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
-    http_port: Annotated[int, typer.Option(help="HTTP port (readiness, metrics API).")] = 8000,
-    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    http_port: Annotated[
+        int | None, typer.Option(help="Open Triton's HTTP API on this port (default: off).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Open Triton's Prometheus metrics port (default: off).")
+    ] = None,
     server: Annotated[
         Path | None,
         typer.Option(help="tritonserver binary (default: PATH, else the nvidia-pytriton wheel)."),

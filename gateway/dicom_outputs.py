@@ -384,12 +384,30 @@ def scan_objects(
             "DICOM outputs need a DICOM source series", source="series", attribute="header"
         )
     lung_map = lungs if lungs is not None else np.zeros(label_map.shape, dtype=np.uint8)
+    header = _patient_module_for_outputs(header)
     segmentation = build_seg(result, volume, header, label_map, lung_map, identity=identity)
     report = build_sr(result, segmentation, header, identity=identity) if sr else None
     return ScanObjects(
         seg=to_bytes(segmentation) if seg else None,
         sr=to_bytes(report) if report is not None else None,
     )
+
+
+# Patient Sex is an enumerated Type 2 attribute; highdicom refuses anything else.
+_PATIENT_SEX_VALUES: Final = frozenset({"M", "F", "O", ""})
+
+
+def _patient_module_for_outputs(header: Dataset) -> Dataset:
+    """The source header with values a valid SEG/SR cannot carry made empty (Type 2: unknown).
+
+    A scanner's out-of-standard Patient Sex (say "U") must not cost the scan its SEG.
+    """
+    sex = str(header.get("PatientSex", "") or "")
+    if sex in _PATIENT_SEX_VALUES:
+        return header
+    copied = copy.deepcopy(header)  # a shallow copy shares its elements
+    copied.PatientSex = ""
+    return copied
 
 
 def analysis_objects(analysis: ScanAnalysis, *, seg: bool = True, sr: bool = True) -> ScanObjects:

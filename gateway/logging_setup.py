@@ -2,20 +2,24 @@
 
 The request id lives in a ContextVar that the interceptor sets per RPC (every RPC runs in its own
 asyncio task, so ids never leak between scans). Identifiers that must be correlated (series
-UIDs) are logged only as `pseudonym()` hashes; patient attributes are never logged at all.
+UIDs) are logged only as `pseudonym()` keyed hashes; patient attributes are never logged at all.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import os
 import re
+import secrets
 import sys
 import time
+import traceback
 import uuid
 from contextvars import ContextVar
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 NO_REQUEST: Final = "-"
 REQUEST_ID: ContextVar[str] = ContextVar("ctjoint_request_id", default=NO_REQUEST)
@@ -32,6 +36,13 @@ _UID_LONG_COMPONENT = 10
 
 LogFormat = Literal["text", "json"]
 
+# Key of the pseudonyms: a secret shared by a deployment's gateways (so their logs correlate),
+# else random per process. Never a bare hash: anyone holding a UID could hash it and find it.
+ENV_PSEUDONYM_KEY: Final = "CTJOINT_PSEUDONYM_KEY"
+_PSEUDONYM_KEY: Final = os.environ.get(ENV_PSEUDONYM_KEY, "").encode(
+    "utf-8"
+) or secrets.token_bytes(32)
+
 
 def new_request_id() -> str:
     """A fresh random request id (random, so it reveals nothing about the scan)."""
@@ -47,8 +58,11 @@ def clean_request_id(candidate: str | None) -> str:
 
 
 def pseudonym(value: str) -> str:
-    """A stable, non-reversible short token for an identifier we must correlate but not show."""
-    return "h:" + hashlib.sha256(value.encode("utf-8")).hexdigest()[:12]
+    """A stable, non-reversible short token for an identifier we must correlate but not show
+    (HMAC-SHA256 under the pseudonym key: stable within a deployment, not recomputable
+    outside it)."""
+    digest = hmac.new(_PSEUDONYM_KEY, value.encode("utf-8"), hashlib.sha256).hexdigest()
+    return "h:" + digest[:12]
 
 
 def _looks_like_uid(text: str) -> bool:
@@ -69,11 +83,31 @@ def scrub_uids(text: str) -> str:
     return _UID_RE.sub(replace, text)
 
 
+# DICOM libraries whose log lines quote attribute values ("Invalid value for VR DA: '...'").
+QUOTING_LOGGERS: Final = ("pydicom", "highdicom")
+# A captured warning reads "path:line: Category: message\n  source line".
+_WARNING_RE: Final = re.compile(r"^(?P<where>.*?:\d+): (?P<category>\w+): ", re.DOTALL)
+
+
+def withhold_warning_text(message: str) -> str:
+    """Where and what kind of warning, without its text: libraries quote values in them
+    (highdicom: 'The string "<PatientName>" is unlikely to represent ...')."""
+    match = _WARNING_RE.match(message)
+    if match is None:
+        return "warning (text withheld)"
+    return f"{match['category']} at {match['where']} (text withheld: it may quote data)"
+
+
 class RequestIdFilter(logging.Filter):
     """Stamps every record with the current request id and scrubs UIDs from its message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
+        if record.name == "py.warnings":
+            record.msg, record.args = withhold_warning_text(record.getMessage()), None
+        elif record.name.split(".")[0] in QUOTING_LOGGERS:
+            where = f"{record.name} {record.module}:{record.lineno}"
+            record.msg, record.args = f"{where} (text withheld: it may quote data)", None
         message = record.getMessage()
         scrubbed = scrub_uids(message)
         if scrubbed != message:
@@ -81,7 +115,42 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+def format_exception_safely(exc_info: Any) -> str:
+    """A traceback (frames and exception types) without foreign exception messages.
+
+    A library's message may quote the value it choked on (highdicom: "'<PatientSex>' is not a
+    valid PatientSexValues"), so only our own errors, whose messages name attributes but never
+    their values, keep theirs.
+    """
+    from ctjoint.gateway.errors import CtJointError
+
+    error = exc_info[1] if isinstance(exc_info, tuple) else exc_info
+    if not isinstance(error, BaseException):
+        return ""
+    chain: list[BaseException] = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    parts = []
+    for item in reversed(chain):
+        name = type(item).__module__ + "." + type(item).__qualname__
+        if isinstance(item, CtJointError):
+            detail = scrub_uids(str(item))
+        else:
+            detail = f"<message withheld: {len(str(item))} characters that may quote data>"
+        frames = "".join(traceback.format_tb(item.__traceback__))
+        parts.append(f"Traceback (most recent call last):\n{frames}{name}: {detail}")
+    return "\n\nwhich led to:\n\n".join(parts)
+
+
+class SafeFormatter(logging.Formatter):
+    """Text lines whose tracebacks go through `format_exception_safely`."""
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
+        return format_exception_safely(ei)
+
+
+class JsonFormatter(SafeFormatter):
     """One JSON object per line: time, level, logger, request id, message (and exception)."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -105,9 +174,11 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
     """Route the root logger to stderr with request ids; safe to call more than once."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else SafeFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Warnings would go to stderr as they are; through logging they get the filter above.
+    logging.captureWarnings(True)

@@ -1,5 +1,9 @@
 """Start a real `tritonserver` on a model repository and wait until every model is READY.
 
+Locked down by default, since Triton has no authentication of its own: it binds to loopback,
+loads the repository once (`--model-control-mode=none`: load/unload requests are refused),
+serves gRPC only, and opens its HTTP and metrics endpoints only when given a port for them.
+
 Two installs are supported: `tritonserver` on PATH (the NGC container, with all its backends),
 and the binary bundled in the `nvidia-pytriton` wheel (python backend only, CPU machines).
 The wheel's binary needs its own library folder on LD_LIBRARY_PATH, a writable backend folder
@@ -16,8 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +55,16 @@ class TritonInstall:
 
 @dataclass(frozen=True)
 class TritonServerConfig:
-    """How to run the server. Loopback by default: Triton has no authentication of its own."""
+    """How to run the server. Loopback by default: Triton has no authentication of its own.
+
+    `http_port` / `metrics_port` None (the default): that endpoint is not opened at all.
+    """
 
     repository: Path
     host: str = "127.0.0.1"
     grpc_port: int = 8001
-    http_port: int = 8000
-    metrics_port: int = 8002
+    http_port: int | None = None
+    metrics_port: int | None = None
     log_verbose: int = 0
     extra_args: tuple[str, ...] = ()
 
@@ -69,7 +74,10 @@ class TritonServerConfig:
         return f"{host}:{self.grpc_port}"
 
     @property
-    def http_url(self) -> str:
+    def http_url(self) -> str | None:
+        """Triton's HTTP endpoint, None when it is off."""
+        if self.http_port is None:
+            return None
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.http_port}"
 
@@ -148,10 +156,8 @@ def server_args(config: TritonServerConfig, install: TritonInstall) -> list[str]
         "--disable-auto-complete-config",
         f"--grpc-address={config.host}",
         f"--grpc-port={config.grpc_port}",
-        f"--http-address={config.host}",
-        f"--http-port={config.http_port}",
-        f"--metrics-address={config.host}",
-        f"--metrics-port={config.metrics_port}",
+        *_optional_endpoint("http", config.host, config.http_port),
+        *_optional_endpoint("metrics", config.host, config.metrics_port),
         f"--log-verbose={config.log_verbose}",
         # Servers on one host must not share python-backend shared-memory region names.
         f"--backend-config=python,shm-region-prefix-name=ctjoint{os.getpid()}p{config.grpc_port}_",
@@ -162,6 +168,13 @@ def server_args(config: TritonServerConfig, install: TritonInstall) -> list[str]
         args.append(f"--backend-directory={install.backend_dir}")
     args.extend(config.extra_args)
     return args
+
+
+def _optional_endpoint(name: str, host: str, port: int | None) -> list[str]:
+    """Flags for Triton's HTTP or metrics endpoint: on with a port, explicitly off without."""
+    if port is None:
+        return [f"--allow-{name}=false"]
+    return [f"--allow-{name}=true", f"--{name}-address={host}", f"--{name}-port={port}"]
 
 
 class TritonServer:
@@ -217,14 +230,14 @@ class TritonServer:
             raise TritonServerError(f"cannot run {install.binary}: {err}") from err
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
-        """Poll Triton's readiness until it is READY; returns the seconds it took.
+        """Poll Triton's readiness (over gRPC, HTTP may be off) until it is READY; returns the
+        seconds it took.
 
         Fails at once when the process exits (a model that fails to load stops it, with
         --exit-on-error), naming the exit status and the end of its log.
         """
         started = time.monotonic()
         deadline = started + timeout
-        url = f"{self.config.http_url}/v2/health/ready"
         while True:
             process = self._process
             if process is None:
@@ -234,7 +247,7 @@ class TritonServer:
                 raise TritonServerError(
                     f"tritonserver exited with status {code} before it was ready{self._log_tail()}"
                 )
-            if _http_ok(url):
+            if grpc_ready(self.config.grpc_url):
                 return time.monotonic() - started
             if time.monotonic() > deadline:
                 raise TritonServerError(
@@ -293,12 +306,18 @@ class TritonServer:
         self.stop()
 
 
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2.0) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+def grpc_ready(url: str, timeout: float = 2.0) -> bool:
+    """Triton's ServerReady over gRPC (with --strict-readiness: every model READY)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    with grpc.insecure_channel(url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            reply = stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return bool(reply.ready)
 
 
 def serve_forever(
