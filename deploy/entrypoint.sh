@@ -7,6 +7,10 @@
 #   all      both in one container (docker run on one GPU box); the container ends when
 #            either process does, so the orchestrator restarts a half-dead box
 # Anything after the role goes to that process (tritonserver or `ctjoint gateway serve`).
+#
+# Gateway security from the environment (README "Security"): CTJOINT_TLS_CERT + CTJOINT_TLS_KEY
+# serve TLS, CTJOINT_CLIENT_CA adds mutual TLS, CTJOINT_TOKEN_FILE (or CTJOINT_GATEWAY_TOKENS,
+# read by the gateway itself) requires bearer tokens.
 set -euo pipefail
 
 role="${1:-${CTJOINT_ROLE:-all}}"
@@ -29,7 +33,12 @@ triton_args=(
   --strict-readiness=true
   --exit-on-error=true
   --disable-auto-complete-config
-  --http-port=8000 --grpc-port=8001 --metrics-port=8002
+  --grpc-port=8001
+  # Triton has no authentication: `ctjoint triton serve` keeps HTTP and metrics closed unless
+  # asked. Here they are asked for, on purpose: HTTP for the kubelet / Docker readiness probes
+  # (/v2/health/ready), metrics for Prometheus. Model load/unload stays refused (mode none).
+  --allow-http=true --http-port=8000
+  --allow-metrics=true --metrics-port=8002
 )
 
 gateway_args=(
@@ -37,6 +46,15 @@ gateway_args=(
   --backend triton --triton-url "${CTJOINT_TRITON_URL}"
   --log-format json
 )
+if [[ -n "${CTJOINT_TLS_CERT:-}" ]]; then
+  gateway_args+=(--tls-cert "${CTJOINT_TLS_CERT}" --tls-key "${CTJOINT_TLS_KEY:?CTJOINT_TLS_KEY must go with CTJOINT_TLS_CERT}")
+fi
+if [[ -n "${CTJOINT_CLIENT_CA:-}" ]]; then
+  gateway_args+=(--client-ca "${CTJOINT_CLIENT_CA}")
+fi
+if [[ -n "${CTJOINT_TOKEN_FILE:-}" ]]; then
+  gateway_args+=(--token-file "${CTJOINT_TOKEN_FILE}")
+fi
 
 case "${role}" in
   triton)
@@ -48,7 +66,9 @@ case "${role}" in
     ;;
   all)
     prepare_repository
-    tritonserver "${triton_args[@]}" &
+    # One container: only the gateway beside it and the health check talk to Triton's gRPC
+    # and HTTP endpoints, so they stay on loopback; metrics remain reachable for scraping.
+    tritonserver "${triton_args[@]}" --grpc-address=127.0.0.1 --http-address=127.0.0.1 &
     triton_pid=$!
     # The gateway waits (with back-off) until Triton is ready: no ordering needed here.
     ctjoint gateway serve "${gateway_args[@]}" "$@" &

@@ -3,6 +3,11 @@
 triton: Triton's readiness (every model READY); gateway: the standard gRPC health service
 says SERVING (it does only once its backend is ready); all: both. No curl or grpc_health_probe
 in the image: the venv's Python has what it takes.
+
+A gateway serving TLS (CTJOINT_TLS_CERT set) is checked over TLS: trusting CTJOINT_TLS_CA
+(default: the gateway's own certificate file, enough for a self-signed one or a full chain),
+with the name CTJOINT_TLS_SERVER_NAME (default localhost); under mutual TLS the check presents
+CTJOINT_HEALTH_CLIENT_CERT / CTJOINT_HEALTH_CLIENT_KEY. Health needs no bearer token.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ctjoint.client.channel import ChannelSecurity, open_channel
 
 TIMEOUT_S = 4.0
 
@@ -27,9 +35,26 @@ def triton_ready(url: str = "http://127.0.0.1:8000/v2/health/ready") -> str | No
         return f"Triton is not ready: {err}"
 
 
+def _gateway_security() -> ChannelSecurity:
+    """Plaintext, or TLS as the gateway in this container was told to serve it."""
+    cert = os.environ.get("CTJOINT_TLS_CERT")
+    if not cert:
+        return ChannelSecurity(token_from_env=False)
+    client_cert = os.environ.get("CTJOINT_HEALTH_CLIENT_CERT")
+    client_key = os.environ.get("CTJOINT_HEALTH_CLIENT_KEY")
+    return ChannelSecurity(
+        tls=True,
+        ca_cert=Path(os.environ.get("CTJOINT_TLS_CA") or cert),
+        client_cert=Path(client_cert) if client_cert else None,
+        client_key=Path(client_key) if client_key else None,
+        server_name=os.environ.get("CTJOINT_TLS_SERVER_NAME", "localhost"),
+        token_from_env=False,
+    )
+
+
 def gateway_serving(address: str = "127.0.0.1:50051") -> str | None:
     """None when the gateway's overall health is SERVING, else why not."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, _gateway_security()) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S)

@@ -453,3 +453,28 @@ def test_the_client_never_sends_a_token_in_clear_text_off_loopback(
 def test_a_client_key_without_its_certificate_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(ChannelConfigError, match="--client-cert and --client-key go together"):
         ChannelSecurity(client_key=tmp_path / "k.pem")
+
+
+def test_the_container_health_check_speaks_tls_and_mtls(
+    tls_gateway: SecureGatewayProcess,
+    mtls_gateway: SecureGatewayProcess,
+    pki: Pki,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "ctjoint_healthcheck", Path(__file__).parents[1] / "deploy" / "healthcheck.py"
+    )
+    assert spec is not None and spec.loader is not None
+    healthcheck = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(healthcheck)
+    monkeypatch.setenv("CTJOINT_TLS_CERT", str(pki.server_cert))
+    monkeypatch.setenv("CTJOINT_TLS_CA", str(pki.ca))
+    assert healthcheck.gateway_serving(tls_gateway.address) is None
+    # Under mTLS the check needs a client certificate of its own.
+    refused = healthcheck.gateway_serving(mtls_gateway.address)
+    assert refused is not None and "UNAVAILABLE" in refused
+    monkeypatch.setenv("CTJOINT_HEALTH_CLIENT_CERT", str(pki.client_cert))
+    monkeypatch.setenv("CTJOINT_HEALTH_CLIENT_KEY", str(pki.client_key))
+    assert healthcheck.gateway_serving(mtls_gateway.address) is None
