@@ -13,6 +13,9 @@ Decisions (documented here because the gateway and the export side rely on them)
   silently shifts every value by about 1024 HU and the lung window would then see noise.
 - Pixel data is decoded by pydicom's own decoders; a compressed transfer syntax without an
   installed decoder (pylibjpeg, gdcm, Pillow) gives `UnsupportedTransferSyntaxError`.
+  Uncompressed pixels are decoded in-process (fast, and numpy only reads a bounded buffer);
+  compressed ones in a worker process (gateway/decode_pool.py), so a codec that crashes or
+  hangs on crafted bytes costs that file an InvalidAttributeError, not the gateway.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, CTImageStorage
 
+from ctjoint.gateway import decode_pool
 from ctjoint.gateway.errors import (
     InputError,
     InvalidAttributeError,
@@ -134,7 +138,11 @@ def is_localizer(dataset: Dataset) -> bool:
     so a scanner or PACS may send a study's scout with, or inside, the axial series; a stream
     of localizers only is an empty series.
     """
-    image_type = dataset.get("ImageType")
+    try:
+        image_type = dataset.get("ImageType")
+    except Exception:
+        # Unparseable: not a localizer; the CT validation that follows names the problem.
+        return False
     if image_type is None:
         return False
     # One value comes back as a plain string, several as a MultiValue.
@@ -208,7 +216,7 @@ def ct_slice_from_dataset(dataset: Dataset, *, source: str) -> CtSlice:
         slice_thickness=thickness,
         series_uid=_required_uid(dataset, "SeriesInstanceUID", source),
         study_uid=_required_uid(dataset, "StudyInstanceUID", source),
-        frame_of_reference_uid=str(dataset.get("FrameOfReferenceUID", "") or ""),
+        frame_of_reference_uid=str(_get(dataset, "FrameOfReferenceUID", source) or ""),
         sop_instance_uid=_required_uid(dataset, "SOPInstanceUID", source),
         instance_number=_optional_int(dataset, "InstanceNumber"),
         source=source,
@@ -219,7 +227,7 @@ def ct_slice_from_dataset(dataset: Dataset, *, source: str) -> CtSlice:
 
 
 def _check_is_ct(dataset: Dataset, source: str) -> None:
-    modality = str(dataset.get("Modality", "") or "").strip()
+    modality = str(_get(dataset, "Modality", source) or "").strip()
     if not modality:
         raise MissingAttributeError("is absent or empty", source=source, attribute="Modality")
     if modality != "CT":
@@ -228,8 +236,8 @@ def _check_is_ct(dataset: Dataset, source: str) -> None:
             source=source,
             attribute="Modality",
         )
-    sop_class = dataset.get("SOPClassUID") or getattr(
-        dataset.get("file_meta"), "MediaStorageSOPClassUID", None
+    sop_class = _get(dataset, "SOPClassUID", source) or _get(
+        dataset.file_meta, "MediaStorageSOPClassUID", source
     )
     if not sop_class:
         raise MissingAttributeError("is absent or empty", source=source, attribute="SOPClassUID")
@@ -247,7 +255,7 @@ def _check_is_ct(dataset: Dataset, source: str) -> None:
             source=source,
             attribute="SOPClassUID",
         )
-    frames = _optional_int(dataset, "NumberOfFrames")
+    frames = _optional_int(dataset, "NumberOfFrames", source)
     if frames is not None and frames != 1:
         raise InvalidAttributeError(
             f"is {frames}, expected 1 (one slice per file)",
@@ -257,12 +265,12 @@ def _check_is_ct(dataset: Dataset, source: str) -> None:
 
 
 def _check_pixel_format(dataset: Dataset, source: str) -> None:
-    samples = _optional_int(dataset, "SamplesPerPixel")
+    samples = _optional_int(dataset, "SamplesPerPixel", source)
     if samples is not None and samples != 1:
         raise InvalidAttributeError(
             f"is {samples}, expected 1 (greyscale)", source=source, attribute="SamplesPerPixel"
         )
-    photometric = str(dataset.get("PhotometricInterpretation", "") or "").strip()
+    photometric = str(_get(dataset, "PhotometricInterpretation", source) or "").strip()
     if photometric and photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise InvalidAttributeError(
             f"is {photometric!r}, expected MONOCHROME2",
@@ -274,7 +282,7 @@ def _check_pixel_format(dataset: Dataset, source: str) -> None:
         raise InvalidAttributeError(
             f"is {bits}, expected 8, 16 or 32", source=source, attribute="BitsAllocated"
         )
-    representation = _optional_int(dataset, "PixelRepresentation")
+    representation = _optional_int(dataset, "PixelRepresentation", source)
     if representation is None:
         raise MissingAttributeError(
             "is absent or empty", source=source, attribute="PixelRepresentation"
@@ -301,12 +309,11 @@ def _check_orientation(cosines: list[float], source: str) -> None:
 
 
 def _decode_pixels(dataset: Dataset, rows: int, columns: int, source: str) -> np.ndarray:
-    if "PixelData" not in dataset:
+    if "PixelData" not in dataset or not _get(dataset, "PixelData", source):
         raise MissingAttributeError(
             "is absent (the file carries no image)", source=source, attribute="PixelData"
         )
-    file_meta = dataset.get("file_meta")
-    syntax = getattr(file_meta, "TransferSyntaxUID", None)
+    syntax = _get(dataset.file_meta, "TransferSyntaxUID", source)
     if not syntax:
         raise MissingAttributeError(
             "is absent from the file meta information", source=source, attribute="TransferSyntaxUID"
@@ -335,15 +342,18 @@ def _decode_pixels(dataset: Dataset, rows: int, columns: int, source: str) -> np
                 source=source,
                 attribute="PixelData",
             )
-    try:
-        pixels = dataset.pixel_array
-    except Exception as err:
-        # Decoders raise whatever their library raises; all of it means "cannot decode".
-        raise InvalidAttributeError(
-            f"cannot be decoded ({type(err).__name__}: {err})",
-            source=source,
-            attribute="PixelData",
-        ) from err
+    if syntax.is_compressed:
+        pixels = _decode_in_worker(dataset, syntax, source)
+    else:
+        try:
+            pixels = dataset.pixel_array
+        except Exception as err:
+            # Decoders raise whatever their library raises; all of it means "cannot decode".
+            raise InvalidAttributeError(
+                f"cannot be decoded ({type(err).__name__}: {err})",
+                source=source,
+                attribute="PixelData",
+            ) from err
     if pixels.shape != (rows, columns):
         raise InvalidAttributeError(
             f"decodes to shape {pixels.shape}, expected ({rows}, {columns})",
@@ -353,17 +363,52 @@ def _decode_pixels(dataset: Dataset, rows: int, columns: int, source: str) -> np
     return pixels
 
 
+def _decode_in_worker(dataset: Dataset, syntax: UID, source: str) -> np.ndarray:
+    """Compressed pixel data goes through a codec (C code fed with untrusted bytes): decode it
+    in a worker process so a codec crash, hang or memory bomb costs this file only."""
+    attributes = {}
+    for keyword in decode_pool.PIXEL_ATTRIBUTES:
+        try:
+            value = dataset.get(keyword)
+        except Exception:
+            value = None
+        if value is not None and value != "":
+            attributes[keyword] = int(value) if isinstance(value, int) else str(value)
+    try:
+        pixel_data = bytes(dataset.PixelData)
+    except Exception as err:
+        raise InvalidAttributeError(
+            f"cannot be read ({type(err).__name__})", source=source, attribute="PixelData"
+        ) from err
+    request = decode_pool.DecodeRequest(str(syntax), attributes, pixel_data)
+    try:
+        return decode_pool.default_pool().decode(request)
+    except decode_pool.DecodeError as err:
+        raise InvalidAttributeError(
+            f"cannot be decoded as {syntax.name} ({err})", source=source, attribute="PixelData"
+        ) from err
+
+
 # --- attribute access ------------------------------------------------------------------------
 
 
-def _element_value(dataset: Dataset, keyword: str, source: str) -> Any:
+def _get(dataset: Dataset, keyword: str, source: str) -> Any:
+    """`dataset.get(keyword)`, with a malformed value reported as the attribute's fault.
+
+    pydicom converts raw values lazily, so a bad VR, an odd length or undecodable bytes only
+    fail on access, each with its own exception type (NotImplementedError, BytesLengthException,
+    ValueError, ...).
+    """
     try:
-        value = dataset.get(keyword)
+        return dataset.get(keyword)
     except Exception as err:
-        # pydicom converts raw values lazily, so a malformed value only fails on access.
         raise InvalidAttributeError(
             f"cannot be parsed ({type(err).__name__})", source=source, attribute=keyword
         ) from err
+
+
+def _element_value(dataset: Dataset, keyword: str, source: str) -> Any:
+    value = _get(dataset, keyword, source)
     if value is None or (isinstance(value, str | bytes | list) and len(value) == 0):
         raise MissingAttributeError("is absent or empty", source=source, attribute=keyword)
     return value
@@ -402,19 +447,23 @@ def _positive_int(dataset: Dataset, keyword: str, source: str, *, maximum: int) 
     return number
 
 
-def _optional_int(dataset: Dataset, keyword: str) -> int | None:
+def _optional_int(dataset: Dataset, keyword: str, source: str | None = None) -> int | None:
+    """An optional integer; with `source`, a value that is present but unusable is an error
+    (the pixel module's attributes), without it, ignored (InstanceNumber)."""
     try:
         value = dataset.get(keyword)
         return None if value is None or value == "" else int(value)
-    except (TypeError, ValueError):
-        return None
+    except Exception as err:
+        if source is None:
+            return None
+        raise InvalidAttributeError("is not an integer", source=source, attribute=keyword) from err
 
 
 def _optional_positive_float(dataset: Dataset, keyword: str, source: str) -> float | None:
     try:
         value = dataset.get(keyword)
         number = None if value is None or value == "" else float(value)
-    except (TypeError, ValueError):
+    except Exception:
         logger.warning("%s: %s is not a number; ignored", source, keyword)
         return None
     if number is not None and not (math.isfinite(number) and number > 0):

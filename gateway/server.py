@@ -24,6 +24,7 @@ from ctjoint import contracts
 from ctjoint.gateway.analysis import ScanAnalyzer
 from ctjoint.gateway.auth import TlsConfig, TokenAuthInterceptor
 from ctjoint.gateway.backends.base import InferenceBackend
+from ctjoint.gateway.decode_pool import close_default_pool
 from ctjoint.gateway.errors import BackendUnavailableError
 from ctjoint.gateway.interceptors import ScanServiceInterceptor
 from ctjoint.gateway.limits import GatewayLimits
@@ -203,6 +204,8 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         metrics.backend_ready.set(0)
         await server.stop(config.grace_seconds)
         await backend.close()
+        # Compressed-pixel decode workers (started on first use) go with the server.
+        close_default_pool()
         if metrics_http is not None:
             metrics_http.shutdown()
         log.info("stopped")
