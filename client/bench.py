@@ -34,6 +34,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ctjoint.client.channel import ChannelConfigError, ChannelSecurity
+from ctjoint.client.channel import open_channel as open_secure_channel
 from ctjoint.client.render import encode_png
 from ctjoint.client.send import MAX_RECEIVE_MESSAGE_BYTES, REQUEST_ID_METADATA, list_series_files
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
@@ -98,14 +100,19 @@ def scan_messages(
         yield scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=content))
 
 
-def open_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", -1),
-        ],
-    )
+def open_channel(address: str, security: ChannelSecurity | None = None) -> grpc.Channel:
+    """A channel through the client's one channel helper (TLS, mTLS, token as asked)."""
+    try:
+        return open_secure_channel(
+            address,
+            security,
+            [
+                ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", -1),
+            ],
+        )
+    except ChannelConfigError as err:
+        raise BenchError(str(err)) from None
 
 
 def run_scan(
@@ -352,6 +359,7 @@ def run_point(
     pids: Mapping[str, int] | None = None,
     progress_events: bool = False,
     on_done: Any = None,
+    security: ChannelSecurity | None = None,
 ) -> tuple[BenchPoint, list[ScanSample]]:
     """`scans` scans with `concurrency` in flight at a time (one channel per worker)."""
     if concurrency < 1 or scans < 1:
@@ -361,7 +369,7 @@ def run_point(
     samples: list[ScanSample] = []
 
     def worker() -> None:
-        with open_channel(address) as channel:
+        with open_channel(address, security) as channel:
             while True:
                 with lock:
                     if remaining[0] == 0:
@@ -461,6 +469,7 @@ def run_bench(
     warmup: int = 1,
     progress_events: bool = False,
     show_progress: bool = True,
+    security: ChannelSecurity | None = None,
 ) -> BenchReport:
     """The sweep: a warm-up scan, then `scans` scans per concurrency level; writes the reports."""
     contents = load_series(series_dir)
@@ -479,7 +488,7 @@ def run_bench(
     with bar:
         if warmup:
             task = bar.add_task("warm-up", total=warmup)
-            with open_channel(address) as channel:
+            with open_channel(address, security) as channel:
                 for _ in range(warmup):
                     slices = run_scan(channel, contents, model=model).slices
                     bar.advance(task)
@@ -494,6 +503,7 @@ def run_bench(
                 pids=pids,
                 progress_events=progress_events,
                 on_done=lambda task=task: bar.advance(task),
+                security=security,
             )
             slices = point.slices_per_scan
             points.append(point)

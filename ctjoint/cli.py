@@ -787,6 +787,11 @@ def bench(
     threads: Annotated[
         int | None, typer.Option(help="With --spawn: ONNX Runtime threads of the gateway.")
     ] = None,
+    tls: TlsOption = False,
+    ca_cert: CaCertOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
+    token_file: TokenFileOption = None,
 ) -> None:
     """End-to-end throughput/latency sweep over concurrency with the gateway's stage times."""
     from ctjoint.client.bench import (
@@ -827,6 +832,8 @@ def bench(
                 scans=scans,
                 out_dir=out,
                 pids=pids,
+                # A running gateway may want TLS or a token; a spawned one is loopback plaintext.
+                security=_channel_security(tls, ca_cert, client_cert, client_key, token_file),
             )
     except BenchError as err:
         typer.echo(f"error: {err}", err=True)

@@ -409,6 +409,26 @@ def test_cli_send_with_a_token_from_the_environment_on_loopback(
     assert "UNAUTHENTICATED" in refused.stderr
 
 
+def test_cli_bench_against_a_tls_gateway_with_a_token(
+    tls_gateway: SecureGatewayProcess, pki: Pki, ct_series_dir: Path, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    args = ["bench", "--gateway", tls_gateway.address, "--series", str(ct_series_dir)]
+    args += ["--concurrency", "1", "--scans", "1", "--out", str(tmp_path / "bench")]
+    secure = ["--ca-cert", str(pki.ca), "--token-file", str(token_file)]
+    run = [sys.executable, "-m", "ctjoint.cli"]
+    env = {k: v for k, v in os.environ.items() if k != ENV_TOKEN}
+    done = subprocess.run([*run, *args, *secure], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "bench" / "bench.json").is_file()
+    refused = subprocess.run(
+        [*run, *args, "--ca-cert", str(pki.ca)], capture_output=True, text=True, env=env
+    )
+    assert refused.returncode != 0
+    assert "UNAUTHENTICATED" in refused.stdout + refused.stderr
+
+
 # --- units: token sources and the client's refusals (no sockets) ------------------------------
 
 
