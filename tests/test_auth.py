@@ -36,6 +36,8 @@ from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 TOKEN = "tok-" + "a1b2c3d4e5f6a7b8c9d0"
 OTHER_TOKEN = "tok-" + "ffffffffffffffffffff"
 ONE_DAY = datetime.timedelta(days=1)
+# One worker for the module: its gateways (or tritonserver) start once, not once per worker.
+pytestmark = pytest.mark.xdist_group("gateway-auth")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from ctjoint.gateway.triton_server import (
 )
 
 triton_grpc = pytest.importorskip("tritonclient.grpc")
+# Beside the other tritonserver tests, on one worker (the machine has few cores).
+pytestmark = pytest.mark.xdist_group("tritonserver")
 
 ECHO_CONFIG = """name: "echo"
 backend: "python"
