@@ -29,10 +29,13 @@ from ctjoint.gateway.dicom_io import (
     read_dataset,
 )
 from ctjoint.gateway.errors import BackendError, EmptySeriesError
-from ctjoint.gateway.lesions import quantify_with_lungs, segment_lungs
+from ctjoint.gateway.lesions import _split_sides, quantify_with_lungs, segment_lungs
 from ctjoint.gateway.preprocess import (
+    PreprocessPlan,
     ResampleGeometry,
+    inplane_slices,
     logits_to_source_labels,
+    model_input,
     preprocess_volume,
     resample_matrix,
 )
@@ -44,6 +47,7 @@ from ctjoint.gateway.result import (
     StageTimings,
 )
 from ctjoint.gateway.series import CtVolume, SeriesAssembler, list_series_files
+from ctjoint.gateway.streaming import StreamingInference, StreamStats
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,8 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+# Told of each slice taken into a series: (arrival slot, distance along the slice normal).
+SliceCallback = Callable[[int, float], None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,6 +93,8 @@ class ScanAnalysis:
     # 2.5D (one per source slice), [d, h, w] for 3D; None when the model has no `cam` output.
     # `cam_on_source` maps it onto the source grid.
     cam: np.ndarray | None = None
+    # What streaming inference reused (2.5D models fed file by file); None otherwise.
+    stream: StreamStats | None = None
 
     @property
     def volume_hu(self) -> np.ndarray:
@@ -125,7 +133,9 @@ class SeriesIntake:
     """Validates and assembles files one by one as they arrive, timing the work (not the wait).
 
     The gateway feeds it the files of a stream; `analyze_files` feeds it a folder. Files are
-    named in errors by arrival order and name: "file 3 (IM00003.dcm)".
+    named in errors by arrival order and name: "file 3 (IM00003.dcm)". Given a model's `plan`,
+    each slice is also preprocessed in-plane as it arrives (`planes`, by arrival slot), and
+    `on_slice` hears of it: that is what streaming inference starts from.
     """
 
     def __init__(
@@ -135,16 +145,23 @@ class SeriesIntake:
         max_slices: int | None = None,
         progress: ProgressCallback | None = None,
         skip_localizers: bool = True,
+        plan: PreprocessPlan | None = None,
+        on_slice: SliceCallback | None = None,
     ) -> None:
         self._assembler = SeriesAssembler(expected_slices=expected_slices, max_slices=max_slices)
         self._skip_localizers = skip_localizers
         self.skipped_localizers = 0
         self._expected = expected_slices
         self._progress = progress
+        self._plan = plan
+        self.on_slice = on_slice
         self._count = 0
         self.read_ms = 0.0
         self.validate_ms = 0.0
+        self.preprocess_ms = 0.0
         self.header: Dataset | None = None
+        # In-plane preprocessed slices [H, W] by arrival slot (only with a plan).
+        self.planes: list[np.ndarray] = []
 
     @property
     def count(self) -> int:
@@ -154,12 +171,15 @@ class SeriesIntake:
         """Read, validate and take one file; raises the project's InputError subclasses."""
         index = self._count + 1
         source = describe_source(index, name or None)
-        await asyncio.to_thread(self._add, data, source)
+        taken = await asyncio.to_thread(self._add, data, source)
         self._count = index
         if self._progress is not None:
             self._progress(Progress("validated", index, self._expected))
+        if taken is not None and self.on_slice is not None:
+            self.on_slice(*taken)
 
-    def _add(self, data: DicomSource, source: str) -> None:
+    def _add(self, data: DicomSource, source: str) -> tuple[int, float] | None:
+        """Returns the slice's (slot, distance along the normal), None for a skipped file."""
         # Per-file work (parse, CT checks, decode to HU) is "read"; the series-level checks and
         # the copy into the volume are "validate", matching StageTimings.
         started = time.perf_counter()
@@ -169,7 +189,7 @@ class SeriesIntake:
             # volume (dicom_io.is_localizer documents the rule).
             self.skipped_localizers += 1
             self.read_ms += (time.perf_counter() - started) * 1000.0
-            return
+            return None
         ct_slice = ct_slice_from_dataset(dataset, source=source)
         if self.header is None:
             # One file's header (without its pixels) serves the DICOM outputs.
@@ -178,9 +198,28 @@ class SeriesIntake:
                 del header.PixelData
             self.header = header
         parsed = time.perf_counter()
-        self._assembler.add(ct_slice)
+        slot = self._assembler.add(ct_slice)
+        validated = time.perf_counter()
         self.read_ms += (parsed - started) * 1000.0
-        self.validate_ms += (time.perf_counter() - parsed) * 1000.0
+        self.validate_ms += (validated - parsed) * 1000.0
+        if self._plan is not None:
+            self.planes.append(inplane_slices(ct_slice.hu, self._plan))
+            self.preprocess_ms += (time.perf_counter() - validated) * 1000.0
+        normal = self._assembler.normal
+        distance = float(np.dot(ct_slice.position, normal)) if normal is not None else 0.0
+        return slot, distance
+
+    @property
+    def sorted_slots(self) -> tuple[int, ...]:
+        """Arrival slots in the finished volume's order (empty before `finish`)."""
+        return self._assembler.sorted_slots
+
+    def sorted_planes(self) -> np.ndarray | None:
+        """The in-plane preprocessed slices [Z, H, W] in the finished volume's order; None
+        without a plan."""
+        if self._plan is None or not self.planes:
+            return None
+        return np.stack([self.planes[slot] for slot in self.sorted_slots])
 
     async def finish(self) -> CtVolume:
         """Sort, check spacing and return the volume (EmptySeriesError if nothing arrived)."""
@@ -199,7 +238,11 @@ class ScanAnalyzer:
 
     `batch_size` is the number of 2.5D slices per inference request; `max_in_flight` how many
     such requests one scan keeps outstanding (1 for in-process CPU; more pays off with Triton's
-    dynamic batching across replicas).
+    dynamic batching across replicas). With `streaming` (the gateway's choice), files are
+    preprocessed as they arrive and a 2.5D model infers slices before the last file is in
+    (gateway/streaming.py), its "inferred" progress counting stacks as they are inferred;
+    without it, everything after assembly runs on the whole volume, batch after batch. Both
+    give the same result.
     """
 
     def __init__(
@@ -209,6 +252,7 @@ class ScanAnalyzer:
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_in_flight: int = 1,
         skip_localizers: bool = True,
+        streaming: bool = False,
     ) -> None:
         if batch_size < 1 or max_in_flight < 1:
             raise ValueError("batch_size and max_in_flight must be at least 1")
@@ -216,6 +260,7 @@ class ScanAnalyzer:
         self.backend = backend
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
+        self.streaming = streaming
 
     async def analyze_files(
         self,
@@ -228,26 +273,52 @@ class ScanAnalyzer:
     ) -> ScanAnalysis:
         """Validate and assemble the files, then analyse the volume with `model`."""
         started = time.perf_counter()
-        self.backend.model_info(model)  # an unknown model fails before any file is read
+        info = self.backend.model_info(model)  # an unknown model fails before any file is read
         intake = SeriesIntake(
             expected_slices=expected_slices,
             max_slices=max_slices,
             progress=progress,
             skip_localizers=self.skip_localizers,
+            # The in-plane half of preprocessing needs only the slice: done as files arrive
+            # (for the 3D model too, whose z resampling waits for the whole series).
+            plan=info.plan if self.streaming else None,
         )
-        if isinstance(inputs, AsyncIterable):
-            async for name, data in inputs:
-                await intake.add(data, name)
-        else:
-            for name, data in inputs:
-                await intake.add(data, name)
-        volume = await intake.finish()
-        analysis = await self.analyze_volume(
-            volume,
-            model,
-            progress=progress,
-            prior=StageTimings(read_ms=intake.read_ms, validate_ms=intake.validate_ms),
-        )
+        streamer: StreamingInference | None = None
+        if self.streaming and info.plan.kind == "2.5d":
+            streamer = StreamingInference(
+                self.backend,
+                info,
+                intake.planes,
+                batch_size=self.batch_size,
+                max_in_flight=self.max_in_flight,
+                expected_slices=expected_slices,
+                check=_check_outputs,
+                on_inferred=_inferred_progress(progress, expected_slices),
+            )
+            intake.on_slice = streamer.add
+        try:
+            if isinstance(inputs, AsyncIterable):
+                async for name, data in inputs:
+                    await intake.add(data, name)
+            else:
+                for name, data in inputs:
+                    await intake.add(data, name)
+            volume = await intake.finish()
+            analysis = await self.analyze_volume(
+                volume,
+                model,
+                progress=progress,
+                prior=StageTimings(
+                    read_ms=intake.read_ms,
+                    validate_ms=intake.validate_ms,
+                    preprocess_ms=intake.preprocess_ms,
+                ),
+                prepared=_Prepared(intake, streamer),
+            )
+        finally:
+            if streamer is not None:
+                # A failed or cancelled scan leaves no request of its own running.
+                await streamer.cancel()
         total = (time.perf_counter() - started) * 1000.0
         timings = replace(analysis.result.timings, total_ms=total)
         return replace(
@@ -263,21 +334,37 @@ class ScanAnalyzer:
         *,
         progress: ProgressCallback | None = None,
         prior: StageTimings | None = None,
+        prepared: _Prepared | None = None,
     ) -> ScanAnalysis:
-        """Analyse an assembled volume. `prior` carries read/validate times of an intake."""
+        """Analyse an assembled volume. `prior` carries read/validate/preprocess times of an
+        intake; `prepared` what it already did (in-plane slices, streamed inference)."""
         started = time.perf_counter()
         info = self.backend.model_info(model)
         z = volume.shape[0]
+        before = prior or StageTimings()
 
         t0 = time.perf_counter()
-        image, geometry = await asyncio.to_thread(preprocess_volume, volume.hu, info.plan)
-        preprocess_ms = (time.perf_counter() - t0) * 1000.0
+        planes = None if prepared is None else prepared.intake.sorted_planes()
+        if planes is None:
+            image, geometry = await asyncio.to_thread(preprocess_volume, volume.hu, info.plan)
+        else:
+            image, geometry = await asyncio.to_thread(model_input, planes, info.plan, volume.shape)
+        preprocess_ms = before.preprocess_ms + (time.perf_counter() - t0) * 1000.0
         if progress is not None:
             progress(Progress("preprocessed", z, z))
 
-        t0 = time.perf_counter()
-        outputs = await self._infer(info, image, z, progress)
-        infer_ms = (time.perf_counter() - t0) * 1000.0
+        # The lungs' air segmentation needs only HU: it runs while the model does, and the
+        # model's lesions are added afterwards (`_lungs_with_lesions`).
+        air_lungs = asyncio.ensure_future(asyncio.to_thread(_timed, segment_lungs, volume))
+        try:
+            outputs, infer_ms, stream = await self._infer_prepared(
+                info, image, z, prepared, progress
+            )
+            air, air_ms = await air_lungs
+        finally:
+            if not air_lungs.done():
+                # Inference failed: nothing waits for the lungs (their thread runs out alone).
+                air_lungs.cancel()
         del image
 
         t0 = time.perf_counter()
@@ -288,12 +375,11 @@ class ScanAnalyzer:
             lung_map,
             lesions,
             quantification,
-        ) = await asyncio.to_thread(_postprocess, info, outputs, geometry, volume)
-        postprocess_ms = (time.perf_counter() - t0) * 1000.0
+        ) = await asyncio.to_thread(_postprocess, info, outputs, geometry, volume, air)
+        # Busy time: the air segmentation overlapped inference.
+        postprocess_ms = air_ms + (time.perf_counter() - t0) * 1000.0
         if progress is not None:
             progress(Progress("postprocessed", z, z))
-
-        before = prior or StageTimings()
         elapsed = (time.perf_counter() - started) * 1000.0
         timings = StageTimings(
             read_ms=before.read_ms,
@@ -348,8 +434,49 @@ class ScanAnalyzer:
             else:
                 cam = outputs.cam[0, label_index]
         return ScanAnalysis(
-            result=result, volume=volume, label_map=label_map, lung_map=lung_map, cam=cam
+            result=result,
+            volume=volume,
+            label_map=label_map,
+            lung_map=lung_map,
+            cam=cam,
+            stream=stream,
         )
+
+    async def _infer_prepared(
+        self,
+        info: ModelInfo,
+        image: np.ndarray,
+        slices: int,
+        prepared: _Prepared | None,
+        progress: ProgressCallback | None,
+    ) -> tuple[ModelOutputs, float, StreamStats | None]:
+        """Outputs for the whole volume, the inference time, and what streaming reused.
+
+        Without streaming the time is the wall time of the batches; with it, the wall time
+        during which a request was outstanding (they overlapped the upload).
+        """
+        streamer = None if prepared is None else prepared.streamer
+        if prepared is None or streamer is None:
+            started = time.perf_counter()
+            outputs = await self._infer(info, image, slices, progress)
+            return outputs, (time.perf_counter() - started) * 1000.0, None
+        outputs, stream = await streamer.finish(
+            prepared.intake.sorted_slots,
+            image,
+            lambda rest: self._infer(info, rest, rest.shape[0], None),
+        )
+        _check_outputs(info, outputs, slices)
+        if progress is not None:
+            progress(Progress("inferred", slices, slices))
+        logger.info(
+            "streamed inference: %d of %d slices reused, %d inferred after the last file, "
+            "%d streamed in all",
+            stream.reused,
+            slices,
+            stream.inferred_at_end,
+            stream.streamed,
+        )
+        return outputs, stream.infer_busy_ms, stream
 
     async def _infer(
         self, info: ModelInfo, image: np.ndarray, slices: int, progress: ProgressCallback | None
@@ -391,6 +518,29 @@ class ScanAnalyzer:
         )
 
 
+def _inferred_progress(
+    progress: ProgressCallback | None, expected: int | None
+) -> Callable[[int], None] | None:
+    """Streamed stacks inferred so far as "inferred" progress (capped at the expected count:
+    a stack can be inferred twice when a later file lands between its slices)."""
+    if progress is None:
+        return None
+    report = progress
+
+    def inferred(done: int) -> None:
+        report(Progress("inferred", min(done, expected) if expected else done, expected))
+
+    return inferred
+
+
+@dataclass(frozen=True, eq=False)
+class _Prepared:
+    """What an intake did while files arrived, handed to `analyze_volume`."""
+
+    intake: SeriesIntake
+    streamer: StreamingInference | None
+
+
 def _check_outputs(info: ModelInfo, outputs: ModelOutputs, batch: int) -> None:
     plan = info.plan
     grid: tuple[int, ...] = (plan.height, plan.width)
@@ -406,11 +556,44 @@ def _check_outputs(info: ModelInfo, outputs: ModelOutputs, batch: int) -> None:
         )
 
 
+def _timed(
+    function: Callable[[CtVolume], np.ndarray], volume: CtVolume
+) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    value = function(volume)
+    return value, (time.perf_counter() - started) * 1000.0
+
+
+def _lungs_with_lesions(air: np.ndarray, label_map: np.ndarray, volume: CtVolume) -> np.ndarray:
+    """`segment_lungs(volume, label_map)` from `air = segment_lungs(volume)`, exactly.
+
+    Sides are decided voxel by voxel from each slice's body midline, which depends on HU only,
+    so the lungs with lesions are the air lungs plus the lesion voxels outside them, split by
+    the same rule (lesions.py's own `_split_sides`, so the two cannot drift apart); only the
+    slices holding such voxels are split again.
+    """
+    extra = (label_map > 0) & (air == 0)
+    slices = np.flatnonzero(extra.any(axis=(1, 2)))
+    if slices.size == 0:
+        return air
+    lo, hi = int(slices[0]), int(slices[-1]) + 1
+    slab = CtVolume.from_array(volume.hu[lo:hi], volume.spacing_mm, orientation=volume.orientation)
+    sides = _split_sides(extra[lo:hi], slab)
+    lungs = air.copy()
+    np.copyto(lungs[lo:hi], sides, where=extra[lo:hi])
+    return lungs
+
+
 def _postprocess(
-    info: ModelInfo, outputs: ModelOutputs, geometry: ResampleGeometry, volume: CtVolume
+    info: ModelInfo,
+    outputs: ModelOutputs,
+    geometry: ResampleGeometry,
+    volume: CtVolume,
+    air_lungs: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, LesionStatistics, Quantification]:
     """Probabilities (scan and, for 2.5D, per slice), source-grid label map, lung map, lesion
-    statistics and the lung quantification (gateway/lesions.py)."""
+    statistics and the lung quantification (gateway/lesions.py). `air_lungs`, when given, is
+    `segment_lungs(volume)` computed beforehand."""
     slice_probs: np.ndarray | None = None
     if info.plan.kind == "2.5d":
         slice_probs = softmax(outputs.cls_logits, axis=1)
@@ -418,7 +601,10 @@ def _postprocess(
     else:
         probabilities = softmax(outputs.cls_logits, axis=1)[0]
     label_map = source_label_map(outputs.seg_logits, geometry)
-    lung_map = segment_lungs(volume, label_map)
+    if air_lungs is None:
+        lung_map = segment_lungs(volume, label_map)
+    else:
+        lung_map = _lungs_with_lesions(air_lungs, label_map, volume)
     return (
         probabilities,
         slice_probs,
@@ -555,7 +741,8 @@ def analyze_directory(
     async def run() -> ScanAnalysis:
         backend = EmbeddedBackend((model,), model_dir=model_dir, intra_op_threads=intra_op_threads)
         async with backend:
-            analyzer = ScanAnalyzer(backend, batch_size=batch_size)
+            # Streaming overlaps reading the files with inference here too.
+            analyzer = ScanAnalyzer(backend, batch_size=batch_size, streaming=True)
             inputs = [(path.name, path) for path in files]
             return await analyzer.analyze_files(inputs, model, expected_slices=len(files))
 

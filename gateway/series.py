@@ -164,12 +164,21 @@ class SeriesAssembler:
         self._buffer: np.ndarray | None = None
         self._records: list[_SliceRecord] = []
         self._uids: dict[str, str] = {}
+        # Arrival slots in the finished volume's order (set by finish): lets work done per
+        # slot while the series arrived be put in the volume's order.
+        self.sorted_slots: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def add(self, ct_slice: CtSlice) -> None:
-        """Check one slice against the series so far and take its pixels."""
+    @property
+    def normal(self) -> np.ndarray | None:
+        """The series' slice normal (the first slice's), None before any slice."""
+        return None if self._first is None else slice_normal(self._first.orientation)
+
+    def add(self, ct_slice: CtSlice) -> int:
+        """Check one slice against the series so far and take its pixels; returns its slot
+        (0, 1, ... in arrival order)."""
         if self._max is not None and len(self._records) >= self._max:
             raise LimitExceededError(
                 f"{ct_slice.source}: the series has more than {self._max} slices (the limit)"
@@ -192,6 +201,7 @@ class SeriesAssembler:
         self._records.append(
             _SliceRecord(slot, ct_slice.source, ct_slice.position, ct_slice.sop_instance_uid)
         )
+        return slot
 
     def finish(self) -> CtVolume:
         """Sort along the slice normal, check the spacing and return the volume."""
@@ -210,6 +220,7 @@ class SeriesAssembler:
         _permute_in_place(volume, [r.slot for r in records])
         row_spacing, col_spacing = first.pixel_spacing
         origin = records[0].position
+        self.sorted_slots = tuple(r.slot for r in records)
         # The buffer belongs to the volume now; a second finish() must not hand it out again.
         self._buffer = None
         self._first = None

@@ -112,14 +112,18 @@ def create_backend(config: GatewayConfig) -> InferenceBackend:
 
 def create_analyzer(config: GatewayConfig, backend: InferenceBackend) -> ScanAnalyzer:
     """In-process inference runs one batch at a time; Triton gets many small concurrent
-    requests so its dynamic batcher forms the batches (across slices and scans)."""
+    requests so its dynamic batcher forms the batches (across slices and scans). Both stream:
+    files are preprocessed, and 2.5D slices inferred, while the series is still arriving."""
     if config.backend == "triton":
         from ctjoint.gateway.backends.triton import MAX_IN_FLIGHT_PER_SCAN, REQUEST_SLICES
 
         return ScanAnalyzer(
-            backend, batch_size=REQUEST_SLICES, max_in_flight=MAX_IN_FLIGHT_PER_SCAN
+            backend,
+            batch_size=REQUEST_SLICES,
+            max_in_flight=MAX_IN_FLIGHT_PER_SCAN,
+            streaming=True,
         )
-    return ScanAnalyzer(backend)
+    return ScanAnalyzer(backend, streaming=True)
 
 
 async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = None) -> None:
