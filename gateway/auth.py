@@ -52,13 +52,15 @@ class TlsConfig:
     def credentials(self) -> grpc.ServerCredentials:
         chain = _read(self.cert, "TLS certificate")
         key = _read(self.key, "TLS key")
-        for path, data, marker in (
-            (self.cert, chain, b"-----BEGIN CERTIFICATE-----"),
-            (self.key, key, b"PRIVATE KEY-----"),
+        for path, data, marker, what in (
+            (self.cert, chain, b"-----BEGIN CERTIFICATE-----", "certificate"),
+            (self.key, key, b"PRIVATE KEY-----", "private key"),
         ):
             if marker not in data:
-                raise AuthConfigError(f"{path}: not a PEM file ({marker.decode().strip('-')})")
+                raise AuthConfigError(f"{path}: not a PEM {what}")
         root = _read(self.client_ca, "client CA certificate") if self.client_ca else None
+        if root is not None and b"-----BEGIN CERTIFICATE-----" not in root:
+            raise AuthConfigError(f"{self.client_ca}: not a PEM certificate")
         return grpc.ssl_server_credentials(
             [(key, chain)], root_certificates=root, require_client_auth=root is not None
         )

@@ -30,7 +30,13 @@ from ctjoint.client.channel import (
     is_loopback,
     open_channel,
 )
-from ctjoint.gateway.auth import ENV_TOKENS, AuthConfigError, TokenAuthInterceptor, load_tokens
+from ctjoint.gateway.auth import (
+    ENV_TOKENS,
+    AuthConfigError,
+    TlsConfig,
+    TokenAuthInterceptor,
+    load_tokens,
+)
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 TOKEN = "tok-" + "a1b2c3d4e5f6a7b8c9d0"
@@ -500,3 +506,25 @@ def test_the_container_health_check_speaks_tls_and_mtls(
     monkeypatch.setenv("CTJOINT_HEALTH_CLIENT_CERT", str(pki.client_cert))
     monkeypatch.setenv("CTJOINT_HEALTH_CLIENT_KEY", str(pki.client_key))
     assert healthcheck.gateway_serving(mtls_gateway.address) is None
+
+
+def test_tls_files_that_are_not_pem_are_refused_naming_the_file(pki: Pki, tmp_path: Path) -> None:
+    with pytest.raises(AuthConfigError, match=r"server\.key: not a PEM certificate"):
+        TlsConfig(cert=pki.server_key, key=pki.server_key).credentials()
+    with pytest.raises(AuthConfigError, match=r"ca\.crt: not a PEM private key"):
+        TlsConfig(cert=pki.server_cert, key=pki.ca).credentials()
+    with pytest.raises(AuthConfigError, match=r"absent\.pem: cannot read the TLS certificate"):
+        TlsConfig(cert=tmp_path / "absent.pem", key=pki.server_key).credentials()
+
+
+def test_gateway_serve_with_a_missing_certificate_is_one_clean_error(tmp_path: Path) -> None:
+    tls = ["--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(tmp_path / "none.key")]
+    done = subprocess.run(
+        [sys.executable, "-m", "ctjoint.cli", "gateway", "serve", "--port", "0", *tls],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "none.pem: cannot read the TLS certificate" in done.stderr
+    assert "Traceback" not in done.stderr
