@@ -92,6 +92,10 @@ TokenFileOption = Annotated[
     Path | None,
     typer.Option(help="File whose first line is the bearer token (default: $CTJOINT_TOKEN)."),
 ]
+ServerNameOption = Annotated[
+    str | None,
+    typer.Option(help="Name to check the gateway's certificate against (default: its host)."),
+]
 
 
 def _channel_security(
@@ -100,6 +104,7 @@ def _channel_security(
     client_cert: Path | None,
     client_key: Path | None,
     token_file: Path | None,
+    server_name: str | None = None,
 ) -> Any:
     """The client's ChannelSecurity; an impossible combination is a usage error."""
     from ctjoint.client.channel import ChannelConfigError, ChannelSecurity
@@ -111,6 +116,7 @@ def _channel_security(
             client_cert=client_cert,
             client_key=client_key,
             token_file=token_file,
+            server_name=server_name,
         )
     except ChannelConfigError as err:
         raise typer.BadParameter(str(err)) from None
@@ -622,11 +628,12 @@ def send(
     client_cert: ClientCertOption = None,
     client_key: ClientKeyOption = None,
     token_file: TokenFileOption = None,
+    tls_server_name: ServerNameOption = None,
 ) -> None:
     """Stream a series to the gateway and print (and save) what comes back."""
     from ctjoint.client.send import SendError, send_series
 
-    security = _channel_security(tls, ca_cert, client_cert, client_key, token_file)
+    security = _channel_security(tls, ca_cert, client_cert, client_key, token_file, tls_server_name)
     try:
         send_series(
             series_dir,
@@ -669,12 +676,13 @@ def watch(
     client_cert: ClientCertOption = None,
     client_key: ClientKeyOption = None,
     token_file: TokenFileOption = None,
+    tls_server_name: ServerNameOption = None,
 ) -> None:
     """Send each new complete series folder under FOLDER to the gateway, once."""
     from ctjoint.client.send import SendError
     from ctjoint.client.watch import watch_folder
 
-    security = _channel_security(tls, ca_cert, client_cert, client_key, token_file)
+    security = _channel_security(tls, ca_cert, client_cert, client_key, token_file, tls_server_name)
     try:
         watch_folder(
             folder,
@@ -722,6 +730,7 @@ def listen(
     client_cert: ClientCertOption = None,
     client_key: ClientKeyOption = None,
     token_file: TokenFileOption = None,
+    tls_server_name: ServerNameOption = None,
 ) -> None:
     """Receive CT series by C-STORE and forward each complete series to the gateway, once."""
     import logging
@@ -731,7 +740,7 @@ def listen(
 
     # Only the listener's own lines (series keys, counts): no identifiers reach the log.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    security = _channel_security(tls, ca_cert, client_cert, client_key, token_file)
+    security = _channel_security(tls, ca_cert, client_cert, client_key, token_file, tls_server_name)
     forward = gateway_forward(
         gateway=gateway,
         model=model.value,
@@ -792,6 +801,7 @@ def bench(
     client_cert: ClientCertOption = None,
     client_key: ClientKeyOption = None,
     token_file: TokenFileOption = None,
+    tls_server_name: ServerNameOption = None,
 ) -> None:
     """End-to-end throughput/latency sweep over concurrency with the gateway's stage times."""
     from ctjoint.client.bench import (
@@ -833,7 +843,9 @@ def bench(
                 out_dir=out,
                 pids=pids,
                 # A running gateway may want TLS or a token; a spawned one is loopback plaintext.
-                security=_channel_security(tls, ca_cert, client_cert, client_key, token_file),
+                security=_channel_security(
+                    tls, ca_cert, client_cert, client_key, token_file, tls_server_name
+                ),
             )
     except BenchError as err:
         typer.echo(f"error: {err}", err=True)

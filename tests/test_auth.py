@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -319,6 +320,18 @@ def test_health_answers_without_a_token_reflection_does_not(
         assert _code(lambda: list(replies)) == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_the_certificate_name_can_be_overridden_and_is_checked(
+    tls_gateway: SecureGatewayProcess, pki: Pki
+) -> None:
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    named = ChannelSecurity(ca_cert=pki.ca, server_name="localhost", token_from_env=False)
+    with open_channel(tls_gateway.address, named) as channel:
+        assert _model_info(channel, metadata)
+    wrong = ChannelSecurity(ca_cert=pki.ca, server_name="gateway.invalid", token_from_env=False)
+    with open_channel(tls_gateway.address, wrong) as channel:
+        assert _code(lambda: _model_info(channel, metadata)) == grpc.StatusCode.UNAVAILABLE
+
+
 # --- mutual TLS -------------------------------------------------------------------------------
 
 
@@ -415,6 +428,28 @@ def test_cli_send_with_a_token_from_the_environment_on_loopback(
     refused, _ = _send(ct_series_dir, token_gateway.address)
     assert refused.returncode == 1
     assert "UNAUTHENTICATED" in refused.stderr
+
+
+def test_cli_watch_stops_at_the_first_unauthenticated_answer(
+    token_gateway: GatewayProcess, ct_series_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "incoming"
+    for name in ("a", "b"):
+        shutil.copytree(ct_series_dir, root / name)
+    env = {k: v for k, v in os.environ.items() if k != ENV_TOKEN}
+    env[ENV_TOKEN] = OTHER_TOKEN
+    command = [sys.executable, "-m", "ctjoint.cli", "watch", str(root), "--once"]
+    command += ["--gateway", token_gateway.address, "--settle", "0.2", "--poll", "0.1"]
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "UNAUTHENTICATED" in done.stderr
+    assert done.stdout.count("sending ") == 1  # the second series was not tried
 
 
 def test_cli_bench_against_a_tls_gateway_with_a_token(
