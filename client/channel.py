@@ -1,8 +1,8 @@
 """The one place where scanner-side tools open a gRPC channel to the gateway.
 
 Plaintext, TLS (server certificate checked against a CA), mutual TLS (plus our own certificate
-and key) and a bearer token, in any sensible combination. `send`, `watch` and `listen` all come
-through `open_channel`, so a security option added here reaches every command at once.
+and key) and a bearer token, in any sensible combination. `send`, `watch`, `listen` and `bench`
+all come through `open_channel`, so a security option added here reaches every command at once.
 """
 
 from __future__ import annotations
@@ -53,16 +53,23 @@ class ChannelSecurity:
     def token(self) -> str | None:
         """The bearer token: the first non-comment line of the token file, else $CTJOINT_TOKEN."""
         if self.token_file is not None:
-            text = _read(self.token_file, "token file").decode("utf-8", errors="strict")
-            for line in text.splitlines():
+            data = _read(self.token_file, "token file")
+            for line in data.splitlines():
                 line = line.strip()
-                if line and not line.startswith("#"):
-                    return line
+                if line and not line.startswith(b"#"):
+                    return _checked(line, str(self.token_file))
             raise ChannelConfigError(f"{self.token_file}: the token file holds no token")
         if self.token_from_env:
             value = os.environ.get(ENV_TOKEN, "").strip()
-            return value or None
+            return _checked(value.encode("utf-8", "replace"), f"${ENV_TOKEN}") if value else None
         return None
+
+
+def _checked(token: bytes, where: str) -> str:
+    """A token fit for an HTTP/2 header: printable ASCII without spaces (never echoed)."""
+    if not all(0x21 <= byte <= 0x7E for byte in token):
+        raise ChannelConfigError(f"{where}: a token is printable ASCII without spaces")
+    return token.decode("ascii")
 
 
 def _read(path: Path, what: str) -> bytes:

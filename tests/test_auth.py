@@ -563,3 +563,13 @@ def test_gateway_serve_with_a_missing_certificate_is_one_clean_error(tmp_path: P
     assert done.returncode == 2
     assert "none.pem: cannot read the TLS certificate" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_token_file_with_non_ascii_is_refused_without_echo(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_bytes("# ours\nsecr\u00e9t-token-value-1234\n".encode())
+    with pytest.raises(ChannelConfigError, match="printable ASCII") as err:
+        ChannelSecurity(token_file=path).token()
+    assert "secr" not in str(err.value)
+    path.write_text(f"# ours\n\n  {TOKEN}\n")
+    assert ChannelSecurity(token_file=path).token() == TOKEN
