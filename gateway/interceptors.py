@@ -4,7 +4,9 @@
 `x-request-id` metadata, else a fresh one) in the logging ContextVar, maps `CtJointError`
 subclasses to status codes with the error's own message, turns anything unexpected into
 INTERNAL with a request id instead of gRPC's UNKNOWN-with-traceback, and counts scan outcomes.
-Servicers raise; they never call `context.abort` themselves.
+Servicers raise; they never call `context.abort` themselves. The one status decided before
+this interceptor runs is UNAUTHENTICATED: `gateway/auth.py` refuses calls without a valid
+token for every service (reflection included), ahead of this one in the chain.
 """
 
 from __future__ import annotations
