@@ -10,6 +10,7 @@ parser trusts (tags, VRs, lengths) rather than only pixel bytes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import random
@@ -92,6 +93,13 @@ def walk_elements(data: bytes) -> list[Element]:
     explicit VR too, little or big endian). Stops quietly where the bytes stop making sense.
     """
     elements: list[Element] = []
+    # Running off the end of a truncated file stops the walk: what was found so far stands.
+    with contextlib.suppress(struct.error):
+        _walk(data, elements)
+    return elements
+
+
+def _walk(data: bytes, elements: list[Element]) -> None:
     offset = 132 if data[128:132] == b"DICM" else 0
     meta_end: int | None = None
     big_endian = False
@@ -122,7 +130,6 @@ def walk_elements(data: bytes) -> list[Element]:
         if tag == (0x0002, 0x0000):
             meta_end = element.value_at + 4 + struct.unpack_from("<I", data, element.value_at)[0]
         offset = element.value_at + (0 if length == _UNDEFINED else length)
-    return elements
 
 
 def _in_meta(data: bytes, offset: int) -> bool:

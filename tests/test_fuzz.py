@@ -1,0 +1,195 @@
+"""Mutation fuzzing (issue 8, point 2): seeded mutants of phantom files through the validation +
+decode + preprocessing path in-process, and a sample of them through a live gateway.
+
+Only the project's typed errors may come out; no case may take over 2 s or allocate over
+256 MB. CI runs 10,000 in-process cases and 500 through the gateway; CTJOINT_FUZZ_CASES and
+CTJOINT_FUZZ_GATEWAY_CASES raise them (e.g. 100000), CTJOINT_FUZZ_SEED picks another run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import figures
+import grpc
+import pydicom
+import pytest
+from fuzz_mutator import MUTATIONS, Mutator, seed_files, seed_series, to_bytes, walk_elements
+from gateway_process import GatewayProcess, analyze
+from grpc_health.v1 import health_pb2
+
+TESTS = Path(__file__).parent
+IN_PROCESS_CASES = int(os.environ.get("CTJOINT_FUZZ_CASES", "10000"))
+GATEWAY_CASES = int(os.environ.get("CTJOINT_FUZZ_GATEWAY_CASES", "500"))
+SEED = int(os.environ.get("CTJOINT_FUZZ_SEED", "20261123"))
+# What the gateway may answer a mutant: a result, or a typed refusal. UNKNOWN / INTERNAL /
+# UNAVAILABLE would mean a crash or an unhandled exception.
+TYPED_ANSWERS = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def run_harness(cases: int, seed: int, *extra: str, timeout: float = 1800) -> dict[str, object]:
+    """tests/fuzz_harness.py in a process of its own (it sets an address-space limit)."""
+    completed = subprocess.run(
+        [sys.executable, str(TESTS / "fuzz_harness.py"), str(cases), str(seed), *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=TESTS,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report: dict[str, object] = json.loads(completed.stdout)
+    return report
+
+
+def test_mutants_are_reproducible_and_differ_from_their_seed() -> None:
+    seeds = seed_files(seed_series())
+    first, again = Mutator(seeds, seed=7), Mutator(seeds, seed=7)
+    other = Mutator(seeds, seed=8)
+    cases = [first.case(n) for n in range(60)]
+    assert [c.data for c in cases] == [again.case(n).data for n in range(60)]
+    assert sum(c.data != other.case(n).data for n, c in enumerate(cases)) > 40
+    assert all(c.data != seeds[c.seed] for c in cases)
+    assert {k for c in cases for k in c.kinds} == set(MUTATIONS)
+
+
+def test_the_element_walker_finds_every_top_level_element() -> None:
+    data = to_bytes(seed_series()[0])
+    ds = pydicom.dcmread(io.BytesIO(data))
+    tags = [e.tag for e in walk_elements(data)]
+    expected = [(t.group, t.element) for t in [*ds.file_meta.keys(), *ds.keys()]]
+    assert tags == expected
+    pixel = walk_elements(data)[-1]
+    assert pixel.value_at + pixel.length == len(data)
+
+
+def test_the_memory_guard_reports_a_case_that_allocates_too_much() -> None:
+    # The harness must be able to fail: a path that allocates 300 MB per case is reported.
+    program = (
+        "import sys, json, numpy as np\n"
+        "import fuzz_harness as h\n"
+        "class Greedy(h.PathUnderTest):\n"
+        "    def run(self, data):\n"
+        "        block = np.ones(300 * 2**20, dtype=np.uint8)\n"
+        "        return 'ok' if block[-1] else 'no'\n"
+        "r = h.fuzz(Greedy(), h.default_mutator(0), range(3))\n"
+        "print(json.dumps(r.as_dict()))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120, cwd=TESTS
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    report = json.loads(completed.stdout)
+    assert report["outcomes"] == {"MemoryError": 3}
+    assert len(report["large"]) == 3
+
+
+def test_mutants_through_validation_decode_and_preprocessing_raise_only_typed_errors() -> None:
+    report = run_harness(IN_PROCESS_CASES, SEED)
+    outcomes: dict[str, int] = report["outcomes"]  # type: ignore[assignment]
+    figures.record(
+        "fuzz in-process (validation + decode + preprocess)",
+        cases=report["cases"],
+        seconds=round(float(report["seconds"]), 1),  # type: ignore[arg-type]
+        unhandled=len(report["unhandled"]),  # type: ignore[arg-type]
+        over_2s=len(report["slow"]),  # type: ignore[arg-type]
+        over_256MB=len(report["large"]),  # type: ignore[arg-type]
+        max_case_s=round(float(report["max_seconds"]), 3),  # type: ignore[arg-type]
+        rss_growth_mib=round(
+            float(report["rss_end_mib"]) - float(report["rss_start_mib"]),  # type: ignore[arg-type]
+            1,
+        ),
+        decode_workers_lost=report["decode_workers_lost"],
+        outcomes=json.dumps(outcomes, sort_keys=True),
+    )
+    assert report["cases"] == IN_PROCESS_CASES
+    assert report["unhandled"] == [], "\n".join(report["unhandled"][:5])  # type: ignore[index]
+    assert report["slow"] == []
+    assert report["large"] == []
+    # The fuzzer reaches the end of the path (preprocessing) for some mutants, and the
+    # compressed seeds reach the decode workers.
+    assert outcomes.get("ok", 0) > 0
+    assert int(report["decode_workers_started"]) >= 1  # type: ignore[call-overload]
+    assert set(report["kinds"]) == set(MUTATIONS)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    contract_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    log = tmp_path_factory.mktemp("fuzz_gateway") / "gateway.log"
+    process = GatewayProcess(contract_model_dir, log).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_mutants_through_the_live_gateway_get_typed_answers(gateway: GatewayProcess) -> None:
+    series = seed_series()
+    neighbours = [to_bytes(ds) for i, ds in enumerate(series) if i != len(series) // 2]
+    mutator = Mutator(seed_files(series), seed=SEED + 1)
+    answers: Counter[str] = Counter()
+    bad: list[str] = []
+    started = time.perf_counter()
+    slowest = 0.0
+    for number in range(GATEWAY_CASES):
+        case = mutator.case(number)
+        # Every 50th scan also claims 10,000 files in its header.
+        expected = 10_000 if number % 50 == 0 else 3
+        t0 = time.perf_counter()
+        try:
+            analyze(
+                gateway.address,
+                [neighbours[0], case.data, neighbours[1]],
+                timeout=30,
+                expected=expected,
+            )
+            code, details = grpc.StatusCode.OK, ""
+        except grpc.RpcError as err:
+            code, details = err.code(), err.details() or ""
+        slowest = max(slowest, time.perf_counter() - t0)
+        answers[code.name] += 1
+        label = f"case {number} ({case.seed}, {'+'.join(case.kinds)})"
+        if code not in TYPED_ANSWERS:
+            bad.append(f"{label}: {code.name} {details}")
+        elif code == grpc.StatusCode.INVALID_ARGUMENT and "file" not in details:
+            bad.append(f"{label}: the message names no file: {details}")
+        if expected == 10_000:
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    seconds = time.perf_counter() - started
+    health = gateway.health()
+    figures.record(
+        "fuzz through the live gateway",
+        cases=GATEWAY_CASES,
+        seconds=round(seconds, 1),
+        slowest_scan_s=round(slowest, 2),
+        untyped_answers=len(bad),
+        answers=json.dumps(dict(answers), sort_keys=True),
+        serving_after=health == health_pb2.HealthCheckResponse.SERVING,
+    )
+    assert bad == [], "\n".join(bad[:10])
+    assert gateway.alive()
+    assert health == health_pb2.HealthCheckResponse.SERVING
+    assert answers["OK"] > 0
+
+
+def test_a_refused_mutant_leaves_no_trace_in_the_next_scan(gateway: GatewayProcess) -> None:
+    # After hundreds of refusals the same gateway still analyses the plain series exactly.
+    series = [to_bytes(ds) for ds in seed_series()]
+    result = analyze(gateway.address, series, timeout=30)
+    assert len(result.slice_file_number) == len(series)
+    assert pydicom.dcmread(io.BytesIO(series[0])).Modality == "CT"
