@@ -40,8 +40,9 @@ SERVICE_NAME: Final = scan_pb2.DESCRIPTOR.services_by_name["ScanService"].full_n
 # Results carry masks (zlib) and an overlay PNG: bounded, but above gRPC's 4 MiB default for a
 # large lesion load, so the send limit is raised deliberately too.
 MAX_SEND_MESSAGE_BYTES: Final = 256 * 1024 * 1024
-# How often health is brought in step with the backend's readiness once serving.
-BACKEND_POLL_S: Final = 1.0
+# How often health is brought in step with the backend's readiness once serving: reading a
+# flag, so often enough that a crashed Triton shows as NOT_SERVING well within 2 s.
+BACKEND_POLL_S: Final = 0.25
 
 
 @dataclass(frozen=True)

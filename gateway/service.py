@@ -35,7 +35,7 @@ from ctjoint.gateway.errors import (
     ModelNotFoundError,
 )
 from ctjoint.gateway.interceptors import adopt_request_id, note_model
-from ctjoint.gateway.limits import GatewayLimits, ScanSlots
+from ctjoint.gateway.limits import ADMITTED_METADATA, GatewayLimits, ScanSlots, TestLeak
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import PacsDestination, PacsOutcome, push
 from ctjoint.gateway.wire import (
@@ -79,6 +79,8 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         self._analyzer = analyzer if analyzer is not None else ScanAnalyzer(backend, streaming=True)
         self._limits = limits
         self._slots = ScanSlots(limits.max_concurrent_scans)
+        # None unless the test-only leak switch is set (tests/test_load.py proves its check).
+        self._test_leak = TestLeak.from_environment()
         self._metrics = metrics
         self._default_model = default_model
         self._pacs = pacs
@@ -136,10 +138,15 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         *,
         with_progress: bool,
     ) -> AsyncIterator[scan_pb2.ScanEvent]:
-        # Admission first: a scan past the limit is refused before we read a byte of it.
+        # Admission first: a scan past the limit, or one no backend can serve right now, is
+        # refused before we read a byte of it.
+        self._require_ready()
         with self._slots.acquire():
             self._metrics.in_flight.inc()
             try:
+                # Tell the client at once that it may upload (see ADMITTED_METADATA): a client
+                # that waits for this never streams files into a refusal.
+                await context.send_initial_metadata(((ADMITTED_METADATA, "1"),))
                 async for event in self._admitted_scan(requests, context, with_progress):
                     yield event
             finally:
@@ -152,7 +159,6 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         with_progress: bool,
     ) -> AsyncIterator[scan_pb2.ScanEvent]:
         started = time.perf_counter()
-        self._require_ready()
         stream = aiter(requests)
         header = await self._read_header(stream)
         request_id = adopt_request_id(context, header.request_id)
@@ -202,6 +208,8 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             # The client went away or its deadline passed: stop the pipeline with the RPC.
             if not analysis_task.done():
                 analysis_task.cancel()
+        if self._test_leak is not None:
+            self._test_leak.keep(analysis.volume.hu)
 
         encode_started = time.perf_counter()
         emit("postprocessed", 1, 1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import Any, Final
@@ -71,11 +72,19 @@ MAX_IN_FLIGHT_PER_SCAN: Final = 8
 REQUESTED_OUTPUTS: Final = (ENSEMBLE_LESION_LOGITS, ENSEMBLE_DIAGNOSIS_LOGITS, POST_PROBS)
 # Checks (readiness, configs) are cheap; they get a short timeout of their own.
 CHECK_TIMEOUT_S: Final = 5.0
-HEALTH_INTERVAL_S: Final = 2.0
+# A dead Triton is noticed within this (plus a probe) even with no scan running, so health
+# turns NOT_SERVING within ~1-2 s of a crash.
+HEALTH_INTERVAL_S: Final = 1.0
 # A name can resolve to more (or fewer) replicas over time (Kubernetes headless Service).
 DNS_REFRESH_S: Final = 15.0
-# How long a request whose replica died waits for another one to become healthy.
-FAILOVER_WAIT_S: Final = 30.0
+# How long a request whose replica died waits for another one to become healthy when none
+# is: long enough for a flapping replica's next probe, short enough that with every Triton
+# down the scan fails UNAVAILABLE (the scanner retries later) instead of holding its slot until
+# its deadline. A restarted Triton needs its model load time anyway, far more than this.
+FAILOVER_WAIT_S: Final = 2.0
+# The wait ends this long before the scan's deadline, so the caller learns the real cause
+# (UNAVAILABLE) rather than DEADLINE_EXCEEDED.
+FAILOVER_DEADLINE_MARGIN_S: Final = 0.2
 _BACKOFF_FIRST_S: Final = 0.5
 _BACKOFF_MAX_S: Final = 5.0
 # Status codes as tritonclient spells them in InferenceServerException.status().
@@ -84,6 +93,10 @@ _BACKOFF_MAX_S: Final = 5.0
 _UNAVAILABLE: Final = frozenset(
     {"StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.CANCELLED"}
 )
+# A python-backend model whose stub process died answers every request with this (Triton
+# 2.51 does not restart the stub, and the model still reports READY): the replica, not the
+# request, is broken, so it is ejected and must pass a real inference before it comes back.
+_DEAD_STUB: Final = re.compile(r"Stub process '[^']*' is not healthy")
 _DEADLINE: Final = "StatusCode.DEADLINE_EXCEEDED"
 _NOT_FOUND: Final = "StatusCode.NOT_FOUND"
 
@@ -213,15 +226,24 @@ class TritonBackend(InferenceBackend):
                 )
             except InferenceServerException as err:
                 replica.failures += 1
-                if (err.status() or "") not in _UNAVAILABLE or attempt + 1 == attempts:
+                dead_stub = _DEAD_STUB.search(err.message() or str(err)) is not None
+                if dead_stub:
+                    # READY as far as Triton's health goes: only an inference tells.
+                    replica.verify_inference = True
+                if not (dead_stub or (err.status() or "") in _UNAVAILABLE):
                     raise self._translate(err, f"model {model!r}", replica.address) from err
-                # The replica (not the request) failed: take it out and send the same slices
-                # to another one. Inference is idempotent, so a duplicate costs only time.
-                failed.add(replica.address)
                 if replica.healthy:
                     # Only the first failure ejects: the others were in flight on the same
                     # dying replica and must not stretch its probe back-off.
                     self._eject(replica, f"{err.status()}: {err.message() or err}")
+                if attempt + 1 == attempts:
+                    raise BackendUnavailableError(
+                        f"model {model!r}: Triton at {replica.address} is unavailable: "
+                        f"{err.message() or err}"
+                    ) from err
+                # The replica (not the request) failed: send the same slices to another one.
+                # Inference is idempotent, so a duplicate costs only time.
+                failed.add(replica.address)
                 self._retried_slices += int(image.shape[0]) if image.ndim else 1
                 continue
             finally:
@@ -272,7 +294,7 @@ class TritonBackend(InferenceBackend):
         wait = self._failover_wait_s
         left = time_left()
         if left is not None:
-            wait = min(wait, max(left, 0.0))
+            wait = min(wait, max(left - FAILOVER_DEADLINE_MARGIN_S, 0.0))
         try:
             await asyncio.wait_for(self._healthy.wait(), timeout=wait)
         except TimeoutError:
@@ -352,6 +374,9 @@ class TritonBackend(InferenceBackend):
         client = self._client_for(replica)
         try:
             infos = await self._check(client, replica.address)
+            if replica.verify_inference:
+                await self._canary(client, replica.address, infos)
+                replica.verify_inference = False
             others = [r for r in self._pool.replicas if r.healthy and r is not replica]
             if others and self._infos and infos != self._infos:
                 raise BackendError(
@@ -403,6 +428,26 @@ class TritonBackend(InferenceBackend):
         except InferenceServerException as err:
             raise self._translate(err, "readiness check", address) from err
         return infos
+
+    async def _canary(
+        self, client: triton_aio.InferenceServerClient, address: str, infos: dict[str, ModelInfo]
+    ) -> None:
+        """One tiny inference per model: a replica whose model failed in a way its readiness
+        does not show (a dead python stub) comes back only once it answers again."""
+        for model, info in infos.items():
+            shape = [1 if d < 1 else d for d in info.input_shape]
+            request = InferInput(INPUT_IMAGE, shape, "FP32")
+            request.set_data_from_numpy(np.zeros(shape, dtype=np.float32))
+            outputs = [InferRequestedOutput(name) for name in REQUESTED_OUTPUTS]
+            try:
+                await client.infer(
+                    model, [request], outputs=outputs, client_timeout=CHECK_TIMEOUT_S
+                )
+            except InferenceServerException as err:
+                raise BackendUnavailableError(
+                    f"Triton at {address} is ready but model {model!r} fails: "
+                    f"{err.message() or err}"
+                ) from err
 
     def _info_from_config(self, model: str, response: dict[str, Any], address: str) -> ModelInfo:
         config = response.get("config", {})
