@@ -26,7 +26,7 @@ from gateway_process import GatewayProcess, analyze, file_bytes
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from ctjoint.contracts import MODEL_JCS2D, SEG_CLASS_NAMES
+from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, SEG_CLASS_NAMES
 from ctjoint.gateway.analysis import ScanAnalysis, ScanAnalyzer
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.errors import DuplicateSliceError, MixedSeriesError
@@ -235,3 +235,20 @@ def test_in_plane_preprocessing_of_one_slice_equals_that_of_the_volume() -> None
     # The fast path is the documented window -> resize -> normalise, up to float rounding.
     classic = resize_inplane(window_normalise(hu, plan), 32, 32, "area")
     np.testing.assert_allclose(volume, classic, atol=1e-6)
+
+
+def test_the_3d_model_preprocesses_as_files_arrive_and_answers_the_same(
+    series: list[Path], contract_model_dir: Path
+) -> None:
+    files = _ordered(file_bytes(series), "shuffled")
+
+    async def run(streaming: bool) -> ScanAnalysis:
+        async with EmbeddedBackend([MODEL_DEEPSC3D], model_dir=contract_model_dir) as backend:
+            analyzer = ScanAnalyzer(backend, streaming=streaming)
+            return await analyzer.analyze_files([("", f) for f in files], MODEL_DEEPSC3D)
+
+    streamed, whole = asyncio.run(run(True)), asyncio.run(run(False))
+    assert streamed.stream is None  # nothing to infer before the whole scan is in
+    assert streamed.result.probabilities == whole.result.probabilities
+    assert np.array_equal(streamed.label_map, whole.label_map)
+    assert np.array_equal(streamed.lung_map, whole.lung_map)
