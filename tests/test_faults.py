@@ -44,6 +44,7 @@ from reliability_helpers import (
 )
 
 from ctjoint import contracts
+from ctjoint.gateway.backends.triton import FAILOVER_WAIT_S
 from ctjoint.gateway.limits import MESSAGE_OVERHEAD_BYTES
 from ctjoint.v1 import scan_pb2_grpc
 
@@ -59,6 +60,7 @@ MAX_NOT_SERVING_S = 2.0
 RECOVERY_MARGIN_S = 5.0
 LOAD_DEADLINE_S = 20.0
 LOAD_WORKERS = 4
+DOWN_S = FAILOVER_WAIT_S + 1.0
 # Scans after a killed stub that must all succeed.
 SCANS_AFTER_STUB_KILL = 10
 
@@ -222,7 +224,9 @@ def test_a_killed_triton_fails_scans_fast_and_the_gateway_recovers_after_restart
                 await asyncio.sleep(0.02)
             not_serving_s = time.monotonic() - killed
             await asyncio.to_thread(triton.stop)
-            await asyncio.sleep(1.0)  # down for a while: scans keep arriving
+            # Down for longer than a scan waits for a replica to come back: the scans that
+            # were in flight must give up with UNAVAILABLE, new ones are refused.
+            await asyncio.sleep(DOWN_S)
 
             restarted = time.monotonic()
             await asyncio.to_thread(triton.start)
@@ -242,6 +246,7 @@ def test_a_killed_triton_fails_scans_fast_and_the_gateway_recovers_after_restart
             if outcome.code == grpc.StatusCode.OK:
                 check_result(outcome, chosen, request_id)
         assert in_flight_at_kill, "no scan was in flight when Triton was killed"
+        assert any(o.code == grpc.StatusCode.UNAVAILABLE for _, o in in_flight_at_kill)
         for _, outcome in in_flight_at_kill:
             if outcome.code != grpc.StatusCode.OK:
                 assert outcome.code == grpc.StatusCode.UNAVAILABLE, outcome
