@@ -601,6 +601,11 @@ def _text(canvas: np.ndarray, text: str, top: int, left: int, colour: tuple[int,
         region[ink[: region.shape[0], : region.shape[1]]] = colour
 
 
+def _number(value: float) -> str:
+    """Short, in the plot font (no exponents): 12345, 123, 12.3, 0.123."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _line(canvas: np.ndarray, y0: float, x0: float, y1: float, x1: float, colour: Any) -> None:
     steps = int(max(abs(y1 - y0), abs(x1 - x0))) + 1
     ys = np.rint(np.linspace(y0, y1, steps)).astype(int)
@@ -614,7 +619,8 @@ def _axes(canvas: np.ndarray, top: int, left: int, title: str, y_max: float) -> 
     canvas[top : top + height, left] = _INK
     canvas[top + height, left : left + width] = _INK
     _text(canvas, title, top - 16, left, _INK)
-    _text(canvas, f"{y_max:.3g}", top, left - 36, _INK)
+    label = _number(y_max)
+    _text(canvas, label, top, max(left - 4 - len(label) * 4 * _SCALE, 0), _INK)
     _text(canvas, "0", top + height - 10, left - 12, _INK)
 
 
@@ -640,7 +646,7 @@ def _chart(
     for (y, x), level, value in zip(points, levels, values, strict=True):
         yi, xi = int(y), int(x)
         canvas[max(yi - 3, 0) : yi + 4, max(xi - 3, 0) : xi + 4] = colour
-        _text(canvas, f"{value:.3g}", max(yi - 16, top), xi - 8, colour)
+        _text(canvas, _number(value), max(yi - 16, top), xi - 8, colour)
         _text(canvas, str(level), top + height + 6, xi - 2, _INK)
     _text(canvas, "CONCURRENCY", top + height + 20, left + width // 2 - 40, _INK)
 
