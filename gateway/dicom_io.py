@@ -24,6 +24,8 @@ import io
 import logging
 import math
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +36,14 @@ import pydicom
 import pydicom.pixels
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, CTImageStorage
+from pydicom.uid import UID, CTImageStorage, DeflatedExplicitVRLittleEndian
 
 from ctjoint.gateway import decode_pool
 from ctjoint.gateway.errors import (
+    CtJointError,
     InputError,
     InvalidAttributeError,
+    LimitExceededError,
     MissingAttributeError,
     NotCtError,
     NotDicomError,
@@ -64,6 +68,16 @@ MAX_MATRIX = 4096
 _COSINE_TOLERANCE = 1e-3
 
 DicomSource = str | os.PathLike[str] | bytes
+
+# The largest data set a deflated file may inflate to: the largest pixel data we accept
+# (4096 x 4096 at 32 bits, 64 MiB) plus room for the header.
+MAX_INFLATED_BYTES = 72 * 1024 * 1024
+_INFLATE_CHUNK = 1024 * 1024
+# How much of a file is searched for its file meta group (a few hundred bytes in practice).
+_META_PROBE_BYTES = 64 * 1024
+# Explicit VRs with 2 reserved bytes and a 4-byte length.
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR"}
+_LONG_LENGTH_VRS |= {b"UT", b"UV"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,10 +168,13 @@ def is_localizer(dataset: Dataset) -> bool:
 def read_dataset(data: DicomSource, *, source: str, stop_before_pixels: bool = False) -> Dataset:
     """Parse a DICOM Part-10 file (the 'DICM' preamble is required) without validating it."""
     try:
+        _check_inflated_size(data, source)
         if isinstance(data, bytes):
             dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
         else:
             dataset = pydicom.dcmread(os.fspath(data), stop_before_pixels=stop_before_pixels)
+    except CtJointError:
+        raise
     except InvalidDicomError as err:
         raise NotDicomError("not a DICOM Part-10 file (no 'DICM' preamble)", source=source) from err
     except IsADirectoryError as err:
@@ -173,6 +190,62 @@ def read_dataset(data: DicomSource, *, source: str, stop_before_pixels: bool = F
             "holds no data set after its file meta information (truncated?)", source=source
         )
     return dataset
+
+
+def _check_inflated_size(data: DicomSource, source: str) -> None:
+    """Refuse a Deflated Explicit VR file whose data set inflates past MAX_INFLATED_BYTES.
+
+    pydicom inflates such a data set whole before parsing it, so a file within the gateway's
+    size limit could otherwise ask for gigabytes (deflate shrinks zeros ~1000-fold).
+    """
+    if isinstance(data, bytes):
+        head = data[:_META_PROBE_BYTES]
+    else:
+        with open(os.fspath(data), "rb") as handle:
+            head = handle.read(_META_PROBE_BYTES)
+    meta_end, syntax = _file_meta_syntax(head)
+    if syntax != DeflatedExplicitVRLittleEndian:
+        return
+    if not isinstance(data, bytes):
+        with open(os.fspath(data), "rb") as handle:
+            data = handle.read()
+    # Inflated a megabyte at a time and thrown away: counting costs no memory.
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending, total = data[meta_end:], 0
+    try:
+        while pending and total <= MAX_INFLATED_BYTES:
+            total += len(inflater.decompress(pending, _INFLATE_CHUNK))
+            pending = inflater.unconsumed_tail
+    except zlib.error as err:
+        raise NotDicomError(f"deflated data set does not inflate ({err})", source=source) from err
+    if total > MAX_INFLATED_BYTES:
+        raise LimitExceededError(
+            f"{source}: its deflated data set inflates to more than {MAX_INFLATED_BYTES} bytes"
+        )
+
+
+def _file_meta_syntax(head: bytes) -> tuple[int, str]:
+    """(end of the file meta group, its TransferSyntaxUID) read straight from the bytes; the
+    file meta is always explicit VR little endian. (0, "") if there is none."""
+    if head[128:132] != b"DICM":
+        return 0, ""
+    offset, syntax = 132, ""
+    while offset + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, offset)
+        if group != 0x0002:
+            break
+        if head[offset + 4 : offset + 6] in _LONG_LENGTH_VRS:
+            if offset + 12 > len(head):
+                break
+            (length,) = struct.unpack_from("<I", head, offset + 8)
+            value = offset + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, offset + 6)
+            value = offset + 8
+        if element == 0x0010:
+            syntax = head[value : value + length].rstrip(b"\0 ").decode("ascii", "replace")
+        offset = value + length
+    return offset, syntax
 
 
 def ct_slice_from_dataset(dataset: Dataset, *, source: str) -> CtSlice:

@@ -8,23 +8,30 @@ CTJOINT_FUZZ_GATEWAY_CASES raise them (e.g. 100000), CTJOINT_FUZZ_SEED picks ano
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import figures
 import grpc
+import numpy as np
 import pydicom
 import pytest
 from fuzz_mutator import MUTATIONS, Mutator, seed_files, seed_series, to_bytes, walk_elements
 from gateway_process import GatewayProcess, analyze
 from grpc_health.v1 import health_pb2
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from ctjoint.gateway.dicom_io import read_ct_slice
+from ctjoint.gateway.errors import LimitExceededError
 
 TESTS = Path(__file__).parent
 IN_PROCESS_CASES = int(os.environ.get("CTJOINT_FUZZ_CASES", "10000"))
@@ -193,3 +200,38 @@ def test_a_refused_mutant_leaves_no_trace_in_the_next_scan(gateway: GatewayProce
     result = analyze(gateway.address, series, timeout=30)
     assert len(result.slice_file_number) == len(series)
     assert pydicom.dcmread(io.BytesIO(series[0])).Modality == "CT"
+
+
+def deflated(ds: pydicom.Dataset, filler: int = 0) -> bytes:
+    """`ds` as a Deflated Explicit VR Little Endian file, optionally with `filler` bytes of
+    zeros in a private element (deflate shrinks them ~1000-fold)."""
+    ds = copy.deepcopy(ds)
+    if filler:
+        block = ds.private_block(0x0009, "CTJOINT FUZZ", create=True)
+        block.add_new(0x10, "OB", bytes(filler))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_a_deflated_file_reads_like_the_original() -> None:
+    ds = seed_series()[1]
+    original = read_ct_slice(to_bytes(ds), source="file 1")
+    again = read_ct_slice(deflated(ds), source="file 1")
+    np.testing.assert_array_equal(again.hu, original.hu)
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_inflated() -> None:
+    # 200 MiB of zeros deflate to ~200 KB: well inside the gateway's file limit.
+    bomb = deflated(seed_series()[1], filler=200 * 2**20)
+    assert len(bomb) < 1024 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(LimitExceededError, match=r"^file 1: its deflated data set inflates"):
+            read_ct_slice(bomb, source="file 1")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Counted, not kept: the check itself needs next to nothing.
+    assert peak < 16 * 2**20
