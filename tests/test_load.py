@@ -273,3 +273,31 @@ def test_overload_is_refused_at_once_and_admitted_scans_all_succeed(
     assert received == uploaded, f"received {received} bytes, admitted scans sent {uploaded}"
     assert max(reject_s) < MAX_REJECT_S, f"slowest refusal took {max(reject_s) * 1000:.0f} ms"
     assert peak - before < MAX_OVERLOAD_RSS_GROWTH_BYTES
+
+
+def test_the_leak_switch_needs_test_mode_as_well() -> None:
+    from ctjoint.gateway.limits import TestLeak
+
+    assert TestLeak.from_environment({}) is None
+    assert TestLeak.from_environment({ENV_TEST_LEAK_BYTES_PER_SCAN: "1024"}) is None
+    assert TestLeak.from_environment({ENV_TEST_MODE: "1"}) is None
+    leak = TestLeak.from_environment({ENV_TEST_MODE: "1", ENV_TEST_LEAK_BYTES_PER_SCAN: "1024"})
+    assert leak is not None and leak.bytes_per_scan == 1024
+
+
+def test_the_leak_switch_refuses_a_bad_byte_count_by_name() -> None:
+    from ctjoint.gateway.limits import TestLeak
+
+    with pytest.raises(ValueError, match=f"{ENV_TEST_LEAK_BYTES_PER_SCAN}='lots'"):
+        TestLeak.from_environment({ENV_TEST_MODE: "1", ENV_TEST_LEAK_BYTES_PER_SCAN: "lots"})
+
+
+def test_the_leaking_build_keeps_exactly_its_bytes_per_scan() -> None:
+    import numpy as np
+
+    from ctjoint.gateway.limits import TestLeak
+
+    leak = TestLeak(3000)
+    for _ in range(3):
+        leak.keep(np.arange(100, dtype=np.float32))
+    assert leak.kept_bytes == 9000

@@ -9,7 +9,10 @@ comes from the ensemble's config parameters (the same keys as the ONNX metadata)
 Several Triton replicas may stand behind one backend (see replicas.py): each request goes to
 the healthy replica with the fewest requests in flight; a replica that fails its health check
 or answers UNAVAILABLE is ejected and probed again later, and the request is re-sent to
-another replica (inference is idempotent), so a scan survives a dying replica. Readiness
+another replica (inference is idempotent), so a scan survives a dying replica. A replica
+whose python-backend stub died (READY to health checks, failing every inference) is ejected
+the same way and comes back only after a test inference passes. With no healthy replica a
+request waits briefly for one, then fails UNAVAILABLE well before its deadline. Readiness
 follows Triton: `load()` waits (with backoff) until one replica has every model ready, and a
 monitor keeps `ready` in step afterwards. tritonclient errors become the project's typed
 errors at this boundary.
