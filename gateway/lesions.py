@@ -85,7 +85,7 @@ def segment_lungs(volume: CtVolume, lesion_map: np.ndarray | None = None) -> np.
             components[:, :, -1],
         ):
             border[np.unique(edge)] = True
-        sizes = np.bincount(components.ravel(), minlength=count + 1)
+        sizes = _component_sizes(components, count)
         sizes[border] = 0
         sizes[0] = 0
         keep = sizes >= max(1, MIN_LUNG_FRACTION * sizes.max()) if sizes.max() else sizes > 0
@@ -93,12 +93,50 @@ def segment_lungs(volume: CtVolume, lesion_map: np.ndarray | None = None) -> np.
     else:
         lungs = air
     del components
-    for k in range(lungs.shape[0]):
-        if lungs[k].any():
-            lungs[k] = ndimage.binary_fill_holes(lungs[k])
+    lungs = _fill_holes_per_slice(lungs)
     if lesion_map is not None:
         lungs |= lesion_map > 0
     return _split_sides(lungs, volume)
+
+
+# Up to this many air components, sizes are counted inside each one's bounding box.
+_FEW_COMPONENTS: Final = 64
+# In-slice 4-connectivity, no link across slices: what binary_fill_holes uses on one slice.
+_IN_SLICE: Final = np.stack(
+    [np.zeros((3, 3), bool), ndimage.generate_binary_structure(2, 1), np.zeros((3, 3), bool)]
+)
+
+
+def _component_sizes(components: np.ndarray, count: int) -> np.ndarray:
+    """Voxels per label 1..count (index 0 left 0). np.bincount first converts every label of
+    the volume to int64 (0.5 s for 512x512x100); a chest CT's air has a few components, and
+    counting each inside its bounding box costs about half as much."""
+    if count > _FEW_COMPONENTS:
+        sizes = np.bincount(components.ravel(), minlength=count + 1)
+        sizes[0] = 0
+        return sizes
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for label, box in enumerate(ndimage.find_objects(components), start=1):
+        if box is not None:
+            sizes[label] = np.count_nonzero(components[box] == label)
+    return sizes
+
+
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """`binary_fill_holes` of each slice, in one pass: background components (4-connected
+    within a slice) that do not reach the slice's edge are holes. Equal to the per-slice call,
+    about 3x faster (that call grows the outside by repeated dilation)."""
+    background, count = ndimage.label(~mask, structure=_IN_SLICE)
+    outside = np.zeros(count + 1, dtype=bool)
+    outside[0] = True  # label 0 is the mask itself
+    for edge in (
+        background[:, 0, :],
+        background[:, -1, :],
+        background[:, :, 0],
+        background[:, :, -1],
+    ):
+        outside[np.unique(edge)] = True
+    return mask | ~outside[background]
 
 
 def _split_sides(lungs: np.ndarray, volume: CtVolume) -> np.ndarray:
