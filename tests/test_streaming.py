@@ -20,6 +20,7 @@ from dicom_factory import (
     GROUND_GLASS_HU,
     SMALL_SERIES_LESIONS,
     Lesion,
+    chest_volume,
     write_ct_series,
 )
 from gateway_process import GatewayProcess, analyze, file_bytes
@@ -27,15 +28,17 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, SEG_CLASS_NAMES
-from ctjoint.gateway.analysis import ScanAnalysis, ScanAnalyzer
+from ctjoint.gateway.analysis import ScanAnalysis, ScanAnalyzer, _lungs_with_lesions
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.errors import DuplicateSliceError, MixedSeriesError
+from ctjoint.gateway.lesions import segment_lungs
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
     inplane_slices,
     resize_inplane,
     window_normalise,
 )
+from ctjoint.gateway.series import CtVolume
 
 SLICES = 24
 # Lesions spread over the series, so many slices carry evidence and masks.
@@ -252,3 +255,14 @@ def test_the_3d_model_preprocesses_as_files_arrive_and_answers_the_same(
     assert streamed.result.probabilities == whole.result.probabilities
     assert np.array_equal(streamed.label_map, whole.label_map)
     assert np.array_equal(streamed.lung_map, whole.lung_map)
+
+
+def test_lesions_added_to_precomputed_air_lungs_give_the_lungs_of_segment_lungs() -> None:
+    volume = CtVolume.from_array(chest_volume(12, 64, LESIONS), (2.5, 0.7, 0.7))
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    labels[2:6, 20:30, 8:24] = 1  # reaches from the right lung into the body wall
+    labels[7:9, 40:50, 36:60] = 2  # from the left lung out into the air beside the body
+    air = segment_lungs(volume)
+    assert np.count_nonzero((labels > 0) & (air == 0)) > 0  # lesion voxels outside the air
+    combined = _lungs_with_lesions(air.copy(), labels, volume)
+    assert np.array_equal(combined, segment_lungs(volume, labels))
