@@ -20,6 +20,7 @@ from pathlib import Path
 import figures
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
@@ -45,6 +46,7 @@ from ctjoint.v1 import scan_pb2_grpc
 pytestmark = [pytest.mark.xdist_group("tritonserver"), pytest.mark.timeout(1800)]
 
 MIB = 1024 * 1024
+SERVING = health_pb2.HealthCheckResponse.SERVING
 LONG = os.environ.get("CTJOINT_LONG_TESTS") == "1"
 SCANS = 5000 if LONG else 1000
 WARMUP_SCANS = 50
@@ -236,6 +238,8 @@ def test_overload_is_refused_at_once_and_admitted_scans_all_succeed(
 
     try:
         outcomes, before, peak, received, in_flight_peak = asyncio.run(run())
+        # Nothing was killed for memory: the gateway is still there, and still serving.
+        assert gateway.alive() and gateway.health() == SERVING
     finally:
         gateway.stop()
     accepted = [(n, o) for n, o in outcomes if o.code == grpc.StatusCode.OK]
