@@ -60,6 +60,7 @@ MAX_NOT_SERVING_S = 2.0
 RECOVERY_MARGIN_S = 5.0
 LOAD_DEADLINE_S = 20.0
 LOAD_WORKERS = 4
+BUSY_DELAY_S = 0.1
 DOWN_S = FAILOVER_WAIT_S + 1.0
 # Scans after a killed stub that must all succeed.
 SCANS_AFTER_STUB_KILL = 10
@@ -83,6 +84,15 @@ def slow_triton(tmp_path: Path, contract_model_dir: Path) -> Iterator[RunningTri
     repository = write_test_repository(
         tmp_path, contract_model_dir, network_delay_s=NETWORK_DELAY_S
     )
+    yield from running_triton(repository, tmp_path)
+
+
+@pytest.fixture
+def busy_triton(tmp_path: Path, contract_model_dir: Path) -> Iterator[RunningTriton]:
+    """A Triton taking BUSY_DELAY_S per batch (a GPU under load), so that scans in flight at
+    the kill are, with near certainty, waiting on Triton rather than post-processing."""
+    require_triton()
+    repository = write_test_repository(tmp_path, contract_model_dir, network_delay_s=BUSY_DELAY_S)
     yield from running_triton(repository, tmp_path)
 
 
@@ -193,8 +203,9 @@ class _Load:
 
 
 def test_a_killed_triton_fails_scans_fast_and_the_gateway_recovers_after_restart(
-    triton: RunningTriton, contract_model_dir: Path, series: list[Series], tmp_path: Path
+    busy_triton: RunningTriton, contract_model_dir: Path, series: list[Series], tmp_path: Path
 ) -> None:
+    triton = busy_triton
     gateway = _gateway(
         triton, contract_model_dir, tmp_path / "gateway.log", "--max-concurrent-scans", "8"
     )
