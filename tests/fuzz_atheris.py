@@ -10,7 +10,7 @@ tests/test_fuzz_atheris.py runs it briefly in CI; longer runs are in the README.
 
 from __future__ import annotations
 
-import contextlib
+import resource
 import sys
 import warnings
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["ctjoint", "pydicom"]):
-    from fuzz_harness import PathUnderTest
+    from fuzz_harness import CASE_BYTES, PathUnderTest, mapped_bytes, out_of_memory
     from fuzz_mutator import seed_files, seed_series
 
     from ctjoint.gateway.errors import CtJointError
@@ -26,13 +26,26 @@ with atheris.instrument_imports(include=["ctjoint", "pydicom"]):
 _PATH: PathUnderTest | None = None
 
 
+class CaseTooLargeError(Exception):
+    """An input needed more than CASE_BYTES (reported by atheris as a crash, input saved)."""
+
+
 def test_one_input(data: bytes) -> None:
-    """One libFuzzer input through the path; the project's own errors are fine."""
+    """One libFuzzer input through the path; the project's own errors are fine, unless they
+    hide a MemoryError: each input may allocate CASE_BYTES beyond what the process maps
+    (the seeded harness's bound, by the same soft RLIMIT_AS)."""
     global _PATH
     if _PATH is None:
         _PATH = PathUnderTest()
-    with contextlib.suppress(CtJointError):
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped_bytes() + CASE_BYTES, hard))
+    try:
         _PATH.run(data)
+    except (CtJointError, MemoryError) as err:
+        if out_of_memory(err):
+            raise CaseTooLargeError(f"an input needed more than {CASE_BYTES} bytes") from err
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def main() -> None:
