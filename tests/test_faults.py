@@ -380,6 +380,65 @@ def test_a_killed_postprocess_stub_costs_at_most_one_scan(
     assert ejected == 1
 
 
+def test_with_one_replica_a_killed_stub_is_unavailable_until_triton_restarts(
+    triton: RunningTriton, contract_model_dir: Path, series: list[Series], tmp_path: Path
+) -> None:
+    """No replica to move to: one scan fails UNAVAILABLE (not INTERNAL), health turns
+    NOT_SERVING and later scans are refused at once, instead of each failing after a second
+    inside Triton; once Triton is restarted (its supervisor's job) scans succeed again."""
+    gateway = _gateway(triton, contract_model_dir, tmp_path / "gateway.log")
+    postprocess = contracts.triton_postprocess_name(contracts.MODEL_JCS2D)
+
+    async def run() -> dict[str, object]:
+        async with aio_channel(gateway.address) as channel:
+            stub = scan_pb2_grpc.ScanServiceStub(channel)
+            check_result(await scan(stub, series[0], "before"), series[0], "before")
+            for pid in _stub_pids(triton.pid, postprocess):
+                os.kill(pid, signal.SIGKILL)
+            first = await scan(stub, series[1], "first-after-kill")
+            health = await _health(channel)
+            refused = [await scan(stub, series[n % 4], f"refused-{n}") for n in range(3)]
+            # Still out a few probe rounds later: the test inference keeps failing.
+            await asyncio.sleep(3.0)
+            still = await _health(channel)
+            # A model with a dead stub holds a graceful stop for 30 s: kill it outright.
+            os.kill(triton.pid, signal.SIGKILL)
+            await asyncio.to_thread(triton.stop)
+            restarted = time.monotonic()
+            await asyncio.to_thread(triton.start)
+            await asyncio.to_thread(triton.wait_ready)
+            while await _health(channel) != SERVING:
+                assert time.monotonic() - restarted < 60, "never SERVING again"
+                await asyncio.sleep(0.05)
+            recovered_s = time.monotonic() - restarted
+            after = await scan(stub, series[2], "after-restart")
+        check_result(after, series[2], "after-restart")
+        return {
+            "first": first,
+            "health": health,
+            "refused": refused,
+            "still": still,
+            "recovered_s": recovered_s,
+        }
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        gateway.stop()
+    first, refused = got["first"], got["refused"]
+    assert isinstance(first, Outcome) and isinstance(refused, list)
+    figures.record(
+        "faults: postprocess python stub killed (1 replica)",
+        first=first.code.name,
+        refused_ms_max=round(max(o.seconds for o in refused) * 1000, 1),
+        recovery_after_restart_s=round(float(got["recovered_s"]), 2),  # type: ignore[arg-type]
+    )
+    assert first.code == grpc.StatusCode.UNAVAILABLE, first
+    assert got["health"] == NOT_SERVING and got["still"] == NOT_SERVING
+    assert all(o.code == grpc.StatusCode.UNAVAILABLE for o in refused), refused
+    assert all(o.seconds < 0.5 for o in refused), [o.seconds for o in refused]
+
+
 def test_an_oversize_message_is_resource_exhausted_and_the_next_scan_succeeds(
     contract_model_dir: Path, series: list[Series], tmp_path: Path
 ) -> None:
