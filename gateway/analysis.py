@@ -387,7 +387,7 @@ class ScanAnalyzer:
             preprocess_ms=preprocess_ms,
             infer_ms=infer_ms,
             postprocess_ms=postprocess_ms,
-            total_ms=before.read_ms + before.validate_ms + elapsed,
+            total_ms=before.read_ms + before.validate_ms + before.preprocess_ms + elapsed,
             model_ms=outputs.model_ms,
         )
         result = ScanResult.from_probabilities(
