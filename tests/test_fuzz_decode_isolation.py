@@ -7,6 +7,7 @@ import asyncio
 import io
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import figures
@@ -15,7 +16,7 @@ import grpc.aio
 import numpy as np
 import pydicom
 import pytest
-from dicom_factory import write_ct_series
+from dicom_factory import ct_dataset, write_ct_series
 from fuzz_codec_hooks import ABORT_MARKER, HANG_MARKER, SEGFAULT_MARKER, misbehaving_decode
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inprocess_gateway import _wait_serving, free_port
@@ -44,6 +45,12 @@ def rle_series(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
         ds.save_as(buffer, enforce_file_format=True)
         contents.append(buffer.getvalue())
     return contents
+
+
+def _save(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def with_pixel_data(content: bytes, fragment: bytes) -> bytes:
@@ -103,6 +110,39 @@ def test_a_codec_error_keeps_its_worker(rle_series: list[bytes]) -> None:
         assert caught.value.kind == "error"
         pool.decode(good)
         assert (pool.started, pool.lost) == (1, 0)
+
+
+def test_a_decode_past_the_workers_memory_allowance_is_refused_and_the_worker_kept() -> None:
+    # 131 KB of RLE that decodes to 8 MB: over a 4 MiB allowance, under a 64 MiB one.
+    ds = ct_dataset(
+        np.full((2048, 2048), -1000.0, dtype=np.float32),
+        index=1,
+        position=(0, 0, 0),
+        series_uid="1.2.826.0.1.3680043.8.498.1",
+        study_uid="1.2.826.0.1.3680043.8.498.2",
+        frame_uid="1.2.826.0.1.3680043.8.498.3",
+    )
+    ds.compress(RLELossless)
+    request = _request(_save(ds))
+    with DecodePool(1, memory_bytes=4 * 2**20) as pool:
+        with pytest.raises(DecodeError, match="MemoryError") as caught:
+            pool.decode(request)
+        assert caught.value.kind == "error"
+        assert (pool.started, pool.lost) == (1, 0)
+    with DecodePool(1, memory_bytes=64 * 2**20) as pool:
+        assert pool.decode(request).shape == (2048, 2048)
+
+
+def test_concurrent_decodes_share_the_pool_and_never_exceed_its_workers(
+    rle_series: list[bytes],
+) -> None:
+    requests = [_request(content) for content in rle_series]
+    expected = [pydicom.dcmread(io.BytesIO(c)).pixel_array for c in rle_series]
+    with DecodePool(2) as pool, ThreadPoolExecutor(6) as threads:
+        results = list(threads.map(pool.decode, requests * 4))
+        assert pool.started <= 2
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result, expected[i % len(expected)])
 
 
 def test_compressed_pixels_decode_in_a_worker_exactly_as_in_process(
