@@ -91,12 +91,17 @@ class ScanSample:
 
 
 def scan_messages(
-    contents: Sequence[bytes], *, model: str, request_id: str
+    contents: Sequence[bytes], *, model: str, request_id: str, interval_s: float = 0.0
 ) -> Iterator[scan_pb2.ScanRequest]:
-    """The request stream of one scan: the header, then one message per file."""
+    """The request stream of one scan: the header, then one message per file, optionally one
+    every `interval_s` seconds (a scanner sends images as it reconstructs them)."""
     header = scan_pb2.ScanHeader(request_id=request_id, model=model, expected_files=len(contents))
     yield scan_pb2.ScanRequest(header=header)
+    due = time.perf_counter()
     for content in contents:
+        if interval_s > 0:
+            due += interval_s
+            time.sleep(max(0.0, due - time.perf_counter()))
         yield scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=content))
 
 
@@ -122,6 +127,7 @@ def run_scan(
     model: str,
     progress_events: bool = False,
     timeout: float = 600.0,
+    interval_s: float = 0.0,
 ) -> ScanSample:
     """Send one series (already in memory, so disk reads are not measured) and time it."""
     stub = scan_pb2_grpc.ScanServiceStub(channel)
@@ -130,7 +136,7 @@ def run_scan(
     started = time.perf_counter()
     last_received: float | None = None
     result: scan_pb2.ScanResult | None = None
-    messages = scan_messages(contents, model=model, request_id=request_id)
+    messages = scan_messages(contents, model=model, request_id=request_id, interval_s=interval_s)
     try:
         if progress_events:
             for event in stub.AnalyzeScanWithProgress(messages, timeout=timeout, metadata=metadata):
@@ -360,6 +366,7 @@ def run_point(
     progress_events: bool = False,
     on_done: Any = None,
     security: ChannelSecurity | None = None,
+    interval_s: float = 0.0,
 ) -> tuple[BenchPoint, list[ScanSample]]:
     """`scans` scans with `concurrency` in flight at a time (one channel per worker)."""
     if concurrency < 1 or scans < 1:
@@ -375,7 +382,13 @@ def run_point(
                     if remaining[0] == 0:
                         return
                     remaining[0] -= 1
-                sample = run_scan(channel, contents, model=model, progress_events=progress_events)
+                sample = run_scan(
+                    channel,
+                    contents,
+                    model=model,
+                    progress_events=progress_events,
+                    interval_s=interval_s,
+                )
                 with lock:
                     samples.append(sample)
                 if on_done is not None:
