@@ -47,7 +47,7 @@ TYPED_ANSWERS = {
 }
 
 
-def run_harness(cases: int, seed: int, *extra: str, timeout: float = 1800) -> dict[str, object]:
+def run_harness(cases: int, seed: int, *extra: str, timeout: float = 600) -> dict[str, object]:
     """tests/fuzz_harness.py in a process of its own (it sets an address-space limit)."""
     completed = subprocess.run(
         [sys.executable, str(TESTS / "fuzz_harness.py"), str(cases), str(seed), *extra],
@@ -103,8 +103,10 @@ def test_the_memory_guard_reports_a_case_that_allocates_too_much() -> None:
     assert len(report["large"]) == 3
 
 
+# pytest's default 600 s would cut a long run (100,000 cases take several minutes here).
+@pytest.mark.timeout(max(600, IN_PROCESS_CASES // 20))
 def test_mutants_through_validation_decode_and_preprocessing_raise_only_typed_errors() -> None:
-    report = run_harness(IN_PROCESS_CASES, SEED)
+    report = run_harness(IN_PROCESS_CASES, SEED, timeout=max(600, IN_PROCESS_CASES // 20))
     outcomes: dict[str, int] = report["outcomes"]  # type: ignore[assignment]
     figures.record(
         "fuzz in-process (validation + decode + preprocess)",
@@ -145,6 +147,7 @@ def gateway(
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.timeout(max(600, GATEWAY_CASES // 5))
 def test_mutants_through_the_live_gateway_get_typed_answers(gateway: GatewayProcess) -> None:
     series = seed_series()
     neighbours = [to_bytes(ds) for i, ds in enumerate(series) if i != len(series) // 2]

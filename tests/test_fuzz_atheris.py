@@ -23,6 +23,7 @@ SECONDS = int(os.environ.get("CTJOINT_ATHERIS_SECONDS", "20"))
 RSS_LIMIT_MB = 1024
 
 
+@pytest.mark.timeout(SECONDS + 600)
 def test_atheris_finds_no_uncaught_exception(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     artifacts = tmp_path / "artifacts"
