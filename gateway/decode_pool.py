@@ -351,9 +351,23 @@ def default_pool() -> DecodePool:
     global _default
     with _default_lock:
         if _default is None:
-            workers = int(os.environ.get(ENV_DECODE_WORKERS, "") or DEFAULT_WORKERS)
-            _default = DecodePool(workers)
+            _default = DecodePool(_configured_workers())
         return _default
+
+
+def _configured_workers() -> int:
+    text = os.environ.get(ENV_DECODE_WORKERS, "").strip()
+    try:
+        workers = int(text) if text else DEFAULT_WORKERS
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        # A typo in the environment must not turn every compressed file into an error.
+        logger.warning(
+            "%s=%r is not a positive integer; using %d", ENV_DECODE_WORKERS, text, DEFAULT_WORKERS
+        )
+        workers = DEFAULT_WORKERS
+    return workers
 
 
 def set_default_pool(pool: DecodePool | None) -> DecodePool | None:

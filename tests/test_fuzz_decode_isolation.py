@@ -220,3 +220,16 @@ def test_the_gateway_survives_a_codec_crash_and_serves_the_next_scan(
         next_scan_ok=True,
         recovery_s=round(recovery_s, 2),
     )
+
+
+@pytest.mark.parametrize(("setting", "workers"), [("3", 3), ("", 2), ("two", 2), ("0", 2)])
+def test_the_pool_size_comes_from_the_environment_and_survives_a_typo(
+    setting: str, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(decode_pool.ENV_DECODE_WORKERS, setting)
+    old = decode_pool.set_default_pool(None)
+    try:
+        assert decode_pool.default_pool().workers == workers
+    finally:
+        decode_pool.close_default_pool()
+        decode_pool.set_default_pool(old)
