@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import struct
 import zlib
 from collections.abc import Iterator
@@ -86,9 +87,10 @@ def test_bench_sweep_writes_consistent_json_csv_png(
         assert set(point["stages_ms"]) == {name for name, _ in STAGE_GROUPS}
         for stage in ("decode", "preprocess", "infer", "postprocess"):
             assert point["stages_ms"][stage] > 0, stage
-        # The gateway's own total bounds the stages it timed inside it.
-        inside = sum(v for k, v in point["stages_ms"].items() if k != "receive")
-        assert inside <= point["raw_stages_ms"]["gateway_total"] * 1.01
+        # Stages overlap while a series streams in, so only each one alone is bounded by the
+        # gateway's own total for the scan.
+        for stage in ("infer", "postprocess", "outputs"):
+            assert point["stages_ms"][stage] <= point["raw_stages_ms"]["gateway_total"], stage
         gw = point["processes"]["gateway"]
         assert gw["cpu_s"] > 0 and gw["peak_rss_mb"] > 20
     with (out / "bench.csv").open(newline="") as handle:
@@ -120,3 +122,33 @@ def test_bench_refuses_a_bad_concurrency() -> None:
         parse_concurrency("four")
     assert parse_concurrency("1:3") == [1, 2, 3]
     assert parse_concurrency("4,1,2,2") == [1, 2, 4]
+
+
+@pytest.mark.skipif(
+    os.environ.get("CTJOINT_BENCH_SPAWN") != "1",
+    reason="starts tritonserver and a gateway (about a minute); set CTJOINT_BENCH_SPAWN=1",
+)
+def test_bench_spawn_measures_gateway_and_triton(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    done = ctjoint(
+        "bench",
+        "--spawn",
+        "--size",
+        "128",
+        "--slices",
+        "12",
+        "--concurrency",
+        "1,2",
+        "--scans",
+        "2",
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "bench.json").read_text())
+    assert report["slices"] == 12
+    for point in report["points"]:
+        assert set(point["processes"]) == {"gateway", "triton"}
+        # Triton ran the model: its process tree used CPU, and the gateway timed the calls.
+        assert point["processes"]["triton"]["cpu_s"] > 0
+        assert point["stages_ms"]["infer"] > 0
