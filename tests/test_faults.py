@@ -389,7 +389,7 @@ def test_with_one_replica_a_killed_stub_is_unavailable_until_triton_restarts(
     gateway = _gateway(triton, contract_model_dir, tmp_path / "gateway.log")
     postprocess = contracts.triton_postprocess_name(contracts.MODEL_JCS2D)
 
-    async def run() -> dict[str, object]:
+    async def run() -> tuple[Outcome, int | None, list[Outcome], int | None, float]:
         async with aio_channel(gateway.address) as channel:
             stub = scan_pb2_grpc.ScanServiceStub(channel)
             check_result(await scan(stub, series[0], "before"), series[0], "before")
@@ -413,28 +413,20 @@ def test_with_one_replica_a_killed_stub_is_unavailable_until_triton_restarts(
             recovered_s = time.monotonic() - restarted
             after = await scan(stub, series[2], "after-restart")
         check_result(after, series[2], "after-restart")
-        return {
-            "first": first,
-            "health": health,
-            "refused": refused,
-            "still": still,
-            "recovered_s": recovered_s,
-        }
+        return first, health, refused, still, recovered_s
 
     try:
-        got = asyncio.run(run())
+        first, health, refused, still, recovered_s = asyncio.run(run())
     finally:
         gateway.stop()
-    first, refused = got["first"], got["refused"]
-    assert isinstance(first, Outcome) and isinstance(refused, list)
     figures.record(
         "faults: postprocess python stub killed (1 replica)",
         first=first.code.name,
         refused_ms_max=round(max(o.seconds for o in refused) * 1000, 1),
-        recovery_after_restart_s=round(float(got["recovered_s"]), 2),  # type: ignore[arg-type]
+        recovery_after_restart_s=round(recovered_s, 2),
     )
     assert first.code == grpc.StatusCode.UNAVAILABLE, first
-    assert got["health"] == NOT_SERVING and got["still"] == NOT_SERVING
+    assert health == NOT_SERVING and still == NOT_SERVING
     assert all(o.code == grpc.StatusCode.UNAVAILABLE for o in refused), refused
     assert all(o.seconds < 0.5 for o in refused), [o.seconds for o in refused]
 
