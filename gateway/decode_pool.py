@@ -4,7 +4,7 @@ JPEG, JPEG 2000, JPEG-LS and RLE codecs are C libraries fed with bytes a scanner
 chose; one that crashes, hangs or allocates without bound must cost one file, not the gateway.
 Each worker owns a pipe; a decode that kills its worker (a signal, an abort), outlives its
 deadline or runs out of the worker's memory allowance raises `DecodeError` for that file, and
-the worker is replaced on the next request. Uncompressed pixels never come here: they are
+a replacement starts at once, in the background. Uncompressed pixels never come here: they are
 decoded in-process (dicom_io), which is both safe (numpy reads a bounded buffer) and fast.
 
 Workers are fresh interpreters (the gateway's grpc.aio threads make fork unsafe), started only
@@ -243,16 +243,18 @@ class DecodePool:
         self._memory_bytes = memory_bytes
         self._decode = decode
         self._slots = threading.BoundedSemaphore(workers)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
+        # Workers alive or starting (a replacement included): never more than `workers`.
+        self._count = 0
         self._closed = False
         # Figures for logs and tests: workers started and lost (crashed or killed on timeout).
         self.started = 0
         self.lost = 0
 
     def decode(self, request: DecodeRequest) -> np.ndarray:
-        """Decode in a worker; raises `DecodeError` (the worker is replaced if it died)."""
+        """Decode in a worker; raises `DecodeError` (a worker that died is replaced at once)."""
         with self._slots:
             worker = self._take()
             healthy = False
@@ -272,6 +274,7 @@ class DecodePool:
         with self._lock:
             self._closed = True
             workers, self._all, self._idle = list(self._all), set(), []
+            self._lock.notify_all()
         for worker in workers:
             worker.stop()
 
@@ -285,29 +288,77 @@ class DecodePool:
 
     def _take(self) -> _Worker:
         with self._lock:
-            if self._closed:
-                raise DecodeError("error", "the decode pool is closed")
-            if self._idle:
-                return self._idle.pop()
-            self.started += 1
-        worker = _Worker(self._decode, self._memory_bytes)
-        with self._lock:
-            self._all.add(worker)
+            while True:
+                if self._closed:
+                    raise DecodeError("error", "the decode pool is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if self._count < self.workers:
+                    self._count += 1
+                    break
+                # Every worker is busy or starting; as this caller holds one of the `workers`
+                # slots, one of them is a replacement that is about to be idle.
+                self._lock.wait()
+        return self._start()
+
+    def _start(self) -> _Worker:
+        """A new ready worker, counted already in `_count` (given back if it fails)."""
         try:
+            worker = _Worker(self._decode, self._memory_bytes)
             worker.wait_ready(STARTUP_TIMEOUT_S)
-        except DecodeError:
+        except (DecodeError, OSError) as err:
             with self._lock:
-                self._all.discard(worker)
-            raise
+                self._count -= 1
+                self._lock.notify_all()
+            if isinstance(err, DecodeError):
+                raise
+            raise DecodeError("crashed", f"a decode worker failed to start ({err})") from err
+        with self._lock:
+            self.started += 1
+            if self._closed:
+                self._count -= 1
+                closed = True
+            else:
+                self._all.add(worker)
+                closed = False
+        if closed:
+            worker.stop()
+            raise DecodeError("error", "the decode pool is closed")
         return worker
 
     def _give_back(self, worker: _Worker, healthy: bool) -> None:
         with self._lock:
             if healthy and not self._closed and worker.alive():
                 self._idle.append(worker)
+                self._lock.notify()
                 return
             self._all.discard(worker)
+            replace = not self._closed
+            if not replace:
+                self._count -= 1
         worker.kill()
+        if replace:
+            # The next file need not wait for an interpreter to start.
+            threading.Thread(
+                target=self._replace, name="ctjoint-decode-restart", daemon=True
+            ).start()
+
+    def _replace(self) -> None:
+        try:
+            worker = self._start()
+        except DecodeError:
+            logger.warning("a replacement decode worker failed to start; one starts on demand")
+            return
+        with self._lock:
+            closed = self._closed
+            if closed:
+                self._all.discard(worker)
+                self._count -= 1
+            else:
+                self._idle.append(worker)
+                self._lock.notify()
+        if closed:
+            worker.stop()
 
     def _call(self, worker: _Worker, request: DecodeRequest) -> np.ndarray:
         try:

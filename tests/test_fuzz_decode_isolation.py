@@ -98,6 +98,11 @@ def test_a_misbehaving_codec_costs_one_decode_and_the_pool_recovers(
         with pytest.raises(DecodeError, match=how) as caught:
             pool.decode(DecodeRequest(good.transfer_syntax, good.attributes, marker))
         assert caught.value.kind == kind
+        # The replacement starts by itself, before anyone asks for a decode.
+        deadline = time.monotonic() + 60
+        while pool.started < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.started == 2
         np.testing.assert_array_equal(pool.decode(good), expected)
         assert (pool.started, pool.lost) == (2, 1)
 
