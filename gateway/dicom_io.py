@@ -159,8 +159,10 @@ def is_localizer(dataset: Dataset) -> bool:
         return False
     if image_type is None:
         return False
-    # One value comes back as a plain string, several as a MultiValue.
-    items = [image_type] if isinstance(image_type, str) else list(image_type)
+    # One value comes back as a plain string, several as a MultiValue; a damaged file may
+    # give any other VR's value (a number), which is then one item.
+    many = isinstance(image_type, Sequence) and not isinstance(image_type, str | bytes)
+    items = list(image_type) if many else [image_type]
     values = [str(v).strip().upper() for v in items]
     return len(values) >= 3 and values[2] == "LOCALIZER"
 

@@ -30,7 +30,7 @@ from gateway_process import GatewayProcess, analyze
 from grpc_health.v1 import health_pb2
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from ctjoint.gateway.dicom_io import read_ct_slice
+from ctjoint.gateway.dicom_io import is_localizer, read_ct_slice
 from ctjoint.gateway.errors import LimitExceededError
 
 TESTS = Path(__file__).parent
@@ -238,3 +238,14 @@ def test_a_deflate_bomb_is_refused_before_it_is_inflated() -> None:
         tracemalloc.stop()
     # Counted, not kept: the check itself needs next to nothing.
     assert peak < 16 * 2**20
+
+
+def test_an_image_type_read_as_a_number_is_not_a_localizer_and_not_a_crash() -> None:
+    # Found by 100,000 seeded cases (seed 20261123, case 35105): a bit flip turned Image
+    # Type's VR CS into IS, and the localizer check iterated over the number.
+    ds = seed_series()[1]
+    ds.add_new(0x00080008, "IS", "5")
+    data = to_bytes(ds)
+    parsed = pydicom.dcmread(io.BytesIO(data))
+    assert not is_localizer(parsed)
+    assert read_ct_slice(data, source="file 1").hu.shape == (32, 32)
