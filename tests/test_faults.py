@@ -393,7 +393,9 @@ def test_with_one_replica_a_killed_stub_is_unavailable_until_triton_restarts(
         async with aio_channel(gateway.address) as channel:
             stub = scan_pb2_grpc.ScanServiceStub(channel)
             check_result(await scan(stub, series[0], "before"), series[0], "before")
-            for pid in _stub_pids(triton.pid, postprocess):
+            stubs = _stub_pids(triton.pid, postprocess)
+            assert stubs, f"no python stub of {postprocess} under tritonserver {triton.pid}"
+            for pid in stubs:
                 os.kill(pid, signal.SIGKILL)
             first = await scan(stub, series[1], "first-after-kill")
             health = await _health(channel)
