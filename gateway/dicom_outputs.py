@@ -385,6 +385,14 @@ def scan_objects(
         )
     lung_map = lungs if lungs is not None else np.zeros(label_map.shape, dtype=np.uint8)
     header = _patient_module_for_outputs(header)
+    if not str(header.get("FrameOfReferenceUID", "") or "").strip():
+        # Optional for the analysis, but a CT SEG's frames live in the source's frame of
+        # reference: without it there is no SEG to write (found by the reliability fuzzing).
+        raise InputError(
+            "is absent or unreadable, and a DICOM SEG needs it",
+            source="series",
+            attribute="FrameOfReferenceUID",
+        )
     segmentation = build_seg(result, volume, header, label_map, lung_map, identity=identity)
     report = build_sr(result, segmentation, header, identity=identity) if sr else None
     return ScanObjects(
@@ -400,14 +408,66 @@ _PATIENT_SEX_VALUES: Final = frozenset({"M", "F", "O", ""})
 def _patient_module_for_outputs(header: Dataset) -> Dataset:
     """The source header with values a valid SEG/SR cannot carry made empty (Type 2: unknown).
 
-    A scanner's out-of-standard Patient Sex (say "U") must not cost the scan its SEG.
+    A scanner's out-of-standard Patient Sex (say "U") must not cost the scan its SEG, nor
+    may a Type 2 attribute that is absent or unreadable (anonymised exports drop them;
+    highdicom reads each one as an attribute and would fail the whole scan).
     """
-    sex = str(header.get("PatientSex", "") or "")
-    if sex in _PATIENT_SEX_VALUES:
+    header = _without_unreadable(header)
+    blank = [keyword for keyword in _TYPE2_COPIED if not _readable(header, keyword)]
+    sex = str(header.get("PatientSex", "") or "") if "PatientSex" not in blank else ""
+    if sex not in _PATIENT_SEX_VALUES:
+        blank.append("PatientSex")
+    if not blank:
         return header
     copied = copy.deepcopy(header)  # a shallow copy shares its elements
-    copied.PatientSex = ""
+    for keyword in blank:
+        if keyword in copied:
+            delattr(copied, keyword)
+        setattr(copied, keyword, "")
     return copied
+
+
+# Type 2 attributes of the Patient and General Study modules that highdicom copies from the
+# source header into the SEG and SR (found missing by the reliability fuzzing, issue 8).
+_TYPE2_COPIED: Final = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+
+
+def _without_unreadable(header: Dataset) -> Dataset:
+    """The header without elements whose raw value does not convert (a damaged VR or length):
+    the SEG and SR copy and set attributes, and each such element would fail them there."""
+    broken = []
+    for tag in list(header.keys()):
+        try:
+            header[tag]
+        except Exception:
+            broken.append(tag)
+    if not broken:
+        return header
+    copied = copy.deepcopy(header)
+    for tag in broken:
+        del copied[tag]
+    return copied
+
+
+def _readable(header: Dataset, keyword: str) -> bool:
+    """Present (empty is fine for Type 2) and convertible: pydicom converts a raw value only
+    when it is read, so a malformed one fails there, and must not fail the SEG."""
+    if keyword not in header:
+        return False
+    try:
+        header.get(keyword)
+    except Exception:
+        return False
+    return True
 
 
 def analysis_objects(analysis: ScanAnalysis, *, seg: bool = True, sr: bool = True) -> ScanObjects:

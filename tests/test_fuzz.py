@@ -26,12 +26,13 @@ import numpy as np
 import pydicom
 import pytest
 from fuzz_mutator import MUTATIONS, Mutator, seed_files, seed_series, to_bytes, walk_elements
-from gateway_process import GatewayProcess, analyze
+from gateway_process import GatewayProcess, analyze, channel
 from grpc_health.v1 import health_pb2
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from ctjoint.gateway.dicom_io import is_localizer, read_ct_slice
 from ctjoint.gateway.errors import LimitExceededError
+from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 TESTS = Path(__file__).parent
 IN_PROCESS_CASES = int(os.environ.get("CTJOINT_FUZZ_CASES", "10000"))
@@ -45,6 +46,20 @@ TYPED_ANSWERS = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+
+def scan(
+    address: str, files: list[bytes], *, expected: int, outputs: scan_pb2.OutputOptions
+) -> scan_pb2.ScanResult:
+    """One AnalyzeScan with the given outputs; raises grpc.RpcError on a status other than OK."""
+    header = scan_pb2.ScanHeader(model="jcs2d", expected_files=expected, outputs=outputs)
+    messages = [scan_pb2.ScanRequest(header=header)]
+    messages += [scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=f)) for f in files]
+    with channel(address) as ch:
+        result: scan_pb2.ScanResult = scan_pb2_grpc.ScanServiceStub(ch).AnalyzeScan(
+            iter(messages), timeout=30
+        )
+    return result
 
 
 def run_harness(cases: int, seed: int, *extra: str, timeout: float = 600) -> dict[str, object]:
@@ -158,16 +173,17 @@ def test_mutants_through_the_live_gateway_get_typed_answers(gateway: GatewayProc
     slowest = 0.0
     for number in range(GATEWAY_CASES):
         case = mutator.case(number)
-        # Every 50th scan also claims 10,000 files in its header.
+        # Every 50th scan also claims 10,000 files in its header. Every 4th sends the mutant
+        # first and asks for SEG and SR too: the first file's header is what they copy.
         expected = 10_000 if number % 50 == 0 else 3
+        files = [neighbours[0], case.data, neighbours[1]]
+        outputs = scan_pb2.OutputOptions()
+        if number % 4 == 1:
+            files = [case.data, *neighbours]
+            outputs = scan_pb2.OutputOptions(seg=True, sr=True, masks=True, overlay=True)
         t0 = time.perf_counter()
         try:
-            analyze(
-                gateway.address,
-                [neighbours[0], case.data, neighbours[1]],
-                timeout=30,
-                expected=expected,
-            )
+            scan(gateway.address, files, expected=expected, outputs=outputs)
             code, details = grpc.StatusCode.OK, ""
         except grpc.RpcError as err:
             code, details = err.code(), err.details() or ""
@@ -249,3 +265,28 @@ def test_an_image_type_read_as_a_number_is_not_a_localizer_and_not_a_crash() -> 
     parsed = pydicom.dcmread(io.BytesIO(data))
     assert not is_localizer(parsed)
     assert read_ct_slice(data, source="file 1").hu.shape == (32, 32)
+
+
+def test_a_source_without_type2_patient_attributes_still_gets_its_seg_and_sr(
+    gateway: GatewayProcess,
+) -> None:
+    # Found by the mutants sent first with SEG/SR asked for: the phantom files carry no
+    # Patient Birth Date, Patient Sex, Study Date, ... (anonymised exports drop them too), and
+    # highdicom's attribute reads answered INTERNAL.
+    series = [to_bytes(ds) for ds in seed_series()]
+    assert "PatientBirthDate" not in pydicom.dcmread(io.BytesIO(series[0]))
+    outputs = scan_pb2.OutputOptions(seg=True, sr=True)
+    result = scan(gateway.address, series, expected=len(series), outputs=outputs)
+    assert pydicom.dcmread(io.BytesIO(result.seg_dicom)).Modality == "SEG"
+    assert pydicom.dcmread(io.BytesIO(result.sr_dicom)).Modality == "SR"
+
+
+def test_a_seg_without_a_frame_of_reference_is_a_clear_error(gateway: GatewayProcess) -> None:
+    datasets = seed_series()
+    for ds in datasets:
+        del ds.FrameOfReferenceUID
+    series = [to_bytes(ds) for ds in datasets]
+    with pytest.raises(grpc.RpcError) as caught:
+        scan(gateway.address, series, expected=3, outputs=scan_pb2.OutputOptions(seg=True))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "FrameOfReferenceUID" in (caught.value.details() or "")
