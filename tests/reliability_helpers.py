@@ -6,6 +6,7 @@ gateway process's resident memory read from /proc."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -104,6 +105,10 @@ class RunningTriton:
             # exit timeout (30 s); the test has no use for a graceful stop.
             self.server.stop(grace=STOP_GRACE_S)
             self.server = None
+        # A SIGKILLed Triton leaves its python backend's shared-memory regions behind; their
+        # names carry this process's id and the port (see server_args), so they are ours.
+        for region in Path("/dev/shm").glob(f"ctjoint{os.getpid()}p{self.config.grpc_port}_*"):
+            region.unlink(missing_ok=True)
 
     @property
     def pid(self) -> int:
