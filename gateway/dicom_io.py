@@ -36,7 +36,13 @@ import pydicom
 import pydicom.pixels
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, CTImageStorage, DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from ctjoint.gateway import decode_pool
 from ctjoint.gateway.errors import (
@@ -270,12 +276,14 @@ def ct_slice_from_dataset(dataset: Dataset, *, source: str) -> CtSlice:
         raise InvalidAttributeError("must not be 0", source=source, attribute="RescaleSlope")
     thickness = _optional_positive_float(dataset, "SliceThickness", source)
     pixels = _decode_pixels(dataset, rows, columns, source)
-    hu = pixels.astype(np.float32)
-    # Skip the identity parts of the rescale: most CT stores slope 1, and it saves a full pass.
+    # One pass from the stored integers to float32 HU (the conversion is the first operation,
+    # not a separate astype), then the identity-free rest of the rescale.
     if slope != 1.0:
-        hu *= np.float32(slope)
-    if intercept != 0.0:
-        hu += np.float32(intercept)
+        hu = np.multiply(pixels, np.float32(slope), dtype=np.float32)
+        if intercept != 0.0:
+            hu += np.float32(intercept)
+    else:
+        hu = np.add(pixels, np.float32(intercept), dtype=np.float32)
     return CtSlice(
         hu=hu,
         position=(position[0], position[1], position[2]),
@@ -419,6 +427,8 @@ def _decode_pixels(dataset: Dataset, rows: int, columns: int, source: str) -> np
             )
     if syntax.is_compressed:
         pixels = _decode_in_worker(dataset, syntax, source)
+    elif (plain := _plain_pixels(dataset, syntax, rows, columns)) is not None:
+        pixels = plain
     else:
         try:
             pixels = dataset.pixel_array
@@ -436,6 +446,33 @@ def _decode_pixels(dataset: Dataset, rows: int, columns: int, source: str) -> np
             attribute="PixelData",
         )
     return pixels
+
+
+_PLAIN_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+_PLAIN_DTYPES = {(16, 0): np.dtype("<u2"), (16, 1): np.dtype("<i2")}
+
+
+def _plain_pixels(dataset: Dataset, syntax: UID, rows: int, columns: int) -> np.ndarray | None:
+    """The common CT case read straight from the bytes: one frame of little-endian 16-bit
+    pixels with every allocated bit stored. A zero-copy view, against ~0.2 ms per 512x512
+    slice for pydicom's general decoder; None (use pydicom) for anything else, including
+    BitsStored < BitsAllocated, whose unused high bits pydicom knows how to treat."""
+    if syntax not in _PLAIN_SYNTAXES:
+        return None
+    try:
+        bits = int(dataset.BitsAllocated)
+        key = (bits, int(dataset.PixelRepresentation))
+        if int(dataset.get("BitsStored") or 0) != bits or key not in _PLAIN_DTYPES:
+            return None
+    except Exception:
+        # A malformed value (any of pydicom's lazy-conversion errors): the general path
+        # reads it again through _get and names it.
+        return None
+    data = dataset.PixelData
+    count = rows * columns
+    if not isinstance(data, bytes) or len(data) < count * 2:
+        return None
+    return np.frombuffer(data, dtype=_PLAIN_DTYPES[key], count=count).reshape(rows, columns)
 
 
 def _decode_in_worker(dataset: Dataset, syntax: UID, source: str) -> np.ndarray:
