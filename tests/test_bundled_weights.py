@@ -31,17 +31,7 @@ def test_bundled_checkpoint_holds_weights_only(model: str) -> None:
     assert bundled_weights(model).stat().st_size < 5_000_000
 
 
-# deepsc3d's held-out lesion Dice is 0.829 (target 0.85): strict, so this flips to a failure
-# the day a retrained checkpoint meets it and the marker must go.
-DEEPSC3D_BELOW_DICE_TARGET = pytest.mark.xfail(
-    strict=True,
-    reason="deepsc3d tiny reaches lesion Dice 0.829 on the held-out phantoms, below 0.85",
-)
-
-
-@pytest.mark.parametrize(
-    "model", ["jcs2d", pytest.param("deepsc3d", marks=DEEPSC3D_BELOW_DICE_TARGET)]
-)
+@pytest.mark.parametrize("model", MODEL_NAMES)
 def test_bundled_evaluation_meets_the_targets(model: str) -> None:
     report = json.loads((WEIGHTS_DIR / f"{model}_tiny.eval.json").read_text())
     assert report["split"] == "test"
