@@ -784,9 +784,7 @@ def bench(
         str, typer.Option(help="Scans in flight per point: 1,2,4 or 1:4.")
     ] = "1,2,4",
     scans: Annotated[int, typer.Option(min=1, help="Scans per concurrency point.")] = 8,
-    out: Annotated[Path, typer.Option(help="Folder for bench.json/.csv/.png.")] = Path(
-        "out/bench"
-    ),
+    out: Annotated[Path, typer.Option(help="Folder for bench.json/.csv/.png.")] = Path("out/bench"),
     gateway_pid: Annotated[
         int | None, typer.Option(help="Gateway process id (CPU and RSS; with --gateway).")
     ] = None,
