@@ -1,0 +1,88 @@
+"""How fast a full gateway refuses a burst, with nothing else running on it.
+
+    .venv/bin/python bench/refusal_burst.py [--limit 8] [--burst 192] [--rounds 3]
+
+Starts a real gateway (embedded backend, the tests' tiny contract models) admitting `--limit`
+scans, fills every slot with an admitted scan that sends its header and then nothing, and
+fires `--burst` more scans at once from one grpc.aio client. Prints, per round, the status
+counts and the client-side time to the refusal (p50, max). tests/test_load.py measures the
+same under load (admitted scans really running, Triton beside them on the same cores); this
+is the floor that the event loop and gRPC set on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from contract_models import export_contract_model
+from gateway_process import GatewayProcess
+
+from ctjoint.contracts import MODEL_JCS2D, MODEL_NAMES
+from ctjoint.v1 import scan_pb2, scan_pb2_grpc
+
+
+async def burst(address: str, limit: int, size: int, rounds: int) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = scan_pb2_grpc.ScanServiceStub(channel)
+        holders = []
+        for _ in range(limit):
+            call = stub.AnalyzeScan(timeout=600)
+            await call.write(scan_pb2.ScanRequest(header=scan_pb2.ScanHeader(model=MODEL_JCS2D)))
+            await call.initial_metadata()  # admitted: the slot is held until we cancel
+            holders.append(call)
+
+        async def one() -> tuple[grpc.StatusCode, float]:
+            started = time.perf_counter()
+            call = stub.AnalyzeScan(timeout=30)
+            try:
+                await call
+            except grpc.aio.AioRpcError as err:
+                return err.code(), time.perf_counter() - started
+            return grpc.StatusCode.OK, time.perf_counter() - started
+
+        for number in range(1, rounds + 1):
+            answers = await asyncio.gather(*(one() for _ in range(size)))
+            seconds = sorted(s for _, s in answers)
+            counts: dict[str, int] = {}
+            for code, _ in answers:
+                counts[code.name] = counts.get(code.name, 0) + 1
+            print(
+                f"round {number}: {counts}; time to refusal p50 "
+                f"{statistics.median(seconds) * 1e3:.1f} ms, max {seconds[-1] * 1e3:.1f} ms"
+            )
+        for call in holders:
+            call.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=8, help="the gateway's concurrent scans")
+    parser.add_argument("--burst", type=int, default=192, help="scans fired at once")
+    parser.add_argument("--rounds", type=int, default=3, help="bursts (the first warms up)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ctjoint-burst-") as tmp:
+        models = Path(tmp) / "models"
+        models.mkdir()
+        for model in MODEL_NAMES:
+            export_contract_model(model, models)
+        gateway = GatewayProcess(
+            models, Path(tmp) / "gateway.log", "--max-concurrent-scans", str(args.limit)
+        ).start()
+        try:
+            asyncio.run(burst(gateway.address, args.limit, args.burst, args.rounds))
+        finally:
+            gateway.stop()
+
+
+if __name__ == "__main__":
+    main()
