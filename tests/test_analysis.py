@@ -87,9 +87,13 @@ def test_every_stage_is_timed(ct_series_dir: Path, contract_model_dir: Path) -> 
     timings = analyze_directory(
         ct_series_dir, model=MODEL_JCS2D, model_dir=contract_model_dir
     ).result.timings
-    stages = [timings.read_ms, timings.validate_ms, timings.preprocess_ms, timings.infer_ms]
-    assert all(t > 0 for t in [*stages, timings.postprocess_ms])
-    assert timings.total_ms >= sum(stages)
+    intake = [timings.read_ms, timings.validate_ms, timings.preprocess_ms]
+    assert all(t > 0 for t in [*intake, timings.infer_ms, timings.postprocess_ms])
+    # Files are read, validated and preprocessed one after another; inference streams
+    # alongside them (its wall time overlaps theirs), so each bounds the total on its own.
+    assert timings.total_ms >= sum(intake)
+    assert timings.total_ms >= timings.infer_ms
+    assert timings.total_ms >= timings.postprocess_ms
     assert 0 < timings.model_ms <= timings.infer_ms
 
 
