@@ -13,7 +13,10 @@ UID or patient data appears in folder names or logs.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import os
+import secrets
 import shutil
 import threading
 import time
@@ -27,6 +30,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from ctjoint.client.channel import ChannelSecurity
+from ctjoint.contracts import ENV_PSEUDONYM_KEY
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +41,20 @@ STATUS_SUCCESS: Final = 0x0000
 STATUS_CANNOT_UNDERSTAND: Final = 0xC000
 
 
+# Folder and file names stand for UIDs as HMACs under the deployment's pseudonym key (random
+# per process when unset): a bare hash would let anyone holding a UID find its folder.
+_NAME_KEY: Final = os.environ.get(ENV_PSEUDONYM_KEY, "").encode("utf-8") or secrets.token_bytes(32)
+
+
+def _keyed_name(uid: str, length: int) -> str:
+    digest = hmac.new(_NAME_KEY, uid.encode("ascii", "replace"), hashlib.sha256)
+    return digest.hexdigest()[:length]
+
+
 def series_key(series_uid: str) -> str:
-    """A stable, identifier-free name for a series (folder names, logs)."""
-    return hashlib.sha256(series_uid.encode("ascii", "replace")).hexdigest()[:12]
+    """A stable, identifier-free name for a series (folder names, logs): stable within a
+    process, and across processes that share $CTJOINT_PSEUDONYM_KEY."""
+    return _keyed_name(series_uid, 12)
 
 
 @dataclass
@@ -87,7 +102,7 @@ class SeriesListener:
                 log.info("series %s: first file received", key)
             series.open_associations.add(association)
             series.seen_associations.add(association)
-            name = f"{hashlib.sha256(instance.encode()).hexdigest()[:16]}.dcm"
+            name = f"{_keyed_name(instance, 16)}.dcm"
             target = series.folder / name
         dataset.save_as(target, enforce_file_format=True)
         with self._lock:

@@ -110,6 +110,11 @@ SPLITS: Final = ("train", "val", "test")
 # --- Artefact locations -----------------------------------------------------------------------
 ENV_MODEL_DIR: Final = "CTJOINT_MODEL_DIR"
 
+# --- Patient data ------------------------------------------------------------------------------
+# Key of the HMAC pseudonyms that stand for UIDs in logs and in the listener's folder names: a
+# secret shared by a deployment (so names correlate across processes), else random per process.
+ENV_PSEUDONYM_KEY: Final = "CTJOINT_PSEUDONYM_KEY"
+
 
 def repo_root() -> Path:
     """The checkout root when running from the repository (editable install)."""

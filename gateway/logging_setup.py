@@ -21,6 +21,8 @@ import uuid
 from contextvars import ContextVar
 from typing import Any, Final, Literal
 
+from ctjoint.contracts import ENV_PSEUDONYM_KEY
+
 NO_REQUEST: Final = "-"
 REQUEST_ID: ContextVar[str] = ContextVar("ctjoint_request_id", default=NO_REQUEST)
 
@@ -38,7 +40,6 @@ LogFormat = Literal["text", "json"]
 
 # Key of the pseudonyms: a secret shared by a deployment's gateways (so their logs correlate),
 # else random per process. Never a bare hash: anyone holding a UID could hash it and find it.
-ENV_PSEUDONYM_KEY: Final = "CTJOINT_PSEUDONYM_KEY"
 _PSEUDONYM_KEY: Final = os.environ.get(ENV_PSEUDONYM_KEY, "").encode(
     "utf-8"
 ) or secrets.token_bytes(32)

@@ -3,10 +3,12 @@ series reaches the gateway once, and two series interleaved in one association s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from ctjoint.client.listen import SeriesListener, gateway_forward, listen, series_key
 from ctjoint.client.send import RESULT_JSON
+from ctjoint.contracts import ENV_PSEUDONYM_KEY
 from ctjoint.export.phantom import write_phantom_case
 from ctjoint.gateway.series import list_series_files
 
@@ -145,3 +148,20 @@ def test_a_series_is_complete_only_after_its_association_ended_and_a_quiet_time(
     [(uid, series)] = listener.complete_series(now=later)
     assert uid == "1.2.3" and series.files == 1 and series.key == series_key("1.2.3")
     assert "1.2.3" not in series.key
+
+
+def test_series_names_are_keyed_not_bare_hashes() -> None:
+    """A folder name must not be recomputable from the UID alone; with a shared key, two
+    processes name a series alike."""
+    uid = "1.2.826.0.1.3680043.8.498.12345"
+    assert series_key(uid) == series_key(uid)
+    assert series_key(uid) != hashlib.sha256(uid.encode()).hexdigest()[:12]
+    code = f"from ctjoint.client.listen import series_key; print(series_key({uid!r}))"
+    env = {**os.environ, ENV_PSEUDONYM_KEY: "a deployment's shared secret"}
+    names = {
+        subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    assert len(names) == 1 and series_key(uid) not in names
