@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ctjoint.client.channel import ChannelConfigError, ChannelSecurity, open_channel
 from ctjoint.client.render import format_summary, write_result_json
 from ctjoint.client.results import ResultFormatError, decode_label_map, result_dict
+from ctjoint.contracts import ADMITTED_METADATA
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -84,9 +86,13 @@ def scan_requests(
     files: Sequence[Path],
     header: scan_pb2.ScanHeader,
     on_sent: Callable[[int], None] | None = None,
+    admitted: Callable[[], bool] | None = None,
 ) -> Iterator[scan_pb2.ScanRequest]:
-    """The request stream: the header, then each file read only when gRPC asks for it."""
+    """The request stream: the header, then each file read only when gRPC asks for it. With
+    `admitted`, files follow only once it says the gateway holds a slot for the scan."""
     yield scan_pb2.ScanRequest(header=header)
+    if admitted is not None and not admitted():
+        return
     for count, path in enumerate(files, start=1):
         yield scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=path.read_bytes()))
         if on_sent is not None:
@@ -243,16 +249,40 @@ def _call_once(
     display = _ProgressDisplay(len(files), enabled=show_progress)
     with channel, display:
         stub = scan_pb2_grpc.ScanServiceStub(channel)
+        admission = _Admission()
         events = stub.AnalyzeScanWithProgress(
-            scan_requests(files, header, display.sent),
+            scan_requests(files, header, display.sent, admission.wait),
             timeout=timeout,
             metadata=((REQUEST_ID_METADATA, header.request_id),),
         )
+        admission.follow(events)
         for event in events:
             if event.HasField("result"):
                 return event.result
             display.update(event.progress)
     raise SendError("the gateway closed the stream without a result", code="INTERNAL")
+
+
+class _Admission:
+    """Whether the gateway admitted the scan: its ADMITTED_METADATA, read on gRPC's request
+    thread before any file is sent. A refused scan (RESOURCE_EXHAUSTED, UNAVAILABLE) then
+    costs no upload, and its status is what the caller sees."""
+
+    def __init__(self) -> None:
+        self._call: grpc.Call | None = None
+        self._known = threading.Event()
+
+    def follow(self, call: grpc.Call) -> None:
+        self._call = call
+        self._known.set()
+
+    def wait(self) -> bool:
+        self._known.wait()
+        if self._call is None:
+            return False
+        # Blocks until the gateway's initial metadata arrives, or the call ends without it.
+        metadata = self._call.initial_metadata() or ()
+        return any(key == ADMITTED_METADATA and value == "1" for key, value in metadata)
 
 
 class _ProgressDisplay:

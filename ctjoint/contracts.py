@@ -115,6 +115,13 @@ ENV_MODEL_DIR: Final = "CTJOINT_MODEL_DIR"
 # secret shared by a deployment (so names correlate across processes), else random per process.
 ENV_PSEUDONYM_KEY: Final = "CTJOINT_PSEUDONYM_KEY"
 
+# --- gRPC metadata ------------------------------------------------------------------------------
+# Initial metadata the gateway sends as soon as a scan holds a slot. Clients wait for it (or for
+# the call's status) before streaming files: a refused scan then uploads nothing, and the client
+# sees the refusal's own status rather than a failed write (grpc.aio clients report a write into
+# an already finished call as INTERNAL).
+ADMITTED_METADATA: Final = "x-ctjoint-admitted"
+
 
 def repo_root() -> Path:
     """The checkout root when running from the repository (editable install)."""

@@ -20,11 +20,6 @@ from ctjoint.gateway.errors import LimitExceededError
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-# Initial metadata the gateway sends as soon as a scan holds a slot. A client may wait for it
-# (or for the call's status) before streaming files: a refused scan then uploads nothing, and
-# the client sees the refusal's own status rather than a failed write (grpc.aio clients report
-# a write into an already finished call as INTERNAL).
-ADMITTED_METADATA: Final = "x-ctjoint-admitted"
 # TEST-ONLY switches (tests/test_load.py): a gateway that leaks on purpose, so the memory
 # check is known to catch a leak. Read only when CTJOINT_TEST_MODE=1 is set as well.
 ENV_TEST_MODE: Final = "CTJOINT_TEST_MODE"

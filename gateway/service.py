@@ -21,7 +21,7 @@ from typing import Any, Final
 import grpc.aio
 import numpy as np
 
-from ctjoint.contracts import MODEL_NAMES
+from ctjoint.contracts import ADMITTED_METADATA, MODEL_NAMES
 from ctjoint.gateway.analysis import Progress, ScanAnalysis, ScanAnalyzer, cam_on_source
 from ctjoint.gateway.backends.base import InferenceBackend
 from ctjoint.gateway.deadlines import set_deadline
@@ -35,7 +35,7 @@ from ctjoint.gateway.errors import (
     ModelNotFoundError,
 )
 from ctjoint.gateway.interceptors import adopt_request_id, note_model
-from ctjoint.gateway.limits import ADMITTED_METADATA, GatewayLimits, ScanSlots, TestLeak
+from ctjoint.gateway.limits import GatewayLimits, ScanSlots, TestLeak
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import PacsDestination, PacsOutcome, push
 from ctjoint.gateway.wire import (

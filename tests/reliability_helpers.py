@@ -18,10 +18,10 @@ import pytest
 from dicom_factory import CONSOLIDATION_HU, GROUND_GLASS_HU, Lesion, write_ct_series
 
 from ctjoint import contracts
+from ctjoint.contracts import ADMITTED_METADATA
 from ctjoint.export.triton_repository import write_repository
 from ctjoint.gateway.analysis import ScanAnalyzer
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
-from ctjoint.gateway.limits import ADMITTED_METADATA
 from ctjoint.gateway.triton_server import (
     TritonServer,
     TritonServerConfig,

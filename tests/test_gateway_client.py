@@ -5,18 +5,30 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from dicom_factory import write_ct_series
 from gateway_process import GatewayProcess, ctjoint
 from test_packaging import BLOCK_HEAVY
 
-from ctjoint.contracts import CASE_SERIES_DIR, CLASS_NAMES, MODEL_DEEPSC3D, MODEL_JCS2D
+from ctjoint.client import send as send_module
+from ctjoint.client.send import SendError, send_series
+from ctjoint.contracts import (
+    ADMITTED_METADATA,
+    CASE_SERIES_DIR,
+    CLASS_NAMES,
+    MODEL_DEEPSC3D,
+    MODEL_JCS2D,
+)
 from ctjoint.gateway.analysis import analyze_directory
+from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 PHANTOM_KINDS = ("covid19", "cap", "normal")
 # On top of the heavy packages: nothing of the gateway side either (its code, its servers).
@@ -165,3 +177,65 @@ def test_watch_sends_each_complete_series_once(gateway: GatewayProcess, tmp_path
     again = ctjoint(*args, *timing)
     assert again.returncode == 0, again.stderr
     assert "sending " not in again.stdout
+
+
+def test_send_uploads_nothing_into_a_refusal(
+    contract_model_dir: Path, ct_series_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ctjoint send` waits for the gateway's admission before streaming files: a full gateway
+    answers RESOURCE_EXHAUSTED, and not one file of the series is put on the wire."""
+    streamed: list[str] = []
+    requests = send_module.scan_requests
+
+    def counted(*args: Any, **kwargs: Any) -> Iterator[scan_pb2.ScanRequest]:
+        for request in requests(*args, **kwargs):
+            streamed.append(request.WhichOneof("payload") or "")
+            yield request
+
+    monkeypatch.setattr(send_module, "scan_requests", counted)
+    gateway = GatewayProcess(
+        contract_model_dir, tmp_path / "gateway.log", "--max-concurrent-scans", "1"
+    ).start()
+    release = threading.Event()
+
+    def idle_scan() -> Iterator[scan_pb2.ScanRequest]:
+        yield scan_pb2.ScanRequest(header=scan_pb2.ScanHeader(model=MODEL_JCS2D))
+        release.wait(60)
+
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            holder = scan_pb2_grpc.ScanServiceStub(channel).AnalyzeScan.future(
+                idle_scan(), timeout=60
+            )
+            assert (ADMITTED_METADATA, "1") in tuple(holder.initial_metadata() or ())
+            received = _received_bytes(gateway)
+            with pytest.raises(SendError, match="RESOURCE_EXHAUSTED"):
+                send_series(
+                    ct_series_dir,
+                    gateway=gateway.address,
+                    model=MODEL_JCS2D,
+                    retries=0,
+                    show_progress=False,
+                )
+            assert streamed == ["header"]
+            assert _received_bytes(gateway) == received
+            release.set()
+            holder.cancel()
+        # With the slot free again, the same series goes through.
+        outcome = send_series(
+            ct_series_dir, gateway=gateway.address, model=MODEL_JCS2D, show_progress=False
+        )
+        assert outcome.result["label"] in CLASS_NAMES
+        assert streamed.count("file") == len(outcome.files)
+        assert _received_bytes(gateway) > received
+    finally:
+        release.set()
+        gateway.stop()
+
+
+def _received_bytes(gateway: GatewayProcess) -> float:
+    for line in gateway.metrics().splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == "ctjoint_received_bytes_total":
+            return float(value)
+    raise AssertionError("no ctjoint_received_bytes_total in the gateway's metrics")
