@@ -790,7 +790,9 @@ def _gateway(log_path: Path, args: list[str], threads: int | None) -> Iterator[t
                 address = f"{match.group(1)}:{match.group(2)}"
             else:
                 time.sleep(0.2)
-        _wait_serving(address, process, deadline, log_path)
+        failure = wait_gateway_serving(address, process, deadline)
+        if failure is not None:
+            raise BenchError(f"{failure} ({GATEWAY_START_S:.0f} s allowed); see {log_path}")
         yield address, process.pid
     finally:
         if process.poll() is None:
@@ -802,14 +804,16 @@ def _gateway(log_path: Path, args: list[str], threads: int | None) -> Iterator[t
                 process.wait()
 
 
-def _wait_serving(
-    address: str, process: subprocess.Popen[bytes], deadline: float, log_path: Path
-) -> None:
+def wait_gateway_serving(
+    address: str, process: subprocess.Popen[bytes], deadline: float
+) -> str | None:
+    """Poll a just-started gateway's health until SERVING (None) or until it exits or the
+    monotonic `deadline` passes (the reason, for the caller's error). Shared with the demo."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise BenchError(f"the gateway exited with {process.returncode}; see {log_path}")
+            return f"the gateway exited with {process.returncode}"
         with grpc.insecure_channel(address) as channel:
             try:
                 status = (
@@ -820,9 +824,9 @@ def _wait_serving(
             except grpc.RpcError:
                 status = None
         if status == health_pb2.HealthCheckResponse.SERVING:
-            return
+            return None
         time.sleep(0.25)
-    raise BenchError(f"the gateway was not SERVING in {GATEWAY_START_S:.0f} s; see {log_path}")
+    return "the gateway was not SERVING in time"
 
 
 def phantom_series(

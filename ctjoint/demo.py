@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 
 from ctjoint import contracts
+from ctjoint.client.bench import wait_gateway_serving
 from ctjoint.gateway.errors import CtJointError
 
 GATEWAY_START_S: Final = 120.0
@@ -147,22 +146,9 @@ def _start_gateway(
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
         )
-    deadline = time.monotonic() + GATEWAY_START_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DemoError(f"the gateway exited with {process.returncode}; see {log_path}")
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            try:
-                status = (
-                    health_pb2_grpc.HealthStub(channel)
-                    .Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    .status
-                )
-            except grpc.RpcError:
-                status = None
-        if status == health_pb2.HealthCheckResponse.SERVING:
-            return process
-        time.sleep(0.25)
+    failure = wait_gateway_serving(f"127.0.0.1:{port}", process, time.monotonic() + GATEWAY_START_S)
+    if failure is None:
+        return process
     process.kill()
     process.wait()
-    raise DemoError(f"the gateway was not SERVING after {GATEWAY_START_S:.0f} s; see {log_path}")
+    raise DemoError(f"{failure} ({GATEWAY_START_S:.0f} s allowed); see {log_path}")

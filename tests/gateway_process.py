@@ -157,3 +157,13 @@ def ctjoint(*args: str, code: str = "") -> subprocess.CompletedProcess[str]:
         timeout=300,
         env={**os.environ, "COLUMNS": "200"},
     )
+
+
+def metric_value(metrics: str, name: str) -> float:
+    """One sample of a Prometheus text page; `name` may carry its labels
+    ('x{state="ejected"}'), or be a bare name whose first labelled sample is taken."""
+    for line in metrics.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name or (key.startswith(name + "{") and "{" not in name):
+            return float(value)
+    raise AssertionError(f"no {name} in the gateway's metrics")

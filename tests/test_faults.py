@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
-from gateway_process import GatewayProcess
+from gateway_process import GatewayProcess, metric_value
 from gateway_process import channel as sync_channel
 from reliability_helpers import (
     Outcome,
@@ -112,15 +112,6 @@ def _gateway(
     ).start()
 
 
-def _gauge(metrics: str, name: str) -> float:
-    """A sample's value; `name` may carry its labels, e.g. 'x{state="ejected"}'."""
-    for line in metrics.splitlines():
-        key, _, value = line.rpartition(" ")
-        if key == name or (key.startswith(name + "{") and "{" not in name):
-            return float(value)
-    raise AssertionError(f"no {name} in the gateway's metrics")
-
-
 async def _until(predicate: Callable[[], bool], what: str, step: float = 0.05) -> None:
     deadline = time.monotonic() + 60.0
     while not predicate():
@@ -149,7 +140,7 @@ def test_a_stalled_triton_is_deadline_exceeded_on_the_callers_deadline(
             outcome = await scan(stub, series[0], "stalled", timeout=CLIENT_DEADLINE_S)
         # The gateway lets go of the scan with the deadline, not when Triton finally answers.
         released = time.monotonic()
-        while _gauge(gateway.metrics(), "ctjoint_scans_in_flight") != 0:
+        while metric_value(gateway.metrics(), "ctjoint_scans_in_flight") != 0:
             assert time.monotonic() - released < NETWORK_DELAY_S, "the scan's slot was held"
             await asyncio.sleep(0.02)
         return outcome, outcome.seconds + time.monotonic() - released
@@ -224,7 +215,7 @@ def test_a_killed_triton_fails_scans_fast_and_the_gateway_recovers_after_restart
             await _until(lambda: load.ok_since(0) >= 2 * LOAD_WORKERS, "no scan succeeded")
             # Kill while scans are in the gateway (in flight towards Triton).
             await _until(
-                lambda: _gauge(gateway.metrics(), "ctjoint_scans_in_flight") >= 1,
+                lambda: metric_value(gateway.metrics(), "ctjoint_scans_in_flight") >= 1,
                 "no scan in flight",
                 step=0.005,
             )
@@ -361,7 +352,7 @@ def test_a_killed_postprocess_stub_costs_at_most_one_scan(
     try:
         outcomes, seconds = asyncio.run(run())
         # Still out after all those scans: its probe does not let a READY-but-broken model back.
-        ejected = _gauge(gateway.metrics(), 'ctjoint_triton_replicas{state="ejected"}')
+        ejected = metric_value(gateway.metrics(), 'ctjoint_triton_replicas{state="ejected"}')
     finally:
         gateway.stop()
     failed = [o for _, _, o in outcomes if o.code != grpc.StatusCode.OK]

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from dicom_factory import write_ct_series
-from gateway_process import GatewayProcess, ctjoint
+from gateway_process import GatewayProcess, ctjoint, metric_value
 from test_packaging import BLOCK_HEAVY
 
 from ctjoint.client import send as send_module
@@ -208,7 +208,7 @@ def test_send_uploads_nothing_into_a_refusal(
                 idle_scan(), timeout=60
             )
             assert (ADMITTED_METADATA, "1") in tuple(holder.initial_metadata() or ())
-            received = _received_bytes(gateway)
+            received = metric_value(gateway.metrics(), "ctjoint_received_bytes_total")
             with pytest.raises(SendError, match="RESOURCE_EXHAUSTED"):
                 send_series(
                     ct_series_dir,
@@ -218,7 +218,7 @@ def test_send_uploads_nothing_into_a_refusal(
                     show_progress=False,
                 )
             assert streamed == ["header"]
-            assert _received_bytes(gateway) == received
+            assert metric_value(gateway.metrics(), "ctjoint_received_bytes_total") == received
             release.set()
             holder.cancel()
         # With the slot free again, the same series goes through.
@@ -227,15 +227,7 @@ def test_send_uploads_nothing_into_a_refusal(
         )
         assert outcome.result["label"] in CLASS_NAMES
         assert streamed.count("file") == len(outcome.files)
-        assert _received_bytes(gateway) > received
+        assert metric_value(gateway.metrics(), "ctjoint_received_bytes_total") > received
     finally:
         release.set()
         gateway.stop()
-
-
-def _received_bytes(gateway: GatewayProcess) -> float:
-    for line in gateway.metrics().splitlines():
-        key, _, value = line.rpartition(" ")
-        if key == "ctjoint_received_bytes_total":
-            return float(value)
-    raise AssertionError("no ctjoint_received_bytes_total in the gateway's metrics")

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
-from gateway_process import GatewayProcess
+from gateway_process import GatewayProcess, metric_value
 from reliability_helpers import (
     Outcome,
     RunningTriton,
@@ -144,14 +144,6 @@ def rss_growth(gateway: GatewayProcess, series: list[Series], scans: int) -> dic
     return asyncio.run(run())
 
 
-def _counter(metrics: str, name: str) -> float:
-    for line in metrics.splitlines():
-        key, _, value = line.rpartition(" ")
-        if key == name:
-            return float(value)
-    raise AssertionError(f"no {name} in the gateway's metrics")
-
-
 def assert_rss_bounded(measured: dict[str, float]) -> None:
     """The memory criterion itself: growth after warm-up under MAX_RSS_GROWTH_BYTES."""
     growth = measured["growth_mb"] * MIB
@@ -217,14 +209,16 @@ def test_overload_is_refused_at_once_and_admitted_scans_all_succeed(
             while not stop.is_set():
                 peak = max(peak, rss_bytes(pid))
                 metrics = await asyncio.to_thread(gateway.metrics)
-                in_flight_peak = max(in_flight_peak, _counter(metrics, "ctjoint_scans_in_flight"))
+                in_flight_peak = max(
+                    in_flight_peak, metric_value(metrics, "ctjoint_scans_in_flight")
+                )
                 await asyncio.sleep(0.05)
 
         async with aio_channel(gateway.address) as channel:
             stub = scan_pb2_grpc.ScanServiceStub(channel)
             # One warm scan first, so the connection and the models are up before the burst.
             check_result(await scan(stub, series[0], "warm"), series[0], "warm")
-            received_before = _counter(gateway.metrics(), "ctjoint_received_bytes_total")
+            received_before = metric_value(gateway.metrics(), "ctjoint_received_bytes_total")
             sampler = asyncio.create_task(sample())
 
             async def one(number: int) -> tuple[int, Outcome]:
@@ -233,7 +227,7 @@ def test_overload_is_refused_at_once_and_admitted_scans_all_succeed(
             outcomes = await asyncio.gather(*(one(n) for n in range(OVERLOAD_SCANS)))
             stop.set()
             await sampler
-        received = _counter(gateway.metrics(), "ctjoint_received_bytes_total") - received_before
+        received = metric_value(gateway.metrics(), "ctjoint_received_bytes_total") - received_before
         return list(outcomes), before, peak, received, in_flight_peak
 
     try:
