@@ -36,6 +36,7 @@ import pydicom
 import pydicom.pixels
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -163,7 +164,7 @@ def is_localizer(dataset: Dataset) -> bool:
     except Exception:
         # Unparseable: not a localizer; the CT validation that follows names the problem.
         return False
-    if image_type is None:
+    if image_type is None or isinstance(image_type, DicomSequence):
         return False
     # One value comes back as a plain string, several as a MultiValue; a damaged file may
     # give any other VR's value (a number), which is then one item.
@@ -481,10 +482,7 @@ def _decode_in_worker(dataset: Dataset, syntax: UID, source: str) -> np.ndarray:
     in a worker process so a codec crash, hang or memory bomb costs this file only."""
     attributes = {}
     for keyword in decode_pool.PIXEL_ATTRIBUTES:
-        try:
-            value = dataset.get(keyword)
-        except Exception:
-            value = None
+        value = _get(dataset, keyword, source)
         if value is not None and value != "":
             attributes[keyword] = int(value) if isinstance(value, int) else str(value)
     try:
@@ -513,11 +511,18 @@ def _get(dataset: Dataset, keyword: str, source: str) -> Any:
     ValueError, ...).
     """
     try:
-        return dataset.get(keyword)
+        value = dataset.get(keyword)
     except Exception as err:
         raise InvalidAttributeError(
             f"cannot be parsed ({type(err).__name__})", source=source, attribute=keyword
         ) from err
+    if isinstance(value, DicomSequence | Dataset):
+        # A damaged file can give any tag VR SQ; its items hold lazily parsed elements that
+        # fail on str(), so a sequence never reaches the callers, which expect plain values.
+        raise InvalidAttributeError(
+            "is a sequence, expected a plain value", source=source, attribute=keyword
+        )
+    return value
 
 
 def _element_value(dataset: Dataset, keyword: str, source: str) -> Any:

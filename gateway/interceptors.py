@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 REQUEST_ID_METADATA: Final = "x-request-id"
 SERVICE_PREFIX: Final = "/ctjoint.v1."
 SCAN_METHODS: Final = ("AnalyzeScan", "AnalyzeScanWithProgress")
+# A client cancels at its own deadline, which comes a little before ours (ours starts when its
+# headers arrive), so a cancellation this close to our deadline is the deadline passing.
+DEADLINE_SLACK_S: Final = 0.25
 
 # Most specific first: the first matching class decides.
 STATUS_BY_ERROR: Final[tuple[tuple[type[CtJointError], grpc.StatusCode], ...]] = (
@@ -236,7 +239,8 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
             return
         if isinstance(err, asyncio.CancelledError):
             # The client went away or its deadline passed: gRPC already answered it.
-            expired = context.time_remaining() is not None and (context.time_remaining() or 0) <= 0
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             log.info("scan stopped code=%s", code.name)
             self._count(scan, is_scan, "cancelled", code)

@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from ctjoint.gateway.dicom_io import is_localizer, read_ct_slice
-from ctjoint.gateway.errors import LimitExceededError
+from ctjoint.gateway.errors import InvalidAttributeError, LimitExceededError
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 TESTS = Path(__file__).parent
@@ -265,6 +265,34 @@ def test_an_image_type_read_as_a_number_is_not_a_localizer_and_not_a_crash() -> 
     parsed = pydicom.dcmread(io.BytesIO(data))
     assert not is_localizer(parsed)
     assert read_ct_slice(data, source="file 1").hu.shape == (32, 32)
+
+
+def _with_sequence_in_place_of(keyword: str) -> bytes:
+    """A seed file whose `keyword` is a sequence holding one element of an unknown VR."""
+    ds = seed_series()[1]
+    if keyword in ds:
+        del ds[keyword]
+    item = pydicom.Dataset()
+    item.add_new(0x4348524F, "LO", "XY")
+    ds.add_new(pydicom.datadict.tag_for_keyword(keyword), "SQ", [item])
+    data = to_bytes(ds)
+    marker = bytes.fromhex("48434f52") + b"LO"
+    assert data.count(marker) == 1
+    return data.replace(marker, bytes.fromhex("48434f52") + b"ME")
+
+
+@pytest.mark.parametrize("keyword", ["Modality", "PhotometricInterpretation", "ImageType"])
+def test_a_plain_attribute_read_as_a_sequence_is_a_clear_error(keyword: str) -> None:
+    # Found by atheris in CI: Modality's VR became SQ, and str() of the sequence converted
+    # its item's element of unknown VR 'ME', which raised NotImplementedError.
+    data = _with_sequence_in_place_of(keyword)
+    if keyword == "ImageType":
+        # Not a localizer, and not needed for CT validation: the file is read as usual.
+        assert not is_localizer(pydicom.dcmread(io.BytesIO(data)))
+        assert read_ct_slice(data, source="file 1").hu.shape == (32, 32)
+        return
+    with pytest.raises(InvalidAttributeError, match=rf"^file 1: {keyword}: is a sequence"):
+        read_ct_slice(data, source="file 1")
 
 
 def test_a_source_without_type2_patient_attributes_still_gets_its_seg_and_sr(
