@@ -30,6 +30,7 @@ from ctjoint.gateway.dicom_io import (
 )
 from ctjoint.gateway.errors import BackendError, EmptySeriesError
 from ctjoint.gateway.lesions import _split_sides, quantify_with_lungs, segment_lungs
+from ctjoint.gateway.limits import cpu_bound
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
     ResampleGeometry,
@@ -171,7 +172,7 @@ class SeriesIntake:
         """Read, validate and take one file; raises the project's InputError subclasses."""
         index = self._count + 1
         source = describe_source(index, name or None)
-        taken = await asyncio.to_thread(self._add, data, source)
+        taken = await cpu_bound(self._add, data, source)
         self._count = index
         if self._progress is not None:
             self._progress(Progress("validated", index, self._expected))
@@ -228,7 +229,7 @@ class SeriesIntake:
             raise EmptySeriesError(
                 f"no CT slice was received, only {self.skipped_localizers} localizer image(s)"
             )
-        volume = await asyncio.to_thread(self._assembler.finish)
+        volume = await cpu_bound(self._assembler.finish)
         self.validate_ms += (time.perf_counter() - started) * 1000.0
         return volume
 
@@ -346,16 +347,16 @@ class ScanAnalyzer:
         t0 = time.perf_counter()
         planes = None if prepared is None else prepared.intake.sorted_planes()
         if planes is None:
-            image, geometry = await asyncio.to_thread(preprocess_volume, volume.hu, info.plan)
+            image, geometry = await cpu_bound(preprocess_volume, volume.hu, info.plan)
         else:
-            image, geometry = await asyncio.to_thread(model_input, planes, info.plan, volume.shape)
+            image, geometry = await cpu_bound(model_input, planes, info.plan, volume.shape)
         preprocess_ms = before.preprocess_ms + (time.perf_counter() - t0) * 1000.0
         if progress is not None:
             progress(Progress("preprocessed", z, z))
 
         # The lungs' air segmentation needs only HU: it runs while the model does, and the
         # model's lesions are added afterwards (`_lungs_with_lesions`).
-        air_lungs = asyncio.ensure_future(asyncio.to_thread(_timed, segment_lungs, volume))
+        air_lungs = asyncio.ensure_future(cpu_bound(_timed, segment_lungs, volume))
         try:
             outputs, infer_ms, stream = await self._infer_prepared(
                 info, image, z, prepared, progress
@@ -375,7 +376,7 @@ class ScanAnalyzer:
             lung_map,
             lesions,
             quantification,
-        ) = await asyncio.to_thread(_postprocess, info, outputs, geometry, volume, air)
+        ) = await cpu_bound(_postprocess, info, outputs, geometry, volume, air)
         # Busy time: the air segmentation overlapped inference.
         postprocess_ms = air_ms + (time.perf_counter() - t0) * 1000.0
         if progress is not None:

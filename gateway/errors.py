@@ -77,6 +77,10 @@ class LimitExceededError(CtJointError):
     """Too big, too many slices, too many concurrent scans (maps to RESOURCE_EXHAUSTED)."""
 
 
+class AdmissionRefusedError(LimitExceededError):
+    """Every scan slot is taken: refused before a byte is read (RESOURCE_EXHAUSTED; retry)."""
+
+
 class ModelNotFoundError(CtJointError):
     """The requested model is not known or its artefact is missing (maps to NOT_FOUND)."""
 

@@ -22,6 +22,7 @@ import grpc
 import grpc.aio
 
 from ctjoint.gateway.errors import (
+    AdmissionRefusedError,
     BackendError,
     BackendUnavailableError,
     CtJointError,
@@ -42,6 +43,8 @@ SCAN_METHODS: Final = ("AnalyzeScan", "AnalyzeScanWithProgress")
 # A client cancels at its own deadline, which comes a little before ours (ours starts when its
 # headers arrive), so a cancellation this close to our deadline is the deadline passing.
 DEADLINE_SLACK_S: Final = 0.25
+# Refusals at the scan limit are logged as one line per this many seconds, with their count.
+REFUSAL_LOG_INTERVAL_S: Final = 1.0
 
 # Most specific first: the first matching class decides.
 STATUS_BY_ERROR: Final[tuple[tuple[type[CtJointError], grpc.StatusCode], ...]] = (
@@ -118,11 +121,45 @@ def _metadata_value(metadata: Sequence[Any] | None, key: str) -> str | None:
     return None
 
 
+class RefusalLog:
+    """Refusals at the concurrent-scan limit, logged as one line per REFUSAL_LOG_INTERVAL_S:
+    the first at once, the rest counted and written when the interval is up."""
+
+    def __init__(self) -> None:
+        self._pending = 0
+        self._last_message = ""
+        self._flush: asyncio.TimerHandle | None = None
+        self._logged_at = -1e9
+
+    def note(self, message: str) -> None:
+        self._pending += 1
+        self._last_message = message
+        if self._flush is not None:
+            return
+        wait = self._logged_at + REFUSAL_LOG_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self._write()
+        else:
+            self._flush = asyncio.get_running_loop().call_later(wait, self._write)
+
+    def _write(self) -> None:
+        self._flush = None
+        if self._pending:
+            log.info(
+                "refused %d scan(s) code=RESOURCE_EXHAUSTED: %s",
+                self._pending,
+                self._last_message,
+            )
+            self._pending = 0
+            self._logged_at = time.monotonic()
+
+
 class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
     """Request ids, error mapping and outcome metrics for the ctjoint.v1 service."""
 
     def __init__(self, metrics: GatewayMetrics | None = None) -> None:
         self._metrics = metrics
+        self._refusals = RefusalLog()
 
     async def intercept_service(
         self,
@@ -249,7 +286,12 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
             return  # KeyboardInterrupt, SystemExit: not ours to turn into a status
         code = status_for(err)
         public = _public_message(err)
-        if isinstance(err, CtJointError):
+        if isinstance(err, AdmissionRefusedError):
+            # A burst of refusals must not become a burst of log lines (nor cost the loop a
+            # formatted record each while it is refusing): counted, logged once a second.
+            message = str(err)
+            self._refusals.note(message)
+        elif isinstance(err, CtJointError):
             message = scrub_uids(str(err))
             log.info("request failed code=%s error=%s: %s", code.name, type(err).__name__, message)
         elif public is not None:

@@ -35,7 +35,7 @@ from ctjoint.gateway.errors import (
     ModelNotFoundError,
 )
 from ctjoint.gateway.interceptors import adopt_request_id, note_model
-from ctjoint.gateway.limits import GatewayLimits, ScanSlots, TestLeak
+from ctjoint.gateway.limits import GatewayLimits, ScanSlots, TestLeak, cpu_bound
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import PacsDestination, PacsOutcome, push
 from ctjoint.gateway.wire import (
@@ -213,7 +213,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
 
         encode_started = time.perf_counter()
         emit("postprocessed", 1, 1)
-        result, objects = await asyncio.to_thread(
+        result, objects = await cpu_bound(
             self._result_message, analysis, header.outputs, request_id, receive.receive_ms
         )
         encode_ms = (time.perf_counter() - encode_started) * 1000.0

@@ -13,9 +13,11 @@ to the stub's embedded interpreter (see `_wheel_install`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -222,8 +224,15 @@ class TritonServer:
             self.config.repository,
         )
         try:
+            # A process group of its own: its python-backend stubs are in it too, so `stop` can
+            # take down stubs left behind by a tritonserver that died (SIGKILL, OOM), which
+            # otherwise live on under init, one set per restart.
             self._process = subprocess.Popen(
-                args, env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None
+                args,
+                env=env,
+                stdout=stdout,
+                stderr=subprocess.STDOUT if stdout else None,
+                start_new_session=True,
             )
         except OSError as err:
             self._cleanup()
@@ -256,7 +265,8 @@ class TritonServer:
             time.sleep(_POLL_S)
 
     def stop(self, grace: float = STOP_GRACE_S) -> int | None:
-        """SIGTERM (Triton finishes in-flight requests), then SIGKILL after `grace` seconds."""
+        """SIGTERM (Triton finishes in-flight requests), then SIGKILL after `grace` seconds;
+        then whatever is left of its process group (orphaned backend stubs)."""
         process, self._process = self._process, None
         code: int | None = None
         if process is not None:
@@ -268,8 +278,14 @@ class TritonServer:
                     process.kill()
                     process.wait()
             code = process.returncode
+            _kill_group(process.pid)
         self._cleanup()
         return code
+
+    def forward_signal(self, signum: int) -> None:
+        """Pass a signal on to tritonserver (it runs in a session of its own)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signum)
 
     def wait(self) -> int:
         """Block until the server exits; returns its status."""
@@ -320,23 +336,34 @@ def grpc_ready(url: str, timeout: float = 2.0) -> bool:
     return bool(reply.ready)
 
 
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a stopped tritonserver's process group (it led the group, so
+    its pid is the group id); nothing left is the normal case."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 def serve_forever(
     config: TritonServerConfig, *, binary: Path | None = None, timeout: float = READY_TIMEOUT_S
 ) -> int:
     """`ctjoint triton serve`: start, wait until READY, then run until the server exits.
 
-    SIGINT/SIGTERM go to the whole foreground process group, so tritonserver gets them too
-    and drains; this returns its exit status.
+    SIGINT/SIGTERM are passed on to tritonserver (a session of its own), which drains and
+    exits; this returns its exit status.
     """
     server = TritonServer(config, install=find_install(binary))
     server.start()
+    previous = {
+        signum: signal.signal(signum, lambda signum, _frame: server.forward_signal(signum))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         seconds = server.wait_ready(timeout)
         log.info("tritonserver ready on %s after %.1f s", config.grpc_url, seconds)
         return server.wait()
-    except KeyboardInterrupt:
-        return server.stop() or 0
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         server.stop()
 
 

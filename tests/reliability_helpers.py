@@ -128,6 +128,21 @@ def running_triton(repository: Path, log_dir: Path) -> Iterator[RunningTriton]:
         triton.stop()
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that are still alive (zombies do not count)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
 @dataclass(frozen=True)
 class Series:
     """One scan's files and what a correct answer says about them: its lesion voxel counts

@@ -35,6 +35,7 @@ from reliability_helpers import (
     Series,
     aio_channel,
     check_result,
+    live_group_members,
     make_series,
     require_triton,
     running_triton,
@@ -219,13 +220,16 @@ def test_a_killed_triton_fails_scans_fast_and_the_gateway_recovers_after_restart
                 "no scan in flight",
                 step=0.005,
             )
-            os.kill(triton.pid, signal.SIGKILL)
+            killed_pid = triton.pid
+            os.kill(killed_pid, signal.SIGKILL)
             killed = time.monotonic()
             while await _health(channel) != NOT_SERVING:
                 assert time.monotonic() - killed < 10, "health never left SERVING"
                 await asyncio.sleep(0.02)
             not_serving_s = time.monotonic() - killed
             await asyncio.to_thread(triton.stop)
+            # Its python-backend stubs went with it (they would otherwise live on under init).
+            await _until(lambda: not live_group_members(killed_pid), "tritonserver's stubs live on")
             # Down for longer than a scan waits for a replica to come back: the scans that
             # were in flight must give up with UNAVAILABLE, new ones are refused.
             await asyncio.sleep(DOWN_S)
