@@ -8,6 +8,7 @@ close the backend. Health, reflection and the Prometheus endpoint come with it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -195,6 +196,7 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         await _start_backend(backend, stop)
         follow: asyncio.Task[None] | None = None
         if not stop.is_set():
+            _freeze_startup_objects()
             metrics.backend_ready.set(1)
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving; backend ready in %.2f s", time.perf_counter() - started)
@@ -214,6 +216,18 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         if metrics_http is not None:
             metrics_http.shutdown()
         log.info("stopped")
+
+
+def _freeze_startup_objects() -> None:
+    """Collect once, then move everything alive (modules, pydicom's dictionaries, the models'
+    metadata: a few hundred thousand objects) out of the cyclic collector's sight.
+
+    Otherwise the first full collection after start-up walks all of it on the event loop, in
+    the middle of whatever triggered it: a 192-call burst of refusals then took ~90 ms
+    instead of ~40 ms. They live as long as the process anyway.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _tls_mode(tls: TlsConfig | None) -> str:
