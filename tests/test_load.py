@@ -60,13 +60,12 @@ LEAK_SCANS = 80
 # Overload: 200 scans at once against a limit of 8.
 OVERLOAD_LIMIT = 8
 OVERLOAD_SCANS = 200
-# The issue's target for the time to RESOURCE_EXHAUSTED is 50 ms. Not reached on the 2-core
-# shared test machine: the refusals of a 200-call burst are handled one after another by the
-# gateway's event loop, which shares the GIL with the admitted scans' decode and
-# post-processing threads (README, "Reliability: load and faults", has the figures). The CI
-# bound is 5 s so that the test stays green on a loaded machine; that refusals neither wait
-# for a slot nor for an upload is checked exactly (counts and received bytes).
-# CTJOINT_MAX_REJECT_MS=50 checks the target itself.
+# The issue's target for the time to RESOURCE_EXHAUSTED is 50 ms. With the overload gate
+# (gateway/limits.py) the refusals of a 200-call burst go out at gRPC's own rate, ~0.3 ms
+# each on the 2-core test machine, which puts the last one at 60-100 ms (README, "Reliability:
+# load and faults"). The CI bound is 5 s so that the test stays green on a loaded machine;
+# that refusals neither wait for a slot nor for an upload is checked exactly (counts and
+# received bytes). CTJOINT_MAX_REJECT_MS=50 checks the target itself.
 MAX_REJECT_S = float(os.environ.get("CTJOINT_MAX_REJECT_MS", "5000")) / 1000.0
 MAX_OVERLOAD_RSS_GROWTH_BYTES = 200 * MIB
 
