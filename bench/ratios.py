@@ -97,7 +97,8 @@ def ratio_decode(contents: Sequence[bytes], model: str, runs: int) -> Ratio:
         started = time.perf_counter()
         assembler = SeriesAssembler(expected_slices=len(contents))
         for index, data in enumerate(contents, start=1):
-            assembler.add(read_ct_slice(data, source=describe_source(index)))
+            source = describe_source(index)
+            assembler.add(read_ct_slice(data, source=source, hu_out=assembler.next_slot))
         volume = assembler.finish()
         preprocess_volume(volume.hu, plan)
         return (time.perf_counter() - started) / len(contents)
@@ -266,7 +267,8 @@ async def _per_scan_times(
 
     assembler = SeriesAssembler(expected_slices=len(contents))
     for index, data in enumerate(contents, start=1):
-        assembler.add(read_ct_slice(data, source=describe_source(index)))
+        source = describe_source(index)
+        assembler.add(read_ct_slice(data, source=source, hu_out=assembler.next_slot))
     volume = assembler.finish()
     embedded = EmbeddedBackend([model])
     triton = TritonBackend(triton_url, [model], load_timeout_s=120.0)

@@ -191,7 +191,7 @@ class SeriesIntake:
             self.skipped_localizers += 1
             self.read_ms += (time.perf_counter() - started) * 1000.0
             return None
-        ct_slice = ct_slice_from_dataset(dataset, source=source)
+        ct_slice = ct_slice_from_dataset(dataset, source=source, hu_out=self._assembler.next_slot)
         if self.header is None:
             # One file's header (without its pixels) serves the DICOM outputs.
             header = dataset.copy()

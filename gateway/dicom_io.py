@@ -26,7 +26,7 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -37,6 +37,7 @@ import pydicom.pixels
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
@@ -77,6 +78,9 @@ MAX_MATRIX = 4096
 _COSINE_TOLERANCE = 1e-3
 
 DicomSource = str | os.PathLike[str] | bytes
+# Where a slice's HU values go: (rows, columns) -> a float32 array of that shape, or None
+# for a new one (see ct_slice_from_dataset).
+HuDestination = Callable[[int, int], "np.ndarray | None"]
 
 # The largest data set a deflated file may inflate to: the largest pixel data we accept
 # (4096 x 4096 at 32 bits, 64 MiB) plus room for the header.
@@ -146,12 +150,14 @@ def describe_source(index: int, name: str | None = None) -> str:
     return f"file {index} ({name})" if name else f"file {index}"
 
 
-def read_ct_slice(data: DicomSource, *, source: str | None = None) -> CtSlice:
+def read_ct_slice(
+    data: DicomSource, *, source: str | None = None, hu_out: HuDestination | None = None
+) -> CtSlice:
     """Parse, validate and decode one DICOM file (a path or its bytes) into a `CtSlice`."""
     if source is None:
         source = "DICOM bytes" if isinstance(data, bytes) else Path(os.fspath(data)).name
     dataset = read_dataset(data, source=source)
-    return ct_slice_from_dataset(dataset, source=source)
+    return ct_slice_from_dataset(dataset, source=source, hu_out=hu_out)
 
 
 def is_localizer(dataset: Dataset) -> bool:
@@ -259,8 +265,15 @@ def _file_meta_syntax(head: bytes) -> tuple[int, str]:
     return offset, syntax
 
 
-def ct_slice_from_dataset(dataset: Dataset, *, source: str) -> CtSlice:
-    """Validate a parsed dataset as a single-frame CT image and convert its pixels to HU."""
+def ct_slice_from_dataset(
+    dataset: Dataset, *, source: str, hu_out: HuDestination | None = None
+) -> CtSlice:
+    """Validate a parsed dataset as a single-frame CT image and convert its pixels to HU.
+
+    `hu_out(rows, columns)` may give the float32 array the HU values go to (the series
+    volume's next slot, `SeriesAssembler.next_slot`): one pass from the stored integers
+    into the volume, instead of a new slice array copied there afterwards.
+    """
     _check_is_ct(dataset, source)
     rows = _positive_int(dataset, "Rows", source, maximum=MAX_MATRIX)
     columns = _positive_int(dataset, "Columns", source, maximum=MAX_MATRIX)
@@ -281,12 +294,15 @@ def ct_slice_from_dataset(dataset: Dataset, *, source: str) -> CtSlice:
     pixels = _decode_pixels(dataset, rows, columns, source)
     # One pass from the stored integers to float32 HU (the conversion is the first operation,
     # not a separate astype), then the identity-free rest of the rescale.
+    out = hu_out(rows, columns) if hu_out is not None else None
+    if out is not None and (out.shape != (rows, columns) or out.dtype != np.float32):
+        out = None
     if slope != 1.0:
-        hu = np.multiply(pixels, np.float32(slope), dtype=np.float32)
+        hu = np.multiply(pixels, np.float32(slope), dtype=np.float32, out=out)
         if intercept != 0.0:
             hu += np.float32(intercept)
     else:
-        hu = np.add(pixels, np.float32(intercept), dtype=np.float32)
+        hu = np.add(pixels, np.float32(intercept), dtype=np.float32, out=out)
     return CtSlice(
         hu=hu,
         position=(position[0], position[1], position[2]),
@@ -430,7 +446,7 @@ def _decode_pixels(dataset: Dataset, rows: int, columns: int, source: str) -> np
                 attribute="PixelData",
             )
     if syntax.is_compressed:
-        pixels = _decode_in_worker(dataset, syntax, source)
+        pixels = _decode_in_worker(dataset, syntax, rows, columns, source)
     elif (plain := _plain_pixels(dataset, syntax, rows, columns)) is not None:
         pixels = plain
     else:
@@ -479,7 +495,9 @@ def _plain_pixels(dataset: Dataset, syntax: UID, rows: int, columns: int) -> np.
     return np.frombuffer(data, dtype=_PLAIN_DTYPES[key], count=count).reshape(rows, columns)
 
 
-def _decode_in_worker(dataset: Dataset, syntax: UID, source: str) -> np.ndarray:
+def _decode_in_worker(
+    dataset: Dataset, syntax: UID, rows: int, columns: int, source: str
+) -> np.ndarray:
     """Compressed pixel data goes through a codec (C code fed with untrusted bytes): decode it
     in a worker process so a codec crash, hang or memory bomb costs this file only."""
     attributes = {}
@@ -493,6 +511,7 @@ def _decode_in_worker(dataset: Dataset, syntax: UID, source: str) -> np.ndarray:
         raise InvalidAttributeError(
             f"cannot be read ({type(err).__name__})", source=source, attribute="PixelData"
         ) from err
+    _check_codestream_size(pixel_data, rows, columns, source)
     request = decode_pool.DecodeRequest(str(syntax), attributes, pixel_data)
     try:
         return decode_pool.default_pool().decode(request)
@@ -565,6 +584,72 @@ def _raw_value(dataset: Dataset, keyword: str) -> Any:
         return _ASK_PYDICOM
     values = [v.strip(" \0") for v in text.split("\\")]
     return values[0] if len(values) == 1 else values
+
+
+# JPEG start-of-frame markers (baseline ... lossless, arithmetic; not DHT C4, JPG C8, DAC CC)
+# and JPEG-LS's SOF55: each followed by length, precision, height, width.
+_SOF_MARKERS: Final = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
+# Markers that stand alone (no length): TEM, RSTn, SOI, EOI.
+_STANDALONE_MARKERS: Final = frozenset({0x01, *range(0xD0, 0xDA)})
+# How far into the first fragment a frame header is looked for.
+_HEADER_SCAN_BYTES: Final = 64 * 1024
+
+
+def _check_codestream_size(pixel_data: bytes, rows: int, columns: int, source: str) -> None:
+    """Refuse compressed pixels whose own header declares another image size than Rows x
+    Columns, before a codec decodes them.
+
+    A codec decodes what its header says, however large: a fuzzed JPEG-LS header of 3824 x
+    3824 took a worker 4.6 s to decode into an array that was then refused anyway. JPEG,
+    JPEG-LS (SOFn) and JPEG 2000 (SIZ) headers are read; RLE needs nothing (its decoder
+    fills exactly Rows x Columns), and a header this does not find is left to the codec.
+    """
+    try:
+        items = generate_fragments(pixel_data)
+        next(items, b"")  # the Basic Offset Table item, always first
+        fragment = next(items, b"")
+    except Exception:
+        return  # malformed encapsulation: the decoder names it
+    if len(fragment) < 4:
+        return
+    head = bytes(fragment[:_HEADER_SCAN_BYTES])
+    size = _jpeg_frame_size(head) if head[:2] == b"\xff\xd8" else None
+    if head[:4] == b"\xff\x4f\xff\x51" and len(head) >= 28:
+        # J2K: SOC, then SIZ: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz (32-bit each after Rsiz).
+        xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", head, 8)
+        size = (ysiz - yosiz, xsiz - xosiz)
+    if size is not None and size != (rows, columns):
+        raise InvalidAttributeError(
+            f"its codestream is {size[0]}x{size[1]}, Rows x Columns say {rows}x{columns}",
+            source=source,
+            attribute="PixelData",
+        )
+
+
+def _jpeg_frame_size(head: bytes) -> tuple[int, int] | None:
+    """(height, width) from a JPEG or JPEG-LS start-of-frame segment; None if not found
+    (or a height of 0, which a later DNL segment defines)."""
+    offset = 2
+    while offset + 4 <= len(head):
+        if head[offset] != 0xFF:
+            return None
+        marker = head[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            offset += 2
+            continue
+        (length,) = struct.unpack_from(">H", head, offset + 2)
+        if marker in _SOF_MARKERS:
+            if offset + 9 > len(head):
+                return None
+            height, width = struct.unpack_from(">HH", head, offset + 5)
+            return (height, width) if height else None
+        if marker == 0xDA or length < 2:  # start of scan: no frame header before it
+            return None
+        offset += 2 + length
+    return None
 
 
 def _known_value(dataset: Dataset, keyword: str) -> Any:

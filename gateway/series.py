@@ -170,6 +170,8 @@ class SeriesAssembler:
         self._max = max_slices
         self._first: CtSlice | None = None
         self._buffer: np.ndarray | None = None
+        # The row handed out by next_slot, which add() then takes without a copy.
+        self._offered: np.ndarray | None = None
         self._records: list[_SliceRecord] = []
         self._uids: dict[str, str] = {}
         # Arrival slots in the finished volume's order (set by finish): lets work done per
@@ -183,6 +185,18 @@ class SeriesAssembler:
     def normal(self) -> np.ndarray | None:
         """The series' slice normal (the first slice's), None before any slice."""
         return None if self._first is None else slice_normal(self._first.orientation)
+
+    def next_slot(self, rows: int, columns: int) -> np.ndarray | None:
+        """The volume row the next slice will occupy, for its HU values to be written there
+        directly (`read_ct_slice(..., hu_out=assembler.next_slot)`); None when the size
+        differs from the series' (that slice is then refused by `add`)."""
+        if self._first is not None and self._first.hu.shape != (rows, columns):
+            return None
+        if self._max is not None and len(self._records) >= self._max:
+            return None
+        slot = len(self._records)
+        self._offered = self._reserve(slot + 1, (rows, columns))[slot]
+        return self._offered
 
     def add(self, ct_slice: CtSlice) -> int:
         """Check one slice against the series so far and take its pixels; returns its slot
@@ -205,7 +219,9 @@ class SeriesAssembler:
         self._uids[ct_slice.sop_instance_uid] = ct_slice.source
         slot = len(self._records)
         buffer = self._reserve(slot + 1, ct_slice.hu.shape)
-        buffer[slot] = ct_slice.hu
+        if ct_slice.hu is not self._offered:
+            buffer[slot] = ct_slice.hu
+        self._offered = None
         self._records.append(
             _SliceRecord(slot, ct_slice.source, ct_slice.position, ct_slice.sop_instance_uid)
         )
@@ -414,7 +430,8 @@ def load_series_dir(folder: Path | str, *, max_slices: int | None = None) -> CtV
     files = list_series_files(Path(folder))
     assembler = SeriesAssembler(expected_slices=len(files), max_slices=max_slices)
     for index, path in enumerate(files, start=1):
-        assembler.add(read_ct_slice(path, source=describe_source(index, path.name)))
+        source = describe_source(index, path.name)
+        assembler.add(read_ct_slice(path, source=source, hu_out=assembler.next_slot))
     volume = assembler.finish()
     logger.info("assembled %d slices of %dx%d", *volume.shape)
     return volume

@@ -12,6 +12,7 @@ import copy
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -293,6 +294,35 @@ def test_a_plain_attribute_read_as_a_sequence_is_a_clear_error(keyword: str) -> 
         return
     with pytest.raises(InvalidAttributeError, match=rf"^file 1: {keyword}: is a sequence"):
         read_ct_slice(data, source="file 1")
+
+
+def _with_codestream_size(data: bytes, name: str, height: int, width: int) -> bytes:
+    """A compressed seed file whose codestream header declares another image size."""
+    if name == "jls":
+        at = data.index(b"\xff\xf7") + 5  # SOF55: marker, length, precision, then Y, X
+        return data[:at] + struct.pack(">HH", height, width) + data[at + 4 :]
+    at = data.index(b"\xff\x4f\xff\x51") + 8  # SOC, SIZ, Lsiz, Rsiz, then Xsiz, Ysiz
+    return data[:at] + struct.pack(">II", width, height) + data[at + 8 :]
+
+
+@pytest.mark.parametrize("name", ["jls", "j2k"])
+def test_a_codestream_bigger_than_rows_and_columns_is_refused_before_decoding(
+    name: str,
+) -> None:
+    # Found by atheris (seed 3): a JPEG-LS header mutated to 65279x224 kept a decode worker
+    # busy for 4.6 s, decoding pixels that were refused afterwards anyway.
+    seeds = seed_files(seed_series())
+    if name not in seeds:
+        pytest.skip(f"no {name} encoder on this machine")
+    assert read_ct_slice(seeds[name], source="file 1").hu.shape == (32, 32)
+    bomb = _with_codestream_size(seeds[name], name, 4000, 4000)
+    started = time.perf_counter()
+    with pytest.raises(
+        InvalidAttributeError,
+        match=r"^file 1: PixelData: its codestream is 4000x4000, Rows x Columns say 32x32$",
+    ):
+        read_ct_slice(bomb, source="file 1")
+    assert time.perf_counter() - started < 0.5
 
 
 def test_a_source_without_type2_patient_attributes_still_gets_its_seg_and_sr(
