@@ -160,7 +160,9 @@ class SeriesAssembler:
     Each `add` checks the slice against the first one (same series and study, orientation,
     matrix size and pixel spacing) and copies its pixels into a preallocated buffer. Pass
     `expected_slices` when the count is known (a folder listing, a stream header): the buffer is
-    then allocated once; otherwise it grows by doubling. `finish` sorts the slices in place.
+    then allocated once; otherwise it grows by doubling. `finish` sorts the slices in place;
+    with a known count, a series that arrives against the normal (head to foot, as scanners
+    often send it) fills the buffer from its end, so that it is already in order.
     """
 
     def __init__(
@@ -172,6 +174,9 @@ class SeriesAssembler:
         self._buffer: np.ndarray | None = None
         # The row handed out by next_slot, which add() then takes without a copy.
         self._offered: np.ndarray | None = None
+        # Filling the buffer from its end: a series arriving against the normal (scanners
+        # often send head to foot) is then already in order, and finish moves nothing.
+        self._descending = False
         self._records: list[_SliceRecord] = []
         self._uids: dict[str, str] = {}
         # Arrival slots in the finished volume's order (set by finish): lets work done per
@@ -195,7 +200,8 @@ class SeriesAssembler:
         if self._max is not None and len(self._records) >= self._max:
             return None
         slot = len(self._records)
-        self._offered = self._reserve(slot + 1, (rows, columns))[slot]
+        buffer = self._reserve(slot + 1, (rows, columns))
+        self._offered = buffer[self._row(slot, buffer)]
         return self._offered
 
     def add(self, ct_slice: CtSlice) -> int:
@@ -220,11 +226,13 @@ class SeriesAssembler:
         slot = len(self._records)
         buffer = self._reserve(slot + 1, ct_slice.hu.shape)
         if ct_slice.hu is not self._offered:
-            buffer[slot] = ct_slice.hu
+            buffer[self._row(slot, buffer)] = ct_slice.hu
         self._offered = None
         self._records.append(
             _SliceRecord(slot, ct_slice.source, ct_slice.position, ct_slice.sop_instance_uid)
         )
+        if slot == 1:
+            self._choose_direction(buffer)
         return slot
 
     def finish(self) -> CtVolume:
@@ -240,8 +248,12 @@ class SeriesAssembler:
         spacing_z = self._slice_spacing(records, sorted_distances, first)
         self._warn_if_sheared(records, normal)
         count = len(records)
-        volume = buffer[:count] if buffer.shape[0] == count else buffer[:count].copy()
-        _permute_in_place(volume, [r.slot for r in records])
+        capacity = buffer.shape[0]
+        used = buffer[capacity - count :] if self._descending else buffer[:count]
+        volume = used if capacity == count else used.copy()
+        # Index in `volume` of each arrival slot (reversed when filled from the end).
+        rows = [count - 1 - r.slot if self._descending else r.slot for r in records]
+        _permute_in_place(volume, rows)
         row_spacing, col_spacing = first.pixel_spacing
         origin = records[0].position
         self.sorted_slots = tuple(r.slot for r in records)
@@ -250,6 +262,7 @@ class SeriesAssembler:
         self._first = None
         self._records = []
         self._uids = {}
+        self._descending = False
         return CtVolume(
             hu=volume,
             spacing_mm=(spacing_z, row_spacing, col_spacing),
@@ -266,10 +279,34 @@ class SeriesAssembler:
 
     # --- internals ---------------------------------------------------------------------------
 
+    def _row(self, slot: int, buffer: np.ndarray) -> int:
+        """The buffer row of arrival slot `slot`."""
+        return buffer.shape[0] - 1 - slot if self._descending else slot
+
+    def _choose_direction(self, buffer: np.ndarray) -> None:
+        """After the second slice: if it lies before the first along the normal and the
+        buffer's size is the series' (known count), move both to the buffer's end and fill
+        the rest from there on."""
+        capacity = buffer.shape[0]
+        if self._expected is None or capacity != self._expected or capacity < 4:
+            return
+        normal = self.normal
+        first, second = self._records
+        if normal is None or np.dot(second.position, normal) >= np.dot(first.position, normal):
+            return
+        buffer[capacity - 1] = buffer[0]
+        buffer[capacity - 2] = buffer[1]
+        self._descending = True
+
     def _reserve(self, count: int, shape: tuple[int, ...]) -> np.ndarray:
         buffer = self._buffer
         if buffer is not None and buffer.shape[0] >= count:
             return buffer
+        if buffer is not None and self._descending:
+            # More slices than the series said: back to arrival order, then grow as usual.
+            filled = len(self._records)
+            buffer = np.ascontiguousarray(buffer[buffer.shape[0] - filled :][::-1])
+            self._descending = False
         capacity = max(count, self._expected or 0)
         if buffer is not None:
             capacity = max(capacity, 2 * buffer.shape[0])

@@ -65,6 +65,31 @@ def test_streamed_bytes_assemble_like_the_folder(ct_series_dir: Path) -> None:
     np.testing.assert_array_equal(streamed.hu, load_series_dir(ct_series_dir).hu)
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["into-the-volume", "copied"])
+@pytest.mark.parametrize(
+    "expected", [8, 6, 12, None], ids=["exact", "too-few", "too-many", "unknown"]
+)
+@pytest.mark.parametrize("order", ["head-to-foot", "foot-to-head", "shuffled"])
+def test_any_arrival_order_and_count_give_the_same_volume(
+    ct_series_dir: Path, order: str, expected: int | None, direct: bool
+) -> None:
+    # IM0008 is the lowest slice, IM0001 the highest.
+    paths = sorted(ct_series_dir.iterdir())
+    if order == "foot-to-head":
+        paths.reverse()
+    elif order == "shuffled":
+        paths = [paths[i] for i in (3, 0, 7, 5, 1, 6, 2, 4)]
+    assembler = SeriesAssembler(expected_slices=expected)
+    for index, path in enumerate(paths, start=1):
+        hu_out = assembler.next_slot if direct else None
+        ct_slice = read_ct_slice(path.read_bytes(), source=describe_source(index), hu_out=hu_out)
+        assembler.add(ct_slice)
+    volume = assembler.finish()
+    np.testing.assert_array_equal(volume.hu, chest_volume(8, 32, SMALL_SERIES_LESIONS))
+    arrived = [paths[slot].name for slot in assembler.sorted_slots]
+    assert arrived == [f"IM000{n}.dcm" for n in range(8, 0, -1)]
+
+
 def test_a_second_series_in_the_folder_is_named(ct_series_dir: Path, tmp_path: Path) -> None:
     other = write_ct_series(tmp_path / "other", slices=2, size=32)
     (ct_series_dir / "ZZ0001.dcm").write_bytes(other[0].read_bytes())
