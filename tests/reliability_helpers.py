@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 import pytest
 from dicom_factory import CONSOLIDATION_HU, GROUND_GLASS_HU, Lesion, write_ct_series
+from gateway_process import GatewayProcess
 
 from ctjoint import contracts
 from ctjoint.contracts import ADMITTED_METADATA
@@ -126,6 +127,23 @@ def running_triton(repository: Path, log_dir: Path) -> Iterator[RunningTriton]:
         yield triton
     finally:
         triton.stop()
+
+
+def triton_gateway(
+    triton: RunningTriton, contract_model_dir: Path, log: Path, *args: str
+) -> GatewayProcess:
+    """A started gateway process serving jcs2d through `triton` (extra CLI flags in args)."""
+    return GatewayProcess(
+        contract_model_dir,
+        log,
+        "--backend",
+        "triton",
+        "--triton-url",
+        triton.config.grpc_url,
+        "--model",
+        contracts.MODEL_JCS2D,
+        *args,
+    ).start()
 
 
 def live_group_members(pgid: int) -> list[int]:

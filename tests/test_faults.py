@@ -41,6 +41,7 @@ from reliability_helpers import (
     running_triton,
     scan,
     scan_sync,
+    triton_gateway,
     write_test_repository,
 )
 
@@ -97,22 +98,6 @@ def busy_triton(tmp_path: Path, contract_model_dir: Path) -> Iterator[RunningTri
     yield from running_triton(repository, tmp_path)
 
 
-def _gateway(
-    triton: RunningTriton, contract_model_dir: Path, log: Path, *args: str
-) -> GatewayProcess:
-    return GatewayProcess(
-        contract_model_dir,
-        log,
-        "--backend",
-        "triton",
-        "--triton-url",
-        triton.config.grpc_url,
-        "--model",
-        contracts.MODEL_JCS2D,
-        *args,
-    ).start()
-
-
 async def _until(predicate: Callable[[], bool], what: str, step: float = 0.05) -> None:
     deadline = time.monotonic() + 60.0
     while not predicate():
@@ -133,7 +118,7 @@ async def _health(channel: grpc.aio.Channel) -> int | None:
 def test_a_stalled_triton_is_deadline_exceeded_on_the_callers_deadline(
     slow_triton: RunningTriton, contract_model_dir: Path, series: list[Series], tmp_path: Path
 ) -> None:
-    gateway = _gateway(slow_triton, contract_model_dir, tmp_path / "gateway.log")
+    gateway = triton_gateway(slow_triton, contract_model_dir, tmp_path / "gateway.log")
 
     async def run() -> tuple[Outcome, float]:
         async with aio_channel(gateway.address) as channel:
@@ -198,7 +183,7 @@ def test_a_killed_triton_fails_scans_fast_and_the_gateway_recovers_after_restart
     busy_triton: RunningTriton, contract_model_dir: Path, series: list[Series], tmp_path: Path
 ) -> None:
     triton = busy_triton
-    gateway = _gateway(
+    gateway = triton_gateway(
         triton, contract_model_dir, tmp_path / "gateway.log", "--max-concurrent-scans", "8"
     )
 
@@ -381,7 +366,7 @@ def test_with_one_replica_a_killed_stub_is_unavailable_until_triton_restarts(
     """No replica to move to: one scan fails UNAVAILABLE (not INTERNAL), health turns
     NOT_SERVING and later scans are refused at once, instead of each failing after a second
     inside Triton; once Triton is restarted (its supervisor's job) scans succeed again."""
-    gateway = _gateway(triton, contract_model_dir, tmp_path / "gateway.log")
+    gateway = triton_gateway(triton, contract_model_dir, tmp_path / "gateway.log")
     postprocess = contracts.triton_postprocess_name(contracts.MODEL_JCS2D)
 
     async def run() -> tuple[Outcome, int | None, list[Outcome], int | None, float]:

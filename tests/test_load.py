@@ -38,6 +38,7 @@ from reliability_helpers import (
     rss_bytes,
     running_triton,
     scan,
+    triton_gateway,
     write_test_repository,
 )
 
@@ -82,22 +83,6 @@ def triton(
 @pytest.fixture(scope="module")
 def series(tmp_path_factory: pytest.TempPathFactory, contract_model_dir: Path) -> list[Series]:
     return make_series(tmp_path_factory.mktemp("load-series"), 4, contract_model_dir)
-
-
-def _gateway(
-    triton: RunningTriton, contract_model_dir: Path, log: Path, *args: str
-) -> GatewayProcess:
-    return GatewayProcess(
-        contract_model_dir,
-        log,
-        "--backend",
-        "triton",
-        "--triton-url",
-        triton.config.grpc_url,
-        "--model",
-        "jcs2d",
-        *args,
-    ).start()
 
 
 def rss_growth(gateway: GatewayProcess, series: list[Series], scans: int) -> dict[str, float]:
@@ -156,7 +141,7 @@ def assert_rss_bounded(measured: dict[str, float]) -> None:
 def test_gateway_memory_stays_flat_over_many_scans(
     triton: RunningTriton, contract_model_dir: Path, series: list[Series], tmp_path: Path
 ) -> None:
-    gateway = _gateway(triton, contract_model_dir, tmp_path / "gateway.log")
+    gateway = triton_gateway(triton, contract_model_dir, tmp_path / "gateway.log")
     try:
         measured = rss_growth(gateway, series, SCANS)
     finally:
@@ -174,7 +159,7 @@ def test_the_memory_check_trips_on_a_gateway_built_to_leak(
 ) -> None:
     monkeypatch.setenv(ENV_TEST_MODE, "1")
     monkeypatch.setenv(ENV_TEST_LEAK_BYTES_PER_SCAN, str(LEAK_BYTES_PER_SCAN))
-    gateway = _gateway(triton, contract_model_dir, tmp_path / "gateway.log")
+    gateway = triton_gateway(triton, contract_model_dir, tmp_path / "gateway.log")
     try:
         measured = rss_growth(gateway, series, WARMUP_SCANS + LEAK_SCANS)
         log = gateway.log()
@@ -189,7 +174,7 @@ def test_the_memory_check_trips_on_a_gateway_built_to_leak(
 def test_overload_is_refused_at_once_and_admitted_scans_all_succeed(
     triton: RunningTriton, contract_model_dir: Path, series: list[Series], tmp_path: Path
 ) -> None:
-    gateway = _gateway(
+    gateway = triton_gateway(
         triton,
         contract_model_dir,
         tmp_path / "gateway.log",
