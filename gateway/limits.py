@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final, ParamSpec, TypeVar
@@ -134,14 +134,21 @@ class OverloadGate:
     that never ends slows admitted scans but never stops them. Process-wide, like the GIL.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        # Clock and sleep are parameters so that tests can drive the gate in simulated time.
+        self._clock = clock
+        self._sleep = sleep
         self._last_refusal = -1e9
         self._held_since: float | None = None
         self._open_until = -1e9
         self.holds = 0
 
     def note_refusal(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._last_refusal = now
         if self._held_since is None and now >= self._open_until:
             self._held_since = now
@@ -150,7 +157,7 @@ class OverloadGate:
         """Return at once unless a burst of refusals is going on (see the class)."""
         counted = False
         while True:
-            now = time.monotonic()
+            now = self._clock()
             if now < self._open_until or now - self._last_refusal >= QUIET_S:
                 self._held_since = None
                 return
@@ -164,7 +171,7 @@ class OverloadGate:
                 self.holds += 1
                 counted = True
             until = min(self._last_refusal + QUIET_S, held_since + MAX_HOLD_S)
-            await asyncio.sleep(max(until - now, 0.0005))
+            await self._sleep(max(until - now, 0.0005))
 
 
 OVERLOAD_GATE = OverloadGate()
