@@ -33,6 +33,9 @@ from typing import Any
 import grpc
 
 from ctjoint.client.bench import (
+    BenchPoint,
+    ScanSample,
+    Stack,
     host_facts,
     load_series,
     phantom_series,
@@ -354,6 +357,33 @@ def _tail(
     )
 
 
+def _point_and_model_time(
+    stack: Stack,
+    contents: Sequence[bytes],
+    model: str,
+    *,
+    scans: int,
+    pids: dict[str, int] | None = None,
+    interval_s: float = 0.0,
+) -> tuple[BenchPoint, list[ScanSample], float]:
+    """One scan at a time through the spawned stack, and Triton's own compute seconds per scan
+    over the same scans (its counters read before and after)."""
+    assert stack.triton_http_url is not None
+    before = triton_compute_s(stack.triton_http_url, model)
+    point, samples = run_point(
+        stack.address,
+        contents,
+        model=model,
+        concurrency=1,
+        scans=scans,
+        pids=pids,
+        progress_events=True,
+        interval_s=interval_s,
+    )
+    model_s = (triton_compute_s(stack.triton_http_url, model) - before) / len(samples)
+    return point, samples, model_s
+
+
 def ratios_end_to_end(
     contents: Sequence[bytes],
     series_dir: Path,
@@ -372,17 +402,9 @@ def ratios_end_to_end(
             return ratios, stack.triton_url
         with grpc.insecure_channel(stack.address) as channel:
             run_scan(channel, contents, model=model)  # warm-up
-        before = triton_compute_s(stack.triton_http_url, model)
-        one, samples = run_point(
-            stack.address,
-            contents,
-            model=model,
-            concurrency=1,
-            scans=scans,
-            pids=stack.pids,
-            progress_events=True,
+        one, samples, model_s = _point_and_model_time(
+            stack, contents, model, scans=scans, pids=stack.pids
         )
-        model_s = (triton_compute_s(stack.triton_http_url, model) - before) / len(samples)
         gateway_ms = statistics.mean(s.stages_ms.get("gateway_total", 0.0) for s in samples)
         detail = {"c1": asdict(one), "triton_compute_s_per_scan": model_s}
         if "overhead" in wanted:
@@ -403,18 +425,8 @@ def ratios_end_to_end(
             if pace > 0:
                 # Loopback uploads 100 slices faster than two cores infer them, so the tail
                 # above is mostly inference backlog; a scanner sends as it reconstructs.
-                before = triton_compute_s(stack.triton_http_url, model)
-                _, paced = run_point(
-                    stack.address,
-                    contents,
-                    model=model,
-                    concurrency=1,
-                    scans=scans,
-                    progress_events=True,
-                    interval_s=1.0 / pace,
-                )
-                paced_model_s = (triton_compute_s(stack.triton_http_url, model) - before) / len(
-                    paced
+                _, paced, paced_model_s = _point_and_model_time(
+                    stack, contents, model, scans=scans, interval_s=1.0 / pace
                 )
                 ratios.append(_tail("tail-paced", paced, paced_model_s, None, pace))
         if "scaling" in wanted:
