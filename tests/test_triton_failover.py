@@ -54,9 +54,12 @@ SCANS_PER_PHASE = 3
 PHASE_TIMEOUT_S = 60.0
 DOWN_S = 1.0
 # Enough scans after the rebalance for the split between the replicas to mean something.
-SCANS_AFTER_REBALANCE = 6
-# Least-busy choice on two equal replicas: each should take far more than this share.
-MIN_SHARE_AFTER_RESTART = 0.25
+SCANS_AFTER_REBALANCE = 12
+# The choice is least-busy, so it follows speed: a replica slowed by a neighbour on these two
+# cores takes less. Alone the restarted one took 44-48% (and with two CPU hogs beside it);
+# one CI run, with another test process beside it, gave 20% over 6 scans. The bar catches
+# traffic that does not come back, or comes back as a trickle, not a split a little off half.
+MIN_SHARE_AFTER_RESTART = 0.15
 _SUCCESS = re.compile(r'^nv_inference_request_success\{model="(?P<model>[^"]+)".*\}\s+(?P<n>\S+)$')
 
 
