@@ -29,7 +29,7 @@ from ctjoint.gateway.dicom_io import (
     read_dataset,
 )
 from ctjoint.gateway.errors import BackendError, EmptySeriesError
-from ctjoint.gateway.lesions import _split_sides, quantify_with_lungs, segment_lungs
+from ctjoint.gateway.lesions import LungSlices, quantify_with_lungs, segment_lungs, split_sides
 from ctjoint.gateway.limits import cpu_bound
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
@@ -163,6 +163,8 @@ class SeriesIntake:
         self.header: Dataset | None = None
         # In-plane preprocessed slices [H, W] by arrival slot (only with a plan).
         self.planes: list[np.ndarray] = []
+        # The per-slice half of the lung segmentation, by arrival slot (only with a plan).
+        self.lung_slices: LungSlices | None = None if plan is None else LungSlices()
 
     @property
     def count(self) -> int:
@@ -205,6 +207,8 @@ class SeriesIntake:
         self.validate_ms += (validated - parsed) * 1000.0
         if self._plan is not None:
             self.planes.append(inplane_slices(ct_slice.hu, self._plan))
+        if self.lung_slices is not None:
+            self.lung_slices.add(slot, ct_slice.hu)
             self.preprocess_ms += (time.perf_counter() - validated) * 1000.0
         normal = self._assembler.normal
         distance = float(np.dot(ct_slice.position, normal)) if normal is not None else 0.0
@@ -355,13 +359,16 @@ class ScanAnalyzer:
             progress(Progress("preprocessed", z, z))
 
         # The lungs' air segmentation needs only HU: it runs while the model does, and the
-        # model's lesions are added afterwards (`_lungs_with_lesions`).
-        air_lungs = asyncio.ensure_future(cpu_bound(_timed, segment_lungs, volume))
+        # model's lesions are added afterwards (`_lungs_with_lesions`). An intake has done its
+        # per-slice half already.
+        lung_slices = None if prepared is None else prepared.intake.lung_slices
+        order = range(z) if prepared is None else prepared.intake.sorted_slots
+        air_lungs = asyncio.ensure_future(cpu_bound(_air_lungs, volume, lung_slices, order))
         try:
             outputs, infer_ms, stream = await self._infer_prepared(
                 info, image, z, prepared, progress
             )
-            air, air_ms = await air_lungs
+            air, midlines, air_ms = await air_lungs
         finally:
             if not air_lungs.done():
                 # Inference failed: nothing waits for the lungs (their thread runs out alone).
@@ -376,7 +383,7 @@ class ScanAnalyzer:
             lung_map,
             lesions,
             quantification,
-        ) = await cpu_bound(_postprocess, info, outputs, geometry, volume, air)
+        ) = await cpu_bound(_postprocess, info, outputs, geometry, volume, air, midlines)
         # Busy time: the air segmentation overlapped inference.
         postprocess_ms = air_ms + (time.perf_counter() - t0) * 1000.0
         if progress is not None:
@@ -557,31 +564,33 @@ def _check_outputs(info: ModelInfo, outputs: ModelOutputs, batch: int) -> None:
         )
 
 
-def _timed(
-    function: Callable[[CtVolume], np.ndarray], volume: CtVolume
-) -> tuple[np.ndarray, float]:
+def _air_lungs(
+    volume: CtVolume, lung_slices: LungSlices | None, order: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`segment_lungs(volume)`, each slice's body midline and the milliseconds it took; from
+    what an intake did per slice (`lung_slices`, by slot in `order`) when there is that."""
     started = time.perf_counter()
-    value = function(volume)
-    return value, (time.perf_counter() - started) * 1000.0
+    if lung_slices is None:
+        lung_slices, order = LungSlices.of(volume.hu), range(volume.shape[0])
+    air = lung_slices.lungs(order, volume.orientation)
+    return air, lung_slices.midlines(order), (time.perf_counter() - started) * 1000.0
 
 
-def _lungs_with_lesions(air: np.ndarray, label_map: np.ndarray, volume: CtVolume) -> np.ndarray:
+def _lungs_with_lesions(
+    air: np.ndarray, label_map: np.ndarray, midlines: np.ndarray, volume: CtVolume
+) -> np.ndarray:
     """`segment_lungs(volume, label_map)` from `air = segment_lungs(volume)`, exactly.
 
     Sides are decided voxel by voxel from each slice's body midline, which depends on HU only,
     so the lungs with lesions are the air lungs plus the lesion voxels outside them, split by
-    the same rule (lesions.py's own `_split_sides`, so the two cannot drift apart); only the
-    slices holding such voxels are split again.
+    the same rule (lesions.py's own `split_sides`, so the two cannot drift apart).
     """
     extra = (label_map > 0) & (air == 0)
-    slices = np.flatnonzero(extra.any(axis=(1, 2)))
-    if slices.size == 0:
+    if not extra.any():
         return air
-    lo, hi = int(slices[0]), int(slices[-1]) + 1
-    slab = CtVolume.from_array(volume.hu[lo:hi], volume.spacing_mm, orientation=volume.orientation)
-    sides = _split_sides(extra[lo:hi], slab)
+    sides = split_sides(extra, midlines, volume.orientation)
     lungs = air.copy()
-    np.copyto(lungs[lo:hi], sides, where=extra[lo:hi])
+    np.copyto(lungs, sides, where=extra)
     return lungs
 
 
@@ -591,10 +600,11 @@ def _postprocess(
     geometry: ResampleGeometry,
     volume: CtVolume,
     air_lungs: np.ndarray | None = None,
+    midlines: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, LesionStatistics, Quantification]:
     """Probabilities (scan and, for 2.5D, per slice), source-grid label map, lung map, lesion
     statistics and the lung quantification (gateway/lesions.py). `air_lungs`, when given, is
-    `segment_lungs(volume)` computed beforehand."""
+    `segment_lungs(volume)` computed beforehand, with each slice's body `midlines`."""
     slice_probs: np.ndarray | None = None
     if info.plan.kind == "2.5d":
         slice_probs = softmax(outputs.cls_logits, axis=1)
@@ -602,10 +612,10 @@ def _postprocess(
     else:
         probabilities = softmax(outputs.cls_logits, axis=1)[0]
     label_map = source_label_map(outputs.seg_logits, geometry)
-    if air_lungs is None:
+    if air_lungs is None or midlines is None:
         lung_map = segment_lungs(volume, label_map)
     else:
-        lung_map = _lungs_with_lesions(air_lungs, label_map, volume)
+        lung_map = _lungs_with_lesions(air_lungs, label_map, midlines, volume)
     return (
         probabilities,
         slice_probs,

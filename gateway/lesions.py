@@ -37,6 +37,7 @@ Statistics (all in the source grid, one voxel = slice spacing x pixel spacing):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Final
 
 import numpy as np
@@ -74,30 +75,120 @@ _RIGHT, _LEFT = LUNG_RIGHT, LUNG_LEFT
 
 def segment_lungs(volume: CtVolume, lesion_map: np.ndarray | None = None) -> np.ndarray:
     """Lung label map uint8 [Z, Y, X]: 0 outside, 1 right lung, 2 left lung (see module doc)."""
-    hu = volume.hu
-    air = hu < LUNG_THRESHOLD_HU
-    components, count = ndimage.label(air)
-    if count:
-        border = np.zeros(count + 1, dtype=bool)
-        for edge in (
-            components[:, 0, :],
-            components[:, -1, :],
-            components[:, :, 0],
-            components[:, :, -1],
-        ):
-            border[np.unique(edge)] = True
-        sizes = _component_sizes(components, count)
-        sizes[border] = 0
-        sizes[0] = 0
-        keep = sizes >= max(1, MIN_LUNG_FRACTION * sizes.max()) if sizes.max() else sizes > 0
-        lungs = keep[components]
-    else:
-        lungs = air
-    del components
-    lungs = _fill_holes_per_slice(lungs)
-    if lesion_map is not None:
-        lungs |= lesion_map > 0
-    return _split_sides(lungs, volume)
+    return LungSlices.of(volume.hu).lungs(range(volume.shape[0]), volume.orientation, lesion_map)
+
+
+# Air codes of one slice: not air, air enclosed within the slice, air reaching the slice's edge.
+_NOT_AIR: Final = 0
+_ENCLOSED_AIR: Final = 1
+_EDGE_AIR: Final = 2
+
+
+class LungSlices:
+    """`segment_lungs`, with everything that needs one slice only done as that slice arrives.
+
+    Per slice (`add`): the air mask, its in-plane components, which of them reach the slice's
+    edge, and the body midline. At the end (`lungs`), step 2's 3D components only have to be
+    found among the enclosed air: an enclosed component's 3D component reaches the image border
+    exactly when it touches edge-reaching air in the slice above or below (in-plane it cannot:
+    that would make them one component), and otherwise it is its own 3D component, same size.
+    So the whole-volume labelling shrinks to the box around the enclosed air, about the lungs:
+    the same lungs (tests compare with the whole-volume definition), 0.13 s instead of 0.7 s for
+    512x512x100 after the last slice, and about 2 ms per slice while the series arrives.
+    """
+
+    def __init__(self) -> None:
+        # By slot: a gateway fills slots in arrival order and sorts them at the end.
+        self._codes: dict[int, np.ndarray] = {}
+        self._midlines: dict[int, float] = {}
+
+    @classmethod
+    def of(cls, hu: np.ndarray) -> LungSlices:
+        """Every slice of an HU volume [Z, Y, X], slot = slice index."""
+        slices = cls()
+        for index, plane in enumerate(hu):
+            slices.add(index, plane)
+        return slices
+
+    def midlines(self, order: Sequence[int] | range) -> np.ndarray:
+        """Step 4's midline column of the slices in `order`."""
+        return np.array([self._midlines[slot] for slot in order], dtype=np.float64)
+
+    def add(self, slot: int, hu: np.ndarray) -> None:
+        """Take slice `slot` (HU [Y, X]); its arrays are not kept, only the slice's codes."""
+        air = hu < LUNG_THRESHOLD_HU
+        components, count = ndimage.label(air)
+        edge = np.zeros(count + 1, dtype=bool)
+        for line in (components[0], components[-1], components[:, 0], components[:, -1]):
+            edge[line] = True
+        table = np.full(count + 1, _ENCLOSED_AIR, dtype=np.uint8)
+        table[edge] = _EDGE_AIR
+        table[0] = _NOT_AIR
+        self._codes[slot] = table[components]
+        self._midlines[slot] = _body_midline(hu)
+
+    def lungs(
+        self,
+        order: Sequence[int] | range,
+        orientation: Sequence[float],
+        lesion_map: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The lung label map of the slices in `order` (slots, first to last along the normal);
+        `lesion_map`'s voxels are added as step 3 says."""
+        missing = [slot for slot in order if slot not in self._codes]
+        if missing:
+            raise ValueError(f"no air codes for slot(s) {missing[:3]}")
+        codes = np.stack([self._codes[slot] for slot in order])
+        lungs = np.zeros(codes.shape, dtype=bool)
+        enclosed = codes == _ENCLOSED_AIR
+        box = _box(enclosed, grow_in_plane=1)
+        if box is not None:
+            z0, z1 = box[0].start, box[0].stop
+            components, count = ndimage.label(enclosed[box])
+            edge_air = codes[:, box[1], box[2]] == _EDGE_AIR
+            touched = np.zeros(count + 1, dtype=bool)
+            # Enclosed voxels with edge-reaching air in the slice before or after them.
+            if z0 > 0:
+                touched[components[0][edge_air[z0 - 1]]] = True
+            if z1 < codes.shape[0]:
+                touched[components[-1][edge_air[z1]]] = True
+            touched[components[1:][edge_air[z0 : z1 - 1]]] = True
+            touched[components[:-1][edge_air[z0 + 1 : z1]]] = True
+            sizes = _component_sizes(components, count)
+            sizes[touched] = 0
+            sizes[0] = 0
+            largest = sizes.max()
+            keep = sizes >= max(1, MIN_LUNG_FRACTION * largest) if largest else sizes > 0
+            # The box has a free margin in-plane, so filling holes inside it fills the same
+            # holes as in the whole slice.
+            lungs[box] = _fill_holes_per_slice(keep[components])
+        if lesion_map is not None:
+            lungs |= lesion_map > 0
+        return split_sides(lungs, self.midlines(order), orientation)
+
+
+def _box(mask: np.ndarray, grow_in_plane: int) -> tuple[slice, slice, slice] | None:
+    """The bounding box of `mask`, grown in-plane by `grow_in_plane` within the image."""
+    spans = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        where = np.flatnonzero(mask.any(axis=others))
+        if where.size == 0:
+            return None
+        grow = grow_in_plane if axis else 0
+        spans.append(
+            slice(max(int(where[0]) - grow, 0), min(int(where[-1]) + 1 + grow, mask.shape[axis]))
+        )
+    return spans[0], spans[1], spans[2]
+
+
+def _body_midline(hu: np.ndarray) -> float:
+    """Step 4's midline of one slice: the mean column of the body, the centre if none."""
+    column_mass = np.count_nonzero(hu > BODY_THRESHOLD_HU, axis=0)
+    total = int(column_mass.sum())
+    if total == 0:
+        return (hu.shape[1] - 1) / 2.0
+    return float(np.dot(column_mass, np.arange(hu.shape[1], dtype=np.float64)) / total)
 
 
 # Up to this many air components, sizes are counted inside each one's bounding box.
@@ -110,8 +201,8 @@ _IN_SLICE: Final = np.stack(
 
 def _component_sizes(components: np.ndarray, count: int) -> np.ndarray:
     """Voxels per label 1..count (index 0 left 0). np.bincount first converts every label of
-    the volume to int64 (0.5 s for 512x512x100); a chest CT's air has a few components, and
-    counting each inside its bounding box costs about half as much."""
+    the volume to int64; a chest CT's enclosed air has a few components, and counting each
+    inside its bounding box costs about half as much."""
     if count > _FEW_COMPONENTS:
         sizes = np.bincount(components.ravel(), minlength=count + 1)
         sizes[0] = 0
@@ -140,23 +231,24 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     return mask | ~outside[background]
 
 
-def _split_sides(lungs: np.ndarray, volume: CtVolume) -> np.ndarray:
-    """Label right (1) and left (2) at each slice's body midline."""
+def split_sides(
+    lungs: np.ndarray, midlines: np.ndarray, orientation: Sequence[float]
+) -> np.ndarray:
+    """Label a lung mask [Z, Y, X] right (1) and left (2) at each slice's body midline."""
     z, y, x = lungs.shape
-    body = volume.hu > BODY_THRESHOLD_HU
-    columns = np.arange(x, dtype=np.float64)
-    column_mass = body.sum(axis=1)  # [Z, X]
-    totals = column_mass.sum(axis=1)
-    midline = np.where(
-        totals > 0, (column_mass * columns).sum(axis=1) / np.maximum(totals, 1), (x - 1) / 2.0
-    )
-    # Row direction's x component: + means columns run towards the patient's left (LPS).
-    towards_left = volume.orientation[0] >= 0
-    before = columns[None, None, :] < midline[:, None, None]  # [Z, 1, X]
-    first, second = (_RIGHT, _LEFT) if towards_left else (_LEFT, _RIGHT)
     out = np.zeros((z, y, x), dtype=np.uint8)
-    out[lungs & before] = first
-    out[lungs & ~before] = second
+    box = _box(lungs, grow_in_plane=0)
+    if box is None:
+        return out
+    columns = np.arange(box[2].start, box[2].stop, dtype=np.float64)
+    # Row direction's x component: + means columns run towards the patient's left (LPS).
+    towards_left = orientation[0] >= 0
+    before = columns[None, None, :] < midlines[box[0], None, None]  # [z, 1, x]
+    first, second = (_RIGHT, _LEFT) if towards_left else (_LEFT, _RIGHT)
+    inside = lungs[box]
+    part = out[box]
+    part[inside & before] = first
+    part[inside & ~before] = second
     return out
 
 
@@ -293,8 +385,10 @@ __all__ = [
     "BILATERAL_MIN_ML",
     "LUNG_THRESHOLD_HU",
     "PERIPHERAL_MM",
+    "LungSlices",
     "quantify",
     "quantify_with_lungs",
     "segment_lungs",
     "severity_score",
+    "split_sides",
 ]

@@ -31,7 +31,7 @@ from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, SEG_CLASS_NAMES
 from ctjoint.gateway.analysis import ScanAnalysis, ScanAnalyzer, _lungs_with_lesions
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.errors import DuplicateSliceError, MixedSeriesError
-from ctjoint.gateway.lesions import segment_lungs
+from ctjoint.gateway.lesions import LungSlices, segment_lungs
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
     inplane_slices,
@@ -264,5 +264,6 @@ def test_lesions_added_to_precomputed_air_lungs_give_the_lungs_of_segment_lungs(
     labels[7:9, 40:50, 36:60] = 2  # from the left lung out into the air beside the body
     air = segment_lungs(volume)
     assert np.count_nonzero((labels > 0) & (air == 0)) > 0  # lesion voxels outside the air
-    combined = _lungs_with_lesions(air.copy(), labels, volume)
+    midlines = LungSlices.of(volume.hu).midlines(range(volume.shape[0]))
+    combined = _lungs_with_lesions(air.copy(), labels, midlines, volume)
     assert np.array_equal(combined, segment_lungs(volume, labels))
