@@ -186,20 +186,25 @@ def _whole_volume_lungs(volume: CtVolume, lesion_map: np.ndarray | None = None) 
     return out
 
 
+# Where `_awkward_air` carves (96-pixel phantoms: rows 0..20 are air above the body, rows
+# 66..70 soft tissue under the lungs).
+_POCKET = (slice(10, 16), slice(40, 50))
+_BIG = (slice(8, 24), slice(67, 70), slice(30, 66))
+_BUBBLE = (4, 68, 50)
+
+
 def _awkward_air(volume: CtVolume) -> CtVolume:
-    """Air that only a 3D view judges right, carved into a phantom (columns 2..7 are outside the
-    body on the 96-pixel phantoms, rows 44..52 inside it):
-    - a pocket enclosed in its own slice that joins the outside air through the slice above
-      (outside: it must go);
+    """Air that only a 3D view judges right, carved into a phantom:
+    - a pocket of the outside air walled off in its own slice, joined to the outside through
+      the slice above (outside: it must go);
     - a large pocket enclosed in every slice it spans (kept, like a lung);
     - a one-voxel bubble (far under 1 % of the largest: dropped as noise)."""
     hu = np.array(volume.hu)
     z = hu.shape[0] // 2
-    hu[z, 44:52, 2:7] = 50.0  # wall off a pocket at columns 3..6 of slice z in-plane ...
-    hu[z, 45:51, 3:6] = -1000.0  # ... which is still air
-    hu[z + 1, 45:51, 3:6] = -1000.0  # and joins slice z+1's outside air right above it
-    hu[4:12, 60:80, 30:40] = -900.0  # big enclosed pocket (away from the lungs' own boxes)
-    hu[20, 40, 48] = -1000.0  # a lone bubble in soft tissue
+    hu[z, 8:18, 38:52] = 50.0
+    hu[(z, *_POCKET)] = -1000.0
+    hu[_BIG] = -900.0
+    hu[_BUBBLE] = -1000.0
     return CtVolume.from_array(hu, volume.spacing_mm, orientation=volume.orientation)
 
 
@@ -209,6 +214,12 @@ def test_slice_wise_lungs_equal_the_whole_volume_definition(kind: str, awkward: 
     phantom, volume = _phantom(kind, 7)
     if awkward:
         volume = _awkward_air(volume)
+        reference = _whole_volume_lungs(volume)
+        z = volume.shape[0] // 2
+        assert (volume.hu[(z + 1, *_POCKET)] < LUNG_THRESHOLD_HU).all()
+        assert not reference[(z, *_POCKET)].any()
+        assert reference[_BIG].all()
+        assert reference[_BUBBLE] == 0
     lesions = phantom.lesions
     assert np.array_equal(segment_lungs(volume), _whole_volume_lungs(volume))
     assert np.array_equal(segment_lungs(volume, lesions), _whole_volume_lungs(volume, lesions))
