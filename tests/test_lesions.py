@@ -244,3 +244,23 @@ def test_a_volume_without_enclosed_air_has_no_lungs() -> None:
     volume = CtVolume.from_array(np.full((4, 16, 16), -1000.0), (1.0, 1.0, 1.0))
     assert not segment_lungs(volume).any()
     assert not segment_lungs(CtVolume.from_array(np.zeros((4, 16, 16)), (1.0, 1.0, 1.0))).any()
+
+
+@pytest.mark.parametrize("through", [-1, 1], ids=["slice-before", "slice-after"])
+@pytest.mark.parametrize("lung", [False, True], ids=["pocket-alone", "beside-a-lung"])
+def test_enclosed_air_joined_to_the_outside_through_one_neighbour_slice_is_not_lung(
+    through: int, lung: bool
+) -> None:
+    """Alone, the pocket is the edge of the box the 3D step works in; beside a lung spanning
+    every slice, it is inside that box. Either way only one neighbour joins it to the outside."""
+    hu = np.zeros((5, 16, 16), dtype=np.float32)
+    hu[:, :2] = -1000.0  # outside air along the top edge of every slice
+    hu[2, 5:9, 5:9] = -1000.0  # enclosed in slice 2 ...
+    hu[2 + through, 2:9, 5:9] = -1000.0  # ... but a channel from the edge reaches it
+    if lung:
+        hu[:, 10:14, 10:14] = -900.0
+    volume = CtVolume.from_array(hu, (1.0, 1.0, 1.0))
+    reference = _whole_volume_lungs(volume)
+    assert not reference[2, 5:9, 5:9].any()
+    assert reference[:, 10:14, 10:14].all() == lung
+    assert np.array_equal(segment_lungs(volume), reference)
