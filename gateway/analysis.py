@@ -29,7 +29,7 @@ from ctjoint.gateway.dicom_io import (
     read_dataset,
 )
 from ctjoint.gateway.errors import BackendError, EmptySeriesError
-from ctjoint.gateway.lesions import LungSlices, quantify_with_lungs, segment_lungs, split_sides
+from ctjoint.gateway.lesions import LungSlices, quantify_with_lungs, split_sides
 from ctjoint.gateway.limits import cpu_bound
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
@@ -348,44 +348,42 @@ class ScanAnalyzer:
         z = volume.shape[0]
         before = prior or StageTimings()
 
-        t0 = time.perf_counter()
-        planes = None if prepared is None else prepared.intake.sorted_planes()
-        if planes is None:
-            image, geometry = await cpu_bound(preprocess_volume, volume.hu, info.plan)
-        else:
-            image, geometry = await cpu_bound(model_input, planes, info.plan, volume.shape)
-        preprocess_ms = before.preprocess_ms + (time.perf_counter() - t0) * 1000.0
-        if progress is not None:
-            progress(Progress("preprocessed", z, z))
-
         # The lungs' air segmentation needs only HU: it runs while the model does, and the
         # model's lesions are added afterwards (`_lungs_with_lesions`). An intake has done its
         # per-slice half already.
         lung_slices = None if prepared is None else prepared.intake.lung_slices
         order = range(z) if prepared is None else prepared.intake.sorted_slots
         air_lungs = asyncio.ensure_future(cpu_bound(_air_lungs, volume, lung_slices, order))
+        labels: asyncio.Future[tuple[_Labels, float]] | None = None
         try:
+            t0 = time.perf_counter()
+            planes = None if prepared is None else prepared.intake.sorted_planes()
+            if planes is None:
+                image, geometry = await cpu_bound(preprocess_volume, volume.hu, info.plan)
+            else:
+                image, geometry = await cpu_bound(model_input, planes, info.plan, volume.shape)
+            del planes
+            preprocess_ms = before.preprocess_ms + (time.perf_counter() - t0) * 1000.0
+            if progress is not None:
+                progress(Progress("preprocessed", z, z))
             outputs, infer_ms, stream = await self._infer_prepared(
                 info, image, z, prepared, progress
             )
+            del image
+            # Labels need the model's outputs only: they overlap the rest of the lungs.
+            labels = asyncio.ensure_future(cpu_bound(_labels, info, outputs, geometry, volume))
             air, midlines, air_ms = await air_lungs
+            (probabilities, slice_probs, label_map, lesions), labels_ms = await labels
         finally:
-            if not air_lungs.done():
-                # Inference failed: nothing waits for the lungs (their thread runs out alone).
-                air_lungs.cancel()
-        del image
+            for task in (air_lungs, labels):
+                if task is not None and not task.done():
+                    # Something failed: nothing waits for them (their threads run out alone).
+                    task.cancel()
 
         t0 = time.perf_counter()
-        (
-            probabilities,
-            slice_probs,
-            label_map,
-            lung_map,
-            lesions,
-            quantification,
-        ) = await cpu_bound(_postprocess, info, outputs, geometry, volume, air, midlines)
-        # Busy time: the air segmentation overlapped inference.
-        postprocess_ms = air_ms + (time.perf_counter() - t0) * 1000.0
+        lung_map, quantification = await cpu_bound(_quantified, air, midlines, label_map, volume)
+        # Busy time: the air segmentation overlapped inference, the labels the air segmentation.
+        postprocess_ms = air_ms + labels_ms + (time.perf_counter() - t0) * 1000.0
         if progress is not None:
             progress(Progress("postprocessed", z, z))
         elapsed = (time.perf_counter() - started) * 1000.0
@@ -594,17 +592,15 @@ def _lungs_with_lesions(
     return lungs
 
 
-def _postprocess(
-    info: ModelInfo,
-    outputs: ModelOutputs,
-    geometry: ResampleGeometry,
-    volume: CtVolume,
-    air_lungs: np.ndarray | None = None,
-    midlines: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, LesionStatistics, Quantification]:
-    """Probabilities (scan and, for 2.5D, per slice), source-grid label map, lung map, lesion
-    statistics and the lung quantification (gateway/lesions.py). `air_lungs`, when given, is
-    `segment_lungs(volume)` computed beforehand, with each slice's body `midlines`."""
+_Labels = tuple[np.ndarray, np.ndarray | None, np.ndarray, LesionStatistics]
+
+
+def _labels(
+    info: ModelInfo, outputs: ModelOutputs, geometry: ResampleGeometry, volume: CtVolume
+) -> tuple[_Labels, float]:
+    """Probabilities (scan and, for 2.5D, per slice), the source-grid label map and lesion
+    statistics; and the milliseconds they took."""
+    started = time.perf_counter()
     slice_probs: np.ndarray | None = None
     if info.plan.kind == "2.5d":
         slice_probs = softmax(outputs.cls_logits, axis=1)
@@ -612,18 +608,17 @@ def _postprocess(
     else:
         probabilities = softmax(outputs.cls_logits, axis=1)[0]
     label_map = source_label_map(outputs.seg_logits, geometry)
-    if air_lungs is None or midlines is None:
-        lung_map = segment_lungs(volume, label_map)
-    else:
-        lung_map = _lungs_with_lesions(air_lungs, label_map, midlines, volume)
-    return (
-        probabilities,
-        slice_probs,
-        label_map,
-        lung_map,
-        lesion_statistics(label_map, volume),
-        quantify_with_lungs(label_map, lung_map, volume),
-    )
+    labels = (probabilities, slice_probs, label_map, lesion_statistics(label_map, volume))
+    return labels, (time.perf_counter() - started) * 1000.0
+
+
+def _quantified(
+    air_lungs: np.ndarray, midlines: np.ndarray, label_map: np.ndarray, volume: CtVolume
+) -> tuple[np.ndarray, Quantification]:
+    """The lung map (`segment_lungs(volume, label_map)`, from the air lungs computed before)
+    and the lung quantification (gateway/lesions.py)."""
+    lung_map = _lungs_with_lesions(air_lungs, label_map, midlines, volume)
+    return lung_map, quantify_with_lungs(label_map, lung_map, volume)
 
 
 def source_label_map(seg_logits: np.ndarray, geometry: ResampleGeometry) -> np.ndarray:

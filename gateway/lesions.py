@@ -101,6 +101,8 @@ class LungSlices:
         # By slot: a gateway fills slots in arrival order and sorts them at the end.
         self._codes: dict[int, np.ndarray] = {}
         self._midlines: dict[int, float] = {}
+        # (rows, columns) box of the slice's enclosed air, None without any.
+        self._boxes: dict[int, tuple[slice, slice] | None] = {}
 
     @classmethod
     def of(cls, hu: np.ndarray) -> LungSlices:
@@ -124,8 +126,20 @@ class LungSlices:
         table = np.full(count + 1, _ENCLOSED_AIR, dtype=np.uint8)
         table[edge] = _EDGE_AIR
         table[0] = _NOT_AIR
+        enclosed = [
+            found
+            for label, found in enumerate(ndimage.find_objects(components), start=1)
+            if found is not None and not edge[label]
+        ]
+        box = None
+        if enclosed:
+            box = (
+                slice(min(b[0].start for b in enclosed), max(b[0].stop for b in enclosed)),
+                slice(min(b[1].start for b in enclosed), max(b[1].stop for b in enclosed)),
+            )
         self._codes[slot] = table[components]
         self._midlines[slot] = _body_midline(hu)
+        self._boxes[slot] = box
 
     def lungs(
         self,
@@ -136,35 +150,53 @@ class LungSlices:
         """The lung label map of the slices in `order` (slots, first to last along the normal);
         `lesion_map`'s voxels are added as step 3 says."""
         missing = [slot for slot in order if slot not in self._codes]
-        if missing:
-            raise ValueError(f"no air codes for slot(s) {missing[:3]}")
-        codes = np.stack([self._codes[slot] for slot in order])
-        lungs = np.zeros(codes.shape, dtype=bool)
-        enclosed = codes == _ENCLOSED_AIR
-        box = _box(enclosed, grow_in_plane=1)
+        if missing or not order:
+            raise ValueError(f"no air codes for slot(s) {missing[:3] or 'none given'}")
+        shape = (len(order), *self._codes[order[0]].shape)
+        box, air = self._air_lungs(order)
+        midlines = self.midlines(order)
+        if lesion_map is None:
+            out = np.zeros(shape, dtype=np.uint8)
+            if box is not None:
+                _split_into(out, box, air, midlines, orientation)
+            return out
+        lungs = lesion_map > 0
         if box is not None:
-            z0, z1 = box[0].start, box[0].stop
-            components, count = ndimage.label(enclosed[box])
-            edge_air = codes[:, box[1], box[2]] == _EDGE_AIR
-            touched = np.zeros(count + 1, dtype=bool)
-            # Enclosed voxels with edge-reaching air in the slice before or after them.
-            if z0 > 0:
-                touched[components[0][edge_air[z0 - 1]]] = True
-            if z1 < codes.shape[0]:
-                touched[components[-1][edge_air[z1]]] = True
-            touched[components[1:][edge_air[z0 : z1 - 1]]] = True
-            touched[components[:-1][edge_air[z0 + 1 : z1]]] = True
-            sizes = _component_sizes(components, count)
-            sizes[touched] = 0
-            sizes[0] = 0
-            largest = sizes.max()
-            keep = sizes >= max(1, MIN_LUNG_FRACTION * largest) if largest else sizes > 0
-            # The box has a free margin in-plane, so filling holes inside it fills the same
-            # holes as in the whole slice.
-            lungs[box] = _fill_holes_per_slice(keep[components])
-        if lesion_map is not None:
-            lungs |= lesion_map > 0
-        return split_sides(lungs, self.midlines(order), orientation)
+            lungs[box] |= air
+        return split_sides(lungs, midlines, orientation)
+
+    def _air_lungs(
+        self, order: Sequence[int] | range
+    ) -> tuple[tuple[slice, slice, slice] | None, np.ndarray]:
+        """Steps 1-3 without lesions: (box, lung mask inside the box), or (None, empty)."""
+        boxes = [self._boxes[slot] for slot in order]
+        present = [i for i, b in enumerate(boxes) if b is not None]
+        if not present:
+            return None, np.zeros((0, 0, 0), dtype=bool)
+        z0, z1 = present[0], present[-1] + 1
+        found = [b for b in boxes if b is not None]
+        # Grown by one pixel in-plane (enclosed air never reaches a slice's edge): filling
+        # holes inside the box then fills the same holes as in the whole slice.
+        rows = slice(min(b[0].start for b in found) - 1, max(b[0].stop for b in found) + 1)
+        columns = slice(min(b[1].start for b in found) - 1, max(b[1].stop for b in found) + 1)
+        # The box's slices and one more on each side (none past the ends): edge air there
+        # joins the enclosed air to the outside.
+        codes = [self._codes[order[i]][rows, columns] for i in range(z0, z1)]
+        components, count = ndimage.label(np.stack(codes) == _ENCLOSED_AIR)
+        nothing = np.zeros(codes[0].shape, dtype=np.uint8)
+        before = self._codes[order[z0 - 1]][rows, columns] if z0 > 0 else nothing
+        after = self._codes[order[z1]][rows, columns] if z1 < len(order) else nothing
+        edge_air = np.stack([before, *codes, after]) == _EDGE_AIR
+        touched = np.zeros(count + 1, dtype=bool)
+        # Enclosed voxels with edge-reaching air in the slice before or after them.
+        touched[components[edge_air[:-2]]] = True
+        touched[components[edge_air[2:]]] = True
+        sizes = _component_sizes(components, count)
+        sizes[touched] = 0
+        sizes[0] = 0
+        largest = sizes.max()
+        keep = sizes >= max(1, MIN_LUNG_FRACTION * largest) if largest else sizes > 0
+        return (slice(z0, z1), rows, columns), _fill_holes_per_slice(keep[components])
 
 
 def _box(mask: np.ndarray, grow_in_plane: int) -> tuple[slice, slice, slice] | None:
@@ -235,21 +267,29 @@ def split_sides(
     lungs: np.ndarray, midlines: np.ndarray, orientation: Sequence[float]
 ) -> np.ndarray:
     """Label a lung mask [Z, Y, X] right (1) and left (2) at each slice's body midline."""
-    z, y, x = lungs.shape
-    out = np.zeros((z, y, x), dtype=np.uint8)
+    out = np.zeros(lungs.shape, dtype=np.uint8)
     box = _box(lungs, grow_in_plane=0)
-    if box is None:
-        return out
+    if box is not None:
+        _split_into(out, box, lungs[box], midlines, orientation)
+    return out
+
+
+def _split_into(
+    out: np.ndarray,
+    box: tuple[slice, slice, slice],
+    inside: np.ndarray,
+    midlines: np.ndarray,
+    orientation: Sequence[float],
+) -> None:
+    """Write the sides of the lung mask `inside` (the box `box` of the volume) into `out`."""
     columns = np.arange(box[2].start, box[2].stop, dtype=np.float64)
     # Row direction's x component: + means columns run towards the patient's left (LPS).
     towards_left = orientation[0] >= 0
     before = columns[None, None, :] < midlines[box[0], None, None]  # [z, 1, x]
     first, second = (_RIGHT, _LEFT) if towards_left else (_LEFT, _RIGHT)
-    inside = lungs[box]
     part = out[box]
     part[inside & before] = first
     part[inside & ~before] = second
-    return out
 
 
 def _peripheral(
