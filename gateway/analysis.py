@@ -29,7 +29,13 @@ from ctjoint.gateway.dicom_io import (
     read_dataset,
 )
 from ctjoint.gateway.errors import BackendError, EmptySeriesError
-from ctjoint.gateway.lesions import LungSlices, quantify_with_lungs, split_sides
+from ctjoint.gateway.lesions import (
+    LungSlices,
+    lung_statistics,
+    peripheral_voxels,
+    quantification_of,
+    split_sides,
+)
 from ctjoint.gateway.limits import cpu_bound
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
@@ -42,7 +48,7 @@ from ctjoint.gateway.preprocess import (
 )
 from ctjoint.gateway.result import (
     LesionStatistics,
-    Quantification,
+    LungStatistics,
     ScanResult,
     SeriesInfo,
     StageTimings,
@@ -355,6 +361,7 @@ class ScanAnalyzer:
         order = range(z) if prepared is None else prepared.intake.sorted_slots
         air_lungs = asyncio.ensure_future(cpu_bound(_air_lungs, volume, lung_slices, order))
         labels: asyncio.Future[tuple[_Labels, float]] | None = None
+        peripheral: asyncio.Future[int] | None = None
         try:
             t0 = time.perf_counter()
             planes = None if prepared is None else prepared.intake.sorted_planes()
@@ -374,14 +381,20 @@ class ScanAnalyzer:
             labels = asyncio.ensure_future(cpu_bound(_labels, info, outputs, geometry, volume))
             air, midlines, air_ms = await air_lungs
             (probabilities, slice_probs, label_map, lesions), labels_ms = await labels
+            t0 = time.perf_counter()
+            # The peripheral rule's distance transform needs no sides: beside the lung map.
+            peripheral = asyncio.ensure_future(
+                cpu_bound(peripheral_voxels, air, label_map, volume.spacing_mm)
+            )
+            lung_map, sides = await cpu_bound(_lungs_and_sides, air, midlines, label_map, volume)
+            quantification = quantification_of(
+                sides, lesion_voxels=sum(lesions.voxels.values()), peripheral=await peripheral
+            )
         finally:
-            for task in (air_lungs, labels):
+            for task in (air_lungs, labels, peripheral):
                 if task is not None and not task.done():
                     # Something failed: nothing waits for them (their threads run out alone).
                     task.cancel()
-
-        t0 = time.perf_counter()
-        lung_map, quantification = await cpu_bound(_quantified, air, midlines, label_map, volume)
         # Busy time: the air segmentation overlapped inference, the labels the air segmentation.
         postprocess_ms = air_ms + labels_ms + (time.perf_counter() - t0) * 1000.0
         if progress is not None:
@@ -612,13 +625,13 @@ def _labels(
     return labels, (time.perf_counter() - started) * 1000.0
 
 
-def _quantified(
+def _lungs_and_sides(
     air_lungs: np.ndarray, midlines: np.ndarray, label_map: np.ndarray, volume: CtVolume
-) -> tuple[np.ndarray, Quantification]:
+) -> tuple[np.ndarray, tuple[LungStatistics, ...]]:
     """The lung map (`segment_lungs(volume, label_map)`, from the air lungs computed before)
-    and the lung quantification (gateway/lesions.py)."""
+    and each lung's statistics (gateway/lesions.py)."""
     lung_map = _lungs_with_lesions(air_lungs, label_map, midlines, volume)
-    return lung_map, quantify_with_lungs(label_map, lung_map, volume)
+    return lung_map, lung_statistics(label_map, lung_map, volume)
 
 
 def source_label_map(seg_logits: np.ndarray, geometry: ResampleGeometry) -> np.ndarray:

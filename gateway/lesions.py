@@ -295,7 +295,8 @@ def _split_into(
 def _peripheral(
     lungs: np.ndarray, lesion: np.ndarray, spacing_mm: tuple[float, float, float]
 ) -> np.ndarray:
-    """Boolean [Z, Y, X]: lesion voxels within `PERIPHERAL_MM` of the pleura (module doc).
+    """Boolean [Z, Y, X]: lesion voxels within `PERIPHERAL_MM` of the pleura (module doc);
+    lesion voxels count as lung whether `lungs` holds them or not.
 
     The distance transform runs on the lesions' bounding box grown by the threshold only: a
     voxel's distance is decided by the surface within `PERIPHERAL_MM` of it, and the box edge
@@ -310,7 +311,8 @@ def _peripheral(
         slice(max(part.start - m, 0), min(part.stop + m, size))
         for part, m, size in zip(found, margin, lesion.shape, strict=True)
     )
-    lung_box, lesion_box = lungs[box] > 0, lesion[box]
+    lesion_box = lesion[box]
+    lung_box = (lungs[box] > 0) | lesion_box
     # Scattered lesions (both lungs, several lobes) leave most of their common box empty: the
     # same rule per lesion component, each in its own grown box, transforms far fewer voxels
     # (a 512x512x100 phantom: 3.4 M -> 1.0 M). Each voxel is decided in its own component's
@@ -357,12 +359,41 @@ def quantify_with_lungs(
     label_map: np.ndarray, lungs: np.ndarray, volume: CtVolume
 ) -> Quantification:
     """The statistics for a given lung label map (1 right, 2 left), e.g. a reference one."""
-    voxel_ml = volume.voxel_volume_ml
-    lesion = label_map > 0
-    peripheral = _peripheral(lungs, lesion, volume.spacing_mm)
-    lesion_voxels = int(np.count_nonzero(lesion))
-    peripheral_voxels = int(np.count_nonzero(peripheral))
+    return quantification_of(
+        lung_statistics(label_map, lungs, volume),
+        lesion_voxels=int(np.count_nonzero(label_map)),
+        peripheral=peripheral_voxels(lungs, label_map, volume.spacing_mm),
+    )
 
+
+def peripheral_voxels(
+    lungs: np.ndarray, label_map: np.ndarray, spacing_mm: tuple[float, float, float]
+) -> int:
+    """How many lesion voxels are peripheral (module doc). Needs only which voxels are lung,
+    not the sides: a caller can run it beside `lung_statistics`."""
+    return int(np.count_nonzero(_peripheral(lungs, label_map > 0, spacing_mm)))
+
+
+def quantification_of(
+    sides: tuple[LungStatistics, ...], *, lesion_voxels: int, peripheral: int
+) -> Quantification:
+    """The scan's quantification from its per-lung statistics and lesion voxel counts."""
+    return Quantification(
+        lungs=sides,
+        bilateral=all(s.total_lesion_ml >= BILATERAL_MIN_ML for s in sides),
+        peripheral_fraction=peripheral / lesion_voxels if lesion_voxels else 0.0,
+        central_fraction=(lesion_voxels - peripheral) / lesion_voxels if lesion_voxels else 0.0,
+        method=METHOD,
+        peripheral_rule=PERIPHERAL_RULE,
+        severity_scale=SEVERITY_SCALE,
+    )
+
+
+def lung_statistics(
+    label_map: np.ndarray, lungs: np.ndarray, volume: CtVolume
+) -> tuple[LungStatistics, ...]:
+    """Volumes, lesion volumes, involvement and zones of each lung (right, left)."""
+    voxel_ml = volume.voxel_volume_ml
     # Slices ascend along the normal; the upper zone is at the end when the normal points to
     # the head (+z in LPS, every axial series), at the start otherwise.
     head_last = float(slice_normal(volume.orientation)[2]) >= 0.0
@@ -414,17 +445,7 @@ def quantify_with_lungs(
                 zones=tuple(zones),
             )
         )
-    return Quantification(
-        lungs=tuple(sides),
-        bilateral=all(s.total_lesion_ml >= BILATERAL_MIN_ML for s in sides),
-        peripheral_fraction=peripheral_voxels / lesion_voxels if lesion_voxels else 0.0,
-        central_fraction=(lesion_voxels - peripheral_voxels) / lesion_voxels
-        if lesion_voxels
-        else 0.0,
-        method=METHOD,
-        peripheral_rule=PERIPHERAL_RULE,
-        severity_scale=SEVERITY_SCALE,
-    )
+    return tuple(sides)
 
 
 __all__ = [
@@ -432,6 +453,9 @@ __all__ = [
     "LUNG_THRESHOLD_HU",
     "PERIPHERAL_MM",
     "LungSlices",
+    "lung_statistics",
+    "peripheral_voxels",
+    "quantification_of",
     "quantify",
     "quantify_with_lungs",
     "segment_lungs",
