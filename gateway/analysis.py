@@ -596,12 +596,16 @@ def _lungs_with_lesions(
     so the lungs with lesions are the air lungs plus the lesion voxels outside them, split by
     the same rule (lesions.py's own `split_sides`, so the two cannot drift apart).
     """
-    extra = (label_map > 0) & (air == 0)
+    with_lesions = np.flatnonzero(label_map.any(axis=(1, 2)))
+    if with_lesions.size == 0:
+        return air
+    # Only the slices that hold lesions can change.
+    z = slice(int(with_lesions[0]), int(with_lesions[-1]) + 1)
+    extra = (label_map[z] > 0) & (air[z] == 0)
     if not extra.any():
         return air
-    sides = split_sides(extra, midlines, volume.orientation)
     lungs = air.copy()
-    np.copyto(lungs, sides, where=extra)
+    np.copyto(lungs[z], split_sides(extra, midlines[z], volume.orientation), where=extra)
     return lungs
 
 
