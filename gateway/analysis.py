@@ -166,6 +166,8 @@ class SeriesIntake:
         self.read_ms = 0.0
         self.validate_ms = 0.0
         self.preprocess_ms = 0.0
+        # The lungs' per-slice work: postprocessing done early, counted as postprocessing.
+        self.lungs_ms = 0.0
         self.header: Dataset | None = None
         # In-plane preprocessed slices [H, W] by arrival slot (only with a plan).
         self.planes: list[np.ndarray] = []
@@ -211,11 +213,14 @@ class SeriesIntake:
         validated = time.perf_counter()
         self.read_ms += (parsed - started) * 1000.0
         self.validate_ms += (validated - parsed) * 1000.0
+        preprocessed = validated
         if self._plan is not None:
             self.planes.append(inplane_slices(ct_slice.hu, self._plan))
+            preprocessed = time.perf_counter()
+            self.preprocess_ms += (preprocessed - validated) * 1000.0
         if self.lung_slices is not None:
             self.lung_slices.add(slot, ct_slice.hu)
-            self.preprocess_ms += (time.perf_counter() - validated) * 1000.0
+            self.lungs_ms += (time.perf_counter() - preprocessed) * 1000.0
         normal = self._assembler.normal
         distance = float(np.dot(ct_slice.position, normal)) if normal is not None else 0.0
         return slot, distance
@@ -397,6 +402,8 @@ class ScanAnalyzer:
                     task.cancel()
         # Busy time: the air segmentation overlapped inference, the labels the air segmentation.
         postprocess_ms = air_ms + labels_ms + (time.perf_counter() - t0) * 1000.0
+        if prepared is not None:
+            postprocess_ms += prepared.intake.lungs_ms
         if progress is not None:
             progress(Progress("postprocessed", z, z))
         elapsed = (time.perf_counter() - started) * 1000.0
