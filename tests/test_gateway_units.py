@@ -6,6 +6,10 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -261,3 +265,25 @@ def test_hidden_folders_and_the_results_folder_are_not_series(tmp_path: Path) ->
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "1.dcm").write_bytes(b"x")
     assert list(series_folders(tmp_path, exclude=tmp_path / "results")) == [tmp_path / "a"]
+
+
+# --- process settings --------------------------------------------------------------------------
+
+
+def _keep_freed_memory_in_a_child(env: dict[str, str]) -> str:
+    """Runs the gateway's malloc setting in a fresh interpreter (it changes the whole
+    process), and reports whether it applied."""
+    code = "from ctjoint.gateway.server import _keep_freed_memory; print(_keep_freed_memory())"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_gateway_keeps_freed_arrays_unless_the_operator_set_malloc_variables() -> None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's; elsewhere the setting is skipped by design")
+    assert _keep_freed_memory_in_a_child({}) == "True"
+    assert _keep_freed_memory_in_a_child({"MALLOC_ARENA_MAX": "4"}) == "False"
