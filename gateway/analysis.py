@@ -168,6 +168,8 @@ class SeriesIntake:
         self.preprocess_ms = 0.0
         # The lungs' per-slice work: postprocessing done early, counted as postprocessing.
         self.lungs_ms = 0.0
+        # (rows, columns) of the series' slices, once the first has arrived.
+        self.slice_shape: tuple[int, int] | None = None
         self.header: Dataset | None = None
         # In-plane preprocessed slices [H, W] by arrival slot (only with a plan).
         self.planes: list[np.ndarray] = []
@@ -202,6 +204,8 @@ class SeriesIntake:
             self.read_ms += (time.perf_counter() - started) * 1000.0
             return None
         ct_slice = ct_slice_from_dataset(dataset, source=source, hu_out=self._assembler.next_slot)
+        if self.slice_shape is None:
+            self.slice_shape = (int(ct_slice.hu.shape[0]), int(ct_slice.hu.shape[1]))
         if self.header is None:
             # One file's header (without its pixels) serves the DICOM outputs.
             header = dataset.copy()
@@ -224,6 +228,12 @@ class SeriesIntake:
         normal = self._assembler.normal
         distance = float(np.dot(ct_slice.position, normal)) if normal is not None else 0.0
         return slot, distance
+
+    def label_slices(self, seg_logits: np.ndarray) -> list[np.ndarray | None]:
+        """Label maps on this series' grid of a streamed batch (`slice_label_maps`)."""
+        if self.slice_shape is None:
+            raise RuntimeError("no slice has arrived yet, so the source grid is unknown")
+        return slice_label_maps(seg_logits, *self.slice_shape)
 
     @property
     def sorted_slots(self) -> tuple[int, ...]:
@@ -310,6 +320,7 @@ class ScanAnalyzer:
                 expected_slices=expected_slices,
                 check=_check_outputs,
                 on_inferred=_inferred_progress(progress, expected_slices),
+                slice_labels=intake.label_slices,
             )
             intake.on_slice = streamer.add
         try:
@@ -378,12 +389,14 @@ class ScanAnalyzer:
             preprocess_ms = before.preprocess_ms + (time.perf_counter() - t0) * 1000.0
             if progress is not None:
                 progress(Progress("preprocessed", z, z))
-            outputs, infer_ms, stream = await self._infer_prepared(
+            outputs, infer_ms, stream, streamed_labels = await self._infer_prepared(
                 info, image, z, prepared, progress
             )
             del image
             # Labels need the model's outputs only: they overlap the rest of the lungs.
-            labels = asyncio.ensure_future(cpu_bound(_labels, info, outputs, geometry, volume))
+            labels = asyncio.ensure_future(
+                cpu_bound(_labels, info, outputs, geometry, volume, streamed_labels)
+            )
             air, midlines, air_ms = await air_lungs
             (probabilities, slice_probs, label_map, lesions), labels_ms = await labels
             t0 = time.perf_counter()
@@ -475,8 +488,9 @@ class ScanAnalyzer:
         slices: int,
         prepared: _Prepared | None,
         progress: ProgressCallback | None,
-    ) -> tuple[ModelOutputs, float, StreamStats | None]:
-        """Outputs for the whole volume, the inference time, and what streaming reused.
+    ) -> tuple[ModelOutputs, float, StreamStats | None, dict[int, np.ndarray | None]]:
+        """Outputs for the whole volume, the inference time, what streaming reused, and the
+        label maps it made (by slice, None: no lesion).
 
         Without streaming the time is the wall time of the batches; with it, the wall time
         during which a request was outstanding (they overlapped the upload).
@@ -485,8 +499,8 @@ class ScanAnalyzer:
         if prepared is None or streamer is None:
             started = time.perf_counter()
             outputs = await self._infer(info, image, slices, progress)
-            return outputs, (time.perf_counter() - started) * 1000.0, None
-        outputs, stream = await streamer.finish(
+            return outputs, (time.perf_counter() - started) * 1000.0, None, {}
+        outputs, stream, labels = await streamer.finish(
             prepared.intake.sorted_slots,
             image,
             lambda rest: self._infer(info, rest, rest.shape[0], None),
@@ -502,7 +516,7 @@ class ScanAnalyzer:
             stream.inferred_at_end,
             stream.streamed,
         )
-        return outputs, stream.infer_busy_ms, stream
+        return outputs, stream.infer_busy_ms, stream, labels
 
     async def _infer(
         self, info: ModelInfo, image: np.ndarray, slices: int, progress: ProgressCallback | None
@@ -620,10 +634,15 @@ _Labels = tuple[np.ndarray, np.ndarray | None, np.ndarray, LesionStatistics]
 
 
 def _labels(
-    info: ModelInfo, outputs: ModelOutputs, geometry: ResampleGeometry, volume: CtVolume
+    info: ModelInfo,
+    outputs: ModelOutputs,
+    geometry: ResampleGeometry,
+    volume: CtVolume,
+    known: dict[int, np.ndarray | None] | None = None,
 ) -> tuple[_Labels, float]:
     """Probabilities (scan and, for 2.5D, per slice), the source-grid label map and lesion
-    statistics; and the milliseconds they took."""
+    statistics; and the milliseconds they took. `known`: label maps of 2.5D slices made
+    while the series streamed in (None: no lesion), by slice."""
     started = time.perf_counter()
     slice_probs: np.ndarray | None = None
     if info.plan.kind == "2.5d":
@@ -631,7 +650,10 @@ def _labels(
         probabilities = aggregate_slice_probabilities(slice_probs)
     else:
         probabilities = softmax(outputs.cls_logits, axis=1)[0]
-    label_map = source_label_map(outputs.seg_logits, geometry)
+    if known and geometry.kind == "2.5d":
+        label_map = _label_map_from(known, outputs.seg_logits, geometry)
+    else:
+        label_map = source_label_map(outputs.seg_logits, geometry)
     labels = (probabilities, slice_probs, label_map, lesion_statistics(label_map, volume))
     return labels, (time.perf_counter() - started) * 1000.0
 
@@ -643,6 +665,32 @@ def _lungs_and_sides(
     and each lung's statistics (gateway/lesions.py)."""
     lung_map = _lungs_with_lesions(air_lungs, label_map, midlines, volume)
     return lung_map, lung_statistics(label_map, lung_map, volume)
+
+
+def slice_label_maps(seg_logits: np.ndarray, rows: int, columns: int) -> list[np.ndarray | None]:
+    """`source_label_map` of a batch of 2.5D slices [n, K, h, w] on a `rows` x `columns` source
+    grid, one map per slice, None for a slice without lesion (what streaming keeps)."""
+    n, _, h, w = seg_logits.shape
+    maps = source_label_map(seg_logits, ResampleGeometry((n, rows, columns), (n, h, w), "2.5d"))
+    return [plane if plane.any() else None for plane in maps]
+
+
+def _label_map_from(
+    known: dict[int, np.ndarray | None], seg_logits: np.ndarray, geometry: ResampleGeometry
+) -> np.ndarray:
+    """The 2.5D label map from the slices streaming labelled, the others labelled now: equal
+    to `source_label_map` of the whole, each slice's labels depending on its logits alone."""
+    z, y, x = geometry.source_shape
+    out = np.zeros((z, y, x), dtype=np.uint8)
+    for index, plane in known.items():
+        if plane is not None:
+            out[index] = plane
+    rest = [i for i in range(z) if i not in known]
+    if rest:
+        _, h, w = geometry.model_shape
+        sub = ResampleGeometry((len(rest), y, x), (len(rest), h, w), "2.5d")
+        out[rest] = source_label_map(seg_logits[rest], sub)
+    return out
 
 
 def source_label_map(seg_logits: np.ndarray, geometry: ResampleGeometry) -> np.ndarray:
@@ -743,10 +791,15 @@ def lesion_statistics(label_map: np.ndarray, volume: CtVolume) -> LesionStatisti
     """Voxel counts per lesion class, per slice and in total, and the voxel volume in mL."""
     slice_pixels: dict[str, tuple[int, ...]] = {}
     voxels: dict[str, int] = {}
+    # Counted only in the slices that hold lesions (a chest CT: a third of them or fewer).
+    z = label_map.shape[0]
+    with_lesions = np.flatnonzero(label_map.reshape(z, -1).any(axis=1))
+    lesion_slices = label_map[with_lesions]
     for value, name in enumerate(SEG_CLASS_NAMES):
         if name not in LESION_CLASS_NAMES:
             continue
-        per_slice = np.count_nonzero(label_map == value, axis=(1, 2))
+        per_slice = np.zeros(z, dtype=np.int64)
+        per_slice[with_lesions] = np.count_nonzero(lesion_slices == value, axis=(1, 2))
         slice_pixels[name] = tuple(int(v) for v in per_slice)
         voxels[name] = int(per_slice.sum())
     return LesionStatistics(

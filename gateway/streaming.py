@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
+from ctjoint.gateway.limits import cpu_bound
 from ctjoint.gateway.series import DUPLICATE_POSITION_MM, SPACING_RELATIVE_TOLERANCE
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ MIN_STREAM_BATCH = 4
 
 # The arrival slots a 2.5D stack was built from, in stack order.
 StackKey = tuple[int, ...]
+# Seg logits of a batch [n, K, h, w] -> each slice's source-grid label map, None without lesions.
+SliceLabels = Callable[[np.ndarray], list[np.ndarray | None]]
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class StreamingInference:
         expected_slices: int | None = None,
         check: Callable[[ModelInfo, ModelOutputs, int], None] | None = None,
         on_inferred: Callable[[int], None] | None = None,
+        slice_labels: SliceLabels | None = None,
     ) -> None:
         if info.plan.kind != "2.5d":
             raise ValueError(f"streaming inference is for 2.5D models, not {info.plan.kind}")
@@ -77,6 +81,10 @@ class StreamingInference:
         self._expected = expected_slices
         self._check = check
         self._on_inferred = on_inferred
+        # Label maps of streamed stacks, made off the loop while the series still arrives.
+        self._slice_labels = slice_labels
+        self._labels: dict[StackKey, np.ndarray | None] = {}
+        self._label_tasks: set[asyncio.Task[None]] = set()
         # Slices so far, sorted along the normal: distances and their arrival slots.
         self._distances: list[float] = []
         self._slots: list[int] = []
@@ -174,6 +182,16 @@ class StreamingInference:
         self._streamed += len(keys)
         if self._on_inferred is not None:
             self._on_inferred(self._streamed)
+        if self._slice_labels is not None:
+            # Not part of this request's task: the next request need not wait for it.
+            task = asyncio.ensure_future(self._label(keys, outputs.seg_logits))
+            self._label_tasks.add(task)
+            task.add_done_callback(self._label_tasks.discard)
+
+    async def _label(self, keys: list[StackKey], seg_logits: np.ndarray) -> None:
+        assert self._slice_labels is not None
+        labels = await cpu_bound(self._slice_labels, seg_logits)
+        self._labels.update(zip(keys, labels, strict=True))
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -197,10 +215,11 @@ class StreamingInference:
         sorted_slots: Sequence[int],
         image: np.ndarray,
         infer_rest: Callable[[np.ndarray], Awaitable[ModelOutputs]],
-    ) -> tuple[ModelOutputs, StreamStats]:
+    ) -> tuple[ModelOutputs, StreamStats, dict[int, np.ndarray | None]]:
         """Outputs for the final order `sorted_slots` (the series' slots sorted along the
         normal); `image` is the whole-volume model input, of which the stacks no streamed
-        result matches are inferred with `infer_rest`."""
+        result matches are inferred with `infer_rest`. Also the label maps made while
+        streaming, by final position (None: no lesion), for the positions that have one."""
         # Stacks still queued are not sent on their own: whichever the final order still needs
         # go with the rest, in full batches.
         self._pending.clear()
@@ -208,6 +227,8 @@ class StreamingInference:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._error is not None:
             raise self._error
+        if self._label_tasks:
+            await asyncio.gather(*list(self._label_tasks))
         n, c = len(sorted_slots), self._context
         keys = [
             tuple(sorted_slots[min(max(j, 0), n - 1)] for j in range(i - c, i + c + 1))
@@ -243,18 +264,21 @@ class StreamingInference:
             infer_busy_ms=self._busy_ms,
             model_ms=self._model_ms,
         )
+        labels = {i: self._labels[key] for i, key in enumerate(keys) if key in self._labels}
         self._results.clear()
-        return outputs, stats
+        self._labels.clear()
+        return outputs, stats, labels
 
     async def cancel(self) -> None:
         """Stop streamed requests (the scan failed or was cancelled) and wait for them."""
         self._pending.clear()
-        tasks = list(self._tasks)
+        tasks = [*self._tasks, *self._label_tasks]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._results.clear()
+        self._labels.clear()
 
 
 __all__ = ["MIN_STREAM_BATCH", "StreamStats", "StreamingInference"]

@@ -28,12 +28,20 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, SEG_CLASS_NAMES
-from ctjoint.gateway.analysis import ScanAnalysis, ScanAnalyzer, _lungs_with_lesions
+from ctjoint.gateway.analysis import (
+    ScanAnalysis,
+    ScanAnalyzer,
+    _label_map_from,
+    _lungs_with_lesions,
+    slice_label_maps,
+    source_label_map,
+)
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.errors import DuplicateSliceError, MixedSeriesError
 from ctjoint.gateway.lesions import LungSlices, segment_lungs
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
+    ResampleGeometry,
     inplane_slices,
     resize_inplane,
     window_normalise,
@@ -267,3 +275,15 @@ def test_lesions_added_to_precomputed_air_lungs_give_the_lungs_of_segment_lungs(
     midlines = LungSlices.of(volume.hu).midlines(range(volume.shape[0]))
     combined = _lungs_with_lesions(air.copy(), labels, midlines, volume)
     assert np.array_equal(combined, segment_lungs(volume, labels))
+
+
+def test_label_maps_made_while_streaming_join_the_rest_into_the_whole_volume_map() -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(6, 3, 16, 16)).astype(np.float32)
+    logits[1, 0] += 50.0  # a slice without lesion: streaming keeps None for it
+    geometry = ResampleGeometry((6, 40, 40), (6, 16, 16), "2.5d")
+    whole = source_label_map(logits, geometry)
+    streamed = slice_label_maps(logits[:3], 40, 40)
+    assert streamed[1] is None and streamed[0] is not None
+    known = dict(enumerate(streamed))  # slices 3..5 were inferred after the last file
+    assert np.array_equal(_label_map_from(known, logits, geometry), whole)
