@@ -101,8 +101,10 @@ class LungSlices:
         # By slot: a gateway fills slots in arrival order and sorts them at the end.
         self._codes: dict[int, np.ndarray] = {}
         self._midlines: dict[int, float] = {}
-        # (rows, columns) box of the slice's enclosed air, None without any.
+        # (rows, columns) box of the slice's enclosed air grown by a pixel, None without any;
+        # and the enclosed air in it with its holes filled.
         self._boxes: dict[int, tuple[slice, slice] | None] = {}
+        self._filled: dict[int, np.ndarray | None] = {}
 
     @classmethod
     def of(cls, hu: np.ndarray) -> LungSlices:
@@ -127,18 +129,23 @@ class LungSlices:
         table[edge] = _EDGE_AIR
         table[0] = _NOT_AIR
         codes = np.take(table, components)
-        box = None
+        box = filled = None
         if not edge[1:].all():
             enclosed = codes == _ENCLOSED_AIR
             rows = np.flatnonzero(enclosed.any(axis=1))
             columns = np.flatnonzero(enclosed.any(axis=0))
+            # Grown by one pixel (enclosed air never reaches the slice's edge), so holes
+            # filled inside the box are the holes of the whole slice.
             box = (
-                slice(int(rows[0]), int(rows[-1]) + 1),
-                slice(int(columns[0]), int(columns[-1]) + 1),
+                slice(int(rows[0]) - 1, int(rows[-1]) + 2),
+                slice(int(columns[0]) - 1, int(columns[-1]) + 2),
             )
+            # The slice's lungs if every enclosed component is kept, as nearly always.
+            filled = _fill_holes_per_slice(enclosed[box][None])[0]
         self._codes[slot] = codes
         self._midlines[slot] = _body_midline(hu)
         self._boxes[slot] = box
+        self._filled[slot] = filled
 
     def lungs(
         self,
@@ -174,10 +181,10 @@ class LungSlices:
             return None, np.zeros((0, 0, 0), dtype=bool)
         z0, z1 = present[0], present[-1] + 1
         found = [b for b in boxes if b is not None]
-        # Grown by one pixel in-plane (enclosed air never reaches a slice's edge): filling
-        # holes inside the box then fills the same holes as in the whole slice.
-        rows = slice(min(b[0].start for b in found) - 1, max(b[0].stop for b in found) + 1)
-        columns = slice(min(b[1].start for b in found) - 1, max(b[1].stop for b in found) + 1)
+        # The slices' boxes have a free margin, so their union does too: filling holes
+        # inside it fills the same holes as in the whole slice.
+        rows = slice(min(b[0].start for b in found), max(b[0].stop for b in found))
+        columns = slice(min(b[1].start for b in found), max(b[1].stop for b in found))
         # The box's slices and one more on each side (none past the ends): edge air there
         # joins the enclosed air to the outside.
         codes = [self._codes[order[i]][rows, columns] for i in range(z0, z1)]
@@ -195,7 +202,23 @@ class LungSlices:
         sizes[0] = 0
         largest = sizes.max()
         keep = sizes >= max(1, MIN_LUNG_FRACTION * largest) if largest else sizes > 0
-        return (slice(z0, z1), rows, columns), _fill_holes_per_slice(keep[components])
+        kept = keep[components]
+        # Slices that lost an enclosed component need their holes filled again; the others
+        # take what `add` filled.
+        lost = ((components > 0) & ~kept).any(axis=(1, 2))
+        lungs = np.zeros(kept.shape, dtype=bool)
+        for k in range(z1 - z0):
+            slot = order[z0 + k]
+            box, filled = self._boxes[slot], self._filled[slot]
+            if lost[k]:
+                lungs[k] = _fill_holes_per_slice(kept[k][None])[0]
+            elif box is not None and filled is not None:
+                lungs[
+                    k,
+                    box[0].start - rows.start : box[0].stop - rows.start,
+                    box[1].start - columns.start : box[1].stop - columns.start,
+                ] = filled
+        return (slice(z0, z1), rows, columns), lungs
 
 
 def _box(mask: np.ndarray, grow_in_plane: int) -> tuple[slice, slice, slice] | None:
