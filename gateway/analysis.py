@@ -31,7 +31,9 @@ from ctjoint.gateway.dicom_io import (
 from ctjoint.gateway.errors import BackendError, EmptySeriesError
 from ctjoint.gateway.lesions import (
     LungSlices,
+    after_leaving_lung,
     lung_statistics,
+    peripheral_mask,
     peripheral_voxels,
     quantification_of,
     split_sides,
@@ -377,7 +379,8 @@ class ScanAnalyzer:
         order = range(z) if prepared is None else prepared.intake.sorted_slots
         air_lungs = asyncio.ensure_future(cpu_bound(_air_lungs, volume, lung_slices, order))
         labels: asyncio.Future[tuple[_Labels, float]] | None = None
-        peripheral: asyncio.Future[int] | None = None
+        guess: asyncio.Future[tuple[np.ndarray, np.ndarray]] | None = None
+        sides_task: asyncio.Future[tuple[np.ndarray, tuple[LungStatistics, ...]]] | None = None
         try:
             t0 = time.perf_counter()
             planes = None if prepared is None else prepared.intake.sorted_planes()
@@ -397,19 +400,32 @@ class ScanAnalyzer:
             labels = asyncio.ensure_future(
                 cpu_bound(_labels, info, outputs, geometry, volume, streamed_labels)
             )
-            air, midlines, air_ms = await air_lungs
             (probabilities, slice_probs, label_map, lesions), labels_ms = await labels
             t0 = time.perf_counter()
-            # The peripheral rule's distance transform needs no sides: beside the lung map.
-            peripheral = asyncio.ensure_future(
-                cpu_bound(peripheral_voxels, air, label_map, volume.spacing_mm)
+            if lung_slices is not None:
+                # The peripheral rule's distance transform needs only which voxels are lung:
+                # it starts on every enclosed air pocket while the air step decides which
+                # are lungs; the pockets that step drops are taken out after.
+                guess = asyncio.ensure_future(
+                    cpu_bound(_peripheral_guess, lung_slices, order, label_map, volume)
+                )
+            air, midlines, air_ms = await air_lungs
+            sides_task = asyncio.ensure_future(
+                cpu_bound(_lungs_and_sides, air, midlines, label_map, volume)
             )
-            lung_map, sides = await cpu_bound(_lungs_and_sides, air, midlines, label_map, volume)
+            if guess is not None:
+                guessed_lungs, guessed = await guess
+                peripheral = await cpu_bound(
+                    _peripheral_checked, air, guessed_lungs, guessed, label_map, volume
+                )
+            else:
+                peripheral = await cpu_bound(peripheral_voxels, air, label_map, volume.spacing_mm)
+            lung_map, sides = await sides_task
             quantification = quantification_of(
-                sides, lesion_voxels=sum(lesions.voxels.values()), peripheral=await peripheral
+                sides, lesion_voxels=sum(lesions.voxels.values()), peripheral=peripheral
             )
         finally:
-            for task in (air_lungs, labels, peripheral):
+            for task in (air_lungs, labels, guess, sides_task):
                 if task is not None and not task.done():
                     # Something failed: nothing waits for them (their threads run out alone).
                     task.cancel()
@@ -656,6 +672,32 @@ def _labels(
         label_map = source_label_map(outputs.seg_logits, geometry)
     labels = (probabilities, slice_probs, label_map, lesion_statistics(label_map, volume))
     return labels, (time.perf_counter() - started) * 1000.0
+
+
+def _peripheral_guess(
+    lung_slices: LungSlices, order: Sequence[int], label_map: np.ndarray, volume: CtVolume
+) -> tuple[np.ndarray, np.ndarray]:
+    """The peripheral-rule mask if every enclosed air pocket were lung (`all_enclosed_air`,
+    which holds the air lungs), and that lung mask, for `_peripheral_checked`."""
+    guessed_lungs = lung_slices.all_enclosed_air(order)
+    return guessed_lungs, peripheral_mask(guessed_lungs, label_map, volume.spacing_mm)
+
+
+def _peripheral_checked(
+    air: np.ndarray,
+    guessed_lungs: np.ndarray,
+    guessed: np.ndarray,
+    label_map: np.ndarray,
+    volume: CtVolume,
+) -> int:
+    """Peripheral lesion voxels of the real air lungs, from the guess: the pockets the 3D step
+    dropped (noise, gas outside the lungs) leave the lung (`after_leaving_lung`); if there are
+    too many of them, the rule runs again on the air lungs."""
+    left = guessed_lungs & (air == 0)
+    mask = after_leaving_lung(guessed, label_map, left, volume.spacing_mm)
+    if mask is None:
+        mask = peripheral_mask(air, label_map, volume.spacing_mm)
+    return int(np.count_nonzero(mask))
 
 
 def _lungs_and_sides(

@@ -23,6 +23,8 @@ from ctjoint.gateway.analysis import analyze_directory
 from ctjoint.gateway.lesions import (
     LUNG_THRESHOLD_HU,
     LungSlices,
+    after_leaving_lung,
+    peripheral_mask,
     quantify,
     segment_lungs,
     severity_score,
@@ -264,3 +266,43 @@ def test_enclosed_air_joined_to_the_outside_through_one_neighbour_slice_is_not_l
     assert not reference[2, 5:9, 5:9].any()
     assert reference[:, 10:14, 10:14].all() == lung
     assert np.array_equal(segment_lungs(volume), reference)
+
+
+def _ellipsoid_lung_with_lesions(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A lung big enough to have a centre more than PERIPHERAL_MM from its surface, with
+    lesion blobs scattered in it (a label map with classes 1 and 2)."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.ogrid[:30, :100, :100]
+    lung = ((zz - 15) / 14.0) ** 2 + ((yy - 50) / 48.0) ** 2 + ((xx - 50) / 48.0) ** 2 <= 1.0
+    labels = np.zeros(lung.shape, dtype=np.uint8)
+    for _ in range(6):
+        z, y, x = rng.integers(5, 25), rng.integers(20, 80), rng.integers(20, 80)
+        labels[z - 2 : z + 2, y - 6 : y + 6, x - 6 : x + 6] = rng.integers(1, 3)
+    labels[~lung] = 0
+    return lung, labels
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_voxels_leaving_the_lung_update_the_peripheral_rule_exactly(seed: int) -> None:
+    spacing = (2.5, 0.7, 0.7)
+    lung, labels = _ellipsoid_lung_with_lesions(seed)
+    rng = np.random.default_rng(100 + seed)
+    left = np.zeros(lung.shape, dtype=bool)
+    inside = np.argwhere(lung & (labels == 0))
+    for z, y, x in inside[rng.choice(len(inside), size=30, replace=False)]:
+        left[z, y, x] = True  # lone noise voxels
+    left[14:16, 49:52, 49:52] = True  # a pocket in the middle of the lung
+    left &= lung
+    before = peripheral_mask(lung, labels, spacing)
+    after = peripheral_mask(lung & ~left, labels, spacing)
+    assert not np.array_equal(before, after)  # the pockets matter to some lesion voxels
+    updated = after_leaving_lung(before, labels, left, spacing)
+    assert updated is not None
+    assert np.array_equal(updated, after)
+
+
+def test_too_many_voxels_leaving_the_lung_ask_for_the_rule_to_run_again() -> None:
+    lung, labels = _ellipsoid_lung_with_lesions(0)
+    spacing = (2.5, 0.7, 0.7)
+    left = lung & (labels == 0)
+    assert after_leaving_lung(peripheral_mask(lung, labels, spacing), labels, left, spacing) is None

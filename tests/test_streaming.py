@@ -33,12 +33,14 @@ from ctjoint.gateway.analysis import (
     ScanAnalyzer,
     _label_map_from,
     _lungs_with_lesions,
+    _peripheral_checked,
+    _peripheral_guess,
     slice_label_maps,
     source_label_map,
 )
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.errors import DuplicateSliceError, MixedSeriesError
-from ctjoint.gateway.lesions import LungSlices, segment_lungs
+from ctjoint.gateway.lesions import LungSlices, peripheral_voxels, segment_lungs
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
     ResampleGeometry,
@@ -287,3 +289,16 @@ def test_label_maps_made_while_streaming_join_the_rest_into_the_whole_volume_map
     assert streamed[1] is None and streamed[0] is not None
     known = dict(enumerate(streamed))  # slices 3..5 were inferred after the last file
     assert np.array_equal(_label_map_from(known, logits, geometry), whole)
+
+
+def test_the_peripheral_count_started_on_all_enclosed_air_equals_that_of_the_air_lungs() -> None:
+    volume = CtVolume.from_array(chest_volume(12, 64, LESIONS), (2.5, 0.7, 0.7))
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    labels[4:8, 20:30, 12:24] = 1
+    slices = LungSlices.of(volume.hu)
+    order = range(volume.shape[0])
+    air = slices.lungs(order, volume.orientation)
+    guessed_lungs, guessed = _peripheral_guess(slices, order, labels, volume)
+    exact = peripheral_voxels(air, labels, volume.spacing_mm)
+    assert np.array_equal(guessed_lungs, air > 0)  # nothing dropped here
+    assert _peripheral_checked(air, guessed_lungs, guessed, labels, volume) == exact
