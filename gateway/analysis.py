@@ -379,7 +379,7 @@ class ScanAnalyzer:
         order = range(z) if prepared is None else prepared.intake.sorted_slots
         air_lungs = asyncio.ensure_future(cpu_bound(_air_lungs, volume, lung_slices, order))
         labels: asyncio.Future[tuple[_Labels, float]] | None = None
-        guess: asyncio.Future[tuple[np.ndarray, np.ndarray]] | None = None
+        guess: asyncio.Future[_Guess] | None = None
         sides_task: asyncio.Future[tuple[np.ndarray, tuple[LungStatistics, ...]]] | None = None
         try:
             t0 = time.perf_counter()
@@ -414,9 +414,8 @@ class ScanAnalyzer:
                 cpu_bound(_lungs_and_sides, air, midlines, label_map, volume)
             )
             if guess is not None:
-                guessed_lungs, guessed = await guess
                 peripheral = await cpu_bound(
-                    _peripheral_checked, air, guessed_lungs, guessed, label_map, volume
+                    _peripheral_checked, air, await guess, label_map, volume
                 )
             else:
                 peripheral = await cpu_bound(peripheral_voxels, air, label_map, volume.spacing_mm)
@@ -674,28 +673,27 @@ def _labels(
     return labels, (time.perf_counter() - started) * 1000.0
 
 
+_Guess = tuple[np.ndarray, tuple[slice, slice, slice], np.ndarray]
+
+
 def _peripheral_guess(
     lung_slices: LungSlices, order: Sequence[int], label_map: np.ndarray, volume: CtVolume
-) -> tuple[np.ndarray, np.ndarray]:
+) -> _Guess:
     """The peripheral-rule mask if every enclosed air pocket were lung (`all_enclosed_air`,
-    which holds the air lungs), and that lung mask, for `_peripheral_checked`."""
-    guessed_lungs = lung_slices.all_enclosed_air(order)
-    return guessed_lungs, peripheral_mask(guessed_lungs, label_map, volume.spacing_mm)
+    which holds the air lungs), with that lung mask and its box, for `_peripheral_checked`."""
+    guessed_lungs, box = lung_slices.all_enclosed_air(order)
+    return guessed_lungs, box, peripheral_mask(guessed_lungs, label_map, volume.spacing_mm)
 
 
 def _peripheral_checked(
-    air: np.ndarray,
-    guessed_lungs: np.ndarray,
-    guessed: np.ndarray,
-    label_map: np.ndarray,
-    volume: CtVolume,
+    air: np.ndarray, guess: _Guess, label_map: np.ndarray, volume: CtVolume
 ) -> int:
     """Peripheral lesion voxels of the real air lungs, from the guess: the pockets the 3D step
-    dropped (noise, gas outside the lungs) leave the lung (`after_leaving_lung`); if there are
-    too many of them, the rule runs again on the air lungs."""
-    left = guessed_lungs & (air == 0)
-    mask = after_leaving_lung(guessed, label_map, left, volume.spacing_mm)
-    if mask is None:
+    dropped leave the lung (`after_leaving_lung`); if there are many, the rule runs again."""
+    guessed_lungs, box, mask = guess
+    left = np.argwhere(guessed_lungs[box] & (air[box] == 0))
+    left += [part.start for part in box]
+    if not after_leaving_lung(mask, label_map, left, volume.spacing_mm):
         mask = peripheral_mask(air, label_map, volume.spacing_mm)
     return int(np.count_nonzero(mask))
 

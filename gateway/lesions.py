@@ -171,17 +171,28 @@ class LungSlices:
             lungs[box] |= air
         return split_sides(lungs, midlines, orientation)
 
-    def all_enclosed_air(self, order: Sequence[int] | range) -> np.ndarray:
-        """Boolean [Z, Y, X]: every slice's enclosed air with its holes filled. These are the
-        air lungs (`lungs(order, ...) > 0`) unless the 3D step drops a component, which it
-        rarely does; a caller can start on them before that step is done, then compare."""
+    def all_enclosed_air(
+        self, order: Sequence[int] | range
+    ) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+        """Boolean [Z, Y, X]: every slice's enclosed air with its holes filled, and a box
+        outside which it is empty. It holds the air lungs (`lungs(order, ...) > 0`), and is
+        them unless the 3D step drops a pocket (noise, gas outside the lungs): a caller can
+        start on it before that step is done and take the dropped pockets out after."""
         shape = (len(order), *self._codes[order[0]].shape)
         out = np.zeros(shape, dtype=bool)
-        for index, slot in enumerate(order):
-            box, filled = self._boxes[slot], self._filled[slot]
+        found = [(index, self._boxes[slot], self._filled[slot]) for index, slot in enumerate(order)]
+        boxes = [box for _, box, _ in found if box is not None]
+        for index, box, filled in found:
             if box is not None and filled is not None:
                 out[index][box] = filled
-        return out
+        if not boxes:
+            return out, (slice(0, 0), slice(0, 0), slice(0, 0))
+        present = [index for index, box, _ in found if box is not None]
+        return out, (
+            slice(present[0], present[-1] + 1),
+            slice(min(b[0].start for b in boxes), max(b[0].stop for b in boxes)),
+            slice(min(b[1].start for b in boxes), max(b[1].stop for b in boxes)),
+        )
 
     def _air_lungs(
         self, order: Sequence[int] | range
@@ -425,9 +436,10 @@ def after_leaving_lung(
     label_map: np.ndarray,
     left: np.ndarray,
     spacing_mm: tuple[float, float, float],
-) -> np.ndarray | None:
-    """`peripheral_mask` once the voxels of `left` are no longer lung, from the mask computed
-    before: None when too many left (run the rule again then).
+) -> bool:
+    """Update `peripheral` (a `peripheral_mask`) in place for the voxels `left` ([N, 3]
+    indices) that are no longer lung; False, with nothing changed, when there are too many of
+    them (run the rule again then).
 
     A lesion voxel's distance to the pleura is its distance to the nearest voxel outside the
     lung, so with more voxels outside it is the smaller of the old distance and the distance
@@ -435,28 +447,25 @@ def after_leaving_lung(
     peripheral; nothing else changes. Lesion voxels count as lung whatever `left` says.
     Distances are computed the way scipy's transform computes them, so the answer is the same.
     """
-    lesion = label_map > 0
-    points = np.argwhere(left & ~lesion)
+    points = left[label_map[tuple(left.T)] == 0] if len(left) else left
     if len(points) > _FEW_LEFT:
-        return None
-    if len(points) == 0:
-        return peripheral
-    out = peripheral.copy()
+        return False
     sampling = np.asarray(spacing_mm, dtype=np.float64)
     reach = np.floor(PERIPHERAL_MM / sampling).astype(int)
-    shape = np.asarray(lesion.shape)
+    shape = np.asarray(label_map.shape)
     for point in points:
         lo, hi = np.maximum(point - reach, 0), np.minimum(point + reach + 1, shape)
         box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        if not lesion[box].any():
+        lesion = label_map[box] > 0
+        if not lesion.any():
             continue
         dz, dy, dx = (
             ((np.arange(a, b, dtype=np.float64) - c) * s) ** 2
             for a, b, c, s in zip(lo, hi, point, sampling, strict=True)
         )
         depth = np.sqrt(dz[:, None, None] + dy[None, :, None] + dx[None, None, :])
-        out[box] |= lesion[box] & (depth <= PERIPHERAL_MM)
-    return out
+        peripheral[box] |= lesion & (depth <= PERIPHERAL_MM)
+    return True
 
 
 def quantification_of(
