@@ -88,13 +88,14 @@ class LungSlices:
     """`segment_lungs`, with everything that needs one slice only done as that slice arrives.
 
     Per slice (`add`): the air mask, its in-plane components, which of them reach the slice's
-    edge, and the body midline. At the end (`lungs`), step 2's 3D components only have to be
+    edge, the enclosed air with its holes filled, and the body midline. At the end (`lungs`),
+    step 2's 3D components only have to be
     found among the enclosed air: an enclosed component's 3D component reaches the image border
     exactly when it touches edge-reaching air in the slice above or below (in-plane it cannot:
     that would make them one component), and otherwise it is its own 3D component, same size.
     So the whole-volume labelling shrinks to the box around the enclosed air, about the lungs:
-    the same lungs (tests compare with the whole-volume definition), 0.1 s instead of 0.7 s for
-    512x512x100 after the last slice, and about 1.4 ms per slice while the series arrives.
+    the same lungs (tests compare with the whole-volume definition), 0.07-0.09 s instead of
+    0.7 s for 512x512x100 after the last slice, and about 1.8 ms per slice while it arrives.
     """
 
     def __init__(self) -> None:
@@ -119,7 +120,7 @@ class LungSlices:
         return np.array([self._midlines[slot] for slot in order], dtype=np.float64)
 
     def add(self, slot: int, hu: np.ndarray) -> None:
-        """Take slice `slot` (HU [Y, X]); its arrays are not kept, only the slice's codes."""
+        """Take slice `slot` (HU [Y, X]); only what this slice tells is kept, not `hu`."""
         air = hu < LUNG_THRESHOLD_HU
         components, count = ndimage.label(air)
         edge = np.zeros(count + 1, dtype=bool)
@@ -180,34 +181,36 @@ class LungSlices:
         start on it before that step is done and take the dropped pockets out after."""
         shape = (len(order), *self._codes[order[0]].shape)
         out = np.zeros(shape, dtype=bool)
-        found = [(index, self._boxes[slot], self._filled[slot]) for index, slot in enumerate(order)]
-        boxes = [box for _, box, _ in found if box is not None]
-        for index, box, filled in found:
+        for index, slot in enumerate(order):
+            box, filled = self._boxes[slot], self._filled[slot]
             if box is not None and filled is not None:
                 out[index][box] = filled
-        if not boxes:
-            return out, (slice(0, 0), slice(0, 0), slice(0, 0))
-        present = [index for index, box, _ in found if box is not None]
-        return out, (
+        return out, self._union_box(order) or (slice(0, 0), slice(0, 0), slice(0, 0))
+
+    def _union_box(self, order: Sequence[int] | range) -> tuple[slice, slice, slice] | None:
+        """The box around every slice's (grown) enclosed-air box; None without enclosed air.
+        The slices' boxes have a free margin, so the union does too: filling holes inside it
+        fills the same holes as in the whole slice."""
+        boxes = [self._boxes[slot] for slot in order]
+        present = [i for i, b in enumerate(boxes) if b is not None]
+        found = [b for b in boxes if b is not None]
+        if not found:
+            return None
+        return (
             slice(present[0], present[-1] + 1),
-            slice(min(b[0].start for b in boxes), max(b[0].stop for b in boxes)),
-            slice(min(b[1].start for b in boxes), max(b[1].stop for b in boxes)),
+            slice(min(b[0].start for b in found), max(b[0].stop for b in found)),
+            slice(min(b[1].start for b in found), max(b[1].stop for b in found)),
         )
 
     def _air_lungs(
         self, order: Sequence[int] | range
     ) -> tuple[tuple[slice, slice, slice] | None, np.ndarray]:
         """Steps 1-3 without lesions: (box, lung mask inside the box), or (None, empty)."""
-        boxes = [self._boxes[slot] for slot in order]
-        present = [i for i, b in enumerate(boxes) if b is not None]
-        if not present:
+        union = self._union_box(order)
+        if union is None:
             return None, np.zeros((0, 0, 0), dtype=bool)
-        z0, z1 = present[0], present[-1] + 1
-        found = [b for b in boxes if b is not None]
-        # The slices' boxes have a free margin, so their union does too: filling holes
-        # inside it fills the same holes as in the whole slice.
-        rows = slice(min(b[0].start for b in found), max(b[0].stop for b in found))
-        columns = slice(min(b[1].start for b in found), max(b[1].stop for b in found))
+        z0, z1 = union[0].start, union[0].stop
+        rows, columns = union[1], union[2]
         # The box's slices and one more on each side (none past the ends): edge air there
         # joins the enclosed air to the outside.
         codes = [self._codes[order[i]][rows, columns] for i in range(z0, z1)]
@@ -241,7 +244,7 @@ class LungSlices:
                     box[0].start - rows.start : box[0].stop - rows.start,
                     box[1].start - columns.start : box[1].stop - columns.start,
                 ] = filled
-        return (slice(z0, z1), rows, columns), lungs
+        return union, lungs
 
 
 def _box(mask: np.ndarray, grow_in_plane: int) -> tuple[slice, slice, slice] | None:
