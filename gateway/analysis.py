@@ -428,7 +428,7 @@ class ScanAnalyzer:
                 if task is not None and not task.done():
                     # Something failed: nothing waits for them (their threads run out alone).
                     task.cancel()
-        # Busy time: the air segmentation overlapped inference, the labels the air segmentation.
+        # Busy time: the air step overlapped inference, labels and the peripheral rule the air step.
         postprocess_ms = air_ms + labels_ms + (time.perf_counter() - t0) * 1000.0
         if prepared is not None:
             postprocess_ms += prepared.intake.lungs_ms
