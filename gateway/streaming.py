@@ -184,14 +184,21 @@ class StreamingInference:
             self._on_inferred(self._streamed)
         if self._slice_labels is not None:
             # Not part of this request's task: the next request need not wait for it.
-            task = asyncio.ensure_future(self._label(keys, outputs.seg_logits))
+            task = asyncio.ensure_future(self._label(self._slice_labels, keys, outputs.seg_logits))
             self._label_tasks.add(task)
-            task.add_done_callback(self._label_tasks.discard)
+            task.add_done_callback(self._label_done)
 
-    async def _label(self, keys: list[StackKey], seg_logits: np.ndarray) -> None:
-        assert self._slice_labels is not None
-        labels = await cpu_bound(self._slice_labels, seg_logits)
+    async def _label(
+        self, slice_labels: SliceLabels, keys: list[StackKey], seg_logits: np.ndarray
+    ) -> None:
+        labels = await cpu_bound(slice_labels, seg_logits)
         self._labels.update(zip(keys, labels, strict=True))
+
+    def _label_done(self, task: asyncio.Task[None]) -> None:
+        """A failed labelling fails the scan like a failed request (never lost silently)."""
+        self._label_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._error is None:
+            self._error = task.exception()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -223,12 +230,10 @@ class StreamingInference:
         # Stacks still queued are not sent on their own: whichever the final order still needs
         # go with the rest, in full batches.
         self._pending.clear()
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._tasks or self._label_tasks:
+            await asyncio.gather(*self._tasks, *self._label_tasks, return_exceptions=True)
         if self._error is not None:
             raise self._error
-        if self._label_tasks:
-            await asyncio.gather(*list(self._label_tasks))
         n, c = len(sorted_slots), self._context
         keys = [
             tuple(sorted_slots[min(max(j, 0), n - 1)] for j in range(i - c, i + c + 1))

@@ -28,6 +28,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, SEG_CLASS_NAMES
+from ctjoint.gateway import analysis as analysis_module
 from ctjoint.gateway.analysis import (
     ScanAnalysis,
     ScanAnalyzer,
@@ -310,3 +311,15 @@ def _inside(box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
     mask = np.zeros(shape, dtype=bool)
     mask[box] = True
     return mask
+
+
+def test_a_failed_label_map_while_streaming_fails_the_scan_and_leaves_nothing_running(
+    series: list[Path], contract_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(seg_logits: np.ndarray, rows: int, columns: int) -> list[np.ndarray | None]:
+        raise RuntimeError("labelling broke")
+
+    monkeypatch.setattr(analysis_module, "slice_label_maps", broken)
+    files = _ordered(file_bytes(series), "in_order")
+    with pytest.raises(RuntimeError, match="labelling broke"):
+        _streamed(files, contract_model_dir, expected=len(files))
