@@ -32,6 +32,7 @@ from ctjoint.gateway.errors import (
     ModelNotFoundError,
     UnsupportedTransferSyntaxError,
 )
+from ctjoint.gateway.limits import ScanSlots
 from ctjoint.gateway.logging_setup import REQUEST_ID, clean_request_id, scrub_uids
 from ctjoint.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 
@@ -157,8 +158,11 @@ class RefusalLog:
 class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
     """Request ids, error mapping and outcome metrics for the ctjoint.v1 service."""
 
-    def __init__(self, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self, metrics: GatewayMetrics | None = None, slots: ScanSlots | None = None
+    ) -> None:
         self._metrics = metrics
+        self._slots = slots
         self._refusals = RefusalLog()
 
     async def intercept_service(
@@ -176,6 +180,8 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
         request_id = clean_request_id(given)
         from_metadata = given is not None and given == request_id
         is_scan = name in SCAN_METHODS
+        if is_scan and self._slots is not None and self._slots.full:
+            return self._refusing(handler, request_id)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, request_id, from_metadata, is_scan),
@@ -200,6 +206,53 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        return handler
+
+    def _refusing(self, handler: grpc.RpcMethodHandler, request_id: str) -> grpc.RpcMethodHandler:
+        """A handler that answers RESOURCE_EXHAUSTED at once, for a scan that finds every
+        slot taken.
+
+        Built here rather than raised from the servicer: an excess scan then costs the event
+        loop one small coroutine instead of the servicer's generators and two exceptions
+        unwinding through them, and refusals go out as fast as grpc.aio hands calls over
+        (README, "Reliability: load and faults").
+        """
+        slots = self._slots
+        if slots is None:
+            raise RuntimeError("no scan slots to refuse against")
+
+        def refuse(context: grpc.aio.ServicerContext) -> None:
+            error = slots.refusal()
+            code = status_for(error)
+            self._refusals.note(str(error))
+            if self._metrics is not None:
+                self._metrics.record_scan(UNKNOWN_MODEL, "error", code.name)
+            context.set_trailing_metadata(((REQUEST_ID_METADATA, request_id),))
+            context.set_code(code)
+            context.set_details(str(error))
+
+        async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> None:
+            refuse(context)  # with a status other than OK, gRPC sends no response message
+
+        async def refuse_streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            refuse(context)
+            nothing: tuple[Any, ...] = ()
+            for response in nothing:  # an async generator that ends without a response
+                yield response
+
+        kinds = (
+            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, refuse_unary),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, refuse_unary),
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, refuse_streaming),
+            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, refuse_streaming),
+        )
+        for behavior, make, refusing in kinds:
+            if behavior is not None:
+                return make(
+                    refusing,
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
         return handler
 
     def _wrap_unary(

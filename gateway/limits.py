@@ -106,14 +106,24 @@ class ScanSlots:
     def in_use(self) -> int:
         return self._in_use
 
+    @property
+    def full(self) -> bool:
+        return self._in_use >= self.capacity
+
+    def refusal(self) -> AdmissionRefusedError:
+        """The error for a scan that finds every slot taken; noted by the overload gate."""
+        OVERLOAD_GATE.note_refusal()
+        return AdmissionRefusedError(
+            f"{self._in_use} scans in progress, the limit is {self.capacity}; retry later"
+        )
+
     @contextmanager
     def acquire(self) -> Iterator[None]:
-        """Hold one slot for the duration of a scan; raise LimitExceededError if none is free."""
-        if self._in_use >= self.capacity:
-            OVERLOAD_GATE.note_refusal()
-            raise AdmissionRefusedError(
-                f"{self._in_use} scans in progress, the limit is {self.capacity}; retry later"
-            )
+        """Hold one slot for the duration of a scan; raise AdmissionRefusedError if none is
+        free. The gateway's interceptor refuses most such scans before they get here (see
+        ScanServiceInterceptor); this is the authority, for scans admitted in between."""
+        if self.full:
+            raise self.refusal()
         self._in_use += 1
         try:
             yield

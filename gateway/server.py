@@ -31,7 +31,7 @@ from ctjoint.gateway.backends.base import InferenceBackend
 from ctjoint.gateway.decode_pool import close_default_pool
 from ctjoint.gateway.errors import BackendUnavailableError
 from ctjoint.gateway.interceptors import ScanServiceInterceptor
-from ctjoint.gateway.limits import GatewayLimits
+from ctjoint.gateway.limits import GatewayLimits, ScanSlots
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import PacsDestination
 from ctjoint.gateway.service import ScanServicer
@@ -136,8 +136,10 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
     _keep_freed_memory()
     metrics = GatewayMetrics()
     backend = backend if backend is not None else create_backend(config)
+    slots = ScanSlots(config.limits.max_concurrent_scans)
     servicer = ScanServicer(
         backend,
+        slots=slots,
         limits=config.limits,
         metrics=metrics,
         default_model=config.default_model,
@@ -145,7 +147,7 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         pacs=config.pacs,
     )
     health_servicer = health.aio.HealthServicer()
-    interceptors: list[grpc.aio.ServerInterceptor] = [ScanServiceInterceptor(metrics)]
+    interceptors: list[grpc.aio.ServerInterceptor] = [ScanServiceInterceptor(metrics, slots)]
     if config.tokens:
         # First in the chain: a refused call never reaches the scan service.
         interceptors.insert(0, TokenAuthInterceptor(config.tokens))

@@ -74,11 +74,13 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         default_model: str,
         analyzer: ScanAnalyzer | None = None,
         pacs: PacsDestination | None = None,
+        slots: ScanSlots | None = None,
     ) -> None:
         self._backend = backend
         self._analyzer = analyzer if analyzer is not None else ScanAnalyzer(backend, streaming=True)
         self._limits = limits
-        self._slots = ScanSlots(limits.max_concurrent_scans)
+        # Shared with the interceptor, which refuses most excess scans before they get here.
+        self._slots = slots if slots is not None else ScanSlots(limits.max_concurrent_scans)
         # None unless the test-only leak switch is set (tests/test_load.py proves its check).
         self._test_leak = TestLeak.from_environment()
         self._metrics = metrics

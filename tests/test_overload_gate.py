@@ -1,5 +1,6 @@
-"""The overload gate and the refusal log: during a burst of refusals at the scan limit, new
-CPU-bound scan work waits (bounded both ways) and the refusals are logged once a second.
+"""The overload gate, the refusal log and the early refusal: during a burst of refusals at the
+scan limit, new CPU-bound scan work waits (bounded both ways), the refusals are logged once a
+second, and the interceptor answers them before the servicer runs.
 
 The gate runs on a simulated clock here: its sleeps advance the clock, and a burst of
 refusals is simulated as one refusal per millisecond of that clock, so the figures do not
@@ -9,13 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
+import grpc
+import grpc.aio
 import pytest
 
 from ctjoint.gateway import limits
 from ctjoint.gateway.errors import AdmissionRefusedError, LimitExceededError
-from ctjoint.gateway.interceptors import REFUSAL_LOG_INTERVAL_S, RefusalLog
+from ctjoint.gateway.interceptors import (
+    REFUSAL_LOG_INTERVAL_S,
+    REQUEST_ID_METADATA,
+    RefusalLog,
+    ScanServiceInterceptor,
+)
 from ctjoint.gateway.limits import MAX_HOLD_S, MIN_RUN_S, QUIET_S, OverloadGate, ScanSlots
+from ctjoint.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 STEP_S = 0.001
 
@@ -108,3 +119,66 @@ def test_refusals_are_logged_once_per_interval_with_their_count(
         "refused 49 scan(s) code=RESOURCE_EXHAUSTED: 2 scans in progress, the limit is 2; "
         "retry later",
     ]
+
+
+class _CountingServicer(scan_pb2_grpc.ScanServiceServicer):
+    """Records every scan that reaches the servicer, and answers it with an empty result."""
+
+    def __init__(self) -> None:
+        self.reached = 0
+
+    async def AnalyzeScan(  # noqa: N802 - the generated base class names it
+        self, request_iterator: AsyncIterator[scan_pb2.ScanRequest], context: object
+    ) -> scan_pb2.ScanResult:
+        self.reached += 1
+        return scan_pb2.ScanResult()
+
+    async def AnalyzeScanWithProgress(  # noqa: N802 - the generated base class names it
+        self, request_iterator: AsyncIterator[scan_pb2.ScanRequest], context: object
+    ) -> AsyncIterator[scan_pb2.ScanEvent]:
+        self.reached += 1
+        yield scan_pb2.ScanEvent()
+
+
+def test_the_interceptor_refuses_a_scan_past_the_limit_before_the_servicer_runs() -> None:
+    """A real grpc.aio server: with every slot taken, both scan methods are answered
+    RESOURCE_EXHAUSTED (with the request id, counted as an error) and the servicer is never
+    called; with a slot free, the same call reaches it."""
+
+    async def run() -> None:
+        metrics = GatewayMetrics()
+        slots = ScanSlots(1)
+        servicer = _CountingServicer()
+        server = grpc.aio.server(interceptors=[ScanServiceInterceptor(metrics, slots)])
+        scan_pb2_grpc.add_ScanServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = scan_pb2_grpc.ScanServiceStub(channel)
+                metadata = ((REQUEST_ID_METADATA, "burst-7"),)
+                with slots.acquire():
+                    unary = stub.AnalyzeScan(metadata=metadata, timeout=10)
+                    streaming = stub.AnalyzeScanWithProgress(metadata=metadata, timeout=10)
+                    for call in (unary, streaming):
+                        assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        assert await call.details() == (
+                            "1 scans in progress, the limit is 1; retry later"
+                        )
+                        assert (REQUEST_ID_METADATA, "burst-7") in tuple(
+                            await call.trailing_metadata() or ()
+                        )
+                    assert servicer.reached == 0
+                refused = metrics.registry.get_sample_value(
+                    "ctjoint_scans_total",
+                    {"model": UNKNOWN_MODEL, "outcome": "error", "code": "RESOURCE_EXHAUSTED"},
+                )
+                assert refused == 2
+                call = stub.AnalyzeScan(timeout=10)
+                await call.done_writing()
+                await call
+                assert servicer.reached == 1
+        finally:
+            await server.stop(None)
+
+    asyncio.run(run())
