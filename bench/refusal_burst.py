@@ -5,9 +5,10 @@
 Starts a real gateway (embedded backend, the tests' tiny contract models) admitting `--limit`
 scans, fills every slot with an admitted scan that sends its header and then nothing, and
 fires `--burst` more scans at once from one grpc.aio client. Prints, per round, the status
-counts and the client-side time to the refusal (p50, max). tests/test_load.py measures the
-same under load (admitted scans really running, Triton beside them on the same cores); this
-is the floor that the event loop and gRPC set on their own.
+counts and the client-side time to the refusal (p50, max); at the end, the CPU time each
+refusal cost the gateway process and this client (steadier than the times on a shared box).
+tests/test_load.py measures the same under load (admitted scans really running, Triton beside
+them on the same cores); this is the floor that the event loop and gRPC set on their own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -32,7 +34,13 @@ from ctjoint.contracts import MODEL_JCS2D, MODEL_NAMES
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 
-async def burst(address: str, limit: int, size: int, rounds: int) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def burst(address: str, limit: int, size: int, rounds: int, gateway_pid: int) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = scan_pb2_grpc.ScanServiceStub(channel)
         holders = []
@@ -55,6 +63,7 @@ async def burst(address: str, limit: int, size: int, rounds: int) -> None:
         # its heap (torch, onnx) mid-burst.
         gc.collect()
         gc.freeze()
+        gateway_cpu, client_cpu = cpu_seconds(gateway_pid), time.process_time()
         for number in range(1, rounds + 1):
             answers = await asyncio.gather(*(one() for _ in range(size)))
             seconds = sorted(s for _, s in answers)
@@ -65,6 +74,13 @@ async def burst(address: str, limit: int, size: int, rounds: int) -> None:
                 f"round {number}: {counts}; time to refusal p50 "
                 f"{statistics.median(seconds) * 1e3:.1f} ms, max {seconds[-1] * 1e3:.1f} ms"
             )
+        refusals = rounds * size
+        gateway_cpu = cpu_seconds(gateway_pid) - gateway_cpu
+        client_cpu = time.process_time() - client_cpu
+        print(
+            f"CPU per refusal: gateway {gateway_cpu / refusals * 1e3:.3f} ms, "
+            f"client {client_cpu / refusals * 1e3:.3f} ms ({refusals} refusals)"
+        )
         for call in holders:
             call.cancel()
 
@@ -84,7 +100,8 @@ def main() -> None:
             models, Path(tmp) / "gateway.log", "--max-concurrent-scans", str(args.limit)
         ).start()
         try:
-            asyncio.run(burst(gateway.address, args.limit, args.burst, args.rounds))
+            pid = gateway.process.pid if gateway.process is not None else 0
+            asyncio.run(burst(gateway.address, args.limit, args.burst, args.rounds, pid))
         finally:
             gateway.stop()
 
