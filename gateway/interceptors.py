@@ -156,7 +156,9 @@ class RefusalLog:
 
 
 class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Request ids, error mapping and outcome metrics for the ctjoint.v1 service."""
+    """Request ids, error mapping and outcome metrics for the ctjoint.v1 service; with the
+    gateway's `ScanSlots`, it also refuses a scan that finds every slot taken before the
+    servicer runs."""
 
     def __init__(
         self, metrics: GatewayMetrics | None = None, slots: ScanSlots | None = None
@@ -181,7 +183,7 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
         from_metadata = given is not None and given == request_id
         is_scan = name in SCAN_METHODS
         if is_scan and self._slots is not None and self._slots.full:
-            return self._refusing(handler, request_id)
+            return self._refusing(handler, request_id, self._slots)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, request_id, from_metadata, is_scan),
@@ -208,7 +210,9 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
-    def _refusing(self, handler: grpc.RpcMethodHandler, request_id: str) -> grpc.RpcMethodHandler:
+    def _refusing(
+        self, handler: grpc.RpcMethodHandler, request_id: str, slots: ScanSlots
+    ) -> grpc.RpcMethodHandler:
         """A handler that answers RESOURCE_EXHAUSTED at once, for a scan that finds every
         slot taken.
 
@@ -217,9 +221,6 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
         unwinding through them, and refusals go out as fast as grpc.aio hands calls over
         (README, "Reliability: load and faults").
         """
-        slots = self._slots
-        if slots is None:
-            raise RuntimeError("no scan slots to refuse against")
 
         def refuse(context: grpc.aio.ServicerContext) -> None:
             error = slots.refusal()
