@@ -17,10 +17,11 @@ DEMO_DIR := out/demo
 .PHONY: demo test lint typecheck install onnx repository proto clean triton-runtime perf-tools
 
 # As root, the Debian tools the tests use come too: dcmtk (storescu), dicom3tools (dciodvfy,
-# validates SEG and SR) and orthanc (the PACS the push is tested against).
+# validates SEG and SR), orthanc (the PACS the push is tested against) and nghttp2-client
+# (h2load, the C load generator that times the gateway's refusals).
 $(STAMP): pyproject.toml
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  need=""; for p in python3-venv dcmtk dicom3tools orthanc; do dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
+	  need=""; for p in python3-venv dcmtk dicom3tools orthanc nghttp2-client; do dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
 	  if [ -n "$$need" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; fi; \
 	fi
 	$(PYTHON) -m venv $(VENV)

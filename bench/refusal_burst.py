@@ -4,9 +4,12 @@
 
 Starts a real gateway (embedded backend, the tests' tiny contract models) admitting `--limit`
 scans, fills every slot with an admitted scan that sends its header and then nothing, and
-fires `--burst` more scans at once from one grpc.aio client. Prints, per round, the status
-counts and the client-side time to the refusal (p50, max); at the end, the CPU time each
-refusal cost the gateway process and this client (steadier than the times on a shared box).
+fires `--burst` more scans at once, each round twice: from one grpc.aio client, then from
+h2load (a load generator in C, tests/lean_burst.py; skipped if it is not installed). Prints,
+per round and generator, the status counts and the time to the refusal (p50, max); at the end,
+the CPU time each refusal cost the gateway process and the grpc.aio client (steadier than the
+times on a shared box). The grpc.aio client costs about as much CPU per call as the gateway,
+on the same cores; h2load costs next to nothing, so its times are the gateway's own.
 tests/test_load.py measures the same under load (admitted scans really running, Triton beside
 them on the same cores); this is the floor that the event loop and gRPC set on their own.
 """
@@ -28,7 +31,8 @@ import grpc.aio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from contract_models import export_contract_model
-from gateway_process import GatewayProcess
+from gateway_process import GatewayProcess, scans_by_code
+from lean_burst import fire, h2load_path
 
 from ctjoint.contracts import MODEL_JCS2D, MODEL_NAMES
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
@@ -40,7 +44,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def burst(address: str, limit: int, size: int, rounds: int, gateway_pid: int) -> None:
+async def burst(gateway: GatewayProcess, limit: int, size: int, rounds: int) -> None:
+    address = gateway.address
+    gateway_pid = gateway.process.pid if gateway.process is not None else 0
     async with grpc.aio.insecure_channel(address) as channel:
         stub = scan_pb2_grpc.ScanServiceStub(channel)
         holders = []
@@ -59,28 +65,49 @@ async def burst(address: str, limit: int, size: int, rounds: int, gateway_pid: i
                 return err.code(), time.perf_counter() - started
             return grpc.StatusCode.OK, time.perf_counter() - started
 
+        def report(number: int, generator: str, times: list[float], counts: dict[str, int]) -> None:
+            seconds = sorted(times)
+            print(
+                f"round {number} {generator}: {counts}; time to refusal p50 "
+                f"{statistics.median(seconds) * 1e3:.1f} ms, max {seconds[-1] * 1e3:.1f} ms"
+            )
+
+        request = scan_pb2.ScanRequest(header=scan_pb2.ScanHeader(model=MODEL_JCS2D))
+        lean = h2load_path() is not None
+        if not lean:
+            print("h2load is not installed (Debian package nghttp2-client): grpc.aio only")
         # The gateway's refusal time is measured, not this client's cyclic collector walking
         # its heap (torch, onnx) mid-burst.
         gc.collect()
         gc.freeze()
-        gateway_cpu, client_cpu = cpu_seconds(gateway_pid), time.process_time()
+        aio_gateway_cpu = aio_client_cpu = lean_gateway_cpu = 0.0
         for number in range(1, rounds + 1):
+            gateway_cpu, client_cpu = cpu_seconds(gateway_pid), time.process_time()
             answers = await asyncio.gather(*(one() for _ in range(size)))
-            seconds = sorted(s for _, s in answers)
+            aio_gateway_cpu += cpu_seconds(gateway_pid) - gateway_cpu
+            aio_client_cpu += time.process_time() - client_cpu
             counts: dict[str, int] = {}
             for code, _ in answers:
                 counts[code.name] = counts.get(code.name, 0) + 1
-            print(
-                f"round {number}: {counts}; time to refusal p50 "
-                f"{statistics.median(seconds) * 1e3:.1f} ms, max {seconds[-1] * 1e3:.1f} ms"
-            )
+            report(number, "grpc.aio", [s for _, s in answers], counts)
+            if lean:
+                before = scans_by_code(gateway.metrics())
+                gateway_cpu = cpu_seconds(gateway_pid)
+                burst = await asyncio.to_thread(fire, address, size, request)
+                lean_gateway_cpu += cpu_seconds(gateway_pid) - gateway_cpu
+                # h2load cannot read gRPC trailers: the gateway's metrics say how calls ended.
+                ended = dict(scans_by_code(gateway.metrics()) - before)
+                report(number, "h2load  ", list(burst.seconds), ended)
         refusals = rounds * size
-        gateway_cpu = cpu_seconds(gateway_pid) - gateway_cpu
-        client_cpu = time.process_time() - client_cpu
         print(
-            f"CPU per refusal: gateway {gateway_cpu / refusals * 1e3:.3f} ms, "
-            f"client {client_cpu / refusals * 1e3:.3f} ms ({refusals} refusals)"
+            f"CPU per refusal, grpc.aio bursts: gateway {aio_gateway_cpu / refusals * 1e3:.3f} ms, "
+            f"client {aio_client_cpu / refusals * 1e3:.3f} ms ({refusals} refusals)"
         )
+        if lean:
+            print(
+                f"CPU per refusal, h2load bursts: gateway "
+                f"{lean_gateway_cpu / refusals * 1e3:.3f} ms ({refusals} refusals)"
+            )
         for call in holders:
             call.cancel()
 
@@ -100,8 +127,7 @@ def main() -> None:
             models, Path(tmp) / "gateway.log", "--max-concurrent-scans", str(args.limit)
         ).start()
         try:
-            pid = gateway.process.pid if gateway.process is not None else 0
-            asyncio.run(burst(gateway.address, args.limit, args.burst, args.rounds, pid))
+            asyncio.run(burst(gateway, args.limit, args.burst, args.rounds))
         finally:
             gateway.stop()
 

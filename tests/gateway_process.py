@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -167,3 +168,13 @@ def metric_value(metrics: str, name: str) -> float:
         if key == name or (key.startswith(name + "{") and "{" not in name):
             return float(value)
     raise AssertionError(f"no {name} in the gateway's metrics")
+
+
+def scans_by_code(metrics: str) -> Counter[str]:
+    """Scans the gateway has finished, by gRPC status code (summed over models, outcomes)."""
+    counts: Counter[str] = Counter()
+    for line in metrics.splitlines():
+        if line.startswith("ctjoint_scans_total{"):
+            code = line.split('code="', 1)[1].split('"', 1)[0]
+            counts[code] += int(float(line.rpartition(" ")[2]))
+    return counts

@@ -25,7 +25,8 @@ from grpc_health.v1 import health_pb2
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
-from gateway_process import GatewayProcess, metric_value
+from gateway_process import GatewayProcess, metric_value, scans_by_code
+from lean_burst import Burst, fire, h2load_path
 from reliability_helpers import (
     Outcome,
     RunningTriton,
@@ -42,8 +43,9 @@ from reliability_helpers import (
     write_test_repository,
 )
 
+from ctjoint.contracts import MODEL_JCS2D
 from ctjoint.gateway.limits import ENV_TEST_LEAK_BYTES_PER_SCAN, ENV_TEST_MODE
-from ctjoint.v1 import scan_pb2_grpc
+from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 pytestmark = [pytest.mark.xdist_group("tritonserver"), pytest.mark.timeout(1800)]
 
@@ -70,6 +72,7 @@ OVERLOAD_SCANS = 200
 # checks the target itself.
 MAX_REJECT_S = float(os.environ.get("CTJOINT_MAX_REJECT_MS", "5000")) / 1000.0
 MAX_OVERLOAD_RSS_GROWTH_BYTES = 200 * MIB
+IN_FLIGHT = "ctjoint_scans_in_flight"
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +267,73 @@ def test_overload_is_refused_at_once_and_admitted_scans_all_succeed(
     assert received == uploaded, f"received {received} bytes, admitted scans sent {uploaded}"
     assert max(reject_s) < MAX_REJECT_S, f"slowest refusal took {max(reject_s) * 1000:.0f} ms"
     assert peak - before < MAX_OVERLOAD_RSS_GROWTH_BYTES
+
+
+@pytest.mark.skipif(h2load_path() is None, reason="h2load is not installed (nghttp2-client)")
+def test_overload_refusals_timed_by_a_load_generator_that_leaves_the_cores_alone(
+    triton: RunningTriton, contract_model_dir: Path, series: list[Series], tmp_path: Path
+) -> None:
+    """The overload above with the excess fired by h2load (tests/lean_burst.py): 8 scans
+    admitted and at work through Triton, 192 more at once. A grpc.aio client spends about as
+    much CPU per call as the gateway does to refuse it, on the same 2 cores; h2load spends a
+    few microseconds, so these times are the gateway's own."""
+    excess = OVERLOAD_SCANS - OVERLOAD_LIMIT
+    gateway = triton_gateway(
+        triton,
+        contract_model_dir,
+        tmp_path / "gateway.log",
+        "--max-concurrent-scans",
+        str(OVERLOAD_LIMIT),
+    )
+
+    async def run() -> tuple[list[tuple[int, Outcome]], Burst, str, str]:
+        async with aio_channel(gateway.address) as channel:
+            stub = scan_pb2_grpc.ScanServiceStub(channel)
+            check_result(await scan(stub, series[0], "warm"), series[0], "warm")
+            before = await asyncio.to_thread(gateway.metrics)
+
+            async def one(number: int) -> tuple[int, Outcome]:
+                return number, await scan(stub, series[number % len(series)], f"held-{number}")
+
+            admitted = [asyncio.create_task(one(n)) for n in range(OVERLOAD_LIMIT)]
+            deadline = time.monotonic() + 30
+            while metric_value(await asyncio.to_thread(gateway.metrics), IN_FLIGHT) < (
+                OVERLOAD_LIMIT
+            ):
+                assert time.monotonic() < deadline, "the admitted scans never all started"
+                await asyncio.sleep(0.002)
+            # Every slot is taken and the admitted scans are sending their files.
+            request = scan_pb2.ScanRequest(header=scan_pb2.ScanHeader(model=MODEL_JCS2D))
+            burst = await asyncio.to_thread(fire, gateway.address, excess, request)
+            outcomes = list(await asyncio.gather(*admitted))
+        return outcomes, burst, before, await asyncio.to_thread(gateway.metrics)
+
+    try:
+        outcomes, burst, before, after = asyncio.run(run())
+        assert gateway.alive() and gateway.health() == SERVING
+    finally:
+        gateway.stop()
+    codes = scans_by_code(after) - scans_by_code(before)
+    seconds = sorted(burst.seconds)
+    figures.record(
+        "load: 192 over the limit of 8 fired by h2load, 8 scans at work",
+        calls=len(seconds),
+        refused=codes["RESOURCE_EXHAUSTED"],
+        reject_ms_max=round(seconds[-1] * 1000, 1),
+        reject_ms_p99=round(percentile(seconds, 99) * 1000, 1),
+        reject_ms_p50=round(percentile(seconds, 50) * 1000, 1),
+        start_spread_ms=round(burst.start_spread_s * 1000, 1),
+    )
+    assert len(seconds) == excess and set(burst.http_statuses) == {"200"}, burst.summary
+    for number, outcome in outcomes:
+        check_result(outcome, series[number % len(series)], f"held-{number}")
+    # h2load cannot read gRPC trailers; the gateway's own count says how each call ended.
+    # All were refused, but for the few that may find a slot an admitted scan has just
+    # freed: those end at once as scans without a file.
+    assert codes["OK"] == OVERLOAD_LIMIT
+    assert codes["RESOURCE_EXHAUSTED"] >= excess - OVERLOAD_LIMIT
+    assert codes["RESOURCE_EXHAUSTED"] + codes["INVALID_ARGUMENT"] == excess, codes
+    assert seconds[-1] < MAX_REJECT_S, f"slowest answer took {seconds[-1] * 1000:.0f} ms"
 
 
 def test_the_leak_switch_needs_test_mode_as_well() -> None:
