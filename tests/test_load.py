@@ -176,16 +176,23 @@ def test_the_memory_check_trips_on_a_gateway_built_to_leak(
         assert_rss_bounded(measured)
 
 
-def test_overload_is_refused_at_once_and_admitted_scans_all_succeed(
-    triton: RunningTriton, contract_model_dir: Path, series: list[Series], tmp_path: Path
-) -> None:
-    gateway = triton_gateway(
+def limited_gateway(
+    triton: RunningTriton, contract_model_dir: Path, tmp_path: Path
+) -> GatewayProcess:
+    """A gateway in front of `triton` admitting OVERLOAD_LIMIT scans at once."""
+    return triton_gateway(
         triton,
         contract_model_dir,
         tmp_path / "gateway.log",
         "--max-concurrent-scans",
         str(OVERLOAD_LIMIT),
     )
+
+
+def test_overload_is_refused_at_once_and_admitted_scans_all_succeed(
+    triton: RunningTriton, contract_model_dir: Path, series: list[Series], tmp_path: Path
+) -> None:
+    gateway = limited_gateway(triton, contract_model_dir, tmp_path)
     pid = gateway.process.pid if gateway.process is not None else 0
 
     async def run() -> tuple[list[tuple[int, Outcome]], int, int, float, float]:
@@ -279,13 +286,7 @@ def test_overload_refusals_timed_by_a_load_generator_that_leaves_the_cores_alone
     much CPU per call as the gateway does to refuse it, on the same 2 cores; h2load spends a
     few microseconds, so these times are the gateway's own."""
     excess = OVERLOAD_SCANS - OVERLOAD_LIMIT
-    gateway = triton_gateway(
-        triton,
-        contract_model_dir,
-        tmp_path / "gateway.log",
-        "--max-concurrent-scans",
-        str(OVERLOAD_LIMIT),
-    )
+    gateway = limited_gateway(triton, contract_model_dir, tmp_path)
 
     async def run() -> tuple[list[tuple[int, Outcome]], Burst, str, str]:
         async with aio_channel(gateway.address) as channel:
