@@ -9,7 +9,7 @@ h2load (a load generator in C, tests/lean_burst.py; skipped if it is not install
 per round and generator, the status counts and the time to the refusal (p50, max); at the end,
 the CPU time each refusal cost the gateway process and the grpc.aio client (steadier than the
 times on a shared box). The grpc.aio client costs about as much CPU per call as the gateway,
-on the same cores; h2load costs next to nothing, so its times are the gateway's own.
+on the same cores; h2load costs about a tenth of that, so its times are the gateway's own.
 tests/test_load.py measures the same under load (admitted scans really running, Triton beside
 them on the same cores); this is the floor that the event loop and gRPC set on their own.
 """
@@ -93,11 +93,11 @@ async def burst(gateway: GatewayProcess, limit: int, size: int, rounds: int) -> 
             if lean:
                 before = scans_by_code(gateway.metrics())
                 gateway_cpu = cpu_seconds(gateway_pid)
-                burst = await asyncio.to_thread(fire, address, size, request)
+                fired = await asyncio.to_thread(fire, address, size, request)
                 lean_gateway_cpu += cpu_seconds(gateway_pid) - gateway_cpu
                 # h2load cannot read gRPC trailers: the gateway's metrics say how calls ended.
                 ended = dict(scans_by_code(gateway.metrics()) - before)
-                report(number, "h2load  ", list(burst.seconds), ended)
+                report(number, "h2load  ", list(fired.seconds), ended)
         refusals = rounds * size
         print(
             f"CPU per refusal, grpc.aio bursts: gateway {aio_gateway_cpu / refusals * 1e3:.3f} ms, "

@@ -4,7 +4,8 @@ Why: on a 2-core machine a grpc.aio client spends about as much CPU per call as 
 does to refuse it, so a burst fired from Python measures the client as much as the gateway.
 h2load opens one HTTP/2 connection, starts every call at once as a gRPC request (the
 length-prefixed message, `content-type: application/grpc`, `te: trailers`) and logs each
-call's time from its start to the end of its response, for a few microseconds of CPU a call.
+call's time from its start to the end of its response, for about 0.02 ms of CPU a call
+(192 calls: 9.4 ms, of which 5.6 ms is starting h2load; a grpc.aio client: 0.17 ms a call).
 It cannot read gRPC trailers, so whoever uses it checks the statuses on the gateway's side
 (its metrics count each scan by code).
 """

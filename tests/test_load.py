@@ -283,8 +283,8 @@ def test_overload_refusals_timed_by_a_load_generator_that_leaves_the_cores_alone
 ) -> None:
     """The overload above with the excess fired by h2load (tests/lean_burst.py): 8 scans
     admitted and at work through Triton, 192 more at once. A grpc.aio client spends about as
-    much CPU per call as the gateway does to refuse it, on the same 2 cores; h2load spends a
-    few microseconds, so these times are the gateway's own."""
+    much CPU per call as the gateway does to refuse it, on the same 2 cores; h2load spends about
+    a tenth of that, so these times are the gateway's own."""
     excess = OVERLOAD_SCANS - OVERLOAD_LIMIT
     gateway = limited_gateway(triton, contract_model_dir, tmp_path)
 
