@@ -497,6 +497,14 @@ def gateway_serve(
     threads: Annotated[
         int | None, typer.Option(help="ONNX Runtime threads per inference (default: all cores).")
     ] = None,
+    cpu_threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Threads for scans' CPU-bound work (DICOM parsing, preprocessing, lesion "
+            "measures); most of it holds Python's GIL, so more rarely helps.",
+        ),
+    ] = 1,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
     log_format: Annotated[LogFormat, typer.Option(help="Log line format.")] = LogFormat.text,
     pacs_ae: Annotated[
@@ -579,6 +587,7 @@ def gateway_serve(
             ),
             grace_seconds=grace,
             threads=threads,
+            cpu_threads=cpu_threads,
             # Named models must all load; by default, serve whichever have been exported.
             require_all_models=bool(model),
             pacs=PacsDestination(

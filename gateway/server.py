@@ -31,7 +31,7 @@ from ctjoint.gateway.backends.base import InferenceBackend
 from ctjoint.gateway.decode_pool import close_default_pool
 from ctjoint.gateway.errors import BackendUnavailableError
 from ctjoint.gateway.interceptors import ScanServiceInterceptor
-from ctjoint.gateway.limits import GatewayLimits, ScanSlots
+from ctjoint.gateway.limits import DEFAULT_CPU_THREADS, SCAN_CPU, GatewayLimits, ScanSlots
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import PacsDestination
 from ctjoint.gateway.service import ScanServicer
@@ -65,6 +65,8 @@ class GatewayConfig:
     grace_seconds: float = 30.0
     # ONNX Runtime threads per inference (None: its default, every core); set it on a shared box.
     threads: int | None = None
+    # Threads for scans' CPU-bound work (parsing, preprocessing, lesion measures): see ScanCpuPool.
+    cpu_threads: int = DEFAULT_CPU_THREADS
     # False: serve whichever of `models` are available (at least one); True: all or refuse to start.
     require_all_models: bool = True
     # Where SEG and SR go after each scan (C-STORE); None: nowhere.
@@ -82,6 +84,8 @@ class GatewayConfig:
             raise ValueError(f"default model {self.default_model!r} is not served")
         if self.grace_seconds < 0:
             raise ValueError("the grace period cannot be negative")
+        if self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
 
     @property
     def address(self) -> str:
@@ -134,6 +138,7 @@ def create_analyzer(config: GatewayConfig, backend: InferenceBackend) -> ScanAna
 async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = None) -> None:
     """Run the gateway until SIGTERM/SIGINT, then stop gracefully."""
     _keep_freed_memory()
+    SCAN_CPU.configure(config.cpu_threads)
     metrics = GatewayMetrics()
     backend = backend if backend is not None else create_backend(config)
     slots = ScanSlots(config.limits.max_concurrent_scans)
@@ -219,6 +224,7 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         await backend.close()
         # Compressed-pixel decode workers (started on first use) go with the server.
         close_default_pool()
+        SCAN_CPU.shutdown()
         if metrics_http is not None:
             metrics_http.shutdown()
         log.info("stopped")

@@ -1,6 +1,7 @@
-"""The overload gate, the refusal log and the early refusal: during a burst of refusals at the
-scan limit, new CPU-bound scan work waits (bounded both ways), the refusals are logged once a
-second, and the interceptor answers them before the servicer runs.
+"""The overload gate, the scan CPU pool, the refusal log and the early refusal: during a burst
+of refusals at the scan limit, CPU-bound scan work waits (bounded both ways), whether it was
+submitted during the burst or queued before it; the refusals are logged once a second, and the
+interceptor answers them before the servicer runs.
 
 The gate runs on a simulated clock here: its sleeps advance the clock, and a burst of
 refusals is simulated as one refusal per millisecond of that clock, so the figures do not
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 import grpc
 import grpc.aio
 import pytest
 
-from ctjoint.gateway import limits
+from ctjoint.gateway import limits, logging_setup
 from ctjoint.gateway.errors import AdmissionRefusedError, LimitExceededError
 from ctjoint.gateway.interceptors import (
     REFUSAL_LOG_INTERVAL_S,
@@ -24,7 +26,15 @@ from ctjoint.gateway.interceptors import (
     RefusalLog,
     ScanServiceInterceptor,
 )
-from ctjoint.gateway.limits import MAX_HOLD_S, MIN_RUN_S, QUIET_S, OverloadGate, ScanSlots
+from ctjoint.gateway.limits import (
+    MAX_HOLD_S,
+    MIN_RUN_S,
+    QUIET_S,
+    OverloadGate,
+    ScanCpuPool,
+    ScanSlots,
+    cpu_bound,
+)
 from ctjoint.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
@@ -50,6 +60,15 @@ class SimulatedTime:
     def waited(self) -> float:
         started = self.now
         asyncio.run(self.gate.wait())
+        return self.now - started
+
+    def sleep_in_thread(self, seconds: float) -> None:
+        asyncio.run(self.sleep(seconds))
+
+    def waited_in_thread(self) -> float:
+        """How long a job queued before now waits in its worker thread."""
+        started = self.now
+        self.gate.hold_in_thread(self.sleep_in_thread)
         return self.now - started
 
 
@@ -80,6 +99,63 @@ def test_a_storm_that_never_ends_holds_work_at_most_max_hold_then_lets_it_run() 
     time.gate.note_refusal()
     # After it, the storm holds work back again, for at most MAX_HOLD_S once more.
     assert MAX_HOLD_S <= time.waited() <= MAX_HOLD_S + 2 * STEP_S
+
+
+def test_a_job_queued_before_a_burst_waits_it_out_in_its_thread() -> None:
+    assert SimulatedTime().waited_in_thread() == 0.0
+    time = SimulatedTime(refusals_until=0.04)
+    time.gate.note_refusal()
+    assert 0.04 <= time.waited_in_thread() <= 0.04 + QUIET_S + 2 * STEP_S
+    assert time.waited_in_thread() == 0.0
+
+
+def test_in_a_storm_that_never_ends_a_queued_job_waits_at_most_max_hold() -> None:
+    time = SimulatedTime(refusals_until=float("inf"))
+    time.gate.note_refusal()
+    assert MAX_HOLD_S <= time.waited_in_thread() <= MAX_HOLD_S + 2 * STEP_S
+    # It opened the gate: the jobs behind it run at once, in threads and on the loop.
+    assert time.waited_in_thread() == 0.0
+    assert time.waited() == 0.0
+
+
+def test_scan_work_runs_on_the_pools_own_threads_and_sees_the_callers_context() -> None:
+    pool = ScanCpuPool(2)
+
+    async def run() -> set[str]:
+        logging_setup.REQUEST_ID.set("ctx-1")
+
+        def job() -> tuple[str, str]:
+            return threading.current_thread().name, logging_setup.REQUEST_ID.get()
+
+        answers = await asyncio.gather(*(pool.run(job) for _ in range(20)))
+        assert {request_id for _, request_id in answers} == {"ctx-1"}
+        return {name for name, _ in answers}
+
+    try:
+        names = asyncio.run(run())
+    finally:
+        pool.shutdown()
+    assert 1 <= len(names) <= 2
+    assert all(name.startswith("ctjoint-scan-cpu") for name in names)
+    with pytest.raises(ValueError, match="at least 1 thread"):
+        pool.configure(0)
+
+
+def test_cpu_bound_uses_the_pool_the_gateway_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = ScanCpuPool()
+    monkeypatch.setattr(limits, "SCAN_CPU", pool)
+    pool.configure(1)
+
+    async def run() -> list[str]:
+        return await asyncio.gather(
+            *(cpu_bound(lambda: threading.current_thread().name) for _ in range(8))
+        )
+
+    try:
+        names = asyncio.run(run())
+    finally:
+        pool.shutdown()
+    assert len(set(names)) == 1 and names[0].startswith("ctjoint-scan-cpu")
 
 
 def test_a_refusal_at_the_slot_limit_closes_the_process_gate(
