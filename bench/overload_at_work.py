@@ -2,6 +2,7 @@
 the excess of a 200-scan burst wait for RESOURCE_EXHAUSTED? (target: 50 ms)
 
     .venv/bin/python bench/overload_at_work.py [--rounds 12] [--limit 8] [--burst 192]
+        [--cpu-threads N]
 
 Starts a real tritonserver (CPU, the tests' tiny contract models) and a gateway in front of it
 admitting `--limit` scans. Each round: `--limit` real scans through grpc.aio (phantom series,
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12, help="bursts, each after a refill")
     parser.add_argument("--limit", type=int, default=8, help="the gateway's concurrent scans")
     parser.add_argument("--burst", type=int, default=192, help="scans fired at once")
+    parser.add_argument("--cpu-threads", type=int, help="the gateway's (default: its own)")
     parser.add_argument("--target-ms", type=float, default=50.0, help="the slowest refusal's")
     args = parser.parse_args()
     if h2load_path() is None:
@@ -131,9 +133,10 @@ def main() -> None:
             export_contract_model(model, models)
         series = make_series(root / "series", 4, models)
         for triton in running_triton(write_test_repository(root, models), root):
-            gateway = triton_gateway(
-                triton, models, root / "gateway.log", "--max-concurrent-scans", str(args.limit)
-            )
+            flags = ["--max-concurrent-scans", str(args.limit)]
+            if args.cpu_threads is not None:
+                flags += ["--cpu-threads", str(args.cpu_threads)]
+            gateway = triton_gateway(triton, models, root / "gateway.log", *flags)
             try:
                 worst = asyncio.run(rounds(gateway, series, args))
             finally:

@@ -504,7 +504,7 @@ def gateway_serve(
             help="Threads for scans' CPU-bound work (DICOM parsing, preprocessing, lesion "
             "measures); most of it holds Python's GIL, so more rarely helps.",
         ),
-    ] = 1,
+    ] = 2,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
     log_format: Annotated[LogFormat, typer.Option(help="Log line format.")] = LogFormat.text,
     pacs_ae: Annotated[

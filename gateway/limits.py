@@ -48,9 +48,10 @@ QUIET_S = 0.005
 MAX_HOLD_S = 0.1
 MIN_RUN_S = 0.1
 # Threads that run scans' CPU-bound work (ScanCpuPool). Most of that work holds the GIL
-# (pydicom, Python loops; numpy and scipy.ndimage in short stretches), so more threads buy
-# little and each one more is one more thread the event loop queues behind for the GIL.
-DEFAULT_CPU_THREADS = 1
+# (pydicom, Python loops), so a second thread only pays while the first waits without it (on a
+# compressed-pixel decode worker, as many as decode_pool starts, or in numpy), and each one
+# more is one more thread the event loop queues behind for the GIL.
+DEFAULT_CPU_THREADS = 2
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -218,11 +219,11 @@ class ScanCpuPool:
 
     Why not asyncio's default pool (cores + 4 threads): threads that mostly hold the GIL run
     no faster side by side, and with six of them the event loop waited behind several for the
-    GIL each time it took a call. Measured on 2 cores (bench/overload_at_work.py, Triton
-    backend): 8 concurrent scans took 390-400 ms on the default pool, 320-333 ms on one
-    thread; during a 192-call burst the first refusals went out 3-9 ms apart instead of
-    0.2 ms. Jobs pass the overload gate twice: before they are queued, and in the thread
-    just before they run, so that jobs queued before a burst began also wait it out.
+    GIL each time it took a call. Measured on 2 cores with the Triton backend: 8 concurrent
+    scans took 390-400 ms on the default pool, 318-333 ms on one or two threads; during a
+    192-call burst (bench/overload_at_work.py) the first refusals went out 3-9 ms apart
+    instead of 0.2 ms. Jobs pass the overload gate twice: before they are queued, and in the
+    thread just before they run, so that jobs queued before a burst began also wait it out.
     """
 
     def __init__(self, threads: int = DEFAULT_CPU_THREADS) -> None:

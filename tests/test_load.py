@@ -64,14 +64,15 @@ LEAK_SCANS = 80
 # Overload: 200 scans at once against a limit of 8.
 OVERLOAD_LIMIT = 8
 OVERLOAD_SCANS = 200
-# The target for the time to RESOURCE_EXHAUSTED is 50 ms. With the overload gate
-# (gateway/limits.py) and the interceptor's early refusal, the refusals of a 200-call burst go
-# out at grpc.aio's own rate, ~0.2 ms of gateway CPU each on the 2-core test machine. Fired by
-# the grpc.aio client, which costs as much per call on the same cores, the last one comes at
-# 60-110 ms; fired by h2load, at 42-57 ms (README, "Reliability: load and faults"). The CI
-# bound is 5 s so that the tests stay green on a loaded machine; that refusals neither wait
-# for a slot nor for an upload is checked exactly (counts and received bytes).
-# CTJOINT_MAX_REJECT_MS=50 checks the target itself.
+# The target for the time to RESOURCE_EXHAUSTED is 50 ms. With the overload gate and
+# the scan CPU pool (gateway/limits.py) and the interceptor's early refusal, the refusals of a
+# 200-call burst go out at grpc.aio's own rate, ~0.2 ms of gateway CPU each on the 2-core test
+# machine. Fired by h2load, the last one comes at 34-38 ms with this file alone;
+# bench/overload_at_work.py checks the target over many rounds. Fired by the grpc.aio client,
+# which costs as much CPU per call as the gateway on the same cores, it comes later (README,
+# "Reliability: load and faults"). The CI bound is 5 s so that the tests stay green on a loaded
+# machine; that refusals neither wait for a slot nor for an upload is checked exactly (counts
+# and received bytes). CTJOINT_MAX_REJECT_MS=50 applies the target here too.
 MAX_REJECT_S = float(os.environ.get("CTJOINT_MAX_REJECT_MS", "5000")) / 1000.0
 MAX_OVERLOAD_RSS_GROWTH_BYTES = 200 * MIB
 IN_FLIGHT = "ctjoint_scans_in_flight"
