@@ -227,12 +227,8 @@ class ScanCpuPool:
     """
 
     def __init__(self, threads: int = DEFAULT_CPU_THREADS) -> None:
-        self._threads = threads
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-
-    @property
-    def threads(self) -> int:
-        return self._threads
+        self.configure(threads)
 
     def configure(self, threads: int) -> None:
         """Use `threads` threads from now on (a gateway does this once, as it starts)."""

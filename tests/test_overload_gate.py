@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from time import monotonic
 
 import grpc
 import grpc.aio
@@ -136,6 +137,36 @@ def test_scan_work_runs_on_the_pools_own_threads_and_sees_the_callers_context() 
     assert all(name.startswith("ctjoint-scan-cpu") for name in names)
     with pytest.raises(ValueError, match="at least 1 thread"):
         pool.configure(0)
+    with pytest.raises(ValueError, match="at least 1 thread, got -1"):
+        ScanCpuPool(-1)
+
+
+def test_a_job_queued_before_a_refusal_waits_in_its_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The thread-side gate in the real pool: a job that passed the loop-side gate before the
+    refusal, and sat in the queue behind a running one, starts one quiet period after it at
+    the earliest (a bound from below, which a busy machine can only lengthen)."""
+    gate = OverloadGate()
+    monkeypatch.setattr(limits, "OVERLOAD_GATE", gate)
+    pool = ScanCpuPool(1)
+    release = threading.Event()
+
+    async def run() -> tuple[float, float]:
+        running = asyncio.ensure_future(pool.run(release.wait, 30))
+        queued = asyncio.ensure_future(pool.run(monotonic))
+        await asyncio.sleep(0.05)  # both past the loop-side gate, the second in the queue
+        refused_at = monotonic()
+        gate.note_refusal()
+        release.set()
+        assert await running
+        return refused_at, await queued
+
+    try:
+        refused_at, started = asyncio.run(run())
+    finally:
+        pool.shutdown()
+    assert started - refused_at >= QUIET_S
 
 
 def test_cpu_bound_uses_the_pool_the_gateway_configured(monkeypatch: pytest.MonkeyPatch) -> None:
