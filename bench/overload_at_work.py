@@ -24,18 +24,17 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from contract_models import export_contract_model
-from gateway_process import GatewayProcess, metric_value, scans_by_code
-from lean_burst import fire, h2load_path
+from gateway_process import GatewayProcess
+from lean_burst import h2load_path
 from reliability_helpers import (
-    Outcome,
     Series,
     aio_channel,
+    burst_at_work,
     check_result,
     make_series,
     running_triton,
@@ -44,21 +43,8 @@ from reliability_helpers import (
     write_test_repository,
 )
 
-from ctjoint.contracts import MODEL_JCS2D, MODEL_NAMES
-from ctjoint.v1 import scan_pb2, scan_pb2_grpc
-
-IN_FLIGHT = "ctjoint_scans_in_flight"
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of process `pid` so far, all threads, in nanosecond resolution (schedstat)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, ValueError):
-            continue  # a thread that ended meanwhile
-    return total / 1e9
+from ctjoint.contracts import MODEL_NAMES
+from ctjoint.v1 import scan_pb2_grpc
 
 
 async def one_round(
@@ -66,33 +52,14 @@ async def one_round(
 ) -> tuple[list[float], Counter[str], float]:
     """One burst against a full gateway; returns the refusal times, how the burst's calls
     ended and the gateway's CPU seconds during the burst."""
-    pid = gateway.process.pid if gateway.process is not None else 0
-    request = scan_pb2.ScanRequest(header=scan_pb2.ScanHeader(model=MODEL_JCS2D))
     async with aio_channel(gateway.address) as channel:
         stub = scan_pb2_grpc.ScanServiceStub(channel)
-        before = await asyncio.to_thread(gateway.metrics)
-
-        async def admitted(index: int) -> tuple[str, Series, Outcome]:
-            request_id, chosen = f"round{number}-{index}", series[index % len(series)]
-            return request_id, chosen, await scan(stub, chosen, request_id)
-
-        scans = [asyncio.create_task(admitted(i)) for i in range(limit)]
-        deadline = time.monotonic() + 30
-        while metric_value(await asyncio.to_thread(gateway.metrics), IN_FLIGHT) < limit:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not admit {limit} scans within 30 s")
-            await asyncio.sleep(0.002)
-        cpu = cpu_seconds(pid)
-        fired = await asyncio.to_thread(fire, gateway.address, burst, request)
-        cpu = cpu_seconds(pid) - cpu
-        for request_id, chosen, outcome in await asyncio.gather(*scans):
-            check_result(outcome, chosen, request_id)
-        after = await asyncio.to_thread(gateway.metrics)
-    ended = scans_by_code(after) - scans_by_code(before)
-    ended["OK"] -= limit  # the admitted scans, checked above
+        measured = await burst_at_work(gateway, stub, series, limit, burst, f"round{number}")
+    ended = Counter(measured.codes)
+    ended["OK"] -= limit  # the admitted scans, each checked to have its own answer
     if +ended != ended or sum(ended.values()) != burst:
         raise RuntimeError(f"round {number}: burst calls ended {dict(ended)}")
-    return sorted(fired.seconds), +ended, cpu
+    return sorted(measured.burst.seconds), +ended, measured.gateway_cpu_s
 
 
 async def rounds(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
 import statistics
 import sys
 import tempfile
@@ -33,15 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from contract_models import export_contract_model
 from gateway_process import GatewayProcess, scans_by_code
 from lean_burst import fire, h2load_path
+from reliability_helpers import cpu_seconds
 
 from ctjoint.contracts import MODEL_JCS2D, MODEL_NAMES
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process `pid` so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def burst(gateway: GatewayProcess, limit: int, size: int, rounds: int) -> None:

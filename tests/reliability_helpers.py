@@ -1,13 +1,15 @@
 """Helpers for the load and fault tests (test_load.py, test_faults.py): a small real Triton
 repository (optionally with a deliberately slow network), distinct small series whose lesion
-volumes identify them, a grpc.aio scan call that reports its status and timing, and the
-gateway process's resident memory read from /proc."""
+volumes identify them, a grpc.aio scan call that reports its status and timing, a refusal
+burst against a gateway with every slot at work, and the gateway process's resident memory and
+CPU time read from /proc."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,8 @@ import grpc
 import grpc.aio
 import pytest
 from dicom_factory import CONSOLIDATION_HU, GROUND_GLASS_HU, Lesion, write_ct_series
-from gateway_process import GatewayProcess
+from gateway_process import GatewayProcess, metric_value, scans_by_code
+from lean_burst import Burst, fire
 
 from ctjoint import contracts
 from ctjoint.contracts import ADMITTED_METADATA
@@ -292,6 +295,59 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of process `pid` so far, all its threads, to the nanosecond (schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
+@dataclass(frozen=True)
+class BurstAtWork:
+    """A refusal burst against a full gateway: what h2load saw, how the gateway counted every
+    scan that ended meanwhile (the admitted ones included), and its CPU during the burst."""
+
+    burst: Burst
+    codes: Counter[str]
+    gateway_cpu_s: float
+
+
+async def burst_at_work(
+    gateway: GatewayProcess,
+    stub: scan_pb2_grpc.ScanServiceStub,
+    series: list[Series],
+    admitted: int,
+    excess: int,
+    name: str,
+) -> BurstAtWork:
+    """`admitted` real scans (ids `name-N`) take every slot and send their files; then h2load
+    fires `excess` more at once (lean_burst.fire). Each admitted scan's answer is checked to be
+    its own. h2load cannot read gRPC trailers: the gateway's metrics say how calls ended."""
+    pid = gateway.process.pid if gateway.process is not None else 0
+    before = await asyncio.to_thread(gateway.metrics)
+
+    async def one(number: int) -> None:
+        chosen, request_id = series[number % len(series)], f"{name}-{number}"
+        check_result(await scan(stub, chosen, request_id), chosen, request_id)
+
+    scans = [asyncio.create_task(one(n)) for n in range(admitted)]
+    await wait_until(
+        lambda: metric_value(gateway.metrics(), "ctjoint_scans_in_flight") >= admitted, 30, 0.002
+    )
+    # Every slot is taken and the admitted scans are sending their files.
+    request = scan_pb2.ScanRequest(header=scan_pb2.ScanHeader(model=MODEL))
+    cpu = cpu_seconds(pid)
+    burst = await asyncio.to_thread(fire, gateway.address, excess, request)
+    cpu = cpu_seconds(pid) - cpu
+    await asyncio.gather(*scans)
+    after = await asyncio.to_thread(gateway.metrics)
+    return BurstAtWork(burst, scans_by_code(after) - scans_by_code(before), cpu)
 
 
 def percentile(values: list[float], q: float) -> float:

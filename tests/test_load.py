@@ -25,13 +25,15 @@ from grpc_health.v1 import health_pb2
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
-from gateway_process import GatewayProcess, metric_value, scans_by_code
-from lean_burst import Burst, fire, h2load_path
+from gateway_process import GatewayProcess, metric_value
+from lean_burst import h2load_path
 from reliability_helpers import (
+    BurstAtWork,
     Outcome,
     RunningTriton,
     Series,
     aio_channel,
+    burst_at_work,
     check_result,
     make_series,
     percentile,
@@ -40,13 +42,11 @@ from reliability_helpers import (
     running_triton,
     scan,
     triton_gateway,
-    wait_until,
     write_test_repository,
 )
 
-from ctjoint.contracts import MODEL_JCS2D
 from ctjoint.gateway.limits import ENV_TEST_LEAK_BYTES_PER_SCAN, ENV_TEST_MODE
-from ctjoint.v1 import scan_pb2, scan_pb2_grpc
+from ctjoint.v1 import scan_pb2_grpc
 
 pytestmark = [pytest.mark.xdist_group("tritonserver"), pytest.mark.timeout(1800)]
 
@@ -75,7 +75,6 @@ OVERLOAD_SCANS = 200
 # and received bytes). CTJOINT_MAX_REJECT_MS=50 applies the target here too.
 MAX_REJECT_S = float(os.environ.get("CTJOINT_MAX_REJECT_MS", "5000")) / 1000.0
 MAX_OVERLOAD_RSS_GROWTH_BYTES = 200 * MIB
-IN_FLIGHT = "ctjoint_scans_in_flight"
 
 
 @pytest.fixture(scope="module")
@@ -290,31 +289,18 @@ def test_overload_refusals_timed_by_a_load_generator_that_leaves_the_cores_alone
     excess = OVERLOAD_SCANS - OVERLOAD_LIMIT
     gateway = limited_gateway(triton, contract_model_dir, tmp_path)
 
-    async def run() -> tuple[list[tuple[int, Outcome]], Burst, str, str]:
+    async def run() -> BurstAtWork:
         async with aio_channel(gateway.address) as channel:
             stub = scan_pb2_grpc.ScanServiceStub(channel)
             check_result(await scan(stub, series[0], "warm"), series[0], "warm")
-            before = await asyncio.to_thread(gateway.metrics)
-
-            async def one(number: int) -> tuple[int, Outcome]:
-                return number, await scan(stub, series[number % len(series)], f"held-{number}")
-
-            admitted = [asyncio.create_task(one(n)) for n in range(OVERLOAD_LIMIT)]
-            await wait_until(
-                lambda: metric_value(gateway.metrics(), IN_FLIGHT) >= OVERLOAD_LIMIT, 30, 0.002
-            )
-            # Every slot is taken and the admitted scans are sending their files.
-            request = scan_pb2.ScanRequest(header=scan_pb2.ScanHeader(model=MODEL_JCS2D))
-            burst = await asyncio.to_thread(fire, gateway.address, excess, request)
-            outcomes = list(await asyncio.gather(*admitted))
-        return outcomes, burst, before, await asyncio.to_thread(gateway.metrics)
+            return await burst_at_work(gateway, stub, series, OVERLOAD_LIMIT, excess, "held")
 
     try:
-        outcomes, burst, before, after = asyncio.run(run())
+        measured = asyncio.run(run())
         assert gateway.alive() and gateway.health() == SERVING
     finally:
         gateway.stop()
-    codes = scans_by_code(after) - scans_by_code(before)
+    burst, codes = measured.burst, measured.codes
     seconds = sorted(burst.seconds)
     figures.record(
         "load: 192 over the limit of 8 fired by h2load, 8 scans at work",
@@ -326,8 +312,6 @@ def test_overload_refusals_timed_by_a_load_generator_that_leaves_the_cores_alone
         start_spread_ms=round(burst.start_spread_s * 1000, 1),
     )
     assert len(seconds) == excess and set(burst.http_statuses) == {"200"}, burst.summary
-    for number, outcome in outcomes:
-        check_result(outcome, series[number % len(series)], f"held-{number}")
     # h2load cannot read gRPC trailers; the gateway's own count says how each call ended.
     # All were refused, but for the few that may find a slot an admitted scan has just
     # freed: those end at once as scans without a file.
