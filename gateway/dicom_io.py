@@ -226,13 +226,20 @@ def _check_inflated_size(data: DicomSource, source: str) -> None:
     if not isinstance(data, bytes):
         with open(os.fspath(data), "rb") as handle:
             data = handle.read()
-    # Inflated a megabyte at a time and thrown away: counting costs no memory.
+    # Inflated a megabyte at a time and thrown away: counting costs no memory. The loop ends
+    # when the stream ends (bytes after it, such as pydicom's even-length pad, are ignored),
+    # when the limit is passed, or when a call neither consumes input nor yields output
+    # (a truncated stream: pydicom's own inflate then names the problem).
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     pending, total = data[meta_end:], 0
     try:
-        while pending and total <= MAX_INFLATED_BYTES:
-            total += len(inflater.decompress(pending, _INFLATE_CHUNK))
+        while not inflater.eof and total <= MAX_INFLATED_BYTES:
+            produced = len(inflater.decompress(pending, _INFLATE_CHUNK))
+            consumed = len(pending) - len(inflater.unconsumed_tail)
             pending = inflater.unconsumed_tail
+            total += produced
+            if produced == 0 and consumed == 0:
+                break
     except zlib.error as err:
         raise NotDicomError(f"deflated data set does not inflate ({err})", source=source) from err
     if total > MAX_INFLATED_BYTES:
