@@ -11,6 +11,11 @@ SR: TID 1500 measurement report referencing the SEG: per lesion segment its volu
 per lung segment, its volume and percent involved; one group without an ROI carries the scan
 label with its probability, the bilateral flag, the peripheral fraction and the severity score.
 
+What of the source they carry: the Patient, General Study and Patient Study modules and the
+geometry of the first file (`output_header`), nothing else; the source's acquisition equipment
+(institution, station, device serial, acquisition time) only when the operator opts in
+(`OutputSettings`). Invalid dates and times are emptied or dropped, never fatal.
+
 Codes: DICOM (DCM) and SNOMED CT (SCT) where the standard's code tables have a concept we are
 sure of; the rest use the private coding scheme `99CTJOINT` (DICOM reserves "99" prefixes for
 private schemes), so no code is guessed.
@@ -27,7 +32,9 @@ from typing import Final
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DA, DT, TM
 
 from ctjoint.contracts import SEG_CONSOLIDATION, SEG_GROUND_GLASS
 from ctjoint.gateway.analysis import ScanAnalysis
@@ -101,6 +108,18 @@ class OutputIdentity:
     model_name: str = MODEL_NAME
     software_version: str = SOFTWARE_VERSION
     device_serial_number: str = DEVICE_SERIAL
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """The operator's choices for SEG and SR (docs/interoperability.md lists them).
+
+    `copy_source_equipment`: also carry the source's acquisition equipment (manufacturer,
+    institution, station, department, device serial, acquisition time) as Contributing
+    Equipment; off by default, because it names the hospital and the scanner.
+    """
+
+    copy_source_equipment: bool = False
 
 
 def source_datasets(volume: CtVolume, header: Dataset) -> list[Dataset]:
@@ -374,6 +393,7 @@ def scan_objects(
     seg: bool = True,
     sr: bool = True,
     identity: OutputIdentity | None = None,
+    settings: OutputSettings | None = None,
 ) -> ScanObjects:
     """Build the asked-for objects of an analysed DICOM series (the SR references the SEG, so
     a SEG is built for an SR alone too). Raises InputError for volumes without DICOM headers."""
@@ -384,7 +404,8 @@ def scan_objects(
             "DICOM outputs need a DICOM source series", source="series", attribute="header"
         )
     lung_map = lungs if lungs is not None else np.zeros(label_map.shape, dtype=np.uint8)
-    header = _patient_module_for_outputs(header)
+    chosen = settings or OutputSettings()
+    header = output_header(header, copy_source_equipment=chosen.copy_source_equipment)
     if not str(header.get("FrameOfReferenceUID", "") or "").strip():
         # Optional for the analysis, but a CT SEG's frames live in the source's frame of
         # reference: without it there is no SEG to write (found by the reliability fuzzing).
@@ -404,31 +425,52 @@ def scan_objects(
 # Patient Sex is an enumerated Type 2 attribute; highdicom refuses anything else.
 _PATIENT_SEX_VALUES: Final = frozenset({"M", "F", "O", ""})
 
-
-def _patient_module_for_outputs(header: Dataset) -> Dataset:
-    """The source header with values a valid SEG/SR cannot carry made empty (Type 2: unknown).
-
-    A scanner's out-of-standard Patient Sex (say "U") must not cost the scan its SEG, nor
-    may a Type 2 attribute that is absent or unreadable (anonymised exports drop them;
-    highdicom reads each one as an attribute and would fail the whole scan).
-    """
-    header = _without_unreadable(header)
-    blank = [keyword for keyword in _TYPE2_COPIED if not _readable(header, keyword)]
-    sex = str(header.get("PatientSex", "") or "") if "PatientSex" not in blank else ""
-    if sex not in _PATIENT_SEX_VALUES:
-        blank.append("PatientSex")
-    if not blank:
-        return header
-    copied = copy.deepcopy(header)  # a shallow copy shares its elements
-    for keyword in blank:
-        if keyword in copied:
-            delattr(copied, keyword)
-        setattr(copied, keyword, "")
-    return copied
-
+# The Patient, General Study and Patient Study modules (PS3.3 C.7.1.1, C.7.2.1, C.7.2.2; root
+# attributes, as highdicom 0.28 lists them): what a SEG/SR must say about whose study it is.
+PATIENT_AND_STUDY: Final = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "ReferencedPatientSequence", "PatientBirthDate",
+    "PatientBirthTime", "PatientSex", "OtherPatientNames", "OtherPatientIDsSequence",
+    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription",
+    "PatientBreedCodeSequence", "BreedRegistrationSequence", "ResponsiblePerson",
+    "ResponsiblePersonRole", "ResponsibleOrganization", "PatientComments",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber",
+    "IssuerOfAccessionNumberSequence", "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence", "StudyDescription", "ProcedureCodeSequence",
+    "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence",
+    "NameOfPhysiciansReadingStudy", "PhysiciansReadingStudyIdentificationSequence",
+    "ReferencedStudySequence", "StudyID", "RequestingService", "RequestingServiceCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence", "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize", "PatientSizeCodeSequence",
+    "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension", "PatientWeight",
+    "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
+    "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit",
+    "ReasonForVisitCodeSequence", "AdmissionID", "IssuerOfAdmissionIDSequence",
+    "ServiceEpisodeID", "ServiceEpisodeDescription", "IssuerOfServiceEpisodeIDSequence",
+    "PatientState",
+)  # fmt: skip
+# What places each mask frame on its source slice (identity, geometry, image description).
+SOURCE_GEOMETRY: Final = (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality",
+    "FrameOfReferenceUID", "PositionReferenceIndicator", "ImageOrientationPatient",
+    "ImagePositionPatient", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "Rows",
+    "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+    "HighBit", "PixelRepresentation", "InstanceNumber",
+)  # fmt: skip
+# The source's acquisition equipment: highdicom copies it into ContributingEquipmentSequence
+# when the source has a Manufacturer. It names the hospital and the scanner, so it goes into
+# outputs only when the operator opts in (`OutputSettings.copy_source_equipment`).
+SOURCE_EQUIPMENT: Final = (
+    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
+    "AcquisitionDateTime", "AcquisitionDate", "AcquisitionTime",
+)  # fmt: skip
 
 # Type 2 attributes of the Patient and General Study modules that highdicom copies from the
-# source header into the SEG and SR (found missing by the reliability fuzzing, issue 8).
+# source header into the SEG and SR (found missing by the reliability fuzzing, issue 8): an
+# absent, unreadable or invalid one is written empty (unknown), never fails the outputs.
 _TYPE2_COPIED: Final = (
     "PatientName",
     "PatientID",
@@ -439,38 +481,63 @@ _TYPE2_COPIED: Final = (
     "StudyDate",
     "StudyTime",
 )
+_TEMPORAL_VRS: Final = {"DA": DA, "TM": TM, "DT": DT}
 
 
-def _without_unreadable(header: Dataset) -> Dataset:
-    """The header without elements whose raw value does not convert (a damaged VR or length):
-    the SEG and SR copy and set attributes, and each such element would fail them there."""
-    broken = []
-    for tag in list(header.keys()):
+def output_header(header: Dataset, *, copy_source_equipment: bool = False) -> Dataset:
+    """The part of the source's first header that SEG and SR may carry, made valid.
+
+    A new data set with only the patient and study modules, the geometry and, when asked for,
+    the acquisition equipment (see the tuples above): nothing else of the source can reach an
+    output. Values a valid SEG/SR cannot carry are left empty (Type 2: unknown) or dropped: an
+    element whose raw value does not convert, a date or time that is not one (say a birth
+    date `19231345` or a study time `NOTATIME`), a Patient Sex outside M/F/O. Anonymised
+    exports drop Type 2 attributes; highdicom reads each as an attribute, so they are added
+    empty.
+    """
+    keep: tuple[str, ...] = PATIENT_AND_STUDY + SOURCE_GEOMETRY
+    if copy_source_equipment:
+        keep += SOURCE_EQUIPMENT
+    out = Dataset()
+    for keyword in keep:
+        if keyword not in header:
+            continue
         try:
-            header[tag]
-        except Exception:
-            broken.append(tag)
-    if not broken:
-        return header
-    copied = copy.deepcopy(header)
-    for tag in broken:
-        del copied[tag]
-    return copied
+            element = header[keyword]
+        except Exception:  # a raw value that does not convert: drop it
+            continue
+        if not _valid_temporal(element.VR, element.value):
+            continue
+        out.add(copy.deepcopy(element))
+    for keyword in _TYPE2_COPIED:
+        if keyword not in out:
+            setattr(out, keyword, "")
+    if str(out.get("PatientSex", "") or "") not in _PATIENT_SEX_VALUES:
+        out.PatientSex = ""
+    return out
 
 
-def _readable(header: Dataset, keyword: str) -> bool:
-    """Present (empty is fine for Type 2) and convertible: pydicom converts a raw value only
-    when it is read, so a malformed one fails there, and must not fail the SEG."""
-    if keyword not in header:
-        return False
+def _valid_temporal(vr: str, value: object) -> bool:
+    """False for a DA, TM or DT value that does not parse as one (other VRs: True)."""
+    parse = _TEMPORAL_VRS.get(vr)
+    if parse is None or value is None or value == "":
+        return True
+    values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
     try:
-        header.get(keyword)
-    except Exception:
+        for item in values:
+            parse(str(item))
+    except ValueError:
         return False
     return True
 
 
-def analysis_objects(analysis: ScanAnalysis, *, seg: bool = True, sr: bool = True) -> ScanObjects:
+def analysis_objects(
+    analysis: ScanAnalysis,
+    *,
+    seg: bool = True,
+    sr: bool = True,
+    settings: OutputSettings | None = None,
+) -> ScanObjects:
     """`scan_objects` of a finished analysis."""
     return scan_objects(
         analysis.result,
@@ -480,6 +547,7 @@ def analysis_objects(analysis: ScanAnalysis, *, seg: bool = True, sr: bool = Tru
         analysis.lung_map,
         seg=seg,
         sr=sr,
+        settings=settings,
     )
 
 
@@ -487,10 +555,12 @@ __all__ = [
     "LESION_SEGMENTS",
     "LUNG_SEGMENTS",
     "OutputIdentity",
+    "OutputSettings",
     "ScanObjects",
     "analysis_objects",
     "build_seg",
     "build_sr",
+    "output_header",
     "scan_objects",
     "segment_masks",
     "source_datasets",

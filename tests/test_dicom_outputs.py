@@ -12,6 +12,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from dicom_factory import SMALL_SERIES_LESIONS, write_ct_series
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from typer.testing import CliRunner
@@ -24,7 +25,9 @@ from ctjoint.gateway.analysis import ScanAnalysis, analyze_directory
 from ctjoint.gateway.dicom_outputs import (
     LESION_SEGMENTS,
     LUNG_SEGMENTS,
+    OutputSettings,
     ScanObjects,
+    analysis_objects,
     scan_objects,
     segment_masks,
 )
@@ -182,3 +185,78 @@ def test_send_writes_the_seg_and_sr_it_received(tmp_path: Path) -> None:
     assert (tmp_path / SEG_DCM).read_bytes() == b"SEG"
     assert (tmp_path / SR_DCM).read_bytes() == b"SR"
     assert {p.name for p in written} >= {SEG_DCM, SR_DCM}
+
+
+# A scanner's acquisition equipment as every file states it (issue 21: highdicom copied it
+# into the SEG's Contributing Equipment from the first file whenever Manufacturer was set).
+SOURCE_EQUIPMENT = {
+    "Manufacturer": "ACME MEDICAL",
+    "InstitutionName": "CANARY GENERAL HOSPITAL",
+    "InstitutionAddress": "1 CANARY STREET",
+    "InstitutionalDepartmentName": "CANARY RADIOLOGY",
+    "StationName": "CANARYCT01",
+    "DeviceSerialNumber": "CANARY-SN-4711",
+    "AcquisitionDateTime": "19990102030405",
+}
+
+
+def _edited_series(folder: Path, changes: dict[str, str]) -> Path:
+    """The small test series with `changes` set in every file, the first included."""
+    for path in write_ct_series(folder, slices=8, size=32, lesions=SMALL_SERIES_LESIONS):
+        ds = pydicom.dcmread(path)
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path, enforce_file_format=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def equipment_analysis(
+    tmp_path_factory: pytest.TempPathFactory, contract_model_dir: Path
+) -> ScanAnalysis:
+    folder = _edited_series(tmp_path_factory.mktemp("equipment") / "series", SOURCE_EQUIPMENT)
+    return analyze_directory(folder, model=MODEL_JCS2D, model_dir=contract_model_dir)
+
+
+def test_seg_and_sr_carry_no_source_equipment_by_default(
+    equipment_analysis: ScanAnalysis,
+) -> None:
+    objects = analysis_objects(equipment_analysis)
+    assert objects.seg is not None and objects.sr is not None
+    for data in (objects.seg, objects.sr):
+        for keyword, value in SOURCE_EQUIPMENT.items():
+            assert value.encode() not in data, keyword
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(objects.seg))
+    assert [item.Manufacturer for item in seg.ContributingEquipmentSequence] == [
+        "Highdicom open-source contributors"
+    ]
+    assert seg.Manufacturer == "ctjoint"
+
+
+def test_source_equipment_is_copied_only_when_the_operator_opts_in(
+    equipment_analysis: ScanAnalysis,
+) -> None:
+    objects = analysis_objects(
+        equipment_analysis, settings=OutputSettings(copy_source_equipment=True)
+    )
+    assert objects.seg is not None
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(objects.seg))
+    acquisition = seg.ContributingEquipmentSequence[0]
+    assert acquisition.Manufacturer == "ACME MEDICAL"
+    assert acquisition.InstitutionName == "CANARY GENERAL HOSPITAL"
+    assert acquisition.StationName == "CANARYCT01"
+    assert acquisition.DeviceSerialNumber == "CANARY-SN-4711"
+
+
+def test_invalid_dates_and_times_are_emptied_not_fatal(
+    tmp_path: Path, contract_model_dir: Path
+) -> None:
+    invalid = {"PatientBirthDate": "19231345", "StudyDate": "NOTADATE", "StudyTime": "NOTATIME"}
+    folder = _edited_series(tmp_path / "series", {**invalid, "AcquisitionDate": "NOTADATE"})
+    analysis = analyze_directory(folder, model=MODEL_JCS2D, model_dir=contract_model_dir)
+    objects = analysis_objects(analysis, settings=OutputSettings(copy_source_equipment=True))
+    assert objects.seg is not None and objects.sr is not None
+    for name, data in (("seg.dcm", objects.seg), ("sr.dcm", objects.sr)):
+        ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+        assert (ds.PatientBirthDate, ds.StudyDate, ds.StudyTime) == ("", "", "")
+        assert dciodvfy_errors(_write(tmp_path, name, data)) == []
