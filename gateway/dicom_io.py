@@ -229,7 +229,7 @@ def _check_inflated_size(data: DicomSource, source: str) -> None:
     # Inflated a megabyte at a time and thrown away: counting costs no memory. The loop ends
     # when the stream ends (bytes after it, such as pydicom's even-length pad, are ignored),
     # when the limit is passed, or when a call neither consumes input nor yields output
-    # (a truncated stream: pydicom's own inflate then names the problem).
+    # (the input ran out before the stream's last block: a truncated file).
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     pending, total = data[meta_end:], 0
     try:
@@ -245,6 +245,12 @@ def _check_inflated_size(data: DicomSource, source: str) -> None:
     if total > MAX_INFLATED_BYTES:
         raise LimitExceededError(
             f"{source}: its deflated data set inflates to more than {MAX_INFLATED_BYTES} bytes"
+        )
+    if not inflater.eof:
+        raise NotDicomError(
+            f"its deflated data set is truncated (the deflate stream stops after {total} "
+            "bytes, before its last block)",
+            source=source,
         )
 
 
