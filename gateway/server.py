@@ -221,6 +221,7 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         await health_servicer.enter_graceful_shutdown()
         metrics.backend_ready.set(0)
         await server.stop(config.grace_seconds)
+        servicer.close()
         await backend.close()
         # Compressed-pixel decode workers (started on first use) go with the server.
         close_default_pool()

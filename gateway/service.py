@@ -37,7 +37,7 @@ from ctjoint.gateway.errors import (
 from ctjoint.gateway.interceptors import adopt_request_id, note_model
 from ctjoint.gateway.limits import GatewayLimits, ScanSlots, TestLeak, cpu_bound
 from ctjoint.gateway.metrics import GatewayMetrics
-from ctjoint.gateway.pacs import PacsDestination, PacsOutcome, push
+from ctjoint.gateway.pacs import PacsDestination, PacsPusher
 from ctjoint.gateway.wire import (
     MASK_ZLIB_LEVEL,
     encode_label_map,
@@ -56,8 +56,6 @@ STAGE_BY_NAME: Final = {
     "postprocessed": scan_pb2.Progress.STAGE_POSTPROCESSED,
 }
 _FILE_NUMBER: Final = re.compile(r"^file (\d+)")
-# Time kept back from the caller's deadline to send the answer after a PACS push.
-PACS_ANSWER_MARGIN_S: Final = 1.0
 
 Emit = Callable[[str, int, int | None], None]
 
@@ -86,8 +84,13 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         self._metrics = metrics
         self._default_model = default_model
         self._pacs = pacs
-        # Pushes that outlived their scan's answer; kept so they are not garbage collected.
-        self._background: set[asyncio.Future[PacsOutcome]] = set()
+        # Pushes run on the pusher's own threads; it bounds how long an answer waits for one.
+        self._pusher = PacsPusher(pacs, registry=metrics.registry) if pacs is not None else None
+
+    def close(self) -> None:
+        """Take no more PACS pushes (the server has stopped taking scans)."""
+        if self._pusher is not None:
+            self._pusher.close()
 
     # --- RPCs --------------------------------------------------------------------------------
 
@@ -320,40 +323,26 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
     ) -> scan_pb2.PacsOutcome:
         """Send SEG and SR to the configured PACS; failures are reported, never raised.
 
-        The answer waits at most `wait_s`, and never past the caller's deadline (less a second
-        to send the answer): a slow PACS must not cost the caller its scan result. A push still
-        running then continues in the background and logs its own outcome.
+        The answer waits at most the destination's `wait_s` and never past the caller's
+        deadline, less a second to send the answer; not at all while the PACS is slow
+        (gateway/pacs.py). Every outcome, a skipped push included, is in the answer and the
+        metrics.
         """
-        destination = self._pacs
-        if destination is None:
+        pusher = self._pusher
+        if pusher is None:
             raise RuntimeError("no PACS is configured")
         if isinstance(objects, BaseException):
-            outcome = PacsOutcome(
-                destination.name, False, 0, f"no DICOM outputs: {type(objects).__name__}", ()
-            )
+            # InputError messages name the file and attribute only; other errors may quote a
+            # value from the files, so only their type is given.
+            why = str(objects) if isinstance(objects, InputError) else type(objects).__name__
+            outcome = pusher.skipped(f"no DICOM outputs: {why}")
         else:
             pairs = [(k, d) for k, d in (("seg", objects.seg), ("sr", objects.sr)) if d]
-            limit = destination.wait_s
-            if time_remaining is not None:
-                limit = max(0.0, min(limit, time_remaining - PACS_ANSWER_MARGIN_S))
-            task = asyncio.ensure_future(push(destination, pairs))
-            done, _ = await asyncio.wait({task}, timeout=limit)
-            if task in done:
-                outcome = task.result()
-            else:
-                self._background.add(task)
-                task.add_done_callback(self._background_done)
-                outcome = PacsOutcome(
-                    destination.name,
-                    False,
-                    0,
-                    f"still sending after {limit:.1f} s; continuing in the background",
-                    tuple(kind for kind, _ in pairs),
-                )
+            outcome = await pusher.push_for_answer(pairs, time_remaining)
         log.info(
-            "pacs push to %s: stored=%s attempts=%d",
+            "pacs push to %s: status=%s attempts=%d",
             outcome.destination,
-            outcome.stored,
+            outcome.status,
             outcome.attempts,
         )
         return scan_pb2.PacsOutcome(
@@ -362,18 +351,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             attempts=outcome.attempts,
             error=outcome.error,
             objects=list(outcome.objects),
-        )
-
-    def _background_done(self, task: asyncio.Future[PacsOutcome]) -> None:
-        self._background.discard(task)
-        if task.cancelled():
-            return
-        outcome = task.result()
-        log.info(
-            "pacs background push to %s: stored=%s attempts=%d",
-            outcome.destination,
-            outcome.stored,
-            outcome.attempts,
+            status=outcome.status,
         )
 
     def _observe(self, analysis: ScanAnalysis, receive_ms: float, encode_ms: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -42,6 +43,49 @@ async def _wait_serving(channel: grpc.aio.Channel, server: asyncio.Future[None])
     pytest.fail("the gateway was not SERVING within 30 s")
 
 
+@contextlib.asynccontextmanager
+async def served_gateway(
+    model_dir: Path,
+    *,
+    pacs: PacsDestination | None = None,
+    metrics_port: int | None = None,
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A gateway serving jcs2d from `model_dir` in this event loop, until the block ends; yields
+    a channel to it once it is SERVING."""
+    port = free_port()
+    config = GatewayConfig(
+        port=port,
+        models=(MODEL_JCS2D,),
+        grace_seconds=1.0,
+        pacs=pacs,
+        metrics_port=metrics_port,
+    )
+    backend = EmbeddedBackend((MODEL_JCS2D,), model_dir=model_dir, intra_op_threads=1)
+    server = asyncio.ensure_future(serve(config, backend=backend))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await _wait_serving(channel, server)
+            yield channel
+    finally:
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+
+
+async def analyze(
+    channel: grpc.aio.Channel, files: list[bytes], outputs: scan_pb2.OutputOptions
+) -> scan_pb2.ScanResult:
+    """One AnalyzeScan of `files` with `outputs` (jcs2d, 60 s deadline)."""
+
+    async def requests() -> AsyncIterator[scan_pb2.ScanRequest]:
+        header = scan_pb2.ScanHeader(model=MODEL_JCS2D, outputs=outputs)
+        yield scan_pb2.ScanRequest(header=header)
+        for content in files:
+            yield scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=content))
+
+    stub = scan_pb2_grpc.ScanServiceStub(channel)
+    return await stub.AnalyzeScan(requests(), timeout=60)
+
+
 def scan_in_process(
     files: list[bytes],
     model_dir: Path,
@@ -52,24 +96,7 @@ def scan_in_process(
     """Serve jcs2d from `model_dir`, send `files` with `outputs`, return the answer."""
 
     async def main() -> scan_pb2.ScanResult:
-        port = free_port()
-        config = GatewayConfig(port=port, models=(MODEL_JCS2D,), grace_seconds=1.0, pacs=pacs)
-        backend = EmbeddedBackend((MODEL_JCS2D,), model_dir=model_dir, intra_op_threads=1)
-        server = asyncio.ensure_future(serve(config, backend=backend))
-
-        async def requests() -> AsyncIterator[scan_pb2.ScanRequest]:
-            header = scan_pb2.ScanHeader(model=MODEL_JCS2D, outputs=outputs)
-            yield scan_pb2.ScanRequest(header=header)
-            for content in files:
-                yield scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=content))
-
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await _wait_serving(channel, server)
-                stub = scan_pb2_grpc.ScanServiceStub(channel)
-                return await stub.AnalyzeScan(requests(), timeout=60)
-        finally:
-            server.cancel()
-            await asyncio.gather(server, return_exceptions=True)
+        async with served_gateway(model_dir, pacs=pacs) as channel:
+            return await analyze(channel, files, outputs)
 
     return asyncio.run(main())

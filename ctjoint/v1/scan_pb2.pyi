@@ -148,18 +148,20 @@ class ZoneStatistics(_message.Message):
     def __init__(self, zone: _Optional[str] = ..., lung_volume_ml: _Optional[float] = ..., lesion_volume_ml: _Optional[float] = ..., percent_involved: _Optional[float] = ..., severity: _Optional[int] = ...) -> None: ...
 
 class PacsOutcome(_message.Message):
-    __slots__ = ("destination", "stored", "attempts", "error", "objects")
+    __slots__ = ("destination", "stored", "attempts", "error", "objects", "status")
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     destination: str
     stored: bool
     attempts: int
     error: str
     objects: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, destination: _Optional[str] = ..., stored: _Optional[bool] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., objects: _Optional[_Iterable[str]] = ...) -> None: ...
+    status: str
+    def __init__(self, destination: _Optional[str] = ..., stored: _Optional[bool] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., objects: _Optional[_Iterable[str]] = ..., status: _Optional[str] = ...) -> None: ...
 
 class SliceEvidence(_message.Message):
     __slots__ = ("index", "probabilities", "lesion_pixels")
