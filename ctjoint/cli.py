@@ -522,10 +522,11 @@ def gateway_serve(
         float,
         typer.Option(
             min=0.0,
-            help="Seconds a scan's answer waits for its push; a slower push goes on in the "
-            "background and the answer says so.",
+            max=10.0,
+            help="Seconds a scan's answer waits for its push, and none while the PACS is slow; "
+            "a slower push goes on in the background and the answer says so (pending).",
         ),
-    ] = 20.0,
+    ] = 1.0,
     tls_cert: Annotated[
         Path | None, typer.Option(help="PEM certificate (chain) of the gateway: serve TLS.")
     ] = None,
