@@ -135,10 +135,14 @@ ECHOED_IN_SEG_SR = frozenset(
 )  # fmt: skip
 # The profile attributes the gateway may never echo in a SEG/SR, whatever else is allowed.
 NEVER_IN_SEG_SR = (
-    "InstitutionName", "InstitutionAddress", "OperatorsName", "DeviceSerialNumber",
-    "StationName", "PerformingPhysicianName", "ProtocolName", "SeriesDescription",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "OperatorsName",
+    "DeviceSerialNumber", "StationName", "AcquisitionDateTime", "AcquisitionDate",
+    "AcquisitionTime", "PerformingPhysicianName", "ProtocolName", "SeriesDescription",
     "ImageComments", "PatientAddress", "PatientTelephoneNumbers", "MilitaryRank",
 )  # fmt: skip
+# Every scanner writes a Manufacturer; with one, highdicom copies the source's acquisition
+# equipment (institution, station, serial, acquisition time) into the SEG unless told not to.
+SCANNER_MANUFACTURER = "CANARY SCANNER WORKS"
 PRIVATE_CREATOR = "CTJOINT PHI CANARY"
 _TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR"})
 
@@ -258,13 +262,15 @@ def plant(ds: Dataset, canaries: Canaries, maker: CanaryMaker, *, per_file: dict
 
 def write_canary_series(folder: Path, canaries: Canaries, maker: CanaryMaker) -> list[Path]:
     """A valid series (consistent study/series/frame UIDs, one SOP instance UID per file) with
-    canaries everywhere the profile lists."""
+    canaries everywhere the profile lists, in every file, the first included, and a scanner's
+    Manufacturer (what made highdicom copy the acquisition equipment)."""
     paths = write_ct_series(folder, slices=8, size=32, lesions=SMALL_SERIES_LESIONS)
     for path in paths:
         ds = dcmread(path)
         own = maker.uid()
         canaries.by_attribute[f"SOPInstanceUID {path.name}"] = own
         plant(ds, canaries, maker, per_file={"SOPInstanceUID": own})
+        ds.Manufacturer = SCANNER_MANUFACTURER
         ds.file_meta.MediaStorageSOPInstanceUID = own
         ds.save_as(path, enforce_file_format=True)
     return paths
@@ -415,6 +421,7 @@ def test_no_canary_leaves_the_gateway_except_in_the_callers_own_seg_and_sr(
         assert not unexpected, f"{name} carries {sorted(unexpected)}"
         assert not any(w.startswith("private") for w in found)
         assert not found & set(NEVER_IN_SEG_SR)
+        assert SCANNER_MANUFACTURER.encode() not in data
     assert "PatientID" in echoed["SEG"] and "StudyInstanceUID" in echoed["SR"]
     figures.record(
         "phi: canaries planted and grepped",
