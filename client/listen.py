@@ -8,6 +8,12 @@ every association that brought it files has ended (released or aborted) and no f
 arrived for `quiet_seconds`. It is then sent like `ctjoint send` does, from the spool folder,
 and its outputs land in `OUT/<series key>/`. The key is a hash of the Series Instance UID: no
 UID or patient data appears in folder names or logs.
+
+A spool holds patient data, so it does not outlive its use: a series whose forward fails is
+tried again (after 30 s, then twice as long each time, at most 10 min apart) and its spool
+deleted once forwarded, or once `retention_seconds` (1 h by default) have passed since the
+first failure, whichever comes first. Spool folders left by an earlier run (a crash) are
+taken up the same way, their age counted from their last change.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUIET_SECONDS: Final = 5.0
 POLL_SECONDS: Final = 0.2
+# How long a failed series' spool is kept and retried (docs/interoperability.md).
+DEFAULT_RETENTION_SECONDS: Final = 3600.0
+FIRST_RETRY_SECONDS: Final = 30.0
+MAX_RETRY_SECONDS: Final = 600.0
 # C-STORE statuses: success, and "cannot understand" for a data set we cannot file.
 STATUS_SUCCESS: Final = 0x0000
 STATUS_CANNOT_UNDERSTAND: Final = 0xC000
@@ -67,6 +77,18 @@ class _Series:
     seen_associations: set[int] = field(default_factory=set)
 
 
+@dataclass
+class _Retry:
+    """A complete series whose forward failed: its spool waits for the next try."""
+
+    key: str
+    folder: Path
+    files: int
+    first_failed_at: float  # time.time(): spools found at start-up are dated by their mtime
+    next_try_at: float
+    delay: float
+
+
 # What forwarding a complete series does: (spool folder, series key) -> None.
 Forward = Callable[[Path, str], None]
 
@@ -74,13 +96,28 @@ Forward = Callable[[Path, str], None]
 class SeriesListener:
     """Storage SCP state: spools files per series, decides when a series is complete."""
 
-    def __init__(self, spool: Path, forward: Forward, *, quiet_seconds: float) -> None:
+    def __init__(
+        self,
+        spool: Path,
+        forward: Forward,
+        *,
+        quiet_seconds: float,
+        retention_seconds: float = DEFAULT_RETENTION_SECONDS,
+        first_retry_seconds: float = FIRST_RETRY_SECONDS,
+    ) -> None:
+        if retention_seconds < 0 or first_retry_seconds <= 0:
+            raise ValueError("retention cannot be negative, and retries need a positive delay")
         self._spool = spool
         self._forward = forward
         self._quiet = quiet_seconds
+        self._retention = retention_seconds
+        self._first_retry = first_retry_seconds
         self._lock = threading.Lock()
         self._series: dict[str, _Series] = {}
+        self._retries: dict[str, _Retry] = {}
         self.forwarded: list[str] = []
+        self.dropped: list[str] = []
+        self._adopt_leftovers()
 
     # --- pynetdicom event handlers (run on the association's thread) -------------------------
 
@@ -129,20 +166,80 @@ class SeriesListener:
                 done.append((uid, self._series.pop(uid)))
         return done
 
-    def forward_complete(self) -> int:
-        """Forward every complete series once; a failure is logged, the spool kept for it."""
+    def forward_complete(self, now: float | None = None) -> int:
+        """Forward every complete series, and retry failed ones that are due; a failure keeps
+        the spool for a retry until the retention ends, then deletes it. `now`: time.time()."""
+        moment = time.time() if now is None else now
         count = 0
         for _, series in self.complete_series():
             log.info("series %s complete: %d files, forwarding", series.key, series.files)
-            try:
-                self._forward(series.folder, series.key)
-            except Exception as err:  # one bad series must not stop the listener
-                log.error("series %s: forwarding failed: %s", series.key, type(err).__name__)
-                continue
-            self.forwarded.append(series.key)
-            shutil.rmtree(series.folder, ignore_errors=True)
-            count += 1
+            retry = _Retry(series.key, series.folder, series.files, moment, moment, 0.0)
+            count += self._attempt(retry, moment)
+        with self._lock:
+            due = [r for r in self._retries.values() if r.next_try_at <= moment]
+        for retry in due:
+            count += self._attempt(retry, moment)
         return count
+
+    @property
+    def retrying(self) -> list[str]:
+        """Keys of the series whose spool waits for another forward."""
+        with self._lock:
+            return sorted(self._retries)
+
+    def _attempt(self, retry: _Retry, now: float) -> int:
+        """Forward one series; 1 when it went, else 0 (kept for a retry, or dropped)."""
+        try:
+            self._forward(retry.folder, retry.key)
+        except Exception as err:  # one bad series must not stop the listener
+            log.error("series %s: forwarding failed: %s", retry.key, type(err).__name__)
+        else:
+            with self._lock:
+                self._retries.pop(retry.key, None)
+            self.forwarded.append(retry.key)
+            shutil.rmtree(retry.folder, ignore_errors=True)
+            return 1
+        if now - retry.first_failed_at >= self._retention:
+            self._drop(retry, "its retention ended")
+            return 0
+        retry.delay = min(max(retry.delay * 2, self._first_retry), MAX_RETRY_SECONDS)
+        retry.next_try_at = now + retry.delay
+        with self._lock:
+            self._retries[retry.key] = retry
+        log.warning(
+            "series %s: spool kept, next try in %.0f s (deleted %.0f s after the first failure)",
+            retry.key,
+            retry.delay,
+            self._retention,
+        )
+        return 0
+
+    def _drop(self, retry: _Retry, why: str) -> None:
+        with self._lock:
+            self._retries.pop(retry.key, None)
+        shutil.rmtree(retry.folder, ignore_errors=True)
+        self.dropped.append(retry.key)
+        log.error(
+            "series %s: not forwarded; its %d spooled files deleted: %s",
+            retry.key,
+            retry.files,
+            why,
+        )
+
+    def _adopt_leftovers(self) -> None:
+        """Spool folders of an earlier run: retried now, or deleted if older than retention."""
+        if not self._spool.is_dir():
+            return
+        now = time.time()
+        for folder in sorted(p for p in self._spool.iterdir() if p.is_dir()):
+            changed = folder.stat().st_mtime
+            files = sum(1 for _ in folder.glob("*.dcm"))
+            retry = _Retry(folder.name, folder, files, changed, now, 0.0)
+            if now - changed >= self._retention:
+                self._drop(retry, "left by an earlier run, past its retention")
+            else:
+                self._retries[folder.name] = retry
+                log.warning("series %s: spool left by an earlier run, retrying", folder.name)
 
 
 def gateway_forward(
@@ -199,11 +296,14 @@ def listen(
     spool: Path,
     forward: Forward,
     quiet_seconds: float = DEFAULT_QUIET_SECONDS,
+    retention_seconds: float = DEFAULT_RETENTION_SECONDS,
     stop: threading.Event | None = None,
     started: Callable[[int], None] | None = None,
 ) -> SeriesListener:
     """Serve C-STORE on host:port until `stop` is set, forwarding complete series."""
-    listener = SeriesListener(spool, forward, quiet_seconds=quiet_seconds)
+    listener = SeriesListener(
+        spool, forward, quiet_seconds=quiet_seconds, retention_seconds=retention_seconds
+    )
     ae = make_ae(ae_title)
     server = ae.start_server((host, port), block=False, evt_handlers=handlers(listener))
     if server is None:  # only a blocking server returns None

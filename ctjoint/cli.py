@@ -733,6 +733,14 @@ def listen(
         ),
     ] = 5.0,
     timeout: Annotated[float, typer.Option(help="Deadline per series, in seconds.")] = 600.0,
+    spool_retention: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Seconds a series whose forward failed keeps its spool (patient data) and is "
+            "retried; then the spool is deleted.",
+        ),
+    ] = 3600.0,
     seg: Annotated[bool, typer.Option("--seg", help="Ask for and write seg.dcm.")] = False,
     sr: Annotated[bool, typer.Option("--sr", help="Ask for and write sr.dcm.")] = False,
     tls: TlsOption = False,
@@ -768,6 +776,7 @@ def listen(
             spool=spool or out / ".spool",
             forward=forward,
             quiet_seconds=quiet,
+            retention_seconds=spool_retention,
         )
     except KeyboardInterrupt:
         typer.echo("stopped")

@@ -165,3 +165,72 @@ def test_series_names_are_keyed_not_bare_hashes() -> None:
         for _ in range(2)
     }
     assert len(names) == 1 and series_key(uid) not in names
+
+
+class _FlakyForward:
+    """A forward that fails `failures` times, then succeeds; records each call's folder."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: list[Path] = []
+
+    def __call__(self, folder: Path, key: str) -> None:
+        self.calls.append(folder)
+        assert any(folder.iterdir())  # the spooled files are there for each try
+        if len(self.calls) <= self.failures:
+            raise ConnectionError("gateway unavailable")
+
+
+def _one_complete_series(listener: SeriesListener) -> None:
+    assoc = object()
+    listener.on_store(_event(assoc, "1.2.3", "1.2.3.1"))
+    listener.on_association_end(SimpleNamespace(assoc=assoc))
+
+
+def test_a_failed_forward_is_retried_and_its_spool_deleted_when_retention_ends(
+    tmp_path: Path,
+) -> None:
+    forward = _FlakyForward(failures=100)
+    listener = SeriesListener(tmp_path, forward, quiet_seconds=0.0, retention_seconds=100.0)
+    _one_complete_series(listener)
+    t0 = time.time()
+    assert listener.forward_complete(now=t0) == 0
+    key = series_key("1.2.3")
+    assert listener.retrying == [key] and (tmp_path / key).is_dir()
+    listener.forward_complete(now=t0 + 29)  # the first retry is due after 30 s
+    assert len(forward.calls) == 1
+    listener.forward_complete(now=t0 + 30)
+    assert len(forward.calls) == 2  # retried; the next one is 60 s later
+    listener.forward_complete(now=t0 + 89)
+    assert len(forward.calls) == 2
+    listener.forward_complete(now=t0 + 100)
+    assert len(forward.calls) == 3
+    assert listener.retrying == [] and listener.dropped == [key]
+    assert not (tmp_path / key).exists()
+
+
+def test_a_retry_that_succeeds_forwards_once_and_deletes_the_spool(tmp_path: Path) -> None:
+    forward = _FlakyForward(failures=1)
+    listener = SeriesListener(tmp_path, forward, quiet_seconds=0.0, first_retry_seconds=1.0)
+    _one_complete_series(listener)
+    t0 = time.time()
+    assert listener.forward_complete(now=t0) == 0
+    assert listener.forward_complete(now=t0 + 1) == 1
+    assert listener.forwarded == [series_key("1.2.3")] and listener.retrying == []
+    assert list(tmp_path.iterdir()) == []
+    assert listener.forward_complete(now=t0 + 1000) == 0 and len(forward.calls) == 2
+
+
+def test_spools_left_by_an_earlier_run_are_retried_or_deleted_by_age(tmp_path: Path) -> None:
+    old, recent = tmp_path / "0123456789ab", tmp_path / "ba9876543210"
+    for folder in (old, recent):
+        folder.mkdir()
+        (folder / "x.dcm").write_bytes(b"spooled")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    forward = _FlakyForward(failures=0)
+    listener = SeriesListener(tmp_path, forward, quiet_seconds=0.0, retention_seconds=3600.0)
+    assert not old.exists() and listener.dropped == [old.name]
+    assert listener.retrying == [recent.name]
+    assert listener.forward_complete() == 1
+    assert forward.calls == [recent] and not recent.exists()
