@@ -24,6 +24,7 @@ import io
 import logging
 import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable, Sequence
@@ -72,6 +73,25 @@ _MULTIFRAME_CT_SOP_CLASSES = {
 # Largest slice we accept: a 4096^2 matrix already exceeds any clinical CT reconstruction, and
 # the bound keeps a corrupt Rows/Columns from asking for gigabytes.
 MAX_MATRIX = 4096
+
+# Plausibility bounds (docs/security.md): a value outside them is refused with
+# INVALID_ARGUMENT naming the attribute and the range, so that nothing absurd (a pixel of
+# 1e30 mm, a slope of 1e30) is analysed as if it were real or copied into SEG, SR or the PACS.
+# Wide enough for every real CT and for the project's own phantoms, down to 16 x 16 at ~29 mm.
+MIN_MATRIX = 16
+PIXEL_SPACING_MM = (0.05, 30.0)
+# The field of view (Rows x row spacing, Columns x column spacing): a whole body is < 700 mm.
+MAX_FIELD_OF_VIEW_MM = 1000.0
+SLICE_THICKNESS_MM = (0.1, 20.0)
+# HU = slope * stored + intercept; CT scanners write slope 1 (some 0.5 to 2) and an intercept
+# of 0, -1000, -1024 or -3024 or so.
+RESCALE_SLOPE = (0.01, 100.0)
+RESCALE_INTERCEPT = (-10000.0, 10000.0)
+# PS3.5 9.1: at most 64 characters, digits in dot-separated components. Leading zeros, which
+# the standard forbids but some equipment writes, are let through; anything else (a path, a
+# letter) is not.
+MAX_UID_CHARS = 64
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 # Tolerance on the unit length and orthogonality of the direction cosines (scanners write them
 # with 6 or so decimals; rounding to that leaves errors around 1e-6).
@@ -288,22 +308,33 @@ def ct_slice_from_dataset(
     into the volume, instead of a new slice array copied there afterwards.
     """
     _check_is_ct(dataset, source)
-    rows = _positive_int(dataset, "Rows", source, maximum=MAX_MATRIX)
-    columns = _positive_int(dataset, "Columns", source, maximum=MAX_MATRIX)
+    rows = _positive_int(dataset, "Rows", source, maximum=MAX_MATRIX, minimum=MIN_MATRIX)
+    columns = _positive_int(dataset, "Columns", source, maximum=MAX_MATRIX, minimum=MIN_MATRIX)
     _check_pixel_format(dataset, source)
     spacing = _float_values(dataset, "PixelSpacing", 2, source)
     if not all(v > 0 for v in spacing):
         raise InvalidAttributeError(
             f"must be positive, got {_fmt(spacing)}", source=source, attribute="PixelSpacing"
         )
+    _check_range(spacing, PIXEL_SPACING_MM, "PixelSpacing", source, unit=" mm")
+    field = max(rows * spacing[0], columns * spacing[1])
+    if field > MAX_FIELD_OF_VIEW_MM:
+        raise InvalidAttributeError(
+            f"gives a field of view of {field:g} mm ({rows}x{columns} pixels of "
+            f"{_fmt(spacing)} mm), expected at most {MAX_FIELD_OF_VIEW_MM:g} mm",
+            source=source,
+            attribute="PixelSpacing",
+        )
     position = _float_values(dataset, "ImagePositionPatient", 3, source)
     orientation = _float_values(dataset, "ImageOrientationPatient", 6, source)
     _check_orientation(orientation, source)
     slope = _float_values(dataset, "RescaleSlope", 1, source)[0]
     intercept = _float_values(dataset, "RescaleIntercept", 1, source)[0]
-    if slope == 0:
-        raise InvalidAttributeError("must not be 0", source=source, attribute="RescaleSlope")
+    _check_range([slope], RESCALE_SLOPE, "RescaleSlope", source)
+    _check_range([intercept], RESCALE_INTERCEPT, "RescaleIntercept", source)
     thickness = _optional_positive_float(dataset, "SliceThickness", source)
+    if thickness is not None:
+        _check_range([thickness], SLICE_THICKNESS_MM, "SliceThickness", source, unit=" mm")
     pixels = _decode_pixels(dataset, rows, columns, source)
     # One pass from the stored integers to float32 HU (the conversion is the first operation,
     # not a separate astype), then the identity-free rest of the rescale.
@@ -331,7 +362,7 @@ def ct_slice_from_dataset(
         slice_thickness=thickness,
         series_uid=_required_uid(dataset, "SeriesInstanceUID", source),
         study_uid=_required_uid(dataset, "StudyInstanceUID", source),
-        frame_of_reference_uid=str(_get(dataset, "FrameOfReferenceUID", source) or ""),
+        frame_of_reference_uid=_optional_uid(dataset, "FrameOfReferenceUID", source),
         sop_instance_uid=_required_uid(dataset, "SOPInstanceUID", source),
         instance_number=_optional_int(dataset, "InstanceNumber"),
         source=source,
@@ -723,17 +754,38 @@ def _float_values(dataset: Dataset, keyword: str, count: int, source: str) -> li
     return numbers
 
 
-def _positive_int(dataset: Dataset, keyword: str, source: str, *, maximum: int) -> int:
+def _positive_int(
+    dataset: Dataset, keyword: str, source: str, *, maximum: int, minimum: int = 1
+) -> int:
     value = _element_value(dataset, keyword, source)
     try:
         number = int(value)
     except (TypeError, ValueError) as err:
         raise InvalidAttributeError("is not an integer", source=source, attribute=keyword) from err
-    if not 0 < number <= maximum:
+    if not minimum <= number <= maximum:
         raise InvalidAttributeError(
-            f"is {number}, expected 1..{maximum}", source=source, attribute=keyword
+            f"is {number}, expected {minimum}..{maximum}", source=source, attribute=keyword
         )
     return number
+
+
+def _check_range(
+    values: Sequence[float],
+    bounds: tuple[float, float],
+    keyword: str,
+    source: str,
+    *,
+    unit: str = "",
+) -> None:
+    """Refuse a value outside its plausibility bounds, naming the attribute and the range."""
+    low, high = bounds
+    if not all(low <= v <= high for v in values):
+        shown = _fmt(values) if len(values) > 1 else f"{values[0]:g}"
+        raise InvalidAttributeError(
+            f"is {shown}{unit}, outside the plausible range {low:g} to {high:g}{unit}",
+            source=source,
+            attribute=keyword,
+        )
 
 
 def _optional_int(dataset: Dataset, keyword: str, source: str | None = None) -> int | None:
@@ -765,7 +817,25 @@ def _required_uid(dataset: Dataset, keyword: str, source: str) -> str:
     value = str(_element_value(dataset, keyword, source)).strip()
     if not value:
         raise MissingAttributeError("is absent or empty", source=source, attribute=keyword)
+    return _valid_uid(value, keyword, source)
+
+
+def _valid_uid(value: str, keyword: str, source: str) -> str:
+    """A UID goes into SEG, SR and the PACS: it must be one (never quoted back: it may
+    identify the study)."""
+    if len(value) > MAX_UID_CHARS or not _UID_RE.fullmatch(value):
+        raise InvalidAttributeError(
+            f"is not a valid UID (expected at most {MAX_UID_CHARS} characters of digits in "
+            "dot-separated components)",
+            source=source,
+            attribute=keyword,
+        )
     return value
+
+
+def _optional_uid(dataset: Dataset, keyword: str, source: str) -> str:
+    value = str(_get(dataset, keyword, source) or "").strip()
+    return _valid_uid(value, keyword, source) if value else ""
 
 
 def _fmt(values: Sequence[float]) -> str:

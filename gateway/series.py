@@ -43,6 +43,13 @@ PIXEL_SPACING_RELATIVE_TOLERANCE = 1e-3
 ORIENTATION_TOLERANCE = 1e-4
 # How many offending slice gaps an error lists before summarising.
 MAX_REPORTED = 3
+# Plausibility bounds on the series (docs/security.md; the per-file ones are in dicom_io).
+# A scan is at least a slice and its two neighbours (the 2.5D model's input); slices are
+# 0.1 to 20 mm apart; the slice thickness may be up to 10 times the spacing (overlapping
+# reconstructions) or down to a twentieth of it (sparse high-resolution protocols).
+MIN_SLICES = 3
+SLICE_SPACING_MM = (0.1, 20.0)
+THICKNESS_TO_SPACING = (0.05, 10.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,12 +247,19 @@ class SeriesAssembler:
         first, buffer = self._first, self._buffer
         if first is None or buffer is None:
             raise EmptySeriesError("no CT slice was received")
+        if len(self._records) < MIN_SLICES:
+            raise InconsistentGeometryError(
+                f"has {len(self._records)} slice(s), expected at least {MIN_SLICES}",
+                source="series",
+                attribute="slices",
+            )
         normal = slice_normal(first.orientation)
         distances = np.array([np.dot(r.position, normal) for r in self._records])
         order = np.argsort(distances, kind="stable")
         records = [self._records[i] for i in order]
         sorted_distances = distances[order]
-        spacing_z = self._slice_spacing(records, sorted_distances, first)
+        spacing_z = self._slice_spacing(records, sorted_distances)
+        _check_plausible_spacing(spacing_z, first)
         self._warn_if_sheared(records, normal)
         count = len(records)
         capacity = buffer.shape[0]
@@ -363,12 +377,8 @@ class SeriesAssembler:
                 attribute="PixelSpacing",
             )
 
-    def _slice_spacing(
-        self, records: list[_SliceRecord], distances: np.ndarray, first: CtSlice
-    ) -> float:
-        if len(records) == 1:
-            # One slice has no spacing; its thickness is the best stand-in for voxel volumes.
-            return first.slice_thickness or 1.0
+    @staticmethod
+    def _slice_spacing(records: list[_SliceRecord], distances: np.ndarray) -> float:
         gaps = np.diff(distances)
         for i in np.flatnonzero(gaps < DUPLICATE_POSITION_MM)[:1]:
             raise DuplicateSliceError(
@@ -401,6 +411,28 @@ class SeriesAssembler:
         sideways = steps - np.outer(steps @ normal, normal)
         if len(steps) and float(np.max(np.linalg.norm(sideways, axis=1))) > 0.01:
             logger.warning("series is sheared (gantry tilt?); analysed as if it were not")
+
+
+def _check_plausible_spacing(spacing: float, first: CtSlice) -> None:
+    low, high = SLICE_SPACING_MM
+    if not low <= spacing <= high:
+        raise InconsistentGeometryError(
+            f"slices are {spacing:.3g} mm apart, outside the plausible range {low:g} to "
+            f"{high:g} mm",
+            source="series",
+            attribute="ImagePositionPatient",
+        )
+    thickness = first.slice_thickness
+    if thickness is None:
+        return
+    low, high = THICKNESS_TO_SPACING
+    if not low <= thickness / spacing <= high:
+        raise InconsistentGeometryError(
+            f"is {thickness:g} mm for slices {spacing:.3g} mm apart: the ratio "
+            f"{thickness / spacing:.3g} is outside the plausible range {low:g} to {high:g}",
+            source=first.source,
+            attribute="SliceThickness",
+        )
 
 
 def _permute_in_place(volume: np.ndarray, slots: Sequence[int]) -> None:
