@@ -268,10 +268,26 @@ def export_repository_command(
     """Write a Triton model repository (config.pbtxt, python models, artefacts) from the spec."""
     from ctjoint.export.triton_repository import write_repository
 
+    check: Annotated[
+        bool,
+        typer.Option(
+            help="Write nothing: check OUT against the exported ONNX (--onnx-dir) and its own "
+            "python models and ensembles; exit 1 on any disagreement."
+        ),
+    ] = False,
     models = tuple(dict.fromkeys(m.value for m in model)) if model else contracts.MODEL_NAMES
     report = write_repository(
         out,
         target=target.value,
+    if check:
+        from ctjoint.export.triton_check import check_repository
+
+        checked = check_repository(out, onnx_dir=onnx_dir)
+        typer.echo(checked.summary())
+        if not checked.ok:
+            raise typer.Exit(code=1)
+        return
+
         models=models,
         onnx_dir=onnx_dir,
         engine_dir=engine_dir,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ctjoint import contracts
+from ctjoint.export.bundled import WEIGHTS_DIR, bundled_weights
 from ctjoint.export.configs import RunConfig
 from ctjoint.export.models import DeepSc3d, Jcs2d, JointNetwork
 from ctjoint.export.train import model_from_checkpoint
@@ -32,7 +33,7 @@ PARITY_TOLERANCE = 1e-3
 PARITY_BATCH = 2
 PARITY_BATCHES = (1, 3)
 TRAINED_ON_PHANTOMS = contracts.TRAINED_ON_PHANTOMS
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+__all__ = ["WEIGHTS_DIR", "bundled_weights", "export_network", "export_onnx"]
 
 
 class ExportError(CtJointError):
@@ -55,11 +56,6 @@ class ExportReport:
             f"parity vs PyTorch, max abs diff: seg_logits {self.seg_max_abs_diff:.2e}, "
             f"cls_logits {self.cls_max_abs_diff:.2e}"
         )
-
-
-def bundled_weights(model: str) -> Path:
-    """The phantom-trained tiny checkpoint shipped with the package."""
-    return WEIGHTS_DIR / f"{model}_tiny.pt"
 
 
 def input_shape(config: RunConfig, batch: int) -> tuple[int, ...]:

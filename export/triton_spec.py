@@ -242,16 +242,30 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What the repository needs to know about one exported network."""
+    """What the repository needs to know about one exported network.
+
+    `cam_grid` is the coarse grid of the network's `cam` output ((h, w) or (d, h, w)), None
+    for a file exported without one (older exports, test stand-ins).
+    """
 
     model: str
     plan: PreprocessPlan
     version: str
     trained_on: str
+    cam_grid: tuple[int, ...] | None = None
+    # Logit temperatures as exported (contracts.ONNX_META_TEMPERATURE JSON); "" uncalibrated.
+    temperature: str = ""
 
     def __post_init__(self) -> None:
         if self.model not in contracts.MODEL_NAMES or self.plan.model != self.model:
             raise SpecError(f"facts for {self.model!r} carry a plan for {self.plan.model!r}")
+        if self.cam_grid is not None:
+            object.__setattr__(self, "cam_grid", tuple(int(d) for d in self.cam_grid))
+            if len(self.cam_grid) != len(grid(self.plan)) or min(self.cam_grid) < 1:
+                raise SpecError(
+                    f"{self.model}: cam grid {list(self.cam_grid)} does not fit the input grid "
+                    f"{list(grid(self.plan))}"
+                )
 
     @classmethod
     def from_config(cls, model: str, config_name: str = "tiny") -> ModelFacts:
@@ -259,7 +273,15 @@ class ModelFacts:
         from ctjoint.export.configs import get_config
 
         config = get_config(model, config_name)
-        return cls(model, config.plan, config.version, contracts.TRAINED_ON_PHANTOMS)
+        # The head pools the bottleneck: the input grid divided by the network's total stride
+        # (times the 3D stem's own stride per axis).
+        strides = [config.net.total_stride] * len(grid(config.plan))
+        if config.plan.kind == "3d":
+            strides = [config.net.total_stride * s for s in config.net.stem_stride]
+        cam_grid = tuple(
+            size // step for size, step in zip(grid(config.plan), strides, strict=True)
+        )
+        return cls(model, config.plan, config.version, contracts.TRAINED_ON_PHANTOMS, cam_grid)
 
     @classmethod
     def from_onnx(cls, path: Path) -> ModelFacts:
@@ -279,16 +301,25 @@ class ModelFacts:
                 "`ctjoint export onnx`"
             )
         plan = PreprocessPlan.from_json(plan_text)
+        cam_grid = None
+        for output in proto.graph.output:
+            if output.name == contracts.OUTPUT_CAM:
+                dims = [d.dim_value for d in output.type.tensor_type.shape.dim][2:]
+                if not dims or min(dims) < 1:
+                    raise SpecError(f"{path}: output {contracts.OUTPUT_CAM!r} has no fixed grid")
+                cam_grid = tuple(dims)
         return cls(
             model=meta.get(contracts.ONNX_META_MODEL, plan.model),
             plan=plan,
             version=meta.get(contracts.ONNX_META_VERSION, "") or "unversioned",
             trained_on=meta.get(contracts.ONNX_META_TRAINED_ON, ""),
+            cam_grid=cam_grid,
+            temperature=meta.get(contracts.ONNX_META_TEMPERATURE, ""),
         )
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The contracts.ONNX_META_* pairs, as the ensemble's config parameters."""
-        return (
+        pairs = (
             (contracts.ONNX_META_MODEL, self.model),
             (contracts.ONNX_META_VERSION, self.version),
             (contracts.ONNX_META_PLAN, self.plan.to_json()),
@@ -296,6 +327,9 @@ class ModelFacts:
             (contracts.ONNX_META_SEG_CLASSES, json.dumps(list(contracts.SEG_CLASS_NAMES))),
             (contracts.ONNX_META_TRAINED_ON, self.trained_on),
         )
+        if self.temperature:
+            pairs += ((contracts.ONNX_META_TEMPERATURE, self.temperature),)
+        return pairs
 
 
 @dataclass(frozen=True)
@@ -362,13 +396,26 @@ def image_dims(plan: PreprocessPlan) -> tuple[int, ...]:
     return (plan.channels, *grid(plan))
 
 
-def network_outputs(plan: PreprocessPlan) -> tuple[TensorSpec, TensorSpec]:
+def logits_outputs(plan: PreprocessPlan) -> tuple[TensorSpec, TensorSpec]:
+    """`seg_logits` and `cls_logits`: what postprocessing consumes."""
     return (
         TensorSpec(
             contracts.OUTPUT_SEG_LOGITS, "TYPE_FP32", (len(contracts.SEG_CLASS_NAMES), *grid(plan))
         ),
         TensorSpec(contracts.OUTPUT_CLS_LOGITS, "TYPE_FP32", (len(contracts.CLASS_NAMES),)),
     )
+
+
+def network_outputs(facts: ModelFacts) -> tuple[TensorSpec, ...]:
+    """Every output of the exported graph: the logits, and `cam` when the file has one (a
+    TensorRT engine has an output per graph output, and Triton needs a config for each)."""
+    outputs = logits_outputs(facts.plan)
+    if facts.cam_grid is None:
+        return outputs
+    cam = TensorSpec(
+        contracts.OUTPUT_CAM, "TYPE_FP32", (len(contracts.CLASS_NAMES), *facts.cam_grid)
+    )
+    return (*outputs, cam)
 
 
 def postprocess_outputs(plan: PreprocessPlan) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
@@ -391,7 +438,7 @@ def network_spec(facts: ModelFacts, variant: str) -> ModelSpec:
         "name": contracts.triton_model_name(facts.model, variant),
         "max_batch_size": profile.max_batch_size,
         "inputs": (TensorSpec(contracts.INPUT_IMAGE, "TYPE_FP32", image_dims(facts.plan)),),
-        "outputs": network_outputs(facts.plan),
+        "outputs": network_outputs(facts),
         "dynamic_batching": DynamicBatching(
             profile.preferred_batch_sizes, profile.max_queue_delay_us
         ),
@@ -436,7 +483,7 @@ def postprocess_spec(facts: ModelFacts) -> ModelSpec:
         name=contracts.triton_postprocess_name(facts.model),
         backend="python",
         max_batch_size=profile.max_batch_size,
-        inputs=network_outputs(facts.plan),
+        inputs=logits_outputs(facts.plan),
         outputs=postprocess_outputs(facts.plan),
         # No delay: the network's responses for one batch arrive together and queue up anyway.
         dynamic_batching=DynamicBatching(max_queue_delay_us=0),
@@ -446,10 +493,12 @@ def postprocess_spec(facts: ModelFacts) -> ModelSpec:
 
 
 def ensemble_spec(facts: ModelFacts, variant: str) -> ModelSpec:
-    """`<model>`: the network variant, then its postprocessing; logits are returned as well."""
+    """`<model>`: the network variant, then its postprocessing; logits are returned as well,
+    and the class activation map (`cam`) straight from the network when it has one."""
     network = network_spec(facts, variant)
     post = postprocess_spec(facts)
-    seg_spec, cls_spec = network_outputs(facts.plan)
+    seg_spec, cls_spec, *cam_spec = network.outputs
+    passed_through = tuple(TensorSpec(t.name, t.data_type, t.dims) for t in cam_spec)
     return ModelSpec(
         name=facts.model,
         platform="ensemble",
@@ -459,6 +508,7 @@ def ensemble_spec(facts: ModelFacts, variant: str) -> ModelSpec:
             *post.outputs,
             TensorSpec(contracts.ENSEMBLE_LESION_LOGITS, seg_spec.data_type, seg_spec.dims),
             TensorSpec(contracts.ENSEMBLE_DIAGNOSIS_LOGITS, cls_spec.data_type, cls_spec.dims),
+            *passed_through,
         ),
         parameters=facts.metadata(),
         steps=(
@@ -468,6 +518,7 @@ def ensemble_spec(facts: ModelFacts, variant: str) -> ModelSpec:
                 output_map=(
                     (contracts.OUTPUT_SEG_LOGITS, contracts.ENSEMBLE_LESION_LOGITS),
                     (contracts.OUTPUT_CLS_LOGITS, contracts.ENSEMBLE_DIAGNOSIS_LOGITS),
+                    *((t.name, t.name) for t in passed_through),
                 ),
             ),
             EnsembleStep(

@@ -79,8 +79,13 @@ def test_cpu_ensembles_wire_the_network_to_its_postprocessing() -> None:
         assert dict(steps[0].output_map) == {
             contracts.OUTPUT_SEG_LOGITS: contracts.ENSEMBLE_LESION_LOGITS,
             contracts.OUTPUT_CLS_LOGITS: contracts.ENSEMBLE_DIAGNOSIS_LOGITS,
+            contracts.OUTPUT_CAM: contracts.OUTPUT_CAM,
         }
-        assert dict(steps[1].input_map) == dict(steps[0].output_map)
+        assert dict(steps[1].input_map) == {
+            contracts.OUTPUT_SEG_LOGITS: contracts.ENSEMBLE_LESION_LOGITS,
+            contracts.OUTPUT_CLS_LOGITS: contracts.ENSEMBLE_DIAGNOSIS_LOGITS,
+        }
+        assert contracts.OUTPUT_CAM in [o.name for o in config.output]
         assert config.parameters[contracts.ONNX_META_PLAN].string_value
 
 

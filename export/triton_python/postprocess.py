@@ -26,6 +26,11 @@ from ctjoint.contracts import (
     SEG_CLASS_NAMES,
 )
 
+# The tensors this model reads and writes; `ctjoint export repository --check` compares them
+# with the config.
+INPUTS = (OUTPUT_SEG_LOGITS, OUTPUT_CLS_LOGITS)
+OUTPUTS = (POST_PROBS, POST_MASK, POST_LESION_AREA)
+
 # Label values of the lesion classes in the mask, in LESION_CLASS_NAMES order.
 LESION_VALUES = tuple(SEG_CLASS_NAMES.index(name) for name in LESION_CLASS_NAMES)
 
@@ -72,8 +77,17 @@ class TritonPythonModel:
                 f"{self._model_name}: input dims {list(seg_dims)} / {list(cls_dims)} do not "
                 f"match {len(SEG_CLASS_NAMES)} segmentation and {len(CLASS_NAMES)} classes"
             )
+        declared = (
+            {i["name"] for i in config.get("input", [])},
+            {o["name"] for o in config.get("output", [])},
+        )
+        if declared != (set(INPUTS), set(OUTPUTS)):
+            raise pb_utils.TritonModelException(
+                f"{self._model_name}: the config declares inputs {sorted(declared[0])} and "
+                f"outputs {sorted(declared[1])}; expected {list(INPUTS)} and {list(OUTPUTS)}"
+            )
         self._dtypes = {}
-        for name in (POST_PROBS, POST_MASK, POST_LESION_AREA):
+        for name in OUTPUTS:
             output = pb_utils.get_output_config_by_name(config, name)
             if output is None:
                 raise pb_utils.TritonModelException(f"{self._model_name}: output {name!r}")

@@ -38,6 +38,7 @@ from ctjoint.contracts import (
     ENSEMBLE_LESION_LOGITS,
     INPUT_IMAGE,
     MODEL_NAMES,
+    OUTPUT_CAM,
     POST_PROBS,
 )
 from ctjoint.gateway.backends.base import (
@@ -73,6 +74,9 @@ MAX_IN_FLIGHT_PER_SCAN: Final = 8
 # The logits are what the pipeline needs. `probs` rides along because Triton 2.51 fails an
 # ensemble request ("unexpected deadlock") whose outputs include none of the last step's.
 REQUESTED_OUTPUTS: Final = (ENSEMBLE_LESION_LOGITS, ENSEMBLE_DIAGNOSIS_LOGITS, POST_PROBS)
+# Requested too where the ensemble's config declares it (models exported with a `cam` output):
+# the class activation map, exactly as the embedded backend returns it.
+OPTIONAL_OUTPUTS: Final = (OUTPUT_CAM,)
 # Checks (readiness, configs) are cheap; they get a short timeout of their own.
 CHECK_TIMEOUT_S: Final = 5.0
 # A dead Triton is noticed within this (plus a probe) even with no scan running, so health
@@ -147,6 +151,8 @@ class TritonBackend(InferenceBackend):
         # Replicas DNS no longer lists, closed once their last request has finished.
         self._retiring: list[Replica] = []
         self._infos: dict[str, ModelInfo] = {}
+        # Per model, the optional outputs its ensemble declares (read with its config).
+        self._optional: dict[str, tuple[str, ...]] = {}
         self._healthy = asyncio.Event()
         self._closed = False
         self._resolved_at = 0.0
@@ -211,7 +217,8 @@ class TritonBackend(InferenceBackend):
         self.model_info(model)
         request = InferInput(INPUT_IMAGE, list(image.shape), "FP32")
         request.set_data_from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-        outputs = [InferRequestedOutput(name) for name in REQUESTED_OUTPUTS]
+        names = (*REQUESTED_OUTPUTS, *self._optional.get(model, ()))
+        outputs = [InferRequestedOutput(name) for name in names]
         failed: set[str] = set()
         # Each replica may fail a request once or twice (a flapping one); more means the
         # failure is not about replicas and retrying would only hide it.
@@ -259,8 +266,10 @@ class TritonBackend(InferenceBackend):
                     f"model {model!r}: Triton at {replica.address} answered without "
                     f"{ENSEMBLE_LESION_LOGITS!r} or {ENSEMBLE_DIAGNOSIS_LOGITS!r}"
                 )
+            cam = result.as_numpy(OUTPUT_CAM) if OUTPUT_CAM in names else None
             # model_ms is this request's round trip (queueing and batching included).
-            return ModelOutputs(seg_logits=seg, cls_logits=cls, model_ms=elapsed_ms)
+            outputs = ModelOutputs(seg_logits=seg, cls_logits=cls, model_ms=elapsed_ms, cam=cam)
+            return self.model_info(model).temperature.apply(outputs)
         raise BackendUnavailableError(f"model {model!r}: {self._reason}")  # pragma: no cover
 
     async def close(self) -> None:
@@ -463,6 +472,8 @@ class TritonBackend(InferenceBackend):
         if INPUT_IMAGE not in inputs:
             raise BackendError(f"{source}: no input {INPUT_IMAGE!r}")
         dims = [-1, *(int(d) for d in inputs[INPUT_IMAGE].get("dims", []))]
+        declared = {o.get("name") for o in config.get("output", [])}
+        self._optional[model] = tuple(n for n in OPTIONAL_OUTPUTS if n in declared)
         info = model_info_from_metadata(model, parameters, source=source, input_shape=dims)
         return ModelInfo(
             name=info.name,
@@ -473,6 +484,7 @@ class TritonBackend(InferenceBackend):
             input_shape=info.input_shape,
             trained_on=info.trained_on,
             max_batch_size=int(config.get("max_batch_size", 0)),
+            temperature=info.temperature,
         )
 
     async def _watch(self) -> None:

@@ -3,7 +3,8 @@
 The CPU Triton build has only the python backend, so this is how a CPU box serves the very
 file the embedded backend runs. The requests of one dynamic batch are run as one ONNX Runtime
 call (that is what batching is for) and split back into one response per request; a request
-that cannot be run gets its error in its own response and the others still run.
+that cannot be run gets its error in its own response and the others still run. It answers
+exactly the outputs its config declares: the logits always, `cam` when the config has it.
 
 Imports only numpy, onnxruntime, Triton's utilities and the contract constants.
 """
@@ -22,13 +23,18 @@ import triton_python_backend_utils as pb_utils
 from ctjoint.contracts import (
     INPUT_IMAGE,
     ONNX_META_MODEL,
+    OUTPUT_CAM,
     OUTPUT_CLS_LOGITS,
     OUTPUT_SEG_LOGITS,
     TRITON_ONNX_FILE,
     TRITON_PARAM_INTRA_OP_THREADS,
 )
 
+# The tensors this model reads and writes; `ctjoint export repository --check` compares them
+# with the config (OPTIONAL_OUTPUTS may be absent from it).
+INPUTS = (INPUT_IMAGE,)
 OUTPUTS = (OUTPUT_SEG_LOGITS, OUTPUT_CLS_LOGITS)
+OPTIONAL_OUTPUTS = (OUTPUT_CAM,)
 
 
 class TritonPythonModel:
@@ -48,11 +54,18 @@ class TritonPythonModel:
         input_config = pb_utils.get_input_config_by_name(config, INPUT_IMAGE)
         self._input_dtype = pb_utils.triton_string_to_numpy(input_config["data_type"])
         self._input_dims = tuple(int(d) for d in input_config["dims"])
+        declared = tuple(output["name"] for output in config.get("output", []))
+        if not set(OUTPUTS) <= set(declared) <= {*OUTPUTS, *OPTIONAL_OUTPUTS}:
+            raise pb_utils.TritonModelException(
+                f"{self._name}: the config declares outputs {list(declared)}; expected "
+                f"{list(OUTPUTS)} and optionally {list(OPTIONAL_OUTPUTS)}"
+            )
+        self._outputs = declared
         self._output_dtypes = {
             name: pb_utils.triton_string_to_numpy(
                 pb_utils.get_output_config_by_name(config, name)["data_type"]
             )
-            for name in OUTPUTS
+            for name in declared
         }
 
         options = ort.SessionOptions()
@@ -70,7 +83,8 @@ class TritonPythonModel:
         # Warm-up here rather than in the config (the CPU Triton build crashes on python-backend
         # warm-up): the first scan then does not pay for ONNX Runtime's first-run allocations.
         self._session.run(
-            list(OUTPUTS), {INPUT_IMAGE: np.zeros((1, *self._input_dims), self._input_dtype)}
+            list(self._outputs),
+            {INPUT_IMAGE: np.zeros((1, *self._input_dims), self._input_dtype)},
         )
         pb_utils.Logger.log_info(
             f"{self._name}: loaded {path.name} in {time.perf_counter() - started:.2f} s, "
@@ -81,10 +95,10 @@ class TritonPythonModel:
         """Refuse to load a file whose tensors or model name disagree with this config."""
         inputs = {i.name: i.shape for i in self._session.get_inputs()}
         outputs = {o.name for o in self._session.get_outputs()}
-        if INPUT_IMAGE not in inputs or not set(OUTPUTS) <= outputs:
+        if INPUT_IMAGE not in inputs or not set(self._outputs) <= outputs:
             raise pb_utils.TritonModelException(
                 f"{self._name}: {path.name} does not have input {INPUT_IMAGE!r} and outputs "
-                f"{list(OUTPUTS)}"
+                f"{list(self._outputs)}"
             )
         file_dims = tuple(d if isinstance(d, int) else -1 for d in inputs[INPUT_IMAGE][1:])
         if file_dims != self._input_dims:
@@ -116,8 +130,8 @@ class TritonPythonModel:
         if images:
             batch = images[0] if len(images) == 1 else np.concatenate(images)
             try:
-                seg, cls = self._session.run(
-                    list(OUTPUTS), {INPUT_IMAGE: batch.astype(self._input_dtype, copy=False)}
+                results = self._session.run(
+                    list(self._outputs), {INPUT_IMAGE: batch.astype(self._input_dtype, copy=False)}
                 )
             except Exception as err:  # ONNX Runtime raises plain Exception subclasses
                 for index in owners:
@@ -129,13 +143,9 @@ class TritonPythonModel:
                     responses[index] = pb_utils.InferenceResponse(
                         output_tensors=[
                             pb_utils.Tensor(
-                                OUTPUT_SEG_LOGITS,
-                                seg[start:stop].astype(self._output_dtypes[OUTPUT_SEG_LOGITS]),
-                            ),
-                            pb_utils.Tensor(
-                                OUTPUT_CLS_LOGITS,
-                                cls[start:stop].astype(self._output_dtypes[OUTPUT_CLS_LOGITS]),
-                            ),
+                                name, result[start:stop].astype(self._output_dtypes[name])
+                            )
+                            for name, result in zip(self._outputs, results, strict=True)
                         ]
                     )
                     start = stop
