@@ -46,6 +46,9 @@ MANUFACTURER: Final = "ctjoint"
 MODEL_NAME: Final = "ctjoint gateway"
 SOFTWARE_VERSION: Final = "0.1.0"
 DEVICE_SERIAL: Final = "ctjoint-edge"
+SEG_BINARY: Final = "binary"
+SEG_LABELMAP: Final = "labelmap"
+SEG_TYPES: Final = (SEG_BINARY, SEG_LABELMAP)
 SEG_SERIES_NUMBER: Final = 9901
 SR_SERIES_NUMBER: Final = 9902
 PRIVATE_SCHEME: Final = "99CTJOINT"
@@ -120,6 +123,14 @@ class OutputSettings:
     """
 
     copy_source_equipment: bool = False
+    # "binary" (one bit per pixel per segment, empty frames left out) or "labelmap" (DICOM
+    # Supplement 243: one frame per slice holding segment numbers; lesions take precedence over
+    # the lung they lie in, so its lung segments are the lungs without their lesions).
+    seg_type: str = SEG_BINARY
+
+    def __post_init__(self) -> None:
+        if self.seg_type not in SEG_TYPES:
+            raise ValueError(f"seg_type must be one of {SEG_TYPES}, got {self.seg_type!r}")
 
 
 def source_datasets(volume: CtVolume, header: Dataset) -> list[Dataset]:
@@ -158,7 +169,9 @@ def _sr_algorithm(result: ScanResult) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _segment_descriptions(result: ScanResult) -> list[hd.seg.SegmentDescription]:
+def _segment_descriptions(
+    result: ScanResult, *, labelmap: bool = False
+) -> list[hd.seg.SegmentDescription]:
     algorithm = _algorithm(result)
     lungs_algorithm = hd.AlgorithmIdentificationSequence(
         name="ctjoint classical lung segmentation",
@@ -166,13 +179,17 @@ def _segment_descriptions(result: ScanResult) -> list[hd.seg.SegmentDescription]
         family=_private("classical", "Threshold and connected components"),
         source=MANUFACTURER,
     )
+    # A label map holds one segment per pixel: there, lesions cut their lung's pixels out.
+    without = " without lesions" if labelmap else ""
     specs = [
         (SEGMENT_GROUND_GLASS, "Ground-glass opacity", codes.SCT.MorphologicallyAbnormalStructure,
          codes.DCM.GroundGlassOpacity, algorithm),
         (SEGMENT_CONSOLIDATION, "Consolidation", codes.SCT.MorphologicallyAbnormalStructure,
          CONSOLIDATION_CODE, algorithm),
-        (SEGMENT_RIGHT_LUNG, "Right lung", codes.SCT.Organ, codes.SCT.Lung, lungs_algorithm),
-        (SEGMENT_LEFT_LUNG, "Left lung", codes.SCT.Organ, codes.SCT.Lung, lungs_algorithm),
+        (SEGMENT_RIGHT_LUNG, "Right lung" + without, codes.SCT.Organ, codes.SCT.Lung,
+         lungs_algorithm),
+        (SEGMENT_LEFT_LUNG, "Left lung" + without, codes.SCT.Organ, codes.SCT.Lung,
+         lungs_algorithm),
     ]  # fmt: skip
     return [
         hd.seg.SegmentDescription(
@@ -199,6 +216,17 @@ def segment_masks(label_map: np.ndarray, lungs: np.ndarray) -> np.ndarray:
     )
 
 
+def segment_label_map(label_map: np.ndarray, lungs: np.ndarray) -> np.ndarray:
+    """uint8 [Z, Y, X] of segment numbers (0: none) for a label-map SEG: a lesion's number
+    where there is a lesion, else its lung's where there is lung."""
+    out = np.zeros(label_map.shape, dtype=np.uint8)
+    out[lungs == 1] = SEGMENT_RIGHT_LUNG
+    out[lungs == 2] = SEGMENT_LEFT_LUNG
+    out[label_map == SEG_GROUND_GLASS] = SEGMENT_GROUND_GLASS
+    out[label_map == SEG_CONSOLIDATION] = SEGMENT_CONSOLIDATION
+    return out
+
+
 def build_seg(
     result: ScanResult,
     volume: CtVolume,
@@ -208,15 +236,27 @@ def build_seg(
     *,
     identity: OutputIdentity | None = None,
     sources: Sequence[Dataset] | None = None,
+    seg_type: str = SEG_BINARY,
+    omit_empty_frames: bool = True,
 ) -> hd.seg.Segmentation:
-    """The DICOM Segmentation of a scan (see module doc); `lungs`: 1 right, 2 left."""
+    """The DICOM Segmentation of a scan (see module doc); `lungs`: 1 right, 2 left.
+
+    Binary SEGs leave empty frames out (a reader fills them with zeros): a lesion segment is
+    empty on most slices, and every frame costs encoding time and bytes. `omit_empty_frames`
+    False writes them all, as this writer did before (bench/seg_outputs.py compares)."""
     who = identity or OutputIdentity()
     images = list(sources) if sources is not None else source_datasets(volume, header)
+    if seg_type == SEG_LABELMAP:
+        pixels = segment_label_map(label_map, lungs)
+        kind = hd.seg.SegmentationTypeValues.LABELMAP
+    else:
+        pixels = segment_masks(label_map, lungs)
+        kind = hd.seg.SegmentationTypeValues.BINARY
     return hd.seg.Segmentation(
         source_images=images,
-        pixel_array=segment_masks(label_map, lungs),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=_segment_descriptions(result),
+        pixel_array=pixels,
+        segmentation_type=kind,
+        segment_descriptions=_segment_descriptions(result, labelmap=seg_type == SEG_LABELMAP),
         series_instance_uid=hd.UID(),
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=hd.UID(),
@@ -228,9 +268,7 @@ def build_seg(
         series_description="ctjoint lesions and lungs",
         content_label="LESIONS",
         content_description="Lesion and lung segmentation (automatic, not for clinical use)",
-        # Empty frames are kept: one frame per source slice and segment keeps the mapping
-        # trivially exact for every reader, and binary frames cost a bit per pixel.
-        omit_empty_frames=False,
+        omit_empty_frames=omit_empty_frames,
         coding_schemes=_coding_schemes(),
     )
 
@@ -414,7 +452,9 @@ def scan_objects(
             source="series",
             attribute="FrameOfReferenceUID",
         )
-    segmentation = build_seg(result, volume, header, label_map, lung_map, identity=identity)
+    segmentation = build_seg(
+        result, volume, header, label_map, lung_map, identity=identity, seg_type=chosen.seg_type
+    )
     report = build_sr(result, segmentation, header, identity=identity) if sr else None
     return ScanObjects(
         seg=to_bytes(segmentation) if seg else None,

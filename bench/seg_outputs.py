@@ -1,0 +1,131 @@
+"""SEG + SR time and size for one analysed series, side by side for the SEG writers.
+
+    .venv/bin/python bench/seg_outputs.py [--size 512 --slices 60 --repeats 5 --json OUT]
+
+The series is a phantom chest CT (export/phantom.py), analysed once in-process with the
+bundled jcs2d weights; then each writer builds the SEG (four segments: ground glass,
+consolidation, right and left lung) and the TID 1500 SR that references it, and serialises
+both, `--repeats` times. Printed per writer: the median seconds added to a scan, the SEG and SR
+sizes, and the ratio to the writer this project used before (binary, every frame written).
+Target (issue 19): at most 0.35 s added for the default writer on 60 slices of 512x512.
+
+A benchmark, not a test: its figures depend on the machine and its load (printed with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ctjoint.export.phantom import write_phantom_case
+from ctjoint.gateway.analysis import ScanAnalysis, analyze_directory
+from ctjoint.gateway.dicom_outputs import (
+    SEG_BINARY,
+    SEG_LABELMAP,
+    build_seg,
+    build_sr,
+    output_header,
+    to_bytes,
+)
+
+TARGET_SECONDS = 0.35
+
+
+def _writer(
+    seg_type: str, *, omit_empty_frames: bool
+) -> Callable[[ScanAnalysis], tuple[bytes, bytes]]:
+    def write(analysis: ScanAnalysis) -> tuple[bytes, bytes]:
+        assert analysis.source_header is not None and analysis.lung_map is not None
+        header = output_header(analysis.source_header)
+        seg = build_seg(
+            analysis.result,
+            analysis.volume,
+            header,
+            analysis.label_map,
+            analysis.lung_map,
+            seg_type=seg_type,
+            omit_empty_frames=omit_empty_frames,
+        )
+        sr = build_sr(analysis.result, seg, header)
+        return to_bytes(seg), to_bytes(sr)
+
+    return write
+
+
+WRITERS = {
+    "before: binary, every frame": _writer(SEG_BINARY, omit_empty_frames=False),
+    "binary, empty frames left out (default)": _writer(SEG_BINARY, omit_empty_frames=True),
+    "label map (--seg-type labelmap)": _writer(SEG_LABELMAP, omit_empty_frames=True),
+}
+
+
+def measure(analysis: ScanAnalysis, repeats: int) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, write in WRITERS.items():
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            seg, sr = write(analysis)
+            seconds.append(time.perf_counter() - started)
+        out[name] = {
+            "seconds_median": statistics.median(seconds),
+            "seconds_min": min(seconds),
+            "seg_bytes": len(seg),
+            "sr_bytes": len(sr),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--slices", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ctjoint-seg-bench-") as tmp:
+        case = write_phantom_case(
+            Path(tmp) / "case", kind="covid19", seed=7, slices=args.slices, size=args.size
+        )
+        analysis = analyze_directory(case.out_dir / "series")
+    assert analysis.lung_map is not None
+    shape = analysis.volume.shape
+    masks = {
+        "lesion_slices": int((analysis.label_map > 0).any(axis=(1, 2)).sum()),
+        "lung_slices": int((analysis.lung_map > 0).any(axis=(1, 2)).sum()),
+    }
+    figures = measure(analysis, args.repeats)
+    before = figures["before: binary, every frame"]["seconds_median"]
+    print(
+        f"series {shape[0]}x{shape[1]}x{shape[2]} ({masks['lesion_slices']} slices with lesions, "
+        f"{masks['lung_slices']} with lung); {args.repeats} repeats; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
+    print(f"{'writer':42} {'SEG+SR s':>9} {'vs before':>9} {'SEG bytes':>11} {'SR bytes':>9}")
+    for name, row in figures.items():
+        row["ratio_to_before"] = row["seconds_median"] / before
+        print(
+            f"{name:42} {row['seconds_median']:9.3f} {row['ratio_to_before']:9.2f} "
+            f"{row['seg_bytes']:11,d} {row['sr_bytes']:9,d}"
+        )
+    default = figures["binary, empty frames left out (default)"]["seconds_median"]
+    verdict = "met" if default <= TARGET_SECONDS else "MISSED"
+    print(f"target: default writer <= {TARGET_SECONDS} s added: {default:.3f} s, {verdict}")
+    if args.json is not None:
+        report = {"shape": list(shape), "masks": masks, "writers": figures}
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
