@@ -61,12 +61,16 @@ triton-runtime: $(TRITON_STAMP)
 # perf_analyzer (ctjoint triton perf): the binary of the tritonclient 2.51 wheel, installed
 # without its Python dependencies in an environment of its own, plus the CUDA runtime library
 # it links (it runs without a GPU); libb64-0d comes from apt.
-perf-tools: $(STAMP)
+PERF_STAMP := .venv-perf/.ctjoint-installed
+$(PERF_STAMP):
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s libb64-0d >/dev/null 2>&1; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d; \
 	fi
 	$(PYTHON) -m venv .venv-perf
-	.venv-perf/bin/pip install -q --no-deps tritonclient==2.51.0 nvidia-cuda-runtime-cu12
+	.venv-perf/bin/pip install -q --no-deps tritonclient==2.51.0 nvidia-cuda-runtime-cu12==12.9.79
+	touch $@
+
+perf-tools: $(PERF_STAMP)
 
 # The ONNX export of each bundled checkpoint is committed beside it (export/weights/*.onnx), so
 # serving needs no torch; tests/test_bundled_onnx.py fails when a checkpoint changes and its
@@ -96,7 +100,9 @@ repository: $(REPOSITORY)
 demo: $(SERVE_STAMP) $(TRITON_STAMP) onnx repository
 	$(BIN)/ctjoint demo $(DEMO_DIR) $(DEMO_ARGS)
 
-test: install onnx repository
+# In CI (root, or CTJOINT_CI=1) tests/conftest.py fails the run when tritonserver, perf_analyzer
+# or h2load is missing or broken, naming the install step; `make test` installs all three.
+test: install perf-tools onnx repository
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: install

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import figures
 import pytest
+import real_components
 from contract_models import export_contract_model
 from dicom_factory import SMALL_SERIES_LESIONS, write_ct_series
 
@@ -32,6 +33,15 @@ def ct_series_dir(tmp_path: Path) -> Path:
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not hasattr(session.config, "workerinput"):  # the controller, not an xdist worker
         figures.clear()
+        # In CI a broken real component fails the run here, instead of skipping its tests.
+        if real_components.in_ci():
+            broken = real_components.missing_components()
+            if broken:
+                pytest.exit(
+                    "real components missing or broken (CI fails rather than skips):\n  "
+                    + "\n  ".join(broken),
+                    returncode=3,
+                )
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
