@@ -8,8 +8,10 @@ with its own SOP Instance UID and its own ImagePositionPatient as its file state
 mask pixel lands on the source pixel it came from.
 
 SR: TID 1500 measurement report referencing the SEG: per lesion segment its volume (mL) and,
-per lung segment, its volume and percent involved; one group without an ROI carries the scan
-label with its probability, the bilateral flag, the peripheral fraction and the severity score.
+per lung segment, its volume and percent involved; one group without an ROI (finding:
+pneumonia, site: lung) carries the diagnosis as a qualitative evaluation beside its calibrated
+probability, a review flag (probability below 0.9), the bilateral flag, the peripheral fraction
+and the severity score.
 
 What of the source they carry: the Patient, General Study and Patient Study modules and the
 geometry of the first file (`output_header`), nothing else; the source's acquisition equipment
@@ -81,19 +83,31 @@ def _private(value: str, meaning: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning)
 
 
-CONSOLIDATION_CODE: Final = _private("consolidation", "Consolidation")
+def _sct(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=value, scheme_designator="SCT", meaning=meaning)
+
+
+# Standard codes wherever one exists (docs/interoperability.md has the table): SNOMED CT for the
+# diagnoses, consolidation, the lungs and sides, yes/no; DICOM's own code for ground-glass
+# opacity (CID 6102); our private scheme only where no standard concept fits.
+CONSOLIDATION_CODE: Final = _sct("95436008", "Lung consolidation")
+PNEUMONIA_CODE: Final = _sct("233604007", "Pneumonia")
 CLASS_CODES: Final = {
-    "covid19": _private("covid19", "COVID-19 pneumonia"),
-    "cap": _private("cap", "Community-acquired pneumonia"),
+    "covid19": _sct("840539006", "COVID-19"),
+    "cap": _sct("385093006", "Community acquired pneumonia"),
+    # No standard concept says "no pneumonia on this CT"; "normal" would claim more.
     "normal": _private("normal", "No pneumonia"),
 }
-DIAGNOSIS_CODE: Final = _private("diagnosis", "Scan classification")
+DIAGNOSIS_CODE: Final = _sct("439401001", "Diagnosis")
+REVIEW_CODE: Final = _private("review_recommended", "Review recommended")
+# Below this calibrated probability of its label, a scan's SR recommends review.
+REVIEW_BELOW_PROBABILITY: Final = 0.9
 PERCENT_INVOLVED_CODE: Final = _private("percent_involved", "Percent of lung involved")
 PERIPHERAL_CODE: Final = _private("peripheral_fraction", "Peripheral fraction of lesion volume")
 SEVERITY_CODE: Final = _private("severity_score", "CT severity score (six zones, 0-30)")
 BILATERAL_CODE: Final = _private("bilateral", "Bilateral involvement")
-YES: Final = _private("yes", "Yes")
-NO: Final = _private("no", "No")
+YES: Final = _sct("373066001", "Yes")
+NO: Final = _sct("373067005", "No")
 MILLILITER: Final = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
 CT_CHEST: Final = _private("ct_chest", "CT of chest")
 RIGHT: Final = hd.sr.CodedConcept(value="24028007", scheme_designator="SCT", meaning="Right")
@@ -357,7 +371,8 @@ def build_sr(
     groups.append(
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="scan"),
-            finding_type=CLASS_CODES[label],
+            finding_type=PNEUMONIA_CODE,
+            finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
             algorithm_id=_sr_algorithm(result),
             measurements=[
                 hd.sr.Measurement(
@@ -378,6 +393,10 @@ def build_sr(
             ],
             qualitative_evaluations=[
                 hd.sr.QualitativeEvaluation(name=DIAGNOSIS_CODE, value=CLASS_CODES[label]),
+                hd.sr.QualitativeEvaluation(
+                    name=REVIEW_CODE,
+                    value=YES if result.probabilities[label] < REVIEW_BELOW_PROBABILITY else NO,
+                ),
                 hd.sr.QualitativeEvaluation(
                     name=BILATERAL_CODE, value=YES if quantification.bilateral else NO
                 ),

@@ -23,8 +23,14 @@ from ctjoint.contracts import MODEL_JCS2D
 from ctjoint.export.phantom import write_phantom_case
 from ctjoint.gateway.analysis import ScanAnalysis, analyze_directory
 from ctjoint.gateway.dicom_outputs import (
+    CLASS_CODES,
+    CONSOLIDATION_CODE,
+    DIAGNOSIS_CODE,
     LESION_SEGMENTS,
     LUNG_SEGMENTS,
+    PNEUMONIA_CODE,
+    REVIEW_BELOW_PROBABILITY,
+    REVIEW_CODE,
     OutputSettings,
     ScanObjects,
     analysis_objects,
@@ -159,7 +165,23 @@ def test_sr_holds_the_volumes_percentages_and_label(
     probability = next(m for m in scan.get_measurements() if m.name == codes.DCM.Probability)
     label = analysis.result.label
     assert probability.value == pytest.approx(analysis.result.probabilities[label])
-    assert scan.finding_type.value == label
+    assert scan.finding_type == PNEUMONIA_CODE
+    evaluations = {e.name.value: e.value for e in scan.get_qualitative_evaluations()}
+    assert evaluations[DIAGNOSIS_CODE.value] == CLASS_CODES[label]
+    review = probability.value < REVIEW_BELOW_PROBABILITY
+    assert evaluations[REVIEW_CODE.value] == (codes.SCT.Yes if review else codes.SCT.No)
+
+
+def test_diagnoses_and_findings_use_snomed_ct_codes() -> None:
+    """The code table of docs/interoperability.md: standard codes where a concept exists."""
+    assert (CLASS_CODES["covid19"].scheme_designator, CLASS_CODES["covid19"].value) == (
+        "SCT",
+        "840539006",
+    )
+    assert (CLASS_CODES["cap"].scheme_designator, CLASS_CODES["cap"].value) == ("SCT", "385093006")
+    assert CLASS_CODES["normal"].scheme_designator == "99CTJOINT"
+    assert (PNEUMONIA_CODE.value, CONSOLIDATION_CODE.value) == ("233604007", "95436008")
+    assert hd.sr.CodedConcept("439401001", "SCT", "Diagnosis") == DIAGNOSIS_CODE
 
 
 def test_analyze_writes_seg_and_sr_files(
