@@ -1,6 +1,7 @@
 """SEG + SR time and size for one analysed series, side by side for the SEG writers.
 
     .venv/bin/python bench/seg_outputs.py [--size 512 --slices 60 --repeats 5 --json OUT]
+                                          [--doc docs/interoperability.md]
 
 The series is a phantom chest CT (export/phantom.py), analysed once in-process with the
 bundled jcs2d weights; then each writer builds the SEG (four segments: ground glass,
@@ -38,6 +39,9 @@ from ctjoint.gateway.dicom_outputs import (
 )
 
 TARGET_SECONDS = 0.35
+# --doc replaces what lies between these lines of the topic file with this run's table.
+DOC_BEGIN = "<!-- bench/seg_outputs.py begin -->"
+DOC_END = "<!-- bench/seg_outputs.py end -->"
 
 
 def _writer(
@@ -91,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
+    parser.add_argument(
+        "--doc", type=Path, default=None, help="Write the table into this Markdown file."
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ctjoint-seg-bench-") as tmp:
         case = write_phantom_case(
@@ -105,26 +112,55 @@ def main(argv: list[str] | None = None) -> int:
     }
     figures = measure(analysis, args.repeats)
     before = figures["before: binary, every frame"]["seconds_median"]
-    print(
-        f"series {shape[0]}x{shape[1]}x{shape[2]} ({masks['lesion_slices']} slices with lesions, "
-        f"{masks['lung_slices']} with lung); {args.repeats} repeats; "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load {os.getloadavg()[0]:.2f}"
+    facts = (
+        f"series {shape[0]}x{shape[1]}x{shape[2]} ({masks['lesion_slices']} slices with "
+        f"lesions, {masks['lung_slices']} with lung); median of {args.repeats} runs; "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.2f} at the end"
     )
-    print(f"{'writer':42} {'SEG+SR s':>9} {'vs before':>9} {'SEG bytes':>11} {'SR bytes':>9}")
+    lines = [
+        "| writer | SEG+SR seconds | vs before | SEG bytes | SR bytes |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, row in figures.items():
         row["ratio_to_before"] = row["seconds_median"] / before
-        print(
-            f"{name:42} {row['seconds_median']:9.3f} {row['ratio_to_before']:9.2f} "
-            f"{row['seg_bytes']:11,d} {row['sr_bytes']:9,d}"
+        lines.append(
+            f"| {name} | {row['seconds_median']:.3f} | {row['ratio_to_before']:.2f} | "
+            f"{row['seg_bytes']:,d} | {row['sr_bytes']:,d} |"
         )
     default = figures["binary, empty frames left out (default)"]["seconds_median"]
-    verdict = "met" if default <= TARGET_SECONDS else "MISSED"
-    print(f"target: default writer <= {TARGET_SECONDS} s added: {default:.3f} s, {verdict}")
+    verdict = "met" if default <= TARGET_SECONDS else "missed"
+    target = (
+        f"Target: the default writer adds at most {TARGET_SECONDS} s: {default:.3f} s, {verdict}."
+    )
+    print(facts)
+    print("\n".join(lines))
+    print(target)
+    if args.doc is not None:
+        _write_doc(
+            args.doc,
+            [
+                f"`{' '.join(['bench/seg_outputs.py', *(argv or sys.argv[1:])])}`: {facts}.",
+                "",
+                *lines,
+                "",
+                target,
+            ],
+        )
     if args.json is not None:
         report = {"shape": list(shape), "masks": masks, "writers": figures}
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
+
+
+def _write_doc(path: Path, lines: list[str]) -> None:
+    """Replace the block between DOC_BEGIN and DOC_END in `path` with `lines`."""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(DOC_BEGIN), text.find(DOC_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path}: no {DOC_BEGIN} ... {DOC_END} block to write into")
+    block = "\n".join([DOC_BEGIN, *lines, DOC_END])
+    path.write_text(text[:start] + block + text[end + len(DOC_END) :], encoding="utf-8")
 
 
 if __name__ == "__main__":
