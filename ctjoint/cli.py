@@ -500,6 +500,24 @@ def gateway_serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics on this port (0: any).")
     ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address of the /metrics server (loopback unless opened).")
+    ] = "127.0.0.1",
+    health_port: Annotated[
+        int | None,
+        typer.Option(help="Also serve health alone on this port, whatever the scan port's load."),
+    ] = None,
+    idle_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds a scan may go without a message before it is ended."),
+    ] = 30.0,
+    max_scans_per_peer: Annotated[
+        int | None,
+        typer.Option(help="Scans one client address may have in progress (default: all slots)."),
+    ] = None,
+    max_connections: Annotated[
+        int, typer.Option(help="Connections the scan port accepts at once; more are closed.")
+    ] = 1000,
     max_file_bytes: Annotated[int, typer.Option(help="Largest DICOM file accepted.")] = (
         8 * 1024 * 1024
     ),
@@ -562,6 +580,7 @@ def gateway_serve(
     """Serve AnalyzeScan, GetModelInfo, health and reflection over gRPC until SIGTERM."""
     from ctjoint.gateway.auth import TlsConfig, load_tokens
     from ctjoint.gateway.backends.replicas import parse_endpoints
+    from ctjoint.gateway.guards import ClientGuards
     from ctjoint.gateway.limits import GatewayLimits
     from ctjoint.gateway.logging_setup import configure_logging
     from ctjoint.gateway.pacs import PacsDestination
@@ -597,6 +616,13 @@ def gateway_serve(
             if contracts.DEFAULT_MODEL in models
             else models[0],
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            health_port=health_port,
+            guards=ClientGuards(
+                idle_timeout_s=idle_timeout,
+                max_scans_per_peer=max_scans_per_peer,
+                max_connections=max_connections,
+            ),
             limits=GatewayLimits(
                 max_file_bytes=max_file_bytes,
                 max_slices=max_slices,

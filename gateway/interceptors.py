@@ -32,8 +32,9 @@ from ctjoint.gateway.errors import (
     ModelNotFoundError,
     UnsupportedTransferSyntaxError,
 )
+from ctjoint.gateway.guards import ClientGuards, IdleTimeoutError, PeerScans, idle_bounded
 from ctjoint.gateway.limits import ScanSlots
-from ctjoint.gateway.logging_setup import REQUEST_ID, clean_request_id, scrub_uids
+from ctjoint.gateway.logging_setup import REQUEST_ID, bounded_text, clean_request_id, scrub_uids
 from ctjoint.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ REFUSAL_LOG_INTERVAL_S: Final = 1.0
 # Most specific first: the first matching class decides.
 STATUS_BY_ERROR: Final[tuple[tuple[type[CtJointError], grpc.StatusCode], ...]] = (
     (InputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (IdleTimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (UnsupportedTransferSyntaxError, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -161,11 +163,18 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
     servicer runs."""
 
     def __init__(
-        self, metrics: GatewayMetrics | None = None, slots: ScanSlots | None = None
+        self,
+        metrics: GatewayMetrics | None = None,
+        slots: ScanSlots | None = None,
+        guards: ClientGuards | None = None,
     ) -> None:
         self._metrics = metrics
         self._slots = slots
         self._refusals = RefusalLog()
+        # Scans' request streams end after guards.idle_timeout_s of silence, and a peer holds
+        # at most guards.max_scans_per_peer of the slots (gateway/guards.py).
+        self._guards = guards if guards is not None else ClientGuards()
+        self._peers = PeerScans(self._guards.max_scans_per_peer)
 
     async def intercept_service(
         self,
@@ -267,7 +276,11 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
             scan = self._begin(context, request_id, from_metadata)
             started = time.perf_counter()
             try:
-                response = await behavior(request, context)
+                if is_scan:
+                    with self._peers.hold(context.peer()):
+                        response = await behavior(self._guarded(request), context)
+                else:
+                    response = await behavior(request, context)
             except BaseException as err:  # re-raised, or turned into a status
                 await self._fail(err, context, scan, is_scan, started)
                 raise  # _fail aborts (raising) for everything it maps; others go up as-is
@@ -287,14 +300,25 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
             scan = self._begin(context, request_id, from_metadata)
             started = time.perf_counter()
             try:
-                async for response in behavior(request, context):
-                    yield response
+                if is_scan:
+                    with self._peers.hold(context.peer()):
+                        async for response in behavior(self._guarded(request), context):
+                            yield response
+                else:
+                    async for response in behavior(request, context):
+                        yield response
             except BaseException as err:  # re-raised, or turned into a status
                 await self._fail(err, context, scan, is_scan, started)
                 raise
             self._succeed(scan, is_scan, started)
 
         return wrapped
+
+    def _guarded(self, request: Any) -> Any:
+        """A scan's request stream, ended by the idle timeout (a unary request as it is)."""
+        if hasattr(request, "__aiter__"):
+            return idle_bounded(request, self._guards.idle_timeout_s)
+        return request
 
     def _begin(
         self, context: grpc.aio.ServicerContext, request_id: str, from_metadata: bool
@@ -346,7 +370,8 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
             message = str(err)
             self._refusals.note(message)
         elif isinstance(err, CtJointError):
-            message = scrub_uids(str(err))
+            # Messages may quote what the caller sent (a model name): bounded and escaped.
+            message = bounded_text(scrub_uids(str(err)))
             log.info("request failed code=%s error=%s: %s", code.name, type(err).__name__, message)
         elif public is not None:
             message = public

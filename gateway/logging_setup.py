@@ -45,6 +45,39 @@ _PSEUDONYM_KEY: Final = os.environ.get(ENV_PSEUDONYM_KEY, "").encode(
 ) or secrets.token_bytes(32)
 
 
+# Error details and log lines quote at most this much of any message (a caller's 8 MiB
+# `model` string must not become 8 MiB of log per call).
+MAX_MESSAGE_CHARS: Final = 512
+
+
+def bounded_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` with control and non-ASCII characters escaped (no forged log lines), cut to
+    `limit` characters with a note of how much was left out."""
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii")
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in escaped[: limit + 1])
+    if len(escaped) <= limit and len(text) <= limit:
+        return escaped
+    return f"{escaped[:limit]}... ({len(text)} characters in all)"
+
+
+class RateLimit:
+    """At most one log line per `interval_s` for a repeated event: `allow()` says whether to
+    log this one and how many were left out since the last one logged."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._last = -1e9
+        self._skipped = 0
+
+    def allow(self) -> int | None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._skipped += 1
+            return None
+        skipped, self._skipped, self._last = self._skipped, 0, now
+        return skipped
+
+
 def new_request_id() -> str:
     """A fresh random request id (random, so it reveals nothing about the scan)."""
     return uuid.uuid4().hex[:16]

@@ -7,15 +7,18 @@ can reach a scrape.
 
 from __future__ import annotations
 
-from typing import Any, Final
+import asyncio
+import logging
+import threading
+from typing import Final
 
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
-    start_http_server,
 )
 
 from ctjoint.contracts import MODEL_NAMES
@@ -25,6 +28,13 @@ STAGES: Final = ("receive", "decode", "assemble", "preprocess", "infer", "postpr
 # Seconds: a 512-pixel slice decodes in ~1 ms, a whole 3D inference on CPU takes tens of seconds.
 STAGE_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 UNKNOWN_MODEL: Final = "unknown"
+# The /metrics server: a client has this long to send its request, the request may be this
+# big, and this many connections are served at once (more are closed as they arrive).
+HTTP_REQUEST_TIMEOUT_S: Final = 5.0
+HTTP_MAX_REQUEST_BYTES: Final = 8 * 1024
+HTTP_MAX_CONNECTIONS: Final = 512
+
+log = logging.getLogger(__name__)
 
 
 def model_label(model: str) -> str:
@@ -118,7 +128,93 @@ class GatewayMetrics:
         """The text exposition format of this registry (what a scrape returns)."""
         return generate_latest(self.registry)
 
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> Any:
-        """Expose /metrics on a background thread; returns the HTTP server (has .shutdown())."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> MetricsHttpServer:
+        """Expose /metrics on a background thread; returns the server (has .shutdown())."""
+        return MetricsHttpServer(self, host, port)
+
+
+class MetricsHttpServer:
+    """GET /metrics over HTTP/1.0 from one thread of its own, whatever the clients do.
+
+    prometheus_client's server starts a thread per connection and never times one out, so a
+    few thousand silent connections took threads and memory without bound. This one runs an
+    event loop in one thread: a connection that sends no request within
+    HTTP_REQUEST_TIMEOUT_S is closed, at most HTTP_MAX_CONNECTIONS are served at once (more are
+    closed at once), and a scrape never waits behind a silent client.
+    """
+
+    def __init__(self, metrics: GatewayMetrics, host: str, port: int) -> None:
+        self._metrics = metrics
+        self._open = 0
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._server = self._loop.run_until_complete(
+                    asyncio.start_server(self._handle, host, port, limit=HTTP_MAX_REQUEST_BYTES)
+                )
+            except BaseException as err:  # handed to the caller below
+                failure.append(err)
+                started.set()
+                return
+            started.set()
+            self._loop.run_forever()
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="ctjoint-metrics-http", daemon=True)
+        self._thread.start()
+        started.wait()
+        if failure:
+            raise failure[0]
+        if self._server is None:
+            raise RuntimeError("the metrics server did not start")
+        self.server_port: int = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
+        try:
+            if self._open > HTTP_MAX_CONNECTIONS:
+                return
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_REQUEST_TIMEOUT_S)
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                return
+            method, _, rest = head.partition(b" ")
+            path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+            if method != b"GET" or path not in (b"/metrics", b"/"):
+                status, body, kind = b"404 Not Found", b"not found\n", b"text/plain"
+            else:
+                status, body = b"200 OK", self._metrics.exposition()
+                kind = CONTENT_TYPE_LATEST.encode()
+            writer.write(
+                b"HTTP/1.0 "
+                + status
+                + b"\r\nContent-Type: "
+                + kind
+                + b"\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body
+            )
+            await asyncio.wait_for(writer.drain(), HTTP_REQUEST_TIMEOUT_S)
+        except (OSError, TimeoutError):
+            pass  # the client went away
+        finally:
+            self._open -= 1
+            writer.close()
+
+    def shutdown(self) -> None:
+        """Stop serving and let the thread end."""
+
+        def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            self._loop.stop()
+
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(stop)
+            self._thread.join(5)

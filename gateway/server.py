@@ -30,6 +30,7 @@ from ctjoint.gateway.auth import TlsConfig, TokenAuthInterceptor
 from ctjoint.gateway.backends.base import InferenceBackend
 from ctjoint.gateway.decode_pool import close_default_pool
 from ctjoint.gateway.errors import BackendUnavailableError
+from ctjoint.gateway.guards import ClientGuards, fd_headroom
 from ctjoint.gateway.interceptors import ScanServiceInterceptor
 from ctjoint.gateway.limits import DEFAULT_CPU_THREADS, SCAN_CPU, GatewayLimits, ScanSlots
 from ctjoint.gateway.metrics import GatewayMetrics
@@ -47,6 +48,8 @@ MAX_SEND_MESSAGE_BYTES: Final = 256 * 1024 * 1024
 # How often health is brought in step with the backend's readiness once serving: reading a
 # flag, so often enough that a crashed Triton shows as NOT_SERVING well within 2 s.
 BACKEND_POLL_S: Final = 0.25
+# Connections the health-only port takes at once (probes open one or two each).
+HEALTH_MAX_CONNECTIONS: Final = 64
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,13 @@ class GatewayConfig:
     models: tuple[str, ...] = contracts.MODEL_NAMES
     default_model: str = contracts.DEFAULT_MODEL
     metrics_port: int | None = None
+    # The /metrics server's address: loopback unless the operator opens it (docs/security.md).
+    metrics_host: str = "127.0.0.1"
+    # Health on a port of its own as well (same host), answerable whatever the scan port's
+    # connections are doing; None: health on the scan port only.
+    health_port: int | None = None
+    # Idle timeout, scans per peer, keepalive and connection limits (gateway/guards.py).
+    guards: ClientGuards = field(default_factory=ClientGuards)
     limits: GatewayLimits = field(default_factory=GatewayLimits)
     grace_seconds: float = 30.0
     # ONNX Runtime threads per inference (None: its default, every core); set it on a shared box.
@@ -152,7 +162,9 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         pacs=config.pacs,
     )
     health_servicer = health.aio.HealthServicer()
-    interceptors: list[grpc.aio.ServerInterceptor] = [ScanServiceInterceptor(metrics, slots)]
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        ScanServiceInterceptor(metrics, slots, config.guards)
+    ]
     if config.tokens:
         # First in the chain: a refused call never reaches the scan service.
         interceptors.insert(0, TokenAuthInterceptor(config.tokens))
@@ -163,6 +175,7 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
             ("grpc.max_send_message_length", MAX_SEND_MESSAGE_BYTES),
             # Two gateways must not silently share one port.
             ("grpc.so_reuseport", 0),
+            *config.guards.grpc_options(fd_headroom(config.guards.max_connections)),
         ],
     )
     scan_pb2_grpc.add_ScanServiceServicer_to_server(servicer, server)
@@ -184,6 +197,7 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         raise BackendUnavailableError(f"cannot listen on {config.address}: {err}") from err
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     metrics_http: Any = None
+    health_server: grpc.aio.Server | None = None
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     await server.start()
@@ -201,8 +215,12 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         )
     try:
         if config.metrics_port is not None:
-            metrics_http = metrics.serve_http(config.metrics_port, config.host)
-            log.info("metrics on http://%s:%d/metrics", config.host, metrics_http.server_port)
+            metrics_http = metrics.serve_http(config.metrics_port, config.metrics_host)
+            log.info(
+                "metrics on http://%s:%d/metrics", config.metrics_host, metrics_http.server_port
+            )
+        if config.health_port is not None:
+            health_server = await _serve_health(config, health_servicer)
         started = time.perf_counter()
         await _start_backend(backend, stop)
         follow: asyncio.Task[None] | None = None
@@ -228,6 +246,8 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         SCAN_CPU.shutdown()
         if metrics_http is not None:
             metrics_http.shutdown()
+        if health_server is not None:
+            await health_server.stop(0)
         log.info("stopped")
 
 
@@ -280,6 +300,31 @@ def _freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+async def _serve_health(config: GatewayConfig, servicer: Any) -> grpc.aio.Server:
+    """The health service alone on `config.health_port`, with a connection cap of its own:
+    a flood of connections to the scan port (capped there) leaves it answering."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.server_handshake_timeout_ms", 5000),
+            ("grpc.max_connection_idle_ms", 60_000),
+            ("grpc.max_allowed_incoming_connections", HEALTH_MAX_CONNECTIONS),
+        ]
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"{config.address.rsplit(':', 1)[0]}:{config.health_port}"
+    try:
+        if config.tls is not None:
+            port = server.add_secure_port(address, config.tls.credentials())
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise BackendUnavailableError(f"cannot listen on {address}: {err}") from err
+    await server.start()
+    log.info("health on %s:%d", config.host, port)
+    return server
 
 
 def _tls_mode(tls: TlsConfig | None) -> str:
