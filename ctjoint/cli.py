@@ -539,6 +539,21 @@ def gateway_serve(
             "measures); most of it holds Python's GIL, so more rarely helps.",
         ),
     ] = 2,
+    scan_cpu_seconds: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="CPU seconds one scan's analysis may use in its worker process before the "
+            "worker is ended and the scan refused (RESOURCE_EXHAUSTED).",
+        ),
+    ] = 300.0,
+    scan_wall_seconds: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds from a scan's last file to its answer before its worker is ended.",
+        ),
+    ] = 300.0,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
     log_format: Annotated[LogFormat, typer.Option(help="Log line format.")] = LogFormat.text,
     pacs_ae: Annotated[
@@ -631,6 +646,8 @@ def gateway_serve(
             grace_seconds=grace,
             threads=threads,
             cpu_threads=cpu_threads,
+            scan_cpu_seconds=scan_cpu_seconds,
+            scan_wall_seconds=scan_wall_seconds,
             # Named models must all load; by default, serve whichever have been exported.
             require_all_models=bool(model),
             pacs=PacsDestination(

@@ -95,3 +95,13 @@ class BackendError(CtJointError):
 
 class DeadlineExceededError(CtJointError, TimeoutError):
     """The caller's deadline passed before the backend answered (maps to DEADLINE_EXCEEDED)."""
+
+
+class AnalysisLimitError(LimitExceededError):
+    """A scan's analysis ran past its CPU-time or wall-time bound and was ended
+    (RESOURCE_EXHAUSTED)."""
+
+
+class AnalysisCrashedError(BackendError):
+    """The process analysing a scan died under it (a crash, or killed for memory): that scan
+    fails (INTERNAL), the process is replaced, the gateway goes on."""

@@ -15,6 +15,7 @@ import os
 import platform
 import signal
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -33,8 +34,16 @@ from ctjoint.gateway.errors import BackendUnavailableError
 from ctjoint.gateway.guards import ClientGuards, fd_headroom
 from ctjoint.gateway.interceptors import ScanServiceInterceptor
 from ctjoint.gateway.limits import DEFAULT_CPU_THREADS, SCAN_CPU, GatewayLimits, ScanSlots
+from ctjoint.gateway.logging_setup import JsonFormatter
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import PacsDestination
+from ctjoint.gateway.scan_workers import (
+    DEFAULT_SCAN_CPU_SECONDS,
+    DEFAULT_SCAN_WALL_SECONDS,
+    ScanWorkerPool,
+    WorkerBounds,
+    WorkerSetup,
+)
 from ctjoint.gateway.service import ScanServicer
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
@@ -85,6 +94,10 @@ class GatewayConfig:
     tls: TlsConfig | None = None
     # Accepted bearer tokens; empty: no token needed (gateway/auth.py).
     tokens: tuple[str, ...] = ()
+    # What one scan's analysis may take in its worker process before it is ended
+    # (gateway/scan_workers.py): CPU seconds, and wall seconds from its last file to its answer.
+    scan_cpu_seconds: float = DEFAULT_SCAN_CPU_SECONDS
+    scan_wall_seconds: float = DEFAULT_SCAN_WALL_SECONDS
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in contracts.MODEL_NAMES]
@@ -96,6 +109,7 @@ class GatewayConfig:
             raise ValueError("the grace period cannot be negative")
         if self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
+        WorkerBounds(self.scan_cpu_seconds, self.scan_wall_seconds)  # validates them
 
     @property
     def address(self) -> str:
@@ -146,11 +160,24 @@ def create_analyzer(config: GatewayConfig, backend: InferenceBackend) -> ScanAna
 
 
 async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = None) -> None:
-    """Run the gateway until SIGTERM/SIGINT, then stop gracefully."""
+    """Run the gateway until SIGTERM/SIGINT, then stop gracefully.
+
+    Scans are analysed in supervised worker processes, one per scan slot, each building its
+    own backend from `config`. Given a `backend` object instead (embedding, tests), scans are
+    analysed with it in this process: an object cannot be shared with other processes, and
+    such a gateway has no protection against a runaway analysis.
+    """
     _keep_freed_memory()
     SCAN_CPU.configure(config.cpu_threads)
     metrics = GatewayMetrics()
-    backend = backend if backend is not None else create_backend(config)
+    workers: ScanWorkerPool | None = None
+    if backend is None:
+        backend = create_backend(config)
+        workers = ScanWorkerPool(
+            _worker_setup(config),
+            config.limits.max_concurrent_scans,
+            WorkerBounds(config.scan_cpu_seconds, config.scan_wall_seconds),
+        )
     slots = ScanSlots(config.limits.max_concurrent_scans)
     servicer = ScanServicer(
         backend,
@@ -160,6 +187,7 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         default_model=config.default_model,
         analyzer=create_analyzer(config, backend),
         pacs=config.pacs,
+        workers=workers,
     )
     health_servicer = health.aio.HealthServicer()
     interceptors: list[grpc.aio.ServerInterceptor] = [
@@ -222,14 +250,24 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         if config.health_port is not None:
             health_server = await _serve_health(config, health_servicer)
         started = time.perf_counter()
+        if workers is not None:
+            workers.start()
         await _start_backend(backend, stop)
+        if workers is not None and not stop.is_set():
+            await _until_stopped(workers.wait_ready(), stop)
         follow: asyncio.Task[None] | None = None
         if not stop.is_set():
             _freeze_startup_objects()
             metrics.backend_ready.set(1)
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-            log.info("serving; backend ready in %.2f s", time.perf_counter() - started)
-            follow = asyncio.create_task(_follow_backend(backend, health_servicer, metrics))
+            log.info(
+                "serving; backend ready in %.2f s, analysis %s",
+                time.perf_counter() - started,
+                "in this process" if workers is None else f"in {workers.size} worker processes",
+            )
+            follow = asyncio.create_task(
+                _follow_backend(backend, health_servicer, metrics, workers)
+            )
         await stop.wait()
         if follow is not None:
             follow.cancel()
@@ -240,6 +278,9 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         metrics.backend_ready.set(0)
         await server.stop(config.grace_seconds)
         servicer.close()
+        if workers is not None:
+            # Whatever they are doing: the scans they served have been answered or cancelled.
+            await workers.close()
         await backend.close()
         # Compressed-pixel decode workers (started on first use) go with the server.
         close_default_pool()
@@ -346,27 +387,49 @@ def _is_loopback_host(host: str) -> bool:
 
 async def _start_backend(backend: InferenceBackend, stop: asyncio.Event) -> None:
     """Load the backend, unless a stop signal comes first (then leave it unloaded)."""
-    load = asyncio.ensure_future(backend.load())
+    await _until_stopped(backend.load(), stop)
+
+
+async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> None:
+    """Await `work` unless a stop signal comes first (then cancel it); its error is raised."""
+    task = asyncio.ensure_future(work)
     stopping = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({load, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if load not in done:
-        load.cancel()
+    done, _ = await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if task not in done:
+        task.cancel()
         return
     stopping.cancel()
-    load.result()  # a backend that cannot load stops the gateway with its own error
+    task.result()  # what cannot start stops the gateway with its own error
+
+
+def _worker_setup(config: GatewayConfig) -> WorkerSetup:
+    """What each analysis worker is told: this configuration and this process's logging."""
+    root = logging.getLogger()
+    json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return WorkerSetup(
+        config=config,
+        log_level=logging.getLevelName(root.getEffectiveLevel()),
+        log_format="json" if json_lines else "text",
+        cpu_seconds=config.scan_cpu_seconds,
+    )
 
 
 async def _follow_backend(
-    backend: InferenceBackend, health_servicer: Any, metrics: GatewayMetrics
+    backend: InferenceBackend,
+    health_servicer: Any,
+    metrics: GatewayMetrics,
+    workers: ScanWorkerPool | None,
 ) -> None:
-    """Health follows the backend after start-up (a remote Triton can go away and come back)."""
+    """Health follows the backend after start-up (a remote Triton can go away and come back),
+    and the analysis workers: NOT_SERVING while none is up to take a scan."""
     serving = True
     while True:
         await asyncio.sleep(BACKEND_POLL_S)
         metrics.observe_replicas(backend)
-        if backend.ready == serving:
+        ready = backend.ready and (workers is None or workers.live > 0)
+        if ready == serving:
             continue
-        serving = backend.ready
+        serving = ready
         metrics.backend_ready.set(1 if serving else 0)
         await _set_health(
             health_servicer,
@@ -375,7 +438,10 @@ async def _follow_backend(
             else health_pb2.HealthCheckResponse.NOT_SERVING,
         )
         log.warning(
-            "backend %s: health is now %s", backend.name, "SERVING" if serving else "NOT_SERVING"
+            "backend %s (%s analysis workers up): health is now %s",
+            backend.name,
+            "-" if workers is None else workers.live,
+            "SERVING" if serving else "NOT_SERVING",
         )
 
 

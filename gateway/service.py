@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import tempfile
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, Final
 
 import grpc.aio
-import numpy as np
 
 from ctjoint.contracts import ADMITTED_METADATA, MODEL_NAMES
-from ctjoint.gateway.analysis import Progress, ScanAnalysis, ScanAnalyzer, cam_on_source
+from ctjoint.gateway.analysis import Progress, ScanAnalyzer
+from ctjoint.gateway.answer import ScanAnswer, ScanOrder, analyze_scan
 from ctjoint.gateway.backends.base import InferenceBackend
 from ctjoint.gateway.deadlines import set_deadline
 from ctjoint.gateway.dicom_io import describe_source
-from ctjoint.gateway.dicom_outputs import ScanObjects, analysis_objects
+from ctjoint.gateway.dicom_outputs import ScanObjects
 from ctjoint.gateway.errors import (
     BackendUnavailableError,
     EmptySeriesError,
@@ -35,15 +31,11 @@ from ctjoint.gateway.errors import (
     ModelNotFoundError,
 )
 from ctjoint.gateway.interceptors import adopt_request_id, note_model
-from ctjoint.gateway.limits import GatewayLimits, ScanSlots, TestLeak, cpu_bound
+from ctjoint.gateway.limits import GatewayLimits, ScanSlots, TestLeak
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import PacsDestination, PacsPusher
-from ctjoint.gateway.wire import (
-    MASK_ZLIB_LEVEL,
-    encode_label_map,
-    model_info_to_proto,
-    result_to_proto,
-)
+from ctjoint.gateway.scan_workers import ScanWorkerPool
+from ctjoint.gateway.wire import model_info_to_proto
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -55,7 +47,6 @@ STAGE_BY_NAME: Final = {
     "inferred": scan_pb2.Progress.STAGE_INFERRED,
     "postprocessed": scan_pb2.Progress.STAGE_POSTPROCESSED,
 }
-_FILE_NUMBER: Final = re.compile(r"^file (\d+)")
 
 Emit = Callable[[str, int, int | None], None]
 
@@ -73,14 +64,19 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         analyzer: ScanAnalyzer | None = None,
         pacs: PacsDestination | None = None,
         slots: ScanSlots | None = None,
+        workers: ScanWorkerPool | None = None,
     ) -> None:
         self._backend = backend
         self._analyzer = analyzer if analyzer is not None else ScanAnalyzer(backend, streaming=True)
         self._limits = limits
         # Shared with the interceptor, which refuses most excess scans before they get here.
         self._slots = slots if slots is not None else ScanSlots(limits.max_concurrent_scans)
-        # None unless the test-only leak switch is set (tests/test_load.py proves its check).
-        self._test_leak = TestLeak.from_environment()
+        # Where scans are analysed: worker processes (gateway/scan_workers.py), or in this
+        # process with `analyzer` when None (a gateway given a backend object).
+        self._workers = workers
+        # None unless the test-only leak switch is set (tests/test_load.py proves its check);
+        # workers keep their own, where the analysis is.
+        self._test_leak = TestLeak.from_environment() if workers is None else None
         self._metrics = metrics
         self._default_model = default_model
         self._pacs = pacs
@@ -195,33 +191,30 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
                 queue.put_nowait(scan_pb2.ScanEvent(progress=progress))
 
         receive = _Receiver(stream, self._limits, self._metrics, emit, expected)
-        analysis_task = asyncio.ensure_future(
-            self._analyzer.analyze_files(
-                receive.files(),
-                model,
-                expected_slices=expected,
-                max_slices=self._limits.max_slices,
-                progress=lambda p: _forward(p, emit),
-            )
+        order = ScanOrder(
+            model=model,
+            expected_slices=expected,
+            max_slices=self._limits.max_slices,
+            outputs=header.outputs,
+            request_id=request_id,
+            pacs=self._pacs is not None,
+            deadline_s=context.time_remaining(),
+            progress=with_progress,
         )
+        analysis_task = asyncio.ensure_future(self._analyze(order, receive, emit))
         try:
             if with_progress:
                 async for event in _drain_while_running(queue, analysis_task):
                     yield event
-            analysis = await analysis_task
+            answer = await analysis_task
         finally:
-            # The client went away or its deadline passed: stop the pipeline with the RPC.
+            # The client went away or its deadline passed: stop the pipeline with the RPC, and
+            # wait for it, so that nothing of this scan is left pending.
             if not analysis_task.done():
                 analysis_task.cancel()
-        if self._test_leak is not None:
-            self._test_leak.keep(analysis.volume.hu)
+                await asyncio.gather(analysis_task, return_exceptions=True)
 
-        encode_started = time.perf_counter()
-        emit("postprocessed", 1, 1)
-        result, objects = await cpu_bound(
-            self._result_message, analysis, header.outputs, request_id, receive.receive_ms
-        )
-        encode_ms = (time.perf_counter() - encode_started) * 1000.0
+        result, objects, encode_ms = answer.message, answer.objects, answer.encode_ms
         if self._pacs is not None:
             result.pacs.CopyFrom(await self._push(objects, context.time_remaining()))
         total_ms = (time.perf_counter() - started) * 1000.0
@@ -232,14 +225,14 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             after_last_ms = (time.perf_counter() - receive.last_file_at) * 1000.0
             result.timings.add(stage="after_last_file", milliseconds=round(after_last_ms, 3))
         result.timings.add(stage="gateway_total", milliseconds=round(total_ms, 3))
-        self._observe(analysis, receive.receive_ms, encode_ms)
+        self._observe(answer, receive.receive_ms)
         log.info(
             "scan done model=%s slices=%d label=%s lesion_ml=%.1f total_ms=%.0f receive_ms=%.0f "
             "encode_ms=%.0f",
             model,
-            analysis.result.series.slices,
-            analysis.result.label,
-            analysis.result.lesions.total_volume_ml,
+            answer.slices,
+            answer.label,
+            answer.lesion_ml,
             total_ms,
             receive.receive_ms,
             encode_ms,
@@ -247,6 +240,22 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         while not queue.empty():
             yield queue.get_nowait()
         yield scan_pb2.ScanEvent(result=result)
+
+    async def _analyze(self, order: ScanOrder, receive: _Receiver, emit: Emit) -> ScanAnswer:
+        """The scan's files to its answer, in a worker process or (without workers) here."""
+        progress = (lambda p: _forward(p, emit)) if order.progress else None
+        if self._workers is not None:
+            return await self._workers.analyze(
+                order, receive.files(), progress=progress, receive_ms=lambda: receive.receive_ms
+            )
+        return await analyze_scan(
+            self._analyzer,
+            order,
+            receive.files(),
+            progress=progress,
+            receive_ms=lambda: receive.receive_ms,
+            leak=self._test_leak,
+        )
 
     async def _read_header(
         self, stream: AsyncIterator[scan_pb2.ScanRequest]
@@ -274,49 +283,8 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
     def _require_ready(self) -> None:
         if not self._backend.ready:
             raise BackendUnavailableError(self._backend.unavailable_reason)
-
-    def _result_message(
-        self,
-        analysis: ScanAnalysis,
-        outputs: scan_pb2.OutputOptions,
-        request_id: str,
-        receive_ms: float,
-    ) -> tuple[scan_pb2.ScanResult, ScanObjects | BaseException]:
-        """Build the answer (in a worker thread: mask compression, PNG, SEG and SR take real
-        time), and the DICOM objects for the PACS, or why they could not be built."""
-        numbers = [_file_number(name) for name in analysis.volume.source_names]
-        message = result_to_proto(
-            analysis.result,
-            request_id=request_id,
-            slice_file_numbers=numbers,
-            extra_timings_ms={"receive": receive_ms},
-        )
-        if outputs.masks:
-            message.mask.CopyFrom(encode_label_map(analysis.label_map))
-        if outputs.overlay:
-            message.overlay_png = _overlay_png(analysis)
-        if outputs.cam and analysis.cam is not None:
-            heat = cam_on_source(analysis.cam, analysis.volume.shape)
-            message.cam.shape.extend(int(v) for v in heat.shape)
-            message.cam.data = zlib.compress(heat.tobytes(), MASK_ZLIB_LEVEL)
-        objects: ScanObjects | BaseException = ScanObjects(None, None)
-        pacs = self._pacs is not None
-        if outputs.seg or outputs.sr or pacs:
-            started = time.perf_counter()
-            try:
-                objects = analysis_objects(analysis, seg=outputs.seg or pacs, sr=outputs.sr or pacs)
-            except (InputError, ValueError) as err:
-                if outputs.seg or outputs.sr:
-                    raise
-                # Only the PACS wanted them: the scan result still goes back, saying why not.
-                objects = err
-            else:
-                message.seg_dicom = (objects.seg or b"") if outputs.seg else b""
-                message.sr_dicom = (objects.sr or b"") if outputs.sr else b""
-            message.timings.add(
-                stage="dicom_outputs", milliseconds=round((time.perf_counter() - started) * 1e3, 3)
-            )
-        return message, objects
+        if self._workers is not None and self._workers.live == 0:
+            raise BackendUnavailableError("no analysis worker can take work right now")
 
     async def _push(
         self, objects: ScanObjects | BaseException, time_remaining: float | None
@@ -354,18 +322,14 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             status=outcome.status,
         )
 
-    def _observe(self, analysis: ScanAnalysis, receive_ms: float, encode_ms: float) -> None:
-        timings = analysis.result.timings
+    def _observe(self, answer: ScanAnswer, receive_ms: float) -> None:
         for stage, ms in (
             ("receive", receive_ms),
-            ("decode", timings.read_ms + timings.validate_ms),
-            ("preprocess", timings.preprocess_ms),
-            ("infer", timings.infer_ms),
-            ("postprocess", timings.postprocess_ms),
-            ("encode", encode_ms),
+            *answer.stage_ms,
+            ("encode", answer.encode_ms),
         ):
             self._metrics.observe_stage(stage, ms / 1000.0)
-        self._metrics.slices.labels(model=analysis.result.model).inc(analysis.result.series.slices)
+        self._metrics.slices.labels(model=answer.model).inc(answer.slices)
 
 
 class _Receiver:
@@ -427,40 +391,13 @@ async def _drain_while_running(
     """Yield queued events until `task` finishes (its outcome is left for the caller)."""
     while not task.done():
         getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when the stream is cancelled here: no getter is left pending.
+            if not getter.done():
+                getter.cancel()
         if getter in done:
             yield getter.result()
-        else:
-            getter.cancel()
     while not queue.empty():
         yield queue.get_nowait()
-
-
-def _file_number(source: str) -> int:
-    match = _FILE_NUMBER.match(source)
-    return int(match.group(1)) if match else 0
-
-
-def _overlay_png(analysis: ScanAnalysis) -> bytes:
-    """The overlay montage as PNG bytes, drawn by the same renderer `ctjoint analyze` uses."""
-    from ctjoint.client.render import write_overlay_png
-
-    with tempfile.TemporaryDirectory(prefix="ctjoint-overlay-") as tmp:
-        path = Path(tmp) / "overlay.png"
-        write_overlay_png(
-            analysis.volume.hu,
-            analysis.label_map,
-            path,
-            lung_map=analysis.lung_map,
-            cam=_cam_slices(analysis),
-        )
-        return path.read_bytes()
-
-
-def _cam_slices(analysis: ScanAnalysis) -> Callable[[list[int]], np.ndarray] | None:
-    """The overlay's CAM source: only the slices it shows are mapped onto the source grid."""
-    cam = analysis.cam
-    if cam is None:
-        return None
-    shape = analysis.volume.shape
-    return lambda slices: cam_on_source(cam, shape, slices)

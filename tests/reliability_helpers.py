@@ -7,6 +7,7 @@ CPU time read from /proc."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import Counter
@@ -290,11 +291,24 @@ def check_result(outcome: Outcome, series: Series, request_id: str) -> None:
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, from /proc (no psutil needed)."""
+    """Resident set size of a process and its descendants (a gateway analyses scans in worker
+    processes), from /proc (no psutil needed)."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
+            total = int(line.split()[1]) * 1024
+            break
+    else:
+        raise AssertionError(f"no VmRSS for pid {pid}")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            with contextlib.suppress(OSError, AssertionError):
+                total += rss_bytes(int(child))
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
