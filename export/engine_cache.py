@@ -91,19 +91,17 @@ class GpuFacts:
 
 def detect_gpu() -> GpuFacts:
     """GPU 0 and the installed TensorRT; GpuUnavailableError where TensorRT cannot run."""
-    from ctjoint.export.tensorrt_build import GpuUnavailableError, gpu_problem
+    from ctjoint.export.cuda_buffers import device_info
+    from ctjoint.export.tensorrt_build import GpuUnavailableError, gpu_problem, import_tensorrt
 
     problem = gpu_problem()
     if problem is not None:
         raise GpuUnavailableError(f"cannot build TensorRT engines here: {problem}")
-    import tensorrt
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(0)
+    device = device_info()
     return GpuFacts(
-        name=torch.cuda.get_device_name(0),
-        compute_capability=f"{major}.{minor}",
-        tensorrt_version=str(tensorrt.__version__),
+        name=device.name,
+        compute_capability=device.compute_capability,
+        tensorrt_version=str(import_tensorrt().__version__),
     )
 
 

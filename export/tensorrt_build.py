@@ -4,10 +4,14 @@ TensorRT Python API: the ONNX parser, one optimisation profile over the batch ra
 spec serves (and the depth range for a 3D model whose depth axis is dynamic), a persistent
 timing cache (rebuilds reuse measured tactics), FP16 or INT8 (entropy calibration on phantom
 scans through the shared preprocessing), then a parity check of the engine against ONNX
-Runtime on phantom input. Writes the engine and a JSON build record beside it.
+Runtime on phantom input, for every output of the graph. Writes the engine and a JSON build
+record beside it.
 
-Needs an NVIDIA GPU, its driver, `tensorrt` and a CUDA build of torch (used for device buffers
-and streams). Without them it stops with `GpuUnavailableError` before doing anything.
+What to bind, the profile and the calibration input come from the ONNX graph and the typed
+spec (`engine_plan`, plain code tested on CPU with the shipped models), never from names
+written here. Needs an NVIDIA GPU, its driver, TensorRT's Python bindings and cuda-python
+(device buffers and streams; no torch). Without them it stops with `GpuUnavailableError`
+before doing anything.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from ctjoint import contracts
+from ctjoint.export.triton_check import Tensor, graph_tensors
 from ctjoint.export.triton_repository import default_engine_dir, engine_path
-from ctjoint.export.triton_spec import SERVING, ModelFacts
+from ctjoint.export.triton_spec import SERVING, ModelFacts, network_spec
 from ctjoint.gateway.errors import CtJointError
 from ctjoint.gateway.preprocess import PreprocessPlan, preprocess_volume
 
@@ -42,7 +47,7 @@ CALIBRATION_KINDS: Final = ("covid19", "cap", "normal")
 
 
 class GpuUnavailableError(CtJointError):
-    """TensorRT cannot run here (no NVIDIA GPU, driver, tensorrt or CUDA torch)."""
+    """TensorRT cannot run here (no NVIDIA GPU, driver, TensorRT bindings or cuda-python)."""
 
 
 class EngineBuildError(CtJointError):
@@ -76,22 +81,70 @@ class BuildRecord:
         )
 
 
+def import_tensorrt() -> Any:
+    """TensorRT's Python API: `tensorrt`, or the bare bindings wheel (`tensorrt_bindings`,
+    what the image installs over the NGC base's own TensorRT libraries)."""
+    try:
+        import tensorrt
+    except ImportError:
+        import tensorrt_bindings as tensorrt
+    return tensorrt
+
+
 def gpu_problem() -> str | None:
     """Why TensorRT cannot run here, or None when it can (also the tests' skip reason)."""
+    from ctjoint.export.cuda_buffers import CudaError, device_info
+
     try:
-        import torch
+        import_tensorrt()
     except ImportError:
-        return "torch is not installed (the export extra provides it)"
-    if not torch.cuda.is_available():
+        return "TensorRT's Python bindings are not installed (the `tensorrt` extra)"
+    try:
+        device_info()
+    except CudaError as err:
         return (
-            "no NVIDIA GPU with a working driver is visible (torch.cuda.is_available() is "
-            "False); build engines on the GPU machine or inside the NGC TensorRT container"
+            f"no usable NVIDIA GPU ({err}); build engines on the GPU machine or inside the "
+            "NGC tritonserver image"
         )
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "the tensorrt Python package is not installed (pip install tensorrt)"
     return None
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """What one engine build binds and profiles, read from the ONNX graph and checked against
+    the spec the repository's config is generated from (an engine output without a config
+    would make Triton refuse the model)."""
+
+    facts: ModelFacts
+    image: Tensor
+    outputs: tuple[Tensor, ...]
+    profile: dict[str, list[int]]
+
+    @property
+    def calibration_shape(self) -> list[int]:
+        """INT8 calibration runs at one fixed shape: the profile's optimum, CALIBRATION_BATCH."""
+        return [CALIBRATION_BATCH, *self.profile["opt"][1:]]
+
+
+def engine_plan(onnx_file: Path, max_batch: int) -> EnginePlan:
+    """The build plan of an exported model: its one input, every output, the profile."""
+    facts = ModelFacts.from_onnx(onnx_file)
+    inputs, outputs = graph_tensors(onnx_file)
+    if list(inputs) != [contracts.INPUT_IMAGE]:
+        raise EngineBuildError(
+            f"{onnx_file}: the graph's inputs are {list(inputs)}, not [{contracts.INPUT_IMAGE!r}]"
+        )
+    spec = network_spec(facts, contracts.TRITON_VARIANT_TRT)
+    configured = {t.name: (t.data_type, (-1, *t.dims)) for t in spec.outputs}
+    found = {t.name: (t.data_type, t.dims) for t in outputs.values()}
+    if configured != found:
+        raise EngineBuildError(
+            f"{onnx_file}: the graph's outputs {found} differ from what the repository "
+            f"configures for {spec.name} {configured}; regenerate the repository"
+        )
+    image = inputs[contracts.INPUT_IMAGE]
+    shapes = profile_shapes(facts.plan, max_batch, list(image.dims))
+    return EnginePlan(facts, image, tuple(outputs.values()), shapes)
 
 
 def profile_shapes(
@@ -108,7 +161,9 @@ def profile_shapes(
             "opt": [opt_batch, *tail],
             "max": [max_batch, *tail],
         }
-    depth_dynamic = len(onnx_shape) == 5 and not isinstance(onnx_shape[2], int)
+    depth_dynamic = len(onnx_shape) == 5 and (
+        not isinstance(onnx_shape[2], int) or onnx_shape[2] < 0
+    )
     low, high = (max(4, plan.depth // 2), plan.depth * 2) if depth_dynamic else (plan.depth,) * 2
     plane = [plan.height, plan.width]
     return {
@@ -160,24 +215,20 @@ def build_engine(
         raise EngineBuildError(f"no ONNX file at {onnx_file}; run `make onnx` first")
     out = out or engine_path(model)
     timing_cache = timing_cache or default_engine_dir() / "timing.cache"
-    facts = ModelFacts.from_onnx(onnx_file)
-    batch = max_batch or SERVING[model].max_batch_size
-    return _Builder(facts, onnx_file, precision, batch, timing_cache).build(out, calibration_scans)
+    plan = engine_plan(onnx_file, max_batch or SERVING[model].max_batch_size)
+    return _Builder(plan, onnx_file, precision, timing_cache).build(out, calibration_scans)
 
 
 class _Builder:
     """One engine build; everything that touches tensorrt or CUDA lives here."""
 
-    def __init__(
-        self, facts: ModelFacts, onnx_file: Path, precision: str, max_batch: int, cache: Path
-    ) -> None:
-        import tensorrt as trt
-
+    def __init__(self, plan: EnginePlan, onnx_file: Path, precision: str, cache: Path) -> None:
+        trt = import_tensorrt()
         self.trt = trt
-        self.facts = facts
+        self.plan = plan
+        self.facts = plan.facts
         self.onnx_file = onnx_file
         self.precision = precision
-        self.max_batch = max_batch
         self.cache_file = cache
         self.logger = trt.Logger(trt.Logger.WARNING)
 
@@ -191,13 +242,14 @@ class _Builder:
         if not parser.parse_from_file(str(self.onnx_file)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise EngineBuildError(f"TensorRT cannot parse {self.onnx_file}: {errors}")
+        parsed = {network.get_output(i).name for i in range(network.num_outputs)}
+        if parsed != {t.name for t in self.plan.outputs}:
+            raise EngineBuildError(f"TensorRT parsed outputs {sorted(parsed)} from the graph")
         image = network.get_input(0)
-        if image.name != contracts.INPUT_IMAGE:
-            raise EngineBuildError(f"the network's input is {image.name!r}, not 'image'")
 
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-        shapes = profile_shapes(self.facts.plan, self.max_batch, list(image.shape))
+        shapes = self.plan.profile
         profile = builder.create_optimization_profile()
         profile.set_shape(image.name, shapes["min"], shapes["opt"], shapes["max"])
         config.add_optimization_profile(profile)
@@ -220,7 +272,7 @@ class _Builder:
             config.int8_calibrator = calibrator
             # Calibration runs at one fixed shape: the optimum of the serving profile.
             calib_profile = builder.create_optimization_profile()
-            calib_shape = [CALIBRATION_BATCH, *shapes["opt"][1:]]
+            calib_shape = self.plan.calibration_shape
             calib_profile.set_shape(image.name, calib_shape, calib_shape, calib_shape)
             config.set_calibration_profile(calib_profile)
             calibration = {"scans": calibration_scans, "batch": CALIBRATION_BATCH}
@@ -242,9 +294,9 @@ class _Builder:
                 f"{diffs} (tolerance {tolerance:g}); engine not written"
             )
 
-        import torch
+        from ctjoint.export.cuda_buffers import device_info
 
-        props = torch.cuda.get_device_properties(0)
+        device = device_info()
         out.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(out, engine_bytes)
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -255,8 +307,8 @@ class _Builder:
             engine=str(out),
             onnx=str(self.onnx_file),
             tensorrt_version=trt.__version__,
-            gpu=props.name,
-            compute_capability=f"{props.major}.{props.minor}",
+            gpu=device.name,
+            compute_capability=device.compute_capability,
             profiles={contracts.INPUT_IMAGE: shapes},
             build_seconds=round(build_seconds, 2),
             engine_bytes=len(engine_bytes),
@@ -271,9 +323,10 @@ class _Builder:
         return record
 
     def _parity(self, engine_bytes: bytes, shapes: dict[str, list[int]]) -> dict[str, float]:
-        """Max abs differences of the logits, engine vs ONNX Runtime, on phantom input."""
+        """Max abs difference of every output, engine vs ONNX Runtime, on phantom input."""
         import onnxruntime as ort
-        import torch
+
+        from ctjoint.export.cuda_buffers import DeviceBuffer, Stream
 
         trt = self.trt
         runtime = trt.Runtime(self.logger)
@@ -286,39 +339,46 @@ class _Builder:
         if self.facts.plan.kind == "3d":
             batch = batch[:1]
         context.set_input_shape(contracts.INPUT_IMAGE, list(batch.shape))
-        device_in = torch.from_numpy(batch).cuda()
-        context.set_tensor_address(contracts.INPUT_IMAGE, device_in.data_ptr())
-        outputs: dict[str, torch.Tensor] = {}
-        for name in (contracts.OUTPUT_SEG_LOGITS, contracts.OUTPUT_CLS_LOGITS):
-            shape = tuple(context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
-            context.set_tensor_address(name, outputs[name].data_ptr())
-        stream = torch.cuda.Stream()
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise EngineBuildError("the engine failed to run the parity batch")
-        stream.synchronize()
+        buffers = [DeviceBuffer.from_array(batch)]
+        stream = Stream()
+        try:
+            context.set_tensor_address(contracts.INPUT_IMAGE, buffers[0].ptr)
+            # TensorRT 10 refuses to run with any output lacking an address: bind them all.
+            shapes_out = {}
+            for output in self.plan.outputs:
+                shape = tuple(context.get_tensor_shape(output.name))
+                buffers.append(DeviceBuffer(int(np.prod(shape)) * 4))
+                context.set_tensor_address(output.name, buffers[-1].ptr)
+                shapes_out[output.name] = (shape, buffers[-1])
+            if not context.execute_async_v3(stream.handle):
+                raise EngineBuildError("the engine failed to run the parity batch")
+            stream.synchronize()
+            results = {
+                name: buffer.download(shape, np.dtype(np.float32))
+                for name, (shape, buffer) in shapes_out.items()
+            }
+        finally:
+            stream.close()
+            for buffer in buffers:
+                buffer.free()
         session = ort.InferenceSession(str(self.onnx_file), providers=["CPUExecutionProvider"])
-        reference = session.run(
-            [contracts.OUTPUT_SEG_LOGITS, contracts.OUTPUT_CLS_LOGITS],
-            {contracts.INPUT_IMAGE: batch},
-        )
+        names = [t.name for t in self.plan.outputs]
+        reference = session.run(names, {contracts.INPUT_IMAGE: batch})
         return {
-            name: float(np.max(np.abs(outputs[name].cpu().numpy() - ref)))
-            for name, ref in zip(
-                (contracts.OUTPUT_SEG_LOGITS, contracts.OUTPUT_CLS_LOGITS), reference, strict=True
-            )
+            name: float(np.max(np.abs(results[name] - ref)))
+            for name, ref in zip(names, reference, strict=True)
         }
 
 
 def _make_calibrator(trt: Any, batches: Iterator[np.ndarray], cache_file: Path) -> Any:
-    """An IInt8EntropyCalibrator2 fed from `batches` (device copies kept alive per batch)."""
-    import torch
+    """An IInt8EntropyCalibrator2 fed from `batches` (one device buffer, refilled per batch)."""
+    from ctjoint.export.cuda_buffers import DeviceBuffer
 
     class PhantomCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             super().__init__()
             self.samples = 0
-            self._device: torch.Tensor | None = None
+            self._device: DeviceBuffer | None = None
 
         def get_batch_size(self) -> int:
             return CALIBRATION_BATCH
@@ -330,9 +390,12 @@ def _make_calibrator(trt: Any, batches: Iterator[np.ndarray], cache_file: Path) 
             if batch.shape[0] < CALIBRATION_BATCH:  # the calibration profile is fixed-size
                 pad = np.repeat(batch[-1:], CALIBRATION_BATCH - batch.shape[0], axis=0)
                 batch = np.concatenate([batch, pad])
-            self._device = torch.from_numpy(np.ascontiguousarray(batch)).cuda()
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
+            if self._device is None:
+                self._device = DeviceBuffer(batch.nbytes)
+            self._device.upload(batch)
             self.samples += batch.shape[0]
-            return [int(self._device.data_ptr())]
+            return [self._device.ptr]
 
         def read_calibration_cache(self) -> bytes | None:
             return cache_file.read_bytes() if cache_file.is_file() else None

@@ -1,4 +1,6 @@
-"""TensorRT engine build: real builds where an NVIDIA GPU exists, a clear refusal elsewhere."""
+"""TensorRT engine build: the build plan (bindings, profile, calibration shape) from the shipped
+models on CPU; real builds of the shipped models where an NVIDIA GPU exists, a clear refusal
+elsewhere."""
 
 from __future__ import annotations
 
@@ -12,12 +14,17 @@ import pytest
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
 from ctjoint import contracts
+from ctjoint.export.bundled import bundled_onnx
 from ctjoint.export.tensorrt_build import (
+    CALIBRATION_BATCH,
     PARITY_TOLERANCE,
+    EngineBuildError,
     build_engine,
+    engine_plan,
     gpu_problem,
     profile_shapes,
 )
+from ctjoint.export.triton_spec import SERVING
 from ctjoint.gateway.preprocess import PreprocessPlan
 
 GPU_PROBLEM = gpu_problem()
@@ -39,6 +46,33 @@ def test_3d_profile_spans_depth_only_when_the_onnx_depth_is_dynamic() -> None:
     assert [s[0] for s in dynamic.values()] == [1, 4, 4]
 
 
+@pytest.mark.parametrize("model", contracts.MODEL_NAMES)
+def test_the_plan_of_a_shipped_model_binds_every_graph_output(model: str) -> None:
+    plan = engine_plan(bundled_onnx(model), SERVING[model].max_batch_size)
+    assert [t.name for t in plan.outputs] == [
+        contracts.OUTPUT_SEG_LOGITS,
+        contracts.OUTPUT_CLS_LOGITS,
+        contracts.OUTPUT_CAM,
+    ]
+    grid = plan.image.dims[2:]
+    assert plan.outputs[0].dims == (-1, len(contracts.SEG_CLASS_NAMES), *grid)
+    assert plan.profile["min"] == [1, *plan.image.dims[1:]]
+    assert plan.profile["max"] == [SERVING[model].max_batch_size, *plan.image.dims[1:]]
+    assert plan.calibration_shape == [CALIBRATION_BATCH, *plan.image.dims[1:]]
+
+
+def test_a_graph_whose_outputs_differ_from_the_config_is_refused(tmp_path: Path) -> None:
+    import onnx
+
+    proto = onnx.load(str(bundled_onnx(contracts.MODEL_JCS2D)))
+    cam = next(o for o in proto.graph.output if o.name == contracts.OUTPUT_CAM)
+    cam.name = "cam_renamed"  # an output the configs do not declare
+    path = tmp_path / "jcs2d.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(EngineBuildError, match="differ from what the repository configures"):
+        engine_plan(path, 32)
+
+
 @pytest.mark.skipif(GPU_PROBLEM is None, reason="a GPU is present: the build runs instead")
 def test_without_a_gpu_the_command_says_why_and_exits_2() -> None:
     done = subprocess.run(
@@ -54,21 +88,23 @@ def test_without_a_gpu_the_command_says_why_and_exits_2() -> None:
 
 @needs_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("model", contracts.MODEL_NAMES)
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_engine_matches_onnx_runtime_and_records_its_build(
-    tmp_path: Path, contract_model_dir: Path, precision: str
+    tmp_path: Path, model: str, precision: str
 ) -> None:
-    engine = tmp_path / f"jcs2d_{precision}.plan"
+    engine = tmp_path / f"{model}_{precision}.plan"
     record = build_engine(
-        model=contracts.MODEL_JCS2D,
+        model=model,
         precision=precision,
-        onnx_file=contracts.onnx_path(contracts.MODEL_JCS2D, contract_model_dir),
+        onnx_file=bundled_onnx(model),
         out=engine,
         calibration_scans=1,
         timing_cache=tmp_path / "timing.cache",
     )
     print(record.summary())
     assert engine.is_file() and (tmp_path / "timing.cache").is_file()
+    assert sorted(record.parity_max_abs_diff) == ["cam", "cls_logits", "seg_logits"]
     assert max(record.parity_max_abs_diff.values()) <= PARITY_TOLERANCE[precision]
     saved = json.loads(engine.with_suffix(".json").read_text())
     assert saved["precision"] == precision and saved["tensorrt_version"]
