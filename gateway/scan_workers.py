@@ -46,6 +46,7 @@ from ctjoint.gateway.errors import (
     AnalysisLimitError,
     BackendUnavailableError,
 )
+from ctjoint.gateway.limits import OVERLOAD_GATE
 
 if TYPE_CHECKING:
     from ctjoint.gateway.server import GatewayConfig
@@ -302,6 +303,9 @@ class ScanWorkerPool:
                 async for _, content in files:
                     if answer.done() or worker.gone:
                         break
+                    # Forwarding a file costs this loop a copy or two: during a burst of
+                    # refusals it waits (bounded) so that the refusals go out first.
+                    await OVERLOAD_GATE.wait()
                     await worker.channel.send(("file", content))
                 await worker.channel.send(("end", receive_ms()))
                 done, _ = await asyncio.wait({answer}, timeout=self.bounds.wall_seconds)
