@@ -4,12 +4,13 @@
 #   docker build -t ctjoint:0.1.0 .
 #   docker run --gpus 1 -p 50051:50051 -v ctjoint-engines:/var/cache/ctjoint ctjoint:0.1.0
 #
-# The tag pins Triton 2.54 / TensorRT 10.8 / CUDA 12.8 on Ubuntu 24.04 (Python 3.12). The
-# tensorrt wheel below must stay on the base image's TensorRT version: engines are built with
-# the Python API at start-up and run by Triton's own TensorRT, and they must match.
+# The tag pins Triton 2.54 / TensorRT 10.8 / CUDA 12.8 on Ubuntu 24.04 (Python 3.12); see
+# docs/deployment.md "Versions". Every Python package is pinned in deploy/requirements-image.txt
+# (checked against the registry by tests/test_image_requirements.py); TensorRT's bindings there
+# must equal the base image's TensorRT, whose libraries they load. No torch in the image.
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.01-py3
 
-# --- build: the project and its Python stack in a virtual environment; ONNX from the weights.
+# --- build: the project and its pinned Python stack in a virtual environment.
 FROM ${TRITON_IMAGE} AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 \
@@ -19,19 +20,21 @@ WORKDIR /src
 # without the python3-venv package.
 RUN python3 -m pip install --break-system-packages virtualenv==20.29.1 \
     && python3 -m virtualenv /opt/ctjoint/venv
+COPY deploy/requirements-image.txt ./
+RUN /opt/ctjoint/venv/bin/pip install --only-binary=:all: -r requirements-image.txt
 COPY pyproject.toml README.md ./
 COPY ctjoint ./ctjoint
 COPY gateway ./gateway
 COPY client ./client
 COPY export ./export
-# gateway: the service; export: ONNX export and the TensorRT engine build (torch is the CUDA
-# build from PyPI, used for device buffers by the build's parity check).
-RUN /opt/ctjoint/venv/bin/pip install "./[gateway,export]" tensorrt-cu12==10.8.0.43
-# ONNX from the bundled weights, once, at build time: the runtime needs no training code.
-RUN mkdir -p /opt/ctjoint/onnx \
+# The project without dependencies (all pinned above). Triton's python-backend stubs get a
+# folder holding only ctjoint (for ctjoint.contracts): they keep the base image's numpy, the
+# one they were built against, instead of the venv's.
+RUN /opt/ctjoint/venv/bin/pip install --no-deps ./ \
+    && /opt/ctjoint/venv/bin/pip install --no-deps --target /opt/ctjoint/stub-site ./ \
+    && mkdir -p /opt/ctjoint/onnx \
     && for model in jcs2d deepsc3d; do \
-         /opt/ctjoint/venv/bin/ctjoint export onnx --model "${model}" \
-           --out "/opt/ctjoint/onnx/${model}.onnx"; \
+         cp "export/weights/${model}_tiny.onnx" "/opt/ctjoint/onnx/${model}.onnx"; \
        done
 
 # --- runtime: the same base (its tritonserver and TensorRT), the venv, ONNX and start-up.
@@ -49,10 +52,10 @@ RUN groupadd --system --gid 10001 ctjoint \
 COPY --from=build /opt/ctjoint /opt/ctjoint
 COPY --chmod=0755 deploy/entrypoint.sh /opt/ctjoint/bin/entrypoint.sh
 COPY --chmod=0755 deploy/healthcheck.py /opt/ctjoint/bin/healthcheck.py
-# The venv's bin first: `ctjoint` on PATH, and Triton's python-backend stubs (postprocess
-# models) find numpy and ctjoint.contracts in the venv's site-packages.
+# The venv's bin first: `ctjoint` on PATH. No PYTHONPATH: the entrypoint gives tritonserver
+# (and so its python-backend stubs) /opt/ctjoint/stub-site only.
 ENV PATH=/opt/ctjoint/venv/bin:${PATH} \
-    PYTHONPATH=/opt/ctjoint/venv/lib/python3.12/site-packages \
+    CTJOINT_STUB_SITE=/opt/ctjoint/stub-site \
     CTJOINT_ROLE=all \
     CTJOINT_ENGINE_CACHE=/var/cache/ctjoint \
     CTJOINT_ONNX_DIR=/opt/ctjoint/onnx \

@@ -56,10 +56,16 @@ if [[ -n "${CTJOINT_TOKEN_FILE:-}" ]]; then
   gateway_args+=(--token-file "${CTJOINT_TOKEN_FILE}")
 fi
 
+# Triton's python-backend stubs run the base image's Python: they see ctjoint.contracts from
+# this folder and the base image's own numpy, never the gateway venv's packages.
+run_triton() {
+  PYTHONPATH="${CTJOINT_STUB_SITE}" "$@"
+}
+
 case "${role}" in
   triton)
     prepare_repository
-    exec tritonserver "${triton_args[@]}" "$@"
+    exec env PYTHONPATH="${CTJOINT_STUB_SITE}" tritonserver "${triton_args[@]}" "$@"
     ;;
   gateway)
     exec ctjoint gateway serve "${gateway_args[@]}" "$@"
@@ -68,7 +74,7 @@ case "${role}" in
     prepare_repository
     # One container: only the gateway beside it and the health check talk to Triton's gRPC
     # and HTTP endpoints, so they stay on loopback; metrics remain reachable for scraping.
-    tritonserver "${triton_args[@]}" --grpc-address=127.0.0.1 --http-address=127.0.0.1 &
+    run_triton tritonserver "${triton_args[@]}" --grpc-address=127.0.0.1 --http-address=127.0.0.1 &
     triton_pid=$!
     # The gateway waits (with back-off) until Triton is ready: no ordering needed here.
     ctjoint gateway serve "${gateway_args[@]}" "$@" &

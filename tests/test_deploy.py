@@ -82,9 +82,20 @@ def test_the_image_is_multi_stage_on_a_pinned_triton_base_and_runs_unprivileged(
     uid = user.split(":")[0]
     assert uid.isdigit() and int(uid) > 0
     assert re.search(r"^HEALTHCHECK ", text, re.MULTILINE)
-    assert '"./[gateway,export]"' in text
-    # TensorRT builds the engines at start-up; an unpinned wheel would drift from Triton's.
-    assert re.search(r"tensorrt-cu12==\d+\.\d+\.\d+\.\d+", text)
+    # Every package from the pinned file; the project itself without dependencies; no torch.
+    assert "pip install --only-binary=:all: -r requirements-image.txt" in text
+    assert text.count("pip install --no-deps") == 2
+    assert "torch" not in text.lower().replace("no torch", "")
+
+
+def test_python_backend_stubs_do_not_see_the_image_venv() -> None:
+    text = DOCKERFILE.read_text()
+    assert "PYTHONPATH=" not in text
+    entry = ENTRYPOINT.read_text()
+    # Both ways tritonserver is started get the stub folder (ctjoint alone) as PYTHONPATH.
+    assert 'exec env PYTHONPATH="${CTJOINT_STUB_SITE}" tritonserver' in entry
+    assert 'run_triton tritonserver "${triton_args[@]}"' in entry
+    assert "--target /opt/ctjoint/stub-site ./" in text
 
 
 def test_the_entrypoint_is_executable_valid_bash() -> None:
@@ -119,6 +130,34 @@ def test_compose_has_the_three_services_with_health_checks_and_a_gpu_for_triton(
     assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
     assert services["gateway"]["depends_on"]["triton"]["condition"] == "service_healthy"
     assert "engines:/var/cache/ctjoint" in services["triton"]["volumes"]
+
+
+def _published(service: dict[str, Any]) -> list[str]:
+    return [str(p) for p in service.get("ports", [])]
+
+
+def test_compose_publishes_nothing_unauthenticated_beyond_loopback() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    open_ports = {
+        name: [p for p in _published(s) if not p.startswith("127.0.0.1:")]
+        for name, s in services.items()
+    }
+    assert {n: p for n, p in open_ports.items() if p} == {"gateway": [f"{GATEWAY_PORT}:50051"]}
+    # The one port on every interface demands bearer tokens: `${VAR:?...}` makes compose refuse
+    # to start without them.
+    tokens = services["gateway"]["environment"]["CTJOINT_GATEWAY_TOKENS"]
+    assert tokens.startswith("${CTJOINT_GATEWAY_TOKENS:?")
+
+
+def test_compose_wires_the_gateway_push_to_its_orthanc() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    command = services["gateway"]["command"]
+    options = dict(zip(command[1::2], command[2::2], strict=False))
+    assert options["--pacs-host"] == "orthanc"
+    assert options["--pacs-ae"] == services["orthanc"]["environment"]["ORTHANC__DICOM_AET"]
+    orthanc_dicom = {p.rsplit(":", 1)[-1] for p in _published(services["orthanc"])}
+    assert options["--pacs-port"] == "4242" and "4242" in orthanc_dicom
+    assert services["gateway"]["depends_on"]["orthanc"]["condition"] == "service_healthy"
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------
