@@ -29,7 +29,7 @@ import copy
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import highdicom as hd
 import numpy as np
@@ -222,12 +222,61 @@ def _segment_descriptions(
     ]
 
 
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation with a cheaper overlap check for a stack of boolean masks.
+
+    highdicom finds out whether segments overlap by summing the [slices, rows, columns,
+    segments] stack over its segments into an int64 volume: on 60x512x512 with four segments
+    that was a third of the SEG's time. Accumulating the masks segment by segment answers the
+    same question in a few boolean passes. Every other input goes to highdicom's own check.
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(  # type: ignore[override]
+        cls,
+        pixel_array: Any,
+        segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[Any, hd.seg.SegmentsOverlapValues]:
+        if not (
+            isinstance(pixel_array, np.ndarray)
+            and pixel_array.dtype == np.bool_
+            and pixel_array.ndim == 4
+            and pixel_array.shape[-1] == len(segment_numbers)
+            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
+        ):
+            return super()._check_and_cast_pixel_array(
+                pixel_array, segment_numbers, segmentation_type, dtype
+            )
+        return pixel_array, (
+            hd.seg.SegmentsOverlapValues.YES
+            if masks_overlap(pixel_array)
+            else hd.seg.SegmentsOverlapValues.NO
+        )
+
+
+def masks_overlap(stack: np.ndarray) -> bool:
+    """Whether any pixel of a bool [..., segments] stack is in more than one segment."""
+    seen = np.zeros(stack.shape[:-1], dtype=np.bool_)
+    for index in range(stack.shape[-1]):
+        plane = stack[..., index]
+        if np.logical_and(seen, plane).any():
+            return True
+        seen |= plane
+    return False
+
+
 def segment_masks(label_map: np.ndarray, lungs: np.ndarray) -> np.ndarray:
-    """bool [Z, Y, X, 4] in segment order: ground glass, consolidation, right, left lung."""
-    return np.stack(
+    """bool [Z, Y, X, 4] in segment order: ground glass, consolidation, right, left lung.
+
+    Each segment's volume is contiguous in memory (a view over [4, Z, Y, X]): the SEG writer
+    reads one slice of one segment per frame, which is then one contiguous block."""
+    stacked = np.stack(
         [label_map == SEG_GROUND_GLASS, label_map == SEG_CONSOLIDATION, lungs == 1, lungs == 2],
-        axis=-1,
+        axis=0,
     )
+    return np.moveaxis(stacked, 0, -1)
 
 
 def segment_label_map(label_map: np.ndarray, lungs: np.ndarray) -> np.ndarray:
@@ -266,7 +315,7 @@ def build_seg(
     else:
         pixels = segment_masks(label_map, lungs)
         kind = hd.seg.SegmentationTypeValues.BINARY
-    return hd.seg.Segmentation(
+    return _Segmentation(
         source_images=images,
         pixel_array=pixels,
         segmentation_type=kind,

@@ -34,6 +34,7 @@ from ctjoint.gateway.dicom_outputs import (
     OutputSettings,
     ScanObjects,
     analysis_objects,
+    masks_overlap,
     scan_objects,
     segment_label_map,
     segment_masks,
@@ -327,3 +328,23 @@ def test_labelmap_seg_reads_back_into_the_same_label_map(
 def test_an_unknown_seg_type_is_refused() -> None:
     with pytest.raises(ValueError, match="seg_type must be one of"):
         OutputSettings(seg_type="fractional")
+
+
+def test_the_overlap_check_agrees_with_summing_the_segments() -> None:
+    rng = np.random.default_rng(5)
+    for density in (0.0, 0.01, 0.2):
+        stack = rng.random((3, 16, 16, 4)) < density
+        stack[..., 1] &= ~stack[..., 0]  # some cases without overlap
+        expected = bool((stack.sum(axis=-1) > 1).any())
+        assert masks_overlap(stack) is expected
+        assert (
+            masks_overlap(np.moveaxis(np.ascontiguousarray(np.moveaxis(stack, -1, 0)), 0, -1))
+            is expected
+        )
+
+
+def test_binary_seg_says_its_segments_overlap(analysed: tuple[ScanAnalysis, ScanObjects]) -> None:
+    # Lesions lie inside the lungs, so lesion and lung segments share pixels.
+    _, objects = analysed
+    assert objects.seg is not None
+    assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(objects.seg)).SegmentsOverlap == "YES"
