@@ -177,8 +177,9 @@ def write_outputs(
                 # [slices, rows, columns] uint8 in assembled order (ascending along the normal).
                 labels=labels,
                 class_names=np.asarray(list(message.mask.class_names)),
-                # For each mask slice, the file it belongs to (by name, and its 1-based number).
-                slice_files=np.asarray([_file_name(files, n) for n in numbers]),
+                # For each mask slice, the 1-based number of its file in the order sent (the
+                # sorted folder listing). Not the file names: they can carry patient data, and
+                # the masks file travels further than the series folder.
                 slice_file_number=numbers,
                 spacing_mm=np.asarray(result["series"]["spacing_mm"], dtype=np.float64),
             )
@@ -331,7 +332,3 @@ def _file_hint(details: str, files: Sequence[Path]) -> str:
     if not 1 <= number <= len(files):
         return ""
     return f" (file {number} is {files[number - 1].name})"
-
-
-def _file_name(files: Sequence[Path], number: int) -> str:
-    return files[number - 1].name if 1 <= number <= len(files) else ""

@@ -24,6 +24,7 @@ import grpc
 import grpc.aio
 
 from ctjoint.gateway.errors import CtJointError
+from ctjoint.gateway.logging_setup import RateLimit, bounded_text
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ ENV_TOKENS: Final = "CTJOINT_GATEWAY_TOKENS"
 AUTHORIZATION_METADATA: Final = "authorization"
 # Methods anyone may call: health answers only SERVING / NOT_SERVING.
 OPEN_METHOD_PREFIXES: Final = ("/grpc.health.v1.Health/",)
+# Refusals are logged as one line per this many seconds, with the count of the others.
+REFUSAL_LOG_INTERVAL_S: Final = 1.0
 # Shorter tokens are guessable; refuse to start with one.
 MIN_TOKEN_CHARS: Final = 16
 _TOKEN_RE: Final = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces (HTTP/2 header)
@@ -89,11 +92,25 @@ def load_tokens(token_file: Path | None = None, *, env: bool = True) -> tuple[st
             tokens.append(line)
         if not tokens:
             raise AuthConfigError(f"{token_file}: the token file holds no token")
+        _warn_if_readable_by_others(token_file)
     if env:
         for index, value in enumerate(os.environ.get(ENV_TOKENS, "").replace(",", " ").split()):
             _check_token(value, f"${ENV_TOKENS} entry {index + 1}")
             tokens.append(value)
     return tuple(dict.fromkeys(tokens))
+
+
+def _warn_if_readable_by_others(path: Path) -> None:
+    """Tokens are secrets: a file others may read gives them away (warned, not refused, so a
+    secret mounted by an orchestrator with its own permissions still works)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning(
+            "%s: the token file is readable by others (mode %o); chmod 600 it", path, mode & 0o777
+        )
 
 
 def _check_token(token: str, where: str) -> None:
@@ -115,6 +132,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if not tokens:
             raise AuthConfigError("token authentication needs at least one token")
         self._digests = tuple(_digest(t) for t in tokens)
+        # A client retrying without a token must not write a log line per call.
+        self._log_limit = RateLimit(REFUSAL_LOG_INTERVAL_S)
 
     def accepts(self, metadata: Sequence[Any] | None) -> str | None:
         """None when the call may proceed, else why not (for the log; never the token)."""
@@ -139,13 +158,23 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
+        if method.startswith(OPEN_METHOD_PREFIXES):
             return handler
         reason = self.accepts(handler_call_details.invocation_metadata)
         if reason is None:
             return handler
-        log.warning("refused %s: %s", method, reason)
-        return _denying(handler)
+        skipped = self._log_limit.allow()
+        if skipped is not None:
+            # The method name is the caller's text: bounded and escaped.
+            log.warning(
+                "refused %s: %s (and %d more refusals since the last line)",
+                bounded_text(method, 128),
+                reason,
+                skipped,
+            )
+        # Unknown methods too: without a token, a caller learns nothing, not even which
+        # methods exist (UNIMPLEMENTED would tell it).
+        return _denying(handler) if handler is not None else _DENY_ANY
 
 
 _MESSAGE: Final = "a valid bearer token is required (metadata 'authorization: Bearer <token>')"
@@ -171,6 +200,10 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                 response_serializer=handler.response_serializer,
             )
     return handler
+
+
+# For a method this server does not have: any request (raw bytes), answered UNAUTHENTICATED.
+_DENY_ANY: Final = grpc.stream_stream_rpc_method_handler(_deny)
 
 
 __all__ = ["ENV_TOKENS", "AuthConfigError", "TlsConfig", "TokenAuthInterceptor", "load_tokens"]

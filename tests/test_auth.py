@@ -573,3 +573,50 @@ def test_a_token_file_with_non_ascii_is_refused_without_echo(tmp_path: Path) -> 
     assert "secr" not in str(err.value)
     path.write_text(f"# ours\n\n  {TOKEN}\n")
     assert ChannelSecurity(token_file=path).token() == TOKEN
+
+
+# --- abuse: unknown methods, repeated refusals, readable token files (issue 21) ---------------
+
+
+def _unknown_method(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> bytes:
+    call = channel.unary_unary("/ctjoint.v1.ScanService/NoSuchMethod")
+    return call(b"", timeout=10, metadata=metadata)  # type: ignore[no-any-return]
+
+
+def test_an_unknown_method_without_a_token_is_unauthenticated(
+    token_gateway: GatewayProcess,
+) -> None:
+    with grpc.insecure_channel(token_gateway.address) as channel:
+        assert _code(lambda: _unknown_method(channel)) == grpc.StatusCode.UNAUTHENTICATED
+        with_token = (("authorization", f"Bearer {TOKEN}"),)
+        assert _code(lambda: _unknown_method(channel, with_token)) == (
+            grpc.StatusCode.UNIMPLEMENTED
+        )
+
+
+def test_repeated_refusals_are_rate_limited_in_the_log(token_gateway: GatewayProcess) -> None:
+    time.sleep(1.1)  # past the interval of any refusal logged by an earlier test
+    before = token_gateway.log().count("refused /")
+    with grpc.insecure_channel(token_gateway.address) as channel:
+        for _ in range(50):
+            assert _code(lambda: _model_info(channel)) == grpc.StatusCode.UNAUTHENTICATED
+    time.sleep(0.2)
+    logged = token_gateway.log().count("refused /") - before
+    assert 1 <= logged <= 3  # 50 calls in well under 3 s: one line a second at most
+
+
+def test_a_token_file_readable_by_others_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN}\n")
+    path.chmod(0o600)
+    with caplog.at_level("WARNING", logger="ctjoint.gateway.auth"):
+        assert load_tokens(path, env=False) == (TOKEN,)
+    assert caplog.records == []
+    path.chmod(0o644)
+    with caplog.at_level("WARNING", logger="ctjoint.gateway.auth"):
+        assert load_tokens(path, env=False) == (TOKEN,)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: the token file is readable by others (mode 644); chmod 600 it"
+    ]

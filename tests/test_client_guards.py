@@ -218,3 +218,21 @@ def test_a_flood_of_silent_connections_leaves_health_and_metrics_answering(
         assert len(analyze(process.address, series, timeout=30).slice_file_number) == 4
     finally:
         process.stop()
+
+
+def test_a_huge_model_string_is_truncated_and_escaped_in_details_and_log(
+    gateway: GatewayProcess, series: list[bytes]
+) -> None:
+    model = "x\nERROR forged log line " + "A" * (1024 * 1024)
+    log_before = len(gateway.log())
+    with pytest.raises(grpc.RpcError) as refused:
+        analyze(gateway.address, series, timeout=30, model=model)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = refused.value.details() or ""
+    assert details.startswith("ScanHeader: model: unknown model 'x\\nERROR forged log line AAA")
+    assert re.search(r"\.\.\. \(\d+ characters in all\)$", details)
+    assert len(details) < 700
+    time.sleep(0.2)
+    logged = gateway.log()[log_before:]
+    assert len(logged) < 4000
+    assert "\nERROR forged log line" not in logged
