@@ -74,6 +74,27 @@ class LogFormat(StrEnum):
     json = "json"
 
 
+class SegType(StrEnum):
+    binary = "binary"
+    labelmap = "labelmap"
+
+
+SegTypeOption = Annotated[
+    SegType,
+    typer.Option(
+        help="DICOM SEG encoding: binary (empty frames left out) or labelmap (Supplement 243)."
+    ),
+]
+SourceEquipmentOption = Annotated[
+    bool,
+    typer.Option(
+        "--seg-source-equipment",
+        help="SEG/SR also carry the source's acquisition equipment (institution, station, "
+        "device serial, acquisition time); off: they name neither hospital nor scanner.",
+    ),
+]
+
+
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 
 # Client-side channel security, the same options on every command that talks to the gateway.
@@ -436,6 +457,8 @@ def analyze(
         Path | None,
         typer.Option("--sr", help="Write a DICOM Comprehensive 3D SR (TID 1500 measurements)."),
     ] = None,
+    seg_type: SegTypeOption = SegType.binary,
+    seg_source_equipment: SourceEquipmentOption = False,
 ) -> None:
     """Analyse a series in-process with ONNX Runtime and print the result."""
     from ctjoint.client.render import format_summary, write_overlay_png, write_result_json
@@ -465,9 +488,14 @@ def analyze(
         )
         typer.echo(f"wrote {png_out}")
     if seg_out is not None or sr_out is not None:
-        from ctjoint.gateway.dicom_outputs import analysis_objects
+        from ctjoint.gateway.dicom_outputs import OutputSettings, analysis_objects
 
-        objects = analysis_objects(analysis, seg=seg_out is not None, sr=sr_out is not None)
+        settings = OutputSettings(
+            copy_source_equipment=seg_source_equipment, seg_type=seg_type.value
+        )
+        objects = analysis_objects(
+            analysis, seg=seg_out is not None, sr=sr_out is not None, settings=settings
+        )
         for path, data in ((seg_out, objects.seg), (sr_out, objects.sr)):
             if path is not None and data is not None:
                 path.write_bytes(data)
@@ -576,6 +604,8 @@ def gateway_serve(
             "a slower push goes on in the background and the answer says so (pending).",
         ),
     ] = 1.0,
+    seg_type: SegTypeOption = SegType.binary,
+    seg_source_equipment: SourceEquipmentOption = False,
     tls_cert: Annotated[
         Path | None, typer.Option(help="PEM certificate (chain) of the gateway: serve TLS.")
     ] = None,
@@ -595,6 +625,7 @@ def gateway_serve(
     """Serve AnalyzeScan, GetModelInfo, health and reflection over gRPC until SIGTERM."""
     from ctjoint.gateway.auth import TlsConfig, load_tokens
     from ctjoint.gateway.backends.replicas import parse_endpoints
+    from ctjoint.gateway.dicom_outputs import OutputSettings
     from ctjoint.gateway.guards import ClientGuards
     from ctjoint.gateway.limits import GatewayLimits
     from ctjoint.gateway.logging_setup import configure_logging
@@ -660,6 +691,9 @@ def gateway_serve(
             )
             if pacs_ae
             else None,
+            dicom_outputs=OutputSettings(
+                copy_source_equipment=seg_source_equipment, seg_type=seg_type.value
+            ),
             tls=tls,
             tokens=tokens,
         )

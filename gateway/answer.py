@@ -13,7 +13,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import AsyncIterable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -27,7 +27,7 @@ from ctjoint.gateway.analysis import (
     ScanAnalyzer,
     cam_on_source,
 )
-from ctjoint.gateway.dicom_outputs import ScanObjects, analysis_objects
+from ctjoint.gateway.dicom_outputs import OutputSettings, ScanObjects, analysis_objects
 from ctjoint.gateway.errors import InputError
 from ctjoint.gateway.limits import TestLeak, cpu_bound
 from ctjoint.gateway.wire import MASK_ZLIB_LEVEL, encode_label_map, result_to_proto
@@ -51,6 +51,8 @@ class ScanOrder:
     deadline_s: float | None = None
     # Whether the caller follows progress (AnalyzeScanWithProgress).
     progress: bool = False
+    # The operator's SEG/SR settings (docs/interoperability.md).
+    dicom: OutputSettings = field(default_factory=OutputSettings)
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,13 @@ async def analyze_scan(
     if progress is not None:
         progress(Progress("postprocessed", 1, 1))
     message, objects = await cpu_bound(
-        result_message, analysis, order.outputs, order.request_id, receive_ms(), pacs=order.pacs
+        result_message,
+        analysis,
+        order.outputs,
+        order.request_id,
+        receive_ms(),
+        pacs=order.pacs,
+        dicom=order.dicom,
     )
     timings = analysis.result.timings
     return ScanAnswer(
@@ -120,6 +128,7 @@ def result_message(
     receive_ms: float,
     *,
     pacs: bool,
+    dicom: OutputSettings | None = None,
 ) -> tuple[scan_pb2.ScanResult, ScanObjects | BaseException]:
     """Build the answer (mask compression, PNG, SEG and SR take real time: run it off the
     loop), and the DICOM objects for the PACS, or why they could not be built."""
@@ -142,7 +151,9 @@ def result_message(
     if outputs.seg or outputs.sr or pacs:
         started = time.perf_counter()
         try:
-            objects = analysis_objects(analysis, seg=outputs.seg or pacs, sr=outputs.sr or pacs)
+            objects = analysis_objects(
+                analysis, seg=outputs.seg or pacs, sr=outputs.sr or pacs, settings=dicom
+            )
         except (InputError, ValueError) as err:
             if outputs.seg or outputs.sr:
                 raise

@@ -30,6 +30,7 @@ from ctjoint.gateway.analysis import ScanAnalyzer
 from ctjoint.gateway.auth import TlsConfig, TokenAuthInterceptor
 from ctjoint.gateway.backends.base import InferenceBackend
 from ctjoint.gateway.decode_pool import close_default_pool
+from ctjoint.gateway.dicom_outputs import OutputSettings
 from ctjoint.gateway.errors import BackendUnavailableError
 from ctjoint.gateway.guards import ClientGuards, fd_headroom
 from ctjoint.gateway.interceptors import ScanServiceInterceptor
@@ -90,6 +91,8 @@ class GatewayConfig:
     require_all_models: bool = True
     # Where SEG and SR go after each scan (C-STORE); None: nowhere.
     pacs: PacsDestination | None = None
+    # What SEG and SR carry and how the SEG is encoded (gateway/dicom_outputs.py).
+    dicom_outputs: OutputSettings = field(default_factory=OutputSettings)
     # TLS (and mTLS with a client CA); None: plaintext, fit only for loopback or a mesh.
     tls: TlsConfig | None = None
     # Accepted bearer tokens; empty: no token needed (gateway/auth.py).
@@ -187,6 +190,7 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         default_model=config.default_model,
         analyzer=create_analyzer(config, backend),
         pacs=config.pacs,
+        dicom_outputs=config.dicom_outputs,
         workers=workers,
     )
     health_servicer = health.aio.HealthServicer()

@@ -22,7 +22,7 @@ from ctjoint.gateway.answer import ScanAnswer, ScanOrder, analyze_scan
 from ctjoint.gateway.backends.base import InferenceBackend
 from ctjoint.gateway.deadlines import set_deadline
 from ctjoint.gateway.dicom_io import describe_source
-from ctjoint.gateway.dicom_outputs import ScanObjects
+from ctjoint.gateway.dicom_outputs import OutputSettings, ScanObjects
 from ctjoint.gateway.errors import (
     BackendUnavailableError,
     EmptySeriesError,
@@ -63,6 +63,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         default_model: str,
         analyzer: ScanAnalyzer | None = None,
         pacs: PacsDestination | None = None,
+        dicom_outputs: OutputSettings | None = None,
         slots: ScanSlots | None = None,
         workers: ScanWorkerPool | None = None,
     ) -> None:
@@ -80,6 +81,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         self._metrics = metrics
         self._default_model = default_model
         self._pacs = pacs
+        self._dicom_outputs = dicom_outputs if dicom_outputs is not None else OutputSettings()
         # Pushes run on the pusher's own threads; it bounds how long an answer waits for one.
         self._pusher = PacsPusher(pacs, registry=metrics.registry) if pacs is not None else None
 
@@ -200,6 +202,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             pacs=self._pacs is not None,
             deadline_s=context.time_remaining(),
             progress=with_progress,
+            dicom=self._dicom_outputs,
         )
         analysis_task = asyncio.ensure_future(self._analyze(order, receive, emit))
         try:

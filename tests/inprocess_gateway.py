@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ctjoint.contracts import MODEL_JCS2D
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
+from ctjoint.gateway.dicom_outputs import OutputSettings
 from ctjoint.gateway.pacs import PacsDestination
 from ctjoint.gateway.server import GatewayConfig, serve
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
@@ -49,6 +50,7 @@ async def served_gateway(
     *,
     pacs: PacsDestination | None = None,
     metrics_port: int | None = None,
+    dicom_outputs: OutputSettings | None = None,
 ) -> AsyncIterator[grpc.aio.Channel]:
     """A gateway serving jcs2d from `model_dir` in this event loop, until the block ends; yields
     a channel to it once it is SERVING."""
@@ -59,6 +61,7 @@ async def served_gateway(
         grace_seconds=1.0,
         pacs=pacs,
         metrics_port=metrics_port,
+        dicom_outputs=dicom_outputs or OutputSettings(),
     )
     backend = EmbeddedBackend((MODEL_JCS2D,), model_dir=model_dir, intra_op_threads=1)
     server = asyncio.ensure_future(serve(config, backend=backend))

@@ -3,6 +3,7 @@ frames on their source slices, measurements equal to the result."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_factory import SMALL_SERIES_LESIONS, write_ct_series
+from inprocess_gateway import analyze, served_gateway
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from typer.testing import CliRunner
@@ -348,3 +350,20 @@ def test_binary_seg_says_its_segments_overlap(analysed: tuple[ScanAnalysis, Scan
     _, objects = analysed
     assert objects.seg is not None
     assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(objects.seg)).SegmentsOverlap == "YES"
+
+
+def test_the_gateway_applies_the_operators_seg_settings(
+    tmp_path: Path, contract_model_dir: Path
+) -> None:
+    folder = _edited_series(tmp_path / "series", SOURCE_EQUIPMENT)
+    files = [p.read_bytes() for p in list_series_files(folder)]
+    settings = OutputSettings(copy_source_equipment=True, seg_type="labelmap")
+
+    async def main() -> scan_pb2.ScanResult:
+        async with served_gateway(contract_model_dir, dicom_outputs=settings) as channel:
+            return await analyze(channel, files, scan_pb2.OutputOptions(seg=True))
+
+    result = asyncio.run(main())
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(result.seg_dicom))
+    assert seg.SegmentationType == "LABELMAP"
+    assert seg.ContributingEquipmentSequence[0].InstitutionName == "CANARY GENERAL HOSPITAL"
