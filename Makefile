@@ -124,5 +124,16 @@ proto: install
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
 	  ctjoint/v1/scan.proto
 
+# One prepared GPU check (docs/deployment.md): runs from the checkout with the machine's own
+# Python (torch, numpy; nothing installed), through the package-dir view `make typecheck`
+# uses. Anywhere else: `make gpu-check GPU_PYTHON=.venv/bin/python GPU_CHECK_ARGS=--smoke`.
+GPU_PYTHON ?= python3
+GPU_VIEW := build/gpu-check-view
+gpu-check:
+	rm -rf $(GPU_VIEW) && mkdir -p $(GPU_VIEW)/ctjoint
+	for f in ctjoint/*.py ctjoint/py.typed ctjoint/v1; do ln -s $(CURDIR)/$$f $(GPU_VIEW)/ctjoint/; done
+	for d in gateway client export; do ln -s $(CURDIR)/$$d $(GPU_VIEW)/ctjoint/$$d; done
+	PYTHONPATH=$(GPU_VIEW) $(GPU_PYTHON) bench/gpu_models.py $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf build out .typecheck
