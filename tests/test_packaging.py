@@ -82,3 +82,46 @@ def test_cli_import_pulls_in_no_heavy_package() -> None:
 def test_client_render_imports_without_heavy_packages() -> None:
     code = BLOCK_HEAVY + "import ctjoint.client.render\n"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# Only torch is blocked: the serving side runs ONNX Runtime, never PyTorch.
+BLOCK_TORCH = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'torch':
+            raise ImportError('blocked for this test: ' + name)
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_serving_and_the_demo_import_without_torch() -> None:
+    modules = [
+        "ctjoint.cli",
+        "ctjoint.demo",
+        "ctjoint.gateway.server",
+        "ctjoint.gateway.backends.embedded",
+        "ctjoint.gateway.backends.triton",
+        "ctjoint.export.phantom",
+        "ctjoint.export.bundled",
+        "ctjoint.export.triton_check",
+        "ctjoint.export.engine_cache",
+        "ctjoint.export.tensorrt_build",
+    ]
+    code = (
+        BLOCK_TORCH
+        + "".join(f"import {m}\n" for m in modules)
+        + (
+            "from ctjoint.export.bundled import bundled_onnx\n"
+            "assert all(bundled_onnx(m).is_file() for m in ('jcs2d', 'deepsc3d'))\n"
+        )
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_no_serving_extra_pulls_torch() -> None:
+    extras = _pyproject()["project"]["optional-dependencies"]
+    for extra in ("client", "gateway", "demo", "tensorrt"):
+        assert not [r for r in extras[extra] if r.startswith("torch")], extra
