@@ -136,7 +136,8 @@ class Runner:
                     return self.net(x)[:2]
             if mode == "torch.compile":
                 if self._compiled is None:
-                    self._compiled = torch.compile(self.net, dynamic=False)
+                    # Automatic dynamic shapes: one recompile for the batch axis, not one per size.
+                    self._compiled = torch.compile(self.net)
                 return self._compiled(x)[:2]
             if mode == "cuda graphs":
                 return self._replay(x)
