@@ -232,7 +232,7 @@ class _Segmentation(hd.seg.Segmentation):
     """
 
     @classmethod
-    def _check_and_cast_pixel_array(  # type: ignore[override]
+    def _check_and_cast_pixel_array(
         cls,
         pixel_array: Any,
         segment_numbers: np.ndarray,
