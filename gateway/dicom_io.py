@@ -335,10 +335,12 @@ def ct_slice_from_dataset(
     thickness = _optional_positive_float(dataset, "SliceThickness", source)
     if thickness is not None:
         _check_range([thickness], SLICE_THICKNESS_MM, "SliceThickness", source, unit=" mm")
+    # The destination first: the series' memory budget is checked from Rows and Columns
+    # before the pixels are decoded.
+    out = hu_out(rows, columns) if hu_out is not None else None
     pixels = _decode_pixels(dataset, rows, columns, source)
     # One pass from the stored integers to float32 HU (the conversion is the first operation,
     # not a separate astype), then the identity-free rest of the rescale.
-    out = hu_out(rows, columns) if hu_out is not None else None
     if out is not None and (out.shape != (rows, columns) or out.dtype != np.float32):
         out = None
     if slope != 1.0:

@@ -50,6 +50,13 @@ MAX_REPORTED = 3
 MIN_SLICES = 3
 SLICE_SPACING_MM = (0.1, 20.0)
 THICKNESS_TO_SPACING = (0.05, 10.0)
+# The memory budget of one scan's volume (float32 HU, rows x columns x slices x 4 bytes),
+# checked from each file's Rows and Columns before its pixels are decoded, and before any
+# buffer is allocated (the one preallocated from expected_files included): 1.5 GiB holds
+# 1,000 slices of 512 x 512 or 375 of 1024 x 1024, not 60 of 4096 x 4096. Growing a buffer
+# briefly holds the old one too, so a scan's high-water mark is below 1.5 times the budget.
+DEFAULT_MAX_SCAN_BYTES = 1536 * 1024 * 1024
+_HU_BYTES = 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,10 +180,17 @@ class SeriesAssembler:
     """
 
     def __init__(
-        self, *, expected_slices: int | None = None, max_slices: int | None = None
+        self,
+        *,
+        expected_slices: int | None = None,
+        max_slices: int | None = None,
+        max_bytes: int = DEFAULT_MAX_SCAN_BYTES,
     ) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         self._expected = expected_slices
         self._max = max_slices
+        self._max_bytes = max_bytes
         self._first: CtSlice | None = None
         self._buffer: np.ndarray | None = None
         # The row handed out by next_slot, which add() then takes without a copy.
@@ -316,6 +330,18 @@ class SeriesAssembler:
         buffer = self._buffer
         if buffer is not None and buffer.shape[0] >= count:
             return buffer
+        slice_bytes = int(np.prod(shape)) * _HU_BYTES
+        affordable = self._max_bytes // slice_bytes
+        wanted = max(count, self._expected or 0)
+        if self._max is not None:
+            wanted = min(wanted, self._max)
+        if wanted > affordable:
+            rows, columns = shape
+            raise LimitExceededError(
+                f"at slice {count}: a scan of {wanted} slices of {rows}x{columns} needs "
+                f"{wanted * slice_bytes} bytes decoded, more than the budget of "
+                f"{self._max_bytes} bytes per scan ({affordable} such slices)"
+            )
         if buffer is not None and self._descending:
             # More slices than the series said: back to arrival order, then grow as usual.
             filled = len(self._records)
@@ -326,6 +352,7 @@ class SeriesAssembler:
             capacity = max(capacity, 2 * buffer.shape[0])
         if self._max is not None:
             capacity = min(capacity, self._max)
+        capacity = min(capacity, affordable)
         grown = np.empty((capacity, *shape), dtype=np.float32)
         if buffer is not None:
             grown[: buffer.shape[0]] = buffer
