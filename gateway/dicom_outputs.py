@@ -183,6 +183,18 @@ def _sr_algorithm(result: ScanResult) -> hd.sr.AlgorithmIdentification:
     )
 
 
+def algorithm_equipment(result: ScanResult) -> hd.ContributingEquipment:
+    """The model that made the findings, as Contributing Equipment of the SEG and SR (the IHE AI
+    Results idea: a result names the algorithm and version that produced it)."""
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=f"ctjoint {result.model}",
+        software_versions=result.model_version or "unknown",
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        contribution_description="Automatic lesion segmentation and scan classification",
+    )
+
+
 def _segment_descriptions(
     result: ScanResult, *, labelmap: bool = False
 ) -> list[hd.seg.SegmentDescription]:
@@ -332,6 +344,7 @@ def build_seg(
         content_label="LESIONS",
         content_description="Lesion and lung segmentation (automatic, not for clinical use)",
         omit_empty_frames=omit_empty_frames,
+        contributing_equipment=[algorithm_equipment(result)],
         coding_schemes=_coding_schemes(),
     )
 
@@ -467,6 +480,7 @@ def build_sr(
         instance_number=1,
         manufacturer=who.manufacturer,
         series_description="ctjoint measurement report",
+        contributing_equipment=[algorithm_equipment(result)],
         is_complete=True,
         is_final=False,
         is_verified=False,

@@ -253,8 +253,10 @@ def test_seg_and_sr_carry_no_source_equipment_by_default(
         for keyword, value in SOURCE_EQUIPMENT.items():
             assert value.encode() not in data, keyword
     seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(objects.seg))
+    # Our model and highdicom, no acquisition equipment.
     assert [item.Manufacturer for item in seg.ContributingEquipmentSequence] == [
-        "Highdicom open-source contributors"
+        "ctjoint",
+        "Highdicom open-source contributors",
     ]
     assert seg.Manufacturer == "ctjoint"
 
@@ -367,3 +369,19 @@ def test_the_gateway_applies_the_operators_seg_settings(
     seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(result.seg_dicom))
     assert seg.SegmentationType == "LABELMAP"
     assert seg.ContributingEquipmentSequence[0].InstitutionName == "CANARY GENERAL HOSPITAL"
+
+
+def test_seg_and_sr_name_the_model_as_contributing_equipment(
+    analysed: tuple[ScanAnalysis, ScanObjects],
+) -> None:
+    analysis, objects = analysed
+    for data in (objects.seg, objects.sr):
+        assert data is not None
+        ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+        models = {
+            (item.ManufacturerModelName, item.SoftwareVersions)
+            for item in ds.ContributingEquipmentSequence
+            if item.Manufacturer == "ctjoint"
+        }
+        result = analysis.result
+        assert (f"ctjoint {result.model}", result.model_version) in models
