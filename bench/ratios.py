@@ -11,6 +11,13 @@ run on the same series (a phantom chest CT, 512x512x100 by default), printed wit
 6. tail     last file received -> result / the scan's model time (jcs2d)        (<= 0.2)
             as fast as loopback takes the files, and paced like a scanner (--pace files/s)
 
+Two builds compared (each LABEL a list of --out files, e.g. runs alternated between them),
+the table written between the markers `<!-- ratios compare -->` and `<!-- /ratios compare -->`
+of a document:
+
+    .venv/bin/python bench/ratios.py --compare before=a1.json,a2.json after=b1.json,b2.json \
+        --doc docs/reliability.md
+
 A benchmark, not a test: it takes minutes and its figures depend on the machine and its load
 (printed with the results). Writes everything to --out (JSON).
 """
@@ -454,8 +461,62 @@ def ratios_end_to_end(
     return ratios, None
 
 
+DOC_BEGIN = "<!-- ratios compare -->"
+DOC_END = "<!-- /ratios compare -->"
+
+
+def compare_table(runs: dict[str, list[Path]]) -> str:
+    """A markdown table: each ratio's median value (and its numerator, in its unit) per label,
+    over that label's result files, with the files' hosts and loads."""
+    loaded = {label: [json.loads(p.read_text()) for p in paths] for label, paths in runs.items()}
+    names: list[str] = []
+    for results in loaded.values():
+        for result in results:
+            names.extend(r["name"] for r in result["ratios"] if r["name"] not in names)
+    lines = [
+        "| ratio | "
+        + " | ".join(f"{label} (median of {len(loaded[label])})" for label in loaded)
+        + " |",
+        "|---|" + "---|" * len(loaded),
+    ]
+    for name in names:
+        cells = []
+        for results in loaded.values():
+            found = [r for result in results for r in result["ratios"] if r["name"] == name]
+            if not found:
+                cells.append("-")
+                continue
+            value = statistics.median(r["value"] for r in found)
+            numerator = statistics.median(r["numerator"] for r in found)
+            cells.append(f"{value:.3f} ({numerator:.4g} {found[0]['unit']})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for label, results in loaded.items():
+        loads = ", ".join(str(r["host"]["load_average"][0]) for r in results)
+        host = results[0]["host"]
+        lines.append("")
+        lines.append(f"{label}: {host['cpu']}, {host['cores']} cores, 1-min load at start {loads}")
+    return "\n".join(lines) + "\n"
+
+
+def write_into_doc(doc: Path, table: str, command: str) -> None:
+    """Replace what lies between the markers in `doc` with the table and its command."""
+    text = doc.read_text()
+    begin, end = text.find(DOC_BEGIN), text.find(DOC_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"{doc}: no {DOC_BEGIN} ... {DOC_END} block to write into")
+    block = f"{DOC_BEGIN}\n`{command}`\n\n{table}"
+    doc.write_text(text[:begin] + block + text[end:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="LABEL=OUT.json[,OUT.json...]",
+        help="compare earlier runs instead of measuring (see the module docstring)",
+    )
+    parser.add_argument("--doc", type=Path, help="with --compare: the document to write into")
     parser.add_argument("--series", type=Path, help="series folder (default: a phantom)")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--slices", type=int, default=100)
@@ -472,6 +533,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="files per second for the paced tail figure (0: unpaced only)",
     )
     args = parser.parse_args(argv)
+    if args.compare:
+        runs = {}
+        for item in args.compare:
+            label, _, paths = item.partition("=")
+            runs[label] = [Path(p) for p in paths.split(",") if p]
+        table = compare_table(runs)
+        print(table)
+        if args.doc is not None:
+            command = "bench/ratios.py " + " ".join(sys.argv[1:] if argv is None else list(argv))
+            write_into_doc(args.doc, table, command)
+        return 0
     wanted = {w.strip() for w in args.only.split(",") if w.strip()}
     unknown = wanted - set(RATIOS)
     if unknown:
