@@ -40,6 +40,7 @@ def deflated_slice(size: int, seed: int) -> tuple[bytes, np.ndarray]:
         series_uid=generate_uid(),
         study_uid=generate_uid(),
         frame_uid=generate_uid(),
+        pixel_spacing=(350.0 / size, 350.0 / size),  # a 350 mm field of view at any size
     )
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     buffer = io.BytesIO()
