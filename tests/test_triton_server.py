@@ -448,8 +448,10 @@ def test_perf_analyzer_sweep_writes_csv_and_json(
         url=triton.grpc_url,
         concurrency="1:2",
         out_dir=tmp_path,
-        measurement_ms=1000,
-        stability_percent=60,
+        # CI runs this on 2 cores beside the rest of the suite: windows vary a lot, and the
+        # test is about the sweep's output, not a stable figure.
+        measurement_ms=1500,
+        stability_percent=100,
     )
     print(report.summary())
     assert [r.concurrency for r in report.rows] == [1, 2]
