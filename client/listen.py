@@ -9,6 +9,10 @@ arrived for `quiet_seconds`. It is then sent like `ctjoint send` does, from the 
 and its outputs land in `OUT/<series key>/`. The key is a hash of the Series Instance UID: no
 UID or patient data appears in folder names or logs.
 
+The SCP accepts every transfer syntax the gateway decodes (`ACCEPTED_TRANSFER_SYNTAXES`),
+answers C-ECHO, and can admit only listed calling AE titles and serve DICOM over TLS
+(`ListenerSecurity`); an association from any other AE title is rejected.
+
 A spool holds patient data, so it does not outlive its use: a series whose forward fails is
 tried again (after 30 s, then twice as long each time, at most 10 min apart) and its spool
 deleted once forwarded, or once `retention_seconds` (1 h by default) have passed since the
@@ -24,6 +28,7 @@ import logging
 import os
 import secrets
 import shutil
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +37,23 @@ from pathlib import Path
 from typing import Any, Final
 
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    Verification,
+)
 
 from ctjoint.client.channel import ChannelSecurity
 from ctjoint.contracts import ENV_PSEUDONYM_KEY
@@ -42,6 +62,20 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUIET_SECONDS: Final = 5.0
 POLL_SECONDS: Final = 0.2
+# What the gateway decodes (pydicom with the pylibjpeg, openjpeg and RLE plugins): a scanner may
+# push any of them; uncompressed first, so a sender offering several gets those.
+ACCEPTED_TRANSFER_SYNTAXES: Final = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
 # How long a failed series' spool is kept and retried (docs/interoperability.md).
 DEFAULT_RETENTION_SECONDS: Final = 3600.0
 FIRST_RETRY_SECONDS: Final = 30.0
@@ -271,11 +305,51 @@ def gateway_forward(
     return forward
 
 
-def make_ae(ae_title: str) -> AE:
-    """A storage SCP for CT images (every transfer syntax pydicom can store)."""
+@dataclass(frozen=True)
+class ListenerSecurity:
+    """Who may associate, and whether over TLS.
+
+    `allowed_calling_aes`: the calling AE titles admitted (empty: any). `tls_cert` and
+    `tls_key` (PEM): serve DICOM over TLS (PS3.15 B.1, TLS 1.2 or later); with `tls_client_ca`
+    the sender must present a certificate that CA signed.
+    """
+
+    allowed_calling_aes: tuple[str, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_calling_aes", tuple(self.allowed_calling_aes))
+        for title in self.allowed_calling_aes:
+            if not title or len(title) > 16 or "\\" in title:
+                raise ValueError(f"AE title {title!r} must be 1-16 characters, no backslash")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its private key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("a client CA needs TLS (a certificate and key) too")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server-side TLS context, or None for plain TCP."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.tls_cert, self.tls_key)
+        if self.tls_client_ca is not None:
+            context.load_verify_locations(self.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+def make_ae(ae_title: str, security: ListenerSecurity | None = None) -> AE:
+    """A storage SCP for CT images in every accepted transfer syntax, answering C-ECHO."""
     ae = AE(ae_title=ae_title)
-    ae.add_supported_context(CTImageStorage)
+    ae.add_supported_context(CTImageStorage, list(ACCEPTED_TRANSFER_SYNTAXES))
+    ae.add_supported_context(Verification)
     ae.require_called_aet = False
+    if security is not None and security.allowed_calling_aes:
+        ae.require_calling_aet = list(security.allowed_calling_aes)
     return ae
 
 
@@ -297,6 +371,7 @@ def listen(
     forward: Forward,
     quiet_seconds: float = DEFAULT_QUIET_SECONDS,
     retention_seconds: float = DEFAULT_RETENTION_SECONDS,
+    security: ListenerSecurity | None = None,
     stop: threading.Event | None = None,
     started: Callable[[int], None] | None = None,
 ) -> SeriesListener:
@@ -304,12 +379,26 @@ def listen(
     listener = SeriesListener(
         spool, forward, quiet_seconds=quiet_seconds, retention_seconds=retention_seconds
     )
-    ae = make_ae(ae_title)
-    server = ae.start_server((host, port), block=False, evt_handlers=handlers(listener))
+    ae = make_ae(ae_title, security)
+    server = ae.start_server(
+        (host, port),
+        block=False,
+        evt_handlers=handlers(listener),
+        ssl_context=security.ssl_context() if security is not None else None,
+    )
     if server is None:  # only a blocking server returns None
         raise RuntimeError("the storage SCP did not start")
     bound = int(server.server_address[1])
-    log.info("listening for C-STORE as %s on %s:%d", ae_title, host, bound)
+    log.info(
+        "listening for C-STORE and C-ECHO as %s on %s:%d (tls=%s, calling AE titles: %s)",
+        ae_title,
+        host,
+        bound,
+        "on" if security is not None and security.tls_cert is not None else "off",
+        ",".join(security.allowed_calling_aes)
+        if security and security.allowed_calling_aes
+        else "any",
+    )
     if started is not None:
         started(bound)
     halt = stop or threading.Event()
@@ -322,4 +411,11 @@ def listen(
     return listener
 
 
-__all__ = ["SeriesListener", "gateway_forward", "listen", "series_key"]
+__all__ = [
+    "ACCEPTED_TRANSFER_SYNTAXES",
+    "ListenerSecurity",
+    "SeriesListener",
+    "gateway_forward",
+    "listen",
+    "series_key",
+]

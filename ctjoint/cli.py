@@ -834,6 +834,22 @@ def listen(
             "retried; then the spool is deleted.",
         ),
     ] = 3600.0,
+    allow_ae: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-ae",
+            help="Admit only this calling AE title (repeat for more); others are rejected.",
+        ),
+    ] = None,
+    scp_tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate: serve DICOM over TLS to the scanner.")
+    ] = None,
+    scp_tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --scp-tls-cert.")] = (
+        None
+    ),
+    scp_client_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA: senders must present a certificate it signed.")
+    ] = None,
     seg: Annotated[bool, typer.Option("--seg", help="Ask for and write seg.dcm.")] = False,
     sr: Annotated[bool, typer.Option("--sr", help="Ask for and write sr.dcm.")] = False,
     tls: TlsOption = False,
@@ -846,8 +862,18 @@ def listen(
     """Receive CT series by C-STORE and forward each complete series to the gateway, once."""
     import logging
 
-    from ctjoint.client.listen import gateway_forward
+    from ctjoint.client.listen import ListenerSecurity, gateway_forward
     from ctjoint.client.listen import listen as serve_storage
+
+    try:
+        scp_security = ListenerSecurity(
+            allowed_calling_aes=tuple(allow_ae or ()),
+            tls_cert=scp_tls_cert,
+            tls_key=scp_tls_key,
+            tls_client_ca=scp_client_ca,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
 
     # Only the listener's own lines (series keys, counts): no identifiers reach the log.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -870,6 +896,7 @@ def listen(
             forward=forward,
             quiet_seconds=quiet,
             retention_seconds=spool_retention,
+            security=scp_security,
         )
     except KeyboardInterrupt:
         typer.echo("stopped")

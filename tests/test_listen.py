@@ -3,7 +3,10 @@ series reaches the gateway once, and two series interleaved in one association s
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
+import ipaddress
 import json
 import os
 import shutil
@@ -17,11 +20,33 @@ from types import SimpleNamespace
 
 import pydicom
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from gateway_process import GatewayProcess
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
-from ctjoint.client.listen import SeriesListener, gateway_forward, listen, series_key
+from ctjoint.client.listen import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    Forward,
+    ListenerSecurity,
+    SeriesListener,
+    gateway_forward,
+    listen,
+    series_key,
+)
 from ctjoint.client.send import RESULT_JSON
 from ctjoint.contracts import ENV_PSEUDONYM_KEY
 from ctjoint.export.phantom import write_phantom_case
@@ -234,3 +259,227 @@ def test_spools_left_by_an_earlier_run_are_retried_or_deleted_by_age(tmp_path: P
     assert listener.retrying == [recent.name]
     assert listener.forward_complete() == 1
     assert forward.calls == [recent] and not recent.exists()
+
+
+# --- the hardened SCP: transfer syntaxes, C-ECHO, calling AE titles, TLS -------------------
+
+
+def _dcmtk(name: str) -> str:
+    tool = shutil.which(name)
+    if tool is None:
+        reason = f"{name} (Debian dcmtk) is not installed"
+        if os.geteuid() == 0:
+            pytest.fail(f"{reason}; `make test` installs it when run as root")
+        pytest.skip(f"{reason}; install dcmtk to test the DIMSE listener")
+    return tool
+
+
+@contextlib.contextmanager
+def running_listener(
+    tmp_path: Path, forward: Forward, security: ListenerSecurity | None = None
+) -> Iterator[tuple[int, dict[str, SeriesListener]]]:
+    """`listen` on a free loopback port in a thread; yields (port, {"listener": ...} once it
+    has stopped)."""
+    ports: list[int] = []
+    ready, stop = threading.Event(), threading.Event()
+    holder: dict[str, SeriesListener] = {}
+
+    def serve() -> None:
+        holder["listener"] = listen(
+            ae_title=AE_TITLE,
+            port=0,
+            host="127.0.0.1",
+            spool=tmp_path / "spool",
+            forward=forward,
+            quiet_seconds=0.5,
+            security=security,
+            stop=stop,
+            started=lambda port: (ports.append(port), ready.set()),
+        )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10), "the listener did not start"
+        yield ports[0], holder
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def _as_own_series(files: list[Path], folder: Path, syntax: str) -> list[Path]:
+    """`files` as a new series (own Series and SOP Instance UIDs) in `syntax`: dcmtk's own
+    encoders for JPEG lossless, JPEG-LS and RLE, pydicom's for JPEG 2000 and deflate."""
+    plain = folder / "plain"
+    plain.mkdir(parents=True)
+    series_uid = generate_uid()
+    sources = []
+    for index, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        target = plain / f"{index:03d}.dcm"
+        if syntax == JPEG2000Lossless:
+            ds.compress(JPEG2000Lossless)
+        elif syntax == DeflatedExplicitVRLittleEndian:
+            ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        ds.save_as(target, enforce_file_format=True)
+        sources.append(target)
+    tools = {JPEGLosslessSV1: "dcmcjpeg", JPEGLSLossless: "dcmcjpls", RLELossless: "dcmcrle"}
+    if syntax not in tools:
+        return sources
+    out = []
+    for source in sources:
+        target = folder / source.name
+        run = subprocess.run(
+            [_dcmtk(tools[syntax]), str(source), str(target)], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        out.append(target)
+    return out
+
+
+def test_compressed_series_from_storescu_reach_the_gateway(gateway: str, tmp_path: Path) -> None:
+    """dcmtk's storescu proposes each file's own transfer syntax; the listener accepts them
+    and the gateway decodes them (JPEG lossless, JPEG-LS and RLE made by dcmtk itself)."""
+    storescu = _dcmtk("storescu")
+    original = _series(tmp_path / "phantom", seed=21, slices=4)
+    syntaxes = (JPEGLosslessSV1, JPEGLSLossless, RLELossless, JPEG2000Lossless,
+                DeflatedExplicitVRLittleEndian)  # fmt: skip
+    series = {ts: _as_own_series(original, tmp_path / ts, ts) for ts in syntaxes}
+    for ts, files in series.items():
+        assert pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == ts
+    out = tmp_path / "results"
+    to_gateway = gateway_forward(
+        gateway=gateway, model="jcs2d", out_root=out, timeout=60.0, seg=False, sr=False
+    )
+    received: dict[str, str] = {}
+
+    def forward(folder: Path, key: str) -> None:
+        """Notes the transfer syntax the listener stored the series in, then forwards it."""
+        first = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
+        received[key] = str(first.file_meta.TransferSyntaxUID)
+        to_gateway(folder, key)
+
+    keys = {
+        ts: series_key(str(pydicom.dcmread(f[0], stop_before_pixels=True).SeriesInstanceUID))
+        for ts, f in series.items()
+    }
+    # storescu proposes one compressed syntax per run, beside the uncompressed ones.
+    propose = {JPEGLosslessSV1: "-xs", JPEGLSLossless: "-xt", RLELossless: "-xr",
+               JPEG2000Lossless: "-xv", DeflatedExplicitVRLittleEndian: "-xd"}  # fmt: skip
+    with running_listener(tmp_path, forward) as (port, holder):
+        for ts, files in series.items():
+            sent = subprocess.run(
+                [storescu, propose[ts], "-aec", AE_TITLE, "127.0.0.1", str(port), *map(str, files)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert sent.returncode == 0, f"{ts}: {sent.stderr}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all((out / key / RESULT_JSON).exists() for key in keys.values()):
+                break
+            time.sleep(0.2)
+    assert sorted(holder["listener"].forwarded) == sorted(keys.values())
+    for ts, key in keys.items():
+        assert received[key] == ts  # taken as sent, not converted by storescu
+        result = json.loads((out / key / RESULT_JSON).read_text())
+        assert result["series"]["slices"] == 4, ts
+
+
+def test_echoscu_is_answered_and_other_calling_ae_titles_are_refused(tmp_path: Path) -> None:
+    echoscu, storescu = _dcmtk("echoscu"), _dcmtk("storescu")
+    forwarded: list[str] = []
+    security = ListenerSecurity(allowed_calling_aes=("SCANNER1",))
+    files = _series(tmp_path / "phantom", seed=22, slices=2)
+    with running_listener(tmp_path, lambda folder, key: forwarded.append(key), security) as (
+        port,
+        _holder,
+    ):
+        address = ["127.0.0.1", str(port)]
+        echo = subprocess.run(
+            [echoscu, "-aet", "SCANNER1", "-aec", AE_TITLE, *address],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert echo.returncode == 0, echo.stderr
+        for tool, extra in ((echoscu, []), (storescu, [str(f) for f in files])):
+            refused = subprocess.run(
+                [tool, "-aet", "INTRUDER", "-aec", AE_TITLE, *address, *extra],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert refused.returncode != 0
+            assert "Association Rejected" in refused.stdout + refused.stderr
+        time.sleep(1.0)
+    assert forwarded == [] and not any((tmp_path / "spool").glob("*/*.dcm"))
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed RSA certificate for 127.0.0.1 and its key (PEM)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ctjoint listener")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "listener.crt", folder / "listener.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_dicom_over_tls_is_served_and_plain_tcp_is_not(tmp_path: Path) -> None:
+    echoscu, storescu = _dcmtk("echoscu"), _dcmtk("storescu")
+    cert, key = _self_signed(tmp_path)
+    forwarded: list[str] = []
+    files = _series(tmp_path / "phantom", seed=23, slices=2)
+    security = ListenerSecurity(tls_cert=cert, tls_key=key)
+    with running_listener(tmp_path, lambda folder, key: forwarded.append(key), security) as (
+        port,
+        _holder,
+    ):
+        address = ["-aec", AE_TITLE, "127.0.0.1", str(port)]
+        # Anonymous TLS on the sender's side, the listener's certificate verified.
+        tls = ["+tla", "+cf", str(cert)]
+        echo = subprocess.run([echoscu, *tls, *address], capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        sent = subprocess.run(
+            [storescu, *tls, *address, *map(str, files)], capture_output=True, text=True, timeout=60
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        plain = subprocess.run([echoscu, *address], capture_output=True, text=True, timeout=30)
+        assert plain.returncode != 0
+        deadline = time.monotonic() + 20
+        while not forwarded and time.monotonic() < deadline:
+            time.sleep(0.2)
+    uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert forwarded == [series_key(uid)]
+
+
+def test_every_accepted_transfer_syntax_has_a_decoder_here() -> None:
+    """The listener accepts what the gateway decodes: each syntax has a pydicom decoder."""
+    for syntax in ACCEPTED_TRANSFER_SYNTAXES:
+        assert get_decoder(syntax).is_available, syntax.name
