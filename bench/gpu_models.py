@@ -383,29 +383,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(plot(loaded, args.out / "gpu_check.png"))
         return 0
 
-    import torch
-
     started = time.monotonic()
     deadline = started + args.budget_s
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    if device == "cpu" and not args.smoke:
-        print("no CUDA device is visible; run with --smoke for the CPU check", file=sys.stderr)
-        return 2
-    report = Report(
-        device=torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__,
-        python=platform.python_version(),
-        started=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        budget_s=args.budget_s,
-    )
-    modes = GPU_MODES if device == "cuda" else CPU_MODES
-    configs = ("tiny",) if args.smoke else tuple(c for c in args.configs.split(",") if c)
-    for config_name in configs:  # tiny first: the bundled models get measured whatever happens
-        for model in (m for m in args.models.split(",") if m):
-            batches = SMOKE_BATCHES[model] if args.smoke else BATCHES[model]
-            timing = SMOKE_TIMING if args.smoke else GPU_TIMING
-            measure(report, model, config_name, modes, batches, device, deadline, timing)
-    if device == "cuda":
+    try:
+        import torch
+    except ImportError:  # the NGC image: no torch, but TensorRT and tritonserver
+        torch = None
+    cuda = torch is not None and torch.cuda.is_available()
+    device = "cuda" if cuda and not args.smoke else "cpu"
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    if torch is None:
+        report = Report("unknown (no torch)", "none", platform.python_version(), now, args.budget_s)
+        report.skipped.append("torch modes: torch is not installed here")
+    else:
+        if device == "cpu" and not args.smoke:
+            print("no CUDA device is visible; run with --smoke for the CPU check", file=sys.stderr)
+            return 2
+        name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor()
+        report = Report(
+            device=name or "cpu",
+            torch=torch.__version__,
+            python=platform.python_version(),
+            started=now,
+            budget_s=args.budget_s,
+        )
+        modes = GPU_MODES if device == "cuda" else CPU_MODES
+        configs = ("tiny",) if args.smoke else tuple(c for c in args.configs.split(",") if c)
+        for config_name in configs:  # tiny first: the bundled models are measured regardless
+            for model in (m for m in args.models.split(",") if m):
+                batches = SMOKE_BATCHES[model] if args.smoke else BATCHES[model]
+                timing = SMOKE_TIMING if args.smoke else GPU_TIMING
+                measure(report, model, config_name, modes, batches, device, deadline, timing)
+    if not args.smoke:
         with tempfile.TemporaryDirectory(prefix="ctjoint-gpu-check-") as tmp:
             engines = tensorrt_engines(report, deadline, Path(tmp))
             perf_on_gpu_repository(report, engines, Path(tmp))
