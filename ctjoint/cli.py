@@ -285,10 +285,6 @@ def export_repository_command(
     gpu_engine: Annotated[
         GpuEngine, typer.Option(help="gpu target: the network behind each ensemble.")
     ] = GpuEngine.trt,
-) -> None:
-    """Write a Triton model repository (config.pbtxt, python models, artefacts) from the spec."""
-    from ctjoint.export.triton_repository import write_repository
-
     check: Annotated[
         bool,
         typer.Option(
@@ -296,10 +292,10 @@ def export_repository_command(
             "python models and ensembles; exit 1 on any disagreement."
         ),
     ] = False,
-    models = tuple(dict.fromkeys(m.value for m in model)) if model else contracts.MODEL_NAMES
-    report = write_repository(
-        out,
-        target=target.value,
+) -> None:
+    """Write a Triton model repository (config.pbtxt, python models, artefacts) from the spec."""
+    from ctjoint.export.triton_repository import write_repository
+
     if check:
         from ctjoint.export.triton_check import check_repository
 
@@ -309,6 +305,10 @@ def export_repository_command(
             raise typer.Exit(code=1)
         return
 
+    models = tuple(dict.fromkeys(m.value for m in model)) if model else contracts.MODEL_NAMES
+    report = write_repository(
+        out,
+        target=target.value,
         models=models,
         onnx_dir=onnx_dir,
         engine_dir=engine_dir,
