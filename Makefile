@@ -31,11 +31,12 @@ $(SERVE_STAMP): pyproject.toml
 	touch $@
 
 # As root, the Debian tools the tests use come too: dcmtk (storescu), dicom3tools (dciodvfy,
-# validates SEG and SR), orthanc (the PACS the push is tested against) and nghttp2-client
+# validates SEG and SR), orthanc and orthanc-dicomweb (the PACS the C-STORE and STOW-RS pushes
+# are tested against) and nghttp2-client
 # (h2load, the C load generator that times the gateway's refusals).
 $(STAMP): pyproject.toml $(SERVE_STAMP)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  need=""; for p in dcmtk dicom3tools orthanc nghttp2-client; do dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
+	  need=""; for p in dcmtk dicom3tools orthanc orthanc-dicomweb nghttp2-client; do dpkg -s $$p >/dev/null 2>&1 || need="$$need $$p"; done; \
 	  if [ -n "$$need" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need; fi; \
 	fi
 	# torch first and pinned, so the CPU build is taken rather than a multi-GB CUDA one.

@@ -74,6 +74,11 @@ class LogFormat(StrEnum):
     json = "json"
 
 
+def _secret(path: Path | None) -> str:
+    """A password or token kept in a file (never on the command line); "" without one."""
+    return path.read_text(encoding="utf-8").strip() if path is not None else ""
+
+
 class SegType(StrEnum):
     binary = "binary"
     labelmap = "labelmap"
@@ -604,6 +609,25 @@ def gateway_serve(
             "a slower push goes on in the background and the answer says so (pending).",
         ),
     ] = 1.0,
+    pacs_stow_url: Annotated[
+        str | None,
+        typer.Option(
+            help="After each scan, store its SEG and SR by STOW-RS at this DICOMweb root "
+            "(http(s)://HOST:PORT/PATH), instead of --pacs-ae."
+        ),
+    ] = None,
+    pacs_stow_user: Annotated[
+        str, typer.Option(help="STOW-RS basic-auth user (password: --pacs-stow-password-file).")
+    ] = "",
+    pacs_stow_password_file: Annotated[
+        Path | None, typer.Option(help="File holding the STOW-RS basic-auth password.")
+    ] = None,
+    pacs_stow_token_file: Annotated[
+        Path | None, typer.Option(help="File holding a STOW-RS bearer token.")
+    ] = None,
+    pacs_stow_ca: Annotated[
+        Path | None, typer.Option(help="CA bundle of an https STOW-RS server.")
+    ] = None,
     seg_type: SegTypeOption = SegType.binary,
     seg_source_equipment: SourceEquipmentOption = False,
     tls_cert: Annotated[
@@ -629,8 +653,34 @@ def gateway_serve(
     from ctjoint.gateway.guards import ClientGuards
     from ctjoint.gateway.limits import GatewayLimits
     from ctjoint.gateway.logging_setup import configure_logging
-    from ctjoint.gateway.pacs import PacsDestination
+    from ctjoint.gateway.pacs import Destination, PacsDestination, StowDestination
     from ctjoint.gateway.server import GatewayConfig, run
+
+    if pacs_ae and pacs_stow_url:
+        raise typer.BadParameter("give --pacs-ae or --pacs-stow-url, not both")
+    destination: Destination | None = None
+    try:
+        if pacs_ae:
+            destination = PacsDestination(
+                ae_title=pacs_ae,
+                host=pacs_host,
+                port=pacs_port,
+                calling_ae_title=pacs_calling_ae,
+                attempts=pacs_attempts,
+                wait_s=pacs_wait,
+            )
+        elif pacs_stow_url:
+            destination = StowDestination(
+                pacs_stow_url,
+                username=pacs_stow_user,
+                password=_secret(pacs_stow_password_file),
+                token=_secret(pacs_stow_token_file),
+                ca_file=str(pacs_stow_ca or ""),
+                attempts=pacs_attempts,
+                wait_s=pacs_wait,
+            )
+    except (OSError, ValueError) as err:
+        raise typer.BadParameter(str(err)) from err
 
     if triton_url:
         # A malformed endpoint is a usage error: refuse it before anything starts.
@@ -681,16 +731,7 @@ def gateway_serve(
             scan_wall_seconds=scan_wall_seconds,
             # Named models must all load; by default, serve whichever have been exported.
             require_all_models=bool(model),
-            pacs=PacsDestination(
-                ae_title=pacs_ae,
-                host=pacs_host,
-                port=pacs_port,
-                calling_ae_title=pacs_calling_ae,
-                attempts=pacs_attempts,
-                wait_s=pacs_wait,
-            )
-            if pacs_ae
-            else None,
+            pacs=destination,
             dicom_outputs=OutputSettings(
                 copy_source_equipment=seg_source_equipment, seg_type=seg_type.value
             ),

@@ -1,7 +1,9 @@
-"""Push a scan's DICOM outputs (SEG, SR) to a PACS with DIMSE C-STORE (pynetdicom).
+"""Push a scan's DICOM outputs (SEG, SR) to a PACS: DIMSE C-STORE (pynetdicom) or STOW-RS
+(dicomweb-client).
 
-`PacsDestination` is the configured node (`ctjoint gateway serve --pacs-ae/--pacs-host/
---pacs-port`). `push_blocking` sends every object in one association, retrying the whole set
+`PacsDestination` is a DIMSE node (`ctjoint gateway serve --pacs-ae/--pacs-host/--pacs-port`),
+`StowDestination` a DICOMweb server (`--pacs-stow-url`, basic or bearer auth, TLS with an
+optional CA file). `push_blocking` sends every object in one association, retrying the whole set
 with backoff when the association fails or a store is refused, and returns a `PacsOutcome`; it
 never raises for a network or PACS failure, so the scan result always reaches the caller,
 carrying the outcome. `PacsPusher` runs pushes on a bounded pool of its own threads and decides
@@ -21,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -108,6 +111,92 @@ class _StoreFailedError(Exception):
     """One attempt failed; the message is safe to log (no patient data)."""
 
 
+@dataclass(frozen=True)
+class StowDestination:
+    """A DICOMweb server to store results in by STOW-RS (PS3.18 10.5), and how hard to try.
+
+    `url` is the service root (Orthanc: http://HOST:8042/dicom-web); objects are POSTed to
+    `{url}/studies` as multipart/related; type="application/dicom". `username`/`password`:
+    HTTP basic auth; `token`: a bearer token (not both). `ca_file`: the CA bundle that signs
+    an https server's certificate (default: the system's).
+    """
+
+    url: str
+    username: str = ""
+    password: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+    ca_file: str = ""
+    attempts: int = 3
+    backoff_s: float = 1.0
+    timeout_s: float = 30.0
+    wait_s: float = DEFAULT_WAIT_S
+    workers: int = 2
+    queued: int = 16
+
+    def __post_init__(self) -> None:
+        parsed = urllib.parse.urlsplit(self.url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(
+                f"the STOW-RS URL must be http(s)://HOST[:PORT]/PATH, got {self.url!r}"
+            )
+        if parsed.username or parsed.password:
+            raise ValueError("put credentials in username/password, not in the URL")
+        if self.token and (self.username or self.password):
+            raise ValueError("give basic auth or a bearer token, not both")
+        if self.attempts < 1 or self.workers < 1 or self.queued < 1:
+            raise ValueError("attempts, workers and queued must be at least 1")
+        if min(self.backoff_s, self.timeout_s, self.wait_s) < 0:
+            raise ValueError("backoff, timeout and wait cannot be negative")
+
+    @property
+    def name(self) -> str:
+        """The URL without its query (no credentials can be in it)."""
+        parsed = urllib.parse.urlsplit(self.url)
+        return f"{parsed.scheme}://{parsed.netloc}{parsed.path}"
+
+    def store(self, objects: Sequence[tuple[str, bytes]]) -> None:
+        """One STOW-RS request with every object; raises _StoreFailedError on any failure."""
+        from dicomweb_client.api import DICOMwebClient
+        from requests import RequestException, Session
+
+        session = Session()
+        if self.username:
+            session.auth = (self.username, self.password)
+        if self.ca_file:
+            session.verify = self.ca_file
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        client = DICOMwebClient(self.url, session=session, headers=headers, timeout=self.timeout_s)
+        client.set_http_retry_params(retry=False)  # our attempts and backoff, not its own
+        datasets = [pydicom.dcmread(io.BytesIO(data)) for _, data in objects]
+        try:
+            response = client.store_instances(datasets)
+        except RequestException as err:
+            status = getattr(getattr(err, "response", None), "status_code", None)
+            what = f"HTTP {status}" if status is not None else type(err).__name__
+            raise _StoreFailedError(f"STOW-RS to {self.name}: {what}") from None
+        finally:
+            session.close()
+        failed = response.get("FailedSOPSequence") if response is not None else None
+        if failed:
+            kinds = dict(
+                zip(
+                    (str(ds.SOPInstanceUID) for ds in datasets),
+                    (k for k, _ in objects),
+                    strict=True,
+                )
+            )
+            reasons = [
+                f"{kinds.get(str(item.get('ReferencedSOPInstanceUID', '')), 'object')}: failure "
+                f"reason 0x{int(item.get('FailureReason', 0)):04X}"
+                for item in failed
+            ]
+            raise _StoreFailedError(f"STOW-RS to {self.name}: " + "; ".join(reasons))
+
+
+# Where a push goes: a DIMSE node or a DICOMweb server.
+Destination = PacsDestination | StowDestination
+
+
 def _store_all(destination: PacsDestination, objects: Sequence[tuple[str, bytes]]) -> None:
     """One association, one C-STORE per object; raises _StoreFailedError on any failure."""
     datasets = [(kind, pydicom.dcmread(io.BytesIO(data))) for kind, data in objects]
@@ -132,9 +221,7 @@ def _store_all(destination: PacsDestination, objects: Sequence[tuple[str, bytes]
         assoc.release()
 
 
-def push_blocking(
-    destination: PacsDestination, objects: Sequence[tuple[str, bytes]]
-) -> PacsOutcome:
+def push_blocking(destination: Destination, objects: Sequence[tuple[str, bytes]]) -> PacsOutcome:
     """Store `objects` ((kind, Part-10 bytes) pairs) with retries; never raises for failures.
 
     A retry sends every object again: storing an instance the PACS already holds replaces it
@@ -147,7 +234,10 @@ def push_blocking(
     for attempt in range(1, destination.attempts + 1):
         started = time.perf_counter()
         try:
-            _store_all(destination, objects)
+            if isinstance(destination, StowDestination):
+                destination.store(objects)
+            else:
+                _store_all(destination, objects)
         except _StoreFailedError as err:
             error = str(err)
         except (OSError, RuntimeError, ValueError) as err:
@@ -185,7 +275,7 @@ class PacsPusher:
     """
 
     def __init__(
-        self, destination: PacsDestination, *, registry: CollectorRegistry | None = None
+        self, destination: Destination, *, registry: CollectorRegistry | None = None
     ) -> None:
         self.destination = destination
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=destination.queued)
@@ -304,4 +394,11 @@ class PacsPusher:
 ANSWER_MARGIN_S: Final = 1.0
 
 
-__all__ = ["PacsDestination", "PacsOutcome", "PacsPusher", "push_blocking"]
+__all__ = [
+    "Destination",
+    "PacsDestination",
+    "PacsOutcome",
+    "PacsPusher",
+    "StowDestination",
+    "push_blocking",
+]

@@ -37,7 +37,7 @@ from ctjoint.gateway.interceptors import ScanServiceInterceptor
 from ctjoint.gateway.limits import DEFAULT_CPU_THREADS, SCAN_CPU, GatewayLimits, ScanSlots
 from ctjoint.gateway.logging_setup import JsonFormatter
 from ctjoint.gateway.metrics import GatewayMetrics
-from ctjoint.gateway.pacs import PacsDestination
+from ctjoint.gateway.pacs import Destination
 from ctjoint.gateway.scan_workers import (
     DEFAULT_SCAN_CPU_SECONDS,
     DEFAULT_SCAN_WALL_SECONDS,
@@ -89,8 +89,8 @@ class GatewayConfig:
     cpu_threads: int = DEFAULT_CPU_THREADS
     # False: serve whichever of `models` are available (at least one); True: all or refuse to start.
     require_all_models: bool = True
-    # Where SEG and SR go after each scan (C-STORE); None: nowhere.
-    pacs: PacsDestination | None = None
+    # Where SEG and SR go after each scan (C-STORE or STOW-RS); None: nowhere.
+    pacs: Destination | None = None
     # What SEG and SR carry and how the SEG is encoded (gateway/dicom_outputs.py).
     dicom_outputs: OutputSettings = field(default_factory=OutputSettings)
     # TLS (and mTLS with a client CA); None: plaintext, fit only for loopback or a mesh.

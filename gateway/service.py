@@ -33,7 +33,7 @@ from ctjoint.gateway.errors import (
 from ctjoint.gateway.interceptors import adopt_request_id, note_model
 from ctjoint.gateway.limits import GatewayLimits, ScanSlots, TestLeak
 from ctjoint.gateway.metrics import GatewayMetrics
-from ctjoint.gateway.pacs import PacsDestination, PacsPusher
+from ctjoint.gateway.pacs import Destination, PacsPusher
 from ctjoint.gateway.scan_workers import ScanWorkerPool
 from ctjoint.gateway.wire import model_info_to_proto
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
@@ -62,7 +62,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         metrics: GatewayMetrics,
         default_model: str,
         analyzer: ScanAnalyzer | None = None,
-        pacs: PacsDestination | None = None,
+        pacs: Destination | None = None,
         dicom_outputs: OutputSettings | None = None,
         slots: ScanSlots | None = None,
         workers: ScanWorkerPool | None = None,

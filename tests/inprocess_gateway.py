@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ctjoint.contracts import MODEL_JCS2D
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.dicom_outputs import OutputSettings
-from ctjoint.gateway.pacs import PacsDestination
+from ctjoint.gateway.pacs import Destination
 from ctjoint.gateway.server import GatewayConfig, serve
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
@@ -48,7 +48,7 @@ async def _wait_serving(channel: grpc.aio.Channel, server: asyncio.Future[None])
 async def served_gateway(
     model_dir: Path,
     *,
-    pacs: PacsDestination | None = None,
+    pacs: Destination | None = None,
     metrics_port: int | None = None,
     dicom_outputs: OutputSettings | None = None,
 ) -> AsyncIterator[grpc.aio.Channel]:
@@ -94,7 +94,7 @@ def scan_in_process(
     model_dir: Path,
     *,
     outputs: scan_pb2.OutputOptions,
-    pacs: PacsDestination | None = None,
+    pacs: Destination | None = None,
 ) -> scan_pb2.ScanResult:
     """Serve jcs2d from `model_dir`, send `files` with `outputs`, return the answer."""
 

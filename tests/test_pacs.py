@@ -6,6 +6,7 @@ the metrics."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from ctjoint.gateway.pacs import (
     PacsDestination,
     PacsOutcome,
     PacsPusher,
+    StowDestination,
     push_blocking,
 )
 from ctjoint.gateway.series import list_series_files
@@ -41,6 +43,9 @@ from ctjoint.v1 import scan_pb2
 
 ORTHANC = "/usr/sbin/Orthanc"
 ORTHANC_AE = "ORTHANC"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+# Orthanc's REST and DICOMweb API want HTTP basic auth (what a STOW-RS push must give).
+ORTHANC_USER, ORTHANC_PASSWORD = "ctjoint", "stow-secret"
 
 
 @dataclass(frozen=True)
@@ -48,19 +53,26 @@ class Orthanc:
     dicom_port: int
     http_port: int
 
+    @property
+    def dicomweb(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
     def get(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        with urllib.request.urlopen(url, timeout=5) as reply:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}")
+        token = base64.b64encode(f"{ORTHANC_USER}:{ORTHANC_PASSWORD}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=5) as reply:
             return json.loads(reply.read())
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    if not os.path.exists(ORTHANC):
-        reason = f"{ORTHANC} (Debian orthanc) is not installed"
-        if os.geteuid() == 0:
-            pytest.fail(f"{reason}; `make test` installs it when run as root")
-        pytest.skip(f"{reason}; install the orthanc package to test the PACS push")
+    for path, package in ((ORTHANC, "orthanc"), (DICOMWEB_PLUGIN, "orthanc-dicomweb")):
+        if not os.path.exists(path):
+            reason = f"{path} (Debian {package}) is not installed"
+            if os.geteuid() == 0:
+                pytest.fail(f"{reason}; `make test` installs it when run as root")
+            pytest.skip(f"{reason}; install it to test the PACS push")
     folder = tmp_path_factory.mktemp("orthanc")
     server = Orthanc(free_port(), free_port())
     config = {
@@ -71,8 +83,10 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         "DicomPort": server.dicom_port,
         "HttpPort": server.http_port,
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [],
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD},
+        "Plugins": [DICOMWEB_PLUGIN],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     config_path = folder / "orthanc.json"
     config_path.write_text(json.dumps(config), encoding="utf-8")
@@ -109,7 +123,7 @@ def phantom_files(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
 
 
 def _scan_through_gateway(
-    files: list[bytes], model_dir: Path, pacs: PacsDestination
+    files: list[bytes], model_dir: Path, pacs: PacsDestination | StowDestination
 ) -> scan_pb2.ScanResult:
     outputs = scan_pb2.OutputOptions(seg=True, sr=True)
     return scan_in_process(files, model_dir, outputs=outputs, pacs=pacs)
@@ -360,3 +374,59 @@ def test_a_push_without_dicom_outputs_is_reported_skipped_in_result_and_metrics(
     assert result.pacs.error.startswith("no DICOM outputs: ")
     assert "FrameOfReferenceUID" in result.pacs.error
     assert 'ctjoint_pacs_pushes_total{status="skipped"} 1.0' in scrape
+
+
+# --- STOW-RS (DICOMweb) to Orthanc's DICOMweb plugin -----------------------------------------
+
+
+def test_seg_and_sr_land_in_orthanc_by_stow_rs_and_qido_rs_finds_them(
+    orthanc: Orthanc, phantom_files: list[bytes], contract_model_dir: Path
+) -> None:
+    stow = StowDestination(
+        orthanc.dicomweb, username=ORTHANC_USER, password=ORTHANC_PASSWORD, backoff_s=0.1
+    )
+    result = _scan_through_gateway(phantom_files, contract_model_dir, stow)
+    assert result.pacs.status == "stored", result.pacs.error
+    assert (result.pacs.attempts, list(result.pacs.objects)) == (1, ["seg", "sr"])
+    assert result.pacs.destination == orthanc.dicomweb
+    source = pydicom.dcmread(pydicom.filebase.DicomBytesIO(phantom_files[0]))
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(result.seg_dicom))
+    sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(result.sr_dicom))
+    # QIDO-RS: the study's series, as a DICOMweb client finds them (PS3.18 JSON).
+    found = orthanc.get(f"/dicom-web/studies/{source.StudyInstanceUID}/series")
+    series = {item["0020000E"]["Value"][0]: item["00080060"]["Value"][0] for item in found}
+    assert series[seg.SeriesInstanceUID] == "SEG"
+    assert series[sr.SeriesInstanceUID] == "SR"
+    instances = orthanc.get(
+        f"/dicom-web/studies/{source.StudyInstanceUID}/series/{seg.SeriesInstanceUID}/instances"
+    )
+    assert [i["00080018"]["Value"][0] for i in instances] == [seg.SOPInstanceUID]
+
+
+def test_a_stow_rs_server_refusing_the_push_is_retried_and_reported(
+    orthanc: Orthanc, phantom_files: list[bytes], contract_model_dir: Path
+) -> None:
+    wrong = StowDestination(
+        orthanc.dicomweb, username=ORTHANC_USER, password="wrong", attempts=2, backoff_s=0.05
+    )
+    result = _scan_through_gateway(phantom_files, contract_model_dir, wrong)
+    assert result.label and result.seg_dicom
+    assert (result.pacs.status, result.pacs.attempts) == ("failed", 2)
+    assert result.pacs.error == f"STOW-RS to {orthanc.dicomweb}: HTTP 401"
+    assert "wrong" not in result.pacs.error
+
+
+def test_a_stow_rs_server_that_is_down_is_retried_and_reported() -> None:
+    down = StowDestination(f"http://127.0.0.1:{free_port()}/dicom-web", attempts=2, backoff_s=0.05)
+    outcome = push_blocking(down, [("seg", _tiny_seg_bytes())])
+    assert (outcome.status, outcome.attempts, outcome.objects) == ("failed", 2, ("seg",))
+    assert outcome.error == f"STOW-RS to {down.name}: ConnectionError"
+
+
+def test_stow_destinations_refuse_ambiguous_settings() -> None:
+    with pytest.raises(ValueError, match="not in the URL"):
+        StowDestination("http://user:secret@127.0.0.1:8042/dicom-web")
+    with pytest.raises(ValueError, match="not both"):
+        StowDestination("https://pacs.example/dicom-web", username="a", token="t")
+    with pytest.raises(ValueError, match="http"):
+        StowDestination("ftp://pacs.example/dicom-web")
