@@ -57,6 +57,20 @@ def _pins() -> dict[str, str]:
     return pins
 
 
+def test_every_requirement_of_the_gateway_and_tensorrt_extras_is_pinned() -> None:
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    wanted = {
+        re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0]).lower()
+        for extra in ("client", "gateway", "tensorrt")
+        for requirement in extras[extra]
+    }
+    assert sorted(wanted - set(_pins())) == []
+
+
 def test_the_tensorrt_bindings_match_the_base_images_tensorrt() -> None:
     row = _versions_row()
     assert row["TensorRT wheel"] == f"tensorrt-cu12-bindings=={row['TensorRT']}"
