@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -56,6 +56,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from ctjoint.client.channel import ChannelSecurity
+
+if TYPE_CHECKING:
+    from ctjoint.client.stow import StowSettings
 from ctjoint.contracts import ENV_PSEUDONYM_KEY
 
 log = logging.getLogger(__name__)
@@ -158,11 +161,20 @@ class SeriesListener:
     def on_store(self, event: Any) -> int:
         dataset: Dataset = event.dataset
         dataset.file_meta = event.file_meta
+        return self.store(dataset, id(event.assoc))
+
+    def on_association_end(self, event: Any) -> None:
+        self.sender_done(id(event.assoc))
+
+    # --- what any way in (DIMSE association, STOW-RS request) does ---------------------------
+
+    def store(self, dataset: Dataset, association: int) -> int:
+        """Spool one instance (with its file meta) for its series; `association` identifies
+        the sender's association or request, which keeps the series open until it ends."""
         uid = str(getattr(dataset, "SeriesInstanceUID", ""))
         instance = str(getattr(dataset, "SOPInstanceUID", ""))
         if not uid or not instance:
             return STATUS_CANNOT_UNDERSTAND
-        association = id(event.assoc)
         with self._lock:
             series = self._series.get(uid)
             if series is None:
@@ -181,8 +193,8 @@ class SeriesListener:
             series.last_file_at = time.monotonic()
         return STATUS_SUCCESS
 
-    def on_association_end(self, event: Any) -> None:
-        association = id(event.assoc)
+    def sender_done(self, association: int) -> None:
+        """The association or request `association` ended: its series may now complete."""
         with self._lock:
             for series in self._series.values():
                 series.open_associations.discard(association)
@@ -372,10 +384,13 @@ def listen(
     quiet_seconds: float = DEFAULT_QUIET_SECONDS,
     retention_seconds: float = DEFAULT_RETENTION_SECONDS,
     security: ListenerSecurity | None = None,
+    stow: StowSettings | None = None,
     stop: threading.Event | None = None,
     started: Callable[[int], None] | None = None,
+    stow_started: Callable[[int], None] | None = None,
 ) -> SeriesListener:
-    """Serve C-STORE on host:port until `stop` is set, forwarding complete series."""
+    """Serve C-STORE on host:port (and STOW-RS when `stow` is given) until `stop` is set,
+    forwarding complete series."""
     listener = SeriesListener(
         spool, forward, quiet_seconds=quiet_seconds, retention_seconds=retention_seconds
     )
@@ -399,13 +414,24 @@ def listen(
         if security and security.allowed_calling_aes
         else "any",
     )
-    if started is not None:
-        started(bound)
-    halt = stop or threading.Event()
+    stop_stow: Callable[[], None] | None = None
     try:
+        if stow is not None:
+            from ctjoint.client.stow import StowServer
+
+            stow_server = StowServer(listener, stow, security)
+            stop_stow = stow_server.start()
+            log.info("listening for STOW-RS on %s:%d", stow.host, stow_server.port)
+            if stow_started is not None:
+                stow_started(stow_server.port)
+        if started is not None:
+            started(bound)
+        halt = stop or threading.Event()
         while not halt.wait(POLL_SECONDS):
             listener.forward_complete()
     finally:
+        if stop_stow is not None:
+            stop_stow()
         server.shutdown()
         listener.forward_complete()
     return listener

@@ -891,6 +891,16 @@ def listen(
     scp_client_ca: Annotated[
         Path | None, typer.Option(help="PEM CA: senders must present a certificate it signed.")
     ] = None,
+    stow_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Also take series by STOW-RS (POST /studies) on this port (0: any free one); "
+            "TLS with --scp-tls-cert/--scp-tls-key."
+        ),
+    ] = None,
+    stow_token_file: Annotated[
+        Path | None, typer.Option(help="File holding the bearer token STOW-RS senders must give.")
+    ] = None,
     seg: Annotated[bool, typer.Option("--seg", help="Ask for and write seg.dcm.")] = False,
     sr: Annotated[bool, typer.Option("--sr", help="Ask for and write sr.dcm.")] = False,
     tls: TlsOption = False,
@@ -905,6 +915,13 @@ def listen(
 
     from ctjoint.client.listen import ListenerSecurity, gateway_forward
     from ctjoint.client.listen import listen as serve_storage
+    from ctjoint.client.stow import StowSettings
+
+    stow = (
+        StowSettings(host=host, port=stow_port, token=_secret(stow_token_file))
+        if stow_port is not None
+        else None
+    )
 
     try:
         scp_security = ListenerSecurity(
@@ -938,6 +955,7 @@ def listen(
             quiet_seconds=quiet,
             retention_seconds=spool_retention,
             security=scp_security,
+            stow=stow,
         )
     except KeyboardInterrupt:
         typer.echo("stopped")

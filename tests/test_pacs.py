@@ -6,13 +6,9 @@ the metrics."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
-import os
 import socket
 import statistics
-import subprocess
 import threading
 import time
 import urllib.request
@@ -25,6 +21,7 @@ import figures
 import pydicom
 import pytest
 from inprocess_gateway import analyze, free_port, scan_in_process, served_gateway
+from orthanc_server import ORTHANC_AE, ORTHANC_PASSWORD, ORTHANC_USER, Orthanc, running_orthanc
 from prometheus_client import CollectorRegistry
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from pynetdicom import AE, evt
@@ -41,78 +38,11 @@ from ctjoint.gateway.pacs import (
 from ctjoint.gateway.series import list_series_files
 from ctjoint.v1 import scan_pb2
 
-ORTHANC = "/usr/sbin/Orthanc"
-ORTHANC_AE = "ORTHANC"
-DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
-# Orthanc's REST and DICOMweb API want HTTP basic auth (what a STOW-RS push must give).
-ORTHANC_USER, ORTHANC_PASSWORD = "ctjoint", "stow-secret"
-
-
-@dataclass(frozen=True)
-class Orthanc:
-    dicom_port: int
-    http_port: int
-
-    @property
-    def dicomweb(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/dicom-web"
-
-    def get(self, path: str) -> Any:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}")
-        token = base64.b64encode(f"{ORTHANC_USER}:{ORTHANC_PASSWORD}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(request, timeout=5) as reply:
-            return json.loads(reply.read())
-
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    for path, package in ((ORTHANC, "orthanc"), (DICOMWEB_PLUGIN, "orthanc-dicomweb")):
-        if not os.path.exists(path):
-            reason = f"{path} (Debian {package}) is not installed"
-            if os.geteuid() == 0:
-                pytest.fail(f"{reason}; `make test` installs it when run as root")
-            pytest.skip(f"{reason}; install it to test the PACS push")
-    folder = tmp_path_factory.mktemp("orthanc")
-    server = Orthanc(free_port(), free_port())
-    config = {
-        "Name": "ctjoint-test",
-        "StorageDirectory": str(folder / "db"),
-        "IndexDirectory": str(folder / "db"),
-        "DicomAet": ORTHANC_AE,
-        "DicomPort": server.dicom_port,
-        "HttpPort": server.http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True,
-        "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD},
-        "Plugins": [DICOMWEB_PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    config_path = folder / "orthanc.json"
-    config_path.write_text(json.dumps(config), encoding="utf-8")
-    log = (folder / "orthanc.log").open("w")
-    process = subprocess.Popen([ORTHANC, str(config_path)], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"Orthanc exited with {process.returncode}; see {folder}/orthanc.log")
-            try:
-                server.get("/system")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("Orthanc did not answer HTTP within 30 s")
-                time.sleep(0.1)
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
