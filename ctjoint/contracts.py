@@ -90,6 +90,9 @@ ONNX_META_PLAN: Final = "ctjoint.preprocess_plan"
 ONNX_META_CLASSES: Final = "ctjoint.classes"
 ONNX_META_SEG_CLASSES: Final = "ctjoint.seg_classes"
 ONNX_META_TRAINED_ON: Final = "ctjoint.trained_on"
+# Logit temperatures fitted on the validation split, JSON {"cls": T, "seg": T}: every backend
+# divides the logits by them before anything reads probabilities (absent: 1, uncalibrated).
+ONNX_META_TEMPERATURE: Final = "ctjoint.temperature"
 # Provenance of the bundled weights (ONNX metadata and the Triton ensembles' parameters).
 TRAINED_ON_PHANTOMS: Final = "synthetic phantoms, not for clinical use"
 

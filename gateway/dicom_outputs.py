@@ -36,6 +36,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 from pydicom.valuerep import DA, DT, TM
 
 from ctjoint.contracts import SEG_CONSOLIDATION, SEG_GROUND_GLASS
@@ -156,11 +157,17 @@ def source_datasets(volume: CtVolume, header: Dataset) -> list[Dataset]:
             source="series",
             attribute="SOPInstanceUID",
         )
+    # The header's elements are shared, not copied (highdicom only reads them); the three
+    # that differ per slice are new elements of each slice's own data set.
+    own = {Tag("SOPInstanceUID"), Tag("ImagePositionPatient"), Tag("InstanceNumber")}
+    shared = [element for element in header if element.tag not in own]
     out: list[Dataset] = []
     for index, (uid, position) in enumerate(
         zip(volume.sop_instance_uids, volume.positions, strict=True)
     ):
-        ds = copy.deepcopy(header)
+        ds = Dataset()
+        for element in shared:
+            ds[element.tag] = element
         ds.SOPInstanceUID = uid
         ds.ImagePositionPatient = [float(v) for v in position]
         ds.InstanceNumber = index + 1
