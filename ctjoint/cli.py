@@ -37,6 +37,14 @@ class ModelName(StrEnum):
     deepsc3d = contracts.MODEL_DEEPSC3D
 
 
+class ScanModel(StrEnum):
+    """A network for one scan, or both on the same upload (fused answer plus each one's)."""
+
+    jcs2d = contracts.MODEL_JCS2D
+    deepsc3d = contracts.MODEL_DEEPSC3D
+    both = contracts.MODEL_BOTH
+
+
 class PhantomKind(StrEnum):
     covid19 = "covid19"
     cap = "cap"
@@ -46,6 +54,13 @@ class PhantomKind(StrEnum):
 class ConfigName(StrEnum):
     tiny = "tiny"
     full = "full"
+
+
+class PhantomFamily(StrEnum):
+    """Shape families of the phantom generator (export/phantom_families.py)."""
+
+    quadric = "quadric"
+    fourier = "fourier"
 
 
 class BackendName(StrEnum):
@@ -174,11 +189,17 @@ def phantom(
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same files.")] = 0,
     slices: Annotated[int | None, typer.Option(help="Number of slices (default: random).")] = None,
     size: Annotated[int, typer.Option(help="Rows and columns of each slice.")] = 512,
+    family: Annotated[
+        PhantomFamily,
+        typer.Option(help="Shape family: quadric (training) or fourier (held out)."),
+    ] = PhantomFamily.quadric,
 ) -> None:
     """Write a synthetic chest-CT DICOM series plus NIfTI ground truth and its label."""
     from ctjoint.export.phantom import write_phantom_case
 
-    case = write_phantom_case(out_dir, kind=kind.value, seed=seed, slices=slices, size=size)
+    case = write_phantom_case(
+        out_dir, kind=kind.value, seed=seed, slices=slices, size=size, family=family.value
+    )
     typer.echo(case.summary())
 
 
@@ -190,11 +211,17 @@ def phantom_set(
     seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
     size: Annotated[int, typer.Option(help="Rows and columns of each slice.")] = 256,
     workers: Annotated[int, typer.Option(help="Processes to generate with.")] = 2,
+    family: Annotated[
+        PhantomFamily,
+        typer.Option(help="Shape family: quadric (training) or fourier (held out)."),
+    ] = PhantomFamily.quadric,
 ) -> None:
     """Write a labelled train/val/test set of phantom cases."""
     from ctjoint.export.phantom import write_phantom_set
 
-    summary = write_phantom_set(out_dir, n=n, seed=seed, size=size, workers=workers)
+    summary = write_phantom_set(
+        out_dir, n=n, seed=seed, size=size, workers=workers, family=family.value
+    )
     typer.echo(summary)
 
 
@@ -211,6 +238,9 @@ def train(
         bool, typer.Option(help="Resume from the run folder's last checkpoint.")
     ] = False,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
+    init: Annotated[
+        Path | None, typer.Option(help="Start from this checkpoint's weights (fine-tune).")
+    ] = None,
 ) -> None:
     """Train a joint network with its joint loss; checkpoints are resumable."""
     from ctjoint.export.train import train_model
@@ -224,8 +254,26 @@ def train(
         seed=seed,
         resume=resume,
         threads=threads,
+        init=init,
     )
     typer.echo(result)
+
+
+@app.command()
+@clean_errors
+def calibrate(
+    weights: Annotated[Path, typer.Option(help="Checkpoint to calibrate (best.pt).")],
+    data: Annotated[Path, typer.Option(help="Data set folder; its 'val' split is used.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the checkpoint (default: in place).")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 2,
+) -> None:
+    """Fit the logit temperature of each head on the validation split; store it in the
+    checkpoint (exported as ONNX metadata, applied by every backend)."""
+    from ctjoint.export.calibrate import calibrate_checkpoint
+
+    typer.echo(calibrate_checkpoint(weights, data, out=out, threads=threads))
 
 
 @app.command()
@@ -238,11 +286,29 @@ def evaluate(
         Path | None, typer.Option(help="ONNX file (default: the exported one).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write the JSON report.")] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint the ONNX file came from (its SHA-256 enters the report)."),
+    ] = None,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Also write the report's markdown table here.")
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="What the data is, for the tables.")] = None,
 ) -> None:
-    """Evaluate an exported model through the serving pipeline: Dice, sens/spec, AUC, confusion."""
+    """Evaluate an exported model through the serving pipeline: Dice, sens/spec, AUC,
+    confusion, calibration (ECE, Brier, reliability diagram). `--split all`: every case."""
     from ctjoint.export.evaluate import evaluate_model
 
-    report = evaluate_model(model=model.value, data_dir=data, split=split, onnx_file=onnx, out=out)
+    report = evaluate_model(
+        model=model.value,
+        data_dir=data,
+        split=split,
+        onnx_file=onnx,
+        out=out,
+        weights=weights,
+        markdown=markdown,
+        title=title,
+    )
     typer.echo(report)
 
 
@@ -439,7 +505,9 @@ def analyze(
     series_dir: Annotated[
         Path, typer.Argument(help="Folder with the DICOM files of one CT series.")
     ],
-    model: Annotated[ModelName, typer.Option(help="Which network.")] = ModelName.jcs2d,
+    model: Annotated[
+        ScanModel, typer.Option(help="Which network; both: the two on one scan, fused.")
+    ] = ScanModel.jcs2d,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the result as JSON.")
     ] = None,
@@ -490,6 +558,7 @@ def analyze(
             cam=None
             if cam is None
             else (lambda slices: cam_on_source(cam, analysis.volume.shape, slices)),
+            caption=analysis.result.review.caption,
         )
         typer.echo(f"wrote {png_out}")
     if seg_out is not None or sr_out is not None:
@@ -555,6 +624,23 @@ def gateway_serve(
         8 * 1024 * 1024
     ),
     max_slices: Annotated[int, typer.Option(help="Most slices in one scan.")] = 1000,
+    max_scan_bytes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Decoded bytes (rows x columns x slices x 4) one scan may hold; a larger "
+            "scan is refused (RESOURCE_EXHAUSTED) before it is decoded.",
+        ),
+    ] = 1536 * 1024 * 1024,
+    memory_budget: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Decoded bytes all scans in flight may hold together; a scan past it is "
+            "refused (RESOURCE_EXHAUSTED). Default: what the box or memory cgroup leaves, "
+            "divided by what analysis takes per decoded byte (docs/reliability.md).",
+        ),
+    ] = None,
     max_concurrent_scans: Annotated[
         int, typer.Option(help="Scans at once; more are refused with RESOURCE_EXHAUSTED.")
     ] = 4,
@@ -723,6 +809,8 @@ def gateway_serve(
                 max_file_bytes=max_file_bytes,
                 max_slices=max_slices,
                 max_concurrent_scans=max_concurrent_scans,
+                max_scan_bytes=max_scan_bytes,
+                memory_budget_bytes=memory_budget,
             ),
             grace_seconds=grace,
             threads=threads,
@@ -749,7 +837,9 @@ def send(
         Path, typer.Argument(help="Folder with the DICOM files of one CT series.")
     ],
     gateway: Annotated[str, typer.Option(help="Gateway address HOST:PORT.")] = DEFAULT_GATEWAY,
-    model: Annotated[ModelName, typer.Option(help="Which network.")] = ModelName.jcs2d,
+    model: Annotated[
+        ScanModel, typer.Option(help="Which network; both: the two on one scan, fused.")
+    ] = ScanModel.jcs2d,
     out: Annotated[
         Path | None,
         typer.Option(help="Write result.json, overlay.png and masks.npz into this folder."),

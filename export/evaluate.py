@@ -5,11 +5,17 @@ turned into the same `CtVolume`), analysed by the gateway's `ScanAnalyzer` on th
 Runtime backend (preprocessing from the model's own plan, the 2D slice vote, logits mapped back
 onto the source slices), and compared with ground truth voxel for voxel on the source grid.
 The figures reported are therefore the figures the product gives.
+
+Calibration: the backend applies the model's logit temperatures (ONNX metadata); the report
+gives expected calibration error (15 bins) and Brier score of the scan probabilities with them
+("after") and without them ("before", from the same logits divided back), and a reliability
+diagram PNG beside the JSON report.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -26,18 +32,27 @@ from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES, SEG_CLASS_NAMES
 from ctjoint.export.dataset import DatasetError, discover_cases, load_case
 from ctjoint.export.metrics import (
     OverlapCounts,
+    brier_score,
     confusion_matrix,
+    expected_calibration_error,
     one_vs_rest_auc,
     overlap,
+    reliability_bins,
     sensitivity_specificity,
 )
 from ctjoint.export.train import json_safe
+from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
 from ctjoint.gateway.analysis import ScanAnalyzer
+from ctjoint.gateway.backends.base import ModelOutputs
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.errors import ModelNotFoundError
 
 EVAL_THREADS = 2
 EVAL_BATCH = 32
+ECE_BINS = 15
+# A normal scan called abnormal with more than this probability is a confident false alarm.
+FALSE_ALARM_PROBABILITY = 0.9
+ALL_SPLITS = "all"
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,7 @@ class CaseOutcome:
     case_id: str
     label: int
     probabilities: tuple[float, ...]
+    uncalibrated: tuple[float, ...]  # the same scan at temperature 1
     lesion: OverlapCounts  # any lesion vs background
     per_class: tuple[OverlapCounts, ...]  # one per LESION_CLASS_NAMES
     seconds: float
@@ -61,6 +77,7 @@ class CaseOutcome:
             "label": CLASS_NAMES[self.label],
             "predicted": CLASS_NAMES[self.predicted],
             "probabilities": dict(zip(CLASS_NAMES, self.probabilities, strict=True)),
+            "uncalibrated_probabilities": dict(zip(CLASS_NAMES, self.uncalibrated, strict=True)),
             "lesion_dice": self.lesion.dice if self.lesion.truth else None,
             "lesion_voxels_truth": self.lesion.truth,
             "lesion_voxels_predicted": self.lesion.predicted,
@@ -102,6 +119,9 @@ def summarise(outcomes: list[CaseOutcome]) -> dict[str, Any]:
         }
     lesion_cases = [o.lesion.dice for o in outcomes if o.lesion.truth]
     lesion_free = [o for o in outcomes if not o.lesion.truth]
+    raw = np.array([o.uncalibrated for o in outcomes], dtype=np.float64)
+    normal = CLASS_NAMES.index("normal")
+    normal_abnormal = [1.0 - o.probabilities[normal] for o in outcomes if o.label == normal]
     return {
         "cases": len(outcomes),
         "classification": {
@@ -127,6 +147,22 @@ def summarise(outcomes: list[CaseOutcome]) -> dict[str, Any]:
                 1 for o in lesion_free if o.lesion.predicted
             ),
         },
+        "calibration": {
+            "bins": ECE_BINS,
+            "ece_before": expected_calibration_error(raw, truth, ECE_BINS),
+            "ece_after": expected_calibration_error(probabilities, truth, ECE_BINS),
+            "brier_before": brier_score(raw, truth),
+            "brier_after": brier_score(probabilities, truth),
+            "reliability_after": reliability_bins(probabilities, truth, ECE_BINS),
+            "reliability_before": reliability_bins(raw, truth, ECE_BINS),
+        },
+        "normal_scans": {
+            "cases": len(normal_abnormal),
+            "max_abnormal_probability": max(normal_abnormal) if normal_abnormal else None,
+            "called_abnormal_over_0_9": sum(
+                1 for p in normal_abnormal if p > FALSE_ALARM_PROBABILITY
+            ),
+        },
         "seconds_per_case": _mean([o.seconds for o in outcomes]),
     }
 
@@ -143,15 +179,38 @@ def _model_dir_for(
     return Path(holder.name), holder
 
 
+class _RecordingBackend(EmbeddedBackend):
+    """The embedded backend, keeping the classification logits of the case under way so the
+    report can show the probabilities before calibration too (logits x temperature)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cls_logits: list[np.ndarray] = []
+
+    async def infer(self, model: str, image: np.ndarray) -> ModelOutputs:
+        outputs = await super().infer(model, image)
+        self.cls_logits.append(outputs.cls_logits * self.model_info(model).temperature.cls)
+        return outputs
+
+
+def _uncalibrated(cls_logits: list[np.ndarray], kind: str) -> tuple[float, ...]:
+    """Scan probabilities at temperature 1, computed the way the analysis computes them."""
+    probs = softmax(np.concatenate(cls_logits).astype(np.float64), axis=1)
+    scan = aggregate_slice_probabilities(probs) if kind == "2.5d" else probs[0]
+    return tuple(float(p) for p in scan)
+
+
 async def _run_cases(model: str, model_dir: Path, refs: list[Any]) -> tuple[list[CaseOutcome], str]:
-    backend = EmbeddedBackend((model,), model_dir=model_dir, intra_op_threads=EVAL_THREADS)
+    backend = _RecordingBackend((model,), model_dir=model_dir, intra_op_threads=EVAL_THREADS)
     outcomes: list[CaseOutcome] = []
     async with backend:
-        version = backend.model_info(model).version
+        info = backend.model_info(model)
+        version = info.version
         analyzer = ScanAnalyzer(backend, batch_size=EVAL_BATCH)
         for ref in refs:
             started = time.perf_counter()
             loaded = await asyncio.to_thread(load_case, ref)
+            backend.cls_logits = []
             analysis = await analyzer.analyze_volume(loaded.volume, model)
             label_map = analysis.label_map
             truth = loaded.lesions
@@ -162,6 +221,7 @@ async def _run_cases(model: str, model_dir: Path, refs: list[Any]) -> tuple[list
                     probabilities=tuple(
                         float(analysis.result.probabilities[name]) for name in CLASS_NAMES
                     ),
+                    uncalibrated=_uncalibrated(backend.cls_logits, info.plan.kind),
                     lesion=overlap(label_map > 0, truth > 0),
                     per_class=tuple(
                         overlap(label_map == value, truth == value)
@@ -174,15 +234,35 @@ async def _run_cases(model: str, model_dir: Path, refs: list[Any]) -> tuple[list
     return outcomes, version
 
 
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file (the report names exactly the weights it describes)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def evaluate_model(
     model: str,
     data_dir: Path,
     split: str = "test",
     onnx_file: Path | None = None,
     out: Path | None = None,
+    *,
+    weights: Path | None = None,
+    markdown: Path | None = None,
+    title: str | None = None,
 ) -> str:
-    """Evaluate an exported model on one split of a data set; writes a JSON report (default
-    runs/<model>-<split>.eval.json) and returns a short summary."""
+    """Evaluate an exported model on one split of a data set (`all`: every case); writes a
+    JSON report (default runs/<model>-<split>.eval.json), its reliability diagram
+    (<report>.reliability.png) and optionally a markdown table; returns a short summary.
+
+    `weights` names the checkpoint the ONNX file was exported from: its SHA-256 goes into
+    the report so a committed report can be checked against the committed weights.
+    """
+    from ctjoint.export.eval_report import markdown_table, write_reliability_png
+
     if model not in contracts.MODEL_NAMES:
         raise ModelNotFoundError(
             f"unknown model {model!r}; expected one of {contracts.MODEL_NAMES}"
@@ -192,7 +272,9 @@ def evaluate_model(
         raise ModelNotFoundError(
             f"{onnx_path}: no exported model; run `ctjoint export onnx --model {model}`"
         )
-    refs = discover_cases(data_dir, split)
+    if weights is not None and not Path(weights).is_file():
+        raise ModelNotFoundError(f"{weights}: checkpoint not found")
+    refs = discover_cases(data_dir, None if split == ALL_SPLITS else split)
     if not refs:
         raise DatasetError(f"{data_dir}: no cases in split {split!r}")
     started = time.perf_counter()
@@ -205,7 +287,10 @@ def evaluate_model(
     report = {
         "model": model,
         "model_version": version,
+        "title": title or f"{model} on {Path(data_dir).name} ({split})",
         "onnx": str(onnx_path),
+        "onnx_sha256": sha256_file(onnx_path),
+        "weights_sha256": sha256_file(Path(weights)) if weights is not None else None,
         "data": str(data_dir),
         "split": split,
         "classes": list(CLASS_NAMES),
@@ -217,7 +302,13 @@ def evaluate_model(
     target = Path(out) if out is not None else Path("runs") / f"{model}-{split}.eval.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(json_safe(report), indent=2) + "\n", encoding="utf-8")
-    return format_summary(report) + f"\nwrote {target}"
+    diagram = target.with_suffix(".reliability.png")
+    write_reliability_png(report, diagram)
+    written = [str(target), str(diagram)]
+    if markdown is not None:
+        Path(markdown).write_text(markdown_table([json_safe(report)]) + "\n", encoding="utf-8")
+        written.append(str(markdown))
+    return format_summary(report) + f"\nwrote {', '.join(written)}"
 
 
 def _pct(value: float | None) -> str:
@@ -246,4 +337,14 @@ def format_summary(report: dict[str, Any]) -> str:
         )
     matrix = cls["confusion_matrix"]["matrix"]
     lines.append("  confusion (rows true, columns predicted): " + json.dumps(matrix))
+    cal = report["calibration"]
+    lines.append(
+        f"  calibration: ECE {_pct(cal['ece_before'])} -> {_pct(cal['ece_after'])}, Brier "
+        f"{_pct(cal['brier_before'])} -> {_pct(cal['brier_after'])} (before -> after)"
+    )
+    normal = report["normal_scans"]
+    lines.append(
+        f"  normal scans called abnormal with p > {FALSE_ALARM_PROBABILITY}: "
+        f"{normal['called_abnormal_over_0_9']} of {normal['cases']}"
+    )
     return "\n".join(lines)

@@ -113,3 +113,55 @@ def one_vs_rest_auc(probabilities: np.ndarray, truth: np.ndarray) -> tuple[float
     defined = [a for a in per_class if not math.isnan(a)]
     macro = float(np.mean(defined)) if defined else math.nan
     return macro, per_class
+
+
+def expected_calibration_error(
+    probabilities: np.ndarray, truth: np.ndarray, bins: int = 15
+) -> float:
+    """ECE of the top-label confidence: sum over equal-width confidence bins of
+    (cases in bin / cases) x |accuracy in bin - mean confidence in bin|."""
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if len(probs) == 0:
+        return math.nan
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == np.asarray(truth)).astype(np.float64)
+    # Bin i holds confidences in (i/bins, (i+1)/bins]; a confidence of exactly 0 joins bin 0.
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            gap = abs(float(correct[members].mean()) - float(confidence[members].mean()))
+            total += members.mean() * gap
+    return float(total)
+
+
+def reliability_bins(
+    probabilities: np.ndarray, truth: np.ndarray, bins: int = 15
+) -> list[tuple[float, float, int]]:
+    """(mean confidence, accuracy, count) of each non-empty confidence bin (the diagram)."""
+    probs = np.asarray(probabilities, dtype=np.float64)
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == np.asarray(truth)).astype(np.float64)
+    index = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+    out = []
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            out.append(
+                (
+                    float(confidence[members].mean()),
+                    float(correct[members].mean()),
+                    int(members.sum()),
+                )
+            )
+    return out
+
+
+def brier_score(probabilities: np.ndarray, truth: np.ndarray) -> float:
+    """Multi-class Brier score: mean over cases of the squared distance to the one-hot truth."""
+    probs = np.asarray(probabilities, dtype=np.float64)
+    if len(probs) == 0:
+        return math.nan
+    onehot = np.eye(probs.shape[1])[np.asarray(truth, dtype=np.int64)]
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))

@@ -35,7 +35,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
-import math
 import multiprocessing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,7 +46,6 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from scipy import ndimage
 
 from ctjoint.contracts import (
     CASE_SERIES_DIR,
@@ -64,42 +62,30 @@ from ctjoint.contracts import (
     TRUTH_LESIONS,
     TRUTH_LUNGS,
 )
-from ctjoint.export.phantom_anatomy import (
-    COARSE_STEP_MM,
-    HU_AIR,
-    HU_AIRWAY_WALL,
-    HU_BLOOD,
-    Anatomy,
-    CoarseLungs,
-    Grid,
-    Lesion,
-    Point,
-    airway_segments,
-    draw_lesion,
-    draw_tubes,
-    plan_lesions,
-    render_anatomy,
-    vessel_segments,
+from ctjoint.export.phantom_anatomy import COARSE_STEP_MM, Grid, Point
+from ctjoint.export.phantom_families import FAMILIES, TRAINING_FAMILY, Body, Planted, make_body
+from ctjoint.export.phantom_scanner import (
+    SLICE_MM_RANGE,
+    Scanner,
+    fine_positions,
+    recon_circle,
+    reconstruct,
+    slab_average,
+    table_plane,
 )
 from ctjoint.gateway.errors import CtJointError
 from ctjoint.gateway.preprocess import LUNG_WINDOW_CENTER, LUNG_WINDOW_WIDTH
 
 # Part of every UID hash: a new generator version must not reuse the UIDs of old images.
-GENERATOR_VERSION: Final = "1"
+GENERATOR_VERSION: Final = "2"
 MANUFACTURER: Final = "ctjoint phantom"
 SYNTHETIC_COMMENT: Final = "synthetic phantom (ctjoint); not a real patient"
-RESCALE_INTERCEPT: Final = -1024
 HU_MIN, HU_MAX = -1024.0, 3071.0
 MIN_SIZE: Final = 32
 MAX_SIZE: Final = 2048
 MAX_SLICES: Final = 2000
 REFERENCE_SIZE: Final = 512
-PIXEL_MM_RANGE: Final = (0.6, 0.9)
-SLICE_MM_RANGE: Final = (1.0, 5.0)
 COVERAGE_MM_RANGE: Final = (250.0, 320.0)
-DEFAULT_SLICES_RANGE: Final = (60, 120)
-NOISE_HU_RANGE: Final = (10.0, 35.0)
-BLUR_PX_RANGE: Final = (0.45, 0.75)
 SPLIT_FRACTIONS: Final = (0.70, 0.15, 0.15)
 
 _FIRST_NAMES_F: Final = (
@@ -129,7 +115,8 @@ class ScanGeometry:
     size: int
     n_slices: int
     pixel_mm: float
-    slice_mm: float
+    slice_mm: float  # spacing between slice centres
+    thickness_mm: float
     origin: Point  # patient (x, y, z) of the centre of voxel (k=0, row 0, column 0)
     body_centre: Point  # patient position of the anatomy's (u, v, z) = (0, 0, 0)
 
@@ -161,6 +148,19 @@ class ScanGeometry:
             z=(zs - self.body_centre[2]).astype(np.float32),
             pixel_mm=self.pixel_mm,
             slice_mm=self.slice_mm,
+        )
+
+    def fine_grid(self) -> Grid:
+        """The sub-slice grid a thick slice averages over (see phantom_scanner.slab_average)."""
+        out = self.grid()
+        zs = np.array([self.slice_z(k) for k in range(self.n_slices)]) - self.body_centre[2]
+        first, step, count = fine_positions(zs, self.thickness_mm)
+        return Grid(
+            u=out.u,
+            v=out.v,
+            z=(first + step * np.arange(count)).astype(np.float32),
+            pixel_mm=self.pixel_mm,
+            slice_mm=step,
         )
 
     def to_patient(self, point: Point) -> Point:
@@ -200,9 +200,16 @@ class PhantomVolume:
     hu: npt.NDArray[np.int16]  # [Z, Y, X] HU, slices ascending in z
     lesions: npt.NDArray[np.uint8]  # [Z, Y, X] SEG_CLASS_NAMES values
     lungs: npt.NDArray[np.uint8]  # [Z, Y, X] 0 / LUNG_RIGHT / LUNG_LEFT
-    planted: tuple[Lesion, ...]
+    planted: tuple[Planted, ...]
     identity: PhantomIdentity
-    noise_hu: float
+    scanner: Scanner
+    family: str = TRAINING_FAMILY
+    # Pixels outside the reconstruction circle (written as the padding value), [Y, X].
+    outside: npt.NDArray[np.bool_] | None = None
+
+    @property
+    def noise_hu(self) -> float:
+        return self.scanner.noise_hu
 
     def lesion_volume_ml(self) -> dict[str, float]:
         vox = self.geometry.voxel_ml
@@ -263,7 +270,11 @@ class PhantomCase:
 
 
 # --- generation -------------------------------------------------------------------------------
-def _check_args(kind: str, seed: int, slices: int | None, size: int) -> None:
+def _check_args(
+    kind: str, seed: int, slices: int | None, size: int, family: str = TRAINING_FAMILY
+) -> None:
+    if family not in FAMILIES:
+        raise PhantomError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     if kind not in CLASS_NAMES:
         raise PhantomError(f"unknown kind {kind!r}; expected one of {', '.join(CLASS_NAMES)}")
     if seed < 0:
@@ -275,22 +286,32 @@ def _check_args(kind: str, seed: int, slices: int | None, size: int) -> None:
 
 
 def _sample_geometry(
-    rng: np.random.Generator, anatomy: Anatomy, slices: int | None, size: int
+    rng: np.random.Generator, body: Body, scanner: Scanner, slices: int | None, size: int
 ) -> ScanGeometry:
-    # The scanner's field of view must hold the body with some air around it.
-    need = (2.0 * anatomy.half_width + 40.0) / REFERENCE_SIZE
-    pixel_512 = min(max(float(rng.uniform(*PIXEL_MM_RANGE)), need), PIXEL_MM_RANGE[1])
+    # The reconstruction circle must hold the lungs (a large body may be cut at its sides).
+    need = (0.95 * body.half_width + 30.0) / (REFERENCE_SIZE / 2.0)
+    pixel_512 = min(max(scanner.pixel_mm_512, need), 0.98)
     pixel = round(pixel_512 * REFERENCE_SIZE / size, 6)
     coverage = float(rng.uniform(*COVERAGE_MM_RANGE))
-    default_n = int(rng.integers(DEFAULT_SLICES_RANGE[0], DEFAULT_SLICES_RANGE[1] + 1))
-    n = default_n if slices is None else slices
-    thickness = round(float(np.clip(coverage / n, *SLICE_MM_RANGE)) * 20.0) / 20.0
-    thickness = float(np.clip(thickness, *SLICE_MM_RANGE))
-    span = (n - 1) * thickness
-    height = anatomy.z_top - anatomy.z_bottom
-    # A full scan is centred on the lungs; a thin slab on the mid lungs where both are large.
-    level = 0.47 if span > 150.0 else 0.4
-    centre_local = anatomy.z_bottom + level * height + float(rng.uniform(-8.0, 8.0))
+    height = body.z_top - body.z_bottom
+    if slices is None:
+        spacing, thickness = scanner.slice_mm, scanner.thickness_mm
+        n = min(MAX_SLICES, round(coverage / spacing) + 1)
+    else:
+        n = slices
+        thickness = round(float(np.clip(coverage / n, *SLICE_MM_RANGE)) * 20.0) / 20.0
+        thickness = float(np.clip(thickness, *SLICE_MM_RANGE))
+        spacing = thickness
+    span = (n - 1) * spacing
+    # A full scan is centred on the lungs (or cuts off an apex or a base); a thin slab sits on
+    # the mid lungs where both are large.
+    if slices is None and scanner.coverage == "apex-cut":
+        centre_local = body.z_top - scanner.cut_mm - span / 2.0
+    elif slices is None and scanner.coverage == "base-cut":
+        centre_local = body.z_bottom + scanner.cut_mm + span / 2.0
+    else:
+        level = 0.47 if span > 150.0 else 0.4
+        centre_local = body.z_bottom + level * height + float(rng.uniform(-8.0, 8.0))
     table_z = -float(rng.uniform(150.0, 400.0))  # the scanner's z of the lung base
     fov_half = (size - 1) / 2.0 * pixel
     recon_x = float(rng.uniform(-8.0, 8.0))
@@ -302,7 +323,8 @@ def _sample_geometry(
         size=size,
         n_slices=n,
         pixel_mm=pixel,
-        slice_mm=thickness,
+        slice_mm=spacing,
+        thickness_mm=thickness,
         origin=(round(recon_x - fov_half, 4), round(recon_y - fov_half, 4), first_z),
         body_centre=(recon_x + body_x, recon_y + body_y, table_z),
     )
@@ -327,57 +349,60 @@ def _sample_identity(rng: np.random.Generator) -> PhantomIdentity:
     )
 
 
-def _blur_and_noise(
-    hu: npt.NDArray[np.float32], rng: np.random.Generator, noise_hu: float, sigma_px: float
-) -> npt.NDArray[np.float32]:
-    """In-plane blur (the reconstruction kernel) applied to image + white noise together.
-
-    Blurring the noise too gives it the fine grain of real CT noise; its amplitude is pre-scaled
-    by the kernel's noise gain so the final standard deviation is `noise_hu`.
-    """
-    radius = max(1, math.ceil(3.0 * sigma_px))
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma_px) ** 2)
-    taps /= taps.sum()
-    gain = float(np.sum(taps**2))  # std of blurred unit white noise in 2D: sum of squares
-    noisy = rng.standard_normal(hu.shape, dtype=np.float32)
-    noisy *= np.float32(noise_hu / gain)
-    noisy += hu
-    out = ndimage.correlate1d(noisy, taps, axis=1, mode="nearest")
-    return ndimage.correlate1d(out, taps, axis=2, mode="nearest")
-
-
 def generate_phantom(
-    *, kind: str, seed: int, slices: int | None = None, size: int = REFERENCE_SIZE
+    *,
+    kind: str,
+    seed: int,
+    slices: int | None = None,
+    size: int = REFERENCE_SIZE,
+    family: str = TRAINING_FAMILY,
 ) -> PhantomVolume:
     """Render a phantom in memory (nothing is written)."""
-    _check_args(kind, seed, slices, size)
-    streams = np.random.SeedSequence([seed, 0x0C7]).spawn(6)
+    _check_args(kind, seed, slices, size, family)
+    # The training family keeps its historical streams; another family gets its own.
+    salt = 0x0C7 if family == TRAINING_FAMILY else 0x0C7 + 1 + FAMILIES.index(family)
+    streams = np.random.SeedSequence([seed, salt]).spawn(6)
     scan_rng, anatomy_rng, tree_rng, lesion_rng, noise_rng, identity_rng = (
         np.random.default_rng(s) for s in streams
     )
-    anatomy = Anatomy.sample(anatomy_rng)
-    geometry = _sample_geometry(scan_rng, anatomy, slices, size)
+    body = make_body(family, anatomy_rng)
+    scanner = Scanner.sample(
+        scan_rng,
+        half_width=body.half_width,
+        half_depth=body.half_depth,
+        z_span=(body.z_bottom, body.z_top),
+    )
+    geometry = _sample_geometry(scan_rng, body, scanner, slices, size)
     grid = geometry.grid()
-    coarse = CoarseLungs.build(anatomy)
-
-    hu, lungs = render_anatomy(anatomy, grid)
-    lung_mask = lungs > 0
-    draw_tubes(hu, grid, vessel_segments(tree_rng, anatomy, coarse), HU_BLOOD, within=lung_mask)
-    airways = airway_segments(tree_rng, anatomy, coarse)
-    draw_tubes(hu, grid, airways, HU_AIRWAY_WALL, grow_mm=1.3)
-    draw_tubes(hu, grid, airways, HU_AIR)
-
+    fine = geometry.fine_grid()
     # Lesion centres must lie in the scanned slab (widened so one slice still finds some).
-    half = max(geometry.slice_mm, COARSE_STEP_MM) / 2.0
+    half = max(geometry.thickness_mm, COARSE_STEP_MM) / 2.0
     z_range = (float(grid.z[0]) - half, float(grid.z[-1]) + half)
-    planted = plan_lesions(lesion_rng, kind, anatomy, coarse, z_range)
-    labels = np.zeros(lungs.shape, np.uint8)
-    for lesion in planted:
-        draw_lesion(hu, labels, lungs, grid, lesion)
-
-    noise_hu = float(noise_rng.uniform(*NOISE_HU_RANGE))
-    sigma_px = float(noise_rng.uniform(*BLUR_PX_RANGE))
-    image = _blur_and_noise(hu, noise_rng, noise_hu, sigma_px)
+    rendered = body.render(fine, kind, tree_rng, lesion_rng, z_range)
+    hu, labels, lungs = slab_average(
+        rendered.hu,
+        rendered.lesions,
+        rendered.lungs,
+        fine.z.astype(np.float64),
+        fine.slice_mm,
+        grid.z.astype(np.float64),
+        geometry.thickness_mm,
+    )
+    outline = body.outline(grid.u, grid.v)
+    if scanner.table:
+        on_table, value = table_plane(grid.u[None, :], grid.v[:, None], body.back_v, scanner)
+        on_table &= ~outline
+        hu[:, on_table] = value[on_table]
+    image = reconstruct(
+        hu,
+        noise_rng,
+        scanner,
+        pixel_mm=geometry.pixel_mm,
+        u=grid.u,
+        v=grid.v,
+        z=grid.z.astype(np.float64),
+        body=outline,
+    )
     np.clip(np.rint(image), HU_MIN, HU_MAX, out=image)
     return PhantomVolume(
         kind=kind,
@@ -386,9 +411,11 @@ def generate_phantom(
         hu=image.astype(np.int16),
         lesions=labels,
         lungs=lungs,
-        planted=tuple(planted),
+        planted=rendered.planted,
         identity=_sample_identity(identity_rng),
-        noise_hu=noise_hu,
+        scanner=scanner,
+        family=family,
+        outside=~recon_circle(size),
     )
 
 
@@ -401,7 +428,8 @@ def _ds(value: float) -> str:
 
 def _uid(phantom: PhantomVolume, *parts: object) -> UID:
     g = phantom.geometry
-    sources = ["ctjoint-phantom", GENERATOR_VERSION, phantom.kind, str(phantom.seed)]
+    sources = ["ctjoint-phantom", GENERATOR_VERSION, phantom.family, phantom.kind]
+    sources.append(str(phantom.seed))
     sources += [str(g.size), str(g.n_slices), *(str(p) for p in parts)]
     return generate_uid(entropy_srcs=sources)
 
@@ -435,17 +463,17 @@ def _series_template(phantom: PhantomVolume) -> Dataset:
     ds.SoftwareVersions = f"ctjoint phantom {GENERATOR_VERSION}"
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "CT CHEST"
-    ds.SeriesDescription = f"CHEST {g.slice_mm:g} LUNG"
+    ds.SeriesDescription = f"CHEST {g.thickness_mm:g} {phantom.scanner.kernel.name}"
     ds.PatientName = ident.patient_name
     ds.PatientID = ident.patient_id
     ds.PatientBirthDate = ident.birth_date
     ds.PatientSex = ident.sex
     ds.PatientAge = ident.age
     ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = _ds(g.slice_mm)
+    ds.SliceThickness = _ds(g.thickness_mm)
     ds.SpacingBetweenSlices = _ds(g.slice_mm)
-    ds.KVP = "120"
-    ds.ConvolutionKernel = "LUNG"
+    ds.KVP = str(phantom.scanner.kvp)
+    ds.ConvolutionKernel = phantom.scanner.kernel.name
     ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = _uid(phantom, "study")
     ds.SeriesInstanceUID = _uid(phantom, "series")
@@ -465,10 +493,12 @@ def _series_template(phantom: PhantomVolume) -> Dataset:
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
-    ds.PixelRepresentation = 1
+    unsigned = phantom.scanner.convention.startswith("unsigned")
+    ds.PixelRepresentation = 0 if unsigned else 1
+    ds.PixelPaddingValue = phantom.scanner.padding
     ds.WindowCenter = _ds(LUNG_WINDOW_CENTER)
     ds.WindowWidth = _ds(LUNG_WINDOW_WIDTH)
-    ds.RescaleIntercept = _ds(RESCALE_INTERCEPT)
+    ds.RescaleIntercept = _ds(phantom.scanner.intercept)
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
     return ds
@@ -476,8 +506,12 @@ def _series_template(phantom: PhantomVolume) -> Dataset:
 
 def write_series(phantom: PhantomVolume, series_dir: Path) -> list[Path]:
     """Write the HU volume as a CT series, one Part-10 file per slice, cranio-caudal order."""
-    g = phantom.geometry
-    stored = (phantom.hu.astype(np.int32) - RESCALE_INTERCEPT).astype("<i2")
+    g, scanner = phantom.geometry, phantom.scanner
+    stored32 = phantom.hu.astype(np.int32) - scanner.intercept
+    if phantom.outside is not None:
+        stored32[:, phantom.outside] = scanner.padding
+    unsigned = scanner.convention.startswith("unsigned")
+    stored = np.clip(stored32, 0, 65535).astype("<u2") if unsigned else stored32.astype("<i2")
     series_dir.mkdir(parents=True, exist_ok=True)
     # One dataset, re-stamped per slice: building ~60 attributes per file costs more than
     # rendering the phantom.
@@ -492,7 +526,9 @@ def write_series(phantom: PhantomVolume, series_dir: Path) -> list[Path]:
         ds.ImagePositionPatient = [_ds(g.origin[0]), _ds(g.origin[1]), _ds(g.slice_z(k))]
         ds.SliceLocation = _ds(g.slice_z(k))
         ds.PixelData = stored[k].tobytes()
-        path = series_dir / f"IM{number:05d}.dcm"
+        # Some scanners name files by UID: nothing in the name says where the slice lies.
+        name = f"{sop_uid.split('.')[-1][-16:]}.dcm" if scanner.random_names else None
+        path = series_dir / (name or f"IM{number:05d}.dcm")
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
@@ -518,6 +554,15 @@ def _label_info(phantom: PhantomVolume) -> dict[str, Any]:
         "size": g.size,
         "n_slices": g.n_slices,
         "spacing_mm": [g.slice_mm, g.pixel_mm, g.pixel_mm],
+        "family": phantom.family,
+        "scanner": {
+            "slice_thickness_mm": g.thickness_mm,
+            "kernel": phantom.scanner.kernel.name,
+            "coverage": phantom.scanner.coverage,
+            "pixel_convention": phantom.scanner.convention,
+            "table": phantom.scanner.table,
+            "streaks": len(phantom.scanner.streaks),
+        },
         "lesion_volume_ml": phantom.lesion_volume_ml(),
         "lung_volume_ml": round(float(np.count_nonzero(phantom.lungs)) * g.voxel_ml, 1),
         "lesions": [lesion.describe(g.to_patient) for lesion in phantom.planted],
@@ -538,15 +583,21 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 
 def write_phantom_case(
-    out_dir: Path, *, kind: str, seed: int, slices: int | None, size: int
+    out_dir: Path,
+    *,
+    kind: str,
+    seed: int,
+    slices: int | None,
+    size: int,
+    family: str = TRAINING_FAMILY,
 ) -> PhantomCase:
     """Write CASE/series/*.dcm and CASE/truth/{lesions,lungs}.nii.gz + label.json."""
     out_dir = Path(out_dir)
-    _check_args(kind, seed, slices, size)
+    _check_args(kind, seed, slices, size, family)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         _prepare_out_dir(out_dir)  # raises with the precise reason
     # Render before touching the disk, so a failure leaves no half-written case.
-    phantom = generate_phantom(kind=kind, seed=seed, slices=slices, size=size)
+    phantom = generate_phantom(kind=kind, seed=seed, slices=slices, size=size, family=family)
     _prepare_out_dir(out_dir)
     write_series(phantom, out_dir / CASE_SERIES_DIR)
     truth = out_dir / CASE_TRUTH_DIR
@@ -627,23 +678,33 @@ def plan_set(n: int, seed: int) -> list[tuple[str, str, str, int]]:
     return [(f"case_{i:0{width}d}", kinds[i], splits[i], case_seed(seed, i)) for i in range(n)]
 
 
-def _write_set_case(job: tuple[str, str, int, int]) -> PhantomCase:
+def _write_set_case(job: tuple[str, str, int, int, str]) -> PhantomCase:
     """Pool worker (top level, so it pickles under the spawn start method)."""
-    out_dir, kind, seed, size = job
-    return write_phantom_case(Path(out_dir), kind=kind, seed=seed, slices=None, size=size)
+    out_dir, kind, seed, size, family = job
+    return write_phantom_case(
+        Path(out_dir), kind=kind, seed=seed, slices=None, size=size, family=family
+    )
 
 
-def write_phantom_set(out_dir: Path, *, n: int, seed: int, size: int, workers: int) -> str:
+def write_phantom_set(
+    out_dir: Path,
+    *,
+    n: int,
+    seed: int,
+    size: int,
+    workers: int,
+    family: str = TRAINING_FAMILY,
+) -> str:
     """Write SET/labels.csv and SET/<case>/ for n balanced cases; returns a summary."""
     out_dir = Path(out_dir)
     if n < 1:
         raise PhantomError(f"n must be >= 1, got {n}")
     if workers < 1:
         raise PhantomError(f"workers must be >= 1, got {workers}")
-    _check_args(CLASS_NAMES[0], seed, None, size)
+    _check_args(CLASS_NAMES[0], seed, None, size, family)
     _prepare_out_dir(out_dir)
     plan = plan_set(n, seed)
-    jobs = [(str(out_dir / name), label, s, size) for name, label, _, s in plan]
+    jobs = [(str(out_dir / name), label, s, size, family) for name, label, _, s in plan]
     results: list[PhantomCase]
     if workers == 1 or n == 1:
         results = [_write_set_case(job) for job in jobs]

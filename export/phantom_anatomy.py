@@ -94,50 +94,66 @@ class Anatomy:
     rib_pitch: float
     rib_height: float
     rib_drop: float
+    # Variety that changes no finding (docs/models.md lists each range).
+    heart_power: float = 2.0  # super-ellipsoid exponent: <2 a pointed dome, >2 a boxy one
+    vessel_scale: float = 1.0  # calibre of the pulmonary vessel trees
+    vessel_depth: int = 7  # branching generations (vessel density)
+    airway_scale: float = 1.0
+    dependent_hu: float = 0.0  # posterior basal (dependent) density: HU added at the pleura
+    dependent_mm: float = 10.0  # ... fading to nothing this far from the posterior pleura
+    arms_down: bool = False  # arms beside the chest instead of above the head
+    arm_gap_mm: float = 15.0
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> Anatomy:
         """Draw a plausible adult chest."""
-        w = float(rng.uniform(138.0, 172.0))
-        d = w * float(rng.uniform(0.62, 0.74))
-        fat = float(rng.uniform(6.0, 24.0))
-        muscle = float(rng.uniform(8.0, 14.0))
-        height_r = float(rng.uniform(190.0, 235.0))
-        base_r = float(rng.uniform(6.0, 16.0))  # the liver lifts the right dome
+        w = float(rng.uniform(130.0, 190.0))
+        d = w * float(rng.uniform(0.62, 0.80))
+        fat = float(rng.uniform(3.0, 40.0))
+        muscle = float(rng.uniform(6.0, 16.0))
+        # A thin chest cannot carry a thick wall: keep room for the heart in front of the spine.
+        wall_scale = min(1.0, 0.26 * d / (fat + muscle))
+        fat, muscle = fat * wall_scale, muscle * wall_scale
+        # Inspiration level: a deep breath makes the lungs taller, flatter-domed and darker.
+        inspiration = float(rng.uniform(0.0, 1.0))
+        height_r = float(rng.uniform(160.0, 200.0)) + 60.0 * inspiration
+        base_r = float(rng.uniform(4.0, 22.0))  # the liver lifts the right dome
         apex_r = base_r + height_r
-        apex_l = apex_r - float(rng.uniform(0.0, 8.0))
-        dome_r = float(rng.uniform(45.0, 65.0))
-        dome_l = dome_r - float(rng.uniform(0.0, 12.0))
-        spine_r = float(rng.uniform(15.0, 19.0))
+        apex_l = apex_r - float(rng.uniform(0.0, 10.0))
+        dome_r = float(rng.uniform(50.0, 78.0)) - 20.0 * inspiration
+        dome_l = dome_r - float(rng.uniform(-4.0, 14.0))
+        spine_r = min(float(rng.uniform(13.0, 21.0)), 0.18 * d)
         back = BACK_FRACTION * d
         # The spinal canal lies under the back muscles; the vertebral body just in front of it.
-        canal_v = back - fat - muscle - float(rng.uniform(18.0, 26.0))
+        canal_v = back - fat - muscle - float(rng.uniform(18.0, 26.0)) * min(1.0, d / 100.0)
         spine_v = canal_v - spine_r - CANAL_OFFSET_MM
         # The heart fills the space between the sternum and the oesophagus/aorta.
         heart_front = -d + fat + muscle + 16.0
         heart_back = spine_v - spine_r - 12.0
         heart_v = (heart_front + heart_back) / 2.0
         heart_axes = (
-            float(rng.uniform(0.36, 0.42)) * w,
-            (heart_back - heart_front) / 2.0 * float(rng.uniform(0.88, 1.0)),
-            float(rng.uniform(55.0, 70.0)),
+            float(rng.uniform(0.30, 0.46)) * w,
+            max(15.0, (heart_back - heart_front) / 2.0 * float(rng.uniform(0.80, 1.0))),
+            float(rng.uniform(48.0, 78.0)),
         )
+        # How far the heart sinks into the left dome decides how its top meets the lung.
         heart_centre = (
-            float(rng.uniform(0.13, 0.19)) * w,
-            heart_v,
-            dome_l + heart_axes[2] * 0.55,
+            float(rng.uniform(0.08, 0.22)) * w,
+            heart_v + float(rng.uniform(-6.0, 6.0)),
+            dome_l + heart_axes[2] * float(rng.uniform(0.30, 0.80)),
         )
         aorta_r = float(rng.uniform(10.0, 13.5))
         carina_z = heart_centre[2] + heart_axes[2] + float(rng.uniform(5.0, 20.0))
         trachea_v = spine_v - spine_r - float(rng.uniform(14.0, 20.0))
+        airway_scale = float(rng.uniform(0.8, 1.25))
         return cls(
             half_width=w,
             half_depth=d,
             fat_mm=fat,
             muscle_mm=muscle,
             rib_mm=float(rng.uniform(6.0, 8.0)),
-            lung_hu=float(rng.uniform(-875.0, -835.0)),
-            lung_gradient_hu=float(rng.uniform(10.0, 40.0)),
+            lung_hu=float(rng.uniform(-840.0, -790.0)) - 70.0 * inspiration,
+            lung_gradient_hu=float(rng.uniform(10.0, 60.0)),
             lung_base=(base_r, 0.0),
             lung_apex=(apex_r, apex_l),
             dome_height=(dome_r, dome_l),
@@ -151,12 +167,20 @@ class Anatomy:
             aorta_asc=(-float(rng.uniform(2.0, 10.0)), heart_centre[1] + 0.25 * d),
             arch_z=carina_z + float(rng.uniform(15.0, 25.0)),
             trachea=(-float(rng.uniform(0.0, 5.0)), trachea_v),
-            trachea_radius=float(rng.uniform(8.0, 10.5)),
+            trachea_radius=float(rng.uniform(8.0, 10.5)) * airway_scale,
             carina_z=carina_z,
             rib_top=apex_r + float(rng.uniform(0.0, 10.0)),
-            rib_pitch=float(rng.uniform(22.0, 27.0)),
-            rib_height=float(rng.uniform(9.0, 12.0)),
-            rib_drop=float(rng.uniform(90.0, 130.0)),
+            rib_pitch=float(rng.uniform(20.0, 29.0)),
+            rib_height=float(rng.uniform(8.0, 13.0)),
+            rib_drop=float(rng.uniform(75.0, 145.0)),
+            heart_power=float(rng.uniform(1.7, 2.6)),
+            vessel_scale=float(rng.uniform(0.75, 1.3)),
+            vessel_depth=int(rng.integers(5, 9)),
+            airway_scale=airway_scale,
+            dependent_hu=float(rng.uniform(0.0, 220.0)) if rng.random() < 0.7 else 0.0,
+            dependent_mm=float(rng.uniform(4.0, 22.0)),
+            arms_down=bool(rng.random() < 0.3),
+            arm_gap_mm=float(rng.uniform(3.0, 30.0)),
         )
 
     # --- geometry shared by the renderer and the coarse model ------------------------------
@@ -222,13 +246,14 @@ class Anatomy:
         hc, ha = self.heart_centre, self.heart_axes
         inz = np.abs(z - hc[2]) < ha[2]
         if np.ndim(inz) > 0 or inz:
+            p = np.float32(self.heart_power)
             e = (
-                ((u - np.float32(hc[0])) / np.float32(ha[0])) ** 2
-                + ((v - np.float32(hc[1])) / np.float32(ha[1])) ** 2
-                + ((z - hc[2]) / ha[2]) ** 2
+                np.abs((u - np.float32(hc[0])) / np.float32(ha[0])) ** p
+                + np.abs((v - np.float32(hc[1])) / np.float32(ha[1])) ** p
+                + np.abs((z - hc[2]) / ha[2]) ** p
             )
             paint.append((e <= 1.0, HU_BLOOD))
-            grown = (1.0 + margin / min(ha[0], ha[1])) ** 2
+            grown = (1.0 + margin / min(ha[0], ha[1])) ** p
             exclusion = exclusion | (e <= grown)
         ra = self.aorta_radius
         disc(*self.aorta_desc, ra, -1e9, self.arch_z, HU_BLOOD)
@@ -436,9 +461,50 @@ def render_anatomy(anatomy: Anatomy, grid: Grid) -> tuple[FloatArray, ByteArray]
         lung = a.lungs(u, v, z, depth, exclusion)
         inside = lung > 0
         sl[inside] = lung_hu[inside]
+        if a.dependent_hu > 0 and inside.any():
+            sl += _dependent_density(a, inside, v, z, grid.pixel_mm)
         hu[k, rows, cols] = sl
         lungs[k, rows, cols] = lung
     return hu, lungs
+
+
+def _dependent_density(
+    a: Anatomy, inside: BoolArray, v: FloatArray, z: float, pixel_mm: float
+) -> FloatArray:
+    """Posterior basal density of a normal supine lung (HU to add; 0 outside the lung).
+
+    Strongest against the posterior pleura of the lower lung and fading inwards and upwards:
+    a normal finding that a naive model mistakes for ground glass.
+    """
+    basal = 1.0 - (z - a.z_bottom) / (0.6 * (a.z_top - a.z_bottom))
+    if basal <= 0:
+        return np.zeros(inside.shape, np.float32)
+    dist = ndimage.distance_transform_edt(inside, sampling=pixel_mm).astype(np.float32)
+    posterior = np.clip(v / np.float32(0.5 * a.half_depth), 0.0, 1.0)
+    fade = np.clip(1.0 - dist / np.float32(a.dependent_mm), 0.0, 1.0)
+    boost = np.float32(a.dependent_hu * min(1.0, basal)) * posterior * fade
+    return np.where(inside, boost, np.float32(0.0)).astype(np.float32)
+
+
+def draw_arms(hu: FloatArray, grid: Grid, a: Anatomy) -> None:
+    """Arms by the sides of the chest (when not raised): fat, muscle and a humerus each."""
+    if not a.arms_down:
+        return
+    u = grid.u[None, :]
+    v = grid.v[:, None]
+    plane = np.full((grid.v.size, grid.u.size), np.nan, np.float32)
+    for sign in (-1.0, 1.0):
+        radius = 0.3 * a.half_width
+        cu = sign * (a.half_width + a.arm_gap_mm + radius)
+        cv = 0.1 * a.half_depth
+        r = np.hypot((u - np.float32(cu)) * 1.1, v - np.float32(cv))
+        plane = np.where(r <= radius, HU_FAT, plane)
+        plane = np.where(r <= radius - 6.0, HU_MUSCLE, plane)
+        bone = np.hypot(u - np.float32(cu + sign * 0.1 * radius), v - np.float32(cv))
+        plane = np.where(bone <= 11.0, HU_CORTICAL_BONE, plane)
+        plane = np.where(bone <= 7.0, HU_FAT, plane)  # the marrow of the shaft
+    drawn = ~np.isnan(plane)
+    hu[:, drawn] = plane[drawn]
 
 
 @dataclass(frozen=True)
@@ -581,9 +647,9 @@ def vessel_segments(
                 side,
                 root,
                 d,
-                float(rng.uniform(3.5, 5.0)),
+                float(rng.uniform(3.5, 5.0)) * anatomy.vessel_scale,
                 min_radius=0.6,
-                max_depth=7,
+                max_depth=anatomy.vessel_depth,
                 taper=0.78,
             )
     return segments
@@ -611,7 +677,7 @@ def airway_segments(
                 entry,
                 _unit(np.asarray(direction)),
                 main_r * 0.7,
-                min_radius=1.2,
+                min_radius=1.2 * anatomy.airway_scale,
                 max_depth=3,
                 taper=0.7,
             )

@@ -430,11 +430,13 @@ def train_model(
     seed: int = 0,
     resume: bool = False,
     threads: int | None = None,
+    init: Path | None = None,
 ) -> str:
     """Train `model` on a data set folder; returns a one-paragraph summary.
 
     Checkpoints go to `out_dir` (default runs/<model>-<config>); `resume` continues from its
-    last.pt with the stored configuration (`epochs` may extend it).
+    last.pt with the stored configuration (`epochs` may extend it); `init` starts a new run
+    from the weights of another checkpoint of the same network (fine-tuning).
     """
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"{model}-{config_name}"
     config = get_config(model, config_name)
@@ -448,6 +450,7 @@ def train_model(
         resume=resume,
         threads=threads,
         epochs=epochs,
+        init=init,
     )
     return result.summary()
 
@@ -462,6 +465,7 @@ def train_run(
     threads: int | None = None,
     epochs: int | None = None,
     console: Console | None = None,
+    init: Path | None = None,
 ) -> TrainResult:
     """Train with an explicit configuration (tests use small ones). On `resume` the stored
     configuration and seed win; `epochs` may still extend the run."""
@@ -495,6 +499,8 @@ def train_run(
         val_cases = cache.get_many(val_refs, lambda: progress.advance(task))
 
     net = build_model(config)
+    if init is not None and state is None:
+        _load_init(net, config, Path(init))
     loss_fn = JointLoss(config.train)
     parameters = count_parameters(net)
     decay: list[nn.Parameter] = []
@@ -611,7 +617,31 @@ def train_run(
 
     wall = wall_before + time.perf_counter() - started
     _write_log(run_dir, config, seed, parameters, history, wall)
+    if val_cases and (run_dir / BEST_CHECKPOINT).is_file():
+        _calibrate_best(run_dir / BEST_CHECKPOINT, val_cases, seed)
     return TrainResult(run_dir, config, parameters, history, wall, len(train_cases))
+
+
+def _calibrate_best(path: Path, val_cases: Sequence[PreparedCase], seed: int) -> None:
+    """Fit the best model's logit temperatures on the validation cases and store them."""
+    from ctjoint.export.calibrate import calibrate_network
+
+    net, config, data = model_from_checkpoint(path)
+    fit = calibrate_network(net, config, val_cases, seed=seed)
+    data["temperature"] = {"cls": fit.temperature.cls, "seg": fit.temperature.seg}
+    data["calibration"] = fit.to_dict()
+    save_atomic(data, path)
+
+
+def _load_init(net: JointNetwork, config: RunConfig, path: Path) -> None:
+    """Start from another checkpoint's weights; the network shapes must match exactly."""
+    data = load_checkpoint(path)
+    if data.get("model") != config.model:
+        raise TrainingError(f"{path}: a {data.get('model')} checkpoint, not {config.model}")
+    try:
+        net.load_state_dict(data["state_dict"])
+    except RuntimeError as err:
+        raise TrainingError(f"{path}: weights do not fit the {config.name} network: {err}") from err
 
 
 def _write_log(

@@ -30,12 +30,15 @@ from ctjoint.contracts import (
 from ctjoint.export.phantom import (
     PhantomCase,
     PhantomError,
+    PhantomVolume,
     generate_phantom,
     read_truth,
     write_phantom_case,
     write_phantom_set,
 )
 from ctjoint.export.phantom_anatomy import Anatomy, CoarseLungs, plan_lesions
+from ctjoint.export.phantom_families import QuadricBody
+from ctjoint.export.phantom_scanner import CONVENTIONS, KERNELS, Scanner, slab_average
 
 SIZE = 128
 SLICES = 24
@@ -77,14 +80,46 @@ def test_series_is_ct_image_storage_in_explicit_little_endian(cases: dict[str, P
         assert ds.SOPClassUID == CTImageStorage
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert ds.Modality == "CT"
-        assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (
-            16,
-            16,
-            15,
-            1,
-        )
-        assert ds.pixel_array.dtype == np.int16
-        assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, -1024.0)
+        assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, 16, 15)
+
+
+@pytest.mark.parametrize(
+    ("convention", "representation", "dtype", "intercept", "padding"),
+    [
+        ("signed", 1, np.int16, 0.0, -2000),
+        ("signed-1024", 1, np.int16, -1024.0, -1000),
+        ("unsigned-1024", 0, np.uint16, -1024.0, 0),
+    ],
+)
+def test_pixel_conventions_are_written_as_declared(
+    tmp_path: Path,
+    convention: str,
+    representation: int,
+    dtype: type,
+    intercept: float,
+    padding: int,
+) -> None:
+    # The first seed whose scanner stores pixels this way (the convention is drawn per scan).
+    seed = next(
+        s
+        for s in range(200)
+        if Scanner.sample(
+            np.random.default_rng(np.random.SeedSequence([s, 0x0C7]).spawn(6)[0]),
+            half_width=150.0,
+            half_depth=100.0,
+            z_span=(0.0, 200.0),
+        ).convention
+        == convention
+    )
+    phantom = generate_phantom(kind="normal", seed=seed, slices=3, size=48)
+    assert phantom.scanner.convention == convention
+    write_phantom_case(tmp_path / "c", kind="normal", seed=seed, slices=3, size=48)
+    ds = _read_series(tmp_path / "c")[0]
+    assert ds.PixelRepresentation == representation
+    assert ds.pixel_array.dtype == dtype
+    assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, intercept)
+    assert ds.PixelPaddingValue == padding
+    assert ds.pixel_array[0, 0] == padding  # a corner lies outside the reconstruction circle
 
 
 def test_series_geometry_is_consistent(cases: dict[str, Path]) -> None:
@@ -108,7 +143,8 @@ def test_series_geometry_is_consistent(cases: dict[str, Path]) -> None:
 
 
 def test_files_are_written_head_first(cases: dict[str, Path]) -> None:
-    datasets = _read_series(cases["normal"])
+    # Some scanners name files by UID: order by instance number, never by name.
+    datasets = sorted(_read_series(cases["normal"]), key=lambda ds: int(ds.InstanceNumber))
     numbers = [int(ds.InstanceNumber) for ds in datasets]
     z = [float(ds.ImagePositionPatient[2]) for ds in datasets]
     assert numbers == list(range(1, SLICES + 1))
@@ -152,7 +188,16 @@ def test_truth_round_trips_through_read_truth(tmp_path: Path) -> None:
 def test_truth_slices_match_the_series_sorted_by_position(tmp_path: Path) -> None:
     phantom = generate_phantom(kind="normal", seed=8, slices=12, size=64)
     write_phantom_case(tmp_path / "case", kind="normal", seed=8, slices=12, size=64)
-    np.testing.assert_array_equal(_hu_volume(tmp_path / "case"), phantom.hu)
+    _assert_same_inside_circle(_hu_volume(tmp_path / "case"), phantom)
+
+
+def _assert_same_inside_circle(hu: np.ndarray, phantom: PhantomVolume) -> None:
+    """Read-back HU equals the phantom in the reconstruction circle, padding outside it."""
+    assert phantom.outside is not None
+    inside = ~phantom.outside
+    np.testing.assert_array_equal(hu[:, inside], phantom.hu[:, inside])
+    padding_hu = phantom.scanner.padding + phantom.scanner.intercept
+    assert np.all(hu[:, phantom.outside] == padding_hu)
 
 
 def test_gateway_series_reader_assembles_the_phantom_onto_the_truth_grid(tmp_path: Path) -> None:
@@ -162,7 +207,7 @@ def test_gateway_series_reader_assembles_the_phantom_onto_the_truth_grid(tmp_pat
     write_phantom_case(tmp_path / "case", kind="cap", seed=12, slices=9, size=64)
     volume = load_series_dir(tmp_path / "case" / CASE_SERIES_DIR)
     lesions, _, info = read_truth(tmp_path / "case")
-    np.testing.assert_array_equal(volume.hu, phantom.hu)
+    _assert_same_inside_circle(volume.hu, phantom)
     assert volume.shape == lesions.shape
     np.testing.assert_allclose(volume.spacing_mm, info["spacing_mm"])
 
@@ -271,19 +316,23 @@ def test_size_changes_resolution_not_anatomy() -> None:
     assert lung_ml[64] == pytest.approx(lung_ml[128], rel=0.05)
 
 
-def test_default_pixel_spacing_at_512_is_0_6_to_0_9_mm() -> None:
+def test_scan_geometry_stays_in_the_documented_ranges() -> None:
     from ctjoint.export.phantom import _sample_geometry
 
-    for seed in range(20):
+    for seed in range(40):
         rng = np.random.default_rng(seed)
-        geometry = _sample_geometry(rng, Anatomy.sample(rng), None, 512)
-        assert 0.6 <= geometry.pixel_mm <= 0.9
-        assert 60 <= geometry.n_slices <= 120
-        assert 1.0 <= geometry.slice_mm <= 5.0
+        body = QuadricBody(Anatomy.sample(rng))
+        scanner = Scanner.sample(
+            rng, half_width=body.half_width, half_depth=body.half_depth, z_span=(0.0, 220.0)
+        )
+        geometry = _sample_geometry(rng, body, scanner, None, 512)
+        assert 0.5 <= geometry.pixel_mm <= 0.98
+        assert 0.6 <= geometry.slice_mm <= geometry.thickness_mm <= 5.0
+        assert 250.0 <= (geometry.n_slices - 1) * geometry.slice_mm <= 321.0
 
 
-@pytest.mark.parametrize(("slices", "thickness"), [(2, 5.0), (600, 1.0)])
-def test_slice_thickness_is_clipped_to_1_to_5_mm(slices: int, thickness: float) -> None:
+@pytest.mark.parametrize(("slices", "thickness"), [(2, 5.0), (600, 0.6)])
+def test_slice_thickness_is_clipped_to_0_6_to_5_mm(slices: int, thickness: float) -> None:
     phantom = generate_phantom(kind="normal", seed=0, slices=slices, size=32)
     assert phantom.geometry.slice_mm == thickness
     assert phantom.hu.shape == (slices, 32, 32)
@@ -365,3 +414,97 @@ def test_non_empty_output_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PhantomError, match="exists and is not empty"):
         write_phantom_case(tmp_path / "case", kind="normal", seed=0, slices=4, size=32)
     assert (tmp_path / "case" / "keep.txt").read_text() == "mine"
+
+
+# --- variety and the held-out family (issue 16) ------------------------------------------------
+def test_scanner_variety_covers_every_kernel_convention_and_coverage() -> None:
+    scanners = [
+        Scanner.sample(
+            np.random.default_rng(seed), half_width=150.0, half_depth=100.0, z_span=(0.0, 220.0)
+        )
+        for seed in range(300)
+    ]
+    assert {s.kernel.name for s in scanners} == {k.name for k in KERNELS}
+    assert {s.convention for s in scanners} == set(CONVENTIONS)
+    assert {s.coverage for s in scanners} == {"full", "apex-cut", "base-cut"}
+    assert {s.table for s in scanners} == {True, False}
+    assert min(s.thickness_mm for s in scanners) < 0.8
+    assert max(s.thickness_mm for s in scanners) > 4.5
+
+
+def test_thick_slice_labels_follow_the_majority_of_the_slab() -> None:
+    # Four sub-slices per 5 mm slice; the lesion fills the first three of slice 0 and one of 1.
+    fine_z = np.arange(8) * 1.25 + 0.625
+    lesions = np.zeros((8, 1, 2), np.uint8)
+    lesions[:3, 0, 0] = SEG_GROUND_GLASS
+    lesions[4, 0, 0] = SEG_CONSOLIDATION
+    hu = np.where(lesions > 0, -500.0, -900.0).astype(np.float32)
+    out_hu, out_lesions, _ = slab_average(
+        hu, lesions, np.zeros_like(lesions), fine_z, 1.25, np.array([2.5, 7.5]), 5.0
+    )
+    assert out_lesions[:, 0, 0].tolist() == [SEG_GROUND_GLASS, 0]
+    assert out_hu[0, 0, 0] == pytest.approx(0.75 * -500.0 + 0.25 * -900.0)
+    assert out_hu[1, 0, 0] == pytest.approx(0.25 * -500.0 + 0.75 * -900.0)
+
+
+@pytest.fixture(scope="module")
+def fourier() -> dict[str, PhantomVolume]:
+    return {
+        kind: generate_phantom(kind=kind, seed=21, slices=20, size=64, family="fourier")
+        for kind in CLASS_NAMES
+    }
+
+
+def test_fourier_family_has_two_lungs_and_no_lesions_when_normal(
+    fourier: dict[str, PhantomVolume],
+) -> None:
+    normal = fourier["normal"]
+    assert set(np.unique(normal.lungs).tolist()) == {0, LUNG_RIGHT, LUNG_LEFT}
+    assert not normal.lesions.any()
+    assert normal.family == "fourier"
+
+
+def test_fourier_family_covid_is_bilateral_and_cap_is_consolidation(
+    fourier: dict[str, PhantomVolume],
+) -> None:
+    assert fourier["covid19"].lesion_sides() == {LUNG_RIGHT, LUNG_LEFT}
+    assert np.count_nonzero(fourier["covid19"].lesions == SEG_GROUND_GLASS) > 0
+    cap = fourier["cap"]
+    assert np.count_nonzero(cap.lesions == SEG_CONSOLIDATION) > np.count_nonzero(
+        cap.lesions == SEG_GROUND_GLASS
+    )
+
+
+def test_families_render_different_bodies_for_one_seed(fourier: dict[str, PhantomVolume]) -> None:
+    quadric = generate_phantom(kind="normal", seed=21, slices=20, size=64)
+    other = fourier["normal"]
+    assert quadric.lungs.shape[1:] == other.lungs.shape[1:]
+    assert np.mean(quadric.lungs != other.lungs) > 0.02
+
+
+def test_unknown_family_is_refused() -> None:
+    with pytest.raises(PhantomError, match="unknown family 'ellipse'"):
+        generate_phantom(kind="normal", seed=0, slices=2, size=32, family="ellipse")
+
+
+def test_cli_phantom_writes_the_requested_family(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "phantom",
+            str(tmp_path / "c"),
+            "--kind",
+            "normal",
+            "--seed",
+            "3",
+            "--slices",
+            "4",
+            "--size",
+            "48",
+            "--family",
+            "fourier",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    _, _, info = read_truth(tmp_path / "c")
+    assert info["family"] == "fourier"

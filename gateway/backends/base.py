@@ -21,12 +21,56 @@ from ctjoint.contracts import (
     ONNX_META_MODEL,
     ONNX_META_PLAN,
     ONNX_META_SEG_CLASSES,
+    ONNX_META_TEMPERATURE,
     ONNX_META_TRAINED_ON,
     ONNX_META_VERSION,
     SEG_CLASS_NAMES,
 )
 from ctjoint.gateway.errors import BackendError
 from ctjoint.gateway.preprocess import PreprocessPlan
+
+
+@dataclass(frozen=True)
+class Temperature:
+    """Logit temperatures of a model's two heads (classification, segmentation).
+
+    Fitted on the validation split after training and stored with the model, so the
+    probabilities a backend reports are calibrated the same way whichever backend runs it.
+    """
+
+    cls: float = 1.0
+    seg: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("cls", "seg"):
+            value = float(getattr(self, name))
+            if not value > 0 or value != value or value == float("inf"):
+                raise ValueError(f"temperature {name} must be a positive number, got {value}")
+            object.__setattr__(self, name, value)
+
+    def to_json(self) -> str:
+        return json.dumps({"cls": self.cls, "seg": self.seg}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Temperature:
+        """Parse metadata; absent or empty means an uncalibrated model (1, 1)."""
+        if not text:
+            return cls()
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("temperature metadata must be a JSON object")
+        return cls(cls=float(data.get("cls", 1.0)), seg=float(data.get("seg", 1.0)))
+
+    def apply(self, outputs: ModelOutputs) -> ModelOutputs:
+        """The outputs with both heads' logits divided by their temperatures."""
+        if self.cls == 1.0 and self.seg == 1.0:
+            return outputs
+        return ModelOutputs(
+            seg_logits=outputs.seg_logits / np.float32(self.seg),
+            cls_logits=outputs.cls_logits / np.float32(self.cls),
+            model_ms=outputs.model_ms,
+            cam=outputs.cam,
+        )
 
 
 @dataclass(frozen=True)
@@ -41,6 +85,7 @@ class ModelInfo:
     input_shape: tuple[int, ...] = ()
     trained_on: str = ""
     max_batch_size: int = 0  # 0: no limit known to the backend
+    temperature: Temperature = Temperature()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -175,6 +220,12 @@ def model_info_from_metadata(
             f"{source}: classes {list(classes)} / {list(seg_classes)} differ from the contract "
             f"{list(CLASS_NAMES)} / {list(SEG_CLASS_NAMES)}"
         )
+    try:
+        temperature = Temperature.from_json(metadata.get(ONNX_META_TEMPERATURE))
+    except (ValueError, TypeError) as err:
+        raise BackendError(
+            f"{source}: metadata {ONNX_META_TEMPERATURE!r} is invalid: {err}"
+        ) from err
     expected = expected_input_shape(plan)
     shape = tuple(int(v) for v in input_shape) or expected
     if len(shape) != len(expected) or any(
@@ -192,6 +243,7 @@ def model_info_from_metadata(
         seg_classes=seg_classes,
         input_shape=expected,
         trained_on=metadata.get(ONNX_META_TRAINED_ON, ""),
+        temperature=temperature,
     )
 
 

@@ -208,6 +208,7 @@ class EmbeddedBackend(InferenceBackend):
                 f"model {model!r}: inference failed ({type(err).__name__}: {err})"
             ) from err
         elapsed = (time.perf_counter() - started) * 1000.0
-        return ModelOutputs(
+        outputs = ModelOutputs(
             seg_logits=seg, cls_logits=cls, model_ms=elapsed, cam=cam[0] if cam else None
         )
+        return info.temperature.apply(outputs)
