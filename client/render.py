@@ -75,6 +75,23 @@ def format_summary(result: ResultLike) -> str:
         "Probabilities: "
         + "  ".join(f"{name} {probabilities.get(name, float('nan')):.3f}" for name in CLASS_NAMES),
     ]
+    review = data.get("review") or {}
+    if review:
+        lines.append(
+            "Review:        "
+            + ("needed: " + "; ".join(review.get("details") or review.get("reasons") or ()))
+            if review.get("needed")
+            else "Review:        not flagged"
+        )
+    for member in data.get("members") or ():
+        member_probs = member.get("probabilities") or {}
+        member_label = str(member.get("label"))
+        flag = "review" if (member.get("review") or {}).get("needed") else "no flag"
+        lines.append(
+            f"  {(member.get('model') or {}).get('name')}: {member_label} "
+            f"p = {member_probs.get(member_label, float('nan')):.3f}, "
+            f"lesions {member.get('lesion_volume_ml', 0.0):.1f} mL, {flag}"
+        )
     lesions = data.get("lesions") or {}
     classes = lesions.get("classes") or {}
     if classes:
@@ -145,6 +162,7 @@ def write_overlay_png(
     lung_map: np.ndarray | None = None,
     cam: np.ndarray | Callable[[list[int]], np.ndarray] | None = None,
     legend: bool = True,
+    caption: str | None = None,
 ) -> list[int]:
     """Write a montage of up to `tiles` slices, lung window with lesions coloured, as PNG.
 
@@ -152,7 +170,8 @@ def write_overlay_png(
     topped up with evenly spread slices. With `lung_map` (same shape, >0 inside a lung) the
     lungs are outlined; with `cam` (uint8 [Z, Y, X], or a callable giving those slices for
     a list of indices) the class activation map tints the slices under the lesion colours;
-    `legend` adds a strip below naming each colour. Returns the chosen slice indices
+    `legend` adds a strip below naming each colour; `caption` (the review line, e.g.
+    "REVIEW - LOW CONFIDENCE") a line of text under it. Returns the chosen slice indices
     (ascending).
     """
     volume_hu = np.asarray(volume_hu)
@@ -186,6 +205,8 @@ def write_overlay_png(
         if heat is not None:
             entries.append(("CAM", CAM_COLOUR))
         image = _with_legend(image, tuple(entries))
+    if caption:
+        image = _with_caption(image, caption)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(encode_png(image))
@@ -257,21 +278,35 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-# A 5x7 bitmap font of our own, just the characters the legend needs ("#" is ink).
+# A 5x7 bitmap font of our own: the letters, the hyphen and the space the legend and the
+# review caption need ("#" is ink). The client installs without Pillow.
 _GLYPHS = {
     "A": (".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
+    "B": ("####.", "#...#", "#...#", "####.", "#...#", "#...#", "####."),
     "C": (".###.", "#...#", "#....", "#....", "#....", "#...#", ".###."),
     "D": ("####.", "#...#", "#...#", "#...#", "#...#", "#...#", "####."),
+    "E": ("#####", "#....", "#....", "####.", "#....", "#....", "#####"),
+    "F": ("#####", "#....", "#....", "####.", "#....", "#....", "#...."),
     "G": (".###.", "#...#", "#....", "#.###", "#...#", "#...#", ".####"),
+    "H": ("#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"),
     "I": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "#####"),
+    "J": ("..###", "...#.", "...#.", "...#.", "...#.", "#..#.", ".##.."),
+    "K": ("#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"),
     "M": ("#...#", "##.##", "#.#.#", "#.#.#", "#...#", "#...#", "#...#"),
     "L": ("#....", "#....", "#....", "#....", "#....", "#....", "#####"),
     "N": ("#...#", "##..#", "#.#.#", "#..##", "#...#", "#...#", "#...#"),
     "O": (".###.", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "P": ("####.", "#...#", "#...#", "####.", "#....", "#....", "#...."),
+    "Q": (".###.", "#...#", "#...#", "#...#", "#.#.#", "#..#.", ".##.#"),
     "R": ("####.", "#...#", "#...#", "####.", "#.#..", "#..#.", "#...#"),
     "S": (".####", "#....", "#....", ".###.", "....#", "....#", "####."),
     "T": ("#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."),
     "U": ("#...#", "#...#", "#...#", "#...#", "#...#", "#...#", ".###."),
+    "V": ("#...#", "#...#", "#...#", "#...#", "#...#", ".#.#.", "..#.."),
+    "W": ("#...#", "#...#", "#...#", "#.#.#", "#.#.#", "##.##", "#...#"),
+    "X": ("#...#", "#...#", ".#.#.", "..#..", ".#.#.", "#...#", "#...#"),
+    "Y": ("#...#", "#...#", ".#.#.", "..#..", "..#..", "..#..", "..#.."),
+    "Z": ("#####", "....#", "...#.", "..#..", ".#...", "#....", "#####"),
     "-": (".....", ".....", ".....", "#####", ".....", ".....", "....."),
     " ": (".....", ".....", ".....", ".....", ".....", ".....", "....."),
 }
@@ -315,6 +350,19 @@ def _with_legend(
     out[: image.shape[0], : image.shape[1]] = image
     top = image.shape[0] + LEGEND_PAD
     out[top : top + height, : row.shape[1]] = row
+    return out
+
+
+def _with_caption(image: np.ndarray, caption: str) -> np.ndarray:
+    """The image with a line of text below it: amber when it asks for review, grey otherwise."""
+    ink = text_mask(caption)
+    colour = (255, 190, 0) if caption.startswith("REVIEW") else (200, 200, 200)
+    height = ink.shape[0] + 2 * LEGEND_PAD
+    width = max(image.shape[1], ink.shape[1] + 2 * LEGEND_PAD)
+    out = np.full((image.shape[0] + height, width, 3), 32, dtype=np.uint8)
+    out[: image.shape[0], : image.shape[1]] = image
+    line = out[image.shape[0] + LEGEND_PAD : image.shape[0] + LEGEND_PAD + ink.shape[0]]
+    line[:, LEGEND_PAD : LEGEND_PAD + ink.shape[1]][ink] = colour
     return out
 
 

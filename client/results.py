@@ -102,6 +102,31 @@ def result_dict(message: scan_pb2.ScanResult) -> dict[str, Any]:
             if message.HasField("quantification")
             else None
         ),
+        "review": _review_dict(message.review),
+        "members": [
+            {
+                "model": {"name": m.model.name, "version": m.model.version},
+                "label": m.label,
+                "probabilities": {
+                    name: float(p) for name, p in zip(classes, m.probabilities, strict=True)
+                },
+                "lesion_volume_ml": float(m.lesion_volume_ml),
+                "review": _review_dict(m.review),
+            }
+            for m in message.members
+        ],
+    }
+
+
+def _review_dict(message: scan_pb2.Review) -> dict[str, Any]:
+    """Review.to_dict() of the gateway (gateway/review.py), rebuilt from its message."""
+    if message.needed != bool(message.reasons):
+        raise ResultFormatError("the review flag and its reasons disagree")
+    return {
+        "needed": bool(message.needed),
+        "reasons": list(message.reasons),
+        "details": list(message.details),
+        "signals": {s.name: float(s.value) for s in message.signals} or None,
     }
 
 

@@ -15,6 +15,9 @@ MODEL_JCS2D: Final = "jcs2d"
 MODEL_DEEPSC3D: Final = "deepsc3d"
 MODEL_NAMES: Final = (MODEL_JCS2D, MODEL_DEEPSC3D)
 DEFAULT_MODEL: Final = MODEL_JCS2D
+# A scan request may name this instead of one model: every network on the same upload, one
+# fused answer beside each one's own (docs/review.md gives the fusion rule).
+MODEL_BOTH: Final = "both"
 
 # --- Classes (order is the order of `cls_logits` / `probs`) -----------------------------------
 CLASS_NAMES: Final = ("covid19", "cap", "normal")

@@ -1,4 +1,5 @@
-"""From model outputs to scan-level answers: softmax and the 2D model's slice -> scan vote.
+"""From model outputs to scan-level answers: softmax, the 2D model's slice -> scan vote, and
+the fusion of several networks' scan probabilities.
 
 One implementation, used by serving (gateway) and by evaluation (export), so the figures we
 report are the figures the product gives.
@@ -68,3 +69,16 @@ def _shift_operating_point(p: float) -> float:
     t = ABNORMAL_OPERATING_POINT
     shifted = math.log(p / (1.0 - p)) - math.log(t / (1.0 - t))
     return 1.0 / (1.0 + math.exp(-shifted))
+
+
+def fuse_probabilities(per_model: np.ndarray) -> np.ndarray:
+    """Several networks' calibrated scan probabilities [M, 3] -> one fused vector [3].
+
+    The mean: with calibrated members it stays calibrated-ish, a confident member outweighs a
+    hesitant one, and two members that disagree leave a probability near their split, which
+    the review's confidence rule then sees. The fused label is its argmax.
+    """
+    probs = np.asarray(per_model, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != len(CLASS_NAMES) or len(probs) == 0:
+        raise ValueError(f"expected [models, {len(CLASS_NAMES)}] probabilities, got {probs.shape}")
+    return np.mean(probs, axis=0).astype(np.float32)

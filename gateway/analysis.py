@@ -18,8 +18,15 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES, MODEL_JCS2D, SEG_CLASS_NAMES
-from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
+from ctjoint.contracts import (
+    CLASS_NAMES,
+    LESION_CLASS_NAMES,
+    MODEL_BOTH,
+    MODEL_DEEPSC3D,
+    MODEL_JCS2D,
+    SEG_CLASS_NAMES,
+)
+from ctjoint.gateway.aggregate import aggregate_slice_probabilities, fuse_probabilities, softmax
 from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
 from ctjoint.gateway.dicom_io import (
     DicomSource,
@@ -51,10 +58,12 @@ from ctjoint.gateway.preprocess import (
 from ctjoint.gateway.result import (
     LesionStatistics,
     LungStatistics,
+    ModelAnswer,
     ScanResult,
     SeriesInfo,
     StageTimings,
 )
+from ctjoint.gateway.review import combined, disagreement, measure, review_of
 from ctjoint.gateway.series import CtVolume, SeriesAssembler, list_series_files
 from ctjoint.gateway.streaming import StreamingInference, StreamStats
 
@@ -79,6 +88,11 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 # Told of each slice taken into a series: (arrival slot, distance along the slice normal).
 SliceCallback = Callable[[int, float], None]
+
+
+# What MODEL_BOTH runs, in this order: the first one's masks, CAM and slice evidence are the
+# fused answer's (`fuse_analyses`).
+BOTH_MODELS: tuple[str, ...] = (MODEL_JCS2D, MODEL_DEEPSC3D)
 
 
 @dataclass(frozen=True, eq=False)
@@ -299,9 +313,14 @@ class ScanAnalyzer:
         max_slices: int | None = None,
         progress: ProgressCallback | None = None,
     ) -> ScanAnalysis:
-        """Validate and assemble the files, then analyse the volume with `model`."""
+        """Validate and assemble the files, then analyse the volume with `model`, or with
+        every network when `model` is MODEL_BOTH (`fuse_analyses`)."""
         started = time.perf_counter()
-        info = self.backend.model_info(model)  # an unknown model fails before any file is read
+        models = BOTH_MODELS if model == MODEL_BOTH else (model,)
+        # An unknown model fails before any file is read.
+        infos = [self.backend.model_info(name) for name in models]
+        # The first network's plan drives what is done as files arrive (and its streaming).
+        info = infos[0]
         intake = SeriesIntake(
             expected_slices=expected_slices,
             max_slices=max_slices,
@@ -333,17 +352,46 @@ class ScanAnalyzer:
                 for name, data in inputs:
                     await intake.add(data, name)
             volume = await intake.finish()
-            analysis = await self.analyze_volume(
-                volume,
-                model,
-                progress=progress,
-                prior=StageTimings(
-                    read_ms=intake.read_ms,
-                    validate_ms=intake.validate_ms,
-                    preprocess_ms=intake.preprocess_ms,
-                ),
-                prepared=_Prepared(intake, streamer),
+            prior = StageTimings(
+                read_ms=intake.read_ms,
+                validate_ms=intake.validate_ms,
+                preprocess_ms=intake.preprocess_ms,
             )
+            if len(models) == 1:
+                analysis = await self.analyze_volume(
+                    volume,
+                    model,
+                    progress=progress,
+                    prior=prior,
+                    prepared=_Prepared(intake, streamer, info.plan if self.streaming else None),
+                )
+            else:
+                # One decode, one assembly, one lung segmentation; each network its own input.
+                order = intake.sorted_slots
+                air = asyncio.ensure_future(
+                    cpu_bound(_air_lungs, volume, intake.lung_slices, order)
+                )
+                try:
+                    members = []
+                    for i, name in enumerate(models):
+                        members.append(
+                            await self.analyze_volume(
+                                volume,
+                                name,
+                                progress=progress,
+                                prior=prior if i == 0 else None,
+                                prepared=_Prepared(
+                                    intake,
+                                    streamer if i == 0 else None,
+                                    info.plan if self.streaming and i == 0 else None,
+                                    air,
+                                ),
+                            )
+                        )
+                finally:
+                    if not air.done():
+                        air.cancel()
+                analysis = fuse_analyses(members)
         finally:
             if streamer is not None:
                 # A failed or cancelled scan leaves no request of its own running.
@@ -377,13 +425,21 @@ class ScanAnalyzer:
         # per-slice half already.
         lung_slices = None if prepared is None else prepared.intake.lung_slices
         order = range(z) if prepared is None else prepared.intake.sorted_slots
-        air_lungs = asyncio.ensure_future(cpu_bound(_air_lungs, volume, lung_slices, order))
+        shared_air = None if prepared is None else prepared.air
+        air_lungs = shared_air or asyncio.ensure_future(
+            cpu_bound(_air_lungs, volume, lung_slices, order)
+        )
         labels: asyncio.Future[tuple[_Labels, float]] | None = None
         guess: asyncio.Future[_Guess] | None = None
         sides_task: asyncio.Future[tuple[np.ndarray, tuple[LungStatistics, ...]]] | None = None
         try:
             t0 = time.perf_counter()
-            planes = None if prepared is None else prepared.intake.sorted_planes()
+            # In-plane slices an intake prepared serve only the plan they were made for.
+            planes = (
+                prepared.intake.sorted_planes()
+                if prepared is not None and prepared.plan == info.plan
+                else None
+            )
             if planes is None:
                 image, geometry = await cpu_bound(preprocess_volume, volume.hu, info.plan)
             else:
@@ -409,7 +465,7 @@ class ScanAnalyzer:
                 guess = asyncio.ensure_future(
                     cpu_bound(_peripheral_guess, lung_slices, order, label_map, volume)
                 )
-            air, midlines, air_ms = await air_lungs
+            air, midlines, air_ms = await asyncio.shield(air_lungs)
             sides_task = asyncio.ensure_future(
                 cpu_bound(_lungs_and_sides, air, midlines, label_map, volume)
             )
@@ -423,8 +479,25 @@ class ScanAnalyzer:
             quantification = quantification_of(
                 sides, lesion_voxels=sum(lesions.voxels.values()), peripheral=peripheral
             )
+            label = CLASS_NAMES[int(np.argmax(probabilities))]
+            signals = await cpu_bound(
+                measure,
+                label=label,
+                probabilities=dict(zip(CLASS_NAMES, probabilities.tolist(), strict=True)),
+                label_map=label_map,
+                air_lungs=air,
+                lung_map=lung_map,
+                voxel_ml=volume.voxel_volume_ml,
+                spacing_mm=volume.spacing_mm,
+                slice_thickness_mm=volume.slice_thickness_mm,
+            )
         finally:
-            for task in (air_lungs, labels, guess, sides_task):
+            owned = (
+                (labels, guess, sides_task)
+                if shared_air
+                else (air_lungs, labels, guess, sides_task)
+            )
+            for task in owned:
                 if task is not None and not task.done():
                     # Something failed: nothing waits for them (their threads run out alone).
                     task.cancel()
@@ -459,6 +532,7 @@ class ScanAnalyzer:
             model_version=info.version,
             backend=self.backend.name,
             timings=timings,
+            review=review_of(signals, info.name),
             slice_probabilities=(
                 {}
                 if slice_probs is None
@@ -573,6 +647,60 @@ class ScanAnalyzer:
         )
 
 
+def fuse_analyses(members: Sequence[ScanAnalysis]) -> ScanAnalysis:
+    """One answer from several networks' analyses of the same volume.
+
+    Label: the argmax of the mean of their calibrated scan probabilities
+    (`fuse_probabilities`). Masks, lesion statistics, lungs, CAM and per-slice evidence: the
+    first network's (jcs2d: 2.5D at full in-plane resolution). Review: every member's reasons,
+    plus `models_disagree` when their labels differ. Each member's own answer is kept in
+    `result.members`.
+    """
+    if len(members) < 2:
+        raise ValueError("fusion needs at least two analyses")
+    first = members[0]
+    results = [m.result for m in members]
+    probabilities = fuse_probabilities(
+        np.array([[r.probabilities[name] for name in CLASS_NAMES] for r in results])
+    )
+    review = combined(
+        *(r.review for r in results), disagreement({r.model: r.label for r in results})
+    )
+    timings = [r.timings for r in results]
+    fused = ScanResult.from_probabilities(
+        probabilities.tolist(),
+        lesions=first.result.lesions,
+        series=first.result.series,
+        model=MODEL_BOTH,
+        model_version=" + ".join(f"{r.model} {r.model_version}" for r in results),
+        backend=first.result.backend,
+        timings=StageTimings(
+            read_ms=timings[0].read_ms,
+            validate_ms=timings[0].validate_ms,
+            preprocess_ms=sum(t.preprocess_ms for t in timings),
+            infer_ms=sum(t.infer_ms for t in timings),
+            postprocess_ms=sum(t.postprocess_ms for t in timings),
+            total_ms=sum(t.total_ms for t in timings),
+            model_ms=sum(t.model_ms for t in timings),
+        ),
+        slice_probabilities=first.result.slice_probabilities,
+        quantification=first.result.quantification,
+        review=review,
+        members=tuple(
+            ModelAnswer(
+                model=r.model,
+                model_version=r.model_version,
+                label=r.label,
+                probabilities=r.probabilities,
+                lesion_volume_ml=r.lesions.total_volume_ml,
+                review=r.review,
+            )
+            for r in results
+        ),
+    )
+    return replace(first, result=fused)
+
+
 def _inferred_progress(
     progress: ProgressCallback | None, expected: int | None
 ) -> Callable[[int], None] | None:
@@ -588,12 +716,16 @@ def _inferred_progress(
     return inferred
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class _Prepared:
-    """What an intake did while files arrived, handed to `analyze_volume`."""
+    """What an intake did while files arrived, handed to `analyze_volume`: its in-plane slices
+    (made for `plan`; None: none to reuse), its streamed inference, and the air lungs when
+    several networks share them."""
 
     intake: SeriesIntake
     streamer: StreamingInference | None
+    plan: PreprocessPlan | None = None
+    air: asyncio.Future[tuple[np.ndarray, np.ndarray, float]] | None = None
 
 
 def _check_outputs(info: ModelInfo, outputs: ModelOutputs, batch: int) -> None:
@@ -855,14 +987,16 @@ def analyze_directory(
     intra_op_threads: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> ScanAnalysis:
-    """Analyse a series folder in-process with the embedded ONNX Runtime backend (blocking)."""
+    """Analyse a series folder in-process with the embedded ONNX Runtime backend (blocking);
+    `model` may be MODEL_BOTH."""
     # Imported here so the pipeline itself does not depend on onnxruntime being installed.
     from ctjoint.gateway.backends.embedded import EmbeddedBackend
 
     files = list_series_files(Path(series_dir))
 
     async def run() -> ScanAnalysis:
-        backend = EmbeddedBackend((model,), model_dir=model_dir, intra_op_threads=intra_op_threads)
+        models = BOTH_MODELS if model == MODEL_BOTH else (model,)
+        backend = EmbeddedBackend(models, model_dir=model_dir, intra_op_threads=intra_op_threads)
         async with backend:
             # Streaming overlaps reading the files with inference here too.
             analyzer = ScanAnalyzer(backend, batch_size=batch_size, streaming=True)
@@ -881,6 +1015,7 @@ __all__ = [
     "SeriesIntake",
     "analyze_directory",
     "cam_on_source",
+    "fuse_analyses",
     "lesion_statistics",
     "source_label_map",
 ]

@@ -185,6 +185,7 @@ def _overlay_png(analysis: ScanAnalysis) -> bytes:
             path,
             lung_map=analysis.lung_map,
             cam=_cam_slices(analysis),
+            caption=analysis.result.review.caption,
         )
         return path.read_bytes()
 

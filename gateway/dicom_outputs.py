@@ -10,7 +10,8 @@ mask pixel lands on the source pixel it came from.
 SR: TID 1500 measurement report referencing the SEG: per lesion segment its volume (mL) and,
 per lung segment, its volume and percent involved; one group without an ROI (finding:
 pneumonia, site: lung) carries the diagnosis as a qualitative evaluation beside its calibrated
-probability, a review flag (probability below 0.9), the bilateral flag, the peripheral fraction
+probability, the review flag (`ScanResult.review`, gateway/review.py), the bilateral flag, the
+peripheral fraction
 and the severity score.
 
 What of the source they carry: the Patient, General Study and Patient Study modules and the
@@ -101,8 +102,6 @@ CLASS_CODES: Final = {
 }
 DIAGNOSIS_CODE: Final = _sct("439401001", "Diagnosis")
 REVIEW_CODE: Final = _private("review_recommended", "Review recommended")
-# Below this calibrated probability of its label, a scan's SR recommends review.
-REVIEW_BELOW_PROBABILITY: Final = 0.9
 PERCENT_INVOLVED_CODE: Final = _private("percent_involved", "Percent of lung involved")
 PERIPHERAL_CODE: Final = _private("peripheral_fraction", "Peripheral fraction of lesion volume")
 SEVERITY_CODE: Final = _private("severity_score", "CT severity score (six zones, 0-30)")
@@ -464,7 +463,7 @@ def build_sr(
                 hd.sr.QualitativeEvaluation(name=DIAGNOSIS_CODE, value=CLASS_CODES[label]),
                 hd.sr.QualitativeEvaluation(
                     name=REVIEW_CODE,
-                    value=YES if result.probabilities[label] < REVIEW_BELOW_PROBABILITY else NO,
+                    value=YES if result.review.needed else NO,
                 ),
                 hd.sr.QualitativeEvaluation(
                     name=BILATERAL_CODE, value=YES if quantification.bilateral else NO

@@ -21,7 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from ctjoint.contracts import MODEL_NAMES
+from ctjoint.contracts import MODEL_BOTH, MODEL_NAMES
 from ctjoint.gateway.backends.replicas import Replicated
 
 STAGES: Final = ("receive", "decode", "assemble", "preprocess", "infer", "postprocess", "encode")
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def model_label(model: str) -> str:
     """A model name fit for a label: only the known names, so clients cannot add series."""
-    return model if model in MODEL_NAMES else UNKNOWN_MODEL
+    return model if model in MODEL_NAMES or model == MODEL_BOTH else UNKNOWN_MODEL
 
 
 class GatewayMetrics:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES
+from ctjoint.gateway.review import Review
 
 RESULT_SCHEMA = "ctjoint.scan_result/1"
 
@@ -236,6 +237,34 @@ class StageTimings:
 
 
 @dataclass(frozen=True)
+class ModelAnswer:
+    """One network's own answer when several ran on the scan (`--model both`)."""
+
+    model: str
+    model_version: str
+    label: str
+    probabilities: Mapping[str, float]
+    lesion_volume_ml: float
+    review: Review = field(default_factory=Review)
+
+    def __post_init__(self) -> None:
+        if self.label not in CLASS_NAMES:
+            raise ValueError(f"label {self.label!r} is not one of {CLASS_NAMES}")
+        probabilities = {name: float(self.probabilities[name]) for name in CLASS_NAMES}
+        object.__setattr__(self, "probabilities", probabilities)
+        object.__setattr__(self, "lesion_volume_ml", float(self.lesion_volume_ml))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": {"name": self.model, "version": self.model_version},
+            "label": self.label,
+            "probabilities": dict(self.probabilities),
+            "lesion_volume_ml": self.lesion_volume_ml,
+            "review": self.review.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
 class ScanResult:
     """The answer for one series: label, probabilities, evidence, lesions, provenance, timings."""
 
@@ -251,8 +280,14 @@ class ScanResult:
     slice_probabilities: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     # Lungs and lesion distribution; None only for results built without a CT volume.
     quantification: Quantification | None = None
+    # Whether a person should check the label before it is trusted, and why (gateway/review.py).
+    review: Review = field(default_factory=Review)
+    # Each network's own answer when several ran on the scan (empty for one network); the
+    # label and probabilities above are then the fused ones (analysis.py `fuse_analyses`).
+    members: tuple[ModelAnswer, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "members", tuple(self.members))
         if self.label not in CLASS_NAMES:
             raise ValueError(f"label {self.label!r} is not one of {CLASS_NAMES}")
         probabilities = {name: float(self.probabilities[name]) for name in CLASS_NAMES}
@@ -286,4 +321,6 @@ class ScanResult:
             "quantification": (
                 None if self.quantification is None else self.quantification.to_dict()
             ),
+            "review": self.review.to_dict(),
+            "members": [member.to_dict() for member in self.members],
         }

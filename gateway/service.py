@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import grpc.aio
 
-from ctjoint.contracts import ADMITTED_METADATA, MODEL_NAMES
+from ctjoint.contracts import ADMITTED_METADATA, MODEL_BOTH, MODEL_NAMES
 from ctjoint.gateway.analysis import Progress, ScanAnalyzer
 from ctjoint.gateway.answer import ScanAnswer, ScanOrder, analyze_scan
 from ctjoint.gateway.backends.base import InferenceBackend
@@ -168,9 +168,9 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         # The client's deadline travels in this context down to the backend's own calls.
         set_deadline(context.time_remaining())
         model = header.model or self._default()
-        if model not in MODEL_NAMES:
+        if model not in (*MODEL_NAMES, MODEL_BOTH):
             raise InputError(
-                f"unknown model {model!r}; expected one of {', '.join(MODEL_NAMES)}",
+                f"unknown model {model!r}; expected one of {', '.join((*MODEL_NAMES, MODEL_BOTH))}",
                 source="ScanHeader",
                 attribute="model",
             )

@@ -14,6 +14,7 @@ import numpy as np
 from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES, SEG_CLASS_NAMES
 from ctjoint.gateway.backends.base import ModelInfo
 from ctjoint.gateway.result import Quantification, ScanResult
+from ctjoint.gateway.review import Review
 from ctjoint.v1 import scan_pb2
 
 # Level 1 is ~3x faster than the default and loses little here: label maps are long runs of
@@ -91,10 +92,30 @@ def result_to_proto(
         )
     if result.quantification is not None:
         message.quantification.CopyFrom(quantification_to_proto(result.quantification))
+    message.review.CopyFrom(review_to_proto(result.review))
+    for member in result.members:
+        message.members.add(
+            model=scan_pb2.ModelRef(name=member.model, version=member.model_version),
+            label=member.label,
+            probabilities=[member.probabilities[name] for name in CLASS_NAMES],
+            lesion_volume_ml=member.lesion_volume_ml,
+            review=review_to_proto(member.review),
+        )
     for key, stage in ANALYSIS_STAGES:
         message.timings.add(stage=stage, milliseconds=timings[key])
     for stage, ms in (extra_timings_ms or {}).items():
         message.timings.add(stage=stage, milliseconds=round(ms, 3))
+    return message
+
+
+def review_to_proto(review: Review) -> scan_pb2.Review:
+    """The review flag, its reasons and the signals they were decided on."""
+    message = scan_pb2.Review(
+        needed=review.needed, reasons=list(review.reasons), details=list(review.details)
+    )
+    if review.signals is not None:
+        for name, value in review.signals.to_dict().items():
+            message.signals.add(name=name, value=value)
     return message
 
 

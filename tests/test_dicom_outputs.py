@@ -31,7 +31,6 @@ from ctjoint.gateway.dicom_outputs import (
     LESION_SEGMENTS,
     LUNG_SEGMENTS,
     PNEUMONIA_CODE,
-    REVIEW_BELOW_PROBABILITY,
     REVIEW_CODE,
     OutputSettings,
     ScanObjects,
@@ -171,7 +170,7 @@ def test_sr_holds_the_volumes_percentages_and_label(
     assert scan.finding_type == PNEUMONIA_CODE
     evaluations = {e.name.value: e.value for e in scan.get_qualitative_evaluations()}
     assert evaluations[DIAGNOSIS_CODE.value] == CLASS_CODES[label]
-    review = probability.value < REVIEW_BELOW_PROBABILITY
+    review = analysis.result.review.needed
     assert evaluations[REVIEW_CODE.value] == (codes.SCT.Yes if review else codes.SCT.No)
 
 

@@ -48,7 +48,7 @@ class DicomFile(_message.Message):
     def __init__(self, content: _Optional[bytes] = ...) -> None: ...
 
 class ScanResult(_message.Message):
-    __slots__ = ("request_id", "label", "class_names", "probabilities", "slices", "lesions", "mask", "seg_dicom", "overlay_png", "timings", "model", "backend", "geometry", "slice_file_number", "quantification", "sr_dicom", "pacs", "cam")
+    __slots__ = ("request_id", "label", "class_names", "probabilities", "slices", "lesions", "mask", "seg_dicom", "overlay_png", "timings", "model", "backend", "geometry", "slice_file_number", "quantification", "sr_dicom", "pacs", "cam", "review", "members")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class ScanResult(_message.Message):
     SR_DICOM_FIELD_NUMBER: _ClassVar[int]
     PACS_FIELD_NUMBER: _ClassVar[int]
     CAM_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     label: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
@@ -85,7 +87,43 @@ class ScanResult(_message.Message):
     sr_dicom: bytes
     pacs: PacsOutcome
     cam: ScalarVolume
-    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., slices: _Optional[_Iterable[_Union[SliceEvidence, _Mapping]]] = ..., lesions: _Optional[_Union[LesionStatistics, _Mapping]] = ..., mask: _Optional[_Union[LabelVolume, _Mapping]] = ..., seg_dicom: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., geometry: _Optional[_Union[SeriesGeometry, _Mapping]] = ..., slice_file_number: _Optional[_Iterable[int]] = ..., quantification: _Optional[_Union[Quantification, _Mapping]] = ..., sr_dicom: _Optional[bytes] = ..., pacs: _Optional[_Union[PacsOutcome, _Mapping]] = ..., cam: _Optional[_Union[ScalarVolume, _Mapping]] = ...) -> None: ...
+    review: Review
+    members: _containers.RepeatedCompositeFieldContainer[ModelAnswer]
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., slices: _Optional[_Iterable[_Union[SliceEvidence, _Mapping]]] = ..., lesions: _Optional[_Union[LesionStatistics, _Mapping]] = ..., mask: _Optional[_Union[LabelVolume, _Mapping]] = ..., seg_dicom: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., geometry: _Optional[_Union[SeriesGeometry, _Mapping]] = ..., slice_file_number: _Optional[_Iterable[int]] = ..., quantification: _Optional[_Union[Quantification, _Mapping]] = ..., sr_dicom: _Optional[bytes] = ..., pacs: _Optional[_Union[PacsOutcome, _Mapping]] = ..., cam: _Optional[_Union[ScalarVolume, _Mapping]] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., members: _Optional[_Iterable[_Union[ModelAnswer, _Mapping]]] = ...) -> None: ...
+
+class Review(_message.Message):
+    __slots__ = ("needed", "reasons", "details", "signals")
+    NEEDED_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    SIGNALS_FIELD_NUMBER: _ClassVar[int]
+    needed: bool
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    details: _containers.RepeatedScalarFieldContainer[str]
+    signals: _containers.RepeatedCompositeFieldContainer[ReviewSignal]
+    def __init__(self, needed: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., details: _Optional[_Iterable[str]] = ..., signals: _Optional[_Iterable[_Union[ReviewSignal, _Mapping]]] = ...) -> None: ...
+
+class ReviewSignal(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+
+class ModelAnswer(_message.Message):
+    __slots__ = ("model", "label", "probabilities", "lesion_volume_ml", "review")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LESION_VOLUME_ML_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
+    model: ModelRef
+    label: str
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    lesion_volume_ml: float
+    review: Review
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Iterable[float]] = ..., lesion_volume_ml: _Optional[float] = ..., review: _Optional[_Union[Review, _Mapping]] = ...) -> None: ...
 
 class ScalarVolume(_message.Message):
     __slots__ = ("shape", "data")

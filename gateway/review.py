@@ -1,0 +1,309 @@
+"""When a result should not be trusted: the "needs review" flag and the reasons behind it.
+
+Every signal needs no ground truth: only the scan, the model's calibrated probabilities, its
+lesion map and the gateway's own lung segmentation. The label never changes (it stays one of
+covid19, cap, normal); a result that trips any rule carries `review.needed = True` and the
+codes of the rules it tripped. docs/review.md lists each rule, its threshold and how often it
+fired (bench/review_flags.py measures it; thresholds come from the training family's
+validation split, never from the held-out family).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+
+# Reason codes (stable: clients and the SR read them).
+LOW_CONFIDENCE: Final = "low_confidence"
+LESION_OUTSIDE_LUNGS: Final = "lesion_outside_lungs"
+LESION_AT_HEART_OR_DIAPHRAGM: Final = "lesion_at_heart_or_diaphragm"
+LUNGS_NOT_FOUND: Final = "lungs_not_found"
+LUNG_VOLUME_IMPLAUSIBLE: Final = "lung_volume_implausible"
+COVERAGE_CUT: Final = "coverage_cut"
+THICK_SLICES: Final = "thick_slices"
+MODELS_DISAGREE: Final = "models_disagree"
+REASONS: Final = (
+    LOW_CONFIDENCE,
+    LESION_OUTSIDE_LUNGS,
+    LESION_AT_HEART_OR_DIAPHRAGM,
+    LUNGS_NOT_FOUND,
+    LUNG_VOLUME_IMPLAUSIBLE,
+    COVERAGE_CUT,
+    THICK_SLICES,
+    MODELS_DISAGREE,
+)
+
+
+@dataclass(frozen=True)
+class ReviewPolicy:
+    """The thresholds of every rule (docs/review.md says where each value comes from)."""
+
+    # Calibrated probability of the label below which a result is flagged, per model: the
+    # operating point chosen on the training family's validation split.
+    min_confidence: Mapping[str, float] = field(
+        default_factory=lambda: {"jcs2d": 0.80, "deepsc3d": 0.80}
+    )
+    # Lesion location rules apply from this much lesion on (a few voxels say nothing).
+    min_lesion_ml: float = 1.0
+    # Fraction of the lesion volume outside the lungs and not between them (chest wall, body
+    # outside the thorax, air outside the body).
+    max_outside_fraction: float = 0.25
+    # Fraction of the lesion volume between the lungs (heart, mediastinum, diaphragm domes).
+    max_between_fraction: float = 0.50
+    # Both lungs together, lesions included (mL).
+    min_lung_ml: float = 200.0
+    plausible_lung_ml: tuple[float, float] = (1500.0, 9000.0)
+    # Lung area on the first or last slice as a fraction of the largest slice's: a lung that
+    # is still wide at an end of the series was cut off there.
+    max_end_lung_fraction: float = 0.25
+    # Thickest slices (spacing or stated thickness, mm) of the training data.
+    max_slice_mm: float = 5.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "min_confidence", dict(self.min_confidence))
+        low, high = self.plausible_lung_ml
+        if not 0 < low < high:
+            raise ValueError(f"plausible lung volumes {self.plausible_lung_ml} are not a range")
+
+    def confidence_for(self, model: str) -> float:
+        return float(self.min_confidence.get(model, max(self.min_confidence.values(), default=0)))
+
+
+DEFAULT_POLICY: Final = ReviewPolicy()
+
+
+@dataclass(frozen=True)
+class ReviewSignals:
+    """What the rules look at, measured on one result (none of it needs ground truth)."""
+
+    confidence: float
+    lesion_ml: float
+    outside_fraction: float
+    between_fraction: float
+    lung_ml: float
+    first_slice_lung_fraction: float
+    last_slice_lung_fraction: float
+    slice_mm: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Review:
+    """Whether a person should look before anyone trusts the label, and why (codes in REASONS,
+    `details` one sentence per reason, same order)."""
+
+    needed: bool = False
+    reasons: tuple[str, ...] = ()
+    details: tuple[str, ...] = ()
+    signals: ReviewSignals | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reasons", tuple(self.reasons))
+        object.__setattr__(self, "details", tuple(self.details))
+        unknown = [r for r in self.reasons if r not in REASONS]
+        if unknown:
+            raise ValueError(f"unknown review reasons {unknown}; expected some of {REASONS}")
+        if len(self.details) not in (0, len(self.reasons)):
+            raise ValueError("review details are one per reason")
+        if bool(self.needed) != bool(self.reasons):
+            raise ValueError("a review is needed exactly when there is a reason")
+        object.__setattr__(self, "needed", bool(self.needed))
+
+    @classmethod
+    def of(cls, found: Sequence[tuple[str, str]], signals: ReviewSignals | None = None) -> Review:
+        """From (code, detail) pairs, first occurrence of a code kept, in REASONS order."""
+        first: dict[str, str] = {}
+        for code, detail in found:
+            first.setdefault(code, detail)
+        codes = [code for code in REASONS if code in first]
+        return cls(
+            needed=bool(codes),
+            reasons=tuple(codes),
+            details=tuple(first[c] for c in codes),
+            signals=signals,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "needed": self.needed,
+            "reasons": list(self.reasons),
+            "details": list(self.details),
+            "signals": None if self.signals is None else self.signals.to_dict(),
+        }
+
+    @property
+    def caption(self) -> str:
+        """One line for the overlay: "REVIEW - LOW CONFIDENCE - THICK SLICES" or "NO REVIEW
+        FLAG"."""
+        if not self.needed:
+            return "NO REVIEW FLAG"
+        return " - ".join(["REVIEW", *(r.replace("_", " ").upper() for r in self.reasons)])
+
+
+def location_fractions(label_map: np.ndarray, air_lungs: np.ndarray) -> tuple[float, float, int]:
+    """(outside, between, lesion voxels): the fractions of lesion voxels outside the lungs and
+    not between them, and between the lungs (outside them, but on an image row between two
+    lung pixels of the same slice: heart, mediastinum, diaphragm domes surrounded by lung).
+
+    `air_lungs` is the gateway's lung segmentation before lesions are added (its holes are
+    filled per slice, so a consolidation surrounded by aerated lung counts as lung).
+    """
+    lesion = label_map > 0
+    total = int(np.count_nonzero(lesion))
+    if total == 0:
+        return 0.0, 0.0, 0
+    slices = np.flatnonzero(lesion.any(axis=(1, 2)))
+    lesion = lesion[slices]
+    lungs = air_lungs[slices] > 0
+    outside_lungs = lesion & ~lungs
+    # Row spans between a slice's first and last lung pixel (running maxima from both ends).
+    seen_before = np.maximum.accumulate(lungs, axis=2)
+    seen_after = np.maximum.accumulate(lungs[:, :, ::-1], axis=2)[:, :, ::-1]
+    between = outside_lungs & seen_before & seen_after
+    n_between = int(np.count_nonzero(between))
+    n_outside = int(np.count_nonzero(outside_lungs)) - n_between
+    return n_outside / total, n_between / total, total
+
+
+def end_slice_fractions(lung_map: np.ndarray) -> tuple[float, float]:
+    """Lung area of the first and the last slice, each over the largest slice's lung area."""
+    per_slice = np.count_nonzero(lung_map, axis=(1, 2))
+    peak = int(per_slice.max()) if per_slice.size else 0
+    if peak == 0:
+        return 0.0, 0.0
+    return float(per_slice[0]) / peak, float(per_slice[-1]) / peak
+
+
+def measure(
+    *,
+    label: str,
+    probabilities: Mapping[str, float],
+    label_map: np.ndarray,
+    air_lungs: np.ndarray,
+    lung_map: np.ndarray,
+    voxel_ml: float,
+    spacing_mm: Sequence[float],
+    slice_thickness_mm: float | None,
+) -> ReviewSignals:
+    """The signals of one analysed scan."""
+    outside, between, voxels = location_fractions(label_map, air_lungs)
+    first, last = end_slice_fractions(lung_map)
+    slice_mm = max(float(spacing_mm[0]), float(slice_thickness_mm or 0.0))
+    return ReviewSignals(
+        confidence=float(probabilities[label]),
+        lesion_ml=voxels * voxel_ml,
+        outside_fraction=outside,
+        between_fraction=between,
+        lung_ml=int(np.count_nonzero(lung_map)) * voxel_ml,
+        first_slice_lung_fraction=first,
+        last_slice_lung_fraction=last,
+        slice_mm=slice_mm,
+    )
+
+
+def review_of(signals: ReviewSignals, model: str, policy: ReviewPolicy = DEFAULT_POLICY) -> Review:
+    """Apply the policy's rules to one model's signals."""
+    found: list[tuple[str, str]] = []
+    floor = policy.confidence_for(model)
+    if signals.confidence < floor:
+        found.append(
+            (
+                LOW_CONFIDENCE,
+                f"p = {signals.confidence:.3f} for the label, below the operating point "
+                f"{floor:g} of {model}",
+            )
+        )
+    if signals.lesion_ml >= policy.min_lesion_ml:
+        if signals.outside_fraction > policy.max_outside_fraction:
+            found.append(
+                (
+                    LESION_OUTSIDE_LUNGS,
+                    f"{signals.outside_fraction:.0%} of {signals.lesion_ml:.1f} mL of lesion lies "
+                    f"outside the lungs (limit {policy.max_outside_fraction:.0%})",
+                )
+            )
+        if signals.between_fraction > policy.max_between_fraction:
+            found.append(
+                (
+                    LESION_AT_HEART_OR_DIAPHRAGM,
+                    f"{signals.between_fraction:.0%} of {signals.lesion_ml:.1f} mL of lesion lies "
+                    "between the lungs (heart, mediastinum or diaphragm; limit "
+                    f"{policy.max_between_fraction:.0%})",
+                )
+            )
+    low, high = policy.plausible_lung_ml
+    if signals.lung_ml < policy.min_lung_ml:
+        found.append(
+            (
+                LUNGS_NOT_FOUND,
+                f"lungs of {signals.lung_ml:.0f} mL found (at least {policy.min_lung_ml:g} mL)",
+            )
+        )
+    elif not low <= signals.lung_ml <= high:
+        found.append(
+            (
+                LUNG_VOLUME_IMPLAUSIBLE,
+                f"lungs of {signals.lung_ml:.0f} mL, outside {low:g}-{high:g} mL",
+            )
+        )
+    ends = max(signals.first_slice_lung_fraction, signals.last_slice_lung_fraction)
+    if signals.lung_ml >= policy.min_lung_ml and ends > policy.max_end_lung_fraction:
+        which = (
+            "first"
+            if signals.first_slice_lung_fraction >= signals.last_slice_lung_fraction
+            else "last"
+        )
+        found.append(
+            (
+                COVERAGE_CUT,
+                f"the {which} slice still holds {ends:.0%} of the widest lung slice: the series "
+                f"ends inside the lungs (limit {policy.max_end_lung_fraction:.0%})",
+            )
+        )
+    if signals.slice_mm > policy.max_slice_mm:
+        found.append(
+            (
+                THICK_SLICES,
+                f"slices of {signals.slice_mm:g} mm, thicker than the {policy.max_slice_mm:g} mm "
+                "the models were trained on",
+            )
+        )
+    return Review.of(found, signals)
+
+
+def disagreement(labels: Mapping[str, str]) -> Review:
+    """The `models_disagree` reason when the networks run on one scan gave different labels."""
+    if len(set(labels.values())) <= 1:
+        return Review()
+    said = ", ".join(f"{model} {label}" for model, label in labels.items())
+    return Review.of([(MODELS_DISAGREE, f"the networks disagree: {said}")])
+
+
+def combined(*reviews: Review, signals: ReviewSignals | None = None) -> Review:
+    """Every reason of several reviews (one scan seen by several networks)."""
+    pairs = [
+        (code, r.details[i] if r.details else "")
+        for r in reviews
+        for i, code in enumerate(r.reasons)
+    ]
+    return Review.of(pairs, signals)
+
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "REASONS",
+    "Review",
+    "ReviewPolicy",
+    "ReviewSignals",
+    "combined",
+    "disagreement",
+    "end_slice_fractions",
+    "location_fractions",
+    "measure",
+    "review_of",
+]

@@ -1,0 +1,208 @@
+"""The "needs review" flag: each rule on arrays whose answer is known, then on real series
+through the analysis, the wire, the client's JSON, the overlay and the SR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicom_factory import SMALL_SERIES_LESIONS, write_ct_series
+
+from ctjoint.client.render import text_mask, write_overlay_png
+from ctjoint.client.results import ResultFormatError, result_dict
+from ctjoint.contracts import CASE_SERIES_DIR, MODEL_JCS2D
+from ctjoint.gateway.analysis import analyze_directory
+from ctjoint.gateway.review import (
+    COVERAGE_CUT,
+    LESION_AT_HEART_OR_DIAPHRAGM,
+    LESION_OUTSIDE_LUNGS,
+    LOW_CONFIDENCE,
+    LUNGS_NOT_FOUND,
+    MODELS_DISAGREE,
+    REASONS,
+    THICK_SLICES,
+    Review,
+    ReviewPolicy,
+    ReviewSignals,
+    combined,
+    disagreement,
+    end_slice_fractions,
+    location_fractions,
+    review_of,
+)
+from ctjoint.gateway.wire import result_to_proto
+
+SCHEMA = Path(__file__).resolve().parent.parent / "client" / "schema" / "scan_result.schema.json"
+
+
+def _signals(**values: float) -> ReviewSignals:
+    """Signals of an unremarkable scan, with `values` changed."""
+    base = {
+        "confidence": 0.99,
+        "lesion_ml": 0.0,
+        "outside_fraction": 0.0,
+        "between_fraction": 0.0,
+        "lung_ml": 4000.0,
+        "first_slice_lung_fraction": 0.02,
+        "last_slice_lung_fraction": 0.05,
+        "slice_mm": 1.25,
+    }
+    return ReviewSignals(**{**base, **values})
+
+
+def _two_lungs() -> np.ndarray:
+    """[3, 10, 12]: a right lung in columns 1-3 and a left lung in columns 8-10, rows 2-7."""
+    lungs = np.zeros((3, 10, 12), dtype=np.uint8)
+    lungs[:, 2:8, 1:4] = 1
+    lungs[:, 2:8, 8:11] = 2
+    return lungs
+
+
+# --- the rules -------------------------------------------------------------------------------
+
+
+def test_an_unremarkable_scan_needs_no_review() -> None:
+    review = review_of(_signals(), MODEL_JCS2D)
+    assert (review.needed, review.reasons) == (False, ())
+
+
+def test_a_label_below_the_operating_point_is_low_confidence() -> None:
+    policy = ReviewPolicy(min_confidence={MODEL_JCS2D: 0.8})
+    review = review_of(_signals(confidence=0.79), MODEL_JCS2D, policy)
+    assert review.reasons == (LOW_CONFIDENCE,)
+    assert review.details == ("p = 0.790 for the label, below the operating point 0.8 of jcs2d",)
+    assert review_of(_signals(confidence=0.8), MODEL_JCS2D, policy).needed is False
+
+
+def test_lesion_between_the_lungs_is_at_the_heart_or_diaphragm() -> None:
+    lungs = _two_lungs()
+    lesion = np.zeros_like(lungs)
+    lesion[1, 4:6, 5:7] = 2  # between the lungs on the same rows: the heart's place
+    assert location_fractions(lesion, lungs) == (0.0, 1.0, 4)
+
+
+def test_lesion_outside_both_lungs_and_not_between_them_is_outside() -> None:
+    lungs = _two_lungs()
+    lesion = np.zeros_like(lungs)
+    lesion[1, 0, 5] = 1  # above the lungs' rows: chest wall
+    lesion[1, 4, 3] = 1  # in the right lung
+    assert location_fractions(lesion, lungs) == (0.5, 0.0, 2)
+
+
+def test_location_rules_fire_above_their_limits_only_with_enough_lesion() -> None:
+    policy = ReviewPolicy()
+    heart = _signals(lesion_ml=39.0, between_fraction=0.9)
+    assert review_of(heart, "deepsc3d", policy).reasons == (LESION_AT_HEART_OR_DIAPHRAGM,)
+    outside = _signals(lesion_ml=10.0, outside_fraction=0.6)
+    assert review_of(outside, "deepsc3d", policy).reasons == (LESION_OUTSIDE_LUNGS,)
+    tiny = _signals(lesion_ml=policy.min_lesion_ml / 2, between_fraction=1.0)
+    assert review_of(tiny, "deepsc3d", policy).needed is False
+
+
+def test_lungs_still_wide_at_an_end_of_the_series_mean_it_was_cut() -> None:
+    lungs = _two_lungs()
+    lungs[0] = 0  # the first slice is below the lungs; the last one is as wide as any
+    assert end_slice_fractions(lungs) == (0.0, 1.0)
+    review = review_of(_signals(last_slice_lung_fraction=1.0), MODEL_JCS2D)
+    assert review.reasons == (COVERAGE_CUT,)
+    assert "the last slice still holds 100% of the widest lung slice" in review.details[0]
+
+
+def test_no_lungs_and_thick_slices_are_reasons_of_their_own() -> None:
+    review = review_of(_signals(lung_ml=0.0, slice_mm=8.0), MODEL_JCS2D)
+    assert review.reasons == (LUNGS_NOT_FOUND, THICK_SLICES)
+    assert review.details[1] == "slices of 8 mm, thicker than the 5 mm the models were trained on"
+
+
+def test_disagreeing_networks_are_a_reason_and_reasons_combine_once_in_order() -> None:
+    assert disagreement({"jcs2d": "normal", "deepsc3d": "normal"}).needed is False
+    disagree = disagreement({"jcs2d": "normal", "deepsc3d": "cap"})
+    assert disagree.details == ("the networks disagree: jcs2d normal, deepsc3d cap",)
+    thick = review_of(_signals(slice_mm=8.0), MODEL_JCS2D)
+    both = combined(thick, disagree, thick)
+    assert both.reasons == (THICK_SLICES, MODELS_DISAGREE)
+
+
+def test_a_review_without_reasons_cannot_be_needed() -> None:
+    with pytest.raises(ValueError, match="needed exactly when there is a reason"):
+        Review(needed=True)
+    with pytest.raises(ValueError, match="unknown review reasons"):
+        Review(needed=True, reasons=("gut_feeling",))
+
+
+# --- on real series --------------------------------------------------------------------------
+
+
+def test_thick_slices_are_flagged_through_the_analysis_and_the_wire(
+    tmp_path: Path, contract_model_dir: Path
+) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    folder = tmp_path / "thick"
+    write_ct_series(folder, slices=8, size=32, spacing_z=8.0, lesions=SMALL_SERIES_LESIONS)
+    result = analyze_directory(folder, model=MODEL_JCS2D, model_dir=contract_model_dir).result
+    assert THICK_SLICES in result.review.reasons and result.review.needed
+    assert result.review.signals is not None and result.review.signals.slice_mm == 8.0
+    direct = json.loads(json.dumps(result.to_dict()))
+    rebuilt = result_dict(result_to_proto(result, request_id="r"))
+    assert rebuilt["review"] == direct["review"]
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.validate(direct, schema)
+    jsonschema.validate(rebuilt, schema)
+
+
+def test_a_flag_without_reasons_on_the_wire_does_not_decode(
+    ct_series_dir: Path, contract_model_dir: Path
+) -> None:
+    result = analyze_directory(ct_series_dir, model=MODEL_JCS2D, model_dir=contract_model_dir)
+    message = result_to_proto(result.result, request_id="r")
+    message.review.needed = True
+    del message.review.reasons[:]
+    with pytest.raises(ResultFormatError, match="review flag and its reasons disagree"):
+        result_dict(message)
+
+
+def test_coverage_cut_follows_what_the_generator_left_out(
+    tmp_path: Path, contract_model_dir: Path
+) -> None:
+    """A 12-slice slab through the mid lungs is cut; a phantom that covers the whole chest
+    (seed 7) is not; one whose generator cut its bases off (seed 5, `base-cut`) is."""
+    from ctjoint.export.phantom import write_phantom_case
+
+    cases = {
+        "slab": write_phantom_case(tmp_path / "slab", kind="normal", seed=5, slices=12, size=64),
+        "whole": write_phantom_case(
+            tmp_path / "whole", kind="normal", seed=7, slices=None, size=64
+        ),
+        "base": write_phantom_case(tmp_path / "base", kind="normal", seed=5, slices=None, size=64),
+    }
+    coverage = {
+        name: json.loads((case.out_dir / "truth" / "label.json").read_text())["scanner"]["coverage"]
+        for name, case in cases.items()
+    }
+    assert (coverage["whole"], coverage["base"]) == ("full", "base-cut")
+    flagged = {
+        name: COVERAGE_CUT
+        in analyze_directory(
+            case.out_dir / CASE_SERIES_DIR, model=MODEL_JCS2D, model_dir=contract_model_dir
+        ).result.review.reasons
+        for name, case in cases.items()
+    }
+    assert flagged == {"slab": True, "whole": False, "base": True}
+
+
+def test_the_overlay_caption_says_review_and_draws_every_reason(tmp_path: Path) -> None:
+    hu = np.full((2, 16, 16), -800.0, dtype=np.float32)
+    labels = np.zeros((2, 16, 16), dtype=np.uint8)
+    plain = tmp_path / "plain.png"
+    flagged = tmp_path / "flagged.png"
+    write_overlay_png(hu, labels, plain, legend=False)
+    caption = Review.of([(code, "") for code in REASONS]).caption
+    write_overlay_png(hu, labels, flagged, legend=False, caption=caption)
+    assert caption.startswith("REVIEW - LOW CONFIDENCE - ")
+    # The caption is drawn below the montage: the flagged image is taller by its line.
+    height = text_mask(caption).shape[0]
+    plain_rows = int.from_bytes(plain.read_bytes()[20:24], "big")
+    flagged_rows = int.from_bytes(flagged.read_bytes()[20:24], "big")
+    assert flagged_rows == plain_rows + height + 12
