@@ -102,6 +102,11 @@ class AnalysisLimitError(LimitExceededError):
     (RESOURCE_EXHAUSTED)."""
 
 
+class AnalysisMemoryError(AnalysisLimitError):
+    """A scan's analysis needed more memory than its bound (RESOURCE_EXHAUSTED): the scan
+    ends, its worker goes on."""
+
+
 class AnalysisCrashedError(BackendError):
     """The process analysing a scan died under it (a crash, or killed for memory): that scan
     fails (INTERNAL), the process is replaced, the gateway goes on."""

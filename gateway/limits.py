@@ -21,6 +21,7 @@ from typing import Final, ParamSpec, TypeVar
 import numpy as np
 
 from ctjoint.gateway.errors import AdmissionRefusedError, LimitExceededError
+from ctjoint.gateway.memory import DEFAULT_MAX_SCAN_BYTES, default_budget_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,27 @@ class GatewayLimits:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_slices: int = DEFAULT_MAX_SLICES
     max_concurrent_scans: int = DEFAULT_MAX_CONCURRENT_SCANS
+    # Decoded bytes (rows x columns x slices x 4) one scan may hold, and all scans in flight
+    # together; None: from the memory the box or cgroup has (gateway/memory.py).
+    max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES
+    memory_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_file_bytes", "max_slices", "max_concurrent_scans"):
+        for name in ("max_file_bytes", "max_slices", "max_concurrent_scans", "max_scan_bytes"):
             value = int(getattr(self, name))
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
             object.__setattr__(self, name, value)
+        if self.memory_budget_bytes is not None and int(self.memory_budget_bytes) < 1:
+            raise ValueError(
+                f"memory_budget_bytes must be at least 1, got {self.memory_budget_bytes}"
+            )
+
+    def memory_budget(self) -> int:
+        """The gateway's budget of decoded bytes over every scan in flight."""
+        if self.memory_budget_bytes is not None:
+            return int(self.memory_budget_bytes)
+        return default_budget_bytes(self.max_concurrent_scans, self.max_scan_bytes)
 
     @property
     def max_receive_message_bytes(self) -> int:

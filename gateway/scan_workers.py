@@ -44,9 +44,11 @@ from ctjoint.gateway.answer import ScanAnswer, ScanOrder
 from ctjoint.gateway.errors import (
     AnalysisCrashedError,
     AnalysisLimitError,
+    AnalysisMemoryError,
     BackendUnavailableError,
 )
 from ctjoint.gateway.limits import OVERLOAD_GATE
+from ctjoint.gateway.memory import MemoryLedger, ScanMemory, memory_limit_bytes, oom_kills
 
 if TYPE_CHECKING:
     from ctjoint.gateway.server import GatewayConfig
@@ -92,12 +94,15 @@ class WorkerBounds:
 @dataclass(frozen=True)
 class WorkerSetup:
     """What a worker is told as it starts: the gateway's configuration (it builds the same
-    backend and pipeline from it), the logging to use, its CPU bound per scan."""
+    backend and pipeline from it), the logging to use, its CPU bound per scan, and the memory
+    budgets (gateway/memory.py: decoded bytes per scan, and for the gateway)."""
 
     config: GatewayConfig
     log_level: str
     log_format: str
     cpu_seconds: float
+    max_scan_bytes: int
+    budget_bytes: int
 
 
 class _Channel:
@@ -141,9 +146,13 @@ class _Worker:
     """One worker process, its channel, and what it has said (`inbox`), read by one task for
     the worker's life so that a cancelled scan never cuts a message in half."""
 
-    def __init__(self, process: subprocess.Popen[bytes], channel: _Channel) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], channel: _Channel, slot: int) -> None:
         self.process = process
         self.channel = channel
+        # Its slot in the memory ledger, freed once the process is gone.
+        self.slot = slot
+        # The memory cgroup's OOM kills when its current scan began (None: not readable).
+        self.oom_kills_at_scan: int | None = None
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
         self.gone = False
         # Why we killed it, if we did: the scan's error names the bound.
@@ -157,7 +166,7 @@ class _Worker:
         return self.process.pid
 
     @classmethod
-    async def start(cls, setup: WorkerSetup) -> _Worker:
+    async def start(cls, setup: WorkerSetup, ledger: MemoryLedger, slot: int) -> _Worker:
         ours, theirs = socket.socketpair()
         path = os.pathsep.join(p for p in sys.path if p)
         command = [
@@ -165,18 +174,19 @@ class _Worker:
             "-c",
             "from ctjoint.gateway.scan_workers import worker_main; worker_main()",
             str(theirs.fileno()),
+            f"{ledger.fd},{ledger.slots},{slot}",
         ]
         try:
             process = subprocess.Popen(
                 command,
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), ledger.fd),
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONPATH": path},
             )
         finally:
             theirs.close()
         try:
-            worker = cls(process, await _Channel.over(ours))
+            worker = cls(process, await _Channel.over(ours), slot)
             await worker.channel.send(setup)
             reply = await asyncio.wait_for(worker.inbox.get(), START_TIMEOUT_S)
         except (TimeoutError, ConnectionError) as err:
@@ -244,6 +254,10 @@ class ScanWorkerPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._scans = 0
+        # Decoded bytes each worker's scan holds (gateway/memory.py): a slot per worker, twice
+        # as many as workers so that a replacement starts while the one it replaces is reaped.
+        self.ledger = MemoryLedger.create(2 * size)
+        self._free_slots = list(range(2 * size))
         # Figures for logs and tests: workers started, and lost (died or killed).
         self.started = 0
         self.lost = 0
@@ -282,6 +296,7 @@ class ScanWorkerPool:
         self._idle.clear()
         self._busy.clear()
         await asyncio.gather(*(w.kill() for w in workers))
+        self.ledger.close()
 
     async def analyze(
         self,
@@ -296,6 +311,7 @@ class ScanWorkerPool:
         self._scans += 1
         scan = self._scans
         ended = False
+        worker.oom_kills_at_scan = oom_kills()
         try:
             await worker.channel.send(("scan", scan, order))
             answer = asyncio.ensure_future(self._answer(worker, scan, progress))
@@ -366,6 +382,13 @@ class ScanWorkerPool:
                 f"the analysis used more than {self.bounds.cpu_seconds:g} s of CPU time and "
                 "was ended"
             )
+        kills, before = oom_kills(), worker.oom_kills_at_scan
+        if code == -signal.SIGKILL and kills is not None and before is not None and kills > before:
+            return AnalysisMemoryError(
+                "the process analysing this scan was killed by the kernel for memory (the "
+                f"gateway's memory limit is {memory_limit_bytes()} bytes; lower "
+                "--memory-budget or --max-scan-bytes to refuse such scans instead)"
+            )
         return AnalysisCrashedError(
             f"the process analysing this scan died ({_exit_description(code)}); the scan was "
             "not analysed"
@@ -427,10 +450,16 @@ class ScanWorkerPool:
     def _lose(self, worker: _Worker) -> None:
         self._busy.discard(worker)
         self.lost += 1
-        self._track(asyncio.ensure_future(worker.kill()))
+        self._track(asyncio.ensure_future(self._reap(worker)))
         if not self._closed:
             self._spawn(0.0)
         self._notify()
+
+    async def _reap(self, worker: _Worker) -> None:
+        """Kill and reap a lost worker, then free what its scan held in the ledger."""
+        if await worker.kill() is not None:
+            self.ledger.clear(worker.slot)
+            self._free_slots.append(worker.slot)
 
     def _spawn(self, delay_s: float) -> None:
         self._starting += 1
@@ -441,10 +470,16 @@ class ScanWorkerPool:
         task.add_done_callback(self._tasks.discard)
 
     async def _start_one(self, delay_s: float) -> None:
+        if not self._free_slots:  # every slot is held by a worker that would not go
+            self._starting -= 1
+            log.error("no memory ledger slot is free: an analysis worker is not replaced")
+            return
+        slot = self._free_slots.pop()
         try:
             await asyncio.sleep(delay_s)
-            worker = await _Worker.start(self._setup)
+            worker = await _Worker.start(self._setup, self.ledger, slot)
         except (BackendUnavailableError, OSError) as err:
+            self._free_slots.append(slot)
             self._starting -= 1
             self._failures += 1
             self._last_start_error = err
@@ -455,6 +490,7 @@ class ScanWorkerPool:
             self._notify()
             return
         except asyncio.CancelledError:
+            self._free_slots.append(slot)
             self._starting -= 1
             raise
         self._starting -= 1
@@ -496,6 +532,7 @@ def _exit_description(code: int | None) -> str:
 def worker_main() -> None:
     """A worker's main: `python -c ...worker_main()` FD (the gateway's end of a socket pair)."""
     fd = int(sys.argv[1])
+    ledger_fd, ledger_slots, slot = (int(v) for v in sys.argv[2].split(","))
     _die_with_parent()
     # The gateway handles SIGINT/SIGTERM and then stops its workers; they just follow.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -504,7 +541,7 @@ def worker_main() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
-    asyncio.run(_serve_scans(socket.socket(fileno=fd)))
+    asyncio.run(_serve_scans(socket.socket(fileno=fd), MemoryLedger(ledger_fd, ledger_slots), slot))
 
 
 def _die_with_parent() -> None:
@@ -515,7 +552,7 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-async def _serve_scans(sock: socket.socket) -> None:
+async def _serve_scans(sock: socket.socket, ledger: MemoryLedger, slot: int) -> None:
     from ctjoint.gateway.decode_pool import close_default_pool
     from ctjoint.gateway.limits import SCAN_CPU, TestLeak
     from ctjoint.gateway.logging_setup import configure_logging
@@ -545,7 +582,16 @@ async def _serve_scans(sock: socket.socket) -> None:
             # Anything else between scans (a late "cancel") is left unanswered.
             if message[0] == "scan":
                 scan, order = message[1], message[2]
-                if not await _one_scan(channel, inbox, analyzer, scan, order, leak, setup):
+                memory = ScanMemory(
+                    setup.max_scan_bytes,
+                    ledger=ledger,
+                    slot=slot,
+                    budget_bytes=setup.budget_bytes,
+                    bound=True,
+                )
+                if not await _one_scan(
+                    channel, inbox, analyzer, scan, order, leak, memory, setup.cpu_seconds
+                ):
                     return
     finally:
         reader.cancel()
@@ -569,7 +615,8 @@ async def _one_scan(
     scan: int,
     order: ScanOrder,
     leak: Any,
-    setup: WorkerSetup,
+    memory: ScanMemory,
+    cpu_seconds: float,
 ) -> bool:
     """One scan: files from the gateway into the pipeline; its answer (or error) back as soon
     as there is one, then ("over", scan) once the gateway has ended or cancelled it too.
@@ -577,6 +624,7 @@ async def _one_scan(
     from ctjoint.gateway.answer import analyze_scan
     from ctjoint.gateway.deadlines import set_deadline
     from ctjoint.gateway.logging_setup import REQUEST_ID
+    from ctjoint.gateway.memory import scan_memory
 
     files: asyncio.Queue[bytes | None] = asyncio.Queue()
     receive = [0.0]
@@ -592,11 +640,20 @@ async def _one_scan(
     async def run() -> ScanAnswer:
         REQUEST_ID.set(order.request_id)
         set_deadline(order.deadline_s)
-        return await analyze_scan(
-            analyzer, order, inputs(), progress=progress, receive_ms=lambda: receive[0], leak=leak
-        )
+        with scan_memory(memory):
+            try:
+                return await analyze_scan(
+                    analyzer,
+                    order,
+                    inputs(),
+                    progress=progress,
+                    receive_ms=lambda: receive[0],
+                    leak=leak,
+                )
+            except MemoryError as err:
+                raise memory.out_of_memory() from err
 
-    _bound_cpu(setup.cpu_seconds)
+    _bound_cpu(cpu_seconds)
     task = asyncio.ensure_future(run())
     reported = stopped = False
     try:

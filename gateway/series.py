@@ -9,6 +9,7 @@ built from a plain array (NIfTI data sets) without any DICOM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from ctjoint.gateway.errors import (
     LimitExceededError,
     MixedSeriesError,
 )
+from ctjoint.gateway.memory import DEFAULT_MAX_SCAN_BYTES, ScanMemory, current_scan_memory
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +54,9 @@ SLICE_SPACING_MM = (0.1, 20.0)
 THICKNESS_TO_SPACING = (0.05, 10.0)
 # The memory budget of one scan's volume (float32 HU, rows x columns x slices x 4 bytes),
 # checked from each file's Rows and Columns before its pixels are decoded, and before any
-# buffer is allocated (the one preallocated from expected_files included): 1.5 GiB holds
-# 1,000 slices of 512 x 512 or 375 of 1024 x 1024, not 60 of 4096 x 4096. Growing a buffer
-# briefly holds the old one too, so a scan's high-water mark is below 1.5 times the budget.
-DEFAULT_MAX_SCAN_BYTES = 1536 * 1024 * 1024
+# buffer is allocated (the one preallocated from expected_files included); the scan's
+# `ScanMemory` (gateway/memory.py) reserves the same bytes against the gateway's budget.
+# Growing a buffer briefly holds the old one too: the analysis factor there accounts for it.
 _HU_BYTES = 4
 
 
@@ -150,6 +151,17 @@ class CtVolume:
         return cls.from_array(hu, (zooms_xyz[2], zooms_xyz[1], zooms_xyz[0]))
 
 
+def _reserve_memory(memory: ScanMemory, count: int, capacity: int, slice_bytes: int) -> int:
+    """Reserve a buffer's bytes against the gateway's budget: `capacity` slices if it allows
+    them, else just the `count` needed now (LimitExceededError if not even those)."""
+    if capacity > count:
+        with contextlib.suppress(LimitExceededError):
+            memory.reserve(capacity * slice_bytes, f"at slice {count}")
+            return capacity
+    memory.reserve(count * slice_bytes, f"at slice {count}")
+    return count
+
+
 @dataclass(frozen=True)
 class _SliceRecord:
     """What the assembler keeps of a slice once its pixels are in the buffer."""
@@ -184,8 +196,15 @@ class SeriesAssembler:
         *,
         expected_slices: int | None = None,
         max_slices: int | None = None,
-        max_bytes: int = DEFAULT_MAX_SCAN_BYTES,
+        max_bytes: int | None = None,
+        memory: ScanMemory | None = None,
     ) -> None:
+        # The scan's reservation: given, or that of the scan this runs for (gateway/memory.py).
+        self._memory = memory if memory is not None else current_scan_memory()
+        if max_bytes is None:
+            max_bytes = (
+                self._memory.max_scan_bytes if self._memory is not None else DEFAULT_MAX_SCAN_BYTES
+            )
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         self._expected = expected_slices
@@ -353,6 +372,8 @@ class SeriesAssembler:
         if self._max is not None:
             capacity = min(capacity, self._max)
         capacity = min(capacity, affordable)
+        if self._memory is not None:
+            capacity = _reserve_memory(self._memory, count, capacity, slice_bytes)
         grown = np.empty((capacity, *shape), dtype=np.float32)
         if buffer is not None:
             grown[: buffer.shape[0]] = buffer

@@ -176,8 +176,14 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
     workers: ScanWorkerPool | None = None
     if backend is None:
         backend = create_backend(config)
+        setup = _worker_setup(config)
+        log.info(
+            "memory budget (decoded bytes): %d MiB per scan, %d MiB over the scans in flight",
+            setup.max_scan_bytes // (1024 * 1024),
+            setup.budget_bytes // (1024 * 1024),
+        )
         workers = ScanWorkerPool(
-            _worker_setup(config),
+            setup,
             config.limits.max_concurrent_scans,
             WorkerBounds(config.scan_cpu_seconds, config.scan_wall_seconds),
         )
@@ -415,6 +421,8 @@ def _worker_setup(config: GatewayConfig) -> WorkerSetup:
         log_level=logging.getLevelName(root.getEffectiveLevel()),
         log_format="json" if json_lines else "text",
         cpu_seconds=config.scan_cpu_seconds,
+        max_scan_bytes=config.limits.max_scan_bytes,
+        budget_bytes=config.limits.memory_budget(),
     )
 
 

@@ -32,6 +32,7 @@ from ctjoint.gateway.errors import (
 )
 from ctjoint.gateway.interceptors import adopt_request_id, note_model
 from ctjoint.gateway.limits import GatewayLimits, ScanSlots, TestLeak
+from ctjoint.gateway.memory import ScanMemory, scan_memory
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import Destination, PacsPusher
 from ctjoint.gateway.scan_workers import ScanWorkerPool
@@ -251,14 +252,16 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             return await self._workers.analyze(
                 order, receive.files(), progress=progress, receive_ms=lambda: receive.receive_ms
             )
-        return await analyze_scan(
-            self._analyzer,
-            order,
-            receive.files(),
-            progress=progress,
-            receive_ms=lambda: receive.receive_ms,
-            leak=self._test_leak,
-        )
+        # In this process, only the per-scan budget applies (the gateway's is the workers').
+        with scan_memory(ScanMemory(self._limits.max_scan_bytes)):
+            return await analyze_scan(
+                self._analyzer,
+                order,
+                receive.files(),
+                progress=progress,
+                receive_ms=lambda: receive.receive_ms,
+                leak=self._test_leak,
+            )
 
     async def _read_header(
         self, stream: AsyncIterator[scan_pb2.ScanRequest]

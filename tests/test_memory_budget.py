@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 import zlib
@@ -122,72 +124,255 @@ def _tree_rss_hwm(pid: int) -> int:
     return total
 
 
-def _memory_cgroup(limit: int) -> Path | None:
-    """A cgroup v1 memory group limited to `limit` bytes, where this machine lets us make one
-    (root); None elsewhere (the high-water mark is still measured and bounded)."""
+CGROUP_LIMIT = 3 * 1024 * MIB  # the limit in which 60 such slices got a gateway OOM-killed
+CGROUP_ARGS = ("--max-concurrent-scans", "2")
+
+
+class MemoryGroup:
+    """A cgroup v1 memory group limited to `limit` bytes that a gateway is started in (so that
+    it sizes its default budget from that limit), where this machine lets us make one (root).
+    The test process joins it only while it starts the gateway."""
+
     root = Path("/sys/fs/cgroup/memory")
-    if not (root / "cgroup.procs").exists() or os.geteuid() != 0:
-        return None
-    group = root / f"ctjoint-test-{os.getpid()}"
-    try:
-        group.mkdir(exist_ok=True)
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-    except OSError:
-        return None
-    return group
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.path = self.root / f"ctjoint-test-{os.getpid()}"
+
+    @classmethod
+    def make(cls, limit: int) -> MemoryGroup | None:
+        group = cls(limit)
+        if not (cls.root / "cgroup.procs").exists() or os.geteuid() != 0:
+            return None
+        try:
+            group.path.mkdir(exist_ok=True)
+            (group.path / "memory.limit_in_bytes").write_text(str(limit))
+        except OSError:
+            return None
+        return group
+
+    def start(self, gateway: GatewayProcess) -> GatewayProcess:
+        home = self._own_group()
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            return gateway.start()
+        finally:
+            (home / "cgroup.procs").write_text(str(os.getpid()))
+
+    def high_water(self) -> int:
+        return int((self.path / "memory.max_usage_in_bytes").read_text())
+
+    def oom_kills(self) -> int:
+        for line in (self.path / "memory.oom_control").read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return 0
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+    def _own_group(self) -> Path:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, group = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                return self.root / group.lstrip("/")
+        return self.root
+
+
+def _budget_under_the_limit() -> int:
+    """The budget a gateway of CGROUP_ARGS computes inside CGROUP_LIMIT (gateway/memory.py)."""
+    from ctjoint.gateway.memory import (
+        ANALYSIS_BYTES_PER_DECODED_BYTE,
+        PROCESS_BASE_BYTES,
+        WORKER_SLACK_BYTES,
+    )
+
+    free = CGROUP_LIMIT - 3 * PROCESS_BASE_BYTES - 2 * WORKER_SLACK_BYTES
+    return free // ANALYSIS_BYTES_PER_DECODED_BYTE
 
 
 @pytest.fixture
-def limited_gateway(contract_model_dir: Path, tmp_path: Path) -> Iterator[GatewayProcess]:
-    process = GatewayProcess(contract_model_dir, tmp_path / "gateway.log").start()
-    assert process.process is not None
-    pid = process.process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    # What the gateway and its workers hold now, plus room for one scan at its budget.
-    group = _memory_cgroup(_tree_rss_hwm(pid) + int(1.5 * DEFAULT_MAX_SCAN_BYTES) + 512 * MIB)
-    if group is not None:
-        for each in [str(pid), *children]:
-            (group / "cgroup.procs").write_text(each)
+def limited_gateway(
+    contract_model_dir: Path, tmp_path: Path
+) -> Iterator[tuple[GatewayProcess, MemoryGroup | None]]:
+    """A gateway of two scan slots in a 3 GiB memory cgroup at its default memory budget;
+    where no cgroup can be made, the same budget is given as --memory-budget (and the
+    high-water mark is still measured against the limit)."""
+    group = MemoryGroup.make(CGROUP_LIMIT)
+    args: tuple[str, ...] = CGROUP_ARGS
+    if group is None:
+        args += ("--memory-budget", str(_budget_under_the_limit()))
+    process = GatewayProcess(contract_model_dir, tmp_path / "gateway.log", *args)
     try:
-        yield process
+        yield (group.start(process) if group is not None else process.start()), group
     finally:
         process.stop()
         if group is not None:
-            for _ in range(50):
-                try:
-                    group.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+            group.remove()
+
+
+def _oversize(
+    gateway: GatewayProcess, group: MemoryGroup | None, tmp_path: Path, expected: int
+) -> tuple[grpc.RpcError, int]:
+    """Send the 60-slice scan; its error and the memory high-water mark (the cgroup's, else
+    the gateway's and its workers' summed peaks); then check the gateway serves a scan."""
+    files = deflated_series(SLICES, BIG)
+    assert sum(len(f) for f in files) < 8 * MIB  # a small upload ...
+    assert gateway.process is not None
+    with pytest.raises(grpc.RpcError) as refused:
+        analyze(gateway.address, files, timeout=120, expected=expected)
+    high_water = group.high_water() if group is not None else _tree_rss_hwm(gateway.process.pid)
+    assert gateway.alive()
+    series = file_bytes(write_ct_series(tmp_path / "after", slices=4))
+    assert len(analyze(gateway.address, series, timeout=60).slice_file_number) == 4
+    return refused.value, high_water
 
 
 @pytest.mark.timeout(300)
 def test_the_60_slice_deflated_4096_scan_is_refused_and_the_gateway_keeps_serving(
-    limited_gateway: GatewayProcess, tmp_path: Path
+    limited_gateway: tuple[GatewayProcess, MemoryGroup | None], tmp_path: Path
 ) -> None:
-    files = deflated_series(SLICES, BIG)
-    uploaded = sum(len(f) for f in files)
-    assert uploaded < 8 * MIB  # a small upload ...
-    assert limited_gateway.process is not None
-    pid = limited_gateway.process.pid
-    base = _tree_rss_hwm(pid)
+    gateway, group = limited_gateway
     # Announced in the header: refused at the first file, before any volume is allocated.
-    with pytest.raises(grpc.RpcError) as refused:
-        analyze(limited_gateway.address, files, timeout=120, expected=SLICES)
-    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "budget of 1610612736 bytes per scan" in (refused.value.details() or "")
-    high_water = _tree_rss_hwm(pid)
-    assert limited_gateway.alive()
-    series = file_bytes(write_ct_series(tmp_path / "after", slices=4))
-    assert len(analyze(limited_gateway.address, series, timeout=60).slice_file_number) == 4
-    # ... that would have needed 60 x 64 MiB = 3.75 GiB decoded; the budget keeps the
-    # gateway's peak growth below 1.5 x DEFAULT_MAX_SCAN_BYTES plus one inflated file.
-    growth = high_water - base
+    error, high_water = _oversize(gateway, group, tmp_path, expected=SLICES)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "budget of 1610612736 bytes per scan" in (error.details() or "")
+    assert high_water < CGROUP_LIMIT
     figures.record(
-        "oversize deflated scan (60 x 4096^2) refused",
-        uploaded_mb=round(uploaded / MIB, 2),
+        "oversize deflated scan (60 x 4096^2, expected_files) refused",
         high_water_mb=round(high_water / MIB),
-        growth_mb=round(growth / MIB),
-        budget_mb=DEFAULT_MAX_SCAN_BYTES // MIB,
+        limit_mb=CGROUP_LIMIT // MIB,
     )
-    assert growth < 1.5 * DEFAULT_MAX_SCAN_BYTES + 128 * MIB
+
+
+@pytest.mark.timeout(300)
+def test_without_expected_files_the_scan_is_refused_at_the_gateway_budget(
+    limited_gateway: tuple[GatewayProcess, MemoryGroup | None], tmp_path: Path
+) -> None:
+    """Unannounced, its volume grows as slices come: the slice that would take the scans in
+    flight past the gateway's budget (sized from the cgroup's limit) is refused, before its
+    buffer is allocated; on b3c1dff the worker was OOM-killed and the client got INTERNAL."""
+    gateway, group = limited_gateway
+    kills = group.oom_kills() if group is not None else 0
+    error, high_water = _oversize(gateway, group, tmp_path, expected=0)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    budget = _budget_under_the_limit()
+    slice_bytes = BIG * BIG * 4
+    refused_at = budget // slice_bytes + 1
+    assert (error.details() or "").startswith(f"at slice {refused_at}: the scan needs "), (
+        error.details()
+    )
+    assert f"of the gateway's memory budget of {budget} bytes; retry later" in (
+        error.details() or ""
+    )
+    assert high_water < CGROUP_LIMIT
+    if group is not None:
+        assert group.oom_kills() == kills
+    assert "memory budget (decoded bytes): 1536 MiB per scan, " in gateway.log()
+    figures.record(
+        "oversize deflated scan (60 x 4096^2, no expected_files) refused",
+        high_water_mb=round(high_water / MIB),
+        limit_mb=CGROUP_LIMIT // MIB,
+        budget_mb=budget // MIB,
+        refused_at_slice=refused_at,
+    )
+
+
+@pytest.fixture
+def overcommitted_gateway(
+    contract_model_dir: Path, tmp_path: Path
+) -> Iterator[tuple[GatewayProcess, MemoryGroup]]:
+    """A gateway told a budget far above its cgroup's limit (an operator's mistake)."""
+    group = MemoryGroup.make(CGROUP_LIMIT)
+    if group is None:
+        pytest.fail("this test needs a cgroup v1 memory group (root on Linux, as in CI)")
+    args = (*CGROUP_ARGS, "--max-scan-bytes", str(8 * 1024 * MIB))
+    process = GatewayProcess(
+        contract_model_dir, tmp_path / "gateway.log", *args, "--memory-budget", str(16 << 30)
+    )
+    try:
+        yield group.start(process), group
+    finally:
+        process.stop()
+        group.remove()
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_killed_for_memory_ends_its_scan_resource_exhausted(
+    overcommitted_gateway: tuple[GatewayProcess, MemoryGroup], tmp_path: Path
+) -> None:
+    """Past every budget, the kernel's OOM killer ends the worker: the scan gets
+    RESOURCE_EXHAUSTED naming the memory limit (not INTERNAL 'died'), the worker is replaced
+    and the gateway serves the next scan."""
+    gateway, group = overcommitted_gateway
+    kills = group.oom_kills()
+    error, _ = _oversize(gateway, group, tmp_path, expected=0)
+    assert group.oom_kills() > kills
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert (error.details() or "").startswith(
+        "the process analysing this scan was killed by the kernel for memory (the gateway's "
+        f"memory limit is {CGROUP_LIMIT} bytes"
+    )
+
+
+def test_the_ledger_refuses_a_reservation_past_the_budget_across_processes() -> None:
+    from ctjoint.gateway.memory import MemoryLedger, ScanMemory
+
+    ledger = MemoryLedger.create(4)
+    try:
+        # Another process (a worker) holds 300 MiB in slot 2 of the same ledger.
+        code = (
+            "import sys; from ctjoint.gateway.memory import MemoryLedger; "
+            f"MemoryLedger({ledger.fd}, 4).reserve(2, {300 * MIB}, {1024 * MIB})"
+        )
+        subprocess.run([sys.executable, "-c", code], pass_fds=(ledger.fd,), check=True)
+        assert ledger.held(2) == 300 * MIB
+        scan = ScanMemory(1024 * MIB, ledger=ledger, slot=0, budget_bytes=512 * MIB)
+        scan.reserve(200 * MIB, "at slice 4")
+        with pytest.raises(
+            LimitExceededError,
+            match=rf"^at slice 9: the scan needs {400 * MIB} bytes decoded, and the scans in "
+            rf"flight hold {300 * MIB} of the gateway's memory budget of {512 * MIB} bytes; "
+            "retry later$",
+        ):
+            scan.reserve(400 * MIB, "at slice 9")
+        assert ledger.in_use() == 500 * MIB
+        scan.release()
+        assert ledger.in_use() == 300 * MIB
+    finally:
+        ledger.close()
+
+
+def test_an_analysis_past_its_worker_bound_gets_memory_error_then_resource_exhausted() -> None:
+    """RLIMIT_DATA, as a worker sets it for its scan: an allocation past base + slack + 6 x
+    the reservation fails in the allocator (MemoryError), and the scan's error names the
+    bound; after the scan the bound is lifted. Run in a process of its own."""
+    code = """
+import numpy as np
+from ctjoint.gateway.memory import ScanMemory, WORKER_SLACK_BYTES
+memory = ScanMemory(1 << 30, bound=True)
+memory.reserve(64 << 20, "at slice 1")
+try:
+    np.ones(WORKER_SLACK_BYTES + 7 * (64 << 20), dtype=np.uint8)
+except MemoryError:
+    print(memory.out_of_memory())
+memory.release()
+print(np.ones(WORKER_SLACK_BYTES + 7 * (64 << 20), dtype=np.uint8).nbytes)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    message, after = done.stdout.strip().splitlines()
+    assert message.startswith(
+        f"the analysis of a scan of {64 * MIB} bytes decoded needed more than its worker's "
+        "memory bound of "
+    )
+    assert message.endswith(
+        "bytes (6 x its decoded volume, plus 512 MiB for decoding a file); the scan was ended"
+    )
+    assert int(after) == 512 * MIB + 7 * 64 * MIB
