@@ -530,6 +530,7 @@ class ScanAnalyzer:
             ),
             model=info.name,
             model_version=info.version,
+            model_sha256=info.weights_sha256,
             backend=self.backend.name,
             timings=timings,
             review=review_of(signals, info.name),
@@ -673,6 +674,7 @@ def fuse_analyses(members: Sequence[ScanAnalysis]) -> ScanAnalysis:
         series=first.result.series,
         model=MODEL_BOTH,
         model_version=" + ".join(f"{r.model} {r.model_version}" for r in results),
+        model_sha256=" + ".join(r.model_sha256 for r in results if r.model_sha256),
         backend=first.result.backend,
         timings=StageTimings(
             read_ms=timings[0].read_ms,

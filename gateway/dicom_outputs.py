@@ -56,6 +56,9 @@ SEG_TYPES: Final = (SEG_BINARY, SEG_LABELMAP)
 SEG_SERIES_NUMBER: Final = 9901
 SR_SERIES_NUMBER: Final = 9902
 PRIVATE_SCHEME: Final = "99CTJOINT"
+# The algorithm parameter that names the weights by their SHA-256 (the IHE AI Results idea: a
+# result says exactly which model made it).
+WEIGHTS_PARAMETER: Final = "weights_sha256"
 
 # Segment numbers (1-based, SEG order).
 SEGMENT_GROUND_GLASS: Final = 1
@@ -180,12 +183,15 @@ def _algorithm(result: ScanResult) -> hd.AlgorithmIdentificationSequence:
         version=result.model_version or "unknown",
         family=codes.DCM.ArtificialIntelligence,
         source=MANUFACTURER,
+        parameters={WEIGHTS_PARAMETER: result.model_sha256} if result.model_sha256 else None,
     )
 
 
 def _sr_algorithm(result: ScanResult) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
-        name=f"ctjoint {result.model}", version=result.model_version or "unknown"
+        name=f"ctjoint {result.model}",
+        version=result.model_version or "unknown",
+        parameters=[f"{WEIGHTS_PARAMETER}={result.model_sha256}"] if result.model_sha256 else None,
     )
 
 

@@ -4,6 +4,7 @@ frames on their source slices, measurements equal to the result."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import subprocess
@@ -384,3 +385,17 @@ def test_seg_and_sr_name_the_model_as_contributing_equipment(
         }
         result = analysis.result
         assert (f"ctjoint {result.model}", result.model_version) in models
+
+
+def test_seg_and_sr_name_the_weights_by_their_sha256(
+    analysed: tuple[ScanAnalysis, ScanObjects], contract_model_dir: Path
+) -> None:
+    analysis, objects = analysed
+    assert objects.seg is not None and objects.sr is not None
+    weights = contract_model_dir / f"{analysis.result.model}.onnx"
+    expected = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert analysis.result.model_sha256 == expected
+    seg = pydicom.dcmread(pydicom.filebase.DicomBytesIO(objects.seg))
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmParameters == f"weights_sha256={expected}"
+    assert f"weights_sha256={expected}".encode() in objects.sr

@@ -86,6 +86,9 @@ class ModelInfo:
     trained_on: str = ""
     max_batch_size: int = 0  # 0: no limit known to the backend
     temperature: Temperature = Temperature()
+    # SHA-256 of the served weights file (hex) where the backend reads it; "" where it cannot
+    # (a remote Triton). SEG and SR name it beside the model's name and version.
+    weights_sha256: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))

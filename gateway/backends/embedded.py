@@ -8,6 +8,8 @@ is computed, and ONNX Runtime's own thread count is set explicitly (the machine 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -175,6 +177,7 @@ class EmbeddedBackend(InferenceBackend):
         shape = [d if isinstance(d, int) else -1 for d in inputs[INPUT_IMAGE].shape]
         metadata = session.get_modelmeta().custom_metadata_map
         info = model_info_from_metadata(model, metadata, source=path.name, input_shape=shape)
+        info = dataclasses.replace(info, weights_sha256=_file_sha256(path))
         logger.info(
             "loaded %s version %s from %s in %.0f ms",
             model,
@@ -212,3 +215,12 @@ class EmbeddedBackend(InferenceBackend):
             seg_logits=seg, cls_logits=cls, model_ms=elapsed, cam=cam[0] if cam else None
         )
         return info.temperature.apply(outputs)
+
+
+def _file_sha256(path: Path) -> str:
+    """The weights file's SHA-256 (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
