@@ -66,9 +66,12 @@ def input_shape(config: RunConfig, batch: int) -> tuple[int, ...]:
     return (batch, 1, plan.depth, plan.height, plan.width)
 
 
-def metadata(config: RunConfig, trained_on: str) -> dict[str, str]:
-    """The contracts.ONNX_META_* properties of an exported model."""
+def metadata(config: RunConfig, trained_on: str, temperature: str = "") -> dict[str, str]:
+    """The contracts.ONNX_META_* properties of an exported model (the temperature JSON only
+    for a calibrated checkpoint)."""
+    calibration = {contracts.ONNX_META_TEMPERATURE: temperature} if temperature else {}
     return {
+        **calibration,
         contracts.ONNX_META_MODEL: config.model,
         contracts.ONNX_META_VERSION: config.version,
         contracts.ONNX_META_PLAN: config.plan.to_json(),
@@ -172,12 +175,13 @@ def export_network(
     *,
     trained_on: str = TRAINED_ON_PHANTOMS,
     tolerance: float = PARITY_TOLERANCE,
+    temperature: str = "",
 ) -> ExportReport:
     """Export a network, check the graph, check parity, then (only then) write `out`."""
     net = net.eval()
     example = torch.zeros(input_shape(config, PARITY_BATCH))
     proto = _to_onnx(net, example)
-    for key, value in metadata(config, trained_on).items():
+    for key, value in metadata(config, trained_on, temperature).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "ctjoint"
@@ -213,8 +217,14 @@ def export_onnx(model: str, weights: Path | None = None, out: Path | None = None
         raise ExportError(f"unknown model {model!r}; expected one of {contracts.MODEL_NAMES}")
     source = Path(weights) if weights is not None else bundled_weights(model)
     target = Path(out) if out is not None else contracts.onnx_path(model)
-    net, config, _ = model_from_checkpoint(source)
+    net, config, checkpoint = model_from_checkpoint(source)
     if config.model != model:
         raise ExportError(f"{source}: holds a {config.model} checkpoint, not {model}")
-    report = export_network(net, config, target)
+    temperature = checkpoint.get("temperature")
+    report = export_network(
+        net,
+        config,
+        target,
+        temperature=json.dumps(temperature, sort_keys=True) if temperature else "",
+    )
     return report.summary()

@@ -253,6 +253,8 @@ class ModelFacts:
     version: str
     trained_on: str
     cam_grid: tuple[int, ...] | None = None
+    # Logit temperatures as exported (contracts.ONNX_META_TEMPERATURE JSON); "" uncalibrated.
+    temperature: str = ""
 
     def __post_init__(self) -> None:
         if self.model not in contracts.MODEL_NAMES or self.plan.model != self.model:
@@ -312,11 +314,12 @@ class ModelFacts:
             version=meta.get(contracts.ONNX_META_VERSION, "") or "unversioned",
             trained_on=meta.get(contracts.ONNX_META_TRAINED_ON, ""),
             cam_grid=cam_grid,
+            temperature=meta.get(contracts.ONNX_META_TEMPERATURE, ""),
         )
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The contracts.ONNX_META_* pairs, as the ensemble's config parameters."""
-        return (
+        pairs: tuple[tuple[str, str], ...] = (
             (contracts.ONNX_META_MODEL, self.model),
             (contracts.ONNX_META_VERSION, self.version),
             (contracts.ONNX_META_PLAN, self.plan.to_json()),
@@ -324,6 +327,9 @@ class ModelFacts:
             (contracts.ONNX_META_SEG_CLASSES, json.dumps(list(contracts.SEG_CLASS_NAMES))),
             (contracts.ONNX_META_TRAINED_ON, self.trained_on),
         )
+        if self.temperature:
+            pairs += ((contracts.ONNX_META_TEMPERATURE, self.temperature),)
+        return pairs
 
 
 @dataclass(frozen=True)

@@ -268,7 +268,8 @@ class TritonBackend(InferenceBackend):
                 )
             cam = result.as_numpy(OUTPUT_CAM) if OUTPUT_CAM in names else None
             # model_ms is this request's round trip (queueing and batching included).
-            return ModelOutputs(seg_logits=seg, cls_logits=cls, model_ms=elapsed_ms, cam=cam)
+            answer = ModelOutputs(seg_logits=seg, cls_logits=cls, model_ms=elapsed_ms, cam=cam)
+            return self.model_info(model).temperature.apply(answer)
         raise BackendUnavailableError(f"model {model!r}: {self._reason}")  # pragma: no cover
 
     async def close(self) -> None:
@@ -483,6 +484,7 @@ class TritonBackend(InferenceBackend):
             input_shape=info.input_shape,
             trained_on=info.trained_on,
             max_batch_size=int(config.get("max_batch_size", 0)),
+            temperature=info.temperature,
         )
 
     async def _watch(self) -> None:
