@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
@@ -72,6 +73,29 @@ def status_for(error: BaseException) -> grpc.StatusCode:
         # A scan too big for what this box has free right now: the caller may retry later.
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
+
+
+# What clients must not learn from an error's details: where our dependencies and files are.
+# URLs first, then bracketed IPv6 and IPv4 addresses, host:port pairs, absolute paths of two
+# or more parts, and process ids. UIDs are pseudonymised before (scrub_uids), so a UID's dots
+# never read as an address.
+_INTERNAL: Final = (
+    (re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\")\]]+"), "<url>"),
+    (re.compile(r"\[[0-9a-fA-F:.%]+\](?::\d+)?"), "<address>"),
+    (re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"), "<address>"),
+    (re.compile(r"\b(?:ipv4|ipv6|unix|dns):[^\s'\",)]+"), "<address>"),
+    (re.compile(r"\b[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?:\d{2,5}\b"), "<address>"),
+    (re.compile(r"(?<![\w.~])(?:/[\w.@+~-]+){2,}/?"), "<path>"),
+    (re.compile(r"\bpids? \d+(?:, \d+)*"), "pid <n>"),
+)
+
+
+def public_details(message: str) -> str:
+    """An error message as a client may read it: internal addresses, URLs, file system paths
+    and process ids replaced by placeholders (the log keeps them for the operator)."""
+    for pattern, placeholder in _INTERNAL:
+        message = pattern.sub(placeholder, message)
+    return message
 
 
 def _public_message(error: Exception) -> str | None:
@@ -370,9 +394,11 @@ class ScanServiceInterceptor(grpc.aio.ServerInterceptor):
             message = str(err)
             self._refusals.note(message)
         elif isinstance(err, CtJointError):
-            # Messages may quote what the caller sent (a model name): bounded and escaped.
-            message = bounded_text(scrub_uids(str(err)))
-            log.info("request failed code=%s error=%s: %s", code.name, type(err).__name__, message)
+            # Messages may quote what the caller sent (a model name): bounded and escaped. The
+            # log names our dependencies' addresses; the client learns none (public_details).
+            logged = bounded_text(scrub_uids(str(err)))
+            log.info("request failed code=%s error=%s: %s", code.name, type(err).__name__, logged)
+            message = public_details(logged)
         elif public is not None:
             message = public
             log.warning("request failed code=%s error=%s", code.name, type(err).__name__)
