@@ -3,7 +3,7 @@
 A scan's memory follows its decoded volume (rows x columns x slices x 4 bytes of float32 HU):
 the analysis holds the volume and, beside it, the preprocessed planes, lung and label maps,
 the overlay and the DICOM outputs. bench/scan_memory.py measures the peak per decoded byte
-(3.8 to 5.0 with every output asked, docs/reliability.md); ANALYSIS_BYTES_PER_DECODED_BYTE
+(3.8 to 5.2 with every output asked, docs/reliability.md); ANALYSIS_BYTES_PER_DECODED_BYTE
 is that with a margin. Budgets are counted in decoded bytes, reserved as the volume's buffer
 is allocated (gateway/series.py), before any of it is:
 
@@ -40,8 +40,8 @@ from ctjoint.gateway.errors import AnalysisMemoryError, LimitExceededError
 log = logging.getLogger(__name__)
 
 MIB: Final = 1024 * 1024
-# bench/scan_memory.py: 5.03 at 512x512x100, 4.22 at 1024x1024x40, 3.81 at 2048x2048x12 (jcs2d,
-# masks + overlay + SEG + SR asked), 4.62 for deepsc3d; 6 leaves room for what it did not see.
+# bench/scan_memory.py: 5.2 at 512x512x100, 4.3 at 1024x1024x40, 3.8 at 2048x2048x12 (jcs2d,
+# masks + overlay + SEG + SR asked), 4.1-4.6 for deepsc3d; 6 leaves room for what it did not see.
 ANALYSIS_BYTES_PER_DECODED_BYTE: Final = 6
 # One file's decoding before its slice has a place in the volume: a deflated data set inflates
 # to at most 72 MiB (dicom_io.MAX_INFLATED_BYTES), pydicom copies it, and the pixels follow.
