@@ -890,7 +890,9 @@ def send(
 def watch(
     folder: Annotated[Path, typer.Argument(help="Folder to watch for new series folders.")],
     gateway: Annotated[str, typer.Option(help="Gateway address HOST:PORT.")] = DEFAULT_GATEWAY,
-    model: Annotated[ModelName, typer.Option(help="Which network.")] = ModelName.jcs2d,
+    model: Annotated[
+        ScanModel, typer.Option(help="Which network; both: the two on one scan, fused.")
+    ] = ScanModel.jcs2d,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -942,7 +944,9 @@ def listen(
     port: Annotated[int, typer.Option(help="DIMSE port to listen on (0: any free port).")] = 11112,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     gateway: Annotated[str, typer.Option(help="Gateway address HOST:PORT.")] = DEFAULT_GATEWAY,
-    model: Annotated[ModelName, typer.Option(help="Which network.")] = ModelName.jcs2d,
+    model: Annotated[
+        ScanModel, typer.Option(help="Which network; both: the two on one scan, fused.")
+    ] = ScanModel.jcs2d,
     out: Annotated[
         Path, typer.Option(help="Results root, one folder per series (a hash of its UID).")
     ] = Path("ctjoint-results"),
