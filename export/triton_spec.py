@@ -489,6 +489,9 @@ def postprocess_spec(facts: ModelFacts) -> ModelSpec:
         dynamic_batching=DynamicBatching(max_queue_delay_us=0),
         instance_groups=(InstanceGroup("KIND_CPU", 1),),
         python_source=POSTPROCESS_SOURCE,
+        parameters=((contracts.ONNX_META_TEMPERATURE, facts.temperature),)
+        if facts.temperature
+        else (),
     )
 
 

@@ -18,6 +18,7 @@ import triton_python_backend_utils as pb_utils
 from ctjoint.contracts import (
     CLASS_NAMES,
     LESION_CLASS_NAMES,
+    ONNX_META_TEMPERATURE,
     OUTPUT_CLS_LOGITS,
     OUTPUT_SEG_LOGITS,
     POST_LESION_AREA,
@@ -63,6 +64,15 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         self._model_name = config["name"]
+        # The classification temperature fitted with the model (absent: uncalibrated), so
+        # `probs` are the calibrated probabilities the gateway computes from the logits.
+        parameter = config.get("parameters", {}).get(ONNX_META_TEMPERATURE, {})
+        text = parameter.get("string_value", "") if isinstance(parameter, dict) else ""
+        self._cls_temperature = float(json.loads(text)["cls"]) if text else 1.0
+        if not self._cls_temperature > 0:
+            raise pb_utils.TritonModelException(
+                f"{self._model_name}: {ONNX_META_TEMPERATURE} must be positive, got {text!r}"
+            )
         seg_config = pb_utils.get_input_config_by_name(config, OUTPUT_SEG_LOGITS)
         cls_config = pb_utils.get_input_config_by_name(config, OUTPUT_CLS_LOGITS)
         if seg_config is None or cls_config is None:
@@ -121,7 +131,10 @@ class TritonPythonModel:
             raise RequestError("logits contain NaN or infinite values")
         mask = label_mask(seg)
         return [
-            pb_utils.Tensor(POST_PROBS, softmax(cls).astype(self._dtypes[POST_PROBS])),
+            pb_utils.Tensor(
+                POST_PROBS,
+                softmax(cls / np.float32(self._cls_temperature)).astype(self._dtypes[POST_PROBS]),
+            ),
             pb_utils.Tensor(POST_MASK, mask.astype(self._dtypes[POST_MASK])),
             pb_utils.Tensor(
                 POST_LESION_AREA, lesion_area(mask).astype(self._dtypes[POST_LESION_AREA])
