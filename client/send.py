@@ -8,6 +8,7 @@ message. Scanner-side code: imports grpc, numpy, rich, the generated proto and n
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -26,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ctjoint.client.channel import ChannelConfigError, ChannelSecurity, open_channel
 from ctjoint.client.render import format_summary, write_result_json
 from ctjoint.client.results import ResultFormatError, decode_label_map, result_dict
+from ctjoint.client.series_choice import choose_series
 from ctjoint.contracts import ADMITTED_METADATA
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_METADATA: Final = "x-request-id"
 RESULT_JSON: Final = "result.json"
 OVERLAY_PNG: Final = "overlay.png"
+SELECTION_JSON: Final = "selection.json"
 SEG_DCM: Final = "seg.dcm"
 SR_DCM: Final = "sr.dcm"
 MASKS_NPZ: Final = "masks.npz"
@@ -118,6 +121,16 @@ def send_series(
     # soft_wrap: summary lines stay whole when piped (rich would wrap them at 80 columns).
     out = console or Console(soft_wrap=True, highlight=False)
     files = list_series_files(series_dir)
+    choice = choose_series(files)
+    if choice.several:
+        # A study: send the one series the rules choose (client/series_choice.py).
+        if choice.chosen is None:
+            reasons = "; ".join(f"series {c.number}: {why}" for c, why in choice.skipped)
+            raise SendError(f"{series_dir}: no series to analyse ({reasons})", exit_code=EXIT_LOCAL)
+        files = list(choice.files)
+        out.print(f"series {choice.chosen.number} chosen: {choice.reason}", markup=False)
+        for candidate, why in choice.skipped:
+            out.print(f"series {candidate.number} skipped: {why}", markup=False)
     header = scan_pb2.ScanHeader(
         request_id=uuid.uuid4().hex[:16],
         model=model,
@@ -147,6 +160,10 @@ def send_series(
     written: tuple[Path, ...] = ()
     if out_dir is not None:
         written = write_outputs(message, result, files, out_dir)
+        if choice.several:
+            selection = out_dir / SELECTION_JSON
+            selection.write_text(json.dumps(choice.to_dict(), indent=2) + "\n", encoding="utf-8")
+            written = (*written, selection)
         for path in written:
             out.print(f"wrote {path}", markup=False)
     log.info("request %s done in %.2f s after %d attempt(s)", header.request_id, seconds, attempts)

@@ -282,7 +282,8 @@ class ScanResult:
     quantification: Quantification | None = None
     # Whether a person should check the label before it is trusted, and why (gateway/review.py).
     review: Review = field(default_factory=Review)
-    # SHA-256 of the weights that made it ("" where the backend cannot tell; "a + b" for both).
+    # SHA-256 of the weights that made it ("" where the backend cannot tell; "a + b" for both):
+    # named in the SEG and SR; not in the JSON, which the gateway's answer must match.
     model_sha256: str = ""
     # Each network's own answer when several ran on the scan (empty for one network); the
     # label and probabilities above are then the fused ones (analysis.py `fuse_analyses`).
@@ -317,11 +318,7 @@ class ScanResult:
             "slice_probabilities": {k: list(v) for k, v in self.slice_probabilities.items()},
             "lesions": self.lesions.to_dict(),
             "series": self.series.to_dict(),
-            "model": {
-                "name": self.model,
-                "version": self.model_version,
-                "sha256": self.model_sha256,
-            },
+            "model": {"name": self.model, "version": self.model_version},
             "backend": self.backend,
             "timings": self.timings.to_dict(),
             "quantification": (
