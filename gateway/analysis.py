@@ -533,7 +533,7 @@ class ScanAnalyzer:
             model_sha256=info.weights_sha256,
             backend=self.backend.name,
             timings=timings,
-            review=review_of(signals, info.name),
+            review=review_of(signals, info.name, label=label),
             slice_probabilities=(
                 {}
                 if slice_probs is None

@@ -16,6 +16,10 @@ from typing import Any, Final
 
 import numpy as np
 
+from ctjoint.contracts import CLASS_NAMES, CLASS_NORMAL
+
+NORMAL: Final = CLASS_NAMES[CLASS_NORMAL]
+
 # Reason codes (stable: clients and the SR read them).
 LOW_CONFIDENCE: Final = "low_confidence"
 LESION_OUTSIDE_LUNGS: Final = "lesion_outside_lungs"
@@ -147,11 +151,12 @@ class Review:
 
 def location_fractions(label_map: np.ndarray, air_lungs: np.ndarray) -> tuple[float, float, int]:
     """(outside, between, lesion voxels): the fractions of lesion voxels outside the lungs and
-    not between them, and between the lungs (outside them, but on an image row between two
-    lung pixels of the same slice: heart, mediastinum, diaphragm domes surrounded by lung).
+    not between them, and between the lungs (outside them, on an image row with the right lung
+    on one side and the left lung on the other: heart, mediastinum, great vessels).
 
-    `air_lungs` is the gateway's lung segmentation before lesions are added (its holes are
-    filled per slice, so a consolidation surrounded by aerated lung counts as lung).
+    `air_lungs` is the gateway's lung segmentation before lesions are added (0 outside,
+    1 right, 2 left; holes filled per slice, so a consolidation surrounded by aerated lung
+    counts as lung).
     """
     lesion = label_map > 0
     total = int(np.count_nonzero(lesion))
@@ -159,12 +164,21 @@ def location_fractions(label_map: np.ndarray, air_lungs: np.ndarray) -> tuple[fl
         return 0.0, 0.0, 0
     slices = np.flatnonzero(lesion.any(axis=(1, 2)))
     lesion = lesion[slices]
-    lungs = air_lungs[slices] > 0
-    outside_lungs = lesion & ~lungs
-    # Row spans between a slice's first and last lung pixel (running maxima from both ends).
-    seen_before = np.maximum.accumulate(lungs, axis=2)
-    seen_after = np.maximum.accumulate(lungs[:, :, ::-1], axis=2)[:, :, ::-1]
-    between = outside_lungs & seen_before & seen_after
+    sides = air_lungs[slices]
+    outside_lungs = lesion & (sides == 0)
+    between = np.zeros_like(outside_lungs)
+
+    def seen_before(mask: np.ndarray) -> np.ndarray:
+        return np.maximum.accumulate(mask, axis=2)
+
+    def seen_after(mask: np.ndarray) -> np.ndarray:
+        return np.maximum.accumulate(mask[:, :, ::-1], axis=2)[:, :, ::-1]
+
+    for first, second in ((1, 2), (2, 1)):
+        # Along each row: past the last pixel of one lung, before the first of the other.
+        one, other = sides == first, sides == second
+        gap = seen_before(one) & ~seen_after(one) & seen_after(other) & ~seen_before(other)
+        between |= outside_lungs & gap
     n_between = int(np.count_nonzero(between))
     n_outside = int(np.count_nonzero(outside_lungs)) - n_between
     return n_outside / total, n_between / total, total
@@ -206,8 +220,15 @@ def measure(
     )
 
 
-def review_of(signals: ReviewSignals, model: str, policy: ReviewPolicy = DEFAULT_POLICY) -> Review:
-    """Apply the policy's rules to one model's signals."""
+def review_of(
+    signals: ReviewSignals,
+    model: str,
+    policy: ReviewPolicy = DEFAULT_POLICY,
+    *,
+    label: str | None = None,
+) -> Review:
+    """Apply the policy's rules to one model's signals. The lesion location rules question
+    what supports an abnormal label: they are skipped when `label` is "normal"."""
     found: list[tuple[str, str]] = []
     floor = policy.confidence_for(model)
     if signals.confidence < floor:
@@ -218,7 +239,7 @@ def review_of(signals: ReviewSignals, model: str, policy: ReviewPolicy = DEFAULT
                 f"{floor:g} of {model}",
             )
         )
-    if signals.lesion_ml >= policy.min_lesion_ml:
+    if signals.lesion_ml >= policy.min_lesion_ml and label != NORMAL:
         if signals.outside_fraction > policy.max_outside_fraction:
             found.append(
                 (

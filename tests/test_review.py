@@ -83,6 +83,15 @@ def test_lesion_between_the_lungs_is_at_the_heart_or_diaphragm() -> None:
     assert location_fractions(lesion, lungs) == (0.0, 1.0, 4)
 
 
+def test_lesion_between_two_parts_of_one_lung_is_not_at_the_heart() -> None:
+    lungs = _two_lungs()
+    lungs[:, 2:8, 1:3] = 0  # a gap inside the right lung's rows
+    lungs[:, 2:8, 0] = 1
+    lesion = np.zeros_like(lungs)
+    lesion[1, 4, 1:3] = 2  # right lung on both sides: not between the two lungs
+    assert location_fractions(lesion, lungs) == (1.0, 0.0, 2)
+
+
 def test_lesion_outside_both_lungs_and_not_between_them_is_outside() -> None:
     lungs = _two_lungs()
     lesion = np.zeros_like(lungs)
@@ -99,6 +108,9 @@ def test_location_rules_fire_above_their_limits_only_with_enough_lesion() -> Non
     assert review_of(outside, "deepsc3d", policy).reasons == (LESION_OUTSIDE_LUNGS,)
     tiny = _signals(lesion_ml=policy.min_lesion_ml / 2, between_fraction=1.0)
     assert review_of(tiny, "deepsc3d", policy).needed is False
+    # A normal label is not supported by its lesions: where they lie does not question it.
+    assert review_of(heart, "deepsc3d", policy, label="normal").needed is False
+    assert review_of(heart, "deepsc3d", policy, label="cap").needed is True
 
 
 def test_lungs_still_wide_at_an_end_of_the_series_mean_it_was_cut() -> None:
