@@ -490,12 +490,44 @@ def compare_table(runs: dict[str, list[Path]]) -> str:
             numerator = statistics.median(r["numerator"] for r in found)
             cells.append(f"{value:.3f} ({numerator:.4g} {found[0]['unit']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    # What the overhead and tail ratios are made of (the end-to-end point at concurrency 1):
+    # a ratio can move because its denominator (Triton's compute) or its start (the last
+    # file's arrival) moved while the scan as a whole did not.
+    for figure, unit, read in _END_TO_END_FIGURES:
+        cells = []
+        for results in loaded.values():
+            values = [read(d) for d in (_c1(result) for result in results) if d is not None]
+            cells.append(f"{statistics.median(values):.4g} {unit}" if values else "-")
+        if any(cell != "-" for cell in cells):
+            lines.append(f"| {figure} | " + " | ".join(cells) + " |")
     for label, results in loaded.items():
         loads = ", ".join(str(r["host"]["load_average"][0]) for r in results)
         host = results[0]["host"]
         lines.append("")
         lines.append(f"{label}: {host['cpu']}, {host['cores']} cores, 1-min load at start {loads}")
     return "\n".join(lines) + "\n"
+
+
+def _c1(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The overhead ratio's end-to-end point at concurrency 1, with Triton's compute."""
+    for ratio in result["ratios"]:
+        if ratio["name"] == "overhead" and "c1" in ratio.get("detail", {}):
+            return {**ratio["detail"]["c1"], "compute_s": ratio["denominator"]}
+    return None
+
+
+_END_TO_END_FIGURES: tuple[tuple[str, str, Callable[[dict[str, Any]], float]], ...] = (
+    ("scan, first message to answer", "s", lambda d: d["raw_stages_ms"]["gateway_total"] / 1e3),
+    ("throughput at concurrency 1", "scans/s", lambda d: d["scans_per_s"]),
+    ("Triton compute per scan", "s", lambda d: d["compute_s"]),
+    (
+        "last file received, from the first message",
+        "s",
+        lambda d: (
+            (d["raw_stages_ms"]["gateway_total"] - d["raw_stages_ms"]["after_last_file"]) / 1e3
+        ),
+    ),
+)
 
 
 def write_into_doc(doc: Path, table: str, command: str) -> None:
