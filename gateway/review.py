@@ -43,26 +43,28 @@ REASONS: Final = (
 
 @dataclass(frozen=True)
 class ReviewPolicy:
-    """The thresholds of every rule (docs/review.md says where each value comes from)."""
+    """The thresholds of every rule: the values bench/review_flags.py chose on the training
+    family's validation phantoms for the bundled weights (docs/review.md: how, and how often
+    each rule fired). New weights: rerun it and copy what it chose."""
 
     # Calibrated probability of the label below which a result is flagged, per model: the
     # operating point chosen on the training family's validation split.
     min_confidence: Mapping[str, float] = field(
-        default_factory=lambda: {"jcs2d": 0.80, "deepsc3d": 0.80}
+        default_factory=lambda: {"jcs2d": 0.616, "deepsc3d": 0.904}
     )
     # Lesion location rules apply from this much lesion on (a few voxels say nothing).
     min_lesion_ml: float = 1.0
     # Fraction of the lesion volume outside the lungs and not between them (chest wall, body
     # outside the thorax, air outside the body).
-    max_outside_fraction: float = 0.25
+    max_outside_fraction: float = 0.85
     # Fraction of the lesion volume between the lungs (heart, mediastinum, diaphragm domes).
-    max_between_fraction: float = 0.50
+    max_between_fraction: float = 0.46
     # Both lungs together, lesions included (mL).
     min_lung_ml: float = 200.0
-    plausible_lung_ml: tuple[float, float] = (1500.0, 9000.0)
+    plausible_lung_ml: tuple[float, float] = (1420.0, 10040.0)
     # Lung area on the first or last slice as a fraction of the largest slice's: a lung that
     # is still wide at an end of the series was cut off there.
-    max_end_lung_fraction: float = 0.25
+    max_end_lung_fraction: float = 0.21
     # Thickest slices (spacing or stated thickness, mm) of the training data.
     max_slice_mm: float = 5.0
 
