@@ -1,7 +1,7 @@
 """Training and evaluation data: case discovery in two layouts, reading, and a cache of
 preprocessed arrays so that epochs never re-read DICOM.
 
-Layouts (the training and evaluation commands accept either, detected from the folder):
+Layouts (the training and evaluation commands accept each, detected from the folder):
 
 - DICOM / phantom layout: ``SET/labels.csv`` (case,label,split) and per case
   ``SET/<case>/series/*.dcm`` plus ``SET/<case>/truth/lesions.nii.gz`` (see contracts). The
@@ -13,7 +13,14 @@ Layouts (the training and evaluation commands accept either, detected from the f
   patient axes (columns towards the patient's left, rows towards posterior, slices towards
   head), the grid a DICOM series of the same scan is served on. A mask may be binary (lesion
   = 1 is then trained as ground-glass) or use the SEG classes (1 ground-glass, 2
-  consolidation); a case without a mask file is lesion-free (normal scans).
+  consolidation).
+- DICOM series layout (real data exported from a PACS): ``DIR/series/<case>/`` (one folder of
+  DICOM files per case, any file names), ``DIR/masks/<case>.nii.gz`` and ``DIR/labels.csv``.
+  The series is read by the gateway's reader; the mask follows its own affine and is
+  reoriented onto the same DICOM patient axes, so it must cover the series' grid.
+
+In every layout a normal case may come without a mask (lesion-free); a covid19 or cap case
+without one is an error, not a lesion-free case: its lesions would be trained as background.
 
 Labels are CLASS_NAMES (covid19, cap, normal), case-insensitive, with a few common spellings.
 Preprocessing is `ctjoint.gateway.preprocess`, never a copy of it.
@@ -53,9 +60,10 @@ from ctjoint.gateway.series import CtVolume, load_series_dir
 
 logger = logging.getLogger(__name__)
 
-Layout = Literal["dicom", "nifti"]
+Layout = Literal["dicom", "nifti", "dicom-series"]
 NIFTI_IMAGES_DIR = "images"
 NIFTI_MASKS_DIR = "masks"
+SERIES_DIR = "series"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # DICOM patient axes of the served grid, as nibabel axis codes of the (x, y, z) array.
 DICOM_AXCODES = ("L", "P", "S")
@@ -148,6 +156,8 @@ def detect_layout(data_dir: Path) -> Layout:
         raise DatasetError(f"{data_dir}: no {SET_LABELS_CSV} (case,label[,split])")
     if (data_dir / NIFTI_IMAGES_DIR).is_dir():
         return "nifti"
+    if (data_dir / SERIES_DIR).is_dir() and (data_dir / NIFTI_MASKS_DIR).is_dir():
+        return "dicom-series"
     return "dicom"
 
 
@@ -197,12 +207,22 @@ def discover_cases(data_dir: Path | str, split: str | None = None) -> list[CaseR
             if image is None:
                 raise DatasetError(f"{root / NIFTI_IMAGES_DIR}: no image {case}.nii[.gz]")
             mask = _nifti_file(root / NIFTI_MASKS_DIR, case)
+        elif layout == "dicom-series":
+            image = root / SERIES_DIR / case
+            if not image.is_dir():
+                raise DatasetError(f"{image}: series folder missing")
+            mask = _nifti_file(root / NIFTI_MASKS_DIR, case)
         else:
             image = root / case / CASE_SERIES_DIR
             if not image.is_dir():
                 raise DatasetError(f"{image}: series folder missing")
             truth = root / case / CASE_TRUTH_DIR / TRUTH_LESIONS
             mask = truth if truth.is_file() else None
+        if mask is None and CLASS_NAMES[label] != "normal":
+            raise DatasetError(
+                f"{root}: case {case} is labelled {CLASS_NAMES[label]} but has no lesion mask; "
+                "an abnormal case without a mask would be trained as lesion-free"
+            )
         cases.append(CaseRef(case, label, case_split, layout, image, mask))
     return cases
 
@@ -265,7 +285,7 @@ def read_nifti_labels(path: Path, *, reorient: bool) -> np.ndarray:
 
 def load_volume(ref: CaseRef) -> CtVolume:
     """The CT volume of a case on its source grid (DICOM through the gateway's reader)."""
-    if ref.layout == "dicom":
+    if ref.layout in ("dicom", "dicom-series"):
         return load_series_dir(ref.image)
     return read_nifti_volume(ref.image)
 
@@ -276,7 +296,7 @@ def load_case(ref: CaseRef) -> LoadedCase:
     if ref.mask is None:
         lesions = np.zeros(volume.shape, dtype=np.uint8)
     else:
-        lesions = read_nifti_labels(ref.mask, reorient=ref.layout == "nifti")
+        lesions = read_nifti_labels(ref.mask, reorient=ref.layout != "dicom")
     if lesions.shape != volume.shape:
         raise DatasetError(
             f"case {ref.case_id}: mask grid {lesions.shape} differs from image grid "

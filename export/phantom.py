@@ -678,11 +678,11 @@ def plan_set(n: int, seed: int) -> list[tuple[str, str, str, int]]:
     return [(f"case_{i:0{width}d}", kinds[i], splits[i], case_seed(seed, i)) for i in range(n)]
 
 
-def _write_set_case(job: tuple[str, str, int, int, str]) -> PhantomCase:
+def _write_set_case(job: tuple[str, str, int, int, str, int | None]) -> PhantomCase:
     """Pool worker (top level, so it pickles under the spawn start method)."""
-    out_dir, kind, seed, size, family = job
+    out_dir, kind, seed, size, family, slices = job
     return write_phantom_case(
-        Path(out_dir), kind=kind, seed=seed, slices=None, size=size, family=family
+        Path(out_dir), kind=kind, seed=seed, slices=slices, size=size, family=family
     )
 
 
@@ -694,17 +694,21 @@ def write_phantom_set(
     size: int,
     workers: int,
     family: str = TRAINING_FAMILY,
+    slices: int | None = None,
 ) -> str:
-    """Write SET/labels.csv and SET/<case>/ for n balanced cases; returns a summary."""
+    """Write SET/labels.csv and SET/<case>/ for n balanced cases; returns a summary.
+
+    `slices` fixes every case's slice count (small sets for tests); by default each scan
+    draws its own thickness and spacing."""
     out_dir = Path(out_dir)
     if n < 1:
         raise PhantomError(f"n must be >= 1, got {n}")
     if workers < 1:
         raise PhantomError(f"workers must be >= 1, got {workers}")
-    _check_args(CLASS_NAMES[0], seed, None, size, family)
+    _check_args(CLASS_NAMES[0], seed, slices, size, family)
     _prepare_out_dir(out_dir)
     plan = plan_set(n, seed)
-    jobs = [(str(out_dir / name), label, s, size, family) for name, label, _, s in plan]
+    jobs = [(str(out_dir / name), label, s, size, family, slices) for name, label, _, s in plan]
     results: list[PhantomCase]
     if workers == 1 or n == 1:
         results = [_write_set_case(job) for job in jobs]

@@ -81,3 +81,44 @@ def write_nifti_set(
         for case, label, split in rows:
             writer.writerow([case, label, split] if with_split else [case, label])
     return root
+
+
+def write_dicom_series_set(
+    root: Path, per_class: int = 4, seed: int = 0, size: int = 48, slices: int = 12
+) -> Path:
+    """The DICOM series layout: DIR/series/<case>/*.dcm, DIR/masks/<case>.nii.gz (RAS+, like
+    a mask exported from a viewer), DIR/labels.csv; the same cases as `write_nifti_set`."""
+    from dicom_factory import ct_dataset
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(seed)
+    (root / "masks").mkdir(parents=True)
+    rows = []
+    splits = ("train", "train", "val", "test")
+    spacing = (RAS_AFFINE[2, 2], RAS_AFFINE[1, 1], RAS_AFFINE[0, 0])
+    for label in CLASS_NAMES:
+        for i in range(per_class):
+            case = f"{label}-{i:02d}"
+            hu, lesions = synthetic_case(label, rng, size, slices)
+            folder = root / "series" / case
+            folder.mkdir(parents=True)
+            uids = generate_uid(), generate_uid(), generate_uid()
+            for z in range(slices):
+                ds = ct_dataset(
+                    np.rint(hu[z]).astype(np.int16),
+                    index=z + 1,
+                    position=(0.0, 0.0, z * spacing[0]),
+                    series_uid=uids[0],
+                    study_uid=uids[1],
+                    frame_uid=uids[2],
+                    pixel_spacing=(spacing[1], spacing[2]),
+                    thickness=spacing[0],
+                )
+                ds.save_as(folder / f"{generate_uid()}.dcm", enforce_file_format=True)
+            nib.save(to_ras_nifti(lesions, np.uint8), root / "masks" / f"{case}.nii.gz")
+            rows.append((case, label, splits[i % len(splits)]))
+    with (root / "labels.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case", "label", "split"])
+        writer.writerows(rows)
+    return root

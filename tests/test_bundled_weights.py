@@ -1,19 +1,38 @@
-"""The phantom-trained tiny weights shipped in export/weights: loadable, small, and evaluated."""
+"""The phantom-trained tiny weights shipped in export/weights: loadable, small, and measured.
+
+The quality check computes: `ctjoint evaluate` runs the bundled models through the serving
+pipeline on fresh phantoms of both shape families (seeds no training set uses) and the issue-16
+targets are asserted on what it measured, not read from a committed file. The committed
+reports (export/weights/*.eval.json, written by the same command at full size) must describe
+exactly the committed weights: their SHA-256 is checked.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from ctjoint.contracts import CLASS_NAMES, MODEL_NAMES
+from ctjoint.export.bundled import WEIGHTS_DIR, bundled_onnx, bundled_weights
 from ctjoint.export.configs import get_config
-from ctjoint.export.onnx_export import WEIGHTS_DIR, bundled_weights
+from ctjoint.export.evaluate import evaluate_model, sha256_file
+from ctjoint.export.phantom import write_phantom_set
+from ctjoint.export.phantom_families import FAMILY_FOURIER, FAMILY_QUADRIC
 from ctjoint.export.train import load_checkpoint, model_from_checkpoint
 
-# Issue 3, point 6: what the bundled models must reach on the held-out phantom test split.
-TARGET_LESION_DICE = 0.85
-TARGET_ACCURACY = 0.95
+# Issue 16, point 3: the training family and the held-out family.
+TARGETS = {
+    FAMILY_QUADRIC: {"dice": 0.85, "accuracy": 0.95},
+    FAMILY_FOURIER: {"dice": 0.80, "accuracy": 0.95},
+}
+# Sized for CI: two scans per class and family, 128 x 128, 24 slices (seconds per model).
+CASES_PER_FAMILY = 6
+SIZE = 128
+SLICES = 24
+# Fresh seeds: the bundled weights were trained on phantom-set --seed 16 (docs/models.md).
+SEEDS = {FAMILY_QUADRIC: 160_016, FAMILY_FOURIER: 160_017}
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)
@@ -31,10 +50,61 @@ def test_bundled_checkpoint_holds_weights_only(model: str) -> None:
     assert bundled_weights(model).stat().st_size < 5_000_000
 
 
+def test_committed_reports_describe_the_committed_weights() -> None:
+    reports = sorted(WEIGHTS_DIR.glob("*_tiny.*.eval.json"))
+    assert {json.loads(p.read_text())["model"] for p in reports} == set(MODEL_NAMES)
+    for path in reports:
+        report = json.loads(path.read_text())
+        assert report["classes"] == list(CLASS_NAMES), path.name
+        assert report["weights_sha256"] == sha256_file(bundled_weights(report["model"])), path.name
+
+
+@pytest.fixture(scope="module")
+def fresh_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fresh")
+    for family, seed in SEEDS.items():
+        write_phantom_set(
+            root / family,
+            n=CASES_PER_FAMILY,
+            seed=seed,
+            size=SIZE,
+            workers=2,
+            family=family,
+            slices=SLICES,
+        )
+    return {family: root / family for family in SEEDS}
+
+
+# The weights bundled before issue 16 were trained on phantoms without the anatomy and scanner
+# variety, and miss the targets on the varied phantoms of both families (measured by this
+# test on 2026-12-03: Dice / accuracy / confident false alarms on normal scans, quadric: jcs2d
+# 0.776 / 0.833 / 0, deepsc3d 0.519 / 0.333 / 2; fourier: jcs2d 0.734 / 0.833 / 0, deepsc3d
+# 0.393 / 0.500 / 2). Strict: once retrained weights meet them, this marker must go.
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 16: bundled weights not yet retrained on the varied phantoms (docs/models.md)",
+)
 @pytest.mark.parametrize("model", MODEL_NAMES)
-def test_bundled_evaluation_meets_the_targets(model: str) -> None:
-    report = json.loads((WEIGHTS_DIR / f"{model}_tiny.eval.json").read_text())
-    assert report["split"] == "test"
-    assert report["classes"] == list(CLASS_NAMES)
-    assert report["segmentation"]["lesion_dice_mean"] >= TARGET_LESION_DICE
-    assert report["classification"]["accuracy"] >= TARGET_ACCURACY
+@pytest.mark.parametrize("family", [FAMILY_QUADRIC, FAMILY_FOURIER])
+def test_bundled_model_meets_the_targets_on_fresh_phantoms(
+    fresh_sets: dict[str, Path], tmp_path: Path, model: str, family: str
+) -> None:
+    out = tmp_path / "report.json"
+    evaluate_model(
+        model,
+        fresh_sets[family],
+        split="all",
+        onnx_file=bundled_onnx(model),
+        out=out,
+        weights=bundled_weights(model),
+    )
+    report = json.loads(out.read_text())
+    figures = {
+        "dice": report["segmentation"]["lesion_dice_mean"],
+        "accuracy": report["classification"]["accuracy"],
+        "confident false alarms": report["normal_scans"]["called_abnormal_over_0_9"],
+    }
+    assert report["cases"] == CASES_PER_FAMILY
+    assert figures["dice"] >= TARGETS[family]["dice"], figures
+    assert figures["accuracy"] >= TARGETS[family]["accuracy"], figures
+    assert figures["confident false alarms"] == 0, figures
