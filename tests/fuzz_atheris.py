@@ -5,7 +5,7 @@ mutator (tests/fuzz_harness.py: parse, validate, decode, assemble, preprocess), 
 project's typed errors as the only accepted failures; anything else is reported by atheris as
 an uncaught exception, with the input saved as crash-*. CORPUS_DIR is filled with the phantom
 seed files first if empty, so the fuzzer starts from valid DICOM instead of random bytes.
-tests/test_fuzz_atheris.py runs it briefly in CI; longer runs are in the README.
+tests/test_fuzz_atheris.py runs it briefly in CI; longer runs are in docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 Application Level Confidentiality Profile (Table E.1-1) that pydicom's dictionary knows, and in
 private tags, must not appear in the gateway's logs (debug level), metrics, error messages or
 any file it writes. The answer carries none of them; the SEG and SR carry only the patient and
-study attributes the caller sent (a valid SEG/SR must), as README "Security" documents."""
+study attributes the caller sent (a valid SEG/SR must), as docs/security.md documents."""
 
 from __future__ import annotations
 
