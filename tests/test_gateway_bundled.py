@@ -54,10 +54,22 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+# The weights bundled before issue 16 call the varied normal phantoms of this seed abnormal
+# (jcs2d: covid19 p=0.98; deepsc3d: cap p=0.63, measured 2026-12-03). Strict: the marker must
+# go once retrained weights label them right (tests/test_bundled_weights.py holds the targets).
+_NOT_YET_RETRAINED = pytest.mark.xfail(
+    strict=True,
+    reason="issue 16: bundled weights not yet retrained on the varied phantoms (docs/models.md)",
+)
+CASES = [
+    pytest.param(kind, marks=_NOT_YET_RETRAINED) if kind == "normal" else kind for kind in KINDS
+]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODEL_NAMES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_fresh_phantom_gets_its_label_and_the_embedded_masks(
+def test_a_fresh_phantom_gets_the_embedded_label_and_masks_through_the_gateway(
     gateway: GatewayProcess, phantoms: dict[str, Path], tmp_path: Path, model: str, kind: str
 ) -> None:
     _need(model)
@@ -68,7 +80,16 @@ def test_a_fresh_phantom_gets_its_label_and_the_embedded_masks(
     )
     assert done.returncode == 0, done.stderr
     result = json.loads((out / "result.json").read_text())
-    assert result["label"] == kind, result["probabilities"]
     embedded = analyze_directory(series, model=model)
+    assert result["label"] == embedded.result.label
     with np.load(out / "masks.npz") as masks:
         np.testing.assert_array_equal(masks["labels"], embedded.label_map)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("kind", CASES)
+def test_a_fresh_phantom_gets_its_label(phantoms: dict[str, Path], model: str, kind: str) -> None:
+    _need(model)
+    analysis = analyze_directory(phantoms[kind], model=model)
+    assert analysis.result.label == kind, analysis.result.probabilities
