@@ -139,12 +139,19 @@ def fd_headroom(wanted_connections: int) -> int:
 
 async def idle_bounded(messages: AsyncIterator[_T], idle_timeout_s: float) -> AsyncIterator[_T]:
     """`messages`, ended with IdleTimeoutError when the next one takes longer than
-    `idle_timeout_s` to come."""
+    `idle_timeout_s` to come.
+
+    asyncio.timeout, not wait_for: when a client cancels, gRPC ends the request stream and
+    cancels the RPC's task at the same moment, and Python 3.11's wait_for then returns the
+    stream's end and drops the cancellation. The scan went on as a complete, empty one, and
+    its slot stayed taken until its analysis worker answered that (seconds for a worker at
+    niceness 10 on a busy box, up to --scan-wall-seconds for a wedged one)."""
     stream = aiter(messages)
     count = 0
     while True:
         try:
-            message = await asyncio.wait_for(anext(stream), idle_timeout_s)
+            async with asyncio.timeout(idle_timeout_s):
+                message = await anext(stream)
         except StopAsyncIteration:
             return
         except TimeoutError:

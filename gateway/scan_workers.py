@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ctjoint.gateway.analysis import Progress, ProgressCallback
 from ctjoint.gateway.answer import ScanAnswer, ScanOrder
+from ctjoint.gateway.backends.replicas import ReplicaChange, SharedReplicaHealth
 from ctjoint.gateway.errors import (
     AnalysisCrashedError,
     AnalysisLimitError,
@@ -159,6 +160,9 @@ class _Worker:
         self.killed_for: str | None = None
         # Told when the worker goes (the pool replaces a worker that dies while idle).
         self.on_gone: Callable[[_Worker], None] | None = None
+        # Told of the Triton replica changes its backend saw (not queued in the inbox: they
+        # come whenever they happen, during a scan or between scans).
+        self.on_replica: Callable[[_Worker, ReplicaChange], None] | None = None
         self._reader = asyncio.ensure_future(self._read())
 
     @property
@@ -207,7 +211,12 @@ class _Worker:
     async def _read(self) -> None:
         try:
             while True:
-                self.inbox.put_nowait(await self.channel.recv())
+                message = await self.channel.recv()
+                if message[0] == "replica":
+                    if self.on_replica is not None:
+                        self.on_replica(self, message[1])
+                    continue
+                self.inbox.put_nowait(message)
         except EOFError:
             pass
         finally:
@@ -261,6 +270,8 @@ class ScanWorkerPool:
         # Figures for logs and tests: workers started, and lost (died or killed).
         self.started = 0
         self.lost = 0
+        # The serving process's backend, when it shares replica health (Triton).
+        self._replicas: SharedReplicaHealth | None = None
 
     @property
     def live(self) -> int:
@@ -270,6 +281,21 @@ class ScanWorkerPool:
     def pids(self) -> tuple[int, ...]:
         """Process ids of the workers that are up (operators and tests find them here)."""
         return tuple(w.pid for w in (*self._idle, *self._busy))
+
+    def share_replica_health(self, backend: object) -> None:
+        """Keep the replica health of `backend` (the serving process's) and the workers'
+        backends in step, when it has replicas (Triton).
+
+        Each worker talks to Triton through a backend of its own, and some failures only an
+        inference shows (a python stub that died while its model stays READY). What a worker's
+        backend sees goes to `backend`, so health turns NOT_SERVING and admission refuses at
+        once when no replica is left, as when the analysis ran in this process, and to the
+        other workers, so that each does not find a broken replica again on a scan of its
+        own. What `backend` sees (its probes) goes to every worker.
+        """
+        if isinstance(backend, SharedReplicaHealth):
+            self._replicas = backend
+            backend.on_replica_change(self._replica_changed)
 
     def start(self) -> None:
         """Start every worker in the background; `wait_ready` waits for the first."""
@@ -289,6 +315,8 @@ class ScanWorkerPool:
     async def close(self) -> None:
         """Kill every worker now (the server has already stopped its scans)."""
         self._closed = True
+        if self._replicas is not None:
+            self._replicas.on_replica_change(None)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -440,6 +468,21 @@ class ScanWorkerPool:
         self._idle.append(worker)
         self._notify()
 
+    def _replica_changed(self, change: ReplicaChange, source: _Worker | None = None) -> None:
+        """A backend saw a replica change: the serving process's backend and every other
+        worker's are told (`source` None: the serving process's own backend saw it)."""
+        if self._closed:
+            return
+        if source is not None and self._replicas is not None:
+            self._replicas.replica_changed(change)
+        for worker in (*self._idle, *self._busy):
+            if worker is not source and not worker.gone:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    worker.channel.send_nowait(("replica", change))
+
+    def _from_worker(self, worker: _Worker, change: ReplicaChange) -> None:
+        self._replica_changed(change, worker)
+
     def _gone(self, worker: _Worker) -> None:
         """A worker died while idle (a scan's death is its scan's business): replace it."""
         if worker in self._idle:
@@ -457,7 +500,7 @@ class ScanWorkerPool:
 
     async def _reap(self, worker: _Worker) -> None:
         """Kill and reap a lost worker, then free what its scan held in the ledger."""
-        if await worker.kill() is not None:
+        if await worker.kill() is not None and not self._closed:  # closed: no ledger left
             self.ledger.clear(worker.slot)
             self._free_slots.append(worker.slot)
 
@@ -500,6 +543,7 @@ class ScanWorkerPool:
         self._failures = 0
         self.started += 1
         worker.on_gone = self._gone
+        worker.on_replica = self._from_worker
         if worker.gone:
             self._lose(worker)
             return
@@ -571,9 +615,13 @@ async def _serve_scans(sock: socket.socket, ledger: MemoryLedger, slot: int) -> 
     backend = create_backend(setup.config)
     # One reader for the worker's life (a cancelled wait never cuts a message in half).
     inbox: asyncio.Queue[Any] = asyncio.Queue()
-    reader = asyncio.ensure_future(_read_into(channel, inbox))
+    replicas = backend if isinstance(backend, SharedReplicaHealth) else None
+    reader = asyncio.ensure_future(_read_into(channel, inbox, replicas))
     try:
         await backend.load()
+        if replicas is not None:
+            # What this worker's inferences find out about Triton replicas, the gateway hears.
+            replicas.on_replica_change(lambda change: _tell(channel, ("replica", change)))
         analyzer = create_analyzer(setup.config, backend)
         leak = TestLeak.from_environment()
         _freeze_startup_objects()
@@ -600,12 +648,26 @@ async def _serve_scans(sock: socket.socket, ledger: MemoryLedger, slot: int) -> 
         SCAN_CPU.shutdown()
 
 
-async def _read_into(channel: _Channel, inbox: asyncio.Queue[Any]) -> None:
+async def _read_into(
+    channel: _Channel, inbox: asyncio.Queue[Any], replicas: SharedReplicaHealth | None
+) -> None:
     try:
         while True:
-            inbox.put_nowait(await channel.recv())
+            message = await channel.recv()
+            if message[0] == "replica":
+                # Seen by the gateway or another worker: heeded at once, whatever is running.
+                if replicas is not None:
+                    replicas.replica_changed(message[1])
+                continue
+            inbox.put_nowait(message)
     except EOFError:
         inbox.put_nowait(_GONE)
+
+
+def _tell(channel: _Channel, message: object) -> None:
+    """Send without waiting, from a callback; a gateway that has gone hears nothing."""
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        channel.send_nowait(message)
 
 
 async def _one_scan(

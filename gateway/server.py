@@ -187,6 +187,8 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
             config.limits.max_concurrent_scans,
             WorkerBounds(config.scan_cpu_seconds, config.scan_wall_seconds),
         )
+        # Replica failures a worker's inference finds reach health, admission and metrics.
+        workers.share_replica_health(backend)
     slots = ScanSlots(config.limits.max_concurrent_scans)
     servicer = ScanServicer(
         backend,

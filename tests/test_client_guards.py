@@ -4,13 +4,14 @@ silent TCP connections leaves health and metrics answering. Real gateways on loo
 
 from __future__ import annotations
 
+import asyncio
 import re
 import resource
 import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,7 @@ from dicom_factory import write_ct_series
 from gateway_process import GatewayProcess, analyze, channel, file_bytes, metric_value
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ctjoint.gateway.guards import idle_bounded
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 IDLE_TIMEOUT_S = 2.0
@@ -236,3 +238,32 @@ def test_a_huge_model_string_is_truncated_and_escaped_in_details_and_log(
     logged = gateway.log()[log_before:]
     assert len(logged) < 4000
     assert "\nERROR forged log line" not in logged
+
+
+def test_a_cancel_as_the_stream_ends_is_not_lost() -> None:
+    """A client's cancel ends its request stream and cancels the RPC's task in the same loop
+    turn. The idle bound must pass the cancel on: with Python 3.11's wait_for it returned the
+    stream's end instead, the scan went on as a complete empty one, and its slot stayed taken
+    until its analysis worker answered (seconds on a busy box, up to --scan-wall-seconds)."""
+
+    async def run() -> None:
+        ended = asyncio.Event()
+
+        async def messages() -> AsyncIterator[bytes]:
+            await ended.wait()
+            return
+            yield b""  # an async generator that ends once `ended` is set
+
+        async def consume() -> str:
+            async for _ in idle_bounded(messages(), 30.0):
+                pass
+            return "the stream ended"
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0)  # consume() now waits for the next message
+        ended.set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())

@@ -15,7 +15,7 @@ import ipaddress
 import itertools
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
@@ -166,6 +166,33 @@ class Replicated(Protocol):
     def replica_stats(self) -> tuple[ReplicaStats, ...]: ...
 
 
+@dataclass(frozen=True)
+class ReplicaChange:
+    """A replica went out of rotation (`healthy` False) or came back, as one process's backend
+    saw it. The gateway's analysis workers each have a backend of their own: a failure only an
+    inference shows (a dead python stub) is seen by the worker that ran it, and goes to the
+    serving process (health, admission, metrics) and to the other workers through these."""
+
+    address: str
+    healthy: bool
+    reason: str = ""
+    # It must answer a test inference before it is healthy again (a dead python stub).
+    verify_inference: bool = False
+
+
+@runtime_checkable
+class SharedReplicaHealth(Protocol):
+    """A replicated backend that tells of its replicas' changes and heeds others' reports."""
+
+    def on_replica_change(self, listener: Callable[[ReplicaChange], None] | None) -> None:
+        """Call `listener` whenever this backend itself takes a replica out or back."""
+        ...
+
+    def replica_changed(self, change: ReplicaChange) -> None:
+        """Another process's backend saw `change`: eject at once, or probe now."""
+        ...
+
+
 class ReplicaPool:
     """The replicas currently known, and the choice of one for each request."""
 
@@ -256,9 +283,11 @@ class ReplicaPool:
 __all__ = [
     "Endpoint",
     "Replica",
+    "ReplicaChange",
     "ReplicaPool",
     "ReplicaStats",
     "Replicated",
+    "SharedReplicaHealth",
     "parse_endpoints",
     "resolve",
 ]

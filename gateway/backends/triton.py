@@ -25,7 +25,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -51,6 +51,7 @@ from ctjoint.gateway.backends.replicas import (
     PROBE_FIRST_S,
     PROBE_MAX_S,
     Replica,
+    ReplicaChange,
     ReplicaPool,
     ReplicaStats,
     parse_endpoints,
@@ -159,6 +160,10 @@ class TritonBackend(InferenceBackend):
         self._retried_slices = 0
         self._reason = f"Triton at {self.url} has not been reached yet; retry shortly"
         self._monitor: asyncio.Task[None] | None = None
+        # Told of the replicas this backend takes out or puts back (ReplicaChange).
+        self._listener: Callable[[ReplicaChange], None] | None = None
+        # Probes asked for by other processes' reports, by replica address.
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     # --- InferenceBackend ---------------------------------------------------------------------
 
@@ -274,11 +279,16 @@ class TritonBackend(InferenceBackend):
 
     async def close(self) -> None:
         self._closed = True
+        self._listener = None
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await monitor
+        probes, self._probes = list(self._probes.values()), {}
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
         for replica in self._pool.replicas:
             self._pool.eject(replica, "the Triton backend is closed")
         self._healthy.clear()
@@ -297,6 +307,27 @@ class TritonBackend(InferenceBackend):
     def replica_stats(self) -> tuple[ReplicaStats, ...]:
         """Per-replica health and request counters."""
         return self._pool.stats()
+
+    def on_replica_change(self, listener: Callable[[ReplicaChange], None] | None) -> None:
+        """Call `listener` whenever this backend takes a replica out of rotation or puts it
+        back (not for changes it was told of: reports never echo)."""
+        self._listener = listener
+
+    def replica_changed(self, change: ReplicaChange) -> None:
+        """Another process's backend saw `change` (gateway/scan_workers.py). An ejection is
+        taken as it is, so this backend stops sending to a replica whose failure only an
+        inference shows; a replica back in rotation elsewhere is probed now, not trusted."""
+        replica = next((r for r in self._pool.replicas if r.address == change.address), None)
+        if replica is None or self._closed:
+            return
+        if not change.healthy:
+            replica.verify_inference = replica.verify_inference or change.verify_inference
+            if replica.healthy:
+                self._eject(replica, change.reason, tell=False)
+        elif not replica.healthy and change.address not in self._probes:
+            probe = asyncio.ensure_future(self._probe(replica))
+            self._probes[change.address] = probe
+            probe.add_done_callback(lambda _: self._probes.pop(change.address, None))
 
     async def _next_replica(self, failed: frozenset[str]) -> Replica:
         """A healthy replica, waiting (bounded) for one to come back when none is."""
@@ -328,7 +359,7 @@ class TritonBackend(InferenceBackend):
         if client is not None:
             await client.close()
 
-    def _eject(self, replica: Replica, reason: str) -> None:
+    def _eject(self, replica: Replica, reason: str, *, tell: bool = True) -> None:
         if self._pool.eject(replica, reason):
             log.warning(
                 "Triton replica %s ejected (%d of %d healthy): %s",
@@ -337,7 +368,17 @@ class TritonBackend(InferenceBackend):
                 len(self._pool),
                 reason,
             )
+            if tell:
+                self._tell(replica)
         self._update_health()
+
+    def _tell(self, replica: Replica) -> None:
+        if self._listener is not None:
+            self._listener(
+                ReplicaChange(
+                    replica.address, replica.healthy, replica.reason, replica.verify_inference
+                )
+            )
 
     def _update_health(self) -> None:
         if self._pool.healthy_count:
@@ -399,14 +440,16 @@ class TritonBackend(InferenceBackend):
             self._eject(replica, str(err))
             return
         self._infos = infos
-        if self._pool.restore(replica):
+        restored = self._pool.restore(replica)
+        self._update_health()
+        if restored:
             log.info(
                 "Triton replica %s is healthy (%d of %d)",
                 replica.address,
                 self._pool.healthy_count,
                 len(self._pool),
             )
-        self._update_health()
+            self._tell(replica)
 
     # --- internals ----------------------------------------------------------------------------
 
