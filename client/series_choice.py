@@ -8,7 +8,9 @@ docs/interoperability.md):
 2. Only ORIGINAL images, and no series made of localizers; a localizer image inside the chosen
    series is dropped with a note.
 3. Only axial series (the slice normal within about 25 degrees of the patient's long axis).
-4. Only series that cover the lungs: at least `min_slices` slices spanning `min_coverage_mm`.
+4. Series that cover the lungs (at least `min_slices` slices spanning `min_coverage_mm`) before
+   those that do not; a short series is analysed only when no series covers the lungs (the
+   gateway then flags the cut coverage for review).
 5. Among the rest: slice thickness closest to the model's range (`thickness_mm`), then a lung
    kernel before an unknown, soft-tissue or bone one, then more slices.
 
@@ -154,7 +156,8 @@ def _candidate(uid: str, items: list[tuple[Path, pydicom.Dataset]]) -> SeriesCan
         files=tuple(p for p, _ in images),
         localizers=localizers,
         sop_class=str(first.get("SOPClassUID", "")),
-        original=bool(image_type) and image_type[0] == "ORIGINAL",
+        # A series without ImageType is taken as original: only DERIVED/SECONDARY skips it.
+        original=not image_type or image_type[0] == "ORIGINAL",
         axial=axial,
         thickness_mm=float(thickness) if thickness not in (None, "") else None,
         coverage_mm=(max(positions) - min(positions)) if len(positions) > 1 else 0.0,
@@ -162,7 +165,7 @@ def _candidate(uid: str, items: list[tuple[Path, pydicom.Dataset]]) -> SeriesCan
     )
 
 
-def _why_not(candidate: SeriesCandidate, min_slices: int, min_coverage_mm: float) -> str | None:
+def _why_not(candidate: SeriesCandidate) -> str | None:
     if candidate.sop_class != CT_IMAGE_STORAGE:
         return "not CT Image Storage (a dose report, secondary capture or other object)"
     if not candidate.files:
@@ -171,6 +174,10 @@ def _why_not(candidate: SeriesCandidate, min_slices: int, min_coverage_mm: float
         return "not ORIGINAL images (derived or secondary)"
     if not candidate.axial:
         return "not axial"
+    return None
+
+
+def _too_short(candidate: SeriesCandidate, min_slices: int, min_coverage_mm: float) -> str | None:
     if len(candidate.files) < min_slices or candidate.coverage_mm < min_coverage_mm:
         return (
             f"too short to cover the lungs ({len(candidate.files)} slices over "
@@ -206,11 +213,18 @@ def choose_series(
     skipped: list[tuple[SeriesCandidate, str]] = []
     eligible: list[SeriesCandidate] = []
     for candidate in candidates:
-        why = _why_not(candidate, min_slices, min_coverage_mm)
+        why = _why_not(candidate)
         if why is None:
             eligible.append(candidate)
         else:
             skipped.append((candidate, why))
+    covering = [c for c in eligible if _too_short(c, min_slices, min_coverage_mm) is None]
+    if covering:
+        for candidate in eligible:
+            short = _too_short(candidate, min_slices, min_coverage_mm)
+            if short is not None:
+                skipped.append((candidate, short))
+        eligible = covering
     if not eligible:
         return SeriesChoice(
             None, "no series qualifies", tuple(skipped), unreadable, (), len(groups)
