@@ -344,8 +344,26 @@ class ScanWorkerPool:
             await worker.channel.send(("scan", scan, order))
             answer = asyncio.ensure_future(self._answer(worker, scan, progress))
             try:
-                async for _, content in files:
-                    if answer.done() or worker.gone:
+                # Each next file is awaited against the answer, so a worker that dies (or
+                # answers early) while the client is between files ends the scan at once.
+                incoming = aiter(files)
+                while not worker.gone:
+                    upcoming = asyncio.ensure_future(anext(incoming))
+                    try:
+                        await asyncio.wait({upcoming, answer}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        # Stopped early (the answer came, or this scan was cancelled): the
+                        # pending read goes too, its outcome retrieved.
+                        if not upcoming.done():
+                            upcoming.cancel()
+                            await asyncio.gather(upcoming, return_exceptions=True)
+                    if upcoming.cancelled():
+                        break
+                    try:
+                        _, content = upcoming.result()
+                    except StopAsyncIteration:
+                        break
+                    if answer.done():
                         break
                     # Forwarding a file costs this loop a copy or two: during a burst of
                     # refusals it waits (bounded) so that the refusals go out first.
