@@ -357,6 +357,10 @@ class ScanWorkerPool:
                         if not upcoming.done():
                             upcoming.cancel()
                             await asyncio.gather(upcoming, return_exceptions=True)
+                        elif not upcoming.cancelled():
+                            # Done as this scan was cancelled (the client's stream ended
+                            # with StopAsyncIteration): retrieved, or asyncio logs it.
+                            upcoming.exception()
                     if upcoming.cancelled():
                         break
                     try:
