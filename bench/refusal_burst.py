@@ -12,6 +12,9 @@ times on a shared box). The grpc.aio client costs about as much CPU per call as 
 on the same cores; h2load costs about a tenth of that, so its times are the gateway's own.
 tests/test_load.py measures the same under load (admitted scans really running, Triton beside
 them on the same cores); this is the floor that the event loop and gRPC set on their own.
+With h2load, each round also fires the burst at bench/bare_refuser.py (a grpc.aio server with
+no ctjoint code that refuses every call) and prints the gateway's CPU per refusal as a ratio to
+that floor, both measured in the same run.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import asyncio
 import gc
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +42,14 @@ from ctjoint.contracts import MODEL_JCS2D, MODEL_NAMES
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 
-async def burst(gateway: GatewayProcess, limit: int, size: int, rounds: int) -> None:
+async def burst(
+    gateway: GatewayProcess,
+    bare: subprocess.Popen[str] | None,
+    bare_port: int,
+    limit: int,
+    size: int,
+    rounds: int,
+) -> None:
     address = gateway.address
     gateway_pid = gateway.process.pid if gateway.process is not None else 0
     async with grpc.aio.insecure_channel(address) as channel:
@@ -74,7 +85,7 @@ async def burst(gateway: GatewayProcess, limit: int, size: int, rounds: int) -> 
         # its heap (torch, onnx) mid-burst.
         gc.collect()
         gc.freeze()
-        aio_gateway_cpu = aio_client_cpu = lean_gateway_cpu = 0.0
+        aio_gateway_cpu = aio_client_cpu = lean_gateway_cpu = bare_cpu = 0.0
         for number in range(1, rounds + 1):
             gateway_cpu, client_cpu = cpu_seconds(gateway_pid), time.process_time()
             answers = await asyncio.gather(*(one() for _ in range(size)))
@@ -92,6 +103,11 @@ async def burst(gateway: GatewayProcess, limit: int, size: int, rounds: int) -> 
                 # h2load cannot read gRPC trailers: the gateway's metrics say how calls ended.
                 ended = dict(scans_by_code(gateway.metrics()) - before)
                 report(number, "h2load  ", list(fired.seconds), ended)
+                if bare is not None:
+                    before_bare = cpu_seconds(bare.pid)
+                    floor = await asyncio.to_thread(fire, f"127.0.0.1:{bare_port}", size, request)
+                    bare_cpu += cpu_seconds(bare.pid) - before_bare
+                    report(number, "bare    ", list(floor.seconds), {"h2load": len(floor.seconds)})
         refusals = rounds * size
         print(
             f"CPU per refusal, grpc.aio bursts: gateway {aio_gateway_cpu / refusals * 1e3:.3f} ms, "
@@ -101,6 +117,11 @@ async def burst(gateway: GatewayProcess, limit: int, size: int, rounds: int) -> 
             print(
                 f"CPU per refusal, h2load bursts: gateway "
                 f"{lean_gateway_cpu / refusals * 1e3:.3f} ms ({refusals} refusals)"
+            )
+        if bare is not None and bare_cpu > 0:
+            print(
+                f"CPU per refusal, h2load bursts: bare grpc.aio {bare_cpu / refusals * 1e3:.3f} ms;"
+                f" gateway / bare = {lean_gateway_cpu / bare_cpu:.2f}"
             )
         for call in holders:
             call.cancel()
@@ -120,10 +141,23 @@ def main() -> None:
         gateway = GatewayProcess(
             models, Path(tmp) / "gateway.log", "--max-concurrent-scans", str(args.limit)
         ).start()
+        bare = None
+        bare_port = 0
+        if h2load_path() is not None:
+            bare = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("bare_refuser.py"))],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert bare.stdout is not None
+            bare_port = int(bare.stdout.readline())
         try:
-            asyncio.run(burst(gateway, args.limit, args.burst, args.rounds))
+            asyncio.run(burst(gateway, bare, bare_port, args.limit, args.burst, args.rounds))
         finally:
             gateway.stop()
+            if bare is not None:
+                bare.kill()
+                bare.wait()
 
 
 if __name__ == "__main__":
