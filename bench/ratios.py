@@ -2,6 +2,7 @@
 run on the same series (a phantom chest CT, 512x512x100 by default), printed with its target.
 
     .venv/bin/python bench/ratios.py [--size 512 --slices 100] [--only decode,upload,...]
+    .venv/bin/python bench/ratios.py --slices 100,400,600 [--only growth,tail] [--doc FILE]
 
 1. triton   Triton path per-scan time / embedded in-process ONNX Runtime        (<= 1.10)
 2. overhead gateway non-model time / model time (Triton's own compute stats)    (<= 0.25)
@@ -10,6 +11,13 @@ run on the same series (a phantom chest CT, 512x512x100 by default), printed wit
 5. scaling  end-to-end throughput at concurrency 4 / concurrency 1 via Triton   (>= 1.3)
 6. tail     last file received -> result / the scan's model time (jcs2d)        (<= 0.2)
             as fast as loopback takes the files, and paced like a scanner (--pace files/s)
+7. growth   per-slice cost of each stage at N slices / at the first count given  (<= 1.2)
+            (read, validate, preprocess, infer, postprocess, total; both models, embedded
+            backend, streaming as `ctjoint analyze`; best of --growth-runs, counts alternated)
+
+With several counts (`--slices 100,400,600`) every other ratio asked is measured once per
+count, on its own phantom (named `NAME@COUNT`); `growth` is the default then, and --doc writes
+its table between `<!-- slice growth -->` and `<!-- /slice growth -->`.
 
 Two builds compared (each LABEL a list of --out files, e.g. runs alternated between them),
 the table written between the markers `<!-- ratios compare -->` and `<!-- /ratios compare -->`
@@ -33,7 +41,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +61,10 @@ from ctjoint.client.bench import (
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 RATIOS = ("decode", "upload", "triton", "overhead", "scaling", "tail")
+GROWTH = "growth"
+GROWTH_STAGES = ("read", "validate", "preprocess", "infer", "postprocess", "total")
+GROWTH_MODELS = ("jcs2d", "deepsc3d")
+GROWTH_TARGET = 1.2
 
 
 @dataclass(frozen=True)
@@ -322,6 +334,80 @@ def ratio_triton(contents: Sequence[bytes], model: str, triton_url: str, runs: i
     )
 
 
+# --- 7. growth: per-slice cost of each stage against the slice count ---------------------------
+
+
+async def _stage_times(
+    series: dict[int, Sequence[bytes]], models: Sequence[str], runs: int
+) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """Milliseconds per stage of each model at each count, `runs` times, in-process as
+    `ctjoint analyze` runs (embedded backend, streaming intake, files as bytes)."""
+    import gc
+
+    from ctjoint.gateway.analysis import ScanAnalyzer
+    from ctjoint.gateway.backends.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(list(models))
+    await backend.load()
+    analyzer = ScanAnalyzer(backend, streaming=True)
+    times: dict[str, dict[int, dict[str, list[float]]]] = {
+        m: {n: {stage: [] for stage in GROWTH_STAGES} for n in series} for m in models
+    }
+
+    async def one(model: str, contents: Sequence[bytes]) -> dict[str, float]:
+        gc.collect()
+        inputs = [(f"{i:05d}.dcm", data) for i, data in enumerate(contents)]
+        analysis = await analyzer.analyze_files(inputs, model, expected_slices=len(contents))
+        return analysis.result.timings.to_dict()
+
+    try:
+        smallest = min(series)
+        for model in models:  # warm-up: sessions, allocator, caches
+            await one(model, series[smallest])
+        for _ in range(runs):  # counts alternated, so a load spike hits them alike
+            for model in models:
+                for count, contents in series.items():
+                    timings = await one(model, contents)
+                    for stage in GROWTH_STAGES:
+                        times[model][count][stage].append(timings[f"{stage}_ms"])
+    finally:
+        await backend.close()
+    return times
+
+
+def ratios_growth(
+    series: dict[int, Sequence[bytes]], models: Sequence[str], runs: int
+) -> tuple[list[Ratio], str]:
+    """Per model, stage and count above the first: per-slice cost (best of `runs`) at that
+    count / at the first count; and the markdown table of all of them."""
+    counts = list(series)
+    base = counts[0]
+    times = asyncio.run(_stage_times(series, models, runs))
+    ratios: list[Ratio] = []
+    header = "| model | stage | " + " | ".join(f"{n} slices" for n in counts) + " |"
+    lines = [header, "|---|---|" + "---|" * len(counts)]
+    for model in models:
+        for stage in GROWTH_STAGES:
+            per_slice = {n: min(times[model][n][stage]) / n for n in counts}
+            cells = [f"{per_slice[base]:.3f} ms"]
+            for count in counts[1:]:
+                ratio = Ratio(
+                    f"{GROWTH}-{model}-{stage}@{count}",
+                    f"{model} {stage} per slice at {count} / at {base} slices (best of {runs})",
+                    per_slice[count],
+                    per_slice[base],
+                    "ms",
+                    GROWTH_TARGET,
+                    True,
+                    {"ms_runs": {n: times[model][n][stage] for n in counts}},
+                )
+                ratios.append(ratio)
+                mark = "" if ratio.met else " **over**"
+                cells.append(f"{per_slice[count]:.3f} ms ({ratio.value:.2f}x{mark})")
+            lines.append(f"| {model} | {stage} | " + " | ".join(cells) + " |")
+    return ratios, "\n".join(lines) + "\n"
+
+
 # --- 2, 5, 6: through the gateway and Triton ---------------------------------------------------
 
 
@@ -463,6 +549,8 @@ def ratios_end_to_end(
 
 DOC_BEGIN = "<!-- ratios compare -->"
 DOC_END = "<!-- /ratios compare -->"
+GROWTH_BEGIN = "<!-- slice growth -->"
+GROWTH_END = "<!-- /slice growth -->"
 
 
 def compare_table(runs: dict[str, list[Path]]) -> str:
@@ -530,14 +618,50 @@ _END_TO_END_FIGURES: tuple[tuple[str, str, Callable[[dict[str, Any]], float]], .
 )
 
 
-def write_into_doc(doc: Path, table: str, command: str) -> None:
+def write_into_doc(
+    doc: Path, table: str, command: str, markers: tuple[str, str] = (DOC_BEGIN, DOC_END)
+) -> None:
     """Replace what lies between the markers in `doc` with the table and its command."""
     text = doc.read_text()
-    begin, end = text.find(DOC_BEGIN), text.find(DOC_END)
+    begin_mark, end_mark = markers
+    begin, end = text.find(begin_mark), text.find(end_mark)
     if begin < 0 or end < begin:
-        raise SystemExit(f"{doc}: no {DOC_BEGIN} ... {DOC_END} block to write into")
-    block = f"{DOC_BEGIN}\n`{command}`\n\n{table}"
+        raise SystemExit(f"{doc}: no {begin_mark} ... {end_mark} block to write into")
+    block = f"{begin_mark}\n`{command}`\n\n{table}"
     doc.write_text(text[:begin] + block + text[end:])
+
+
+def _counts(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        parser.error(f"--slices takes counts separated by commas, not {text!r}")
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        parser.error(f"--slices takes distinct positive counts, not {text!r}")
+    return counts
+
+
+def _at_count(
+    contents: Sequence[bytes], series_dir: Path, wanted: set[str], args: argparse.Namespace
+) -> list[Ratio]:
+    """The ratios other than growth, on one series."""
+    ratios: list[Ratio] = []
+    if "decode" in wanted:
+        ratios.append(ratio_decode(contents, args.model, args.runs))
+    if "upload" in wanted:
+        ratios.append(ratio_upload(contents, args.runs))
+    if wanted & {"triton", "overhead", "scaling", "tail"}:
+        more, _ = ratios_end_to_end(
+            contents,
+            series_dir,
+            args.model,
+            args.scans,
+            wanted,
+            args.out.parent / "logs",
+            args.pace,
+        )
+        ratios.extend(more)
+    return ratios
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -548,14 +672,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="LABEL=OUT.json[,OUT.json...]",
         help="compare earlier runs instead of measuring (see the module docstring)",
     )
-    parser.add_argument("--doc", type=Path, help="with --compare: the document to write into")
+    parser.add_argument(
+        "--doc", type=Path, help="with --compare or growth: the document to write into"
+    )
     parser.add_argument("--series", type=Path, help="series folder (default: a phantom)")
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument(
+        "--slices", default="100", help="slice count, or counts separated by commas"
+    )
     parser.add_argument("--model", default="jcs2d", choices=("jcs2d", "deepsc3d"))
     parser.add_argument("--scans", type=int, default=3, help="scans per end-to-end point")
     parser.add_argument("--runs", type=int, default=5, help="repeats of in-process figures")
-    parser.add_argument("--only", default=",".join(RATIOS), help=f"subset of {','.join(RATIOS)}")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"subset of {','.join(RATIOS)},{GROWTH} (default: all but growth for one count, "
+        "growth for several)",
+    )
+    parser.add_argument("--growth-runs", type=int, default=2, help="repeats of each growth point")
     parser.add_argument("--out", type=Path, default=Path("out/bench/ratios.json"))
     parser.add_argument("--phantoms", type=Path, default=Path("out/bench/phantoms"))
     parser.add_argument(
@@ -576,45 +710,60 @@ def main(argv: Sequence[str] | None = None) -> int:
             command = "bench/ratios.py " + " ".join(sys.argv[1:] if argv is None else list(argv))
             write_into_doc(args.doc, table, command)
         return 0
-    wanted = {w.strip() for w in args.only.split(",") if w.strip()}
-    unknown = wanted - set(RATIOS)
+    counts = _counts(parser, args.slices)
+    several = len(counts) > 1
+    only = args.only or (GROWTH if several else ",".join(RATIOS))
+    wanted = {w.strip() for w in only.split(",")}
+    wanted.discard("")
+    unknown = wanted - {*RATIOS, GROWTH}
     if unknown:
-        parser.error(f"unknown ratio(s) {sorted(unknown)}; choose from {','.join(RATIOS)}")
-    series_dir = args.series or phantom_series(args.phantoms, size=args.size, slices=args.slices)
-    contents = load_series(series_dir)
+        parser.error(f"unknown ratio(s) {sorted(unknown)}; choose from {','.join(RATIOS)},growth")
+    if GROWTH in wanted and not several:
+        parser.error("growth needs several slice counts, e.g. --slices 100,400,600")
+    if args.series is not None and several:
+        parser.error("--series takes one count; several counts are phantoms")
     host = host_facts()
-    print(
-        f"series {series_dir}: {len(contents)} files, {sum(map(len, contents)) / 1e6:.1f} MB; "
-        f"{host['cpu']}, {host['cores']} cores, load {host['load_average']}",
-        flush=True,
-    )
-    ratios: list[Ratio] = []
-    if "decode" in wanted:
-        ratios.append(ratio_decode(contents, args.model, args.runs))
-        print(ratios[-1].line(), flush=True)
-    if "upload" in wanted:
-        ratios.append(ratio_upload(contents, args.runs))
-        print(ratios[-1].line(), flush=True)
-    if wanted & {"triton", "overhead", "scaling", "tail"}:
-        more, _ = ratios_end_to_end(
-            contents,
-            series_dir,
-            args.model,
-            args.scans,
-            wanted,
-            args.out.parent / "logs",
-            args.pace,
+    series: dict[int, Path] = {}
+    contents: dict[int, list[bytes]] = {}
+    for count in counts:
+        series[count] = args.series or phantom_series(args.phantoms, size=args.size, slices=count)
+        contents[count] = load_series(series[count])
+        print(
+            f"series {series[count]}: {len(contents[count])} files, "
+            f"{sum(map(len, contents[count])) / 1e6:.1f} MB",
+            flush=True,
         )
+    print(f"{host['cpu']}, {host['cores']} cores, load {host['load_average']}", flush=True)
+    ratios: list[Ratio] = []
+    if GROWTH in wanted:
+        growth, table = ratios_growth(
+            {n: contents[n] for n in counts}, GROWTH_MODELS, args.growth_runs
+        )
+        ratios.extend(growth)
+        load = host_facts()["load_average"]
+        table += (
+            f"\nPer-slice cost, best of {args.growth_runs} (ratio to {counts[0]} slices; target "
+            f"<= {GROWTH_TARGET:g}x); {host['cpu']}, {host['cores']} cores, 1-min load "
+            f"{host['load_average'][0]} at start, {load[0]} at end.\n"
+        )
+        print(table, flush=True)
+        if args.doc is not None:
+            command = "bench/ratios.py " + " ".join(sys.argv[1:] if argv is None else list(argv))
+            write_into_doc(args.doc, table, command, (GROWTH_BEGIN, GROWTH_END))
+    for count in counts:
+        more = _at_count(contents[count], series[count], wanted, args)
         for ratio in more:
+            if several:
+                ratio = replace(ratio, name=f"{ratio.name}@{count}")
             print(ratio.line(), flush=True)
-        ratios.extend(more)
+            ratios.append(ratio)
     load_after = host_facts()["load_average"]
     print(f"load average before {host['load_average']}, after {load_after}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
-                "series": str(series_dir),
+                "series": {n: str(p) for n, p in series.items()},
                 "model": args.model,
                 "host": host,
                 "load_after": load_after,
