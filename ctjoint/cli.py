@@ -56,6 +56,15 @@ class ConfigName(StrEnum):
     full = "full"
 
 
+class FollowUpChange(StrEnum):
+    """What a follow-up study does to the lesions (export/phantom_followup.py)."""
+
+    progress = "progress"
+    stable = "stable"
+    improve = "improve"
+    resolve = "resolve"
+
+
 class PhantomFamily(StrEnum):
     """Shape families of the phantom generator (export/phantom_families.py)."""
 
@@ -193,8 +202,24 @@ def phantom(
         PhantomFamily,
         typer.Option(help="Shape family: quadric (training) or fourier (held out)."),
     ] = PhantomFamily.quadric,
+    follow_up_of: Annotated[
+        Path | None,
+        typer.Option(
+            help="An earlier case (folder or its truth/label.json): write a later study of the "
+            "same patient instead (--kind/--seed/--slices/--size/--family come from it)."
+        ),
+    ] = None,
+    change: Annotated[
+        FollowUpChange, typer.Option(help="With --follow-up-of: what became of the lesions.")
+    ] = FollowUpChange.stable,
+    days: Annotated[int, typer.Option(help="With --follow-up-of: days after that study.")] = 14,
 ) -> None:
     """Write a synthetic chest-CT DICOM series plus NIfTI ground truth and its label."""
+    if follow_up_of is not None:
+        from ctjoint.export.phantom_followup import write_follow_up
+
+        typer.echo(write_follow_up(follow_up_of, out_dir, change=change.value, days=days).summary())
+        return
     from ctjoint.export.phantom import write_phantom_case
 
     case = write_phantom_case(

@@ -33,6 +33,7 @@ dates are drawn from the seed, never from the clock.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import json
 import multiprocessing
@@ -191,6 +192,26 @@ class PhantomIdentity:
 
 
 @dataclass(frozen=True)
+class FollowUp:
+    """A later study of the same synthetic patient (export/phantom_followup.py writes them).
+
+    Same anatomy and the same planned lesions, each scaled about its centre by the linear
+    `lesion_scale` (0: gone); new noise, slices shifted by a fraction of the spacing, the study
+    `days` after the first one, new study and series UIDs.
+    """
+
+    number: int  # 1 for the first follow-up of a case
+    lesion_scale: float
+    days: int
+
+    def __post_init__(self) -> None:
+        if self.number < 1 or self.days < 1 or self.lesion_scale < 0:
+            raise PhantomError(
+                f"a follow-up needs number >= 1, days >= 1 and a lesion scale >= 0, got {self}"
+            )
+
+
+@dataclass(frozen=True)
 class PhantomVolume:
     """One rendered phantom in memory: HU image, truth maps and what was planted."""
 
@@ -206,6 +227,7 @@ class PhantomVolume:
     family: str = TRAINING_FAMILY
     # Pixels outside the reconstruction circle (written as the padding value), [Y, X].
     outside: npt.NDArray[np.bool_] | None = None
+    follow_up: FollowUp | None = None
 
     @property
     def noise_hu(self) -> float:
@@ -356,8 +378,10 @@ def generate_phantom(
     slices: int | None = None,
     size: int = REFERENCE_SIZE,
     family: str = TRAINING_FAMILY,
+    follow_up: FollowUp | None = None,
 ) -> PhantomVolume:
-    """Render a phantom in memory (nothing is written)."""
+    """Render a phantom in memory (nothing is written); with `follow_up`, a later study of
+    the same patient (see FollowUp)."""
     _check_args(kind, seed, slices, size, family)
     # The training family keeps its historical streams; another family gets its own.
     salt = 0x0C7 if family == TRAINING_FAMILY else 0x0C7 + 1 + FAMILIES.index(family)
@@ -374,11 +398,20 @@ def generate_phantom(
     )
     geometry = _sample_geometry(scan_rng, body, scanner, slices, size)
     grid = geometry.grid()
-    fine = geometry.fine_grid()
-    # Lesion centres must lie in the scanned slab (widened so one slice still finds some).
+    # Lesion centres must lie in the scanned slab (widened so one slice still finds some). A
+    # follow-up plans them in the first study's slab, so they are the same lesions.
     half = max(geometry.thickness_mm, COARSE_STEP_MM) / 2.0
     z_range = (float(grid.z[0]) - half, float(grid.z[-1]) + half)
-    rendered = body.render(fine, kind, tree_rng, lesion_rng, z_range)
+    identity = _sample_identity(identity_rng)
+    if follow_up is not None:
+        later = np.random.default_rng(np.random.SeedSequence([seed, salt, 0xF0, follow_up.number]))
+        noise_rng = np.random.default_rng(later.integers(0, 2**63))
+        geometry = _rescanned(geometry, later)
+        identity = _later_identity(identity, follow_up.days, later)
+        grid = geometry.grid()
+    fine = geometry.fine_grid()
+    scale = 1.0 if follow_up is None else follow_up.lesion_scale
+    rendered = body.render(fine, kind, tree_rng, lesion_rng, z_range, lesion_scale=scale)
     hu, labels, lungs = slab_average(
         rendered.hu,
         rendered.lesions,
@@ -405,17 +438,41 @@ def generate_phantom(
     )
     np.clip(np.rint(image), HU_MIN, HU_MAX, out=image)
     return PhantomVolume(
-        kind=kind,
+        kind=kind if rendered.planted or follow_up is None else "normal",
         seed=seed,
         geometry=geometry,
         hu=image.astype(np.int16),
         lesions=labels,
         lungs=lungs,
         planted=rendered.planted,
-        identity=_sample_identity(identity_rng),
+        identity=identity,
         scanner=scanner,
         family=family,
         outside=~recon_circle(size),
+        follow_up=follow_up,
+    )
+
+
+def _rescanned(geometry: ScanGeometry, rng: np.random.Generator) -> ScanGeometry:
+    """The same scan planned again: slices shifted by 0.3-0.7 of their spacing (either way) and
+    the reconstruction grid by up to half a pixel, so no voxel samples the same place."""
+    dz = float(rng.uniform(0.3, 0.7)) * geometry.slice_mm * (1.0 if rng.random() < 0.5 else -1.0)
+    dx, dy = (float(rng.uniform(-0.5, 0.5)) * geometry.pixel_mm for _ in range(2))
+    x, y, z = geometry.origin
+    return dataclasses.replace(
+        geometry, origin=(round(x + dx, 4), round(y + dy, 4), round(z + dz, 2))
+    )
+
+
+def _later_identity(first: PhantomIdentity, days: int, rng: np.random.Generator) -> PhantomIdentity:
+    """The same patient `days` later: new study date, time and accession number."""
+    study = dt.datetime.strptime(first.study_date, "%Y%m%d").date() + dt.timedelta(days=days)
+    seconds = int(rng.integers(7 * 3600, 20 * 3600))
+    return dataclasses.replace(
+        first,
+        study_date=study.strftime("%Y%m%d"),
+        study_time=f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}",
+        accession=f"{int(rng.integers(10**9, 10**10)):010d}",
     )
 
 
@@ -431,6 +488,9 @@ def _uid(phantom: PhantomVolume, *parts: object) -> UID:
     sources = ["ctjoint-phantom", GENERATOR_VERSION, phantom.family, phantom.kind]
     sources.append(str(phantom.seed))
     sources += [str(g.size), str(g.n_slices), *(str(p) for p in parts)]
+    if phantom.follow_up is not None:
+        f = phantom.follow_up
+        sources += ["follow-up", str(f.number), repr(f.lesion_scale), str(f.days)]
     return generate_uid(entropy_srcs=sources)
 
 
@@ -590,14 +650,21 @@ def write_phantom_case(
     slices: int | None,
     size: int,
     family: str = TRAINING_FAMILY,
+    follow_up: FollowUp | None = None,
+    truth_extra: Mapping[str, Any] | None = None,
 ) -> PhantomCase:
-    """Write CASE/series/*.dcm and CASE/truth/{lesions,lungs}.nii.gz + label.json."""
+    """Write CASE/series/*.dcm and CASE/truth/{lesions,lungs}.nii.gz + label.json.
+
+    label.json keeps the arguments under "generation", so a follow-up study regenerates the
+    same patient from them; `truth_extra` adds keys to it (a follow-up's expected change)."""
     out_dir = Path(out_dir)
     _check_args(kind, seed, slices, size, family)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         _prepare_out_dir(out_dir)  # raises with the precise reason
     # Render before touching the disk, so a failure leaves no half-written case.
-    phantom = generate_phantom(kind=kind, seed=seed, slices=slices, size=size, family=family)
+    phantom = generate_phantom(
+        kind=kind, seed=seed, slices=slices, size=size, family=family, follow_up=follow_up
+    )
     _prepare_out_dir(out_dir)
     write_series(phantom, out_dir / CASE_SERIES_DIR)
     truth = out_dir / CASE_TRUTH_DIR
@@ -605,11 +672,20 @@ def write_phantom_case(
     _save_nifti(phantom.lesions, phantom.geometry, truth / TRUTH_LESIONS)
     _save_nifti(phantom.lungs, phantom.geometry, truth / TRUTH_LUNGS)
     info = _label_info(phantom)
+    info["generation"] = {
+        "kind": kind,
+        "seed": seed,
+        "slices": slices,
+        "size": size,
+        "family": family,
+        "follow_up": None if follow_up is None else dataclasses.asdict(follow_up),
+    }
+    info.update(truth_extra or {})
     (truth / TRUTH_LABEL).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     g = phantom.geometry
     return PhantomCase(
         out_dir=out_dir,
-        kind=kind,
+        kind=phantom.kind,
         seed=seed,
         n_slices=g.n_slices,
         size=g.size,
@@ -747,6 +823,7 @@ def _set_summary(
 
 
 __all__ = [
+    "FollowUp",
     "PhantomCase",
     "PhantomError",
     "PhantomVolume",

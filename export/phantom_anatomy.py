@@ -8,6 +8,7 @@ anatomy. `export/phantom.py` turns the rendered volume into a DICOM series and N
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -752,6 +753,24 @@ class Lesion:
     @property
     def radius_mm(self) -> float:
         return float(max(self.axes))
+
+    def scaled(self, factor: float) -> Lesion:
+        """The same lesion grown or shrunk about its centre by a linear `factor` (a follow-up
+        study: the volume scales by about factor**3 before the lung boundary cuts it)."""
+        c = np.asarray(self.centre)
+
+        def about_centre(p: Point) -> Point:
+            return _point(c + (np.asarray(p) - c) * factor)
+
+        return dataclasses.replace(
+            self,
+            axes=_point(np.asarray(self.axes) * factor),
+            halo_mm=self.halo_mm * factor,
+            bronchograms=tuple(
+                dataclasses.replace(s, p0=about_centre(s.p0), p1=about_centre(s.p1))
+                for s in self.bronchograms
+            ),
+        )
 
     def describe(self, to_patient: Callable[[Point], Point]) -> dict[str, object]:
         """A short JSON-able description (patient LPS centre)."""

@@ -94,7 +94,11 @@ class Body(Protocol):
         tree_rng: np.random.Generator,
         lesion_rng: np.random.Generator,
         z_range: tuple[float, float],
-    ) -> Rendered: ...
+        lesion_scale: float = 1.0,
+    ) -> Rendered:
+        """`lesion_scale` grows or shrinks every planted lesion (linear factor; 0: none drawn),
+        the same lesions the same random streams plan: a follow-up study of the same patient."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ class QuadricBody:
         tree_rng: np.random.Generator,
         lesion_rng: np.random.Generator,
         z_range: tuple[float, float],
+        lesion_scale: float = 1.0,
     ) -> Rendered:
         a = self.anatomy
         coarse = CoarseLungs.build(a)
@@ -148,6 +153,8 @@ class QuadricBody:
         draw_tubes(hu, grid, airways, HU_AIRWAY_WALL, grow_mm=1.3)
         draw_tubes(hu, grid, airways, HU_AIR)
         planted = plan_lesions(lesion_rng, kind, a, coarse, z_range)
+        if lesion_scale != 1.0:
+            planted = [p.scaled(lesion_scale) for p in planted] if lesion_scale > 0 else []
         labels = np.zeros(lungs.shape, np.uint8)
         for lesion in planted:
             draw_lesion(hu, labels, lungs, grid, lesion)

@@ -13,6 +13,7 @@ u to the patient's left, v to the back, z up from the lowest lung point.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -75,6 +76,21 @@ class FourierLesion:
     core_level: float  # field above this consolidates (ground glass); 0 = no core
     core_hu: float
     bronchograms: tuple[Segment, ...] = ()
+
+    def scaled(self, factor: float) -> FourierLesion:
+        """The same cluster grown or shrunk about its first ball by a linear `factor`: the
+        summed field, so the lesion, scales exactly (before the lung boundary cuts it)."""
+        cu, cv, cz, _ = self.balls[0]
+
+        def about_first(p: Point) -> Point:
+            return (cu + (p[0] - cu) * factor, cv + (p[1] - cv) * factor, cz + (p[2] - cz) * factor)
+
+        balls = tuple((*about_first((u, v, z)), r * factor) for u, v, z, r in self.balls)
+        bronchograms = tuple(
+            dataclasses.replace(s, p0=about_first(s.p0), p1=about_first(s.p1))
+            for s in self.bronchograms
+        )
+        return dataclasses.replace(self, balls=balls, bronchograms=bronchograms)
 
     def describe(self, to_patient: Callable[[Point], Point]) -> dict[str, object]:
         u, v, z, _ = self.balls[0]
@@ -247,6 +263,7 @@ class FourierBody:
         tree_rng: np.random.Generator,
         lesion_rng: np.random.Generator,
         z_range: tuple[float, float],
+        lesion_scale: float = 1.0,
     ) -> Rendered:
         shape = (grid.z.size, grid.v.size, grid.u.size)
         hu = np.full(shape, HU_AIR, np.float32)
@@ -291,6 +308,8 @@ class FourierBody:
         draw_tubes(hu, grid, trachea, HU_AIRWAY_WALL, grow_mm=1.5)
         draw_tubes(hu, grid, trachea, HU_AIR)
         planted = self._plan(lesion_rng, kind, coarse, z_range)
+        if lesion_scale != 1.0:
+            planted = [p.scaled(lesion_scale) for p in planted] if lesion_scale > 0 else []
         labels = np.zeros(shape, np.uint8)
         for lesion in planted:
             _draw(hu, labels, lungs, grid, lesion)
