@@ -5,9 +5,16 @@ CT images arrive by C-STORE (from the scanner, or a PACS routing them), one file
 several series possibly interleaved in one association. Files are spooled to disk per series
 (by Series Instance UID). DIMSE has no end-of-series message, so a series is complete when
 every association that brought it files has ended (released or aborted) and no file of it has
-arrived for `quiet_seconds`. It is then sent like `ctjoint send` does, from the spool folder,
-and its outputs land in `OUT/<series key>/`. The key is a hash of the Series Instance UID: no
-UID or patient data appears in folder names or logs.
+arrived for `quiet_seconds`; a study is complete when each of its series is. When the study
+holds several series (a localizer, a dose report, lung and soft-tissue kernels, thin and
+thick), the rules of ctjoint/series_rules.py choose one (client/series_choice.py reads the
+spooled headers): only that series is forwarded, the others' spools are deleted, and
+`OUT/<series key>/selection.json` says which series was analysed and why and why each other
+one was not (`OUT/<study key>/selection.json` when none qualifies). The series is sent like
+`ctjoint send` does, from the spool folder, and its outputs land in `OUT/<series key>/`. The
+key is a hash of the Series Instance UID: no UID or patient data appears in folder names or
+logs. Series of a study that arrive after it completed (a sender pausing longer than
+`quiet_seconds` between series) form a study of their own.
 
 The SCP accepts every transfer syntax the gateway decodes (`ACCEPTED_TRANSFER_SYNTAXES`),
 answers C-ECHO, and can admit only listed calling AE titles and serve DICOM over TLS
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -51,8 +59,12 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComprehensiveSRStorage,
     CTImageStorage,
+    EnhancedSRStorage,
+    SecondaryCaptureImageStorage,
     Verification,
+    XRayRadiationDoseSRStorage,
 )
 
 from ctjoint.client.channel import ChannelSecurity
@@ -79,6 +91,16 @@ ACCEPTED_TRANSFER_SYNTAXES: Final = (
     JPEG2000,
     RLELossless,
 )
+# What a CT study holds besides its images: taken so that the series choice can skip them with
+# a reason (docs/interoperability.md) instead of the sender seeing them refused.
+ACCEPTED_SOP_CLASSES: Final = (
+    CTImageStorage,
+    XRayRadiationDoseSRStorage,
+    SecondaryCaptureImageStorage,
+    EnhancedSRStorage,
+    ComprehensiveSRStorage,
+)
+SELECTION_JSON: Final = "selection.json"
 # How long a failed series' spool is kept and retried (docs/interoperability.md).
 DEFAULT_RETENTION_SECONDS: Final = 3600.0
 FIRST_RETRY_SECONDS: Final = 30.0
@@ -108,6 +130,9 @@ def series_key(series_uid: str) -> str:
 class _Series:
     key: str
     folder: Path
+    # The study it belongs to (its UID; the series' own when the instances carry none).
+    study: str = ""
+    sop_classes: set[str] = field(default_factory=set)
     files: int = 0
     last_file_at: float = 0.0
     open_associations: set[int] = field(default_factory=set)
@@ -141,6 +166,7 @@ class SeriesListener:
         quiet_seconds: float,
         retention_seconds: float = DEFAULT_RETENTION_SECONDS,
         first_retry_seconds: float = FIRST_RETRY_SECONDS,
+        results: Path | None = None,
     ) -> None:
         if retention_seconds < 0 or first_retry_seconds <= 0:
             raise ValueError("retention cannot be negative, and retries need a positive delay")
@@ -149,6 +175,8 @@ class SeriesListener:
         self._quiet = quiet_seconds
         self._retention = retention_seconds
         self._first_retry = first_retry_seconds
+        # Where selection.json goes (the forward's results root); None: not written.
+        self._results = results
         self._lock = threading.Lock()
         self._series: dict[str, _Series] = {}
         self._retries: dict[str, _Retry] = {}
@@ -179,12 +207,14 @@ class SeriesListener:
             series = self._series.get(uid)
             if series is None:
                 key = series_key(uid)
-                series = _Series(key, self._spool / key)
+                study = str(getattr(dataset, "StudyInstanceUID", "") or "") or f"series {uid}"
+                series = _Series(key, self._spool / key, study)
                 series.folder.mkdir(parents=True, exist_ok=True)
                 self._series[uid] = series
                 log.info("series %s: first file received", key)
             series.open_associations.add(association)
             series.seen_associations.add(association)
+            series.sop_classes.add(str(getattr(dataset, "SOPClassUID", "")))
             name = f"{_keyed_name(instance, 16)}.dcm"
             target = series.folder / name
         dataset.save_as(target, enforce_file_format=True)
@@ -202,22 +232,37 @@ class SeriesListener:
     # --- completion ------------------------------------------------------------------------
 
     def complete_series(self, now: float | None = None) -> list[tuple[str, _Series]]:
-        """Series whose associations all ended and that were quiet long enough (removed)."""
+        """Series of complete studies (removed): a study is complete when every association
+        that brought any of its series ended and none of them had a file for `quiet_seconds`."""
         moment = time.monotonic() if now is None else now
         done: list[tuple[str, _Series]] = []
         with self._lock:
+            busy = {
+                series.study
+                for series in self._series.values()
+                if series.open_associations or moment - series.last_file_at < self._quiet
+            }
             for uid, series in list(self._series.items()):
-                if series.open_associations or moment - series.last_file_at < self._quiet:
-                    continue
-                done.append((uid, self._series.pop(uid)))
+                if series.study not in busy:
+                    done.append((uid, self._series.pop(uid)))
         return done
 
     def forward_complete(self, now: float | None = None) -> int:
-        """Forward every complete series, and retry failed ones that are due; a failure keeps
-        the spool for a retry until the retention ends, then deletes it. `now`: time.time()."""
+        """Forward the chosen series of every complete study, and retry failed ones that are
+        due; a failure keeps the spool for a retry until the retention ends, then deletes it.
+        `now`: time.time()."""
         moment = time.time() if now is None else now
         count = 0
+        studies: dict[str, list[_Series]] = {}
         for _, series in self.complete_series():
+            studies.setdefault(series.study, []).append(series)
+        for study, members in studies.items():
+            series = members[0]
+            if self._needs_choice(members):
+                chosen = self._choose(study, members)
+                if chosen is None:
+                    continue
+                series = chosen
             log.info("series %s complete: %d files, forwarding", series.key, series.files)
             retry = _Retry(series.key, series.folder, series.files, moment, moment, 0.0)
             count += self._attempt(retry, moment)
@@ -226,6 +271,49 @@ class SeriesListener:
         for retry in due:
             count += self._attempt(retry, moment)
         return count
+
+    @staticmethod
+    def _needs_choice(members: list[_Series]) -> bool:
+        """Several series, or one that is not made of CT images (a dose report alone)."""
+        return len(members) > 1 or any(
+            sop != ACCEPTED_SOP_CLASSES[0] for sop in members[0].sop_classes
+        )
+
+    def _choose(self, study: str, members: list[_Series]) -> _Series | None:
+        """The series the rules choose (client/series_choice.py); the others' spools and the
+        localizer images of the chosen one are deleted, and selection.json says why."""
+        from ctjoint.client.series_choice import choose_series
+
+        files = sorted(p for series in members for p in series.folder.glob("*.dcm"))
+        choice = choose_series(files)
+        by_key = {series.key: series for series in members}
+        chosen = by_key.get(choice.chosen.key) if choice.chosen is not None else None
+        for series in members:
+            if series is not chosen:
+                shutil.rmtree(series.folder, ignore_errors=True)
+        if chosen is None:
+            log.warning("study %s: %d series, none to analyse", series_key(study), len(members))
+        else:
+            for path in choice.chosen.localizers if choice.chosen is not None else ():
+                path.unlink(missing_ok=True)
+                chosen.files -= 1
+            log.info(
+                "study %s: %d series, series %s chosen (%s)",
+                series_key(study),
+                len(members),
+                chosen.key,
+                choice.reason,
+            )
+        if self._results is not None:
+            folder = self._results / (chosen.key if chosen is not None else series_key(study))
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / SELECTION_JSON).write_text(
+                    json.dumps(choice.to_dict(), indent=2) + "\n", encoding="utf-8"
+                )
+            except OSError as err:
+                log.error("study %s: cannot write %s: %s", series_key(study), SELECTION_JSON, err)
+        return chosen
 
     @property
     def retrying(self) -> list[str]:
@@ -355,9 +443,11 @@ class ListenerSecurity:
 
 
 def make_ae(ae_title: str, security: ListenerSecurity | None = None) -> AE:
-    """A storage SCP for CT images in every accepted transfer syntax, answering C-ECHO."""
+    """A storage SCP for CT studies (`ACCEPTED_SOP_CLASSES`) in every accepted transfer
+    syntax, answering C-ECHO."""
     ae = AE(ae_title=ae_title)
-    ae.add_supported_context(CTImageStorage, list(ACCEPTED_TRANSFER_SYNTAXES))
+    for sop_class in ACCEPTED_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
     ae.add_supported_context(Verification)
     ae.require_called_aet = False
     if security is not None and security.allowed_calling_aes:
@@ -385,14 +475,19 @@ def listen(
     retention_seconds: float = DEFAULT_RETENTION_SECONDS,
     security: ListenerSecurity | None = None,
     stow: StowSettings | None = None,
+    results: Path | None = None,
     stop: threading.Event | None = None,
     started: Callable[[int], None] | None = None,
     stow_started: Callable[[int], None] | None = None,
 ) -> SeriesListener:
     """Serve C-STORE on host:port (and STOW-RS when `stow` is given) until `stop` is set,
-    forwarding complete series."""
+    forwarding the chosen series of each complete study (selection.json under `results`)."""
     listener = SeriesListener(
-        spool, forward, quiet_seconds=quiet_seconds, retention_seconds=retention_seconds
+        spool,
+        forward,
+        quiet_seconds=quiet_seconds,
+        retention_seconds=retention_seconds,
+        results=results,
     )
     ae = make_ae(ae_title, security)
     server = ae.start_server(
@@ -438,6 +533,7 @@ def listen(
 
 
 __all__ = [
+    "ACCEPTED_SOP_CLASSES",
     "ACCEPTED_TRANSFER_SYNTAXES",
     "ListenerSecurity",
     "SeriesListener",

@@ -1,91 +1,51 @@
-"""Which series of a study to analyse, when a folder holds several (issue 19).
+"""Which series of a folder to send, when it holds several (issue 19): the file-reading front
+of the rules in ctjoint/series_rules.py (docs/interoperability.md lists them).
 
-A scanner or PACS often sends a whole study: a localizer, a dose report, reconstructions in a
-lung and a soft-tissue or bone kernel, thin and thick. The rules, in order (documented in
-docs/interoperability.md):
-
-1. Only CT Image Storage; other SOP classes (dose reports, secondary captures) are skipped.
-2. Only ORIGINAL images, and no series made of localizers; a localizer image inside the chosen
-   series is dropped with a note.
-3. Only axial series (the slice normal within about 25 degrees of the patient's long axis).
-4. Series that cover the lungs (at least `min_slices` slices spanning `min_coverage_mm`) before
-   those that do not; a short series is analysed only when no series covers the lungs (the
-   gateway then flags the cut coverage for review).
-5. Among the rest: slice thickness closest to the model's range (`thickness_mm`), then a lung
-   kernel before an unknown, soft-tissue or bone one, then more slices.
-
-The choice names series by number and a keyed pseudonym of their UID, never the UID itself.
+Each file's header is read without its pixels; files are grouped by Series Instance UID, each
+series summarised, and the rules pick one. The choice names series by number and a keyed
+pseudonym of their UID, never the UID itself.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ctjoint.client.listen import series_key
-
-CT_IMAGE_STORAGE: Final = "1.2.840.10008.5.1.4.1.1.2"
-# What the bundled models were trained on (export/phantom.py's scanner presets).
-MODEL_THICKNESS_MM: Final = (1.0, 5.0)
-# A chest CT spans 250-300 mm; these floors keep partial and scout-like series out.
-MIN_SLICES: Final = 20
-MIN_COVERAGE_MM: Final = 100.0
-# |cos| of the angle between the slice normal and the patient's z axis.
-AXIAL_MIN_COSINE: Final = 0.9
-# Convolution kernel names by family (common vendor names; an unknown one ranks between).
-_LUNG_KERNELS: Final = ("LUNG", "B60", "B70", "BR60", "BL57", "I70", "YA", "YB", "FC51", "FC52",
-                        "FC55", "FC56", "FC83", "FC86")  # fmt: skip
-_SOFT_KERNELS: Final = ("SOFT", "STANDARD", "STND", "B30", "B31", "BR40", "I30", "FC07", "FC08",
-                        "FC17", "MEDIASTIN")  # fmt: skip
-_BONE_KERNELS: Final = ("BONE", "B80", "BR64", "I80", "FC30", "FC35")
-
-
-def kernel_family(kernel: str) -> str:
-    """ "lung", "soft", "bone" or "unknown" for a ConvolutionKernel value."""
-    name = kernel.upper()
-    for family, names in (
-        ("lung", _LUNG_KERNELS),
-        ("bone", _BONE_KERNELS),
-        ("soft", _SOFT_KERNELS),
-    ):
-        if any(part in name for part in names):
-            return family
-    return "unknown"
-
-
-_KERNEL_RANK: Final = {"lung": 0, "unknown": 1, "soft": 2, "bone": 3}
+from ctjoint.series_rules import (
+    MIN_COVERAGE_MM,
+    MIN_SLICES,
+    MODEL_THICKNESS_MM,
+    ImageFacts,
+    SeriesFacts,
+    choose,
+    kernel_family,
+)
 
 
 @dataclass(frozen=True)
 class SeriesCandidate:
-    """One series of the folder, as read from its headers (no UID kept)."""
+    """One series of the folder: what the rules read of it, and its files."""
 
-    key: str
-    number: int | None
+    facts: SeriesFacts
     files: tuple[Path, ...]
     localizers: tuple[Path, ...]
-    sop_class: str
-    original: bool
-    axial: bool
-    thickness_mm: float | None
-    coverage_mm: float
-    kernel: str
+
+    @property
+    def key(self) -> str:
+        return self.facts.key
+
+    @property
+    def number(self) -> int | None:
+        return self.facts.number
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "series": self.key,
-            "number": self.number,
-            "images": len(self.files),
-            "slice_thickness_mm": self.thickness_mm,
-            "coverage_mm": round(self.coverage_mm, 1),
-            "kernel": kernel_family(self.kernel),
-        }
+        return self.facts.to_dict()
 
 
 @dataclass(frozen=True)
@@ -125,73 +85,6 @@ def _read(path: Path) -> pydicom.Dataset | None:
         return None
 
 
-def _candidate(uid: str, items: list[tuple[Path, pydicom.Dataset]]) -> SeriesCandidate:
-    first = items[0][1]
-    image_type = [str(v).upper() for v in (first.get("ImageType") or [])]
-    localizers = tuple(
-        p for p, ds in items if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
-    )
-    images = [(p, ds) for p, ds in items if p not in localizers]
-    axial = False
-    positions: list[float] = []
-    if images:
-        orientation = [float(v) for v in (images[0][1].get("ImageOrientationPatient") or [])]
-        if len(orientation) == 6:
-            row, col = orientation[:3], orientation[3:]
-            normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2],
-                      row[0] * col[1] - row[1] * col[0])  # fmt: skip
-            length = math.sqrt(sum(v * v for v in normal)) or 1.0
-            axial = abs(normal[2]) / length >= AXIAL_MIN_COSINE
-            for _, ds in images:
-                position = ds.get("ImagePositionPatient")
-                if position is not None and len(position) == 3:
-                    positions.append(
-                        sum(float(p) * n for p, n in zip(position, normal, strict=True)) / length
-                    )
-    thickness = images[0][1].get("SliceThickness") if images else None
-    number = first.get("SeriesNumber")
-    return SeriesCandidate(
-        key=series_key(uid),
-        number=int(number) if number not in (None, "") else None,
-        files=tuple(p for p, _ in images),
-        localizers=localizers,
-        sop_class=str(first.get("SOPClassUID", "")),
-        # A series without ImageType is taken as original: only DERIVED/SECONDARY skips it.
-        original=not image_type or image_type[0] == "ORIGINAL",
-        axial=axial,
-        thickness_mm=float(thickness) if thickness not in (None, "") else None,
-        coverage_mm=(max(positions) - min(positions)) if len(positions) > 1 else 0.0,
-        kernel=str(first.get("ConvolutionKernel", "") or ""),
-    )
-
-
-def _why_not(candidate: SeriesCandidate) -> str | None:
-    if candidate.sop_class != CT_IMAGE_STORAGE:
-        return "not CT Image Storage (a dose report, secondary capture or other object)"
-    if not candidate.files:
-        return "localizer images only"
-    if not candidate.original:
-        return "not ORIGINAL images (derived or secondary)"
-    if not candidate.axial:
-        return "not axial"
-    return None
-
-
-def _too_short(candidate: SeriesCandidate, min_slices: int, min_coverage_mm: float) -> str | None:
-    if len(candidate.files) < min_slices or candidate.coverage_mm < min_coverage_mm:
-        return (
-            f"too short to cover the lungs ({len(candidate.files)} slices over "
-            f"{candidate.coverage_mm:.0f} mm; at least {min_slices} over {min_coverage_mm:.0f})"
-        )
-    return None
-
-
-def _distance(thickness: float | None, low: float, high: float) -> float:
-    if thickness is None:
-        return math.inf
-    return max(low - thickness, 0.0, thickness - high)
-
-
 def choose_series(
     files: Sequence[Path],
     *,
@@ -199,8 +92,8 @@ def choose_series(
     min_slices: int = MIN_SLICES,
     min_coverage_mm: float = MIN_COVERAGE_MM,
 ) -> SeriesChoice:
-    """Group `files` by series and pick one by the module's rules."""
-    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    """Group `files` by series and pick one by the rules of ctjoint/series_rules.py."""
+    groups: dict[str, list[tuple[Path, ImageFacts]]] = {}
     unreadable = 0
     for path in files:
         dataset = _read(path)
@@ -208,53 +101,29 @@ def choose_series(
         if dataset is None or not uid:
             unreadable += 1
             continue
-        groups.setdefault(uid, []).append((path, dataset))
-    candidates = [_candidate(uid, items) for uid, items in groups.items()]
-    skipped: list[tuple[SeriesCandidate, str]] = []
-    eligible: list[SeriesCandidate] = []
-    for candidate in candidates:
-        why = _why_not(candidate)
-        if why is None:
-            eligible.append(candidate)
-        else:
-            skipped.append((candidate, why))
-    covering = [c for c in eligible if _too_short(c, min_slices, min_coverage_mm) is None]
-    if covering:
-        for candidate in eligible:
-            short = _too_short(candidate, min_slices, min_coverage_mm)
-            if short is not None:
-                skipped.append((candidate, short))
-        eligible = covering
-    if not eligible:
-        return SeriesChoice(
-            None, "no series qualifies", tuple(skipped), unreadable, (), len(groups)
+        groups.setdefault(uid, []).append((path, ImageFacts.from_header(dataset)))
+    candidates: dict[str, SeriesCandidate] = {}
+    for uid, items in groups.items():
+        facts = SeriesFacts.of(series_key(uid), [f for _, f in items])
+        candidates[facts.key] = SeriesCandidate(
+            facts,
+            files=tuple(p for p, f in items if not f.localizer),
+            localizers=tuple(p for p, f in items if f.localizer),
         )
-    low, high = thickness_mm
-
-    def rank(c: SeriesCandidate) -> tuple[float, int, int]:
-        return (_distance(c.thickness_mm, low, high), _KERNEL_RANK[kernel_family(c.kernel)],
-                -len(c.files))  # fmt: skip
-
-    eligible.sort(key=rank)
-    chosen = eligible[0]
-    for other in eligible[1:]:
-        if _distance(other.thickness_mm, low, high) > _distance(chosen.thickness_mm, low, high):
-            why = f"slice thickness {other.thickness_mm} mm is further from {low}-{high} mm"
-        elif _KERNEL_RANK[kernel_family(other.kernel)] > _KERNEL_RANK[kernel_family(chosen.kernel)]:
-            why = f"{kernel_family(other.kernel)} kernel; a lung kernel is preferred"
-        else:
-            why = "fewer slices than the chosen series"
-        skipped.append((other, why))
-    reason = (
-        f"axial ORIGINAL CT, {len(chosen.files)} slices over {chosen.coverage_mm:.0f} mm, "
-        f"thickness {chosen.thickness_mm} mm, {kernel_family(chosen.kernel)} kernel"
+    selection = choose(
+        [c.facts for c in candidates.values()],
+        thickness_mm=thickness_mm,
+        min_slices=min_slices,
+        min_coverage_mm=min_coverage_mm,
     )
-    if len(eligible) > 1:
-        reason += f"; the best of {len(eligible)} eligible series"
-    notes: tuple[str, ...] = ()
-    if chosen.localizers:
-        notes = (f"{len(chosen.localizers)} localizer image(s) in the series dropped",)
-    return SeriesChoice(chosen, reason, tuple(skipped), unreadable, notes, len(groups))
+    return SeriesChoice(
+        chosen=None if selection.chosen is None else candidates[selection.chosen.key],
+        reason=selection.reason,
+        skipped=tuple((candidates[c.key], why) for c, why in selection.skipped),
+        unreadable=unreadable,
+        notes=selection.notes,
+        series_count=len(groups),
+    )
 
 
 __all__ = ["SeriesCandidate", "SeriesChoice", "choose_series", "kernel_family"]

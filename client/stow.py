@@ -29,9 +29,13 @@ from typing import Final
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import CTImageStorage
 
-from ctjoint.client.listen import STATUS_SUCCESS, ListenerSecurity, SeriesListener
+from ctjoint.client.listen import (
+    ACCEPTED_SOP_CLASSES,
+    STATUS_SUCCESS,
+    ListenerSecurity,
+    SeriesListener,
+)
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +199,8 @@ class StowHandler(http.server.BaseHTTPRequestHandler):
             dataset = pydicom.dcmread(io.BytesIO(data))
         except (InvalidDicomError, ValueError, EOFError, OSError):
             return None, REASON_CANNOT_UNDERSTAND
-        if str(getattr(dataset, "SOPClassUID", "")) != CTImageStorage:
+        # CT images, and what a CT study holds besides (the series choice skips those).
+        if str(getattr(dataset, "SOPClassUID", "")) not in ACCEPTED_SOP_CLASSES:
             return dataset, REASON_SOP_CLASS_NOT_SUPPORTED
         if study is not None and str(getattr(dataset, "StudyInstanceUID", "")) != study:
             return dataset, REASON_STUDY_MISMATCH

@@ -1075,6 +1075,7 @@ def listen(
             retention_seconds=spool_retention,
             security=scp_security,
             stow=stow,
+            results=out,
         )
     except KeyboardInterrupt:
         typer.echo("stopped")

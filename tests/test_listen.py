@@ -308,15 +308,16 @@ def running_listener(
 
 
 def _as_own_series(files: list[Path], folder: Path, syntax: str) -> list[Path]:
-    """`files` as a new series (own Series and SOP Instance UIDs) in `syntax`: dcmtk's own
-    encoders for JPEG lossless, JPEG-LS and RLE, pydicom's for JPEG 2000 and deflate."""
+    """`files` as a new study of one series (own Study, Series and SOP Instance UIDs: the
+    listener forwards one series per study) in `syntax`: dcmtk's own encoders for JPEG
+    lossless, JPEG-LS and RLE, pydicom's for JPEG 2000 and deflate."""
     plain = folder / "plain"
     plain.mkdir(parents=True)
-    series_uid = generate_uid()
+    series_uid, study_uid = generate_uid(), generate_uid()
     sources = []
     for index, path in enumerate(files):
         ds = pydicom.dcmread(path)
-        ds.SeriesInstanceUID = series_uid
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = series_uid, study_uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         target = plain / f"{index:03d}.dcm"
         if syntax == JPEG2000Lossless:

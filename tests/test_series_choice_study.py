@@ -1,0 +1,232 @@
+"""The right series out of a whole study (issue 19, point 4) through `ctjoint listen` and the
+gateway: one study of phantom series of each kind (a thin lung-kernel series with a localizer
+image inside, its soft-tissue and bone-kernel twins, a thick one, a localizer series, a dose SR
+and a secondary capture), pushed by dcmtk's storescu to a real listener forwarding to a real
+gateway, and streamed to the gateway directly; the same series must be chosen everywhere, each
+other one skipped with its reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from gateway_process import GatewayProcess
+from pydicom.uid import SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage, generate_uid
+
+from ctjoint.client.listen import SELECTION_JSON, gateway_forward, listen, series_key
+from ctjoint.client.send import RESULT_JSON
+from ctjoint.export.phantom import write_phantom_case
+from ctjoint.gateway.series import list_series_files
+from ctjoint.series_rules import (
+    CT_IMAGE_STORAGE,
+    LOCALIZERS_ONLY,
+    NOT_CT,
+    NOT_ORIGINAL,
+    ImageFacts,
+    SeriesFacts,
+    choose,
+)
+
+AE_TITLE = "CTJOINT"
+# Series number -> the reason it is skipped (the chosen one is series 2).
+EXPECTED_SKIPS = {
+    3: "soft kernel; a lung kernel is preferred",
+    7: "bone kernel; a lung kernel is preferred",
+    4: "slice thickness 10.0 mm is further from 1.0-5.0 mm",
+    1: LOCALIZERS_ONLY,
+    6: NOT_ORIGINAL,
+    98: NOT_CT,
+    99: NOT_CT,
+}
+
+
+def _copy_as(
+    source: list[Path], folder: Path, number: int, study: str, **changes: Any
+) -> list[Path]:
+    """`source` copied into `folder` as series `number` of `study` with `changes` set."""
+    uid = generate_uid()
+    out = []
+    for path in source:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = study, uid, number
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+        if "SOPClassUID" in changes:
+            ds.file_meta.MediaStorageSOPClassUID = changes["SOPClassUID"]
+        target = folder / f"s{number:02d}_{path.name}"
+        ds.save_as(target, enforce_file_format=True)
+        out.append(target)
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], str]:
+    """(every file of the study, the Series Instance UID of the series to choose)."""
+    root = tmp_path_factory.mktemp("whole_study")
+    write_phantom_case(root / "case", kind="covid19", seed=5, slices=24, size=32)
+    source = list_series_files(root / "case" / "series")
+    folder = root / "study"
+    folder.mkdir()
+    study_uid = generate_uid()
+    files = _copy_as(source, folder, 2, study_uid, ConvolutionKernel="B70f")
+    chosen = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    # A localizer image carrying the chosen series' UID: dropped with a note.
+    scout = pydicom.dcmread(files[0])
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    scout.save_as(folder / "s02_scout.dcm", enforce_file_format=True)
+    files.append(folder / "s02_scout.dcm")
+    files += _copy_as(source, folder, 3, study_uid, ConvolutionKernel="B30f")
+    files += _copy_as(source, folder, 7, study_uid, ConvolutionKernel="BONE")
+    files += _copy_as(source, folder, 4, study_uid, ConvolutionKernel="B70f", SliceThickness="10")
+    files += _copy_as(
+        source[:1], folder, 1, study_uid, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    )
+    files += _copy_as(source, folder, 6, study_uid, ImageType=["DERIVED", "SECONDARY", "AXIAL"])
+    files += _copy_as(
+        source[:1],
+        folder,
+        98,
+        study_uid,
+        SOPClassUID=SecondaryCaptureImageStorage,
+        ImageType=["DERIVED", "SECONDARY"],
+    )
+    dose = pydicom.dcmread(source[0], stop_before_pixels=True)
+    dose.SOPClassUID = dose.file_meta.MediaStorageSOPClassUID = XRayRadiationDoseSRStorage
+    dose.SOPInstanceUID = dose.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dose.StudyInstanceUID, dose.SeriesInstanceUID = study_uid, generate_uid()
+    dose.SeriesNumber, dose.Modality = 99, "SR"
+    dose.save_as(folder / "s99_dose.dcm", enforce_file_format=True)
+    files.append(folder / "s99_dose.dcm")
+    return files, chosen
+
+
+def _assert_selection(selection: dict[str, Any]) -> None:
+    assert selection["analysed"]["number"] == 2 and selection["analysed"]["images"] == 24
+    assert selection["analysed"]["kernel"] == "lung"
+    assert selection["notes"] == ["1 localizer image(s) in the series dropped"]
+    assert {s["number"]: s["reason"] for s in selection["skipped"]} == EXPECTED_SKIPS
+
+
+def test_the_rules_are_pure_and_name_each_reason() -> None:
+    """The neutral rules on header values alone (what both the client and the gateway call)."""
+    axial = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+    def series(key: str, number: int, kernel: str, thickness: float, count: int) -> SeriesFacts:
+        images = [
+            ImageFacts(
+                sop_class=CT_IMAGE_STORAGE,
+                image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+                orientation=axial,
+                position=(0.0, 0.0, z * thickness),
+                thickness_mm=thickness,
+                kernel=kernel,
+                series_number=number,
+            )
+            for z in range(count)
+        ]
+        return SeriesFacts.of(key, images)
+
+    lung = series("a", 1, "LUNG", 1.25, 200)
+    soft = series("b", 2, "STANDARD", 1.25, 200)
+    thin = series("c", 3, "LUNG", 0.6, 400)
+    short = series("d", 4, "LUNG", 1.25, 10)
+    selection = choose([soft, thin, short, lung])
+    assert selection.chosen == lung
+    assert dict((c.key, why) for c, why in selection.skipped) == {
+        "b": "soft kernel; a lung kernel is preferred",
+        "c": "slice thickness 0.6 mm is further from 1.0-5.0 mm",
+        "d": "too short to cover the lungs (10 slices over 11 mm; at least 20 over 100)",
+    }
+
+
+def _tool(name: str) -> str:
+    tool = shutil.which(name)
+    if tool is None:
+        reason = f"{name} (Debian dcmtk) is not installed"
+        if os.geteuid() == 0:
+            pytest.fail(f"{reason}; `make test` installs it when run as root")
+        pytest.skip(f"{reason}; install dcmtk to test the DIMSE listener")
+    return tool
+
+
+@pytest.fixture(scope="module")
+def gateway(contract_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("study_gateway") / "gateway.log"
+    process = GatewayProcess(contract_model_dir, log).start()
+    try:
+        yield process.address
+    finally:
+        process.stop()
+
+
+def test_listen_forwards_only_the_chosen_series_of_a_study(
+    study: tuple[list[Path], str], gateway: str, tmp_path: Path
+) -> None:
+    storescu = _tool("storescu")
+    files, chosen_uid = study
+    out = tmp_path / "results"
+    to_gateway = gateway_forward(
+        gateway=gateway, model="jcs2d", out_root=out, timeout=60.0, seg=False, sr=False
+    )
+    forwarded: dict[str, int] = {}
+
+    def forward(folder: Path, key: str) -> None:
+        forwarded[key] = len(list(folder.glob("*.dcm")))
+        to_gateway(folder, key)
+
+    ports: list[int] = []
+    ready, stop = threading.Event(), threading.Event()
+    holder: dict[str, Any] = {}
+
+    def serve() -> None:
+        holder["listener"] = listen(
+            ae_title=AE_TITLE,
+            port=0,
+            host="127.0.0.1",
+            spool=tmp_path / "spool",
+            forward=forward,
+            quiet_seconds=0.5,
+            results=out,
+            stop=stop,
+            started=lambda port: (ports.append(port), ready.set()),
+        )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    key = series_key(chosen_uid)
+    try:
+        assert ready.wait(10), "the listener did not start"
+        # -R: propose each file's own SOP class (the dose SR is not in storescu's default list).
+        sent = subprocess.run(
+            [storescu, "-R", "-aec", AE_TITLE, "127.0.0.1", str(ports[0]), *map(str, files)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (out / key / RESULT_JSON).exists():
+            time.sleep(0.2)
+        time.sleep(1.0)  # another forward would show up by now
+    finally:
+        stop.set()
+        thread.join(30)
+    assert holder["listener"].forwarded == [key]
+    assert forwarded == {key: 24}  # the localizer image left out of the spool
+    assert json.loads((out / key / RESULT_JSON).read_text())["series"]["slices"] == 24
+    _assert_selection(json.loads((out / key / SELECTION_JSON).read_text()))
+    assert chosen_uid not in (out / key / SELECTION_JSON).read_text()
+    assert sorted(p.name for p in out.iterdir()) == [key]
+    assert not any((tmp_path / "spool").iterdir())  # no other series' spool is kept
