@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml $(SERVE_STAMP)
 	fi
 	# torch first and pinned, so the CPU build is taken rather than a multi-GB CUDA one.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[client,gateway,demo,export,test]'
+	$(BIN)/pip install -q -e '.[client,gateway,demo,export,bench,test]'
 	touch $@
 
 install: $(STAMP) $(TRITON_STAMP)

@@ -2,15 +2,14 @@
 concurrency, with the gateway's own per-stage timings and the CPU and memory of the serving
 processes. Writes JSON, CSV and a PNG plot.
 
-Client-side code (no torch, no onnxruntime, no matplotlib): the plot is drawn with numpy and
-the project's PNG encoder. `--spawn` starts tritonserver and a gateway itself (that needs the
+Client-side code (no torch, no onnxruntime); the plot is drawn with matplotlib (the `bench`
+extra). `--spawn` starts tritonserver and a gateway itself (that needs the
 gateway side installed, imported only then); a phantom series needs the export extra.
 """
 
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import logging
 import os
@@ -36,7 +35,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ctjoint.client.channel import ChannelConfigError, ChannelSecurity
 from ctjoint.client.channel import open_channel as open_secure_channel
-from ctjoint.client.render import encode_png
 from ctjoint.client.send import MAX_RECEIVE_MESSAGE_BYTES, REQUEST_ID_METADATA, list_series_files
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
@@ -53,14 +51,6 @@ STAGE_GROUPS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("infer", ("infer",)),
     ("postprocess", ("postprocess",)),
     ("outputs", ("encode", "dicom_outputs")),
-)
-STAGE_COLOURS: Final = (
-    (120, 120, 120),
-    (70, 130, 220),
-    (60, 180, 120),
-    (230, 80, 60),
-    (240, 180, 40),
-    (160, 90, 200),
 )
 GATEWAY_START_S: Final = 120.0
 _LISTENING: Final = re.compile(r"listening on (\S+):(\d+) ")
@@ -548,176 +538,47 @@ def write_reports(report: BenchReport, out_dir: Path) -> tuple[Path, Path, Path]
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    png_path.write_bytes(encode_png(plot_report(report)))
+    plot_report(report, png_path)
     return json_path, csv_path, png_path
 
 
-# --- the plot (numpy only) --------------------------------------------------------------------
-
-# A 3x5 bitmap font of our own for the plot's labels ("#" is ink).
-_FONT: Final = {
-    "0": ("###", "#.#", "#.#", "#.#", "###"),
-    "1": (".#.", "##.", ".#.", ".#.", "###"),
-    "2": ("###", "..#", "###", "#..", "###"),
-    "3": ("###", "..#", "###", "..#", "###"),
-    "4": ("#.#", "#.#", "###", "..#", "..#"),
-    "5": ("###", "#..", "###", "..#", "###"),
-    "6": ("###", "#..", "###", "#.#", "###"),
-    "7": ("###", "..#", "..#", "..#", "..#"),
-    "8": ("###", "#.#", "###", "#.#", "###"),
-    "9": ("###", "#.#", "###", "..#", "###"),
-    ".": ("...", "...", "...", "...", ".#."),
-    "/": ("..#", "..#", ".#.", "#..", "#.."),
-    " ": ("...", "...", "...", "...", "..."),
-    "A": (".#.", "#.#", "###", "#.#", "#.#"),
-    "B": ("##.", "#.#", "##.", "#.#", "##."),
-    "C": ("###", "#..", "#..", "#..", "###"),
-    "D": ("##.", "#.#", "#.#", "#.#", "##."),
-    "E": ("###", "#..", "##.", "#..", "###"),
-    "F": ("###", "#..", "##.", "#..", "#.."),
-    "G": ("###", "#..", "#.#", "#.#", "###"),
-    "H": ("#.#", "#.#", "###", "#.#", "#.#"),
-    "I": ("###", ".#.", ".#.", ".#.", "###"),
-    "J": ("..#", "..#", "..#", "#.#", "###"),
-    "K": ("#.#", "#.#", "##.", "#.#", "#.#"),
-    "L": ("#..", "#..", "#..", "#..", "###"),
-    "M": ("#.#", "###", "###", "#.#", "#.#"),
-    "N": ("##.", "#.#", "#.#", "#.#", "#.#"),
-    "O": ("###", "#.#", "#.#", "#.#", "###"),
-    "P": ("###", "#.#", "###", "#..", "#.."),
-    "R": ("##.", "#.#", "##.", "#.#", "#.#"),
-    "S": ("###", "#..", "###", "..#", "###"),
-    "T": ("###", ".#.", ".#.", ".#.", ".#."),
-    "U": ("#.#", "#.#", "#.#", "#.#", "###"),
-    "V": ("#.#", "#.#", "#.#", "#.#", ".#."),
-    "W": ("#.#", "#.#", "###", "###", "#.#"),
-    "X": ("#.#", "#.#", ".#.", "#.#", "#.#"),
-    "Y": ("#.#", "#.#", ".#.", ".#.", ".#."),
-    "Z": ("###", "..#", ".#.", "#..", "###"),
-    "-": ("...", "...", "###", "...", "..."),
-}
-_SCALE: Final = 2
-_PANEL: Final = (220, 300)  # height, width of one chart's plotting area
-_MARGIN: Final = 40
-_BACKGROUND: Final = 255
-_INK: Final = (30, 30, 30)
+# --- the plot (matplotlib, the `bench` extra) -------------------------------------------------
 
 
-def _text(canvas: np.ndarray, text: str, top: int, left: int, colour: tuple[int, int, int]) -> None:
-    """Draw `text` (characters outside the font become spaces) with its top-left at (top, left)."""
-    for i, char in enumerate(text.upper()):
-        glyph = _FONT.get(char, _FONT[" "])
-        cell = np.array([[c == "#" for c in row] for row in glyph], dtype=bool)
-        ink = np.kron(cell, np.ones((_SCALE, _SCALE), dtype=bool))
-        y, x = top, left + i * 4 * _SCALE
-        region = canvas[y : y + ink.shape[0], x : x + ink.shape[1]]
-        region[ink[: region.shape[0], : region.shape[1]]] = colour
-
-
-def _number(value: float) -> str:
-    """Short, in the plot font (no exponents): 12345, 123, 12.3, 0.123."""
-    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
-
-
-def _line(canvas: np.ndarray, y0: float, x0: float, y1: float, x1: float, colour: Any) -> None:
-    steps = int(max(abs(y1 - y0), abs(x1 - x0))) + 1
-    ys = np.rint(np.linspace(y0, y1, steps)).astype(int)
-    xs = np.rint(np.linspace(x0, x1, steps)).astype(int)
-    for dy in (0, 1):
-        canvas[np.clip(ys + dy, 0, canvas.shape[0] - 1), xs] = colour
-
-
-def _axes(canvas: np.ndarray, top: int, left: int, title: str, y_max: float) -> None:
-    height, width = _PANEL
-    canvas[top : top + height, left] = _INK
-    canvas[top + height, left : left + width] = _INK
-    _text(canvas, title, top - 16, left, _INK)
-    label = _number(y_max)
-    _text(canvas, label, top, max(left - 4 - len(label) * 4 * _SCALE, 0), _INK)
-    _text(canvas, "0", top + height - 10, left - 12, _INK)
-
-
-def _chart(
-    canvas: np.ndarray,
-    top: int,
-    left: int,
-    title: str,
-    levels: Sequence[int],
-    values: Sequence[float],
-    colour: tuple[int, int, int],
-) -> None:
-    """A line chart of `values` against concurrency levels (evenly spaced, labelled)."""
-    height, width = _PANEL
-    y_max = max(max(values), 1e-9) * 1.15
-    _axes(canvas, top, left, title, y_max)
-    step = width / (len(levels) + 1)
-    points = [
-        (top + height - v / y_max * height, left + (i + 1) * step) for i, v in enumerate(values)
-    ]
-    for (y0, x0), (y1, x1) in itertools.pairwise(points):
-        _line(canvas, y0, x0, y1, x1, colour)
-    for (y, x), level, value in zip(points, levels, values, strict=True):
-        yi, xi = int(y), int(x)
-        canvas[max(yi - 3, 0) : yi + 4, max(xi - 3, 0) : xi + 4] = colour
-        _text(canvas, _number(value), max(yi - 16, top), xi - 8, colour)
-        _text(canvas, str(level), top + height + 6, xi - 2, _INK)
-    _text(canvas, "CONCURRENCY", top + height + 20, left + width // 2 - 40, _INK)
-
-
-def _stacked(canvas: np.ndarray, top: int, left: int, report: BenchReport) -> None:
-    """Per concurrency, one bar of the mean stage times per scan, stacked in pipeline order."""
-    height, width = _PANEL
-    totals = [sum(p.stages_ms.values()) for p in report.points]
-    y_max = max(max(totals), 1e-9) * 1.1
-    _axes(canvas, top, left, "STAGE MS PER SCAN", y_max)
-    step = width / (len(report.points) + 1)
-    bar = max(int(step * 0.5), 4)
-    for i, point in enumerate(report.points):
-        x = int(left + (i + 1) * step - bar / 2)
-        base = float(top + height)
-        for (stage, _), colour in zip(STAGE_GROUPS, STAGE_COLOURS, strict=True):
-            ms = point.stages_ms.get(stage, 0.0)
-            rise = ms / y_max * height
-            canvas[int(base - rise) : int(base), x : x + bar] = colour
-            base -= rise
-        _text(canvas, str(point.concurrency), top + height + 6, x + bar // 2 - 2, _INK)
-    # Legend on the right of the chart.
-    for j, ((stage, _), colour) in enumerate(zip(STAGE_GROUPS, STAGE_COLOURS, strict=True)):
-        y = top + 4 + j * 16
-        canvas[y : y + 10, left + width + 10 : left + width + 20] = colour
-        _text(canvas, stage, y, left + width + 26, _INK)
-
-
-def plot_report(report: BenchReport) -> np.ndarray:
-    """RGB image: throughput and p95 latency against concurrency, and stacked stage times."""
+def plot_report(report: BenchReport, path: Path) -> None:
+    """bench.png: throughput and p95 latency against concurrency, and the stage times per scan
+    stacked in pipeline order."""
     if not report.points:
         raise BenchError("nothing to plot: the report has no points")
-    height, width = _PANEL
-    cell_w = width + 2 * _MARGIN + 110
-    canvas = np.full((height + 3 * _MARGIN + 20, 3 * cell_w, 3), _BACKGROUND, dtype=np.uint8)
-    levels = [p.concurrency for p in report.points]
-    top = 2 * _MARGIN
-    _text(canvas, f"{report.model} {report.slices} SLICES PER SCAN", 8, _MARGIN, _INK)
-    _chart(
-        canvas,
-        top,
-        _MARGIN + 10,
-        "SCANS/S",
-        levels,
-        [p.scans_per_s for p in report.points],
-        (40, 110, 200),
-    )
-    _chart(
-        canvas,
-        top,
-        cell_w + _MARGIN + 10,
-        "P95 LATENCY MS",
-        levels,
-        [p.latency_p95_ms for p in report.points],
-        (210, 60, 50),
-    )
-    _stacked(canvas, top, 2 * cell_w + _MARGIN + 10, report)
-    return canvas
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise BenchError(
+            "the plot needs matplotlib: pip install 'ctjoint[bench]' (make install has it)"
+        ) from err
+    levels = [str(p.concurrency) for p in report.points]
+    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    figure.suptitle(f"{report.model}, {report.slices} slices per scan")
+    throughput, latency, stages = figure.subplots(1, 3)
+    for axes, values, title, colour in (
+        (throughput, [p.scans_per_s for p in report.points], "scans/s", "tab:blue"),
+        (latency, [p.latency_p95_ms for p in report.points], "p95 latency (ms)", "tab:red"),
+    ):
+        axes.plot(levels, values, marker="o", color=colour)
+        for level, value in zip(levels, values, strict=True):
+            axes.annotate(f"{value:.3g}", (level, value), textcoords="offset points", xytext=(0, 6))
+        axes.set_title(title)
+        axes.set_xlabel("concurrency")
+        axes.set_ylim(bottom=0, top=max(values) * 1.2 or 1.0)
+    bottom = np.zeros(len(report.points))
+    for stage, _ in STAGE_GROUPS:
+        ms = np.array([p.stages_ms.get(stage, 0.0) for p in report.points])
+        stages.bar(levels, ms, bottom=bottom, label=stage)
+        bottom += ms
+    stages.set_title("stage time per scan (ms)")
+    stages.set_xlabel("concurrency")
+    stages.legend(loc="upper left", fontsize="small")
+    figure.savefig(path, format="png", dpi=100)
 
 
 # --- a gateway (and Triton) started for the run -----------------------------------------------

@@ -9,12 +9,10 @@ to cross a pipe: the answer message, the objects for the PACS, the figures it lo
 from __future__ import annotations
 
 import re
-import tempfile
 import time
 import zlib
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -175,19 +173,15 @@ def _file_number(source: str) -> int:
 
 def _overlay_png(analysis: ScanAnalysis) -> bytes:
     """The overlay montage as PNG bytes, drawn by the same renderer `ctjoint analyze` uses."""
-    from ctjoint.client.render import write_overlay_png
+    from ctjoint.render import render_overlay
 
-    with tempfile.TemporaryDirectory(prefix="ctjoint-overlay-") as tmp:
-        path = Path(tmp) / "overlay.png"
-        write_overlay_png(
-            analysis.volume.hu,
-            analysis.label_map,
-            path,
-            lung_map=analysis.lung_map,
-            cam=_cam_slices(analysis),
-            caption=analysis.result.review.caption,
-        )
-        return path.read_bytes()
+    return render_overlay(
+        analysis.volume.hu,
+        analysis.label_map,
+        lung_map=analysis.lung_map,
+        cam=_cam_slices(analysis),
+        caption=analysis.result.review.caption,
+    ).png
 
 
 def _cam_slices(analysis: ScanAnalysis) -> Callable[[list[int]], np.ndarray] | None:

@@ -13,7 +13,7 @@ import torch
 from inprocess_gateway import scan_in_process
 from test_render import decode_png
 
-from ctjoint.client.render import CAM_COLOUR, write_overlay_png
+from ctjoint.client.render import write_overlay_png
 from ctjoint.contracts import (
     MODEL_JCS2D,
     OUTPUT_CAM,
@@ -26,6 +26,7 @@ from ctjoint.export.models import build_model
 from ctjoint.export.models.blocks import ClassifierHead, attention_pool, global_pool, grad_cam
 from ctjoint.export.onnx_export import export_network
 from ctjoint.gateway.analysis import analyze_directory, cam_on_source
+from ctjoint.render import CAM_COLOUR
 from ctjoint.v1 import scan_pb2
 
 

@@ -1,24 +1,22 @@
-"""Client-side rendering: the PNG encoder, the montage, the summary and the JSON file."""
+"""Rendering: the overlay montage (ctjoint.render, Pillow), the summary and the JSON file."""
 
 from __future__ import annotations
 
+import io
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
+from PIL import Image
 
-from ctjoint.client.render import (
+from ctjoint.client.render import format_summary, write_overlay_png, write_result_json
+from ctjoint.render import (
+    CAPTION_REVIEW,
     LEGEND,
     LUNG_OUTLINE,
     choose_slices,
-    encode_png,
-    format_summary,
-    text_mask,
-    write_overlay_png,
-    write_result_json,
+    render_overlay,
+    text_strip_height,
 )
 
 RESULT = {
@@ -40,34 +38,10 @@ RESULT = {
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """A minimal PNG reader for what encode_png writes (8-bit grey/RGB, filters 0 and 1)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind, payload = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
-        assert crc == zlib.crc32(kind + payload) & 0xFFFFFFFF, kind
-        chunks[kind] = chunks.get(kind, b"") + payload
-        pos += 12 + length
-    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert depth == 8
-    channels = {0: 1, 2: 3}[colour]
-    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), dtype=np.uint8)
-    raw = raw.reshape(height, width * channels + 1)
-    rows = raw[:, 1:].astype(np.int64)
-    for y in range(height):
-        if raw[y, 0] == 1:
-            for x in range(channels, width * channels):
-                rows[y, x] = (rows[y, x] + rows[y, x - channels]) % 256
-    shape = (height, width) if channels == 1 else (height, width, 3)
-    return rows.astype(np.uint8).reshape(shape)
-
-
-@pytest.mark.parametrize("shape", [(7, 5), (6, 9, 3)])
-def test_png_round_trips(shape: tuple[int, ...]) -> None:
-    image = np.random.default_rng(2).integers(0, 256, shape).astype(np.uint8)
-    np.testing.assert_array_equal(decode_png(encode_png(image)), image)
+    """The pixels of a PNG file, read by Pillow as any viewer would."""
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
 
 
 def test_overlay_colours_lesions_and_windows_the_lung(tmp_path: Path) -> None:
@@ -118,5 +92,28 @@ def test_overlay_has_a_legend_and_outlines_the_lungs(tmp_path: Path) -> None:
     legend = image[16:]
     for _, colour in LEGEND:
         assert (legend == colour).all(axis=2).any(), colour
-    ink = text_mask("LUNG")
-    assert ink.any() and ink.shape[0] == 14
+    # The names are written beside the swatches in the legend's light text colour.
+    assert image.shape[0] == 16 + text_strip_height()
+    assert (legend.min(axis=2) > 200).sum() > 20
+
+
+def test_the_overlay_bytes_are_a_png_and_the_file_writer_writes_them(tmp_path: Path) -> None:
+    hu = np.full((4, 16, 16), -600.0, dtype=np.float32)
+    labels = np.zeros((4, 16, 16), dtype=np.uint8)
+    labels[2, 5:9, 5:9] = 1
+    overlay = render_overlay(hu, labels, tiles=2, legend=False)
+    assert overlay.png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert overlay.slices == (0, 2)  # the lesion slice, then the first of the even spread
+    chosen = write_overlay_png(hu, labels, tmp_path / "a" / "o.png", tiles=2, legend=False)
+    assert chosen == [0, 2]
+    assert (tmp_path / "a" / "o.png").read_bytes() == overlay.png
+
+
+def test_a_review_caption_is_drawn_in_amber_below_the_montage() -> None:
+    hu = np.full((2, 16, 16), -1350.0, dtype=np.float32)
+    labels = np.zeros((2, 16, 16), dtype=np.uint8)
+    image = decode_png(render_overlay(hu, labels, legend=False, caption="REVIEW - ok").png)
+    assert image.shape[0] == 16 + text_strip_height()
+    strip = image[16:]
+    assert (strip == CAPTION_REVIEW).all(axis=2).any()
+    assert (image[:16, :16] == 0).all()  # the montage above it is untouched

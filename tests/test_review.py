@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicom_factory import SMALL_SERIES_LESIONS, write_ct_series
+from test_render import decode_png
 
-from ctjoint.client.render import text_mask, write_overlay_png
+from ctjoint.client.render import write_overlay_png
 from ctjoint.client.results import ResultFormatError, result_dict
 from ctjoint.contracts import CASE_SERIES_DIR, MODEL_JCS2D
 from ctjoint.gateway.analysis import analyze_directory
@@ -33,6 +34,7 @@ from ctjoint.gateway.review import (
     review_of,
 )
 from ctjoint.gateway.wire import result_to_proto
+from ctjoint.render import CAPTION_REVIEW, text_strip_height
 
 SCHEMA = Path(__file__).resolve().parent.parent / "client" / "schema" / "scan_result.schema.json"
 
@@ -214,7 +216,9 @@ def test_the_overlay_caption_says_review_and_draws_every_reason(tmp_path: Path) 
     write_overlay_png(hu, labels, flagged, legend=False, caption=caption)
     assert caption.startswith("REVIEW - LOW CONFIDENCE - ")
     # The caption is drawn below the montage: the flagged image is taller by its line.
-    height = text_mask(caption).shape[0]
-    plain_rows = int.from_bytes(plain.read_bytes()[20:24], "big")
-    flagged_rows = int.from_bytes(flagged.read_bytes()[20:24], "big")
-    assert flagged_rows == plain_rows + height + 12
+    plain_image, flagged_image = decode_png(plain.read_bytes()), decode_png(flagged.read_bytes())
+    assert flagged_image.shape[0] == plain_image.shape[0] + text_strip_height()
+    line = flagged_image[plain_image.shape[0] :]
+    assert (line == CAPTION_REVIEW).all(axis=2).any()
+    # The image widens to hold the whole caption, every reason written out.
+    assert flagged_image.shape[1] > plain_image.shape[1]
