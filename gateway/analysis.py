@@ -64,8 +64,15 @@ from ctjoint.gateway.result import (
     StageTimings,
 )
 from ctjoint.gateway.review import combined, disagreement, measure, review_of
-from ctjoint.gateway.series import CtVolume, SeriesAssembler, list_series_files
+from ctjoint.gateway.series import (
+    CtVolume,
+    SeriesAssembler,
+    SeriesSwitch,
+    StudySorter,
+    list_series_files,
+)
 from ctjoint.gateway.streaming import StreamingInference, StreamStats
+from ctjoint.series_rules import Selection
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +177,14 @@ class SeriesIntake:
         skip_localizers: bool = True,
         plan: PreprocessPlan | None = None,
         on_slice: SliceCallback | None = None,
+        file_numbers: Sequence[int] | None = None,
     ) -> None:
         self._assembler = SeriesAssembler(expected_slices=expected_slices, max_slices=max_slices)
+        # Files of other series of the study, set aside for the series choice.
+        self.study = StudySorter(max_files=max_slices)
+        self.selection: Selection | None = None
+        # Each file's number in the scan's stream (a replayed series keeps its own).
+        self._numbers = None if file_numbers is None else list(file_numbers)
         self._skip_localizers = skip_localizers
         self.skipped_localizers = 0
         self._expected = expected_slices
@@ -199,20 +212,27 @@ class SeriesIntake:
     async def add(self, data: DicomSource, name: str = "") -> None:
         """Read, validate and take one file; raises the project's InputError subclasses."""
         index = self._count + 1
-        source = describe_source(index, name or None)
-        taken = await cpu_bound(self._add, data, source)
+        number = self._numbers[self._count] if self._numbers is not None else index
+        source = describe_source(number, name or None)
+        taken = await cpu_bound(self._add, data, source, number, name)
         self._count = index
         if self._progress is not None:
             self._progress(Progress("validated", index, self._expected))
         if taken is not None and self.on_slice is not None:
             self.on_slice(*taken)
 
-    def _add(self, data: DicomSource, source: str) -> tuple[int, float] | None:
+    def _add(
+        self, data: DicomSource, source: str, number: int = 0, name: str = ""
+    ) -> tuple[int, float] | None:
         """Returns the slice's (slot, distance along the normal), None for a skipped file."""
         # Per-file work (parse, CT checks, decode to HU) is "read"; the series-level checks and
         # the copy into the volume are "validate", matching StageTimings.
         started = time.perf_counter()
         dataset = read_dataset(data, source=source)
+        if self.study.set_aside(dataset, data, number, name):
+            # Another series of the study: kept for the series choice (gateway/series.py).
+            self.read_ms += (time.perf_counter() - started) * 1000.0
+            return None
         if self._skip_localizers and is_localizer(dataset):
             # Series selection rule: scouts travel with the study but are not part of the
             # volume (dicom_io.is_localizer documents the rule).
@@ -266,6 +286,8 @@ class SeriesIntake:
     async def finish(self) -> CtVolume:
         """Sort, check spacing and return the volume (EmptySeriesError if nothing arrived)."""
         started = time.perf_counter()
+        # Raises SeriesSwitch when the rules choose a series that was set aside.
+        self.selection = self.study.select()
         if self.skipped_localizers and not len(self._assembler):
             raise EmptySeriesError(
                 f"no CT slice was received, only {self.skipped_localizers} localizer image(s)"
@@ -312,9 +334,45 @@ class ScanAnalyzer:
         expected_slices: int | None = None,
         max_slices: int | None = None,
         progress: ProgressCallback | None = None,
+        file_numbers: Sequence[int] | None = None,
     ) -> ScanAnalysis:
         """Validate and assemble the files, then analyse the volume with `model`, or with
-        every network when `model` is MODEL_BOTH (`fuse_analyses`)."""
+        every network when `model` is MODEL_BOTH (`fuse_analyses`). When the files hold
+        several series of a study, the one the rules choose (gateway/series.py StudySorter)."""
+        try:
+            return await self._analyze_files(
+                inputs,
+                model,
+                expected_slices=expected_slices,
+                max_slices=max_slices,
+                progress=progress,
+                file_numbers=file_numbers,
+            )
+        except SeriesSwitch as switch:
+            # The series assembled as files arrived is not the one chosen: analyse the chosen
+            # one from the files set aside, keeping their numbers in the stream. The rules'
+            # notes already count the chosen series' localizers (never set aside).
+            selection = switch.selection
+            chosen = await self._analyze_files(
+                [(f.name, f.data) for f in switch.files],
+                model,
+                expected_slices=len(switch.files),
+                max_slices=max_slices,
+                progress=progress,
+                file_numbers=[f.number for f in switch.files],
+            )
+        return replace(chosen, result=replace(chosen.result, series_selection=selection))
+
+    async def _analyze_files(
+        self,
+        inputs: Iterable[DicomInput] | AsyncIterable[DicomInput],
+        model: str,
+        *,
+        expected_slices: int | None = None,
+        max_slices: int | None = None,
+        progress: ProgressCallback | None = None,
+        file_numbers: Sequence[int] | None = None,
+    ) -> ScanAnalysis:
         started = time.perf_counter()
         models = BOTH_MODELS if model == MODEL_BOTH else (model,)
         # An unknown model fails before any file is read.
@@ -329,6 +387,7 @@ class ScanAnalyzer:
             # The in-plane half of preprocessing needs only the slice: done as files arrive
             # (for the 3D model too, whose z resampling waits for the whole series).
             plan=info.plan if self.streaming else None,
+            file_numbers=file_numbers,
         )
         streamer: StreamingInference | None = None
         if self.streaming and info.plan.kind == "2.5d":
@@ -400,7 +459,7 @@ class ScanAnalyzer:
         timings = replace(analysis.result.timings, total_ms=total)
         return replace(
             analysis,
-            result=replace(analysis.result, timings=timings),
+            result=replace(analysis.result, timings=timings, series_selection=intake.selection),
             source_header=intake.header,
         )
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES
 from ctjoint.gateway.review import Review
+from ctjoint.series_rules import Selection
 
 RESULT_SCHEMA = "ctjoint.scan_result/1"
 
@@ -288,6 +289,9 @@ class ScanResult:
     # Each network's own answer when several ran on the scan (empty for one network); the
     # label and probabilities above are then the fused ones (analysis.py `fuse_analyses`).
     members: tuple[ModelAnswer, ...] = ()
+    # Which series was analysed and why, and each other one with why not, when the scan's
+    # files held several series (or localizer images were dropped); None otherwise.
+    series_selection: Selection | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "members", tuple(self.members))

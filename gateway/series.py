@@ -5,6 +5,10 @@ then sort along the slice normal and check the spacing when the series is comple
 gateway) and copies each slice straight into one preallocated array, so a series never exists
 twice in memory. `CtVolume` is the contract between the reader and the analysis; it can also be
 built from a plain array (NIfTI data sets) without any DICOM.
+
+`StudySorter` lets a scan hold a whole study: files of other series than the one being
+assembled are set aside as they arrive, and once the stream ends the rules of
+ctjoint/series_rules.py say which series is analysed (docs/interoperability.md).
 """
 
 from __future__ import annotations
@@ -17,8 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    SecondaryCaptureImageStorage,
+    XRayRadiationDoseSRStorage,
+)
 
-from ctjoint.gateway.dicom_io import CtSlice, describe_source, read_ct_slice, slice_normal
+from ctjoint.gateway.dicom_io import (
+    CtSlice,
+    DicomSource,
+    describe_source,
+    read_ct_slice,
+    slice_normal,
+)
 from ctjoint.gateway.errors import (
     DuplicateSliceError,
     EmptySeriesError,
@@ -26,7 +43,9 @@ from ctjoint.gateway.errors import (
     LimitExceededError,
     MixedSeriesError,
 )
+from ctjoint.gateway.logging_setup import pseudonym
 from ctjoint.gateway.memory import DEFAULT_MAX_SCAN_BYTES, ScanMemory, current_scan_memory
+from ctjoint.series_rules import CT_IMAGE_STORAGE, ImageFacts, Selection, SeriesFacts, choose
 
 logger = logging.getLogger(__name__)
 
@@ -556,3 +575,104 @@ def load_series_dir(folder: Path | str, *, max_slices: int | None = None) -> CtV
 
 def _fmt(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+# What a CT study holds besides its images: set aside (to be skipped with a reason) even when
+# it arrives before any CT image. Any other non-CT object first is refused as before.
+STUDY_COMPANIONS = frozenset(
+    {
+        XRayRadiationDoseSRStorage,
+        SecondaryCaptureImageStorage,
+        EnhancedSRStorage,
+        ComprehensiveSRStorage,
+    }
+)
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A file of another series than the one assembled, kept for the series choice."""
+
+    number: int
+    name: str
+    data: DicomSource
+
+
+class SeriesSwitch(Exception):  # noqa: N818 (a signal to the analysis, not an error)
+    """The rules chose another series than the one assembled: analyse `files` instead."""
+
+    def __init__(self, files: tuple[SetAside, ...], selection: Selection) -> None:
+        super().__init__("another series of the study was chosen")
+        self.files = files
+        self.selection = selection
+
+
+class StudySorter:
+    """Which files of a scan belong to the series being assembled, and which series to analyse.
+
+    The first CT file names the series assembled as files arrive (streaming keeps working for
+    a one-series scan, the usual case). A file of another series of the same study is set
+    aside: its header facts always, its bytes when it could be chosen (an ORIGINAL-or-unknown
+    CT image that is not a localizer), at most `max_files` of them. A file of another study
+    goes on to the assembler, which refuses it by name. `select` applies the rules once the
+    stream has ended.
+    """
+
+    def __init__(self, *, max_files: int | None = None) -> None:
+        self._max = max_files
+        self._uid: str | None = None
+        self._study = ""
+        self._facts: dict[str, list[ImageFacts]] = {}
+        self._kept: dict[str, list[SetAside]] = {}
+        self._held = 0
+
+    def set_aside(self, dataset: Dataset, data: DicomSource, number: int, name: str) -> bool:
+        """True when the file is not for the assembler (kept for the choice, or skipped)."""
+        uid = str(dataset.get("SeriesInstanceUID", "") or "")
+        study = str(dataset.get("StudyInstanceUID", "") or "")
+        facts = ImageFacts.from_header(dataset)
+        if self._uid is None:
+            if uid and facts.sop_class in STUDY_COMPANIONS:
+                self._facts.setdefault(uid, []).append(facts)
+                return True
+            self._uid, self._study = uid, study
+        if not uid or uid == self._uid or study != self._study:
+            if uid:
+                self._facts.setdefault(uid, []).append(facts)
+            return False
+        self._facts.setdefault(uid, []).append(facts)
+        if facts.sop_class == CT_IMAGE_STORAGE and not facts.localizer:
+            self._held += 1
+            if self._max is not None and self._held > self._max:
+                raise LimitExceededError(
+                    f"{describe_source(number, name or None)}: the scan's other series hold "
+                    f"more than {self._max} images (the limit)"
+                )
+            self._kept.setdefault(uid, []).append(SetAside(number, name, data))
+        return True
+
+    @property
+    def series_count(self) -> int:
+        return len(self._facts)
+
+    def select(self) -> Selection | None:
+        """The choice once every file is in: None for a one-series scan without localizers;
+        raises `SeriesSwitch` when another series than the assembled one is chosen."""
+        if not self._facts:
+            return None
+        if self._uid is not None and len(self._facts) <= 1:
+            images = self._facts.get(self._uid, [])
+            localizers = sum(1 for f in images if f.localizer)
+            if not localizers or localizers == len(images):
+                return None
+            facts = SeriesFacts.of(pseudonym(self._uid), images)
+            note = f"{localizers} localizer image(s) in the series dropped"
+            return Selection(facts, "the only series of the scan", (), (note,))
+        keys = {uid: pseudonym(uid) for uid in self._facts}
+        selection = choose([SeriesFacts.of(keys[uid], f) for uid, f in self._facts.items()])
+        if selection.chosen is None:
+            raise EmptySeriesError(f"{selection.explain()}")
+        chosen = next(uid for uid, key in keys.items() if key == selection.chosen.key)
+        if chosen != self._uid:
+            raise SeriesSwitch(tuple(self._kept.get(chosen, ())), selection)
+        return selection

@@ -15,6 +15,7 @@ from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES, SEG_CLASS_NAMES
 from ctjoint.gateway.backends.base import ModelInfo
 from ctjoint.gateway.result import Quantification, ScanResult
 from ctjoint.gateway.review import Review
+from ctjoint.series_rules import Selection, SeriesFacts, kernel_family
 from ctjoint.v1 import scan_pb2
 
 # Level 1 is ~3x faster than the default and loses little here: label maps are long runs of
@@ -105,6 +106,8 @@ def result_to_proto(
         message.timings.add(stage=stage, milliseconds=timings[key])
     for stage, ms in (extra_timings_ms or {}).items():
         message.timings.add(stage=stage, milliseconds=round(ms, 3))
+    if result.series_selection is not None:
+        message.series_selection.CopyFrom(selection_to_proto(result.series_selection))
     return message
 
 
@@ -168,3 +171,30 @@ def model_info_to_proto(info: ModelInfo, *, ready: bool) -> scan_pb2.ModelInfo:
         ready=ready,
         trained_on=info.trained_on,
     )
+
+
+def _selected(facts: SeriesFacts, reason: str = "") -> scan_pb2.SelectedSeries:
+    message = scan_pb2.SelectedSeries(
+        series=facts.key,
+        images=facts.images,
+        coverage_mm=round(facts.coverage_mm, 1),
+        kernel=kernel_family(facts.kernel),
+        reason=reason,
+    )
+    if facts.number is not None:
+        message.number = facts.number
+    if facts.thickness_mm is not None:
+        message.slice_thickness_mm = facts.thickness_mm
+    return message
+
+
+def selection_to_proto(selection: Selection) -> scan_pb2.SeriesSelection:
+    """Which series was analysed and why, and every other one with why not."""
+    message = scan_pb2.SeriesSelection(
+        reason=selection.reason,
+        skipped=[_selected(c, why) for c, why in selection.skipped],
+        notes=list(selection.notes),
+    )
+    if selection.chosen is not None:
+        message.analysed.CopyFrom(_selected(selection.chosen))
+    return message

@@ -73,10 +73,15 @@ def test_non_ct_modality(ct_series_dir: Path, contract_model_dir: Path) -> None:
     _assert_one_clean_error(code, output, "(MR_small.dcm)", "Modality", "'MR'")
 
 
-def test_two_series(ct_series_dir: Path, contract_model_dir: Path) -> None:
-    _edit(ct_series_dir / "IM0006.dcm", SeriesInstanceUID=generate_uid())
+def test_two_studies(ct_series_dir: Path, contract_model_dir: Path) -> None:
+    # Several series of one study are chosen among (tests/test_series_choice_study.py).
+    _edit(
+        ct_series_dir / "IM0006.dcm",
+        StudyInstanceUID=generate_uid(),
+        SeriesInstanceUID=generate_uid(),
+    )
     code, output = _analyze(ct_series_dir, contract_model_dir)
-    _assert_one_clean_error(code, output, "(IM0006.dcm)", "SeriesInstanceUID", "another series")
+    _assert_one_clean_error(code, output, "(IM0006.dcm)", "StudyInstanceUID", "another study")
 
 
 def test_missing_pixel_data(ct_series_dir: Path, contract_model_dir: Path) -> None:

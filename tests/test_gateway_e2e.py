@@ -231,12 +231,16 @@ def test_a_non_ct_file_is_named(gateway: GatewayProcess, series: list[Path]) -> 
     assert re.match(r"file 2: Modality: is 'MR'", error.details())
 
 
-def test_a_second_series_is_named(gateway: GatewayProcess, series: list[Path]) -> None:
+def test_a_file_of_another_study_is_named(gateway: GatewayProcess, series: list[Path]) -> None:
+    """Several series of one study are chosen among (tests/test_series_choice_study.py);
+    another study in the same scan is refused."""
     contents = file_bytes(series)
-    contents[4] = _edited(series[4], SeriesInstanceUID=generate_uid())
+    contents[4] = _edited(
+        series[4], StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid()
+    )
     error = _refused(gateway, contents)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert re.match(r"file 5: SeriesInstanceUID: belongs to another series", error.details())
+    assert re.match(r"file 5: StudyInstanceUID: belongs to another study", error.details())
 
 
 def test_missing_pixel_data_is_named(gateway: GatewayProcess, series: list[Path]) -> None:

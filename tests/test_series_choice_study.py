@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pydicom
 import pytest
-from gateway_process import GatewayProcess
+from gateway_process import GatewayProcess, analyze, file_bytes
 from pydicom.uid import SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage, generate_uid
 
 from ctjoint.client.listen import SELECTION_JSON, gateway_forward, listen, series_key
@@ -230,3 +231,45 @@ def test_listen_forwards_only_the_chosen_series_of_a_study(
     assert chosen_uid not in (out / key / SELECTION_JSON).read_text()
     assert sorted(p.name for p in out.iterdir()) == [key]
     assert not any((tmp_path / "spool").iterdir())  # no other series' spool is kept
+
+
+def _number(path: Path) -> int:
+    """The series number in a study file's name (s02_..., s99_dose.dcm)."""
+    return int(path.name[1:3])
+
+
+@pytest.mark.parametrize("chosen_first", [False, True])
+def test_the_gateway_analyses_the_chosen_series_of_a_streamed_study(
+    study: tuple[list[Path], str], gateway: str, chosen_first: bool
+) -> None:
+    """All the study's files in one AnalyzeScan stream: the dose SR first, then either the
+    soft-kernel series (assembled first, so the gateway switches to the chosen one from the
+    files it set aside) or the chosen one; the answer is the same series either way."""
+    files, chosen_uid = study
+    order = [98, 99, 2, 3, 7, 4, 1, 6] if chosen_first else [99, 3, 7, 1, 2, 4, 98, 6]
+    ordered = sorted(files, key=lambda p: (order.index(_number(p)), p.name))
+    message = analyze(gateway, file_bytes(ordered), masks=True)
+    positions = {i: p for i, p in enumerate(ordered, start=1)}
+    assert message.geometry.slices == 24
+    analysed = [positions[n] for n in message.slice_file_number]
+    assert {_number(p) for p in analysed} == {2} and "scout" not in {p.stem for p in analysed}
+    selection = message.series_selection
+    assert selection.analysed.number == 2 and selection.analysed.images == 24
+    assert selection.analysed.kernel == "lung" and selection.analysed.series.startswith("h:")
+    assert list(selection.notes) == ["1 localizer image(s) in the series dropped"]
+    assert {s.number: s.reason for s in selection.skipped} == EXPECTED_SKIPS
+    assert chosen_uid not in str(message)
+
+
+def test_a_study_with_no_series_to_analyse_is_refused_with_each_reason(
+    study: tuple[list[Path], str], gateway: str
+) -> None:
+    files, _ = study
+    unusable = [p for p in files if _number(p) in (1, 6, 98, 99)]
+    with pytest.raises(grpc.RpcError) as info:
+        analyze(gateway, file_bytes(unusable))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = info.value.details() or ""
+    assert details.startswith("no series to analyse (")
+    for number in (1, 6, 98, 99):
+        assert f"series {number}: {EXPECTED_SKIPS[number]}" in details

@@ -48,7 +48,7 @@ class DicomFile(_message.Message):
     def __init__(self, content: _Optional[bytes] = ...) -> None: ...
 
 class ScanResult(_message.Message):
-    __slots__ = ("request_id", "label", "class_names", "probabilities", "slices", "lesions", "mask", "seg_dicom", "overlay_png", "timings", "model", "backend", "geometry", "slice_file_number", "quantification", "sr_dicom", "pacs", "cam", "review", "members")
+    __slots__ = ("request_id", "label", "class_names", "probabilities", "slices", "lesions", "mask", "seg_dicom", "overlay_png", "timings", "model", "backend", "geometry", "slice_file_number", "quantification", "sr_dicom", "pacs", "cam", "review", "members", "series_selection")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class ScanResult(_message.Message):
     CAM_FIELD_NUMBER: _ClassVar[int]
     REVIEW_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    SERIES_SELECTION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     label: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
@@ -89,7 +90,38 @@ class ScanResult(_message.Message):
     cam: ScalarVolume
     review: Review
     members: _containers.RepeatedCompositeFieldContainer[ModelAnswer]
-    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., slices: _Optional[_Iterable[_Union[SliceEvidence, _Mapping]]] = ..., lesions: _Optional[_Union[LesionStatistics, _Mapping]] = ..., mask: _Optional[_Union[LabelVolume, _Mapping]] = ..., seg_dicom: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., geometry: _Optional[_Union[SeriesGeometry, _Mapping]] = ..., slice_file_number: _Optional[_Iterable[int]] = ..., quantification: _Optional[_Union[Quantification, _Mapping]] = ..., sr_dicom: _Optional[bytes] = ..., pacs: _Optional[_Union[PacsOutcome, _Mapping]] = ..., cam: _Optional[_Union[ScalarVolume, _Mapping]] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., members: _Optional[_Iterable[_Union[ModelAnswer, _Mapping]]] = ...) -> None: ...
+    series_selection: SeriesSelection
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., slices: _Optional[_Iterable[_Union[SliceEvidence, _Mapping]]] = ..., lesions: _Optional[_Union[LesionStatistics, _Mapping]] = ..., mask: _Optional[_Union[LabelVolume, _Mapping]] = ..., seg_dicom: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., geometry: _Optional[_Union[SeriesGeometry, _Mapping]] = ..., slice_file_number: _Optional[_Iterable[int]] = ..., quantification: _Optional[_Union[Quantification, _Mapping]] = ..., sr_dicom: _Optional[bytes] = ..., pacs: _Optional[_Union[PacsOutcome, _Mapping]] = ..., cam: _Optional[_Union[ScalarVolume, _Mapping]] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., members: _Optional[_Iterable[_Union[ModelAnswer, _Mapping]]] = ..., series_selection: _Optional[_Union[SeriesSelection, _Mapping]] = ...) -> None: ...
+
+class SeriesSelection(_message.Message):
+    __slots__ = ("analysed", "reason", "skipped", "notes")
+    ANALYSED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    analysed: SelectedSeries
+    reason: str
+    skipped: _containers.RepeatedCompositeFieldContainer[SelectedSeries]
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, analysed: _Optional[_Union[SelectedSeries, _Mapping]] = ..., reason: _Optional[str] = ..., skipped: _Optional[_Iterable[_Union[SelectedSeries, _Mapping]]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SelectedSeries(_message.Message):
+    __slots__ = ("series", "number", "images", "slice_thickness_mm", "coverage_mm", "kernel", "reason")
+    SERIES_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SLICE_THICKNESS_MM_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_MM_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    series: str
+    number: int
+    images: int
+    slice_thickness_mm: float
+    coverage_mm: float
+    kernel: str
+    reason: str
+    def __init__(self, series: _Optional[str] = ..., number: _Optional[int] = ..., images: _Optional[int] = ..., slice_thickness_mm: _Optional[float] = ..., coverage_mm: _Optional[float] = ..., kernel: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Review(_message.Message):
     __slots__ = ("needed", "reasons", "details", "signals")
