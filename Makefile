@@ -16,7 +16,7 @@ ONNX := $(foreach m,$(MODELS),build/onnx/$(m).onnx)
 REPOSITORY := $(foreach m,$(MODELS),model_repository/cpu/$(m)_cpu/1/model.onnx)
 DEMO_DIR := out/demo
 
-.PHONY: demo test lint typecheck install onnx repository proto clean triton-runtime perf-tools \
+.PHONY: demo test lint typecheck imports package-view install onnx repository proto clean triton-runtime perf-tools \
 	bundled-onnx gpu-check
 
 # Serving and the demo: the committed ONNX models, no torch (PyPI's torch would pull gigabytes
@@ -110,14 +110,23 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(MAKE) typecheck
+	$(MAKE) imports
 
-# mypy reads the package through a symlink view (ctjoint/, ctjoint/gateway -> gateway/, ...),
-# the same mapping setuptools' package-dir makes at install time.
-typecheck: install
+# mypy and lint-imports read the package through a symlink view (ctjoint/, ctjoint/gateway ->
+# gateway/, ...), the same mapping setuptools' package-dir makes at install time.
+package-view:
 	rm -rf .typecheck && mkdir -p .typecheck/ctjoint
 	for f in ctjoint/*.py ctjoint/py.typed ctjoint/v1; do ln -s ../../$$f .typecheck/ctjoint/; done
 	for d in gateway client export; do ln -s ../../$$d .typecheck/ctjoint/$$d; done
+
+typecheck: install package-view
 	cd .typecheck && ../$(BIN)/mypy --config-file ../pyproject.toml -p ctjoint
+
+# Who may import whom ([tool.importlinter] in pyproject.toml, docs/architecture.md); run from
+# the view, which lint-imports puts first on its path. tests/test_import_rules.py shows that a
+# planted violation of each contract fails it.
+imports: install package-view
+	cd .typecheck && ../$(BIN)/lint-imports --no-cache ../pyproject.toml
 
 # The gRPC contract: generated code is committed (imports read `from ctjoint.v1 import ...`);
 # tests/test_gateway_proto.py regenerates into a temporary folder and fails if these are stale.

@@ -47,7 +47,7 @@ from typing import Any
 
 import grpc
 
-from ctjoint.client.bench import (
+from ctjoint.bench import (
     BenchPoint,
     ScanSample,
     Stack,

@@ -36,7 +36,7 @@ def _files(size: int, slices: int, cache: Path) -> list[bytes]:
     import pydicom
     from pydicom.filebase import DicomBytesIO
 
-    from ctjoint.client.bench import phantom_series
+    from ctjoint.bench import phantom_series
     from ctjoint.gateway.series import list_series_files
 
     paths = list_series_files(phantom_series(cache, size=512, slices=max(slices, 16)))

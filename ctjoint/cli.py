@@ -1120,7 +1120,7 @@ def bench(
     tls_server_name: ServerNameOption = None,
 ) -> None:
     """End-to-end throughput/latency sweep over concurrency with the gateway's stage times."""
-    from ctjoint.client.bench import (
+    from ctjoint.bench import (
         BenchError,
         parse_concurrency,
         phantom_series,

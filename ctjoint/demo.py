@@ -20,7 +20,7 @@ import numpy as np
 from rich.console import Console
 
 from ctjoint import contracts
-from ctjoint.client.bench import wait_gateway_serving
+from ctjoint.bench import wait_gateway_serving
 from ctjoint.gateway.errors import CtJointError
 
 GATEWAY_START_S: Final = 120.0

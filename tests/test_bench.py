@@ -17,7 +17,7 @@ from gateway_process import GatewayProcess, ctjoint
 from test_gateway_client import BLOCK_GATEWAY
 from test_packaging import BLOCK_HEAVY
 
-from ctjoint.client.bench import STAGE_GROUPS, BenchError, parse_concurrency
+from ctjoint.bench import STAGE_GROUPS, BenchError, parse_concurrency
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -2,9 +2,10 @@
 concurrency, with the gateway's own per-stage timings and the CPU and memory of the serving
 processes. Writes JSON, CSV and a PNG plot.
 
-Client-side code (no torch, no onnxruntime); the plot is drawn with matplotlib (the `bench`
-extra). `--spawn` starts tritonserver and a gateway itself (that needs the
-gateway side installed, imported only then); a phantom series needs the export extra.
+At the command-line layer (docs/architecture.md), beside the CLI: the sweep needs the client
+side only (no torch, no onnxruntime); `--spawn` starts tritonserver and a gateway (the gateway
+side, imported only then) and writes a phantom series (the export extra); the plot is drawn
+with matplotlib (the `bench` extra).
 """
 
 from __future__ import annotations
