@@ -601,6 +601,26 @@ def analyze(
                 typer.echo(f"wrote {path}")
 
 
+@app.command()
+@clean_errors
+def compare(
+    prior: Annotated[Path, typer.Argument(help="The earlier analysis: its SR or result JSON.")],
+    current: Annotated[Path, typer.Argument(help="The later analysis: its SR or result JSON.")],
+) -> None:
+    """Compare two analyses of one patient and print the comparison block (JSON).
+
+    Categories and thresholds: docs/follow-up.md. A result JSON holds no study date, so the
+    interval is known only when both are SRs."""
+    import json
+
+    from ctjoint.gateway.comparison import compare as compare_measurements
+    from ctjoint.gateway.prior_report import read_measurements
+
+    before, _ = read_measurements(prior)
+    after, _ = read_measurements(current)
+    typer.echo(json.dumps(compare_measurements(before, after).to_dict(), indent=2))
+
+
 @gateway_app.command("serve")
 @clean_errors
 def gateway_serve(
