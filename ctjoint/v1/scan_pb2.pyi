@@ -48,7 +48,7 @@ class DicomFile(_message.Message):
     def __init__(self, content: _Optional[bytes] = ...) -> None: ...
 
 class ScanResult(_message.Message):
-    __slots__ = ("request_id", "label", "class_names", "probabilities", "slices", "lesions", "mask", "seg_dicom", "overlay_png", "timings", "model", "backend", "geometry", "slice_file_number", "quantification", "sr_dicom", "pacs", "cam", "review", "members", "series_selection")
+    __slots__ = ("request_id", "label", "class_names", "probabilities", "slices", "lesions", "mask", "seg_dicom", "overlay_png", "timings", "model", "backend", "geometry", "slice_file_number", "quantification", "sr_dicom", "pacs", "cam", "review", "members", "series_selection", "comparison")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class ScanResult(_message.Message):
     REVIEW_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     SERIES_SELECTION_FIELD_NUMBER: _ClassVar[int]
+    COMPARISON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     label: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
@@ -91,7 +92,44 @@ class ScanResult(_message.Message):
     review: Review
     members: _containers.RepeatedCompositeFieldContainer[ModelAnswer]
     series_selection: SeriesSelection
-    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., slices: _Optional[_Iterable[_Union[SliceEvidence, _Mapping]]] = ..., lesions: _Optional[_Union[LesionStatistics, _Mapping]] = ..., mask: _Optional[_Union[LabelVolume, _Mapping]] = ..., seg_dicom: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., geometry: _Optional[_Union[SeriesGeometry, _Mapping]] = ..., slice_file_number: _Optional[_Iterable[int]] = ..., quantification: _Optional[_Union[Quantification, _Mapping]] = ..., sr_dicom: _Optional[bytes] = ..., pacs: _Optional[_Union[PacsOutcome, _Mapping]] = ..., cam: _Optional[_Union[ScalarVolume, _Mapping]] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., members: _Optional[_Iterable[_Union[ModelAnswer, _Mapping]]] = ..., series_selection: _Optional[_Union[SeriesSelection, _Mapping]] = ...) -> None: ...
+    comparison: Comparison
+    def __init__(self, request_id: _Optional[str] = ..., label: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., probabilities: _Optional[_Iterable[float]] = ..., slices: _Optional[_Iterable[_Union[SliceEvidence, _Mapping]]] = ..., lesions: _Optional[_Union[LesionStatistics, _Mapping]] = ..., mask: _Optional[_Union[LabelVolume, _Mapping]] = ..., seg_dicom: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., backend: _Optional[str] = ..., geometry: _Optional[_Union[SeriesGeometry, _Mapping]] = ..., slice_file_number: _Optional[_Iterable[int]] = ..., quantification: _Optional[_Union[Quantification, _Mapping]] = ..., sr_dicom: _Optional[bytes] = ..., pacs: _Optional[_Union[PacsOutcome, _Mapping]] = ..., cam: _Optional[_Union[ScalarVolume, _Mapping]] = ..., review: _Optional[_Union[Review, _Mapping]] = ..., members: _Optional[_Iterable[_Union[ModelAnswer, _Mapping]]] = ..., series_selection: _Optional[_Union[SeriesSelection, _Mapping]] = ..., comparison: _Optional[_Union[Comparison, _Mapping]] = ...) -> None: ...
+
+class Comparison(_message.Message):
+    __slots__ = ("available", "reason", "category", "prior_study_date", "interval_days", "prior_label", "current_label", "prior_total_ml", "current_total_ml", "changes", "rule")
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_STUDY_DATE_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_DAYS_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_LABEL_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_LABEL_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_TOTAL_ML_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_TOTAL_ML_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    available: bool
+    reason: str
+    category: str
+    prior_study_date: str
+    interval_days: float
+    prior_label: str
+    current_label: str
+    prior_total_ml: float
+    current_total_ml: float
+    changes: _containers.RepeatedCompositeFieldContainer[MeasureChange]
+    rule: str
+    def __init__(self, available: _Optional[bool] = ..., reason: _Optional[str] = ..., category: _Optional[str] = ..., prior_study_date: _Optional[str] = ..., interval_days: _Optional[float] = ..., prior_label: _Optional[str] = ..., current_label: _Optional[str] = ..., prior_total_ml: _Optional[float] = ..., current_total_ml: _Optional[float] = ..., changes: _Optional[_Iterable[_Union[MeasureChange, _Mapping]]] = ..., rule: _Optional[str] = ...) -> None: ...
+
+class MeasureChange(_message.Message):
+    __slots__ = ("measure", "absolute", "relative")
+    MEASURE_FIELD_NUMBER: _ClassVar[int]
+    ABSOLUTE_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_FIELD_NUMBER: _ClassVar[int]
+    measure: str
+    absolute: float
+    relative: float
+    def __init__(self, measure: _Optional[str] = ..., absolute: _Optional[float] = ..., relative: _Optional[float] = ...) -> None: ...
 
 class SeriesSelection(_message.Message):
     __slots__ = ("analysed", "reason", "skipped", "notes")
