@@ -27,7 +27,7 @@ from ctjoint.gateway.analysis import (
 )
 from ctjoint.gateway.dicom_outputs import OutputSettings, ScanObjects, analysis_objects
 from ctjoint.gateway.errors import InputError
-from ctjoint.gateway.limits import TestLeak, cpu_bound
+from ctjoint.gateway.limits import cpu_bound
 from ctjoint.gateway.wire import MASK_ZLIB_LEVEL, encode_label_map, result_to_proto
 from ctjoint.v1 import scan_pb2
 
@@ -76,7 +76,6 @@ async def analyze_scan(
     *,
     progress: ProgressCallback | None,
     receive_ms: Callable[[], float],
-    leak: TestLeak | None = None,
 ) -> ScanAnswer:
     """Analyse the files as they come and build the answer; `receive_ms` is read once the
     files are all in (the time spent waiting on the network, reported in the answer)."""
@@ -87,8 +86,6 @@ async def analyze_scan(
         max_slices=order.max_slices,
         progress=progress,
     )
-    if leak is not None:
-        leak.keep(analysis.volume.hu)
     started = time.perf_counter()
     if progress is not None:
         progress(Progress("postprocessed", 1, 1))

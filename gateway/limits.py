@@ -11,14 +11,11 @@ import concurrent.futures
 import contextvars
 import functools
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Final, ParamSpec, TypeVar
-
-import numpy as np
+from typing import ParamSpec, TypeVar
 
 from ctjoint.gateway.errors import AdmissionRefusedError, LimitExceededError
 from ctjoint.gateway.memory import DEFAULT_MAX_SCAN_BYTES, default_budget_bytes
@@ -26,11 +23,6 @@ from ctjoint.gateway.memory import DEFAULT_MAX_SCAN_BYTES, default_budget_bytes
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-# TEST-ONLY switches (tests/test_load.py): a gateway that leaks on purpose, so the memory
-# check is known to catch a leak. Read only when CTJOINT_TEST_MODE=1 is set as well.
-ENV_TEST_MODE: Final = "CTJOINT_TEST_MODE"
-ENV_TEST_LEAK_BYTES_PER_SCAN: Final = "CTJOINT_TEST_LEAK_BYTES_PER_SCAN"
-
 # A 512x512 int16 CT slice is 512 KiB of pixels plus a few KiB of header; 1024x1024 slices or
 # long private headers stay well under 8 MiB, while a mistaken multi-frame dump does not.
 DEFAULT_MAX_FILE_BYTES = 8 * MIB
@@ -281,49 +273,3 @@ SCAN_CPU = ScanCpuPool()
 async def cpu_bound(func: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """Run a scan's CPU-bound work on the scan CPU pool, after the overload gate."""
     return await SCAN_CPU.run(func, *args, **kwargs)
-
-
-class TestLeak:
-    """TEST-ONLY: keeps `bytes_per_scan` bytes of every finished scan's pixel buffer for ever.
-
-    Exists so the load test can prove that its memory check trips on a real leak. It is only
-    ever built from the environment, and only when both ENV_TEST_MODE=1 and
-    ENV_TEST_LEAK_BYTES_PER_SCAN are set; a production gateway never has one.
-    """
-
-    __test__ = False  # not a pytest test class, whatever its name says
-
-    def __init__(self, bytes_per_scan: int) -> None:
-        if bytes_per_scan < 1:
-            raise ValueError(f"{ENV_TEST_LEAK_BYTES_PER_SCAN} must be at least 1")
-        self.bytes_per_scan = bytes_per_scan
-        self._kept: list[np.ndarray] = []
-
-    @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> TestLeak | None:
-        env = os.environ if environ is None else environ
-        raw = env.get(ENV_TEST_LEAK_BYTES_PER_SCAN, "")
-        if env.get(ENV_TEST_MODE) != "1" or not raw:
-            return None
-        try:
-            leak = cls(int(raw))
-        except ValueError as err:
-            raise ValueError(
-                f"{ENV_TEST_LEAK_BYTES_PER_SCAN}={raw!r}: expected a positive byte count ({err})"
-            ) from None
-        log.warning(
-            "TEST-ONLY: leaking %d bytes per scan (%s); never set this outside tests",
-            leak.bytes_per_scan,
-            ENV_TEST_LEAK_BYTES_PER_SCAN,
-        )
-        return leak
-
-    @property
-    def kept_bytes(self) -> int:
-        return sum(int(a.nbytes) for a in self._kept)
-
-    def keep(self, buffer: np.ndarray) -> None:
-        """Hold a copy of `buffer`'s bytes, repeated or cut to exactly bytes_per_scan (every
-        page written, so the resident set really grows)."""
-        raw = np.ascontiguousarray(buffer).reshape(-1).view(np.uint8)
-        self._kept.append(np.resize(raw, self.bytes_per_scan))

@@ -620,7 +620,7 @@ def _die_with_parent() -> None:
 
 async def _serve_scans(sock: socket.socket, ledger: MemoryLedger, slot: int) -> None:
     from ctjoint.gateway.decode_pool import close_default_pool
-    from ctjoint.gateway.limits import SCAN_CPU, TestLeak
+    from ctjoint.gateway.limits import SCAN_CPU
     from ctjoint.gateway.logging_setup import configure_logging
     from ctjoint.gateway.server import (
         _freeze_startup_objects,
@@ -645,7 +645,6 @@ async def _serve_scans(sock: socket.socket, ledger: MemoryLedger, slot: int) -> 
             # What this worker's inferences find out about Triton replicas, the gateway hears.
             replicas.on_replica_change(lambda change: _tell(channel, ("replica", change)))
         analyzer = create_analyzer(setup.config, backend)
-        leak = TestLeak.from_environment()
         _freeze_startup_objects()
         await channel.send(("ready",))
         while (message := await inbox.get()) != _GONE:
@@ -660,7 +659,7 @@ async def _serve_scans(sock: socket.socket, ledger: MemoryLedger, slot: int) -> 
                     bound=True,
                 )
                 if not await _one_scan(
-                    channel, inbox, analyzer, scan, order, leak, memory, setup.cpu_seconds
+                    channel, inbox, analyzer, scan, order, memory, setup.cpu_seconds
                 ):
                     return
     finally:
@@ -698,7 +697,6 @@ async def _one_scan(
     analyzer: Any,
     scan: int,
     order: ScanOrder,
-    leak: Any,
     memory: ScanMemory,
     cpu_seconds: float,
 ) -> bool:
@@ -732,7 +730,6 @@ async def _one_scan(
                     inputs(),
                     progress=progress,
                     receive_ms=lambda: receive[0],
-                    leak=leak,
                 )
             except MemoryError as err:
                 raise memory.out_of_memory() from err

@@ -31,7 +31,7 @@ from ctjoint.gateway.errors import (
     ModelNotFoundError,
 )
 from ctjoint.gateway.interceptors import adopt_request_id, note_model
-from ctjoint.gateway.limits import GatewayLimits, ScanSlots, TestLeak
+from ctjoint.gateway.limits import GatewayLimits, ScanSlots
 from ctjoint.gateway.memory import ScanMemory, scan_memory
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import Destination, PacsPusher
@@ -76,9 +76,6 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         # Where scans are analysed: worker processes (gateway/scan_workers.py), or in this
         # process with `analyzer` when None (a gateway given a backend object).
         self._workers = workers
-        # None unless the test-only leak switch is set (tests/test_load.py proves its check);
-        # workers keep their own, where the analysis is.
-        self._test_leak = TestLeak.from_environment() if workers is None else None
         self._metrics = metrics
         self._default_model = default_model
         self._pacs = pacs
@@ -260,7 +257,6 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
                 receive.files(),
                 progress=progress,
                 receive_ms=lambda: receive.receive_ms,
-                leak=self._test_leak,
             )
 
     async def _read_header(

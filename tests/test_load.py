@@ -2,9 +2,10 @@
 tritonserver.
 
 Many scans in a row must not grow the gateway's resident memory (checked after a warm-up), and
-the check is shown to work by a gateway built to leak (a test-only switch). Far more concurrent
-scans than the gateway admits: the excess is refused at once with RESOURCE_EXHAUSTED, every
-admitted scan succeeds with its own answer, and memory stays bounded.
+the check is shown to work by a gateway built to leak (tests/leaking_analyzer.py wraps its
+analyser). Far more concurrent scans than the gateway admits: the excess is refused at once
+with RESOURCE_EXHAUSTED, every admitted scan succeeds with its own answer, and memory stays
+bounded.
 
 1,000 scans run in CI (about a minute here); CTJOINT_LONG_TESTS=1 runs 5,000.
 """
@@ -26,6 +27,7 @@ from grpc_health.v1 import health_pb2
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
 from gateway_process import GatewayProcess, metric_value
+from leaking_analyzer import ENV_LEAK_BYTES_PER_SCAN, Leak
 from lean_burst import h2load_path
 from reliability_helpers import (
     BurstAtWork,
@@ -45,7 +47,6 @@ from reliability_helpers import (
     write_test_repository,
 )
 
-from ctjoint.gateway.limits import ENV_TEST_LEAK_BYTES_PER_SCAN, ENV_TEST_MODE
 from ctjoint.v1 import scan_pb2_grpc
 
 pytestmark = [pytest.mark.xdist_group("tritonserver"), pytest.mark.timeout(1800)]
@@ -61,6 +62,7 @@ MAX_RSS_GROWTH_BYTES = 50 * MIB
 # The leaking build keeps this much per scan: the check must trip well before LEAK_SCANS.
 LEAK_BYTES_PER_SCAN = 1 * MIB
 LEAK_SCANS = 80
+LEAKING_BUILD = Path(__file__).resolve().parent / "leaking_build"
 # Overload: 200 scans at once against a limit of 8.
 OVERLOAD_LIMIT = 8
 OVERLOAD_SCANS = 200
@@ -163,8 +165,10 @@ def test_the_memory_check_trips_on_a_gateway_built_to_leak(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(ENV_TEST_MODE, "1")
-    monkeypatch.setenv(ENV_TEST_LEAK_BYTES_PER_SCAN, str(LEAK_BYTES_PER_SCAN))
+    # The gateway and its workers start with tests/leaking_build first on their path.
+    path = os.pathsep.join(p for p in (str(LEAKING_BUILD), os.environ.get("PYTHONPATH")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    monkeypatch.setenv(ENV_LEAK_BYTES_PER_SCAN, str(LEAK_BYTES_PER_SCAN))
     gateway = triton_gateway(triton, contract_model_dir, tmp_path / "gateway.log")
     try:
         measured = rss_growth(gateway, series, WARMUP_SCANS + LEAK_SCANS)
@@ -172,7 +176,7 @@ def test_the_memory_check_trips_on_a_gateway_built_to_leak(
     finally:
         gateway.stop()
     figures.record("load: RSS check against the leaking build", **measured)
-    assert "TEST-ONLY" in log, "the gateway did not announce its test-only leak"
+    assert "TEST-ONLY: this analyser leaks" in log, "the gateway was not built to leak"
     with pytest.raises(AssertionError, match="gateway RSS grew"):
         assert_rss_bounded(measured)
 
@@ -321,29 +325,10 @@ def test_overload_refusals_timed_by_a_load_generator_that_leaves_the_cores_alone
     assert seconds[-1] < MAX_REJECT_S, f"slowest answer took {seconds[-1] * 1000:.0f} ms"
 
 
-def test_the_leak_switch_needs_test_mode_as_well() -> None:
-    from ctjoint.gateway.limits import TestLeak
-
-    assert TestLeak.from_environment({}) is None
-    assert TestLeak.from_environment({ENV_TEST_LEAK_BYTES_PER_SCAN: "1024"}) is None
-    assert TestLeak.from_environment({ENV_TEST_MODE: "1"}) is None
-    leak = TestLeak.from_environment({ENV_TEST_MODE: "1", ENV_TEST_LEAK_BYTES_PER_SCAN: "1024"})
-    assert leak is not None and leak.bytes_per_scan == 1024
-
-
-def test_the_leak_switch_refuses_a_bad_byte_count_by_name() -> None:
-    from ctjoint.gateway.limits import TestLeak
-
-    with pytest.raises(ValueError, match=f"{ENV_TEST_LEAK_BYTES_PER_SCAN}='lots'"):
-        TestLeak.from_environment({ENV_TEST_MODE: "1", ENV_TEST_LEAK_BYTES_PER_SCAN: "lots"})
-
-
 def test_the_leaking_build_keeps_exactly_its_bytes_per_scan() -> None:
     import numpy as np
 
-    from ctjoint.gateway.limits import TestLeak
-
-    leak = TestLeak(3000)
+    leak = Leak(3000)
     for _ in range(3):
         leak.keep(np.arange(100, dtype=np.float32))
     assert leak.kept_bytes == 9000
