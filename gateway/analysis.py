@@ -49,6 +49,7 @@ from ctjoint.gateway.limits import cpu_bound
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
     ResampleGeometry,
+    context_view,
     inplane_slices,
     logits_to_source_labels,
     model_input,
@@ -276,12 +277,14 @@ class SeriesIntake:
         """Arrival slots in the finished volume's order (empty before `finish`)."""
         return self._assembler.sorted_slots
 
-    def sorted_planes(self) -> np.ndarray | None:
-        """The in-plane preprocessed slices [Z, H, W] in the finished volume's order; None
-        without a plan."""
+    def sorted_planes(self, pad: int = 0) -> np.ndarray | None:
+        """The in-plane preprocessed slices [Z, H, W] in the finished volume's order, with the
+        first and last repeated `pad` times at each end; None without a plan."""
         if self._plan is None or not self.planes:
             return None
-        return np.stack([self.planes[slot] for slot in self.sorted_slots])
+        slots = self.sorted_slots
+        order = [slots[0]] * pad + list(slots) + [slots[-1]] * pad
+        return np.stack([self.planes[slot] for slot in order])
 
     async def finish(self) -> CtVolume:
         """Sort, check spacing and return the volume (EmptySeriesError if nothing arrived)."""
@@ -494,16 +497,25 @@ class ScanAnalyzer:
         try:
             t0 = time.perf_counter()
             # In-plane slices an intake prepared serve only the plan they were made for.
-            planes = (
-                prepared.intake.sorted_planes()
-                if prepared is not None and prepared.plan == info.plan
-                else None
-            )
-            if planes is None:
-                image, geometry = await cpu_bound(preprocess_volume, volume.hu, info.plan)
+            reuse = prepared is not None and prepared.plan == info.plan
+            if prepared is not None and reuse and prepared.streamer is not None:
+                # Streaming needs only the stacks it did not infer: a view, copied per stack.
+                context = info.plan.context
+                padded = prepared.intake.sorted_planes(pad=context)
+                if padded is None:
+                    raise RuntimeError("a streamed scan has no in-plane slices")
+                image = context_view(padded, context)
+                geometry = ResampleGeometry(
+                    volume.shape, (z, info.plan.height, info.plan.width), "2.5d"
+                )
+                del padded
             else:
-                image, geometry = await cpu_bound(model_input, planes, info.plan, volume.shape)
-            del planes
+                planes = prepared.intake.sorted_planes() if prepared is not None and reuse else None
+                if planes is None:
+                    image, geometry = await cpu_bound(preprocess_volume, volume.hu, info.plan)
+                else:
+                    image, geometry = await cpu_bound(model_input, planes, info.plan, volume.shape)
+                del planes
             preprocess_ms = before.preprocess_ms + (time.perf_counter() - t0) * 1000.0
             if progress is not None:
                 progress(Progress("preprocessed", z, z))
@@ -652,7 +664,8 @@ class ScanAnalyzer:
         outputs, stream, labels = await streamer.finish(
             prepared.intake.sorted_slots,
             image,
-            lambda rest: self._infer(info, rest, rest.shape[0], None),
+            # `image` may be a strided view (`context_view`): each request gets its own copy.
+            lambda rest: self._infer(info, np.ascontiguousarray(rest), rest.shape[0], None),
         )
         _check_outputs(info, outputs, slices)
         if progress is not None:

@@ -211,6 +211,20 @@ def context_stack(slices: np.ndarray, context: int) -> np.ndarray:
     return np.ascontiguousarray(slices[index])
 
 
+def context_view(padded: np.ndarray, context: int) -> np.ndarray:
+    """`context_stack` of `padded[context:-context]`, as a read-only view of `padded`: a
+    [Z + 2*context, H, W] array whose first and last `context` slices repeat its edge slices.
+
+    Equal to `context_stack` element by element, without its copy of 2*context+1 times the
+    slices: streaming has inferred most stacks before the last file, and indexing the view
+    copies only the ones still needed (a 400-slice scan: 79 MB of fresh pages less).
+    """
+    if context == 0:
+        return padded[:, None]
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * context + 1, axis=0)
+    return np.moveaxis(windows, -1, 1)  # [Z, 2*context+1, H, W]
+
+
 def preprocess_volume(hu: np.ndarray, plan: PreprocessPlan) -> tuple[np.ndarray, ResampleGeometry]:
     """A HU volume [Z, Y, X] (sorted along the slice normal) -> model input and its geometry.
 
