@@ -6,8 +6,9 @@
 The series is a phantom chest CT (export/phantom.py), analysed once in-process with the
 bundled jcs2d weights; then each writer builds the SEG (four segments: ground glass,
 consolidation, right and left lung) and the TID 1500 SR that references it, and serialises
-both, `--repeats` times. Printed per writer: the median seconds added to a scan, the SEG and SR
-sizes, and the ratio to the writer this project used before (binary, every frame written).
+both, `--repeats` times. Printed per writer: the median seconds added to a scan (and the
+fastest run, the least disturbed by other processes), the SEG and SR sizes, and the ratio to
+the writer this project used before (binary, every frame written).
 Target (issue 19): at most 0.35 s added for the default writer on 60 slices of 512x512.
 
 A benchmark, not a test: its figures depend on the machine and its load (printed with them).
@@ -164,19 +165,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.2f} at the end"
     )
     lines = [
-        "| writer | SEG+SR seconds | vs before | SEG bytes | SR bytes |",
-        "|---|---:|---:|---:|---:|",
+        "| writer | SEG+SR seconds (median) | fastest run | vs before | SEG bytes | SR bytes |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, row in figures.items():
         row["ratio_to_before"] = row["seconds_median"] / before
         lines.append(
-            f"| {name} | {row['seconds_median']:.3f} | {row['ratio_to_before']:.2f} | "
-            f"{row['seg_bytes']:,d} | {row['sr_bytes']:,d} |"
+            f"| {name} | {row['seconds_median']:.3f} | {row['seconds_min']:.3f} | "
+            f"{row['ratio_to_before']:.2f} | {row['seg_bytes']:,d} | {row['sr_bytes']:,d} |"
         )
-    default = figures["binary, empty frames left out (default)"]["seconds_median"]
-    verdict = "met" if default <= TARGET_SECONDS else "missed"
+    default = figures["binary, empty frames left out (default)"]
+    verdict = "met" if default["seconds_median"] <= TARGET_SECONDS else "missed"
+    # The fastest run is the one the other processes on the machine disturbed least.
     target = (
-        f"Target: the default writer adds at most {TARGET_SECONDS} s: {default:.3f} s, {verdict}."
+        f"Target: the default writer adds at most {TARGET_SECONDS} s: median "
+        f"{default['seconds_median']:.3f} s, {verdict} "
+        f"(fastest run {default['seconds_min']:.3f} s)."
     )
     print(facts)
     print("\n".join(lines))

@@ -296,10 +296,12 @@ def segment_masks(label_map: np.ndarray, lungs: np.ndarray) -> np.ndarray:
 
     Each segment's volume is contiguous in memory (a view over [4, Z, Y, X]): the SEG writer
     reads one slice of one segment per frame, which is then one contiguous block."""
-    stacked = np.stack(
-        [label_map == SEG_GROUND_GLASS, label_map == SEG_CONSOLIDATION, lungs == 1, lungs == 2],
-        axis=0,
-    )
+    stacked = np.empty((4, *label_map.shape), dtype=np.bool_)
+    # Written in place: np.stack of four comparisons would copy 4 x Z x Y x X bytes once more.
+    np.equal(label_map, SEG_GROUND_GLASS, out=stacked[0])
+    np.equal(label_map, SEG_CONSOLIDATION, out=stacked[1])
+    np.equal(lungs, 1, out=stacked[2])
+    np.equal(lungs, 2, out=stacked[3])
     return np.moveaxis(stacked, 0, -1)
 
 
