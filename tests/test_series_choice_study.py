@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from pydicom.uid import SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage
 
 from ctjoint.client.listen import SELECTION_JSON, gateway_forward, listen, series_key
 from ctjoint.client.send import RESULT_JSON
+from ctjoint.client.stow import StowSettings
 from ctjoint.export.phantom import write_phantom_case
 from ctjoint.gateway.series import list_series_files
 from ctjoint.series_rules import (
@@ -172,10 +175,35 @@ def gateway(contract_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         process.stop()
 
 
+def _stow(port: int, files: list[Path]) -> int:
+    """One STOW-RS request holding every file; returns the HTTP status."""
+    boundary = uuid.uuid4().hex
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + path.read_bytes()
+            + b"\r\n"
+            for path in files
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/studies",
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+        },
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        return int(answer.status)
+
+
+@pytest.mark.parametrize("way", ["dimse", "stow-rs"])
 def test_listen_forwards_only_the_chosen_series_of_a_study(
-    study: tuple[list[Path], str], gateway: str, tmp_path: Path
+    study: tuple[list[Path], str], gateway: str, tmp_path: Path, way: str
 ) -> None:
-    storescu = _tool("storescu")
+    storescu = _tool("storescu") if way == "dimse" else ""
     files, chosen_uid = study
     out = tmp_path / "results"
     to_gateway = gateway_forward(
@@ -187,7 +215,7 @@ def test_listen_forwards_only_the_chosen_series_of_a_study(
         forwarded[key] = len(list(folder.glob("*.dcm")))
         to_gateway(folder, key)
 
-    ports: list[int] = []
+    ports: dict[str, int] = {}
     ready, stop = threading.Event(), threading.Event()
     holder: dict[str, Any] = {}
 
@@ -199,9 +227,11 @@ def test_listen_forwards_only_the_chosen_series_of_a_study(
             spool=tmp_path / "spool",
             forward=forward,
             quiet_seconds=0.5,
+            stow=StowSettings(),
             results=out,
             stop=stop,
-            started=lambda port: (ports.append(port), ready.set()),
+            stow_started=lambda port: ports.update(stow=port),
+            started=lambda port: (ports.update(dimse=port), ready.set()),
         )
 
     thread = threading.Thread(target=serve, daemon=True)
@@ -209,14 +239,18 @@ def test_listen_forwards_only_the_chosen_series_of_a_study(
     key = series_key(chosen_uid)
     try:
         assert ready.wait(10), "the listener did not start"
-        # -R: propose each file's own SOP class (the dose SR is not in storescu's default list).
-        sent = subprocess.run(
-            [storescu, "-R", "-aec", AE_TITLE, "127.0.0.1", str(ports[0]), *map(str, files)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert sent.returncode == 0, sent.stderr
+        if way == "dimse":
+            # -R: propose each file's own SOP class (storescu's default list lacks the dose SR).
+            sent = subprocess.run(
+                [storescu, "-R", "-aec", AE_TITLE, "127.0.0.1", str(ports["dimse"]),
+                 *map(str, files)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )  # fmt: skip
+            assert sent.returncode == 0, sent.stderr
+        else:
+            assert _stow(ports["stow"], files) == 200  # every instance taken
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (out / key / RESULT_JSON).exists():
             time.sleep(0.2)
