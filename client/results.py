@@ -115,6 +115,67 @@ def result_dict(message: scan_pb2.ScanResult) -> dict[str, Any]:
             }
             for m in message.members
         ],
+        "series_selection": (
+            _selection_dict(message.series_selection)
+            if message.HasField("series_selection")
+            else None
+        ),
+        # Only a gateway with a PACS compares (`ctjoint analyze` has no prior to compare with).
+        **(
+            {"comparison": comparison_dict(message.comparison)}
+            if message.HasField("comparison")
+            else {}
+        ),
+    }
+
+
+def comparison_dict(message: scan_pb2.Comparison) -> dict[str, Any]:
+    """The comparison with the prior analysis (gateway/comparison.py `Comparison.to_dict`)."""
+    if not message.available:
+        return {"available": False, "reason": message.reason}
+    return {
+        "available": True,
+        "category": message.category,
+        "prior_study_date": message.prior_study_date or None,
+        "interval_days": message.interval_days if message.HasField("interval_days") else None,
+        "prior_label": message.prior_label,
+        "current_label": message.current_label,
+        "prior_total_ml": message.prior_total_ml,
+        "current_total_ml": message.current_total_ml,
+        "changes": {
+            c.measure: {
+                "absolute": c.absolute,
+                "relative": c.relative if c.HasField("relative") else None,
+            }
+            for c in message.changes
+        },
+        "rule": message.rule,
+    }
+
+
+def _series_dict(message: scan_pb2.SelectedSeries) -> dict[str, Any]:
+    """SeriesFacts.to_dict() of ctjoint/series_rules.py, rebuilt from its message."""
+    return {
+        "series": message.series,
+        "number": int(message.number) if message.HasField("number") else None,
+        "images": int(message.images),
+        "slice_thickness_mm": (
+            round(float(message.slice_thickness_mm), 4)
+            if message.HasField("slice_thickness_mm")
+            else None
+        ),
+        "coverage_mm": round(float(message.coverage_mm), 1),
+        "kernel": message.kernel,
+    }
+
+
+def _selection_dict(message: scan_pb2.SeriesSelection) -> dict[str, Any]:
+    """Selection.to_dict() of ctjoint/series_rules.py, rebuilt from its message."""
+    return {
+        "analysed": _series_dict(message.analysed) if message.HasField("analysed") else None,
+        "reason": message.reason,
+        "notes": list(message.notes),
+        "skipped": [{**_series_dict(s), "reason": s.reason} for s in message.skipped],
     }
 
 

@@ -175,7 +175,9 @@ class SeriesFacts:
             "series": self.key,
             "number": self.number,
             "images": self.images,
-            "slice_thickness_mm": self.thickness_mm,
+            "slice_thickness_mm": (
+                None if self.thickness_mm is None else round(self.thickness_mm, 4)
+            ),
             "coverage_mm": round(self.coverage_mm, 1),
             "kernel": kernel_family(self.kernel),
         }

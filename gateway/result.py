@@ -330,4 +330,7 @@ class ScanResult:
             ),
             "review": self.review.to_dict(),
             "members": [member.to_dict() for member in self.members],
+            "series_selection": (
+                None if self.series_selection is None else self.series_selection.to_dict()
+            ),
         }

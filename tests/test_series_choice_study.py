@@ -20,16 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jsonschema
 import pydicom
 import pytest
 from gateway_process import GatewayProcess, analyze, file_bytes
 from pydicom.uid import SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage, generate_uid
 
 from ctjoint.client.listen import SELECTION_JSON, gateway_forward, listen, series_key
+from ctjoint.client.results import result_dict
 from ctjoint.client.send import RESULT_JSON
 from ctjoint.client.stow import StowSettings
 from ctjoint.export.phantom import write_phantom_case
+from ctjoint.gateway.analysis import analyze_directory
 from ctjoint.gateway.series import list_series_files
+from ctjoint.gateway.wire import result_to_proto
 from ctjoint.series_rules import (
     CT_IMAGE_STORAGE,
     LOCALIZERS_ONLY,
@@ -41,6 +45,9 @@ from ctjoint.series_rules import (
 )
 
 AE_TITLE = "CTJOINT"
+RESULT_SCHEMA_PATH = (
+    Path(__file__).resolve().parent.parent / "client" / "schema" / "scan_result.schema.json"
+)
 # Series number -> the reason it is skipped (the chosen one is series 2).
 EXPECTED_SKIPS = {
     3: "soft kernel; a lung kernel is preferred",
@@ -307,3 +314,20 @@ def test_a_study_with_no_series_to_analyse_is_refused_with_each_reason(
     assert details.startswith("no series to analyse (")
     for number in (1, 6, 98, 99):
         assert f"series {number}: {EXPECTED_SKIPS[number]}" in details
+
+
+def test_the_selection_reads_the_same_in_result_json_directly_and_over_the_wire(
+    study: tuple[list[Path], str], contract_model_dir: Path
+) -> None:
+    """`ctjoint analyze` on the study's folder chooses alike; its result.json and the one a
+    client rebuilds from the answer carry the same selection, valid under the schema."""
+    files, chosen_uid = study
+    result = analyze_directory(files[0].parent, model="jcs2d", model_dir=contract_model_dir).result
+    schema = json.loads(RESULT_SCHEMA_PATH.read_text(encoding="utf-8"))
+    direct = json.loads(json.dumps(result.to_dict()))
+    rebuilt = result_dict(result_to_proto(result, request_id="r1"))
+    jsonschema.validate(direct, schema)
+    jsonschema.validate(rebuilt, schema)
+    assert rebuilt["series_selection"] == direct["series_selection"]
+    _assert_selection(direct["series_selection"])
+    assert chosen_uid not in json.dumps(direct)
