@@ -11,12 +11,23 @@ growth of the peak over the resident set before it is divided by the decoded vol
 columns x slices x 4 bytes). A phantom chest CT at 512 x 512 is made once; larger matrices
 repeat its pixels (the pipeline's memory follows the matrix, not what it shows).
 With --doc, the table goes between `<!-- scan memory -->` and `<!-- /scan memory -->`.
+
+    .venv/bin/python bench/scan_memory.py --gateway [--slices 400] [--doc FILE]
+
+measures a real gateway instead (`ctjoint gateway serve` on a CPU tritonserver, as deployed:
+the model's memory is Triton's): after a 100-slice warm-up scan, the peak resident set
+(VmHWM, reset through /proc/PID/clear_refs) of the serving process and of each scan worker
+over one scan of `--slices` 512x512 slices, what each keeps 2 s after the answer, and the same
+for four such scans at once (with the tree's summed RSS sampled every 50 ms), against three
+times the scan's int16 size and the gateway's memory limit in deploy/k8s. With --doc that
+table goes between `<!-- gateway memory -->` and `<!-- /gateway memory -->`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -29,6 +40,8 @@ import numpy as np
 
 MIB = 1024 * 1024
 MARK = ("<!-- scan memory -->", "<!-- /scan memory -->")
+GATEWAY_MARK = ("<!-- gateway memory -->", "<!-- /gateway memory -->")
+K8S_GATEWAY = Path(__file__).resolve().parent.parent / "deploy" / "k8s" / "gateway-deployment.yaml"
 
 
 def _files(size: int, slices: int, cache: Path) -> list[bytes]:
@@ -114,6 +127,117 @@ def _one_case(size: int, slices: int, model: str, cache: Path) -> dict[str, Any]
 analyzer: Any = None
 
 
+def _status_mib(pid: int, field: str) -> float:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _reset_peaks(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def _k8s_limit_bytes() -> int:
+    """The gateway container's memory limit in the Kubernetes manifest."""
+    import yaml
+
+    units = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+    for doc in yaml.safe_load_all(K8S_GATEWAY.read_text()):
+        if not doc or doc.get("kind") != "Deployment":
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            limit = str(container["resources"]["limits"]["memory"])
+            return int(limit[:-2]) * units[limit[-2:]] if limit[-2:] in units else int(limit)
+    raise SystemExit(f"{K8S_GATEWAY}: no gateway container memory limit")
+
+
+def _processes(root: int) -> dict[str, list[int]]:
+    from ctjoint.bench import process_tree
+
+    tree = process_tree(root)
+    return {"serving": [root], "workers": [p for p in tree if p != root]}
+
+
+def _gateway_round(stack: Any, contents: list[bytes], model: str, scans: int) -> dict[str, Any]:
+    """`scans` scans at once: each process's peak and what it keeps 2 s after."""
+    import time
+
+    from ctjoint.bench import ResourceSampler, run_point
+
+    procs = _processes(stack.pids["gateway"])
+    everyone = procs["serving"] + procs["workers"]
+    _reset_peaks(everyone)
+    with ResourceSampler({"gateway": stack.pids["gateway"]}, interval_s=0.05) as sampler:
+        point, _ = run_point(stack.address, contents, model=model, concurrency=scans, scans=scans)
+    time.sleep(2.0)
+    workers = {pid: _status_mib(pid, "VmHWM") for pid in procs["workers"]}
+    return {
+        "scans": scans,
+        "scans_per_s": point.scans_per_s,
+        "serving_peak_mib": round(_status_mib(procs["serving"][0], "VmHWM"), 1),
+        "serving_after_mib": round(_status_mib(procs["serving"][0], "VmRSS"), 1),
+        "worker_peaks_mib": sorted((round(v, 1) for v in workers.values()), reverse=True),
+        "workers_after_mib": sorted(
+            (round(_status_mib(p, "VmRSS"), 1) for p in procs["workers"]), reverse=True
+        ),
+        "tree_peak_sampled_mib": round(sampler.summary()["gateway"]["peak_rss_mb"] * 1e6 / MIB, 1),
+    }
+
+
+def gateway_memory(slices: int, model: str, cache: Path, log_dir: Path) -> dict[str, Any]:
+    """One scan, then four at once, through a spawned gateway + CPU Triton."""
+    import grpc
+
+    from ctjoint.bench import load_series, phantom_series, run_scan, spawned_stack
+
+    contents = load_series(phantom_series(cache, size=512, slices=slices))
+    warm = load_series(phantom_series(cache, size=512, slices=100))
+    with spawned_stack(log_dir, backend="triton") as stack:
+        with grpc.insecure_channel(stack.address) as channel:
+            run_scan(channel, warm, model=model)
+        one = _gateway_round(stack, contents, model, 1)
+        four = _gateway_round(stack, contents, model, 4)
+    return {
+        "model": model,
+        "slices": slices,
+        "int16_mib": round(512 * 512 * slices * 2 / MIB, 1),
+        "limit_mib": round(_k8s_limit_bytes() / MIB, 1),
+        "one": one,
+        "four": four,
+    }
+
+
+def _gateway_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | slices | scans at once | serving process peak / after (MiB) | "
+        "worker peaks (MiB) | workers after (MiB) | gateway tree peak, sampled (MiB) | "
+        "target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for key in ("one", "four"):
+            p = r[key]
+            target = (
+                f"one scan <= 3 x int16 = {3 * r['int16_mib']:.0f} MiB"
+                if key == "one"
+                else f"<= limit {r['limit_mib']:.0f} MiB"
+            )
+            lines.append(
+                f"| {r['model']} | {r['slices']} | {p['scans']} | {p['serving_peak_mib']} / "
+                f"{p['serving_after_mib']} | {', '.join(map(str, p['worker_peaks_mib']))} | "
+                f"{', '.join(map(str, p['workers_after_mib']))} | {p['tree_peak_sampled_mib']} | "
+                f"{target} |"
+            )
+    return "\n".join(lines)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | matrix | slices | decoded volume (MiB) | peak growth (MiB) | per decoded byte |",
@@ -127,9 +251,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write_doc(doc: Path, table: str) -> None:
+def _write_doc(doc: Path, table: str, mark: tuple[str, str] = MARK) -> None:
     text = doc.read_text()
-    start, end = text.index(MARK[0]) + len(MARK[0]), text.index(MARK[1])
+    start, end = text.index(mark[0]) + len(mark[0]), text.index(mark[1])
     doc.write_text(text[:start] + "\n" + table + "\n" + text[end:])
 
 
@@ -140,7 +264,21 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ctjoint-bench")
     parser.add_argument("--doc", type=Path)
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--gateway", action="store_true", help="measure a spawned gateway")
+    parser.add_argument("--slices", type=int, default=400, help="with --gateway")
     args = parser.parse_args()
+    if args.gateway:
+        rows = [
+            gateway_memory(args.slices, model, args.cache, Path("out/bench/gateway-memory"))
+            for model in args.models.split(",")
+        ]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        table = _gateway_table(rows)
+        print(table)
+        if args.doc is not None:
+            _write_doc(args.doc, table, GATEWAY_MARK)
+        return
     if args.case:
         size, slices, model = args.case.split(",")
         print(json.dumps(_one_case(int(size), int(slices), model, args.cache)))

@@ -6,7 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ctjoint.contracts import LUNG_LEFT, LUNG_RIGHT, SEG_CLASS_NAMES
+from ctjoint.gateway.lesions import _box, lung_statistics
 from ctjoint.gateway.preprocess import context_stack, context_view
+from ctjoint.gateway.series import CtVolume
 
 
 @pytest.mark.parametrize(("slices", "context"), [(1, 1), (2, 1), (7, 1), (7, 2), (5, 0)])
@@ -21,3 +24,44 @@ def test_the_context_view_equals_the_copied_context_stack(slices: int, context: 
     rows = [slices - 1, 0]
     np.testing.assert_array_equal(np.ascontiguousarray(view[rows]), expected[rows])
     assert not np.shares_memory(np.ascontiguousarray(view[rows]), padded)
+
+
+def _plain_box(mask: np.ndarray, grow: int) -> tuple[slice, slice, slice] | None:
+    where = np.nonzero(mask)
+    if where[0].size == 0:
+        return None
+    z, y, x = (slice(int(w.min()), int(w.max()) + 1) for w in where)
+    rows = slice(max(y.start - grow, 0), min(y.stop + grow, mask.shape[1]))
+    columns = slice(max(x.start - grow, 0), min(x.stop + grow, mask.shape[2]))
+    return z, rows, columns
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_bounding_box_equals_that_of_the_nonzero_voxels(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((9, 12, 11), dtype=np.uint8)
+    for _ in range(seed):  # seed 0: empty
+        z, y, x = (int(rng.integers(0, n)) for n in labels.shape)
+        labels[z, y, x] = rng.integers(1, 3)
+    for grow in (0, 2):
+        assert _box(labels, grow) == _plain_box(labels, grow)
+        assert _box(labels > 0, grow) == _plain_box(labels, grow)
+
+
+def test_lung_statistics_count_as_the_plain_masks_do() -> None:
+    rng = np.random.default_rng(4)
+    shape = (40, 24, 20)  # more slices than one counting chunk
+    lungs = rng.integers(0, 3, shape).astype(np.uint8)
+    labels = (rng.integers(0, 3, shape) * (rng.random(shape) < 0.3)).astype(np.uint8)
+    volume = CtVolume.from_array(np.zeros(shape, dtype=np.float32), (1.0, 0.5, 0.5))
+    for side, stats in zip(
+        (LUNG_RIGHT, LUNG_LEFT), lung_statistics(labels, lungs, volume), strict=True
+    ):
+        in_side = lungs == side
+        assert stats.volume_ml == pytest.approx(np.count_nonzero(in_side) * volume.voxel_volume_ml)
+        for name, ml in stats.lesion_volume_ml.items():
+            value = SEG_CLASS_NAMES.index(name)
+            expected = np.count_nonzero(in_side & (labels == value)) * volume.voxel_volume_ml
+            assert ml == pytest.approx(expected)
+        lesion = np.count_nonzero(in_side & (labels > 0))
+        assert stats.percent_involved == pytest.approx(100.0 * lesion / np.count_nonzero(in_side))
