@@ -50,7 +50,6 @@ import grpc
 from ctjoint.bench import (
     BenchPoint,
     ScanSample,
-    Stack,
     host_facts,
     load_series,
     phantom_series,
@@ -58,6 +57,7 @@ from ctjoint.bench import (
     run_scan,
     spawned_stack,
 )
+from ctjoint.launch import Stack
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 RATIOS = ("decode", "upload", "triton", "overhead", "scaling", "tail")

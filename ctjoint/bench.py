@@ -15,10 +15,6 @@ import json
 import logging
 import os
 import platform
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 import numpy as np
@@ -38,6 +34,9 @@ from ctjoint.client.channel import ChannelConfigError, ChannelSecurity
 from ctjoint.client.channel import open_channel as open_secure_channel
 from ctjoint.client.send import MAX_RECEIVE_MESSAGE_BYTES, REQUEST_ID_METADATA, list_series_files
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
+
+if TYPE_CHECKING:
+    from ctjoint.launch import Stack
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,6 @@ STAGE_GROUPS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
     ("postprocess", ("postprocess",)),
     ("outputs", ("encode", "dicom_outputs")),
 )
-GATEWAY_START_S: Final = 120.0
-_LISTENING: Final = re.compile(r"listening on (\S+):(\d+) ")
 _PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -585,110 +582,22 @@ def plot_report(report: BenchReport, path: Path) -> None:
 # --- a gateway (and Triton) started for the run -----------------------------------------------
 
 
-@dataclass(frozen=True)
-class Stack:
-    """What --spawn started: the gateway address and the process ids to watch."""
-
-    address: str
-    pids: dict[str, int]
-    triton_url: str | None = None
-    triton_http_url: str | None = None
-
-
 @contextmanager
 def spawned_stack(
     log_dir: Path, *, backend: str = "triton", threads: int | None = None
 ) -> Iterator[Stack]:
     """tritonserver on the checkout's CPU repository (triton backend) and a gateway, both on
-    loopback with free ports; stopped on exit."""
+    loopback with free ports (ctjoint/launch.py); stopped on exit."""
     try:
-        from ctjoint.contracts import TRITON_TARGET_CPU, repo_root
-        from ctjoint.gateway.triton_server import TritonServer, TritonServerConfig, free_ports
+        from ctjoint.launch import LaunchError, serving_stack
     except ImportError as err:
         raise BenchError(f"--spawn needs the gateway side installed ({err})") from err
-    log_dir.mkdir(parents=True, exist_ok=True)
-    if backend == "triton":
-        grpc_port, http_port, metrics_port = free_ports(3)
-        config = TritonServerConfig(
-            repository=repo_root() / "model_repository" / TRITON_TARGET_CPU,
-            grpc_port=grpc_port,
-            http_port=http_port,
-            metrics_port=metrics_port,
-        )
-        with TritonServer(config, log_file=log_dir / "triton.log") as triton:
-            url = config.grpc_url
-            with _gateway(
-                log_dir / "gateway.log", ["--backend", "triton", "--triton-url", url], threads
-            ) as (address, pid):
-                pids = {"gateway": pid}
-                if triton.pid is not None:
-                    pids["triton"] = triton.pid
-                yield Stack(address, pids, url, config.http_url)
-    else:
-        with _gateway(log_dir / "gateway.log", ["--backend", "embedded"], threads) as (
-            address,
-            pid,
-        ):
-            yield Stack(address, {"gateway": pid})
-
-
-@contextmanager
-def _gateway(log_path: Path, args: list[str], threads: int | None) -> Iterator[tuple[str, int]]:
-    command = [sys.executable, "-m", "ctjoint.cli", "gateway", "serve", "--port", "0", *args]
-    if threads is not None:
-        command += ["--threads", str(threads)]
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    args = () if threads is None else ("--threads", str(threads))
     try:
-        deadline = time.monotonic() + GATEWAY_START_S
-        address = ""
-        while not address:
-            if process.poll() is not None:
-                raise BenchError(f"the gateway exited with {process.returncode}; see {log_path}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"the gateway did not start in {GATEWAY_START_S:.0f} s")
-            match = _LISTENING.search(log_path.read_text(errors="replace"))
-            if match:
-                address = f"{match.group(1)}:{match.group(2)}"
-            else:
-                time.sleep(0.2)
-        failure = wait_gateway_serving(address, process, deadline)
-        if failure is not None:
-            raise BenchError(f"{failure} ({GATEWAY_START_S:.0f} s allowed); see {log_path}")
-        yield address, process.pid
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def wait_gateway_serving(
-    address: str, process: subprocess.Popen[bytes], deadline: float
-) -> str | None:
-    """Poll a just-started gateway's health until SERVING (None) or until it exits or the
-    monotonic `deadline` passes (the reason, for the caller's error). Shared with the demo."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return f"the gateway exited with {process.returncode}"
-        with grpc.insecure_channel(address) as channel:
-            try:
-                status = (
-                    health_pb2_grpc.HealthStub(channel)
-                    .Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    .status
-                )
-            except grpc.RpcError:
-                status = None
-        if status == health_pb2.HealthCheckResponse.SERVING:
-            return None
-        time.sleep(0.25)
-    return "the gateway was not SERVING in time"
+        with serving_stack(log_dir, *args, backend=backend) as stack:
+            yield stack
+    except (LaunchError, ImportError) as err:
+        raise BenchError(f"--spawn could not start the stack: {err}") from err
 
 
 def phantom_series(

@@ -7,23 +7,15 @@ gateway backed by a real tritonserver. Every output lands in one folder.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 import numpy as np
 from rich.console import Console
 
 from ctjoint import contracts
-from ctjoint.bench import wait_gateway_serving
 from ctjoint.gateway.errors import CtJointError
-
-GATEWAY_START_S: Final = 120.0
 
 
 class DemoError(CtJointError):
@@ -48,7 +40,7 @@ def run_demo(out_dir: Path, *, kind: str, seed: int, size: int, slices: int) -> 
     from ctjoint.client.send import send_series
     from ctjoint.export.phantom import write_phantom_case
     from ctjoint.gateway.analysis import analyze_directory
-    from ctjoint.gateway.triton_server import TritonServer, TritonServerConfig, free_ports
+    from ctjoint.launch import LaunchError, serving_stack
 
     console = Console(soft_wrap=True, highlight=False)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,29 +61,15 @@ def run_demo(out_dir: Path, *, kind: str, seed: int, size: int, slices: int) -> 
         write_overlay_png(analysis.volume_hu, analysis.label_map, out_dir / f"embedded_{model}.png")
         embedded[model] = (analysis.result.label, seconds, analysis.label_map)
 
-    repository = contracts.repo_root() / "model_repository" / "cpu"
-    grpc_port, http_port, metrics_port, gateway_port, gateway_metrics = free_ports(5)
-    triton = TritonServer(
-        TritonServerConfig(
-            repository=repository,
-            grpc_port=grpc_port,
-            http_port=http_port,
-            metrics_port=metrics_port,
-        ),
-        log_file=out_dir / "triton.log",
-    )
     runs: list[DemoRun] = []
     console.rule("starting tritonserver and the gateway (--backend triton)")
-    with triton:
-        gateway = _start_gateway(
-            out_dir / "gateway.log", gateway_port, gateway_metrics, f"127.0.0.1:{grpc_port}"
-        )
-        try:
+    try:
+        with serving_stack(out_dir, backend="triton") as stack:
             for model in contracts.MODEL_NAMES:
                 console.rule(f"{model}: ctjoint send -> gateway -> Triton")
                 outcome = send_series(
                     series,
-                    gateway=f"127.0.0.1:{gateway_port}",
+                    gateway=stack.address,
                     model=model,
                     out_dir=out_dir / f"gateway_{model}",
                     show_progress=False,
@@ -105,13 +83,8 @@ def run_demo(out_dir: Path, *, kind: str, seed: int, size: int, slices: int) -> 
                         model, label, seconds, outcome.result["label"], outcome.seconds, agreement
                     )
                 )
-        finally:
-            gateway.send_signal(signal.SIGTERM)
-            try:
-                gateway.wait(30)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-                gateway.wait()
+    except LaunchError as err:
+        raise DemoError(str(err)) from err
     console.rule("summary")
     for run in runs:
         console.print(
@@ -122,33 +95,3 @@ def run_demo(out_dir: Path, *, kind: str, seed: int, size: int, slices: int) -> 
         )
     console.print(f"outputs in {out_dir}", markup=False)
     return runs
-
-
-def _start_gateway(
-    log_path: Path, port: int, metrics_port: int, triton_url: str
-) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "ctjoint.cli",
-        "gateway",
-        "serve",
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(metrics_port),
-        "--backend",
-        "triton",
-        "--triton-url",
-        triton_url,
-    ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
-        )
-    failure = wait_gateway_serving(f"127.0.0.1:{port}", process, time.monotonic() + GATEWAY_START_S)
-    if failure is None:
-        return process
-    process.kill()
-    process.wait()
-    raise DemoError(f"{failure} ({GATEWAY_START_S:.0f} s allowed); see {log_path}")

@@ -1,23 +1,20 @@
-"""A real `ctjoint gateway serve` process on 127.0.0.1 for integration tests, plus small
-gRPC helpers to talk to it. The process picks a free port itself (--port 0) and logs it;
+"""A real `ctjoint gateway serve` process on 127.0.0.1 for integration tests (the launcher of
+ctjoint/launch.py that the demo and the bench use), plus small gRPC helpers to talk to it.
 start() waits for health SERVING with a deadline and fails fast, with the log, if it dies."""
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ctjoint import launch
 from ctjoint.contracts import ENV_MODEL_DIR
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
@@ -26,95 +23,28 @@ _LISTENING = re.compile(r"listening on (\S+):(\d+) ")
 _METRICS = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 
 
-class GatewayProcess:
-    """One gateway subprocess; its log goes to a file (a pipe could fill and block it)."""
+class GatewayProcess(launch.GatewayProcess):
+    """ctjoint/launch.py's gateway process with the tests' settings: the test models, one ONNX
+    Runtime thread (the test machine is shared and the models are 32x32) and an
+    AssertionError with the log when it does not come up."""
 
     def __init__(self, model_dir: Path, log_path: Path, *args: str) -> None:
-        self.model_dir = model_dir
-        self.log_path = log_path
-        self.args = args
-        self.process: subprocess.Popen[bytes] | None = None
-        self.address = ""
-        self.metrics_url = ""
-
-    def start(self) -> GatewayProcess:
-        env = {**os.environ, ENV_MODEL_DIR: str(self.model_dir)}
-        command = [
-            sys.executable,
-            "-m",
-            "ctjoint.cli",
-            "gateway",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            # The test machine is shared: one ONNX Runtime thread is plenty for 32x32 models.
+        super().__init__(
+            log_path,
             "--threads",
             "1",
-            *self.args,
-        ]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + START_DEADLINE_S
-        while time.monotonic() < deadline:
-            self._fail_if_dead("while starting")
-            text = self.log()
-            listening, metrics = _LISTENING.search(text), _METRICS.search(text)
-            if listening and metrics:
-                self.address = f"{listening.group(1)}:{listening.group(2)}"
-                self.metrics_url = f"http://{metrics.group(1)}:{metrics.group(2)}/metrics"
-                if self.health() == health_pb2.HealthCheckResponse.SERVING:
-                    return self
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError(f"gateway not SERVING within {START_DEADLINE_S} s:\n{self.log()}")
+            *args,
+            env={ENV_MODEL_DIR: str(model_dir)},
+            start_timeout_s=START_DEADLINE_S,
+        )
+        self.model_dir = model_dir
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def _fail_if_dead(self, when: str) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(
-                f"gateway exited with {self.process.returncode} {when}:\n{self.log()}"
-            )
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def health(self, service: str = "") -> int | None:
-        """The health status, or None when the server does not answer."""
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            try:
-                return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
-            except grpc.RpcError:
-                return None
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
-            return response.read().decode()
-
-    def signal(self, signum: int = signal.SIGTERM) -> None:
-        if self.process is not None:
-            self.process.send_signal(signum)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        if self.process is None:
-            raise AssertionError("the gateway was never started")
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
+    def start(self, *, wait_serving: bool = True) -> GatewayProcess:
         try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+            super().start(wait_serving=wait_serving)
+        except launch.LaunchError as err:
+            raise AssertionError(str(err)) from None
+        return self
 
 
 def channel(address: str) -> grpc.Channel:

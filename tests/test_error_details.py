@@ -4,11 +4,6 @@ where our dependencies are; its log still names them for the operator."""
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +12,9 @@ import pytest
 from dicom_factory import write_ct_series
 from gateway_process import GatewayProcess, channel, file_bytes, requests
 
-from ctjoint.contracts import ENV_MODEL_DIR
 from ctjoint.gateway.interceptors import public_details
 from ctjoint.gateway.triton_server import free_ports
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
-
-LISTENING = re.compile(r"listening on (\S+):(\d+) ")
 
 
 @pytest.mark.parametrize(
@@ -53,24 +45,6 @@ def test_public_details_hide_addresses_paths_and_pids_only(message: str, public:
     assert public_details(message) == public
 
 
-def _start_without_waiting_for_health(gateway: GatewayProcess) -> None:
-    """Start it and wait until it listens (its health stays NOT_SERVING without Triton)."""
-    env = {**os.environ, ENV_MODEL_DIR: str(gateway.model_dir)}
-    command = [sys.executable, "-m", "ctjoint.cli", "gateway", "serve", "--host", "127.0.0.1"]
-    command += ["--port", "0", "--threads", "1", *gateway.args]
-    with gateway.log_path.open("wb") as log:
-        gateway.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert gateway.alive(), gateway.log()
-        found = LISTENING.search(gateway.log())
-        if found:
-            gateway.address = f"{found.group(1)}:{found.group(2)}"
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the gateway did not listen within 60 s:\n{gateway.log()}")
-
-
 @pytest.fixture
 def stranded_gateway(
     contract_model_dir: Path, tmp_path: Path
@@ -93,7 +67,8 @@ def stranded_gateway(
         str(pacs_port),
     )
     try:
-        _start_without_waiting_for_health(gateway)
+        # It listens, but its health stays NOT_SERVING without Triton.
+        gateway.start(wait_serving=False)
         yield gateway, triton_port, pacs_port
     finally:
         gateway.stop()
