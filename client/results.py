@@ -12,10 +12,10 @@ from typing import Any, Final
 
 import numpy as np
 
+from ctjoint.contracts import RESULT_SCHEMA
 from ctjoint.v1 import scan_pb2
 
 # The schema tag of ScanResult.to_dict(); the result format is shared, so is its version.
-RESULT_SCHEMA: Final = "ctjoint.scan_result/1"
 # Analysis stages as StageTimings.to_dict() names them; other stages are the gateway's own.
 ANALYSIS_STAGES: Final = (
     "read",

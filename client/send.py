@@ -28,12 +28,11 @@ from ctjoint.client.channel import ChannelConfigError, ChannelSecurity, open_cha
 from ctjoint.client.render import format_summary, write_result_json
 from ctjoint.client.results import ResultFormatError, decode_label_map, result_dict
 from ctjoint.client.series_choice import choose_series
-from ctjoint.contracts import ADMITTED_METADATA
+from ctjoint.contracts import ADMITTED_METADATA, REQUEST_ID_METADATA
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_METADATA: Final = "x-request-id"
 RESULT_JSON: Final = "result.json"
 OVERLAY_PNG: Final = "overlay.png"
 SELECTION_JSON: Final = "selection.json"

@@ -127,6 +127,13 @@ ENV_PSEUDONYM_KEY: Final = "CTJOINT_PSEUDONYM_KEY"
 # sees the refusal's own status rather than a failed write (grpc.aio clients report a write into
 # an already finished call as INTERNAL).
 ADMITTED_METADATA: Final = "x-ctjoint-admitted"
+# The request id: sent by the client, adopted (or made) by the gateway, echoed in its trailers.
+REQUEST_ID_METADATA: Final = "x-request-id"
+
+# --- Scan result -------------------------------------------------------------------------------
+# Schema id of the JSON result (client/schema/scan_result.schema.json), written by the gateway's
+# and the client's encoders alike.
+RESULT_SCHEMA: Final = "ctjoint.scan_result/1"
 
 
 def repo_root() -> Path:

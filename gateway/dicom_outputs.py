@@ -40,6 +40,7 @@ from pydicom.sr.codedict import codes
 from pydicom.tag import Tag
 from pydicom.valuerep import DA, DT, TM
 
+from ctjoint import __version__
 from ctjoint.contracts import SEG_CONSOLIDATION, SEG_GROUND_GLASS
 from ctjoint.gateway.analysis import ScanAnalysis
 from ctjoint.gateway.errors import InputError
@@ -48,7 +49,7 @@ from ctjoint.gateway.series import CtVolume
 
 MANUFACTURER: Final = "ctjoint"
 MODEL_NAME: Final = "ctjoint gateway"
-SOFTWARE_VERSION: Final = "0.1.0"
+SOFTWARE_VERSION: Final = __version__
 DEVICE_SERIAL: Final = "ctjoint-edge"
 SEG_BINARY: Final = "binary"
 SEG_LABELMAP: Final = "labelmap"

@@ -22,6 +22,7 @@ from typing import Any, Final
 import grpc
 import grpc.aio
 
+from ctjoint.contracts import REQUEST_ID_METADATA
 from ctjoint.gateway.errors import (
     AdmissionRefusedError,
     BackendError,
@@ -40,7 +41,6 @@ from ctjoint.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_METADATA: Final = "x-request-id"
 SERVICE_PREFIX: Final = "/ctjoint.v1."
 SCAN_METHODS: Final = ("AnalyzeScan", "AnalyzeScanWithProgress")
 # A client cancels at its own deadline, which comes a little before ours (ours starts when its

@@ -11,11 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES
+from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES, RESULT_SCHEMA
 from ctjoint.gateway.review import Review
 from ctjoint.series_rules import Selection
-
-RESULT_SCHEMA = "ctjoint.scan_result/1"
 
 
 @dataclass(frozen=True)
