@@ -740,6 +740,16 @@ def gateway_serve(
             "a slower push goes on in the background and the answer says so (pending).",
         ),
     ] = 1.0,
+    prior_deadline: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=30.0,
+            help="Seconds the look-up of the patient's prior analysis in the PACS may take "
+            "(runs beside the analysis; on time or not, the answer says why a comparison is "
+            "missing); 0: no look-up.",
+        ),
+    ] = 2.0,
     pacs_stow_url: Annotated[
         str | None,
         typer.Option(
@@ -865,6 +875,7 @@ def gateway_serve(
             # Named models must all load; by default, serve whichever have been exported.
             require_all_models=bool(model),
             pacs=destination,
+            prior_deadline_s=prior_deadline,
             dicom_outputs=OutputSettings(
                 copy_source_equipment=seg_source_equipment, seg_type=seg_type.value
             ),

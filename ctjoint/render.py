@@ -252,11 +252,22 @@ def _with_caption(image: Image.Image, caption: str) -> Image.Image:
     return canvas
 
 
+def add_caption(png: bytes, caption: str) -> bytes:
+    """An overlay's PNG with one more caption line below it (the follow-up comparison, which
+    the gateway learns after the overlay was drawn)."""
+    with Image.open(io.BytesIO(png)) as image:
+        canvas = _with_caption(image.convert("RGB"), caption)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 __all__ = [
     "CAM_COLOUR",
     "LEGEND",
     "LUNG_OUTLINE",
     "Overlay",
+    "add_caption",
     "choose_slices",
     "render_overlay",
     "text_strip_height",

@@ -4,14 +4,15 @@ Pure: measurements in, a `Comparison` out, no I/O (gateway/prior.py finds and re
 the result JSON, the proto, the SR and the overlay caption carry what this returns).
 
 Category rules (docs/follow-up.md has the measured rescan noise they sit above):
-- a scan "has lesions" when its total lesion volume is at least `LESION_FLOOR_ML`;
-- no lesions before nor now: stable; none before, some now: new; some before, none now:
-  resolved;
-- both with lesions: progressed when the total grew by more than `CHANGE_ML` AND more than
-  `CHANGE_FRACTION` of the prior volume, improved when it fell by as much, else stable.
-Both conditions must hold, so neither a small lesion's large relative swing nor a large
-lesion's few-mL rescan noise is called a change. The labels are reported, never used: the
-volumes are what the networks measure reliably (docs/follow-up.md).
+- whether a scan shows pneumonia is its label (covid19 or cap: yes; normal: no), not a volume
+  floor: the networks report tens of mL of lesion on lesion-free phantoms, more than a small
+  pneumonia, while their labels of those scans are right (jcs2d; docs/follow-up.md);
+- normal before and now: stable; normal before, pneumonia now: new; pneumonia before,
+  normal now: resolved;
+- pneumonia before and now: progressed when the total lesion volume grew by more than
+  `CHANGE_ML` AND more than `CHANGE_FRACTION` of the prior volume, improved when it fell by
+  as much, else stable. Both bounds must hold, so neither a small lesion's large relative
+  swing nor a large lesion's rescan noise in mL is called a change.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from typing import Any, Final
 from ctjoint.contracts import CLASS_NAMES
 from ctjoint.gateway.errors import CtJointError
 
-# Thresholds (docs/follow-up.md: bench/followup_noise.py measures the rescan noise).
-LESION_FLOOR_ML: Final = 10.0
-CHANGE_ML: Final = 10.0
+# Thresholds above the largest rescan noise bench/followup_noise.py measured (docs/follow-up.md).
+CHANGE_ML: Final = 15.0
 CHANGE_FRACTION: Final = 0.25
+NORMAL: Final = "normal"
 
 NEW: Final = "new"
 PROGRESSED: Final = "progressed"
@@ -47,8 +48,9 @@ MEASURES: Final = (
     "severity_score",
 )
 RULE: Final = (
-    f"lesions when total >= {LESION_FLOOR_ML:g} mL; progressed/improved when the total "
-    f"changes by more than {CHANGE_ML:g} mL and {CHANGE_FRACTION:.0%} of the prior"
+    "new/resolved by the labels (normal or not); with pneumonia in both, progressed/improved "
+    f"when the total lesion volume changes by more than {CHANGE_ML:g} mL and "
+    f"{CHANGE_FRACTION:.0%} of the prior, else stable"
 )
 
 
@@ -185,10 +187,12 @@ class Comparison:
         )
 
 
-def category(prior_total_ml: float, current_total_ml: float) -> str:
-    """The category of a change in total lesion volume (module docstring)."""
-    before = prior_total_ml >= LESION_FLOOR_ML
-    now = current_total_ml >= LESION_FLOOR_ML
+def category(
+    prior_label: str, prior_total_ml: float, current_label: str, current_total_ml: float
+) -> str:
+    """The category of a follow-up (module docstring)."""
+    before = prior_label != NORMAL
+    now = current_label != NORMAL
     if not before:
         return NEW if now else STABLE
     if not now:
@@ -212,7 +216,7 @@ def compare(prior: Measurements, current: Measurements) -> Comparison:
         interval = round(seconds / 86400.0, 2)
     return Comparison(
         available=True,
-        category=category(prior.total_ml, current.total_ml),
+        category=category(prior.label, prior.total_ml, current.label, current.total_ml),
         prior_study_date=(
             prior.study_datetime.date().isoformat() if prior.study_datetime is not None else ""
         ),
@@ -247,7 +251,6 @@ __all__ = [
     "CATEGORIES",
     "CHANGE_FRACTION",
     "CHANGE_ML",
-    "LESION_FLOOR_ML",
     "MEASURES",
     "Change",
     "Comparison",

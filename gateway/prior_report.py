@@ -10,6 +10,7 @@ never quoting a value of the file.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ctjoint.gateway.dicom_outputs import (
     SEVERITY_CODE,
 )
 from ctjoint.gateway.errors import CtJointError
+from ctjoint.v1 import scan_pb2
 
 # TID 1500 / TID 4019 concept names (DCM): tracking identifier, algorithm name.
 _TRACKING_ID: Final = ("DCM", "112039")
@@ -182,6 +184,24 @@ def measurements_from_result(result: Mapping[str, Any], where: str = "result") -
         ) from None
 
 
+def measurements_from_message(
+    message: scan_pb2.ScanResult, when: dt.datetime | None = None
+) -> Measurements:
+    """The measurements of the gateway's own answer (the current scan of a comparison)."""
+    volumes = {c.name: float(c.volume_ml) for c in message.lesions.classes}
+    lungs = {lung.side: float(lung.percent_involved) for lung in message.quantification.lungs}
+    return Measurements(
+        label=message.label,
+        ground_glass_ml=volumes.get("ground_glass", 0.0),
+        consolidation_ml=volumes.get("consolidation", 0.0),
+        right_percent_involved=lungs.get("right", 0.0),
+        left_percent_involved=lungs.get("left", 0.0),
+        severity_score=int(message.quantification.severity_score),
+        model=message.model.name,
+        study_datetime=when,
+    )
+
+
 def read_measurements(path: Path) -> tuple[Measurements, PriorReport | None]:
     """Measurements of a file that is either one of this project's SRs or a result JSON."""
     import json
@@ -208,6 +228,7 @@ __all__ = [
     "PriorReport",
     "PriorReportError",
     "ReportReference",
+    "measurements_from_message",
     "measurements_from_result",
     "measurements_from_sr",
     "read_measurements",

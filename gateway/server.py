@@ -38,6 +38,7 @@ from ctjoint.gateway.limits import DEFAULT_CPU_THREADS, SCAN_CPU, GatewayLimits,
 from ctjoint.gateway.logging_setup import JsonFormatter
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import Destination
+from ctjoint.gateway.prior import DEFAULT_DEADLINE_S as DEFAULT_PRIOR_DEADLINE_S
 from ctjoint.gateway.scan_workers import (
     DEFAULT_SCAN_CPU_SECONDS,
     DEFAULT_SCAN_WALL_SECONDS,
@@ -91,6 +92,9 @@ class GatewayConfig:
     require_all_models: bool = True
     # Where SEG and SR go after each scan (C-STORE or STOW-RS); None: nowhere.
     pacs: Destination | None = None
+    # Seconds a scan's look-up of the patient's prior analysis in that PACS may take
+    # (gateway/prior.py; docs/follow-up.md); 0: no look-up.
+    prior_deadline_s: float = DEFAULT_PRIOR_DEADLINE_S
     # What SEG and SR carry and how the SEG is encoded (gateway/dicom_outputs.py).
     dicom_outputs: OutputSettings = field(default_factory=OutputSettings)
     # TLS (and mTLS with a client CA); None: plaintext, fit only for loopback or a mesh.
@@ -200,6 +204,7 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         pacs=config.pacs,
         dicom_outputs=config.dicom_outputs,
         workers=workers,
+        prior_deadline_s=config.prior_deadline_s,
     )
     health_servicer = health.aio.HealthServicer()
     interceptors: list[grpc.aio.ServerInterceptor] = [

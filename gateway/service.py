@@ -20,6 +20,7 @@ from ctjoint.contracts import ADMITTED_METADATA, MODEL_BOTH, MODEL_NAMES
 from ctjoint.gateway.analysis import Progress, ScanAnalyzer
 from ctjoint.gateway.answer import ScanAnswer, ScanOrder, analyze_scan
 from ctjoint.gateway.backends.base import InferenceBackend
+from ctjoint.gateway.comparison_merge import PriorMatch, merge_comparison
 from ctjoint.gateway.deadlines import set_deadline
 from ctjoint.gateway.dicom_io import describe_source
 from ctjoint.gateway.dicom_outputs import OutputSettings, ScanObjects
@@ -35,6 +36,7 @@ from ctjoint.gateway.limits import GatewayLimits, ScanSlots
 from ctjoint.gateway.memory import ScanMemory, scan_memory
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import Destination, PacsPusher
+from ctjoint.gateway.prior import PriorFinder, PriorKeys
 from ctjoint.gateway.scan_workers import ScanWorkerPool
 from ctjoint.gateway.wire import model_info_to_proto
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
@@ -67,6 +69,7 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         dicom_outputs: OutputSettings | None = None,
         slots: ScanSlots | None = None,
         workers: ScanWorkerPool | None = None,
+        prior_deadline_s: float | None = None,
     ) -> None:
         self._backend = backend
         self._analyzer = analyzer if analyzer is not None else ScanAnalyzer(backend, streaming=True)
@@ -82,11 +85,20 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
         self._dicom_outputs = dicom_outputs if dicom_outputs is not None else OutputSettings()
         # Pushes run on the pusher's own threads; it bounds how long an answer waits for one.
         self._pusher = PacsPusher(pacs, registry=metrics.registry) if pacs is not None else None
+        # The prior analysis is looked up in the same PACS, beside the analysis, each look-up
+        # bounded by its own deadline (gateway/prior.py); None or 0: no look-up.
+        self._prior = (
+            PriorFinder(pacs, deadline_s=prior_deadline_s, registry=metrics.registry)
+            if pacs is not None and prior_deadline_s
+            else None
+        )
 
     def close(self) -> None:
         """Take no more PACS pushes (the server has stopped taking scans)."""
         if self._pusher is not None:
             self._pusher.close()
+        if self._prior is not None:
+            self._prior.close()
 
     # --- RPCs --------------------------------------------------------------------------------
 
@@ -203,6 +215,11 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             dicom=self._dicom_outputs,
         )
         analysis_task = asyncio.ensure_future(self._analyze(order, receive, emit))
+        prior_task = (
+            asyncio.ensure_future(self._find_prior(receive, model))
+            if self._prior is not None
+            else None
+        )
         try:
             if with_progress:
                 async for event in _drain_while_running(queue, analysis_task):
@@ -214,8 +231,15 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
             if not analysis_task.done():
                 analysis_task.cancel()
                 await asyncio.gather(analysis_task, return_exceptions=True)
+            if prior_task is not None and (
+                analysis_task.cancelled() or analysis_task.exception() is not None
+            ):
+                prior_task.cancel()
+                await asyncio.gather(prior_task, return_exceptions=True)
 
         result, objects, encode_ms = answer.message, answer.objects, answer.encode_ms
+        if prior_task is not None:
+            objects = await merge_comparison(prior_task, result, objects)
         if self._pacs is not None:
             result.pacs.CopyFrom(await self._push(objects, context.time_remaining()))
         total_ms = (time.perf_counter() - started) * 1000.0
@@ -258,6 +282,14 @@ class ScanServicer(scan_pb2_grpc.ScanServiceServicer):
                 progress=progress,
                 receive_ms=lambda: receive.receive_ms,
             )
+
+    async def _find_prior(self, receive: _Receiver, model: str) -> PriorMatch:
+        """Look the prior up as soon as the first file is in (its keys come from that file)."""
+        if self._prior is None:
+            raise RuntimeError("no PACS to look the prior up in")
+        first = await receive.first_file
+        keys = PriorKeys.from_file(first, model)
+        return PriorMatch(keys, await self._prior.find(keys))
 
     async def _read_header(
         self, stream: AsyncIterator[scan_pb2.ScanRequest]
@@ -354,6 +386,8 @@ class _Receiver:
         self._expected = expected
         self.receive_ms = 0.0
         self.last_file_at: float | None = None
+        # The first file's bytes as soon as it is in (the prior look-up reads its header).
+        self.first_file: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     async def files(self) -> AsyncIterator[tuple[str, bytes]]:
         count = 0
@@ -377,6 +411,8 @@ class _Receiver:
             content = message.file.content
             self._limits.check_file_size(source, len(content))
             self._metrics.received_bytes.inc(len(content))
+            if not self.first_file.done():
+                self.first_file.set_result(content)
             self._emit("received", count, self._expected)
             # No name: file names can carry patient data; errors say "file N" instead.
             yield "", content

@@ -49,9 +49,10 @@ class Orthanc:
 
 
 @contextlib.contextmanager
-def running_orthanc(folder: Path) -> Iterator[Orthanc]:
+def running_orthanc(folder: Path, extra: dict[str, Any] | None = None) -> Iterator[Orthanc]:
     """Orthanc with DICOMweb and basic auth, on free ports, until the block ends (it listens on
-    all interfaces; tests talk to it on 127.0.0.1 only)."""
+    all interfaces; tests talk to it on 127.0.0.1 only); `extra` adds configuration keys
+    (e.g. DicomModalities, so an AE may query and retrieve)."""
     for path, package in ((ORTHANC, "orthanc"), (DICOMWEB_PLUGIN, "orthanc-dicomweb")):
         if not os.path.exists(path):
             reason = f"{path} (Debian {package}) is not installed"
@@ -71,6 +72,7 @@ def running_orthanc(folder: Path) -> Iterator[Orthanc]:
         "RegisteredUsers": {ORTHANC_USER: ORTHANC_PASSWORD},
         "Plugins": [DICOMWEB_PLUGIN],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        **(extra or {}),
     }
     config_path = folder / "orthanc.json"
     config_path.write_text(json.dumps(config), encoding="utf-8")

@@ -19,7 +19,6 @@ from ctjoint.gateway.analysis import ScanAnalysis, analyze_directory
 from ctjoint.gateway.comparison import (
     CHANGE_FRACTION,
     CHANGE_ML,
-    LESION_FLOOR_ML,
     Comparison,
     ComparisonError,
     Measurements,
@@ -36,9 +35,11 @@ from ctjoint.gateway.prior_report import (
 )
 
 
-def _m(gg: float, cons: float = 0.0, when: dt.datetime | None = None) -> Measurements:
+def _m(
+    gg: float, cons: float = 0.0, when: dt.datetime | None = None, label: str = "covid19"
+) -> Measurements:
     return Measurements(
-        label="covid19" if gg + cons else "normal",
+        label=label,
         ground_glass_ml=gg,
         consolidation_ml=cons,
         right_percent_involved=gg / 20,
@@ -52,21 +53,35 @@ def _m(gg: float, cons: float = 0.0, when: dt.datetime | None = None) -> Measure
 @pytest.mark.parametrize(
     ("prior", "current", "expected"),
     [
-        (0.0, 0.0, "stable"),
-        (0.0, LESION_FLOOR_ML + 1, "new"),
-        (LESION_FLOOR_ML + 5, 0.5, "resolved"),
-        (100.0, 100.0 * (1 + CHANGE_FRACTION) + 1, "progressed"),
-        (100.0, 100.0 * (1 - CHANGE_FRACTION) - 1, "improved"),
-        (100.0, 100.0 * (1 + CHANGE_FRACTION) - 1, "stable"),
+        (200.0, 200.0 * (1 + CHANGE_FRACTION) + 1, "progressed"),
+        (200.0, 200.0 * (1 - CHANGE_FRACTION) - 1, "improved"),
+        (200.0, 200.0 * (1 + CHANGE_FRACTION) - 1, "stable"),
         # A small lesion's large relative swing is not a change below CHANGE_ML.
         (12.0, 12.0 + CHANGE_ML - 1, "stable"),
         (12.0, 12.0 + CHANGE_ML + 1, "progressed"),
+        # A large lesion's change in mL is not one below CHANGE_FRACTION.
+        (400.0, 400.0 * (1 + CHANGE_FRACTION) - 1, "stable"),
     ],
 )
-def test_category_follows_the_documented_thresholds(
+def test_with_pneumonia_in_both_the_volume_change_decides(
     prior: float, current: float, expected: str
 ) -> None:
-    assert category(prior, current) == expected
+    assert category("covid19", prior, "cap", current) == expected
+
+
+@pytest.mark.parametrize(
+    ("prior_label", "current_label", "expected"),
+    [
+        ("normal", "normal", "stable"),
+        ("normal", "covid19", "new"),
+        ("cap", "normal", "resolved"),
+    ],
+)
+def test_the_labels_decide_new_and_resolved_whatever_the_volumes(
+    prior_label: str, current_label: str, expected: str
+) -> None:
+    # Lesion-free scans still measure tens of mL (docs/follow-up.md): volumes cannot say it.
+    assert category(prior_label, 60.0, current_label, 60.0) == expected
 
 
 def test_comparison_reports_interval_labels_and_changes() -> None:
@@ -85,7 +100,7 @@ def test_comparison_reports_interval_labels_and_changes() -> None:
 
 
 def test_a_change_from_nothing_has_no_relative_value() -> None:
-    block = compare(_m(0.0), _m(30.0)).to_dict()
+    block = compare(_m(0.0, label="normal"), _m(30.0)).to_dict()
     assert block["category"] == "new"
     assert block["changes"]["total_ml"] == {"absolute": 30.0, "relative": None}
     assert block["interval_days"] is None and block["prior_study_date"] is None
@@ -193,3 +208,23 @@ def test_a_file_that_is_no_ctjoint_sr_is_named_in_the_error(tmp_path: Path) -> N
     bad.write_text('{"label": "covid19"}')
     with pytest.raises(PriorReportError, match=r"bad\.json: not a ctjoint result"):
         read_measurements(bad)
+
+
+def test_add_caption_puts_one_more_line_under_an_overlay() -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ctjoint.render import add_caption, render_overlay, text_strip_height
+
+    volume = np.full((4, 32, 32), -800, dtype=np.int16)
+    overlay = render_overlay(volume, np.zeros(volume.shape, dtype=np.uint8))
+    line = compare(_m(100.0, when=dt.datetime(2024, 1, 1)), _m(200.0, when=dt.datetime(2024, 1, 8)))
+    assert line.caption == "vs prior: PROGRESSED 100 -> 200 mL (+100) in 7 d"
+    captioned = add_caption(overlay.png, line.caption)
+    with Image.open(io.BytesIO(overlay.png)) as before, Image.open(io.BytesIO(captioned)) as after:
+        assert after.height == before.height + text_strip_height()
+        assert np.asarray(after.convert("RGB"))[: before.height, : before.width].tolist() == (
+            np.asarray(before.convert("RGB")).tolist()
+        )
