@@ -528,6 +528,9 @@ class ScanAnalyzer:
                 cpu_bound(_labels, info, outputs, geometry, volume, streamed_labels)
             )
             (probabilities, slice_probs, label_map, lesions), labels_ms = await labels
+            # The label map holds what the logits said: they go (79 MB at 400 2.5D slices).
+            model_cam, model_ms = outputs.cam, outputs.model_ms
+            del outputs
             t0 = time.perf_counter()
             if lung_slices is not None:
                 # The peripheral rule's distance transform needs only which voxels are lung:
@@ -544,6 +547,7 @@ class ScanAnalyzer:
                 peripheral = await cpu_bound(
                     _peripheral_checked, air, await guess, label_map, volume
                 )
+                guess = None  # its volume-sized masks are done with
             else:
                 peripheral = await cpu_bound(peripheral_voxels, air, label_map, volume.spacing_mm)
             lung_map, sides = await sides_task
@@ -586,7 +590,7 @@ class ScanAnalyzer:
             infer_ms=infer_ms,
             postprocess_ms=postprocess_ms,
             total_ms=before.read_ms + before.validate_ms + before.preprocess_ms + elapsed,
-            model_ms=outputs.model_ms,
+            model_ms=model_ms,
         )
         result = ScanResult.from_probabilities(
             probabilities.tolist(),
@@ -625,14 +629,14 @@ class ScanAnalyzer:
             postprocess_ms,
         )
         cam = None
-        if outputs.cam is not None:
+        if model_cam is not None:
             # The scan label's map (not each slice's own argmax). 2.5D: one map per source
             # slice; 3D: the one volume's map.
             label_index = CLASS_NAMES.index(result.label)
             if info.plan.kind == "2.5d":
-                cam = outputs.cam[:, label_index]
+                cam = model_cam[:, label_index]
             else:
-                cam = outputs.cam[0, label_index]
+                cam = model_cam[0, label_index]
         return ScanAnalysis(
             result=result,
             volume=volume,
@@ -826,6 +830,8 @@ def _air_lungs(
     if lung_slices is None:
         lung_slices, order = LungSlices.of(volume.hu), range(volume.shape[0])
     air = lung_slices.lungs(order, volume.orientation)
+    # Nothing else needs the per-slice air codes (a slice's worth of bytes per slice).
+    lung_slices.release_codes()
     return air, lung_slices.midlines(order), (time.perf_counter() - started) * 1000.0
 
 

@@ -106,6 +106,8 @@ class LungSlices:
         # and the enclosed air in it with its holes filled.
         self._boxes: dict[int, tuple[slice, slice] | None] = {}
         self._filled: dict[int, np.ndarray | None] = {}
+        # (rows, columns) of the slices.
+        self._shape: tuple[int, int] = (0, 0)
 
     @classmethod
     def of(cls, hu: np.ndarray) -> LungSlices:
@@ -144,6 +146,7 @@ class LungSlices:
             # The slice's lungs if every enclosed component is kept, as nearly always.
             filled = _fill_holes_per_slice(enclosed[box][None])[0]
         self._codes[slot] = codes
+        self._shape = (int(codes.shape[0]), int(codes.shape[1]))
         self._midlines[slot] = _body_midline(hu)
         self._boxes[slot] = box
         self._filled[slot] = filled
@@ -172,6 +175,11 @@ class LungSlices:
             lungs[box] |= air
         return split_sides(lungs, midlines, orientation)
 
+    def release_codes(self) -> None:
+        """Free every slice's air codes, which only `lungs` reads (one byte a pixel: 105 MB
+        for 512x512x400); `lungs` refuses to run after, the rest keeps working."""
+        self._codes.clear()
+
     def all_enclosed_air(
         self, order: Sequence[int] | range
     ) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
@@ -179,7 +187,7 @@ class LungSlices:
         outside which it is empty. It holds the air lungs (`lungs(order, ...) > 0`), and is
         them unless the 3D step drops a pocket (noise, gas outside the lungs): a caller can
         start on it before that step is done and take the dropped pockets out after."""
-        shape = (len(order), *self._codes[order[0]].shape)
+        shape = (len(order), *self._shape)
         out = np.zeros(shape, dtype=bool)
         for index, slot in enumerate(order):
             box, filled = self._boxes[slot], self._filled[slot]
