@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from ctjoint.gateway.comparison import Comparison, ComparisonError, compare
@@ -81,9 +82,17 @@ async def merge_comparison(
     objects: ScanObjects | BaseException,
 ) -> ScanObjects | BaseException:
     """Set `result.comparison` from the look-up (bounded by its own deadline) and return the
-    objects for the PACS, the SR amended when a prior was found."""
+    objects for the PACS, the SR amended when a prior was found.
+
+    Two timings go into the answer: `prior_lookup`, the look-up's own time (beside the
+    analysis), and `prior_wait`, how long the answer waited for it after the analysis: the
+    latency the look-up added."""
     try:
+        started = time.perf_counter()
         match = await task
+        waited_ms = (time.perf_counter() - started) * 1e3
+        result.timings.add(stage="prior_lookup", milliseconds=round(match.outcome.elapsed_ms, 3))
+        result.timings.add(stage="prior_wait", milliseconds=round(waited_ms, 3))
         comparison, objects = await cpu_bound(_amend, match, result, objects)
     except Exception as err:  # a bug here must not cost the scan its answer
         log.error("comparison with the prior failed: %s", type(err).__name__)

@@ -19,6 +19,7 @@ import socket
 import statistics
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import figures
@@ -27,6 +28,7 @@ import pydicom
 import pytest
 from inprocess_gateway import free_port
 from orthanc_server import ORTHANC_AE, ORTHANC_PASSWORD, ORTHANC_USER, Orthanc, running_orthanc
+from test_dicom_outputs import dciodvfy_errors
 
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D
 from ctjoint.export.phantom import write_phantom_case
@@ -209,7 +211,7 @@ def test_deepsc3d_follow_up_category_against_the_truth(
 
 
 def test_the_sr_references_the_prior_sr_and_carries_the_change(
-    follow_ups: dict[str, Any], orthanc: Orthanc
+    follow_ups: dict[str, Any], orthanc: Orthanc, tmp_path: Path
 ) -> None:
     first = pydicom.dcmread(io.BytesIO(follow_ups[(MODEL_JCS2D, "first")].sr_dicom))
     _, result = follow_ups[(MODEL_JCS2D, "improve")]
@@ -225,6 +227,9 @@ def test_the_sr_references_the_prior_sr_and_carries_the_change(
                 if item.ConceptNameCodeSequence[0].get("CodeValue") == CHANGE_CATEGORY_CODE.value:
                     codes.append(item.ConceptCodeSequence[0].CodeValue)
     assert codes == ["improved"]
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(result.sr_dicom)
+    assert dciodvfy_errors(path) == []
     # What the PACS holds is the amended SR.
     assert result.pacs.stored, result.pacs.error
     found = orthanc.call("POST", "/tools/lookup", sr.SOPInstanceUID.encode())
@@ -258,6 +263,8 @@ def _stranger_and_failures(
             out["alone"] = await _scan(alone, files, MODEL_JCS2D)
         async with _gateway(_dimse(orthanc)) as dimse:
             out["stranger"] = await _scan(dimse, files, MODEL_JCS2D)
+            # The first study's PatientID under another issuer is another patient.
+            out["issuer"] = await _scan(dimse, _with_issuer(cases["progress"]), MODEL_JCS2D)
         down = PacsDestination("NOBODY", "127.0.0.1", free_port(), attempts=1, wait_s=0.2)
         async with _gateway(down) as gateway:
             out["down"] = await _scan(gateway, files, MODEL_JCS2D)
@@ -271,6 +278,17 @@ def _stranger_and_failures(
         return out
 
     return asyncio.run(main())
+
+
+def _with_issuer(files: list[bytes]) -> list[bytes]:
+    out = []
+    for content in files:
+        dataset = pydicom.dcmread(io.BytesIO(content))
+        dataset.IssuerOfPatientID = "OTHER-HOSPITAL"
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        out.append(buffer.getvalue())
+    return out
 
 
 def test_no_prior_down_or_hanging_pacs_still_answer_on_time_with_the_reason(
@@ -294,11 +312,21 @@ def test_no_prior_down_or_hanging_pacs_still_answer_on_time_with_the_reason(
         assert source.PatientID not in result.comparison.reason
         # On time: at most the look-up's deadline (1-2 s) and the push's wait beyond the scan.
         assert seconds < alone_s + 2.0 + 0.2 + 1.0, (name, seconds, alone_s)
-    jcs2d = [follow_ups[(MODEL_JCS2D, c)][0] for c in CHANGES]
+    other = out["issuer"][1].comparison
+    assert not other.available
+    assert other.reason.startswith("no earlier jcs2d analysis in ORTHANC@127.0.0.1")
+    # The answer never waits for the look-up past its deadline (1 s here).
+    assert _timing(out["hangs"][1], "prior_wait") <= 1000.0 + 300.0
+    found = [follow_ups[(MODEL_JCS2D, c)][1] for c in CHANGES]
     figures.record(
-        "follow-up answer seconds (jcs2d, 96x96x24)",
-        without_pacs=round(alone_s, 3),
-        with_prior_found_median=round(statistics.median(jcs2d), 3),
-        hanging_pacs=round(out["hangs"][0], 3),
-        down_pacs=round(out["down"][0], 3),
+        "prior look-up (jcs2d, 96x96x24, Orthanc C-FIND + C-GET)",
+        lookup_ms_median=round(statistics.median(_timing(r, "prior_lookup") for r in found), 1),
+        answer_waited_ms_max=round(max(_timing(r, "prior_wait") for r in found), 1),
+        answer_s_without_pacs=round(alone_s, 3),
+        answer_s_hanging_pacs=round(out["hangs"][0], 3),
+        answer_s_down_pacs=round(out["down"][0], 3),
     )
+
+
+def _timing(result: scan_pb2.ScanResult, stage: str) -> float:
+    return next(t.milliseconds for t in result.timings if t.stage == stage)
