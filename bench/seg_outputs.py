@@ -7,8 +7,9 @@ The series is a phantom chest CT (export/phantom.py), analysed once in-process w
 bundled jcs2d weights; then each writer builds the SEG (four segments: ground glass,
 consolidation, right and left lung) and the TID 1500 SR that references it, and serialises
 both, `--repeats` times. Printed per writer: the median seconds added to a scan (and the
-fastest run, the least disturbed by other processes), the SEG and SR sizes, and the ratio to
-the writer this project used before (binary, every frame written).
+fastest run, the least disturbed by other processes, and the median CPU time of this process,
+which they do not inflate), the SEG and SR sizes, and the ratio to the writer this project
+used before (binary, every frame written).
 Target (issue 19): at most 0.35 s added for the default writer on 60 slices of 512x512.
 
 A benchmark, not a test: its figures depend on the machine and its load (printed with them).
@@ -115,19 +116,26 @@ WRITERS = {
 
 
 def measure(analysis: ScanAnalysis, repeats: int) -> dict[str, dict[str, Any]]:
-    """Each writer `repeats` times, in turn (so a change in the machine's load hits all)."""
+    """Each writer `repeats` times, in turn (so a change in the machine's load hits all).
+
+    Wall time is what a scan waits; this process's CPU time is the work itself, which other
+    processes on a shared machine do not inflate (the writers are single-threaded, so on an
+    idle machine the two agree)."""
     seconds: dict[str, list[float]] = {name: [] for name in WRITERS}
+    cpu: dict[str, list[float]] = {name: [] for name in WRITERS}
     sizes: dict[str, tuple[int, int]] = {}
     for _ in range(repeats):
         for name, write in WRITERS.items():
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             seg, sr = write(analysis)
             seconds[name].append(time.perf_counter() - started)
+            cpu[name].append(time.process_time() - started_cpu)
             sizes[name] = (len(seg), len(sr))
     return {
         name: {
             "seconds_median": statistics.median(seconds[name]),
             "seconds_min": min(seconds[name]),
+            "cpu_seconds_median": statistics.median(cpu[name]),
             "seg_bytes": sizes[name][0],
             "sr_bytes": sizes[name][1],
         }
@@ -165,22 +173,24 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.2f} at the end"
     )
     lines = [
-        "| writer | SEG+SR seconds (median) | fastest run | vs before | SEG bytes | SR bytes |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| writer | SEG+SR seconds (median) | fastest run | CPU seconds (median) | vs before "
+        "| SEG bytes | SR bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in figures.items():
         row["ratio_to_before"] = row["seconds_median"] / before
         lines.append(
             f"| {name} | {row['seconds_median']:.3f} | {row['seconds_min']:.3f} | "
-            f"{row['ratio_to_before']:.2f} | {row['seg_bytes']:,d} | {row['sr_bytes']:,d} |"
+            f"{row['cpu_seconds_median']:.3f} | {row['ratio_to_before']:.2f} | "
+            f"{row['seg_bytes']:,d} | {row['sr_bytes']:,d} |"
         )
     default = figures["binary, empty frames left out (default)"]
     verdict = "met" if default["seconds_median"] <= TARGET_SECONDS else "missed"
     # The fastest run is the one the other processes on the machine disturbed least.
     target = (
         f"Target: the default writer adds at most {TARGET_SECONDS} s: median "
-        f"{default['seconds_median']:.3f} s, {verdict} "
-        f"(fastest run {default['seconds_min']:.3f} s)."
+        f"{default['seconds_median']:.3f} s, {verdict} (fastest run "
+        f"{default['seconds_min']:.3f} s; its own CPU time {default['cpu_seconds_median']:.3f} s)."
     )
     print(facts)
     print("\n".join(lines))
