@@ -12,8 +12,9 @@ run on the same series (a phantom chest CT, 512x512x100 by default), printed wit
 6. tail     last file received -> result / the scan's model time (jcs2d)        (<= 0.2)
             as fast as loopback takes the files, and paced like a scanner (--pace files/s)
 7. growth   per-slice cost of each stage at N slices / at the first count given  (<= 1.2)
-            (read, validate, preprocess, infer, postprocess, total; both models, embedded
-            backend, streaming as `ctjoint analyze`; best of --growth-runs, counts alternated)
+            (read, validate, preprocess, infer, postprocess, total, and the process's CPU
+            time; both models, embedded backend, streaming as `ctjoint analyze`; best of
+            --growth-runs, counts alternated)
 
 With several counts (`--slices 100,400,600`) every other ratio asked is measured once per
 count, on its own phantom (named `NAME@COUNT`); `growth` is the default then, and --doc writes
@@ -62,7 +63,9 @@ from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 RATIOS = ("decode", "upload", "triton", "overhead", "scaling", "tail")
 GROWTH = "growth"
-GROWTH_STAGES = ("read", "validate", "preprocess", "infer", "postprocess", "total")
+# Wall-time stages as the pipeline times them, and "cpu": the process's CPU seconds over the
+# whole analysis (every thread), which a shared machine's load inflates far less.
+GROWTH_STAGES = ("read", "validate", "preprocess", "infer", "postprocess", "total", "cpu")
 GROWTH_MODELS = ("jcs2d", "deepsc3d")
 GROWTH_TARGET = 1.2
 
@@ -357,8 +360,9 @@ async def _stage_times(
     async def one(model: str, contents: Sequence[bytes]) -> dict[str, float]:
         gc.collect()
         inputs = [(f"{i:05d}.dcm", data) for i, data in enumerate(contents)]
+        cpu = time.process_time()
         analysis = await analyzer.analyze_files(inputs, model, expected_slices=len(contents))
-        return analysis.result.timings.to_dict()
+        return {**analysis.result.timings.to_dict(), "cpu_ms": (time.process_time() - cpu) * 1e3}
 
     try:
         smallest = min(series)
