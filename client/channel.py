@@ -16,14 +16,12 @@ from typing import Any, Final
 
 import grpc
 
+from ctjoint.client.errors import ChannelConfigError
+
 # The token a client presents, when no --token-file is given.
 ENV_TOKEN: Final = "CTJOINT_TOKEN"
 AUTHORIZATION_METADATA: Final = "authorization"
 BEARER: Final = "Bearer "
-
-
-class ChannelConfigError(ValueError):
-    """A security option that cannot work (missing file, key without certificate, ...)."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from ctjoint.client.errors import ResultFormatError
 from ctjoint.contracts import RESULT_SCHEMA
 from ctjoint.v1 import scan_pb2
 
@@ -26,10 +27,6 @@ ANALYSIS_STAGES: Final = (
     "total",
     "model",
 )
-
-
-class ResultFormatError(ValueError):
-    """The gateway's answer does not decode (a version mismatch, or a corrupted message)."""
 
 
 def result_dict(message: scan_pb2.ScanResult) -> dict[str, Any]:

@@ -24,9 +24,15 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ctjoint.client.channel import ChannelConfigError, ChannelSecurity, open_channel
+from ctjoint.client.channel import ChannelSecurity, open_channel
+from ctjoint.client.errors import (
+    EXIT_LOCAL,
+    ChannelConfigError,
+    ResultFormatError,
+    SendError,
+)
 from ctjoint.client.render import format_summary, write_result_json
-from ctjoint.client.results import ResultFormatError, decode_label_map, result_dict
+from ctjoint.client.results import decode_label_map, result_dict
 from ctjoint.client.series_choice import choose_series
 from ctjoint.contracts import ADMITTED_METADATA, REQUEST_ID_METADATA
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
@@ -44,19 +50,7 @@ MAX_RECEIVE_MESSAGE_BYTES: Final = 256 * 1024 * 1024
 # Backoff between attempts while the gateway is UNAVAILABLE: 0.5 s doubling to 8 s.
 BACKOFF_FIRST_S: Final = 0.5
 BACKOFF_MAX_S: Final = 8.0
-# Exit status: the gateway refused or failed the scan / the problem is on this side.
-EXIT_GATEWAY: Final = 1
-EXIT_LOCAL: Final = 2
 _FILE_REF: Final = re.compile(r"\bfile (\d+)\b")
-
-
-class SendError(Exception):
-    """A scan that did not come back; `code` is the gRPC status name when the gateway said so."""
-
-    def __init__(self, message: str, *, code: str | None = None, exit_code: int = EXIT_GATEWAY):
-        super().__init__(message)
-        self.code = code
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)

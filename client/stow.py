@@ -30,6 +30,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from ctjoint.client.errors import ClientError
 from ctjoint.client.listen import (
     ACCEPTED_SOP_CLASSES,
     STATUS_SUCCESS,
@@ -57,7 +58,7 @@ class StowSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
-class _RefusedError(Exception):
+class _RefusedError(ClientError):
     """The whole request is refused with `status` (nothing stored)."""
 
     def __init__(self, status: int, reason: str) -> None:

@@ -20,7 +20,8 @@ from typing import Final
 from rich.console import Console
 
 from ctjoint.client.channel import ChannelSecurity
-from ctjoint.client.send import RESULT_JSON, SendError, send_series
+from ctjoint.client.errors import SendError
+from ctjoint.client.send import RESULT_JSON, send_series
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,12 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ctjoint.client.channel import ChannelConfigError, ChannelSecurity
+from ctjoint.client.channel import ChannelSecurity
 from ctjoint.client.channel import open_channel as open_secure_channel
-from ctjoint.client.send import MAX_RECEIVE_MESSAGE_BYTES, REQUEST_ID_METADATA, list_series_files
+from ctjoint.client.errors import ChannelConfigError
+from ctjoint.client.send import MAX_RECEIVE_MESSAGE_BYTES, list_series_files
+from ctjoint.contracts import REQUEST_ID_METADATA
+from ctjoint.errors import CtJointError
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 if TYPE_CHECKING:
@@ -56,7 +59,7 @@ _PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 40
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-class BenchError(Exception):
+class BenchError(CtJointError):
     """The benchmark could not run: bad arguments, no gateway, a scan that failed."""
 
 

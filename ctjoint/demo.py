@@ -15,7 +15,7 @@ import numpy as np
 from rich.console import Console
 
 from ctjoint import contracts
-from ctjoint.gateway.errors import CtJointError
+from ctjoint.errors import CtJointError
 
 
 class DemoError(CtJointError):

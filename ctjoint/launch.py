@@ -24,6 +24,8 @@ from typing import Final
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ctjoint.errors import CtJointError
+
 START_TIMEOUT_S: Final = 120.0
 STOP_GRACE_S: Final = 30.0
 _LISTENING: Final = re.compile(r"listening on (\S+):(\d+) ")
@@ -31,7 +33,7 @@ _METRICS: Final = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 SERVING: Final = health_pb2.HealthCheckResponse.SERVING
 
 
-class LaunchError(RuntimeError):
+class LaunchError(CtJointError):
     """A serving process did not come up; the message names its log."""
 
 

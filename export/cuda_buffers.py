@@ -12,11 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ctjoint.gateway.errors import CtJointError
-
-
-class CudaError(CtJointError):
-    """A CUDA runtime call failed (or CUDA cannot be used here)."""
+from ctjoint.export.errors import CudaError
 
 
 def cudart() -> Any:

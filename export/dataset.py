@@ -49,7 +49,7 @@ from ctjoint.contracts import (
     SPLITS,
     TRUTH_LESIONS,
 )
-from ctjoint.gateway.errors import CtJointError
+from ctjoint.export.errors import DatasetError
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
     context_stack,
@@ -81,10 +81,6 @@ LABEL_ALIASES = {
     "non-pneumonia": "normal",
     "healthy": "normal",
 }
-
-
-class DatasetError(CtJointError):
-    """A data set folder, its label table or one of its cases is unusable."""
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Final
 
 from ctjoint import contracts
+from ctjoint.errors import CtJointError
 from ctjoint.export.triton_repository import write_repository
 from ctjoint.export.triton_spec import SERVING
-from ctjoint.gateway.errors import CtJointError
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from torch import nn
 from ctjoint import contracts
 from ctjoint.export.bundled import WEIGHTS_DIR, bundled_weights
 from ctjoint.export.configs import RunConfig
+from ctjoint.export.errors import OnnxExportError
 from ctjoint.export.models import DeepSc3d, Jcs2d, JointNetwork
 from ctjoint.export.train import model_from_checkpoint
-from ctjoint.gateway.errors import CtJointError
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ PARITY_BATCH = 2
 PARITY_BATCHES = (1, 3)
 TRAINED_ON_PHANTOMS = contracts.TRAINED_ON_PHANTOMS
 __all__ = ["WEIGHTS_DIR", "bundled_weights", "export_network", "export_onnx"]
-
-
-class ExportError(CtJointError):
-    """The model could not be exported, or the exported file disagrees with PyTorch."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +118,11 @@ def _to_onnx(net: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
                 verbose=False,
             )
     except Exception as err:  # the exporter raises many unrelated types
-        raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
+        raise OnnxExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
     finally:
         exporter_log.setLevel(previous)
     if program is None:
-        raise ExportError("torch.onnx.export returned no program")
+        raise OnnxExportError("torch.onnx.export returned no program")
     return program.model_proto
 
 
@@ -144,7 +140,7 @@ def parity(
         {contracts.INPUT_IMAGE: image.numpy()},
     )
     if seg.shape != tuple(seg_ref.shape) or cls.shape != tuple(cls_ref.shape):
-        raise ExportError(
+        raise OnnxExportError(
             f"ONNX outputs {seg.shape} / {cls.shape} differ in shape from PyTorch "
             f"{tuple(seg_ref.shape)} / {tuple(cls_ref.shape)}"
         )
@@ -164,7 +160,7 @@ def _cam_parity(net: nn.Module, session: ort.InferenceSession, config: RunConfig
         _, _, reference = _WithCam(net)(image)
     (cam,) = session.run([contracts.OUTPUT_CAM], {contracts.INPUT_IMAGE: image.numpy()})
     if cam.shape != tuple(reference.shape):
-        raise ExportError(f"ONNX cam {cam.shape} differs in shape from PyTorch's")
+        raise OnnxExportError(f"ONNX cam {cam.shape} differs in shape from PyTorch's")
     return float(np.max(np.abs(cam - reference.numpy())))
 
 
@@ -188,7 +184,7 @@ def export_network(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as err:
-        raise ExportError(f"the exported graph fails onnx.checker: {err}") from err
+        raise OnnxExportError(f"the exported graph fails onnx.checker: {err}") from err
     serialized = proto.SerializeToString()
     session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
     # Two batch sizes other than the traced one prove the batch axis is really dynamic.
@@ -198,7 +194,7 @@ def export_network(
     cls_diff = max(d[1] for d in diffs)
     logger.info("ONNX parity: seg %.3g, cls %.3g", seg_diff, cls_diff)
     if max(seg_diff, cls_diff, cam_diff) > tolerance:
-        raise ExportError(
+        raise OnnxExportError(
             f"ONNX Runtime disagrees with PyTorch: max abs diff seg_logits {seg_diff:.3g}, "
             f"cls_logits {cls_diff:.3g}, cam {cam_diff:.3g} (tolerance {tolerance:g})"
         )
@@ -214,12 +210,12 @@ def export_onnx(model: str, weights: Path | None = None, out: Path | None = None
     """Export a checkpoint (default: the bundled tiny weights) to ONNX (default:
     contracts.onnx_path(model)); returns a summary with the parity figures."""
     if model not in contracts.MODEL_NAMES:
-        raise ExportError(f"unknown model {model!r}; expected one of {contracts.MODEL_NAMES}")
+        raise OnnxExportError(f"unknown model {model!r}; expected one of {contracts.MODEL_NAMES}")
     source = Path(weights) if weights is not None else bundled_weights(model)
     target = Path(out) if out is not None else contracts.onnx_path(model)
     net, config, checkpoint = model_from_checkpoint(source)
     if config.model != model:
-        raise ExportError(f"{source}: holds a {config.model} checkpoint, not {model}")
+        raise OnnxExportError(f"{source}: holds a {config.model} checkpoint, not {model}")
     temperature = checkpoint.get("temperature")
     report = export_network(
         net,

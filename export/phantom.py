@@ -63,6 +63,7 @@ from ctjoint.contracts import (
     TRUTH_LESIONS,
     TRUTH_LUNGS,
 )
+from ctjoint.export.errors import PhantomError
 from ctjoint.export.phantom_anatomy import COARSE_STEP_MM, Grid, Point
 from ctjoint.export.phantom_families import FAMILIES, TRAINING_FAMILY, Body, Planted, make_body
 from ctjoint.export.phantom_scanner import (
@@ -74,7 +75,6 @@ from ctjoint.export.phantom_scanner import (
     slab_average,
     table_plane,
 )
-from ctjoint.gateway.errors import CtJointError
 from ctjoint.gateway.preprocess import LUNG_WINDOW_CENTER, LUNG_WINDOW_WIDTH
 
 # Part of every UID hash: a new generator version must not reuse the UIDs of old images.
@@ -103,10 +103,6 @@ _LAST_NAMES: Final = (
     "MITCHELL", "ROBERTS", "TURNER", "PHILLIPS", "CAMPBELL", "PARKER", "EVANS", "EDWARDS",
     "COLLINS", "STEWART", "MORRIS", "ROGERS", "REED", "COOK", "MORGAN", "BELL",
 )  # fmt: skip
-
-
-class PhantomError(CtJointError):
-    """Bad arguments for the phantom generator (size, slices, kind, seed, output folder)."""
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from ctjoint import contracts
+from ctjoint.export.errors import EngineBuildError, GpuUnavailableError
 from ctjoint.export.triton_check import Tensor, graph_tensors
 from ctjoint.export.triton_repository import default_engine_dir, engine_path
 from ctjoint.export.triton_spec import SERVING, ModelFacts, network_spec
-from ctjoint.gateway.errors import CtJointError
 from ctjoint.gateway.preprocess import PreprocessPlan, preprocess_volume
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,6 @@ WORKSPACE_BYTES: Final = 4 << 30
 PARITY_TOLERANCE: Final = {"fp32": 1e-3, "fp16": 5e-2, "int8": 5e-1}
 CALIBRATION_BATCH: Final = 8
 CALIBRATION_KINDS: Final = ("covid19", "cap", "normal")
-
-
-class GpuUnavailableError(CtJointError):
-    """TensorRT cannot run here (no NVIDIA GPU, driver, TensorRT bindings or cuda-python)."""
-
-
-class EngineBuildError(CtJointError):
-    """TensorRT refused the network, or the engine disagrees with ONNX Runtime."""
 
 
 @dataclass(frozen=True)

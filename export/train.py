@@ -54,11 +54,11 @@ from ctjoint.export.dataset import (
     context_window,
     discover_cases,
 )
+from ctjoint.export.errors import TrainingError
 from ctjoint.export.losses import JointLoss
 from ctjoint.export.metrics import OverlapCounts, overlap
 from ctjoint.export.models import JointNetwork, build_model, count_parameters
 from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
-from ctjoint.gateway.errors import CtJointError
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +71,6 @@ DEFAULT_THREADS = 2
 # Normalised intensity of air (the bottom of the lung window): what shifted-in borders hold.
 AIR = -1.0
 PREDICT_BATCH = 32
-
-
-class TrainingError(CtJointError):
-    """A training run cannot start or continue (bad run folder, no data, bad checkpoint)."""
 
 
 # --- Reproducibility --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2
 
 from ctjoint import contracts
-from ctjoint.gateway.errors import CtJointError
+from ctjoint.export.errors import RepositoryCheckError
 
 CONFIG_FILE: Final = "config.pbtxt"
 # ONNX TensorProto element types and Triton's names for them.
@@ -41,10 +41,6 @@ _GRAPH_PLATFORMS: Final = ("tensorrt_plan", "onnxruntime_onnx")
 _GRAPH_BACKENDS: Final = ("onnxruntime", "tensorrt")
 # Module-level names a python-backend source declares its tensors with.
 _SOURCE_NAMES: Final = ("INPUTS", "OUTPUTS", "OPTIONAL_OUTPUTS")
-
-
-class RepositoryCheckError(CtJointError):
-    """The repository cannot be checked at all (no folder, an unreadable model)."""
 
 
 @dataclass(frozen=True)

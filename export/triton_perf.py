@@ -29,17 +29,13 @@ from pathlib import Path
 from typing import Final
 
 from ctjoint.contracts import repo_root
-from ctjoint.gateway.errors import CtJointError
+from ctjoint.export.errors import PerfAnalyzerError
 
 ENV_PERF_ANALYZER: Final = "CTJOINT_PERF_ANALYZER"
 PERF_VENV: Final = ".venv-perf"
 # perf_analyzer itself needs a few hundred MB; the cap only stops a runaway.
 MEMORY_LIMIT_BYTES: Final = 4 << 30
 _CONCURRENCY: Final = re.compile(r"^\d+(:\d+(:\d+)?)?$")
-
-
-class PerfAnalyzerError(CtJointError):
-    """perf_analyzer is missing, cannot start, or failed."""
 
 
 @dataclass(frozen=True)

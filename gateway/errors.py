@@ -8,9 +8,8 @@ place.
 
 from __future__ import annotations
 
-
-class CtJointError(Exception):
-    """Root of every error the project raises on purpose."""
+# The project's root (ctjoint/errors.py); the gateway's causes below derive from it.
+from ctjoint.errors import CtJointError
 
 
 class InputError(CtJointError):

@@ -15,10 +15,10 @@ import torch
 
 from ctjoint import contracts
 from ctjoint.export.configs import NetConfig, RunConfig, get_config
+from ctjoint.export.errors import OnnxExportError
 from ctjoint.export.models import build_model
 from ctjoint.export.onnx_export import (
     PARITY_TOLERANCE,
-    ExportError,
     ExportReport,
     export_network,
     export_onnx,
@@ -127,13 +127,13 @@ def test_export_refuses_a_checkpoint_of_the_other_model(tmp_path: Path) -> None:
     config = small_config("deepsc3d")
     weights = tmp_path / "model.pt"
     save_atomic(model_checkpoint(build_model(config), config, {}, 0), weights)
-    with pytest.raises(ExportError, match="holds a deepsc3d checkpoint, not jcs2d"):
+    with pytest.raises(OnnxExportError, match="holds a deepsc3d checkpoint, not jcs2d"):
         export_onnx("jcs2d", weights, tmp_path / "jcs2d.onnx")
 
 
 def test_failed_parity_writes_no_file(tmp_path: Path) -> None:
     config = small_config("jcs2d")
     out = tmp_path / "jcs2d.onnx"
-    with pytest.raises(ExportError, match="ONNX Runtime disagrees with PyTorch"):
+    with pytest.raises(OnnxExportError, match="ONNX Runtime disagrees with PyTorch"):
         export_network(build_model(config), config, out, tolerance=-1.0)
     assert not out.exists()
