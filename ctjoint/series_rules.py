@@ -87,31 +87,45 @@ class ImageFacts:
 
     @classmethod
     def from_header(cls, header: Any) -> ImageFacts:
-        """From a pydicom data set (or anything with its `get`), tolerating odd values."""
+        """From a pydicom data set (or anything with its `get`), tolerating odd values: an
+        attribute that does not read or convert counts as absent (validation names it later,
+        if the file is analysed at all)."""
+
+        def get(keyword: str) -> Any:
+            try:
+                return header.get(keyword)
+            except Exception:  # whatever a malformed element raises when converted
+                return None
 
         def number(value: Any) -> float | None:
             try:
-                return None if value in (None, "") else float(value)
-            except (TypeError, ValueError):
+                result = None if value in (None, "") else float(value)
+            except (TypeError, ValueError, OverflowError):
                 return None
+            return result if result is None or math.isfinite(result) else None
 
         def numbers(value: Any) -> tuple[float, ...]:
             try:
-                return tuple(float(v) for v in (value or ()))
-            except (TypeError, ValueError):
+                result = tuple(float(v) for v in (value or ()))
+            except (TypeError, ValueError, OverflowError):
                 return ()
+            return result if all(math.isfinite(v) for v in result) else ()
 
-        series_number = number(header.get("SeriesNumber"))
-        image_type = header.get("ImageType") or ()
+        series_number = number(get("SeriesNumber"))
+        image_type = get("ImageType") or ()
         if isinstance(image_type, str):
             image_type = image_type.split("\\")
+        try:
+            image_types = tuple(str(v) for v in image_type)
+        except TypeError:
+            image_types = ()
         return cls(
-            sop_class=str(header.get("SOPClassUID", "") or ""),
-            image_type=tuple(str(v) for v in image_type),
-            orientation=numbers(header.get("ImageOrientationPatient")),
-            position=numbers(header.get("ImagePositionPatient")),
-            thickness_mm=number(header.get("SliceThickness")),
-            kernel=str(header.get("ConvolutionKernel", "") or ""),
+            sop_class=str(get("SOPClassUID") or ""),
+            image_type=image_types,
+            orientation=numbers(get("ImageOrientationPatient")),
+            position=numbers(get("ImagePositionPatient")),
+            thickness_mm=number(get("SliceThickness")),
+            kernel=str(get("ConvolutionKernel") or ""),
             series_number=None if series_number is None else int(series_number),
         )
 

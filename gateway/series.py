@@ -607,6 +607,14 @@ class SeriesSwitch(Exception):  # noqa: N818 (a signal to the analysis, not an e
         self.selection = selection
 
 
+def _uid(dataset: Dataset, keyword: str) -> str:
+    """A UID attribute as text, "" when absent or unreadable (the assembler names it)."""
+    try:
+        return str(dataset.get(keyword, "") or "")
+    except Exception:  # whatever a malformed element raises when converted
+        return ""
+
+
 class StudySorter:
     """Which files of a scan belong to the series being assembled, and which series to analyse.
 
@@ -625,15 +633,18 @@ class StudySorter:
         self._facts: dict[str, list[ImageFacts]] = {}
         self._kept: dict[str, list[SetAside]] = {}
         self._held = 0
+        # The first dose report or secondary capture, when it came before any CT image.
+        self._first_companion: SetAside | None = None
 
     def set_aside(self, dataset: Dataset, data: DicomSource, number: int, name: str) -> bool:
         """True when the file is not for the assembler (kept for the choice, or skipped)."""
-        uid = str(dataset.get("SeriesInstanceUID", "") or "")
-        study = str(dataset.get("StudyInstanceUID", "") or "")
+        uid, study = _uid(dataset, "SeriesInstanceUID"), _uid(dataset, "StudyInstanceUID")
         facts = ImageFacts.from_header(dataset)
         if self._uid is None:
             if uid and facts.sop_class in STUDY_COMPANIONS:
                 self._facts.setdefault(uid, []).append(facts)
+                if self._first_companion is None:
+                    self._first_companion = SetAside(number, name, data)
                 return True
             self._uid, self._study = uid, study
         if not uid or uid == self._uid or study != self._study:
@@ -660,6 +671,10 @@ class StudySorter:
         raises `SeriesSwitch` when another series than the assembled one is chosen."""
         if not self._facts:
             return None
+        if self._uid is None and self._first_companion is not None:
+            # No CT image at all: the first file's own error, naming it and its SOP class.
+            first = self._first_companion
+            read_ct_slice(first.data, source=describe_source(first.number, first.name or None))
         if self._uid is not None and len(self._facts) <= 1:
             images = self._facts.get(self._uid, [])
             localizers = sum(1 for f in images if f.localizer)
