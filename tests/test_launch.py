@@ -17,7 +17,8 @@ def test_an_embedded_stack_serves_and_is_stopped_on_exit(
     contract_model_dir: Path, tmp_path: Path
 ) -> None:
     env = {ENV_MODEL_DIR: str(contract_model_dir)}
-    with serving_stack(tmp_path, "--threads", "1", backend="embedded", env=env) as stack:
+    args = ("--threads", "1", "--max-concurrent-scans", "1")  # one analysis worker to start
+    with serving_stack(tmp_path, *args, backend="embedded", env=env) as stack:
         gateway = stack.gateway
         assert stack.address.startswith("127.0.0.1:") and stack.address != "127.0.0.1:0"
         assert gateway.health() == health_pb2.HealthCheckResponse.SERVING
