@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from ctjoint.contracts import LUNG_LEFT, LUNG_RIGHT, SEG_CLASS_NAMES
-from ctjoint.gateway.lesions import _box, lung_statistics
+from ctjoint.gateway.lesions import _box, _label_compact, lung_statistics
 from ctjoint.gateway.preprocess import context_stack, context_view
 from ctjoint.gateway.series import CtVolume
 
@@ -65,3 +66,15 @@ def test_lung_statistics_count_as_the_plain_masks_do() -> None:
             assert ml == pytest.approx(expected)
         lesion = np.count_nonzero(in_side & (labels > 0))
         assert stats.percent_involved == pytest.approx(100.0 * lesion / np.count_nonzero(in_side))
+
+
+def test_compact_component_labels_equal_scipys_and_widen_when_uint16_is_too_few() -> None:
+    few = np.random.default_rng(0).random((20, 60, 60)) < 0.3
+    many = np.zeros((3, 400, 400), dtype=bool)
+    many[::2, ::2, ::2] = True  # 80,000 single-voxel components
+    for mask, dtype in ((few, np.uint16), (many, np.int32)):
+        components, count = _label_compact(mask)
+        expected, expected_count = ndimage.label(mask)
+        assert components.dtype == dtype
+        assert count == expected_count
+        np.testing.assert_array_equal(components, expected)
