@@ -38,6 +38,20 @@ def as_result_dict(result: ResultLike) -> Mapping[str, Any]:
 # --- text ------------------------------------------------------------------------------------
 
 
+def _comparison_line(block: Mapping[str, Any]) -> str:
+    """The comparison with the prior analysis in one line (docs/follow-up.md)."""
+    if not block.get("available"):
+        return f"no comparison ({block.get('reason')})"
+    days = block.get("interval_days")
+    since = f" since {block.get('prior_study_date')}" if block.get("prior_study_date") else ""
+    interval = f" ({days:g} days)" if days is not None else ""
+    return (
+        f"{block.get('category')}{since}{interval}: {block.get('prior_label')} -> "
+        f"{block.get('current_label')}, lesions {block.get('prior_total_ml', 0.0):.1f} -> "
+        f"{block.get('current_total_ml', 0.0):.1f} mL"
+    )
+
+
 def format_summary(result: ResultLike) -> str:
     """A short human-readable summary: label, probabilities, lesion volumes, timings."""
     data = as_result_dict(result)
@@ -94,6 +108,9 @@ def format_summary(result: ResultLike) -> str:
             f"(peripheral {quantification.get('peripheral_fraction', 0.0):.0%}), "
             f"severity {quantification.get('severity_score')}/30"
         )
+    comparison = data.get("comparison")
+    if comparison:
+        lines.append(f"Follow-up:     {_comparison_line(comparison)}")
     series = data.get("series") or {}
     if series:
         spacing = " x ".join(f"{v:.2f}" for v in series.get("spacing_mm", ()))

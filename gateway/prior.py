@@ -29,7 +29,7 @@ import pydicom
 from prometheus_client import CollectorRegistry, Counter
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -45,6 +45,11 @@ from ctjoint.gateway.prior_report import (
 )
 
 log = logging.getLogger(__name__)
+
+# pynetdicom logs every C-FIND/C-GET identifier (PatientID included) at INFO by default; the
+# keys must stay inside the query (its documented switches, pynetdicom._config).
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
 
 DEFAULT_DEADLINE_S: Final = 2.0
 MAX_CANDIDATES: Final = 3

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import socket
 import statistics
 import time
@@ -292,9 +293,19 @@ def _with_issuer(files: list[bytes]) -> list[bytes]:
 
 
 def test_no_prior_down_or_hanging_pacs_still_answer_on_time_with_the_reason(
-    cases: dict[str, list[bytes]], orthanc: Orthanc, follow_ups: dict[str, Any]
+    cases: dict[str, list[bytes]],
+    orthanc: Orthanc,
+    follow_ups: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    out = _stranger_and_failures(cases, orthanc)
+    with caplog.at_level(logging.DEBUG):
+        out = _stranger_and_failures(cases, orthanc)
+    # The look-up keys stay in the query: pynetdicom logs none of its identifiers either.
+    for name in ("stranger", "progress"):
+        source = pydicom.dcmread(io.BytesIO(cases[name][0]))
+        assert "C-FIND" in caplog.text or "Find" in caplog.text
+        assert source.PatientID not in caplog.text
+        assert str(source.PatientName) not in caplog.text
     alone_s, alone = out["alone"]
     assert not alone.HasField("comparison")  # no PACS, no look-up
     for name, why in (
