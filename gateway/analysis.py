@@ -35,7 +35,7 @@ from ctjoint.gateway.dicom_io import (
     is_localizer,
     read_dataset,
 )
-from ctjoint.gateway.errors import BackendError, EmptySeriesError
+from ctjoint.gateway.errors import BackendError, EmptySeriesError, InputError
 from ctjoint.gateway.lesions import (
     LungSlices,
     after_leaving_lung,
@@ -295,7 +295,13 @@ class SeriesIntake:
             raise EmptySeriesError(
                 f"no CT slice was received, only {self.skipped_localizers} localizer image(s)"
             )
-        volume = await cpu_bound(self._assembler.finish)
+        try:
+            volume = await cpu_bound(self._assembler.finish)
+        except InputError as err:
+            named = self.study.naming_set_aside(err)
+            if named is err:
+                raise
+            raise named from err
         self.validate_ms += (time.perf_counter() - started) * 1000.0
         return volume
 

@@ -40,6 +40,7 @@ from ctjoint.gateway.errors import (
     DuplicateSliceError,
     EmptySeriesError,
     InconsistentGeometryError,
+    InputError,
     LimitExceededError,
     MixedSeriesError,
 )
@@ -635,6 +636,8 @@ class StudySorter:
         self._held = 0
         # The first dose report or secondary capture, when it came before any CT image.
         self._first_companion: SetAside | None = None
+        # Numbers in the stream of the files of other series (for error messages).
+        self._aside: list[int] = []
 
     def set_aside(self, dataset: Dataset, data: DicomSource, number: int, name: str) -> bool:
         """True when the file is not for the assembler (kept for the choice, or skipped)."""
@@ -652,6 +655,7 @@ class StudySorter:
                 self._facts.setdefault(uid, []).append(facts)
             return False
         self._facts.setdefault(uid, []).append(facts)
+        self._aside.append(number)
         if facts.sop_class == CT_IMAGE_STORAGE and not facts.localizer:
             self._held += 1
             if self._max is not None and self._held > self._max:
@@ -665,6 +669,25 @@ class StudySorter:
     @property
     def series_count(self) -> int:
         return len(self._facts)
+
+    def naming_set_aside(self, err: InputError) -> InputError:
+        """`err` about the assembled series, naming the files set aside as other series: a
+        file whose Series Instance UID is damaged looks like a series of its own, and the
+        series it left may then fail for lack of slices."""
+        if not self._aside:
+            return err
+        shown = ", ".join(str(n) for n in self._aside[:MAX_REPORTED])
+        more = (
+            f" and {len(self._aside) - MAX_REPORTED} more"
+            if len(self._aside) > MAX_REPORTED
+            else ""
+        )
+        return type(err)(
+            f"{err.problem} (file {shown}{more} of the scan belong to other series of the study "
+            f"and were set aside)",
+            source=err.source,
+            attribute=err.attribute,
+        )
 
     def select(self) -> Selection | None:
         """The choice once every file is in: None for a one-series scan without localizers;

@@ -7,6 +7,7 @@ other one skipped with its reason."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -331,3 +332,24 @@ def test_the_selection_reads_the_same_in_result_json_directly_and_over_the_wire(
     assert rebuilt["series_selection"] == direct["series_selection"]
     _assert_selection(direct["series_selection"])
     assert chosen_uid not in json.dumps(direct)
+
+
+def test_a_file_whose_series_uid_is_damaged_is_named_when_its_series_falls_short(
+    study: tuple[list[Path], str], gateway: str
+) -> None:
+    """A damaged Series Instance UID makes a file look like a series of its own; the series it
+    left, too short now, fails naming the file that was set aside."""
+    files, _ = study
+    three = [p.read_bytes() for p in files[:3]]
+    damaged = pydicom.dcmread(files[1])
+    damaged.SeriesInstanceUID = generate_uid()
+    buffer = io.BytesIO()
+    damaged.save_as(buffer, enforce_file_format=True)
+    three[1] = buffer.getvalue()
+    with pytest.raises(grpc.RpcError) as info:
+        analyze(gateway, three)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").endswith(
+        "has 2 slice(s), expected at least 3 (file 2 of the scan belong to other series of "
+        "the study and were set aside)"
+    )
