@@ -277,6 +277,11 @@ def _box(mask: np.ndarray, grow_in_plane: int) -> tuple[slice, slice, slice] | N
     return spans[0], spans[1], spans[2]
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The box around the nonzero voxels of a [Z, Y, X] mask or label map; None if none."""
+    return _box(mask, grow_in_plane=0)
+
+
 def _label_compact(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """`ndimage.label(mask)` with uint16 labels while they fit (the same labels, in half the
     bytes of scipy's int32: a 512x512x400 scan's lung box is about 190 MB of them), int32
@@ -604,6 +609,7 @@ __all__ = [
     "PERIPHERAL_MM",
     "LungSlices",
     "after_leaving_lung",
+    "bounding_box",
     "lung_statistics",
     "peripheral_mask",
     "peripheral_voxels",
