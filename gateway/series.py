@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    UID,
     ComprehensiveSRStorage,
     EnhancedSRStorage,
     SecondaryCaptureImageStorage,
@@ -643,14 +644,16 @@ class StudySorter:
         """True when the file is not for the assembler (kept for the choice, or skipped)."""
         uid, study = _uid(dataset, "SeriesInstanceUID"), _uid(dataset, "StudyInstanceUID")
         facts = ImageFacts.from_header(dataset)
+        # A damaged UID is no series of its own: validation names it (and never quotes it).
+        valid = bool(uid) and UID(uid).is_valid
         if self._uid is None:
-            if uid and facts.sop_class in STUDY_COMPANIONS:
+            if valid and facts.sop_class in STUDY_COMPANIONS:
                 self._facts.setdefault(uid, []).append(facts)
                 if self._first_companion is None:
                     self._first_companion = SetAside(number, name, data)
                 return True
             self._uid, self._study = uid, study
-        if not uid or uid == self._uid or study != self._study:
+        if not valid or uid == self._uid or study != self._study:
             if uid:
                 self._facts.setdefault(uid, []).append(facts)
             return False

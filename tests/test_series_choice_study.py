@@ -353,3 +353,21 @@ def test_a_file_whose_series_uid_is_damaged_is_named_when_its_series_falls_short
         "has 2 slice(s), expected at least 3 (file 2 of the scan belong to other series of "
         "the study and were set aside)"
     )
+
+
+def test_a_series_uid_that_is_no_uid_is_refused_not_set_aside(
+    study: tuple[list[Path], str], gateway: str
+) -> None:
+    files, _ = study
+    contents = [p.read_bytes() for p in files[:4]]
+    damaged = pydicom.dcmread(files[1])
+    damaged.SeriesInstanceUID = "1.2.840.NOT-A-UID"
+    buffer = io.BytesIO()
+    damaged.save_as(buffer, enforce_file_format=True)
+    contents[1] = buffer.getvalue()
+    with pytest.raises(grpc.RpcError) as info:
+        analyze(gateway, contents)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = info.value.details() or ""
+    assert details.startswith("file 2: SeriesInstanceUID: is not a valid UID")
+    assert "NOT-A-UID" not in details
