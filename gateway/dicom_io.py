@@ -61,6 +61,7 @@ from ctjoint.gateway.errors import (
     UnsupportedSopClassError,
     UnsupportedTransferSyntaxError,
 )
+from ctjoint.series_rules import is_localizer as rules_is_localizer
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +199,8 @@ def is_localizer(dataset: Dataset) -> bool:
     # give any other VR's value (a number), which is then one item.
     many = isinstance(image_type, Sequence) and not isinstance(image_type, str | bytes)
     items = list(image_type) if many else [image_type]
-    values = [str(v).strip().upper() for v in items]
-    return len(values) >= 3 and values[2] == "LOCALIZER"
+    # The rule itself is the series choice's (ctjoint/series_rules.py), one copy for all.
+    return rules_is_localizer([str(v) for v in items])
 
 
 def read_dataset(data: DicomSource, *, source: str, stop_before_pixels: bool = False) -> Dataset:
