@@ -970,28 +970,31 @@ def source_label_map(seg_logits: np.ndarray, geometry: ResampleGeometry) -> np.n
     """
     z, y, x = geometry.source_shape
     out = np.zeros((z, y, x), dtype=np.uint8)
+    rz: np.ndarray | None = None
     if geometry.kind == "2.5d":
         lesion_slices = np.flatnonzero(np.argmax(seg_logits, axis=1).any(axis=(1, 2)))
-        logits = seg_logits[lesion_slices]
     else:
         volume = seg_logits[0] if seg_logits.ndim == 5 else seg_logits  # [K, D, H, W]
         model_lesion = np.argmax(volume, axis=0).any(axis=(1, 2))  # [D]
         rz = resample_matrix(volume.shape[1], z, "linear")  # [Z, D]
         lesion_slices = np.flatnonzero((rz[:, model_lesion] > 0).any(axis=1))
-        # The z interpolation the 3D path does, restricted to the slices that need it.
-        logits = np.tensordot(rz[lesion_slices], volume, axes=(1, 1))  # [n, K, H, W]
     if lesion_slices.size == 0:
         return out
-    logits = logits.astype(np.float32, copy=False)
-    taps_y = _two_taps(resample_matrix(logits.shape[2], y, "linear"))
-    taps_x = _two_taps(resample_matrix(logits.shape[3], x, "linear"))
-    if taps_y is None or taps_x is None:
-        sub = ResampleGeometry(
-            (int(lesion_slices.size), y, x), (int(lesion_slices.size), *logits.shape[2:]), "2.5d"
-        )
-        out[lesion_slices] = logits_to_source_labels(logits, sub)
-        return out
-    out[lesion_slices] = _upsample_labels(logits, taps_y, taps_x)
+    h, w = seg_logits.shape[-2:]
+    taps_y = _two_taps(resample_matrix(h, y, "linear"))
+    taps_x = _two_taps(resample_matrix(w, x, "linear"))
+    # A few slices at a time, written straight into the map: the logits of every lesion
+    # slice at once were a volume-sized temporary (3D: 118 MB of fresh pages at 600 slices).
+    for start in range(0, lesion_slices.size, _UPSAMPLE_CHUNK):
+        rows = lesion_slices[start : start + _UPSAMPLE_CHUNK]
+        # 3D: the z interpolation the 3D path does, restricted to the slices that need it.
+        part = seg_logits[rows] if rz is None else np.tensordot(rz[rows], volume, axes=(1, 1))
+        logits = part.astype(np.float32, copy=False)  # [n, K, H, W]
+        if taps_y is None or taps_x is None:
+            sub = ResampleGeometry((int(rows.size), y, x), (int(rows.size), h, w), "2.5d")
+            out[rows] = logits_to_source_labels(logits, sub)
+        else:
+            out[rows] = _upsample_labels(logits, taps_y, taps_x)
     return out
 
 

@@ -8,8 +8,14 @@ import pytest
 from scipy import ndimage
 
 from ctjoint.contracts import LUNG_LEFT, LUNG_RIGHT, SEG_CLASS_NAMES
+from ctjoint.gateway.analysis import source_label_map
 from ctjoint.gateway.lesions import _box, _label_compact, lung_statistics
-from ctjoint.gateway.preprocess import context_stack, context_view
+from ctjoint.gateway.preprocess import (
+    ResampleGeometry,
+    context_stack,
+    context_view,
+    logits_to_source_labels,
+)
 from ctjoint.gateway.series import CtVolume
 
 
@@ -78,3 +84,21 @@ def test_compact_component_labels_equal_scipys_and_widen_when_uint16_is_too_few(
         assert components.dtype == dtype
         assert count == expected_count
         np.testing.assert_array_equal(components, expected)
+
+
+@pytest.mark.parametrize("kind", ["2.5d", "3d"])
+def test_the_label_map_made_a_chunk_at_a_time_equals_the_dense_definition(kind: str) -> None:
+    rng = np.random.default_rng(7)
+    source = (45, 24, 20)  # lesion slices span several chunks
+    if kind == "2.5d":
+        logits = rng.normal(size=(45, 3, 8, 8)).astype(np.float32)
+        logits[::3, 0] += 4.0  # every third slice lesion-free
+        model_shape = (45, 8, 8)
+    else:
+        logits = rng.normal(size=(1, 3, 12, 8, 8)).astype(np.float32)
+        logits[0, 0, :3] += 10.0
+        model_shape = (12, 8, 8)
+    geometry = ResampleGeometry(source, model_shape, kind)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(
+        source_label_map(logits, geometry), logits_to_source_labels(logits, geometry)
+    )
