@@ -359,18 +359,19 @@ class ScanAnalyzer:
                 file_numbers=file_numbers,
             )
         except SeriesSwitch as switch:
-            # The series assembled as files arrived is not the one chosen: analyse the chosen
-            # one from the files set aside, keeping their numbers in the stream. The rules'
-            # notes already count the chosen series' localizers (never set aside).
-            selection = switch.selection
-            chosen = await self._analyze_files(
-                [(f.name, f.data) for f in switch.files],
-                model,
-                expected_slices=len(switch.files),
-                max_slices=max_slices,
-                progress=progress,
-                file_numbers=[f.number for f in switch.files],
-            )
+            files, selection = switch.files, switch.selection
+        # The series assembled as files arrived is not the one chosen: analyse the chosen one
+        # from the files set aside, keeping their numbers in the stream. Outside the except
+        # block, so that its traceback, and the first series' volume it holds, are gone. The
+        # rules' notes already count the chosen series' localizers (never set aside).
+        chosen = await self._analyze_files(
+            [(f.name, f.data) for f in files],
+            model,
+            expected_slices=len(files),
+            max_slices=max_slices,
+            progress=progress,
+            file_numbers=[f.number for f in files],
+        )
         return replace(chosen, result=replace(chosen.result, series_selection=selection))
 
     async def _analyze_files(
