@@ -7,6 +7,8 @@ other one skipped with its reason."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
 import json
 import os
@@ -32,7 +34,14 @@ from ctjoint.client.results import result_dict
 from ctjoint.client.send import RESULT_JSON
 from ctjoint.client.stow import StowSettings
 from ctjoint.export.phantom import write_phantom_case
-from ctjoint.gateway.analysis import analyze_directory
+from ctjoint.gateway.analysis import (
+    Progress,
+    ScanAnalysis,
+    ScanAnalyzer,
+    SeriesIntake,
+    analyze_directory,
+)
+from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.series import list_series_files
 from ctjoint.gateway.wire import result_to_proto
 from ctjoint.series_rules import (
@@ -371,3 +380,31 @@ def test_a_series_uid_that_is_no_uid_is_refused_not_set_aside(
     details = info.value.details() or ""
     assert details.startswith("file 2: SeriesInstanceUID: is not a valid UID")
     assert "NOT-A-UID" not in details
+
+
+def test_switching_series_frees_the_first_series_before_the_second_is_assembled(
+    study: tuple[list[Path], str], contract_model_dir: Path
+) -> None:
+    """The soft-kernel series, first in the stream, is assembled and then dropped for the
+    chosen one: while the chosen one is read, no other intake (and its volume) is alive."""
+    files, _ = study
+    order = [3, 2, 7, 4, 1, 6, 98, 99]
+    ordered = sorted(files, key=lambda p: (order.index(_number(p)), p.name))
+    alive: list[int] = []
+
+    def progress(event: Progress) -> None:
+        if event.stage == "validated" and event.total == 24 and event.done == 1:
+            gc.collect()
+            alive.append(sum(isinstance(o, SeriesIntake) for o in gc.get_objects()))
+
+    async def run() -> ScanAnalysis:
+        async with EmbeddedBackend(["jcs2d"], model_dir=contract_model_dir) as backend:
+            analyzer = ScanAnalyzer(backend, streaming=True)
+            inputs = [(p.name, p.read_bytes()) for p in ordered]
+            return await analyzer.analyze_files(inputs, "jcs2d", progress=progress)
+
+    analysis = asyncio.run(run())
+    assert analysis.volume.shape[0] == 24 and alive == [1]
+    assert analysis.result.series_selection is not None
+    assert analysis.result.series_selection.chosen is not None
+    assert analysis.result.series_selection.chosen.number == 2
