@@ -395,7 +395,7 @@ def test_switching_series_frees_the_first_series_before_the_second_is_assembled(
     def progress(event: Progress) -> None:
         if event.stage == "validated" and event.total == 24 and event.done == 1:
             gc.collect()
-            alive.append(sum(isinstance(o, SeriesIntake) for o in gc.get_objects()))
+            alive.append(sum(type(o) is SeriesIntake for o in gc.get_objects()))
 
     async def run() -> ScanAnalysis:
         async with EmbeddedBackend(["jcs2d"], model_dir=contract_model_dir) as backend:
