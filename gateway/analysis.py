@@ -202,8 +202,11 @@ class SeriesIntake:
         # (rows, columns) of the series' slices, once the first has arrived.
         self.slice_shape: tuple[int, int] | None = None
         self.header: Dataset | None = None
-        # In-plane preprocessed slices [H, W] by arrival slot (only with a plan).
+        # In-plane preprocessed slices [H, W] by arrival slot (only with a plan). With a known
+        # count they are rows of one buffer with `plan.context` spare rows at each end, so a
+        # series that arrives in order (either way) is already the model's stacked slices.
         self.planes: list[np.ndarray] = []
+        self._plane_rows: np.ndarray | None = None
         # The per-slice half of the lung segmentation, by arrival slot (only with a plan).
         self.lung_slices: LungSlices | None = None if plan is None else LungSlices()
 
@@ -257,7 +260,7 @@ class SeriesIntake:
         self.validate_ms += (validated - parsed) * 1000.0
         preprocessed = validated
         if self._plan is not None:
-            self.planes.append(inplane_slices(ct_slice.hu, self._plan))
+            self.planes.append(self._keep_plane(slot, inplane_slices(ct_slice.hu, self._plan)))
             preprocessed = time.perf_counter()
             self.preprocess_ms += (preprocessed - validated) * 1000.0
         if self.lung_slices is not None:
@@ -278,12 +281,39 @@ class SeriesIntake:
         """Arrival slots in the finished volume's order (empty before `finish`)."""
         return self._assembler.sorted_slots
 
+    def _keep_plane(self, slot: int, plane: np.ndarray) -> np.ndarray:
+        """`plane` as row `slot` of the planes' buffer (made at the first slice when the count
+        is known); `plane` itself when there is no room for it there."""
+        if self._plan is None or not self._expected:
+            return plane
+        pad = self._plan.context
+        if self._plane_rows is None and slot == 0:
+            self._plane_rows = np.empty((self._expected + 2 * pad, *plane.shape), np.float32)
+        rows = self._plane_rows
+        if rows is None or slot >= self._expected or rows.shape[1:] != plane.shape:
+            return plane
+        rows[pad + slot] = plane
+        return rows[pad + slot]
+
     def sorted_planes(self, pad: int = 0) -> np.ndarray | None:
         """The in-plane preprocessed slices [Z, H, W] in the finished volume's order, with the
-        first and last repeated `pad` times at each end; None without a plan."""
+        first and last repeated `pad` times at each end; None without a plan. A view of the
+        planes' buffer when the series came in order (either way), else a copy."""
         if self._plan is None or not self.planes:
             return None
         slots = self.sorted_slots
+        n, rows, spare = len(slots), self._plane_rows, self._plan.context
+        if rows is not None and n == self._expected and pad <= spare:
+            base = None
+            if slots == tuple(range(n)):
+                base = rows
+            elif slots == tuple(range(n - 1, -1, -1)):
+                base = rows[::-1]
+            if base is not None:
+                # The spare rows repeat the edge slices (either way round, by symmetry).
+                rows[:spare] = rows[spare]
+                rows[spare + n :] = rows[spare + n - 1]
+                return base[spare - pad : spare + n + pad]
         order = [slots[0]] * pad + list(slots) + [slots[-1]] * pad
         return np.stack([self.planes[slot] for slot in order])
 
