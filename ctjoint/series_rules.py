@@ -22,6 +22,7 @@ keyed pseudonym the caller supplies, never by UID.
 from __future__ import annotations
 
 import math
+from collections import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -111,21 +112,35 @@ class ImageFacts:
                 return ()
             return result if all(math.isfinite(v) for v in result) else ()
 
+        def text(value: Any) -> str:
+            # A fuzzed or damaged element may read as a sequence whose items fail to convert
+            # only when printed: such a value counts as absent too.
+            try:
+                if isinstance(value, (str, int, float)):
+                    return str(value)
+                if isinstance(value, abc.Sequence):  # a multi-valued element (MultiValue)
+                    items = list(value)
+                    if all(isinstance(item, (str, int, float)) for item in items):
+                        return "\\".join(str(item) for item in items)
+            except Exception:
+                pass
+            return ""
+
         series_number = number(get("SeriesNumber"))
         image_type = get("ImageType") or ()
         if isinstance(image_type, str):
             image_type = image_type.split("\\")
         try:
-            image_types = tuple(str(v) for v in image_type)
-        except TypeError:
+            image_types = tuple(text(v) for v in image_type)
+        except Exception:  # not iterable, or an item that fails to convert
             image_types = ()
         return cls(
-            sop_class=str(get("SOPClassUID") or ""),
+            sop_class=text(get("SOPClassUID") or ""),
             image_type=image_types,
             orientation=numbers(get("ImageOrientationPatient")),
             position=numbers(get("ImagePositionPatient")),
             thickness_mm=number(get("SliceThickness")),
-            kernel=str(get("ConvolutionKernel") or ""),
+            kernel=text(get("ConvolutionKernel") or ""),
             series_number=None if series_number is None else int(series_number),
         )
 

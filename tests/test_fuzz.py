@@ -33,6 +33,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from ctjoint.gateway.dicom_io import is_localizer, read_ct_slice
 from ctjoint.gateway.errors import InvalidAttributeError, LimitExceededError
+from ctjoint.series_rules import CT_IMAGE_STORAGE, ImageFacts
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 TESTS = Path(__file__).parent
@@ -348,3 +349,19 @@ def test_a_seg_without_a_frame_of_reference_is_a_clear_error(gateway: GatewayPro
         scan(gateway.address, series, expected=3, outputs=scan_pb2.OutputOptions(seg=True))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "FrameOfReferenceUID" in (caught.value.details() or "")
+
+
+@pytest.mark.parametrize("keyword", ["SOPClassUID", "ConvolutionKernel"])
+def test_the_series_rules_read_a_sequence_in_place_of_an_attribute_as_absent(keyword: str) -> None:
+    # Found by atheris in CI: SOPClassUID's VR became SQ, and the series rules' str() of the
+    # sequence converted an item's element of the wrong length (BytesLengthException).
+    header = pydicom.dcmread(io.BytesIO(_with_sequence_in_place_of("ConvolutionKernel")))
+    if keyword == "SOPClassUID":  # moved there (a file written so would fail its file meta)
+        sequence = header["ConvolutionKernel"].value
+        del header["ConvolutionKernel"]
+        header.add_new(pydicom.datadict.tag_for_keyword(keyword), "SQ", sequence)
+    facts = ImageFacts.from_header(header)
+    read = {"SOPClassUID": facts.sop_class, "ConvolutionKernel": facts.kernel}
+    assert read[keyword] == ""
+    if keyword == "ConvolutionKernel":
+        assert facts.sop_class == CT_IMAGE_STORAGE
