@@ -114,16 +114,13 @@ class ImageFacts:
 
         def text(value: Any) -> str:
             # A fuzzed or damaged element may read as a sequence whose items fail to convert
-            # only when printed: such a value counts as absent too.
-            try:
-                if isinstance(value, (str, int, float)):
-                    return str(value)
-                if isinstance(value, abc.Sequence):  # a multi-valued element (MultiValue)
-                    items = list(value)
-                    if all(isinstance(item, (str, int, float)) for item in items):
-                        return "\\".join(str(item) for item in items)
-            except Exception:
-                pass
+            # only when printed: only plain values and multi-values of them are read as text.
+            if isinstance(value, (str, int, float)):
+                return str(value)
+            if isinstance(value, abc.Sequence):  # a multi-valued element (MultiValue)
+                items = list(value)
+                if all(isinstance(item, (str, int, float)) for item in items):
+                    return "\\".join(str(item) for item in items)
             return ""
 
         series_number = number(get("SeriesNumber"))
