@@ -106,3 +106,17 @@ def missing_components() -> list[str]:
         if problem is not None:
             lines.append(f"{name}: {problem}; installed by {step}")
     return lines
+
+
+def dcmtk_tool(name: str) -> str:
+    """The path of dcmtk's `name` (storescu, echoscu, dcmcjpeg, ...): a missing one fails the
+    test where CI runs (`make test` installs dcmtk as root) and skips it elsewhere."""
+    import pytest
+
+    tool = shutil.which(name)
+    if tool is None:
+        reason = f"{name} (Debian dcmtk) is not installed"
+        if in_ci():
+            pytest.fail(f"{reason}; `make test` installs it when run as root")
+        pytest.skip(f"{reason}; install dcmtk to test the DIMSE listener")
+    return tool

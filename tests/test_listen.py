@@ -4,12 +4,9 @@ series reaches the gateway once, and two series interleaved in one association s
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -20,10 +17,6 @@ from types import SimpleNamespace
 
 import pydicom
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from gateway_process import GatewayProcess
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_decoder
@@ -37,6 +30,8 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from real_components import dcmtk_tool
+from tls_certs import self_signed
 
 from ctjoint.client.listen import (
     ACCEPTED_TRANSFER_SYNTAXES,
@@ -53,16 +48,6 @@ from ctjoint.export.phantom import write_phantom_case
 from ctjoint.gateway.series import list_series_files
 
 AE_TITLE = "CTJOINT"
-
-
-def _storescu() -> str:
-    tool = shutil.which("storescu")
-    if tool is None:
-        reason = "storescu (Debian dcmtk) is not installed"
-        if os.geteuid() == 0:
-            pytest.fail(f"{reason}; `make test` installs it when run as root")
-        pytest.skip(f"{reason}; install dcmtk to test the DIMSE listener")
-    return tool
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +68,7 @@ def _series(root: Path, seed: int, slices: int) -> list[Path]:
 def test_interleaved_series_are_forwarded_once_each_and_kept_apart(
     gateway: str, tmp_path: Path
 ) -> None:
-    storescu = _storescu()
+    storescu = dcmtk_tool("storescu")
     first = _series(tmp_path / "a", seed=11, slices=4)
     second = _series(tmp_path / "b", seed=12, slices=6)
     # One association, the two series' files interleaved.
@@ -264,16 +249,6 @@ def test_spools_left_by_an_earlier_run_are_retried_or_deleted_by_age(tmp_path: P
 # --- the hardened SCP: transfer syntaxes, C-ECHO, calling AE titles, TLS -------------------
 
 
-def _dcmtk(name: str) -> str:
-    tool = shutil.which(name)
-    if tool is None:
-        reason = f"{name} (Debian dcmtk) is not installed"
-        if os.geteuid() == 0:
-            pytest.fail(f"{reason}; `make test` installs it when run as root")
-        pytest.skip(f"{reason}; install dcmtk to test the DIMSE listener")
-    return tool
-
-
 @contextlib.contextmanager
 def running_listener(
     tmp_path: Path, forward: Forward, security: ListenerSecurity | None = None
@@ -333,7 +308,7 @@ def _as_own_series(files: list[Path], folder: Path, syntax: str) -> list[Path]:
     for source in sources:
         target = folder / source.name
         run = subprocess.run(
-            [_dcmtk(tools[syntax]), str(source), str(target)], capture_output=True, text=True
+            [dcmtk_tool(tools[syntax]), str(source), str(target)], capture_output=True, text=True
         )
         assert run.returncode == 0, run.stderr
         out.append(target)
@@ -343,7 +318,7 @@ def _as_own_series(files: list[Path], folder: Path, syntax: str) -> list[Path]:
 def test_compressed_series_from_storescu_reach_the_gateway(gateway: str, tmp_path: Path) -> None:
     """dcmtk's storescu proposes each file's own transfer syntax; the listener accepts them
     and the gateway decodes them (JPEG lossless, JPEG-LS and RLE made by dcmtk itself)."""
-    storescu = _dcmtk("storescu")
+    storescu = dcmtk_tool("storescu")
     original = _series(tmp_path / "phantom", seed=21, slices=4)
     syntaxes = (JPEGLosslessSV1, JPEGLSLossless, RLELossless, JPEG2000Lossless,
                 DeflatedExplicitVRLittleEndian)  # fmt: skip
@@ -391,7 +366,7 @@ def test_compressed_series_from_storescu_reach_the_gateway(gateway: str, tmp_pat
 
 
 def test_echoscu_is_answered_and_other_calling_ae_titles_are_refused(tmp_path: Path) -> None:
-    echoscu, storescu = _dcmtk("echoscu"), _dcmtk("storescu")
+    echoscu, storescu = dcmtk_tool("echoscu"), dcmtk_tool("storescu")
     forwarded: list[str] = []
     security = ListenerSecurity(allowed_calling_aes=("SCANNER1",))
     files = _series(tmp_path / "phantom", seed=22, slices=2)
@@ -420,41 +395,9 @@ def test_echoscu_is_answered_and_other_calling_ae_titles_are_refused(tmp_path: P
     assert forwarded == [] and not any((tmp_path / "spool").glob("*/*.dcm"))
 
 
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    """A self-signed RSA certificate for 127.0.0.1 and its key (PEM)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ctjoint listener")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "listener.crt", folder / "listener.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_dicom_over_tls_is_served_and_plain_tcp_is_not(tmp_path: Path) -> None:
-    echoscu, storescu = _dcmtk("echoscu"), _dcmtk("storescu")
-    cert, key = _self_signed(tmp_path)
+    echoscu, storescu = dcmtk_tool("echoscu"), dcmtk_tool("storescu")
+    cert, key = self_signed(tmp_path, "listener")
     forwarded: list[str] = []
     files = _series(tmp_path / "phantom", seed=23, slices=2)
     security = ListenerSecurity(tls_cert=cert, tls_key=key)

@@ -11,8 +11,6 @@ import asyncio
 import gc
 import io
 import json
-import os
-import shutil
 import subprocess
 import threading
 import time
@@ -28,6 +26,7 @@ import pydicom
 import pytest
 from gateway_process import GatewayProcess, analyze, file_bytes
 from pydicom.uid import SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage, generate_uid
+from real_components import dcmtk_tool
 
 from ctjoint.client.listen import SELECTION_JSON, gateway_forward, listen, series_key
 from ctjoint.client.results import result_dict
@@ -172,16 +171,6 @@ def test_the_rules_are_pure_and_name_each_reason() -> None:
     }
 
 
-def _tool(name: str) -> str:
-    tool = shutil.which(name)
-    if tool is None:
-        reason = f"{name} (Debian dcmtk) is not installed"
-        if os.geteuid() == 0:
-            pytest.fail(f"{reason}; `make test` installs it when run as root")
-        pytest.skip(f"{reason}; install dcmtk to test the DIMSE listener")
-    return tool
-
-
 @pytest.fixture(scope="module")
 def gateway(contract_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("study_gateway") / "gateway.log"
@@ -220,7 +209,7 @@ def _stow(port: int, files: list[Path]) -> int:
 def test_listen_forwards_only_the_chosen_series_of_a_study(
     study: tuple[list[Path], str], gateway: str, tmp_path: Path, way: str
 ) -> None:
-    storescu = _tool("storescu") if way == "dimse" else ""
+    storescu = dcmtk_tool("storescu") if way == "dimse" else ""
     files, chosen_uid = study
     out = tmp_path / "results"
     to_gateway = gateway_forward(

@@ -6,8 +6,6 @@ clear 4xx and nothing is forwarded; a bearer token and TLS guard the endpoint.""
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import json
 import ssl
 import threading
@@ -21,12 +19,9 @@ from typing import Any
 
 import pydicom
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from gateway_process import GatewayProcess
 from orthanc_server import Orthanc, running_orthanc
+from tls_certs import self_signed
 
 from ctjoint.client.listen import (
     Forward,
@@ -186,39 +181,8 @@ def test_bad_bodies_get_a_clear_4xx_and_nothing_is_forwarded(
     assert forwarded == [] and not any((tmp_path / "spool").glob("*/*.dcm"))
 
 
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ctjoint listener")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "stow.crt", folder / "stow.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 def test_stow_rs_over_tls_needs_the_bearer_token(series: list[Path], tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "stow")
     forwarded: list[str] = []
     security = ListenerSecurity(tls_cert=cert, tls_key=key)
     context = ssl.create_default_context(cafile=str(cert))
