@@ -106,6 +106,7 @@ class JointLoss(nn.Module):
         self.seg_weight = config.seg_weight
         self.cls_weight = config.cls_weight
         self.aux_weights = config.aux_weights
+        self.label_smoothing = config.label_smoothing
         # s_seg, s_cls; zero means both tasks start at weight 1.
         self.log_variances = nn.Parameter(torch.zeros(2), requires_grad=self.mode == "uncertainty")
 
@@ -123,7 +124,9 @@ class JointLoss(nn.Module):
         self, out: JointOutput, seg_target: torch.Tensor, cls_target: torch.Tensor
     ) -> LossTerms:
         seg = self.segmentation(out, seg_target)
-        cls = F.cross_entropy(out.cls_logits.float(), cls_target.long())
+        cls = F.cross_entropy(
+            out.cls_logits.float(), cls_target.long(), label_smoothing=self.label_smoothing
+        )
         if self.mode == "uncertainty":
             s = self.log_variances.clamp(LOG_VARIANCE_MIN, LOG_VARIANCE_MAX)
             weights = torch.exp(-s)

@@ -44,6 +44,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from scipy import ndimage
 from torch import nn
 
 from ctjoint.contracts import CLASS_NAMES, CLASS_NORMAL
@@ -169,6 +170,44 @@ def augment(
     return image.astype(np.float32), labels
 
 
+def _warp(array: np.ndarray, matrix: np.ndarray, order: int, fill: float) -> np.ndarray:
+    """Resample `array` ([..., H, W] or [..., D, H, W] spatial tail of len(matrix)) about
+    its centre with `matrix` (output -> input coordinates)."""
+    ndim = matrix.shape[0]
+    centre = (np.array(array.shape[-ndim:], dtype=np.float64) - 1.0) / 2.0
+    offset = centre - matrix @ centre
+    lead = array.shape[:-ndim]
+    flat = array.reshape(-1, *array.shape[-ndim:])
+    out = np.empty_like(flat)
+    for i, plane in enumerate(flat):
+        out[i] = ndimage.affine_transform(
+            plane, matrix, offset=offset, order=order, mode="constant", cval=fill
+        )
+    return out.reshape(*lead, *array.shape[-ndim:])
+
+
+def geometric_augment(
+    image: np.ndarray, labels: np.ndarray, config: TrainConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample zoom (each axis) and in-plane rotation of a [B, C, *spatial] image and its
+    [B, *spatial] labels: linear for the image, nearest for the labels, air outside."""
+    if config.zoom <= 0 and config.rotate_deg <= 0:
+        return image, labels
+    ndim = labels.ndim - 1
+    image = image.copy()
+    labels = labels.copy()
+    for i in range(image.shape[0]):
+        scale = rng.uniform(1.0 - config.zoom, 1.0 + config.zoom, size=ndim)
+        angle = np.deg2rad(rng.uniform(-config.rotate_deg, config.rotate_deg))
+        rotation = np.eye(ndim)
+        c, s = np.cos(angle), np.sin(angle)
+        rotation[-2:, -2:] = [[c, -s], [s, c]]
+        matrix = rotation @ np.diag(1.0 / scale)  # output -> input: shrink = zoom in
+        image[i] = _warp(image[i], matrix, 1, AIR)
+        labels[i] = _warp(labels[i], matrix, 0, 0)
+    return image, labels
+
+
 def slice_batch(
     cases: Sequence[PreparedCase],
     items: Sequence[tuple[int, int]],
@@ -184,6 +223,7 @@ def slice_batch(
     )
     image = image.astype(np.float32)
     if config is not None:
+        image, labels = geometric_augment(image, labels, config, rng)
         image, labels = augment(image, labels, config, rng)
     return Batch(
         torch.from_numpy(image),
@@ -199,6 +239,7 @@ def volume_batch(
     image = np.stack([case.image for case in cases])[:, None].astype(np.float32)
     labels = np.stack([case.labels for case in cases])
     if config is not None:
+        image, labels = geometric_augment(image, labels, config, rng)
         image, labels = augment(image, labels, config, rng)
     targets = np.array([case.label for case in cases], dtype=np.int64)
     return Batch(

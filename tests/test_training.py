@@ -20,6 +20,7 @@ from ctjoint.export.models import build_model
 from ctjoint.export.models.blocks import JointOutput
 from ctjoint.export.train import (
     TrainingError,
+    geometric_augment,
     make_batch,
     model_from_checkpoint,
     slice_items,
@@ -180,3 +181,42 @@ def test_a_fresh_run_refuses_a_folder_that_holds_one(nifti_set: Path, tmp_path: 
 def test_resume_without_a_checkpoint_is_refused(nifti_set: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match=r"last\.pt: checkpoint not found"):
         train_run(small_config("jcs2d"), nifti_set, tmp_path / "none", resume=True)
+
+
+def test_geometric_augmentation_moves_image_and_labels_together() -> None:
+    """A zoomed, rotated scan keeps its lesion under the same image voxels: the bright cube
+    the labels mark is still where the labels say, and the lesion grows with the zoom."""
+    config = dataclasses.replace(get_config("deepsc3d", "tiny").train, zoom=0.3, rotate_deg=20.0)
+    image = np.full((2, 1, 16, 48, 48), -1.0, dtype=np.float32)
+    labels = np.zeros((2, 16, 48, 48), dtype=np.int64)
+    image[:, :, 5:11, 16:32, 16:32] = 1.0
+    labels[:, 5:11, 16:32, 16:32] = 2
+    warped, warped_labels = geometric_augment(image, labels, config, np.random.default_rng(3))
+    assert warped.shape == image.shape and warped_labels.shape == labels.shape
+    assert set(np.unique(warped_labels)) == {0, 2}  # nearest neighbour: no invented classes
+    assert not np.array_equal(warped_labels, labels)
+    inside = warped[:, 0][warped_labels == 2]
+    assert inside.mean() > 0.8  # the lesion's voxels stay bright
+    assert warped[:, 0][warped_labels == 0].mean() < -0.8  # air stays air, also at the rim
+
+
+def test_no_geometric_augmentation_leaves_the_batch_untouched() -> None:
+    config = get_config("jcs2d", "tiny").train
+    assert config.zoom == 0 and config.rotate_deg == 0
+    image = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    labels = np.ones((2, 8, 8), dtype=np.int64)
+    out, out_labels = geometric_augment(image, labels, config, np.random.default_rng(0))
+    assert out is image and out_labels is labels
+
+
+def test_label_smoothing_keeps_the_loss_of_a_certain_right_answer_above_zero() -> None:
+    config = dataclasses.replace(get_config("deepsc3d", "tiny").train, task_balance="fixed")
+    assert config.label_smoothing == 0.05
+    loss = JointLoss(config)
+    logits = torch.tensor([[30.0, -30.0, -30.0]])
+    smooth = loss.forward(
+        JointOutput(torch.zeros(1, 3, 4, 4, 4), logits, (torch.zeros(1, 3, 2, 2, 2),)),
+        torch.zeros(1, 4, 4, 4, dtype=torch.long),
+        torch.tensor([0]),
+    )
+    assert float(smooth.cls) > 0.5  # 0.05 spread over three classes of logits 60 apart
