@@ -159,6 +159,8 @@ def _render_tile(
     heat: np.ndarray | None = None,
 ) -> np.ndarray:
     """One slice as RGB uint8, reduced by `factor` (grey by block mean, labels by block max)."""
+    # Whole-HU volumes are int16 (gateway/series.py): the mean in float32 either way.
+    hu = hu.astype(np.float32, copy=False)
     if factor > 1:
         y = hu.shape[0] // factor * factor
         x = hu.shape[1] // factor * factor

@@ -94,13 +94,20 @@ RESCALE_INTERCEPT = (-10000.0, 10000.0)
 MAX_UID_CHARS = 64
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 
+# What a series volume keeps HU in: int16 when every value is a whole number in its range
+# (slope 1 and a whole intercept, as CT scanners store them; half float32's bytes), float32
+# otherwise. Both hold the same numbers, so every later step gives the same answer.
+HU_INT16: Final = np.dtype(np.int16)
+HU_DTYPES: Final = (HU_INT16, np.dtype(np.float32))
+_INT16_MIN, _INT16_MAX = int(np.iinfo(np.int16).min), int(np.iinfo(np.int16).max)
+
 # Tolerance on the unit length and orthogonality of the direction cosines (scanners write them
 # with 6 or so decimals; rounding to that leaves errors around 1e-6).
 _COSINE_TOLERANCE = 1e-3
 
 DicomSource = str | os.PathLike[str] | bytes
-# Where a slice's HU values go: (rows, columns) -> a float32 array of that shape, or None
-# for a new one (see ct_slice_from_dataset).
+# Where a slice's HU values go: (rows, columns) -> an int16 or float32 array of that shape,
+# or None for a new one (see ct_slice_from_dataset).
 HuDestination = Callable[[int, int], "np.ndarray | None"]
 
 # The largest data set a deflated file may inflate to: the largest pixel data we accept
@@ -118,8 +125,9 @@ _LONG_LENGTH_VRS |= {b"UT", b"UV"}
 class CtSlice:
     """One validated CT slice: HU pixels plus the geometry and identity needed to assemble it.
 
-    `hu` is [rows, columns] float32, read-only. Positions and spacings are in millimetres in the
-    patient coordinate system (LPS) of the file.
+    `hu` is [rows, columns] float32, read-only; int16 when it is a row of a series volume kept
+    in whole HU (`HU_INT16`). Positions and spacings are in millimetres in the patient
+    coordinate system (LPS) of the file.
     """
 
     hu: np.ndarray
@@ -135,7 +143,7 @@ class CtSlice:
     source: str
 
     def __post_init__(self) -> None:
-        hu = np.ascontiguousarray(self.hu, dtype=np.float32)
+        hu = np.ascontiguousarray(self.hu, dtype=hu_dtype(self.hu))
         if hu.ndim != 2:
             raise ValueError(f"a CT slice is 2D, got shape {hu.shape}")
         hu.flags.writeable = False
@@ -156,6 +164,12 @@ class CtSlice:
     def normal(self) -> np.ndarray:
         """Unit slice normal: row cosines x column cosines."""
         return slice_normal(self.orientation)
+
+
+def hu_dtype(hu: np.ndarray) -> type[np.floating] | type[np.signedinteger]:
+    """The dtype HU values are kept in: int16 stays int16 (whole HU, half the bytes), anything
+    else is float32."""
+    return np.int16 if np.asarray(hu).dtype == np.int16 else np.float32
 
 
 def slice_normal(orientation: Sequence[float]) -> np.ndarray:
@@ -304,9 +318,10 @@ def ct_slice_from_dataset(
 ) -> CtSlice:
     """Validate a parsed dataset as a single-frame CT image and convert its pixels to HU.
 
-    `hu_out(rows, columns)` may give the float32 array the HU values go to (the series
-    volume's next slot, `SeriesAssembler.next_slot`): one pass from the stored integers
-    into the volume, instead of a new slice array copied there afterwards.
+    `hu_out(rows, columns)` may give the array the HU values go to (the series volume's next
+    slot, `SeriesAssembler.next_slot`): one pass from the stored integers into the volume,
+    instead of a new slice array copied there afterwards. An int16 slot takes whole HU only;
+    a slice that has others comes back as float32 of its own.
     """
     _check_is_ct(dataset, source)
     rows = _positive_int(dataset, "Rows", source, maximum=MAX_MATRIX, minimum=MIN_MATRIX)
@@ -340,16 +355,52 @@ def ct_slice_from_dataset(
     # before the pixels are decoded.
     out = hu_out(rows, columns) if hu_out is not None else None
     pixels = _decode_pixels(dataset, rows, columns, source)
+    if out is not None and (out.shape != (rows, columns) or out.dtype not in HU_DTYPES):
+        out = None
+    if out is not None and out.dtype == np.int16:
+        whole = _whole_hu_into(out, pixels, slope, intercept)
+        if whole is not None:
+            return _ct_slice(dataset, whole, source, position, orientation, spacing, thickness)
+        # Not whole HU in int16 (a fractional slope or intercept, or out of range): a float32
+        # slice of its own, which the assembler's add then takes (widening its volume).
+        out = None
     # One pass from the stored integers to float32 HU (the conversion is the first operation,
     # not a separate astype), then the identity-free rest of the rescale.
-    if out is not None and (out.shape != (rows, columns) or out.dtype != np.float32):
-        out = None
     if slope != 1.0:
         hu = np.multiply(pixels, np.float32(slope), dtype=np.float32, out=out)
         if intercept != 0.0:
             hu += np.float32(intercept)
     else:
         hu = np.add(pixels, np.float32(intercept), dtype=np.float32, out=out)
+    return _ct_slice(dataset, hu, source, position, orientation, spacing, thickness)
+
+
+def _whole_hu_into(
+    out: np.ndarray, pixels: np.ndarray, slope: float, intercept: float
+) -> np.ndarray | None:
+    """HU into the int16 array `out` when every value is a whole number in int16's range
+    (slope 1, a whole intercept: how CT scanners store them), else None with `out` untouched.
+    The same numbers as the float32 conversion, in half the bytes."""
+    if slope != 1.0 or not float(intercept).is_integer() or pixels.dtype.kind not in "iu":
+        return None
+    if pixels.size and pixels.dtype.itemsize > 1:
+        low, high = int(pixels.min()) + int(intercept), int(pixels.max()) + int(intercept)
+        if low < _INT16_MIN or high > _INT16_MAX:
+            return None
+    # In range, so int16's wrap-around arithmetic gives the exact sum.
+    np.add(pixels, np.int16(intercept), out=out, dtype=np.int16, casting="unsafe")
+    return out
+
+
+def _ct_slice(
+    dataset: Dataset,
+    hu: np.ndarray,
+    source: str,
+    position: list[float],
+    orientation: list[float],
+    spacing: list[float],
+    thickness: float | None,
+) -> CtSlice:
     return CtSlice(
         hu=hu,
         position=(position[0], position[1], position[2]),

@@ -31,9 +31,11 @@ from pydicom.uid import (
 )
 
 from ctjoint.gateway.dicom_io import (
+    HU_INT16,
     CtSlice,
     DicomSource,
     describe_source,
+    hu_dtype,
     read_ct_slice,
     slice_normal,
 )
@@ -77,13 +79,17 @@ THICKNESS_TO_SPACING = (0.05, 10.0)
 # checked from each file's Rows and Columns before its pixels are decoded, and before any
 # buffer is allocated (the one preallocated from expected_files included); the scan's
 # `ScanMemory` (gateway/memory.py) reserves the same bytes against the gateway's budget.
-# Growing a buffer briefly holds the old one too: the analysis factor there accounts for it.
+# The buffer holds int16 (whole HU, dicom_io.HU_INT16) until a slice needs float32, so it
+# usually takes half of that. Growing or widening a buffer briefly holds the old one too:
+# the analysis factor there accounts for it.
 _HU_BYTES = 4
 
 
 @dataclass(frozen=True, eq=False)
 class CtVolume:
-    """A CT volume in HU, slices sorted along the normal: `hu` is [Z, Y, X] float32, read-only.
+    """A CT volume in HU, slices sorted along the normal: `hu` is [Z, Y, X], read-only, int16
+    when every value is a whole HU (a DICOM series stored as CT scanners store it: half the
+    bytes of float32), float32 otherwise. Readers that compute convert it to float32 (exact).
 
     `spacing_mm` is (between slices, between rows, between columns). `origin` is the position of
     the first voxel of the first slice, `orientation` its row and column cosines. UIDs are empty
@@ -105,7 +111,7 @@ class CtVolume:
     positions: tuple[tuple[float, float, float], ...] = ()
 
     def __post_init__(self) -> None:
-        hu = np.ascontiguousarray(self.hu, dtype=np.float32)
+        hu = np.ascontiguousarray(self.hu, dtype=hu_dtype(self.hu))
         if hu.ndim != 3 or min(hu.shape) < 1:
             raise ValueError(f"a CT volume is [slices, rows, columns], got shape {hu.shape}")
         hu.flags.writeable = False
@@ -287,6 +293,8 @@ class SeriesAssembler:
         slot = len(self._records)
         buffer = self._reserve(slot + 1, ct_slice.hu.shape)
         if ct_slice.hu is not self._offered:
+            if ct_slice.hu.dtype != buffer.dtype and buffer.dtype == HU_INT16:
+                buffer = self._widen(buffer)
             buffer[self._row(slot, buffer)] = ct_slice.hu
         self._offered = None
         self._records.append(
@@ -395,11 +403,19 @@ class SeriesAssembler:
         capacity = min(capacity, affordable)
         if self._memory is not None:
             capacity = _reserve_memory(self._memory, count, capacity, slice_bytes)
-        grown = np.empty((capacity, *shape), dtype=np.float32)
+        dtype = HU_INT16 if buffer is None else buffer.dtype
+        grown = np.empty((capacity, *shape), dtype=dtype)
         if buffer is not None:
             grown[: buffer.shape[0]] = buffer
         self._buffer = grown
         return grown
+
+    def _widen(self, buffer: np.ndarray) -> np.ndarray:
+        """The int16 buffer as float32 (the same numbers), for a slice whose HU are not whole:
+        once per series at most, and the budget counted float32 from the start."""
+        wide = buffer.astype(np.float32)
+        self._buffer = wide
+        return wide
 
     @staticmethod
     def _check_consistent(s: CtSlice, first: CtSlice) -> None:
