@@ -45,7 +45,6 @@ OUTPUT_CLS_LOGITS: Final = "cls_logits"  # float32 [B,3]
 # order) on the last feature map the classification head pools (its own coarse grid, aligned
 # with the input grid at the network's total stride). Models exported before it lack it.
 OUTPUT_CAM: Final = "cam"
-POST_PROBS: Final = "probs"  # float32 [B,3]
 POST_MASK: Final = "mask"  # uint8 [B,H,W] (or [B,D,H,W]) label map
 # int64 [B, L] (2D) or [B, D, L] (3D): lesion pixels per slice and per lesion class, in
 # LESION_CLASS_NAMES order (per-slice evidence a reader can check, for both models).

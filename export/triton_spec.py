@@ -414,10 +414,11 @@ def network_outputs(facts: ModelFacts) -> tuple[TensorSpec, ...]:
     return (*outputs, cam)
 
 
-def postprocess_outputs(plan: PreprocessPlan) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
+def postprocess_outputs(plan: PreprocessPlan) -> tuple[TensorSpec, TensorSpec]:
+    """The label mask and lesion pixel counts; no probabilities: the one softmax (with the
+    model's temperature) is the gateway's, whichever backend serves the logits."""
     per_slice = grid(plan)[:-2]  # () for 2.5D, (D,) for 3D
     return (
-        TensorSpec(contracts.POST_PROBS, "TYPE_FP32", (len(contracts.CLASS_NAMES),)),
         TensorSpec(contracts.POST_MASK, "TYPE_UINT8", grid(plan)),
         TensorSpec(
             contracts.POST_LESION_AREA,
@@ -473,7 +474,7 @@ def network_spec(facts: ModelFacts, variant: str) -> ModelSpec:
 
 
 def postprocess_spec(facts: ModelFacts) -> ModelSpec:
-    """`postprocess_<model>`: logits -> probabilities, uint8 label mask, lesion pixel counts."""
+    """`postprocess_<model>`: logits -> uint8 label mask, lesion pixel counts."""
     profile = SERVING[facts.model]
     return ModelSpec(
         name=contracts.triton_postprocess_name(facts.model),
@@ -485,9 +486,6 @@ def postprocess_spec(facts: ModelFacts) -> ModelSpec:
         dynamic_batching=DynamicBatching(max_queue_delay_us=0),
         instance_groups=(InstanceGroup("KIND_CPU", 1),),
         python_source=POSTPROCESS_SOURCE,
-        parameters=((contracts.ONNX_META_TEMPERATURE, facts.temperature),)
-        if facts.temperature
-        else (),
     )
 
 

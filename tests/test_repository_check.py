@@ -55,7 +55,7 @@ def test_python_models_declare_the_tensors_they_read_and_write() -> None:
     post = source_tensors(REPOSITORY / "cpu" / "postprocess_jcs2d" / "1" / "model.py")
     assert post == {
         "INPUTS": ("seg_logits", "cls_logits"),
-        "OUTPUTS": ("probs", "mask", "lesion_area"),
+        "OUTPUTS": ("mask", "lesion_area"),
     }
     network = source_tensors(REPOSITORY / "cpu" / "jcs2d_cpu" / "1" / "model.py")
     assert network["OPTIONAL_OUTPUTS"] == ("cam",)

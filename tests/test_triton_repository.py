@@ -163,8 +163,16 @@ def test_postprocess_counts_lesion_pixels_per_slice_and_class() -> None:
     assert post.lesion_area(mask).tolist() == [[[4, 0], [0, 3]]]
 
 
-def test_postprocess_softmax_is_stable_for_large_logits() -> None:
+@pytest.mark.parametrize("target", contracts.TRITON_TARGETS)
+def test_no_repository_model_computes_probabilities(target: str) -> None:
+    """The one softmax is the gateway's: no model of either repository outputs probabilities
+    or carries a temperature, and the postprocess source takes no exponential."""
+    for path in sorted((REPOSITORY / target).glob(f"*/{CONFIG_FILE}")):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        assert "probs" not in [o.name for o in config.output], path
+        if config.name.startswith("postprocess_"):
+            assert list(config.output) and not config.parameters, path
     post = _postprocess_module()
-    probs = post.softmax(np.array([[1000.0, 0.0, -1000.0]], np.float32))
-    assert np.isfinite(probs).all()
-    assert probs[0, 0] == pytest.approx(1.0)
+    assert "exp(" not in (PYTHON_SOURCES / "postprocess.py").read_text()
+    assert not hasattr(post, "softmax")
+    assert post.OUTPUTS == (contracts.POST_MASK, contracts.POST_LESION_AREA)

@@ -27,8 +27,9 @@ from tritonclient.utils import InferenceServerException
 
 from ctjoint import contracts
 from ctjoint.export.triton_repository import write_repository
+from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
 from ctjoint.gateway.analysis import ScanAnalysis, ScanAnalyzer
-from ctjoint.gateway.backends.base import InferenceBackend
+from ctjoint.gateway.backends.base import InferenceBackend, ModelOutputs
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.backends.triton import (
     MAX_IN_FLIGHT_PER_SCAN,
@@ -131,13 +132,10 @@ def test_ensemble_answers_with_the_contract_shapes(
     request.set_data_from_numpy(image)
     result = client.infer(model, [request])
     grid = (plan.depth, plan.height, plan.width) if plan.kind == "3d" else (plan.height, plan.width)
-    probs = result.as_numpy(contracts.POST_PROBS)
     mask = result.as_numpy(contracts.POST_MASK)
     area = result.as_numpy(contracts.POST_LESION_AREA)
     seg = result.as_numpy(contracts.ENSEMBLE_LESION_LOGITS)
     cls = result.as_numpy(contracts.ENSEMBLE_DIAGNOSIS_LOGITS)
-    assert probs.shape == (batch, len(contracts.CLASS_NAMES))
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     assert mask.dtype == np.uint8 and mask.shape == (batch, *grid)
     assert area.dtype == np.int64
     assert area.shape == (batch, *grid[:-2], len(contracts.LESION_CLASS_NAMES))
@@ -155,6 +153,49 @@ def _analyze(backend: InferenceBackend, series: Path, model: str, **kwargs: int)
             return await ScanAnalyzer(backend, **kwargs).analyze_files(files, model)
 
     return asyncio.run(run())
+
+
+class _Recording(TritonBackend):
+    """The Triton backend, keeping every batch of outputs it hands the analysis."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.cls_logits: list[np.ndarray] = []
+
+    async def infer(self, model: str, image: np.ndarray) -> ModelOutputs:
+        outputs = await super().infer(model, image)
+        self.cls_logits.append(outputs.cls_logits)
+        return outputs
+
+
+@pytest.mark.parametrize("model", contracts.MODEL_NAMES)
+def test_the_scan_probabilities_are_one_softmax_of_the_served_logits(
+    triton: TritonServerConfig,
+    client: triton_grpc.InferenceServerClient,
+    ct_series_dir: Path,
+    model: str,
+) -> None:
+    """Exactly one softmax per request: no Triton model declares a probability output (the
+    ensemble returns logits, mask and lesion counts), and the gateway's probabilities are
+    the softmax of the logits Triton served, taken once (a second softmax would pull them
+    towards 1/3)."""
+    config = client.get_model_config(model, as_json=True)["config"]
+    served_outputs = {o["name"] for o in config["output"]} - {contracts.OUTPUT_CAM}
+    assert served_outputs == {
+        contracts.POST_MASK,
+        contracts.POST_LESION_AREA,
+        contracts.ENSEMBLE_LESION_LOGITS,
+        contracts.ENSEMBLE_DIAGNOSIS_LOGITS,
+    }
+    backend = _Recording(triton.grpc_url, (model,), load_timeout_s=30)
+    analysis = _analyze(backend, ct_series_dir, model, batch_size=REQUEST_SLICES)
+    logits = np.concatenate(backend.cls_logits)
+    if model == contracts.MODEL_JCS2D:
+        expected = aggregate_slice_probabilities(softmax(logits, axis=1))
+    else:
+        expected = softmax(logits, axis=1)[0]
+    served = [analysis.result.probabilities[c] for c in contracts.CLASS_NAMES]
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("model", contracts.MODEL_NAMES)

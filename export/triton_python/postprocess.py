@@ -1,5 +1,9 @@
-"""Triton python-backend model `postprocess_<model>`: a joint network's logits become class
-probabilities, a uint8 label mask and lesion pixel counts per slice and lesion class.
+"""Triton python-backend model `postprocess_<model>`: a joint network's logits become a uint8
+label mask and lesion pixel counts per slice and lesion class.
+
+No class probabilities here: the ensemble returns the logits, and the gateway (or any client)
+divides them by the model's temperature and takes the one softmax (gateway/aggregate.py), so
+calibration lives in one place for every backend.
 
 Runs inside Triton's python stub: imports only numpy, Triton's utilities and the contract
 constants. The config is read once in `initialize`; every request gets exactly one response,
@@ -18,29 +22,20 @@ import triton_python_backend_utils as pb_utils
 from ctjoint.contracts import (
     CLASS_NAMES,
     LESION_CLASS_NAMES,
-    ONNX_META_TEMPERATURE,
     OUTPUT_CLS_LOGITS,
     OUTPUT_SEG_LOGITS,
     POST_LESION_AREA,
     POST_MASK,
-    POST_PROBS,
     SEG_CLASS_NAMES,
 )
 
 # The tensors this model reads and writes; `ctjoint export repository --check` compares them
 # with the config.
 INPUTS = (OUTPUT_SEG_LOGITS, OUTPUT_CLS_LOGITS)
-OUTPUTS = (POST_PROBS, POST_MASK, POST_LESION_AREA)
+OUTPUTS = (POST_MASK, POST_LESION_AREA)
 
 # Label values of the lesion classes in the mask, in LESION_CLASS_NAMES order.
 LESION_VALUES = tuple(SEG_CLASS_NAMES.index(name) for name in LESION_CLASS_NAMES)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, shifted by the maximum so large logits cannot overflow."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def label_mask(seg_logits: np.ndarray) -> np.ndarray:
@@ -59,20 +54,11 @@ class RequestError(ValueError):
 
 
 class TritonPythonModel:
-    """Logits in, probabilities, mask and lesion counts out."""
+    """Logits in, mask and lesion counts out."""
 
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         self._model_name = config["name"]
-        # The classification temperature fitted with the model (absent: uncalibrated), so
-        # `probs` are the calibrated probabilities the gateway computes from the logits.
-        parameter = config.get("parameters", {}).get(ONNX_META_TEMPERATURE, {})
-        text = parameter.get("string_value", "") if isinstance(parameter, dict) else ""
-        self._cls_temperature = float(json.loads(text)["cls"]) if text else 1.0
-        if not self._cls_temperature > 0:
-            raise pb_utils.TritonModelException(
-                f"{self._model_name}: {ONNX_META_TEMPERATURE} must be positive, got {text!r}"
-            )
         seg_config = pb_utils.get_input_config_by_name(config, OUTPUT_SEG_LOGITS)
         cls_config = pb_utils.get_input_config_by_name(config, OUTPUT_CLS_LOGITS)
         if seg_config is None or cls_config is None:
@@ -131,10 +117,6 @@ class TritonPythonModel:
             raise RequestError("logits contain NaN or infinite values")
         mask = label_mask(seg)
         return [
-            pb_utils.Tensor(
-                POST_PROBS,
-                softmax(cls / np.float32(self._cls_temperature)).astype(self._dtypes[POST_PROBS]),
-            ),
             pb_utils.Tensor(POST_MASK, mask.astype(self._dtypes[POST_MASK])),
             pb_utils.Tensor(
                 POST_LESION_AREA, lesion_area(mask).astype(self._dtypes[POST_LESION_AREA])

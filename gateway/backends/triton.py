@@ -39,7 +39,7 @@ from ctjoint.contracts import (
     INPUT_IMAGE,
     MODEL_NAMES,
     OUTPUT_CAM,
-    POST_PROBS,
+    POST_LESION_AREA,
 )
 from ctjoint.gateway.backends.base import (
     InferenceBackend,
@@ -72,9 +72,11 @@ log = logging.getLogger(__name__)
 # dynamic batcher (not the gateway) decides the batch, across slices and across scans.
 REQUEST_SLICES: Final = 4
 MAX_IN_FLIGHT_PER_SCAN: Final = 8
-# The logits are what the pipeline needs. `probs` rides along because Triton 2.51 fails an
-# ensemble request ("unexpected deadlock") whose outputs include none of the last step's.
-REQUESTED_OUTPUTS: Final = (ENSEMBLE_LESION_LOGITS, ENSEMBLE_DIAGNOSIS_LOGITS, POST_PROBS)
+# The logits are what the pipeline needs: the gateway divides them by the model's temperature
+# and takes the one softmax, as with the embedded backend (the ensemble computes none).
+# `lesion_area` (a few integers per slice) rides along because Triton 2.51 fails an ensemble
+# request ("unexpected deadlock") whose outputs include none of the last step's.
+REQUESTED_OUTPUTS: Final = (ENSEMBLE_LESION_LOGITS, ENSEMBLE_DIAGNOSIS_LOGITS, POST_LESION_AREA)
 # Requested too where the ensemble's config declares it (models exported with a `cam` output):
 # the class activation map, exactly as the embedded backend returns it.
 OPTIONAL_OUTPUTS: Final = (OUTPUT_CAM,)
