@@ -4,11 +4,14 @@ outputs) shows beside Triton alone.
 
     make perf-tools
     .venv/bin/python bench/perf_analyzer.py [--url HOST:PORT] \
-        [--e2e jcs2d=out/bench/jcs2d/bench.json --e2e deepsc3d=out/bench/deepsc3d/bench.json]
+        [--e2e jcs2d=out/bench/jcs2d/bench.json --e2e deepsc3d=out/bench/deepsc3d/bench.json] \
+        [--doc docs/performance.md]
 
 Without --url it starts tritonserver on the checkout's CPU repository (free loopback ports)
 and stops it after. jcs2d requests carry 4 slices each (what the gateway sends, REQUEST_SLICES),
 deepsc3d requests one scan. perf_analyzer's input is zeros; the cost does not depend on values.
+With --doc the run's table (and the command and machine) replaces the block between DOC_BEGIN
+and DOC_END of that Markdown file: the page's figures are the last run's, never typed.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ctjoint.bench import host_facts
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, TRITON_TARGET_CPU, repo_root
 from ctjoint.export.triton_perf import PerfAnalyzerError, PerfReport, run_perf_analyzer
 from ctjoint.gateway.backends.triton import REQUEST_SLICES
@@ -35,6 +41,8 @@ BATCH = {
     f"{MODEL_DEEPSC3D}_{TRITON_TARGET_CPU}": 1,
 }
 UNIT = {name: "scans/s" if name.startswith(MODEL_DEEPSC3D) else "slices/s" for name in BATCH}
+DOC_BEGIN = "<!-- bench/perf_analyzer.py begin -->"
+DOC_END = "<!-- bench/perf_analyzer.py end -->"
 
 
 @contextlib.contextmanager
@@ -89,6 +97,56 @@ def table(report: PerfReport, e2e: dict[int, dict[str, float]] | None) -> list[s
     return lines
 
 
+def doc_lines(
+    command: str,
+    reports: Sequence[PerfReport],
+    e2e: dict[str, dict[int, dict[str, float]]],
+    host: dict[str, object],
+    load_end: float,
+) -> list[str]:
+    """The Markdown block of one run: the command, one row per model and concurrency (Triton
+    alone, and `ctjoint bench` end to end where given), and where it ran."""
+    lines = [
+        f"`{command}`",
+        "",
+        "| model | samples per request | concurrency | Triton alone | p50 / p99 (ms) "
+        "| end to end (`ctjoint bench`) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for report in reports:
+        points = e2e.get(report.model, {})
+        for row in report.rows:
+            point = points.get(row.concurrency)
+            through = (
+                f"{point['slices_per_s']:.1f} slices/s, {point['scans_per_s']:.3f} scans/s, "
+                f"p50 {point['latency_p50_ms'] / 1000:.2f} s"
+                if point
+                else ""
+            )
+            lines.append(
+                f"| {report.model} | {report.batch} | {row.concurrency} "
+                f"| {row.throughput_per_s * report.batch:.1f} {UNIT[report.model]} "
+                f"| {row.p50_latency_ms:.1f} / {row.p99_latency_ms:.1f} | {through} |"
+            )
+    load = host.get("load_average") or ["?"]
+    lines += [
+        "",
+        f"{host.get('cpu')}, {host.get('cores')} cores, 1-min load {load[0]} at start, "
+        f"{load_end:.2f} at end; the CPU tritonserver of `make triton-runtime`.",
+    ]
+    return lines
+
+
+def write_doc(path: Path, lines: Sequence[str]) -> None:
+    """Replace the block between DOC_BEGIN and DOC_END of `path` with `lines`."""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(DOC_BEGIN), text.find(DOC_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path}: no {DOC_BEGIN} ... {DOC_END} block to write into")
+    block = "\n".join([DOC_BEGIN, *lines, DOC_END])
+    path.write_text(text[:start] + block + text[end + len(DOC_END) :], encoding="utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running Triton's gRPC HOST:PORT")
@@ -102,7 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--e2e", action="append", default=[], help="MODEL=bench.json of `ctjoint bench`"
     )
+    parser.add_argument("--doc", type=Path, help="write the table into this Markdown file")
     args = parser.parse_args(argv)
+    command = shlex.join(["bench/perf_analyzer.py", *(sys.argv[1:] if argv is None else argv)])
+    host = host_facts()
     e2e: dict[str, dict[int, dict[str, float]]] = {}
     for item in args.e2e:
         model, _, path = item.partition("=")
@@ -113,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not set(models) <= set(BATCH):
         parser.error(f"--models takes names from {sorted(BATCH)}")
     lines: list[str] = []
+    reports: list[PerfReport] = []
     failed = 0
     with triton(args.url, args.out) as url:
         for model in models:
@@ -135,11 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(block[0], file=sys.stderr, flush=True)
                 lines += block
                 continue
+            reports.append(report)
             block = table(report, e2e.get(model))
             print("\n".join(block), flush=True)
             lines += block
     (args.out / "summary.txt").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
+    # A table with a model missing would read as complete: only a whole run is written.
+    if args.doc is not None and not failed and reports:
+        write_doc(args.doc, doc_lines(command, reports, e2e, host, os.getloadavg()[0]))
+        print(f"wrote the table into {args.doc}")
     return 1 if failed else 0
 
 
