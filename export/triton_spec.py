@@ -330,7 +330,8 @@ class ModelFacts:
 
 @dataclass(frozen=True)
 class ServingProfile:
-    """Batching and instance choices for one model (measured on the CPU Triton; see README)."""
+    """Batching and instance choices for one model (measured on the CPU Triton; the reasons
+    are in model_repository/README.md)."""
 
     max_batch_size: int
     preferred_batch_sizes: tuple[int, ...]

@@ -151,13 +151,13 @@ class OverloadGate:
 
     grpc.aio takes new calls from gRPC core one at a time, and each hand-over between gRPC's
     poller thread and the event loop needs the GIL. Worker threads parsing DICOM or measuring
-    lesions hold it in short stretches that add up: with admitted scans at work, a burst of
-    192 calls past the limit was refused at ~100 calls/s (0.3-0.6 s for the last one) instead
-    of ~30 ms when idle. So while refusals keep coming, new thread jobs of admitted scans wait
-    (asyncio, holding nothing) and the refusals go out first; jobs already queued when the
-    burst began wait in their worker thread (`hold_in_thread`, see ScanCpuPool). Bounded both
-    ways: a job waits at most MAX_HOLD_S at a stretch and the gate then stays open for
-    MIN_RUN_S, so a storm that never ends slows admitted scans but never stops them.
+    lesions hold it in short stretches that add up: with admitted scans at work, a burst's
+    refusals came out many times slower than idle (figures: docs/reliability.md). So while
+    refusals keep coming, new thread jobs of admitted scans wait (asyncio, holding nothing)
+    and the refusals go out first; jobs already queued when the burst began wait in their
+    worker thread (`hold_in_thread`, see ScanCpuPool). Bounded both ways: a job waits at most
+    MAX_HOLD_S at a stretch and the gate then stays open for MIN_RUN_S, so a storm that never
+    ends slows admitted scans but never stops them.
     Process-wide, like the GIL.
     """
 
@@ -226,11 +226,10 @@ class ScanCpuPool:
 
     Why not asyncio's default pool (cores + 4 threads): threads that mostly hold the GIL run
     no faster side by side, and with six of them the event loop waited behind several for the
-    GIL each time it took a call. Measured on 2 cores with the Triton backend: 8 concurrent
-    scans took 390-400 ms on the default pool, 318-333 ms on one or two threads; during a
-    192-call burst (bench/overload_at_work.py) the first refusals went out 3-9 ms apart
-    instead of 0.2 ms. Jobs pass the overload gate twice: before they are queued, and in the
-    thread just before they run, so that jobs queued before a burst began also wait it out.
+    GIL each time it took a call (on 2 cores both scans and refusals were slower on it;
+    figures: docs/reliability.md). Jobs pass the overload gate twice: before they are queued,
+    and in the thread just before they run, so that jobs queued before a burst began also
+    wait it out.
     """
 
     def __init__(self, threads: int = DEFAULT_CPU_THREADS) -> None:

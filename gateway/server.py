@@ -322,8 +322,8 @@ def _keep_freed_memory() -> bool:
     """Let glibc keep freed volume-sized arrays for the next scan instead of returning them.
 
     By default every mask or label volume of a scan (tens of MB) is a fresh mapping from the
-    kernel, which zeroes it page by page on first touch: after the last file of a 512x512x100
-    series that was 60-160 ms of the lung step's 30 ms of work. With one arena, a 32 MB mmap
+    kernel, which zeroes it page by page on first touch: after the last file that cost more
+    than the lung step's own work (figures: docs/performance.md). With one arena, a 32 MB mmap
     threshold and a 1 GB trim threshold, they are reused; RSS stays at its high-water mark
     (tests/test_load.py checks growth over 1,000 scans). Skipped when the operator set any
     MALLOC_* variable, or off glibc. True when applied.
@@ -353,8 +353,8 @@ def _freeze_startup_objects() -> None:
     metadata: a few hundred thousand objects) out of the cyclic collector's sight.
 
     Otherwise the first full collection after start-up walks all of it on the event loop, in
-    the middle of whatever triggered it: a 192-call burst of refusals then took ~90 ms
-    instead of ~40 ms. They live as long as the process anyway.
+    the middle of whatever triggered it: a burst of refusals then took about twice as long
+    (docs/reliability.md). They live as long as the process anyway.
     """
     gc.collect()
     gc.freeze()
