@@ -44,6 +44,7 @@ from ctjoint import __version__
 from ctjoint.contracts import SEG_CONSOLIDATION, SEG_GROUND_GLASS
 from ctjoint.gateway.analysis import ScanAnalysis
 from ctjoint.gateway.errors import InputError
+from ctjoint.gateway.lesions import bounding_box
 from ctjoint.gateway.result import LUNG_SIDES, ScanResult
 from ctjoint.gateway.series import CtVolume
 
@@ -281,14 +282,21 @@ class _Segmentation(hd.seg.Segmentation):
         )
 
 
+# Slices per pass of `masks_overlap`: its temporaries stay a few MB whatever the scan's size.
+_OVERLAP_CHUNK: Final = 16
+
+
 def masks_overlap(stack: np.ndarray) -> bool:
-    """Whether any pixel of a bool [..., segments] stack is in more than one segment."""
-    seen = np.zeros(stack.shape[:-1], dtype=np.bool_)
-    for index in range(stack.shape[-1]):
-        plane = stack[..., index]
-        if np.logical_and(seen, plane).any():
-            return True
-        seen |= plane
+    """Whether any pixel of a bool [Z, ..., segments] stack is in more than one segment
+    (checked a few slices at a time)."""
+    for start in range(0, stack.shape[0], _OVERLAP_CHUNK):
+        part = stack[start : start + _OVERLAP_CHUNK]
+        seen = np.zeros(part.shape[:-1], dtype=np.bool_)
+        for index in range(part.shape[-1]):
+            plane = part[..., index]
+            if np.logical_and(seen, plane).any():
+                return True
+            seen |= plane
     return False
 
 
@@ -296,24 +304,42 @@ def segment_masks(label_map: np.ndarray, lungs: np.ndarray) -> np.ndarray:
     """bool [Z, Y, X, 4] in segment order: ground glass, consolidation, right, left lung.
 
     Each segment's volume is contiguous in memory (a view over [4, Z, Y, X]): the SEG writer
-    reads one slice of one segment per frame, which is then one contiguous block."""
-    stacked = np.empty((4, *label_map.shape), dtype=np.bool_)
-    # Written in place: np.stack of four comparisons would copy 4 x Z x Y x X bytes once more.
-    np.equal(label_map, SEG_GROUND_GLASS, out=stacked[0])
-    np.equal(label_map, SEG_CONSOLIDATION, out=stacked[1])
-    np.equal(lungs, 1, out=stacked[2])
-    np.equal(lungs, 2, out=stacked[3])
+    reads one slice of one segment per frame, which is then one contiguous block. The stack
+    is calloc'd and each mask written only inside the box of its map's nonzero voxels: pages
+    outside are never touched (four whole masks were 400 MB of fresh pages at 512x512x400)."""
+    stacked = np.zeros((4, *label_map.shape), dtype=np.bool_)
+    segments = (
+        (label_map, SEG_GROUND_GLASS),
+        (label_map, SEG_CONSOLIDATION),
+        (lungs, 1),
+        (lungs, 2),
+    )
+    boxes = {id(label_map): bounding_box(label_map), id(lungs): bounding_box(lungs)}
+    for index, (source, value) in enumerate(segments):
+        box = boxes[id(source)]
+        if box is not None:
+            np.equal(source[box], value, out=stacked[index][box])
     return np.moveaxis(stacked, 0, -1)
 
 
 def segment_label_map(label_map: np.ndarray, lungs: np.ndarray) -> np.ndarray:
     """uint8 [Z, Y, X] of segment numbers (0: none) for a label-map SEG: a lesion's number
-    where there is a lesion, else its lung's where there is lung."""
+    where there is a lesion, else its lung's where there is lung (written inside the maps'
+    boxes only, as `segment_masks`)."""
     out = np.zeros(label_map.shape, dtype=np.uint8)
-    out[lungs == 1] = SEGMENT_RIGHT_LUNG
-    out[lungs == 2] = SEGMENT_LEFT_LUNG
-    out[label_map == SEG_GROUND_GLASS] = SEGMENT_GROUND_GLASS
-    out[label_map == SEG_CONSOLIDATION] = SEGMENT_CONSOLIDATION
+    for source, values in (
+        (lungs, ((1, SEGMENT_RIGHT_LUNG), (2, SEGMENT_LEFT_LUNG))),
+        (
+            label_map,
+            ((SEG_GROUND_GLASS, SEGMENT_GROUND_GLASS), (SEG_CONSOLIDATION, SEGMENT_CONSOLIDATION)),
+        ),
+    ):
+        box = bounding_box(source)
+        if box is None:
+            continue
+        part, inside = out[box], source[box]
+        for value, number in values:
+            part[inside == value] = number
     return out
 
 

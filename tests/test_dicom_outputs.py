@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from ctjoint.cli import app
 from ctjoint.client.send import SEG_DCM, SR_DCM, write_outputs
-from ctjoint.contracts import MODEL_JCS2D
+from ctjoint.contracts import MODEL_JCS2D, SEG_CONSOLIDATION, SEG_GROUND_GLASS
 from ctjoint.export.phantom import write_phantom_case
 from ctjoint.gateway.analysis import ScanAnalysis, analyze_directory
 from ctjoint.gateway.dicom_outputs import (
@@ -399,3 +399,34 @@ def test_seg_and_sr_name_the_weights_by_their_sha256(
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmParameters == f"weights_sha256={expected}"
     assert f"weights_sha256={expected}".encode() in objects.sr
+
+
+def test_masks_and_label_map_equal_the_plain_definition() -> None:
+    # Box-restricted writes into calloc'd arrays (issue 22, point 3) against plain comparisons.
+    rng = np.random.default_rng(22)
+    label_map = np.zeros((40, 24, 24), dtype=np.uint8)
+    lungs = np.zeros_like(label_map)
+    lungs[5:35, 3:20, 2:11] = 1
+    lungs[6:33, 4:21, 12:22] = 2
+    label_map[20:30, 8:16, 4:18] = rng.integers(0, 3, size=(10, 8, 14), dtype=np.uint8)
+    masks = segment_masks(label_map, lungs)
+    plain = np.stack(
+        [label_map == SEG_GROUND_GLASS, label_map == SEG_CONSOLIDATION, lungs == 1, lungs == 2],
+        axis=-1,
+    )
+    np.testing.assert_array_equal(masks, plain)
+    expected = np.zeros_like(label_map)
+    expected[lungs == 1] = 3
+    expected[lungs == 2] = 4
+    expected[label_map == SEG_GROUND_GLASS] = 1
+    expected[label_map == SEG_CONSOLIDATION] = 2
+    np.testing.assert_array_equal(segment_label_map(label_map, lungs), expected)
+    empty = np.zeros_like(label_map)
+    assert not segment_masks(empty, empty).any()
+    assert not segment_label_map(empty, empty).any()
+    # Overlap from slice 20 on, then in the last slice only: past masks_overlap's first chunk.
+    assert masks_overlap(masks)
+    assert not masks_overlap(masks[:20])
+    stack = np.zeros((40, 4, 4, 2), dtype=bool)
+    stack[39, 1, 1] = True
+    assert masks_overlap(stack) and not masks_overlap(stack[:39])
