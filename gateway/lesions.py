@@ -428,25 +428,6 @@ def severity_score(percent: float) -> int:
     return SEVERITY_MAX_PER_ZONE
 
 
-def quantify(label_map: np.ndarray, volume: CtVolume) -> Quantification:
-    """All lung and lesion statistics of one scan (label map on the source grid of `volume`)."""
-    if label_map.shape != volume.shape:
-        raise ValueError(f"label map {label_map.shape} does not match the volume {volume.shape}")
-    lungs = segment_lungs(volume, label_map)
-    return quantify_with_lungs(label_map, lungs, volume)
-
-
-def quantify_with_lungs(
-    label_map: np.ndarray, lungs: np.ndarray, volume: CtVolume
-) -> Quantification:
-    """The statistics for a given lung label map (1 right, 2 left), e.g. a reference one."""
-    return quantification_of(
-        lung_statistics(label_map, lungs, volume),
-        lesion_voxels=int(np.count_nonzero(label_map)),
-        peripheral=peripheral_voxels(lungs, label_map, volume.spacing_mm),
-    )
-
-
 def peripheral_voxels(
     lungs: np.ndarray, label_map: np.ndarray, spacing_mm: tuple[float, float, float]
 ) -> int:
@@ -614,8 +595,6 @@ __all__ = [
     "peripheral_mask",
     "peripheral_voxels",
     "quantification_of",
-    "quantify",
-    "quantify_with_lungs",
     "segment_lungs",
     "severity_score",
     "split_sides",

@@ -19,16 +19,16 @@ from ctjoint.contracts import (
     SEG_CLASS_NAMES,
 )
 from ctjoint.export.phantom import PhantomVolume, generate_phantom
-from ctjoint.gateway.analysis import _peripheral_checked, _peripheral_guess, analyze_directory
+from ctjoint.gateway.analysis import analyze_directory
 from ctjoint.gateway.lesions import (
     LUNG_THRESHOLD_HU,
     LungSlices,
     after_leaving_lung,
     peripheral_mask,
-    quantify,
     segment_lungs,
     severity_score,
 )
+from ctjoint.gateway.quantify import peripheral_checked, peripheral_guess, quantify
 from ctjoint.gateway.result import Quantification
 from ctjoint.gateway.series import CtVolume
 from ctjoint.gateway.wire import result_to_proto
@@ -312,13 +312,13 @@ def test_too_many_voxels_leaving_the_lung_ask_for_the_rule_to_run_again() -> Non
 @pytest.mark.parametrize("kind", ["covid19", "cap"])
 def test_the_peripheral_rule_started_before_the_3d_air_step_gives_the_same_count(kind: str) -> None:
     """The analysis starts the rule on all enclosed air and takes dropped pockets out later
-    (gateway/analysis.py); on a phantom with awkward air that must equal the plain rule."""
+    (gateway/quantify.py); on a phantom with awkward air that must equal the plain rule."""
     phantom, volume = _phantom(kind, 7)
     volume = _awkward_air(volume)
     slices = LungSlices.of(volume.hu)
     order = range(volume.shape[0])
     air = slices.lungs(order, volume.orientation)
-    guess = _peripheral_guess(slices, order, phantom.lesions, volume)
+    guess = peripheral_guess(slices, order, phantom.lesions, volume)
     assert guess[0][(volume.shape[0] // 2, *_POCKET)].all()  # the guess took the pocket in
     expected = int(np.count_nonzero(peripheral_mask(air, phantom.lesions, volume.spacing_mm)))
-    assert _peripheral_checked(air, guess, phantom.lesions, volume) == expected
+    assert peripheral_checked(air, guess, phantom.lesions, volume) == expected

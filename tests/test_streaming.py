@@ -28,17 +28,8 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, SEG_CLASS_NAMES
-from ctjoint.gateway import analysis as analysis_module
-from ctjoint.gateway.analysis import (
-    ScanAnalysis,
-    ScanAnalyzer,
-    _label_map_from,
-    _lungs_with_lesions,
-    _peripheral_checked,
-    _peripheral_guess,
-    slice_label_maps,
-    source_label_map,
-)
+from ctjoint.gateway import intake as intake_module
+from ctjoint.gateway.analysis import ScanAnalysis, ScanAnalyzer
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.errors import DuplicateSliceError, MixedSeriesError
 from ctjoint.gateway.lesions import LungSlices, peripheral_voxels, segment_lungs
@@ -49,7 +40,9 @@ from ctjoint.gateway.preprocess import (
     resize_inplane,
     window_normalise,
 )
+from ctjoint.gateway.quantify import lungs_with_lesions, peripheral_checked, peripheral_guess
 from ctjoint.gateway.series import CtVolume
+from ctjoint.gateway.source_grid import label_map_from, slice_label_maps, source_label_map
 
 SLICES = 24
 # Lesions spread over the series, so many slices carry evidence and masks.
@@ -276,7 +269,7 @@ def test_lesions_added_to_precomputed_air_lungs_give_the_lungs_of_segment_lungs(
     air = segment_lungs(volume)
     assert np.count_nonzero((labels > 0) & (air == 0)) > 0  # lesion voxels outside the air
     midlines = LungSlices.of(volume.hu).midlines(range(volume.shape[0]))
-    combined = _lungs_with_lesions(air.copy(), labels, midlines, volume)
+    combined = lungs_with_lesions(air.copy(), labels, midlines, volume)
     assert np.array_equal(combined, segment_lungs(volume, labels))
 
 
@@ -289,7 +282,7 @@ def test_label_maps_made_while_streaming_join_the_rest_into_the_whole_volume_map
     streamed = slice_label_maps(logits[:3], 40, 40)
     assert streamed[1] is None and streamed[0] is not None
     known = dict(enumerate(streamed))  # slices 3..5 were inferred after the last file
-    assert np.array_equal(_label_map_from(known, logits, geometry), whole)
+    assert np.array_equal(label_map_from(known, logits, geometry), whole)
 
 
 def test_the_peripheral_count_started_on_all_enclosed_air_equals_that_of_the_air_lungs() -> None:
@@ -299,12 +292,12 @@ def test_the_peripheral_count_started_on_all_enclosed_air_equals_that_of_the_air
     slices = LungSlices.of(volume.hu)
     order = range(volume.shape[0])
     air = slices.lungs(order, volume.orientation)
-    guess = _peripheral_guess(slices, order, labels, volume)
+    guess = peripheral_guess(slices, order, labels, volume)
     guessed_lungs, box, _ = guess
     assert np.array_equal(guessed_lungs, air > 0)  # nothing dropped here
     assert not guessed_lungs[~_inside(box, guessed_lungs.shape)].any()
     exact = peripheral_voxels(air, labels, volume.spacing_mm)
-    assert _peripheral_checked(air, guess, labels, volume) == exact
+    assert peripheral_checked(air, guess, labels, volume) == exact
 
 
 def _inside(box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
@@ -319,7 +312,7 @@ def test_a_failed_label_map_while_streaming_fails_the_scan_and_leaves_nothing_ru
     def broken(seg_logits: np.ndarray, rows: int, columns: int) -> list[np.ndarray | None]:
         raise RuntimeError("labelling broke")
 
-    monkeypatch.setattr(analysis_module, "slice_label_maps", broken)
+    monkeypatch.setattr(intake_module, "slice_label_maps", broken)
     files = _ordered(file_bytes(series), "in_order")
     with pytest.raises(RuntimeError, match="labelling broke"):
         _streamed(files, contract_model_dir, expected=len(files))

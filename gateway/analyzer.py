@@ -1,0 +1,610 @@
+"""The scan analyser: one scan's files or volume through preprocessing, inference and
+postprocessing on any `InferenceBackend`, into a `ScanAnalysis`.
+
+Intake (gateway/intake.py) takes the files; the model's plan drives preprocessing
+(gateway/preprocess.py); inference runs batch by batch, or streams while files arrive
+(gateway/streaming.py); outputs go back to the source grid (gateway/source_grid.py) and the
+lungs are quantified beside inference (gateway/quantify.py). The steps of one scan run in a
+task group (gateway/tasks.py): a failing step cancels the others and its error is the scan's.
+CPU-heavy steps run in worker threads so a gateway's event loop keeps serving other scans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from ctjoint.contracts import CLASS_NAMES, MODEL_BOTH, MODEL_DEEPSC3D, MODEL_JCS2D, SEG_CLASS_NAMES
+from ctjoint.gateway.aggregate import aggregate_slice_probabilities, fuse_probabilities, softmax
+from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
+from ctjoint.gateway.errors import BackendError
+from ctjoint.gateway.intake import DicomInput, Progress, ProgressCallback, SeriesIntake
+from ctjoint.gateway.limits import cpu_bound
+from ctjoint.gateway.preprocess import (
+    PreprocessPlan,
+    ResampleGeometry,
+    context_view,
+    model_input,
+    preprocess_volume,
+)
+from ctjoint.gateway.quantify import AirLungs, air_lungs, lesion_statistics, quantify_lungs
+from ctjoint.gateway.result import (
+    LesionStatistics,
+    ModelAnswer,
+    ScanResult,
+    SeriesInfo,
+    StageTimings,
+)
+from ctjoint.gateway.review import combined, disagreement, measure, review_of
+from ctjoint.gateway.series import CtVolume, SeriesSwitch
+from ctjoint.gateway.source_grid import label_map_from, source_label_map
+from ctjoint.gateway.streaming import StreamingInference, StreamStats
+from ctjoint.gateway.tasks import Stopwatch, task_group
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+
+# What MODEL_BOTH runs, in this order: the first one's masks, CAM and slice evidence are the
+# fused answer's (`fuse_analyses`).
+BOTH_MODELS: tuple[str, ...] = (MODEL_JCS2D, MODEL_DEEPSC3D)
+
+
+@dataclass(frozen=True, eq=False)
+class ScanAnalysis:
+    """A result plus the arrays it was computed from, for overlays and the SEG writer.
+
+    `label_map` is uint8 [Z, Y, X] on the source grid (values: SEG_CLASS_NAMES indices), in the
+    slice order of `volume` (ascending along the slice normal).
+    """
+
+    result: ScanResult
+    volume: CtVolume
+    label_map: np.ndarray
+    # Lungs on the same grid (0 outside, 1 right, 2 left; gateway/lesions.py); None for
+    # analyses built without one.
+    lung_map: np.ndarray | None = None
+    # The first file's data set without pixel data (patient, study, equipment): what the SEG
+    # and SR writers copy and reference. None for volumes that did not come from DICOM.
+    source_header: Dataset | None = None
+    # Class activation map of the scan's label on the model's coarse grid: [Z, h, w] for
+    # 2.5D (one per source slice), [d, h, w] for 3D; None when the model has no `cam` output.
+    # `cam_on_source` maps it onto the source grid.
+    cam: np.ndarray | None = None
+    # What streaming inference reused (2.5D models fed file by file); None otherwise.
+    stream: StreamStats | None = None
+
+    @property
+    def volume_hu(self) -> np.ndarray:
+        return self.volume.hu
+
+
+class ScanAnalyzer:
+    """Runs the pipeline on one backend. Safe to share between concurrent scans.
+
+    `batch_size` is the number of 2.5D slices per inference request; `max_in_flight` how many
+    such requests one scan keeps outstanding (1 for in-process CPU; more pays off with Triton's
+    dynamic batching across replicas). With `streaming` (the gateway's choice), files are
+    preprocessed as they arrive and a 2.5D model infers slices before the last file is in
+    (gateway/streaming.py), its "inferred" progress counting stacks as they are inferred;
+    without it, everything after assembly runs on the whole volume, batch after batch. Both
+    give the same result.
+    """
+
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_in_flight: int = 1,
+        skip_localizers: bool = True,
+        streaming: bool = False,
+    ) -> None:
+        if batch_size < 1 or max_in_flight < 1:
+            raise ValueError("batch_size and max_in_flight must be at least 1")
+        self.skip_localizers = skip_localizers
+        self.backend = backend
+        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
+        self.streaming = streaming
+
+    async def analyze_files(
+        self,
+        inputs: Iterable[DicomInput] | AsyncIterable[DicomInput],
+        model: str,
+        *,
+        expected_slices: int | None = None,
+        max_slices: int | None = None,
+        progress: ProgressCallback | None = None,
+        file_numbers: Sequence[int] | None = None,
+    ) -> ScanAnalysis:
+        """Validate and assemble the files, then analyse the volume with `model`, or with
+        every network when `model` is MODEL_BOTH (`fuse_analyses`). When the files hold
+        several series of a study, the one the rules choose (gateway/series.py StudySorter)."""
+        try:
+            return await self._analyze_files(
+                inputs,
+                model,
+                expected_slices=expected_slices,
+                max_slices=max_slices,
+                progress=progress,
+                file_numbers=file_numbers,
+            )
+        except SeriesSwitch as switch:
+            files, selection = switch.files, switch.selection
+        # The series assembled as files arrived is not the one chosen: analyse the chosen one
+        # from the files set aside, keeping their numbers in the stream. Outside the except
+        # block, so that its traceback, and the first series' volume it holds, are gone. The
+        # rules' notes already count the chosen series' localizers (never set aside).
+        chosen = await self._analyze_files(
+            [(f.name, f.data) for f in files],
+            model,
+            expected_slices=len(files),
+            max_slices=max_slices,
+            progress=progress,
+            file_numbers=[f.number for f in files],
+        )
+        return replace(chosen, result=replace(chosen.result, series_selection=selection))
+
+    async def _analyze_files(
+        self,
+        inputs: Iterable[DicomInput] | AsyncIterable[DicomInput],
+        model: str,
+        *,
+        expected_slices: int | None = None,
+        max_slices: int | None = None,
+        progress: ProgressCallback | None = None,
+        file_numbers: Sequence[int] | None = None,
+    ) -> ScanAnalysis:
+        started = time.perf_counter()
+        models = BOTH_MODELS if model == MODEL_BOTH else (model,)
+        # An unknown model fails before any file is read.
+        infos = [self.backend.model_info(name) for name in models]
+        # The first network's plan drives what is done as files arrive (and its streaming).
+        info = infos[0]
+        plan = info.plan if self.streaming else None
+        intake = SeriesIntake(
+            expected_slices=expected_slices,
+            max_slices=max_slices,
+            progress=progress,
+            skip_localizers=self.skip_localizers,
+            # The in-plane half of preprocessing needs only the slice: done as files arrive
+            # (for the 3D model too, whose z resampling waits for the whole series).
+            plan=plan,
+            file_numbers=file_numbers,
+        )
+        streamer: StreamingInference | None = None
+        if self.streaming and info.plan.kind == "2.5d":
+            streamer = StreamingInference(
+                self.backend,
+                info,
+                intake.planes,
+                batch_size=self.batch_size,
+                max_in_flight=self.max_in_flight,
+                expected_slices=expected_slices,
+                check=_check_outputs,
+                on_inferred=_inferred_progress(progress, expected_slices),
+                slice_labels=intake.label_slices,
+            )
+            intake.on_slice = streamer.add
+        try:
+            if isinstance(inputs, AsyncIterable):
+                async for name, data in inputs:
+                    await intake.add(data, name)
+            else:
+                for name, data in inputs:
+                    await intake.add(data, name)
+            volume = await intake.finish()
+            prior = StageTimings(
+                read_ms=intake.read_ms,
+                validate_ms=intake.validate_ms,
+                preprocess_ms=intake.preprocess_ms,
+            )
+            if len(models) == 1:
+                analysis = await self.analyze_volume(
+                    volume,
+                    model,
+                    progress=progress,
+                    prior=prior,
+                    prepared=_Prepared(intake, streamer, plan),
+                )
+            else:
+                # One decode, one assembly, one lung segmentation; each network its own input.
+                order = intake.sorted_slots
+                async with task_group() as tasks:
+                    air = tasks.create_task(cpu_bound(air_lungs, volume, intake.lung_slices, order))
+                    members = []
+                    for i, name in enumerate(models):
+                        first = i == 0
+                        prepared = _Prepared(
+                            intake, streamer if first else None, plan if first else None, air
+                        )
+                        members.append(
+                            await self.analyze_volume(
+                                volume,
+                                name,
+                                progress=progress,
+                                prior=prior if first else None,
+                                prepared=prepared,
+                            )
+                        )
+                analysis = fuse_analyses(members)
+        finally:
+            if streamer is not None:
+                # A failed or cancelled scan leaves no request of its own running.
+                await streamer.cancel()
+        total = (time.perf_counter() - started) * 1000.0
+        timings = replace(analysis.result.timings, total_ms=total)
+        return replace(
+            analysis,
+            result=replace(analysis.result, timings=timings, series_selection=intake.selection),
+            source_header=intake.header,
+        )
+
+    async def analyze_volume(
+        self,
+        volume: CtVolume,
+        model: str,
+        *,
+        progress: ProgressCallback | None = None,
+        prior: StageTimings | None = None,
+        prepared: _Prepared | None = None,
+    ) -> ScanAnalysis:
+        """Analyse an assembled volume. `prior` carries read/validate/preprocess times of an
+        intake; `prepared` what it already did (in-plane slices, streamed inference)."""
+        started = time.perf_counter()
+        info = self.backend.model_info(model)
+        z = volume.shape[0]
+        before = prior or StageTimings()
+        clock = Stopwatch()
+        clock.add("preprocess", before.preprocess_ms)
+        # An intake has done the per-slice half of the lungs already: postprocessing done early.
+        lung_slices = None if prepared is None else prepared.intake.lung_slices
+        order = range(z) if prepared is None else prepared.intake.sorted_slots
+        if prepared is not None:
+            clock.add("postprocess", prepared.intake.lungs_ms)
+
+        async with task_group() as tasks:
+            # The lungs' air segmentation needs only HU: it runs while the model does, and the
+            # model's lesions are added afterwards (gateway/quantify.py). Shared by the
+            # networks of MODEL_BOTH, it is shielded from one member's cancellation.
+            if prepared is not None and prepared.air is not None:
+                air: Awaitable[AirLungs] = asyncio.shield(prepared.air)
+            else:
+                air = tasks.create_task(cpu_bound(air_lungs, volume, lung_slices, order))
+            with clock.timed("preprocess"):
+                image, geometry = await self._preprocess(info, volume, prepared)
+            if progress is not None:
+                progress(Progress("preprocessed", z, z))
+            outputs, infer_ms, stream, streamed_labels = await self._infer_prepared(
+                info, image, z, prepared, progress
+            )
+            del image
+            with clock.timed("postprocess"):
+                labels = await cpu_bound(_labels, info, outputs, geometry, volume, streamed_labels)
+            probabilities, slice_probs, label_map, lesions = labels
+            # The label map holds what the logits said: they go (79 MB at 400 2.5D slices).
+            model_cam, model_ms = outputs.cam, outputs.model_ms
+            del outputs, labels
+            done, lungs = await quantify_lungs(
+                air, label_map, volume, lung_slices=lung_slices, order=order
+            )
+        # Busy time: the air step overlapped inference.
+        clock.add("postprocess", done.ms + lungs.ms)
+        with clock.timed("postprocess"):
+            label = CLASS_NAMES[int(np.argmax(probabilities))]
+            signals = await cpu_bound(
+                measure,
+                label=label,
+                probabilities=dict(zip(CLASS_NAMES, probabilities.tolist(), strict=True)),
+                label_map=label_map,
+                air_lungs=done.lungs,
+                lung_map=lungs.lung_map,
+                voxel_ml=volume.voxel_volume_ml,
+                spacing_mm=volume.spacing_mm,
+                slice_thickness_mm=volume.slice_thickness_mm,
+            )
+        if progress is not None:
+            progress(Progress("postprocessed", z, z))
+        elapsed = (time.perf_counter() - started) * 1000.0
+        timings = StageTimings(
+            read_ms=before.read_ms,
+            validate_ms=before.validate_ms,
+            preprocess_ms=clock["preprocess"],
+            infer_ms=infer_ms,
+            postprocess_ms=clock["postprocess"],
+            total_ms=before.read_ms + before.validate_ms + before.preprocess_ms + elapsed,
+            model_ms=model_ms,
+        )
+        result = ScanResult.from_probabilities(
+            probabilities.tolist(),
+            lesions=lesions,
+            quantification=lungs.quantification,
+            series=SeriesInfo(
+                slices=z,
+                rows=volume.shape[1],
+                columns=volume.shape[2],
+                spacing_mm=volume.spacing_mm,
+                slice_thickness_mm=volume.slice_thickness_mm,
+            ),
+            model=info.name,
+            model_version=info.version,
+            model_sha256=info.weights_sha256,
+            backend=self.backend.name,
+            timings=timings,
+            review=review_of(signals, info.name, label=label),
+            slice_probabilities=(
+                {}
+                if slice_probs is None
+                else {name: tuple(slice_probs[:, i]) for i, name in enumerate(CLASS_NAMES)}
+            ),
+        )
+        logger.info(
+            "analysed %d slices with %s: %s (p=%.3f), lesions %.1f mL, %.0f ms "
+            "(preprocess %.0f, infer %.0f, postprocess %.0f)",
+            z,
+            info.name,
+            result.label,
+            result.probabilities[result.label],
+            lesions.total_volume_ml,
+            timings.total_ms,
+            timings.preprocess_ms,
+            infer_ms,
+            timings.postprocess_ms,
+        )
+        cam = None
+        if model_cam is not None:
+            # The scan label's map (not each slice's own argmax). 2.5D: one map per source
+            # slice; 3D: the one volume's map.
+            label_index = CLASS_NAMES.index(result.label)
+            if info.plan.kind == "2.5d":
+                cam = model_cam[:, label_index]
+            else:
+                cam = model_cam[0, label_index]
+        return ScanAnalysis(
+            result=result,
+            volume=volume,
+            label_map=label_map,
+            lung_map=lungs.lung_map,
+            cam=cam,
+            stream=stream,
+        )
+
+    async def _preprocess(
+        self, info: ModelInfo, volume: CtVolume, prepared: _Prepared | None
+    ) -> tuple[np.ndarray, ResampleGeometry]:
+        """The model's input and its geometry, from what an intake prepared when it can."""
+        z = volume.shape[0]
+        # In-plane slices an intake prepared serve only the plan they were made for.
+        reuse = prepared is not None and prepared.plan == info.plan
+        if prepared is not None and reuse and prepared.streamer is not None:
+            # Streaming needs only the stacks it did not infer: a view, copied per stack.
+            context = info.plan.context
+            padded = prepared.intake.sorted_planes(pad=context)
+            if padded is None:
+                raise RuntimeError("a streamed scan has no in-plane slices")
+            geometry = ResampleGeometry(
+                volume.shape, (z, info.plan.height, info.plan.width), "2.5d"
+            )
+            return context_view(padded, context), geometry
+        planes = prepared.intake.sorted_planes() if prepared is not None and reuse else None
+        if planes is None:
+            return await cpu_bound(preprocess_volume, volume.hu, info.plan)
+        return await cpu_bound(model_input, planes, info.plan, volume.shape)
+
+    async def _infer_prepared(
+        self,
+        info: ModelInfo,
+        image: np.ndarray,
+        slices: int,
+        prepared: _Prepared | None,
+        progress: ProgressCallback | None,
+    ) -> tuple[ModelOutputs, float, StreamStats | None, dict[int, np.ndarray | None]]:
+        """Outputs for the whole volume, the inference time, what streaming reused, and the
+        label maps it made (by slice, None: no lesion).
+
+        Without streaming the time is the wall time of the batches; with it, the wall time
+        during which a request was outstanding (they overlapped the upload).
+        """
+        streamer = None if prepared is None else prepared.streamer
+        if prepared is None or streamer is None:
+            started = time.perf_counter()
+            outputs = await self._infer(info, image, slices, progress)
+            return outputs, (time.perf_counter() - started) * 1000.0, None, {}
+        outputs, stream, labels = await streamer.finish(
+            prepared.intake.sorted_slots,
+            image,
+            # `image` may be a strided view (`context_view`): each request gets its own copy.
+            lambda rest: self._infer(info, np.ascontiguousarray(rest), rest.shape[0], None),
+        )
+        _check_outputs(info, outputs, slices)
+        if progress is not None:
+            progress(Progress("inferred", slices, slices))
+        logger.info(
+            "streamed inference: %d of %d slices reused, %d inferred after the last file, "
+            "%d streamed in all",
+            stream.reused,
+            slices,
+            stream.inferred_at_end,
+            stream.streamed,
+        )
+        return outputs, stream.infer_busy_ms, stream, labels
+
+    async def _infer(
+        self, info: ModelInfo, image: np.ndarray, slices: int, progress: ProgressCallback | None
+    ) -> ModelOutputs:
+        if info.plan.kind != "2.5d":
+            outputs = await self.backend.infer(info.name, image)
+            _check_outputs(info, outputs, image.shape[0])
+            if progress is not None:
+                progress(Progress("inferred", slices, slices))
+            return outputs
+        total = image.shape[0]
+        starts = list(range(0, total, self.batch_size))
+        results: list[ModelOutputs | None] = [None] * len(starts)
+        gate = asyncio.Semaphore(self.max_in_flight)
+        done = 0
+
+        async def run(i: int, start: int) -> None:
+            nonlocal done
+            batch = image[start : start + self.batch_size]
+            async with gate:
+                outputs = await self.backend.infer(info.name, batch)
+            _check_outputs(info, outputs, batch.shape[0])
+            results[i] = outputs
+            done += batch.shape[0]
+            if progress is not None:
+                progress(Progress("inferred", done, total))
+
+        async with task_group() as tasks:
+            for i, start in enumerate(starts):
+                tasks.create_task(run(i, start))
+        parts = [r for r in results if r is not None]
+        return ModelOutputs(
+            seg_logits=np.concatenate([p.seg_logits for p in parts]),
+            cls_logits=np.concatenate([p.cls_logits for p in parts]),
+            model_ms=sum(p.model_ms for p in parts),
+            cam=(
+                np.concatenate([p.cam for p in parts if p.cam is not None])
+                if all(p.cam is not None for p in parts)
+                else None
+            ),
+        )
+
+
+def fuse_analyses(members: Sequence[ScanAnalysis]) -> ScanAnalysis:
+    """One answer from several networks' analyses of the same volume.
+
+    Label: the argmax of the mean of their calibrated scan probabilities
+    (`fuse_probabilities`). Masks, lesion statistics, lungs, CAM and per-slice evidence: the
+    first network's (jcs2d: 2.5D at full in-plane resolution). Review: every member's reasons,
+    plus `models_disagree` when their labels differ. Each member's own answer is kept in
+    `result.members`.
+    """
+    if len(members) < 2:
+        raise ValueError("fusion needs at least two analyses")
+    first = members[0]
+    results = [m.result for m in members]
+    probabilities = fuse_probabilities(
+        np.array([[r.probabilities[name] for name in CLASS_NAMES] for r in results])
+    )
+    review = combined(
+        *(r.review for r in results), disagreement({r.model: r.label for r in results})
+    )
+    timings = [r.timings for r in results]
+    fused = ScanResult.from_probabilities(
+        probabilities.tolist(),
+        lesions=first.result.lesions,
+        series=first.result.series,
+        model=MODEL_BOTH,
+        model_version=" + ".join(f"{r.model} {r.model_version}" for r in results),
+        model_sha256=" + ".join(r.model_sha256 for r in results if r.model_sha256),
+        backend=first.result.backend,
+        timings=StageTimings(
+            read_ms=timings[0].read_ms,
+            validate_ms=timings[0].validate_ms,
+            preprocess_ms=sum(t.preprocess_ms for t in timings),
+            infer_ms=sum(t.infer_ms for t in timings),
+            postprocess_ms=sum(t.postprocess_ms for t in timings),
+            total_ms=sum(t.total_ms for t in timings),
+            model_ms=sum(t.model_ms for t in timings),
+        ),
+        slice_probabilities=first.result.slice_probabilities,
+        quantification=first.result.quantification,
+        review=review,
+        members=tuple(
+            ModelAnswer(
+                model=r.model,
+                model_version=r.model_version,
+                label=r.label,
+                probabilities=r.probabilities,
+                lesion_volume_ml=r.lesions.total_volume_ml,
+                review=r.review,
+            )
+            for r in results
+        ),
+    )
+    return replace(first, result=fused)
+
+
+def _inferred_progress(
+    progress: ProgressCallback | None, expected: int | None
+) -> Callable[[int], None] | None:
+    """Streamed stacks inferred so far as "inferred" progress (capped at the expected count:
+    a stack can be inferred twice when a later file lands between its slices)."""
+    if progress is None:
+        return None
+    report = progress
+
+    def inferred(done: int) -> None:
+        report(Progress("inferred", min(done, expected) if expected else done, expected))
+
+    return inferred
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """What an intake did while files arrived, handed to `analyze_volume`: its in-plane slices
+    (made for `plan`; None: none to reuse), its streamed inference, and the air lungs when
+    several networks share them."""
+
+    intake: SeriesIntake
+    streamer: StreamingInference | None
+    plan: PreprocessPlan | None = None
+    air: asyncio.Task[AirLungs] | None = None
+
+
+def _check_outputs(info: ModelInfo, outputs: ModelOutputs, batch: int) -> None:
+    plan = info.plan
+    grid: tuple[int, ...] = (plan.height, plan.width)
+    if plan.kind == "3d":
+        grid = (plan.depth, *grid)
+    seg_shape = (batch, len(SEG_CLASS_NAMES), *grid)
+    cls_shape = (batch, len(CLASS_NAMES))
+    if outputs.seg_logits.shape != seg_shape or outputs.cls_logits.shape != cls_shape:
+        raise BackendError(
+            f"model {info.name!r} returned seg_logits {list(outputs.seg_logits.shape)} and "
+            f"cls_logits {list(outputs.cls_logits.shape)}, expected {list(seg_shape)} and "
+            f"{list(cls_shape)}"
+        )
+
+
+_Labels = tuple[np.ndarray, np.ndarray | None, np.ndarray, LesionStatistics]
+
+
+def _labels(
+    info: ModelInfo,
+    outputs: ModelOutputs,
+    geometry: ResampleGeometry,
+    volume: CtVolume,
+    known: dict[int, np.ndarray | None] | None = None,
+) -> _Labels:
+    """Probabilities (scan and, for 2.5D, per slice), the source-grid label map and lesion
+    statistics. `known`: label maps of 2.5D slices made while the series streamed in (None:
+    no lesion), by slice."""
+    slice_probs: np.ndarray | None = None
+    if info.plan.kind == "2.5d":
+        slice_probs = softmax(outputs.cls_logits, axis=1)
+        probabilities = aggregate_slice_probabilities(slice_probs)
+    else:
+        probabilities = softmax(outputs.cls_logits, axis=1)[0]
+    if known and geometry.kind == "2.5d":
+        label_map = label_map_from(known, outputs.seg_logits, geometry)
+    else:
+        label_map = source_label_map(outputs.seg_logits, geometry)
+    return probabilities, slice_probs, label_map, lesion_statistics(label_map, volume)
+
+
+__all__ = [
+    "BOTH_MODELS",
+    "DEFAULT_BATCH_SIZE",
+    "ScanAnalysis",
+    "ScanAnalyzer",
+    "fuse_analyses",
+]

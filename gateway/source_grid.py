@@ -1,0 +1,168 @@
+"""Model-grid outputs back on the source grid: label maps from logits, CAM for overlays.
+
+The model sees a resampled volume (gateway/preprocess.py); users see the scan's own slices.
+`source_label_map` is `preprocess.logits_to_source_labels` computed sparsely (only where
+neighbouring model samples disagree), `cam_on_source` interpolates a class activation map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ctjoint.gateway.preprocess import ResampleGeometry, logits_to_source_labels, resample_matrix
+
+
+def cam_on_source(
+    cam: np.ndarray, source_shape: tuple[int, int, int], slices: Sequence[int] | None = None
+) -> np.ndarray:
+    """A model-grid class activation map as uint8 [n, Y, X] on the source grid (all slices, or
+    `slices`), linearly interpolated per axis; the map's maximum on the model grid is 255.
+
+    A 2.5D map has one slice per source slice; a 3D map is interpolated along z as well. Scaling
+    by the scan maximum (not per slice) keeps slices comparable: where the head looked most.
+    """
+    z, y, x = source_shape
+    wanted = list(range(z)) if slices is None else [int(s) for s in slices]
+    peak = float(cam.max()) if cam.size else 0.0
+    out = np.zeros((len(wanted), y, x), dtype=np.uint8)
+    if peak <= 0.0 or not wanted:
+        return out
+    ry = resample_matrix(cam.shape[1], y, "linear").astype(np.float32)  # [Y, h]
+    rx = resample_matrix(cam.shape[2], x, "linear").astype(np.float32)  # [X, w]
+    if cam.shape[0] == z:
+        planes = cam[wanted]
+    else:
+        rz = resample_matrix(cam.shape[0], z, "linear").astype(np.float32)  # [Z, d]
+        planes = np.tensordot(rz[wanted], cam, axes=(1, 0))
+    for i, plane in enumerate(planes):
+        values = ry @ plane.astype(np.float32) @ rx.T
+        out[i] = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+    return out
+
+
+def slice_label_maps(seg_logits: np.ndarray, rows: int, columns: int) -> list[np.ndarray | None]:
+    """`source_label_map` of a batch of 2.5D slices [n, K, h, w] on a `rows` x `columns` source
+    grid, one map per slice, None for a slice without lesion (what streaming keeps)."""
+    n, _, h, w = seg_logits.shape
+    maps = source_label_map(seg_logits, ResampleGeometry((n, rows, columns), (n, h, w), "2.5d"))
+    return [plane if plane.any() else None for plane in maps]
+
+
+def label_map_from(
+    known: dict[int, np.ndarray | None], seg_logits: np.ndarray, geometry: ResampleGeometry
+) -> np.ndarray:
+    """The 2.5D label map from the slices streaming labelled, the others labelled now: equal
+    to `source_label_map` of the whole, each slice's labels depending on its logits alone."""
+    z, y, x = geometry.source_shape
+    out = np.zeros((z, y, x), dtype=np.uint8)
+    for index, plane in known.items():
+        if plane is not None:
+            out[index] = plane
+    rest = [i for i in range(z) if i not in known]
+    if rest:
+        _, h, w = geometry.model_shape
+        sub = ResampleGeometry((len(rest), y, x), (len(rest), h, w), "2.5d")
+        out[rest] = source_label_map(seg_logits[rest], sub)
+    return out
+
+
+def source_label_map(seg_logits: np.ndarray, geometry: ResampleGeometry) -> np.ndarray:
+    """Label map [Z, Y, X] on the source grid: `logits_to_source_labels`, computed sparsely.
+
+    The shared definition interpolates logits linearly (z first for 3D, then rows and columns)
+    and takes the argmax. Linear interpolation is a convex combination of at most two samples
+    per axis, so where every model sample a source pixel draws from has the same argmax, the
+    interpolated logits have it too. Only pixels whose samples disagree (class boundaries, a
+    few percent) need their logits interpolated; lesion-free slices need nothing at all. Same
+    labels (up to float rounding where two classes tie) at a small fraction of the cost: about
+    0.1 s instead of 4 s CPU for 100 slices of 512x512 with typical lesions.
+    """
+    z, y, x = geometry.source_shape
+    out = np.zeros((z, y, x), dtype=np.uint8)
+    rz: np.ndarray | None = None
+    if geometry.kind == "2.5d":
+        lesion_slices = np.flatnonzero(np.argmax(seg_logits, axis=1).any(axis=(1, 2)))
+    else:
+        volume = seg_logits[0] if seg_logits.ndim == 5 else seg_logits  # [K, D, H, W]
+        model_lesion = np.argmax(volume, axis=0).any(axis=(1, 2))  # [D]
+        rz = resample_matrix(volume.shape[1], z, "linear")  # [Z, D]
+        lesion_slices = np.flatnonzero((rz[:, model_lesion] > 0).any(axis=1))
+    if lesion_slices.size == 0:
+        return out
+    h, w = seg_logits.shape[-2:]
+    taps_y = _two_taps(resample_matrix(h, y, "linear"))
+    taps_x = _two_taps(resample_matrix(w, x, "linear"))
+    # A few slices at a time, written straight into the map: the logits of every lesion
+    # slice at once were a volume-sized temporary (3D: 118 MB of fresh pages at 600 slices).
+    for start in range(0, lesion_slices.size, _UPSAMPLE_CHUNK):
+        rows = lesion_slices[start : start + _UPSAMPLE_CHUNK]
+        # 3D: the z interpolation the 3D path does, restricted to the slices that need it.
+        part = seg_logits[rows] if rz is None else np.tensordot(rz[rows], volume, axes=(1, 1))
+        logits = part.astype(np.float32, copy=False)  # [n, K, H, W]
+        if taps_y is None or taps_x is None:
+            sub = ResampleGeometry((int(rows.size), y, x), (int(rows.size), h, w), "2.5d")
+            out[rows] = logits_to_source_labels(logits, sub)
+        else:
+            out[rows] = _upsample_labels(logits, taps_y, taps_x)
+    return out
+
+
+_Taps = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+# Slices upsampled at once: bounds the temporary arrays for boundary-rich label maps.
+_UPSAMPLE_CHUNK = 16
+
+
+def _two_taps(matrix: np.ndarray) -> _Taps | None:
+    """(first, second, w_first, w_second) per output row of a resample matrix whose rows mix
+    at most two adjacent inputs with non-negative weights; None otherwise (then stay dense)."""
+    nonzero = matrix != 0
+    if (matrix < 0).any() or (nonzero.sum(axis=1) > 2).any():
+        return None
+    rows = np.arange(matrix.shape[0])
+    first = np.argmax(nonzero, axis=1)
+    second = matrix.shape[1] - 1 - np.argmax(nonzero[:, ::-1], axis=1)
+    if (second - first > 1).any():
+        return None
+    w_first = matrix[rows, first]
+    w_second = np.where(second != first, matrix[rows, second], 0.0).astype(np.float32)
+    return first, second, w_first, w_second
+
+
+def _upsample_labels(logits: np.ndarray, taps_y: _Taps, taps_x: _Taps) -> np.ndarray:
+    """[n, K, H, W] logits -> [n, Y, X] labels; interpolates only where neighbours disagree."""
+    y0, y1, wy0, wy1 = taps_y
+    x0, x1, wx0, wx1 = taps_x
+    n, k, h, w = logits.shape
+    labels = np.argmax(logits, axis=1).astype(np.uint8)  # [n, H, W]
+    # A model cell (h..h+1, w..w+1) is mixed if its four labels differ. Every source pixel draws
+    # from one cell (its taps are adjacent), so only pixels in mixed cells need logits.
+    edge = np.pad(labels, ((0, 0), (0, 1), (0, 1)), mode="edge")
+    corner = edge[:, :-1, :-1]
+    mixed = corner != edge[:, 1:, :-1]
+    mixed |= corner != edge[:, :-1, 1:]
+    mixed |= corner != edge[:, 1:, 1:]
+    out = np.empty((n, len(y0), len(x0)), dtype=np.uint8)
+    for start in range(0, n, _UPSAMPLE_CHUNK):
+        stop = min(start + _UPSAMPLE_CHUNK, n)
+        # np.take along an axis is several times faster than the equivalent fancy indexing.
+        out[start:stop] = np.take(np.take(labels[start:stop], y0, axis=1), x0, axis=2)
+        unsure = np.take(np.take(mixed[start:stop], y0, axis=1), x0, axis=2)
+        zz, yy, xx = np.nonzero(unsure)
+        if zz.size == 0:
+            continue
+        # Bilinear logits at the unsure pixels only, gathering whole K-vectors from a
+        # pixel-major copy of the chunk's logits: four weighted corners.
+        pixels = np.ascontiguousarray(np.moveaxis(logits[start:stop], 1, 3)).reshape(-1, k)
+        values = np.zeros((zz.size, k), dtype=np.float32)
+        for rows, wy in ((y0[yy], wy0[yy]), (y1[yy], wy1[yy])):
+            base = (zz * h + rows) * w
+            for cols, wx in ((x0[xx], wx0[xx]), (x1[xx], wx1[xx])):
+                values += (wy * wx)[:, None] * np.take(pixels, base + cols, axis=0)
+        out[start + zz, yy, xx] = np.argmax(values, axis=1)
+    return out
+
+
+__all__ = ["cam_on_source", "label_map_from", "slice_label_maps", "source_label_map"]
