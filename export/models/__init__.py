@@ -1,4 +1,5 @@
-"""The two joint networks: jcs2d (2.5D) and deepsc3d (3D), built from a `RunConfig`."""
+"""The two joint networks: jcs2d (2.5D) and deepsc3d (3D), built from a `RunConfig`; their
+shared forward/CAM skeleton is `JointNet` (export/models/joint.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,19 @@ from ctjoint.export.configs import RunConfig
 from ctjoint.export.models.blocks import JointOutput
 from ctjoint.export.models.deepsc3d import DeepSc3d
 from ctjoint.export.models.jcs2d import Jcs2d
+from ctjoint.export.models.joint import JointNet
 
 JointNetwork = Jcs2d | DeepSc3d
 
-__all__ = ["DeepSc3d", "Jcs2d", "JointNetwork", "JointOutput", "build_model", "count_parameters"]
+__all__ = [
+    "DeepSc3d",
+    "Jcs2d",
+    "JointNet",
+    "JointNetwork",
+    "JointOutput",
+    "build_model",
+    "count_parameters",
+]
 
 
 def build_model(config: RunConfig) -> JointNetwork:

@@ -18,29 +18,25 @@ The two tasks are balanced by the task-aware loss in `ctjoint.export.losses`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ctjoint.contracts import CLASS_NAMES, SEG_CLASS_NAMES
 from ctjoint.export.configs import NetConfig
 from ctjoint.export.models.blocks import (
-    LESION_FRACTION_SCALE,
     ClassifierHead,
     ConvNormAct,
-    JointOutput,
     ResBlock,
     UpBlock,
-    attention_pool,
     conv1x1,
-    global_pool,
-    grad_cam,
-    lesion_statistics,
     upsample_logits,
 )
+from ctjoint.export.models.joint import JointNet
 
 
-class DeepSc3d(nn.Module):
+class DeepSc3d(JointNet):
     """The 3D joint network; see the module docstring."""
+
+    dims = 3
 
     def __init__(
         self,
@@ -89,66 +85,16 @@ class DeepSc3d(nn.Module):
         pooled = 2 * widths[-1] + 2 * widths[0] + 2 * (num_seg_classes - 1)
         self.classifier = ClassifierHead(pooled, net.cls_hidden, num_classes, net.dropout)
 
-    def forward_all(self, image: torch.Tensor) -> JointOutput:
-        """Both outputs plus the deep-supervision logits (training)."""
-        return self._run(image, cam=False)[0]
-
-    def forward_with_cam(
-        self, image: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The exported contract with the optional `cam` output: (`seg_logits`, `cls_logits`,
-        Grad-CAM of the predicted class on the head's coarse feature grid)."""
-        out, cam = self._run(image, cam=True)
-        if cam is None:
-            raise RuntimeError("no class activation map was computed")
-        return out.seg_logits, out.cls_logits, cam
-
-    def _run(self, image: torch.Tensor, *, cam: bool) -> tuple[JointOutput, torch.Tensor | None]:
-        skips = [self.stem(image)]
-        for block in self.encoder:
-            skips.append(block(skips[-1]))
-        bottleneck = skips[-1]
-        x = bottleneck
-        aux: dict[int, torch.Tensor] = {}
-        for level in range(len(self.decoder) - 1, -1, -1):
-            x = self.decoder[level](x, skips[level])
-            if str(level) in self.aux_heads:
-                aux[level] = self.aux_heads[str(level)](x)
-        stem_logits = self.seg_head(x)
+    def _segment(
+        self, image: torch.Tensor, decoded: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Attention is read from the stem-grid logits, before upsampling and refinement.
+        stem_logits = self.seg_head(decoded)
         seg_logits = upsample_logits(stem_logits, self.stem_stride, 3)
         if self.refine is not None:
             seg_logits = seg_logits + self.refine(torch.cat([image, seg_logits], dim=1))
+        return seg_logits, stem_logits
 
-        # Detached: the lesion mask explains the class; the class loss does not bend the mask.
-        attention, fractions = lesion_statistics(stem_logits.detach())
-        coarse_attention = F.avg_pool3d(attention, kernel_size=self.pool_factor)
-        focused = self.cls_refine(bottleneck * (1.0 + coarse_attention))
-        features = torch.cat(
-            [
-                global_pool(focused),
-                attention_pool(focused, coarse_attention, self.attention_prior),
-                global_pool(x),
-                attention_pool(x, attention, self.attention_prior),
-                fractions * LESION_FRACTION_SCALE,
-            ],
-            dim=1,
-        )
-        aux_logits = tuple(aux[level] for level in self.deep_supervision)
-        cls_logits = self.classifier(features)
-        activation = (
-            grad_cam(
-                self.classifier,
-                features,
-                focused,
-                coarse_attention,
-                self.attention_prior,
-            )
-            if cam
-            else None
-        )
-        return JointOutput(seg_logits, cls_logits, aux_logits), activation
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exported contract: (`seg_logits`, `cls_logits`)."""
-        out = self.forward_all(image)
-        return out.seg_logits, out.cls_logits
+    def _focus(self, bottleneck: torch.Tensor, coarse_attention: torch.Tensor) -> torch.Tensor:
+        # Residual attention (x * (1 + a)) refined by one convolution.
+        return self.cls_refine(bottleneck * (1.0 + coarse_attention))

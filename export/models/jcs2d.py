@@ -15,27 +15,23 @@ the pooled features but cannot push the segmentation towards whatever helps clas
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ctjoint.contracts import CLASS_NAMES, SEG_CLASS_NAMES
 from ctjoint.export.configs import NetConfig
 from ctjoint.export.models.blocks import (
-    LESION_FRACTION_SCALE,
     ClassifierHead,
-    JointOutput,
     ResBlock,
     UpBlock,
-    attention_pool,
     conv1x1,
-    global_pool,
-    grad_cam,
-    lesion_statistics,
 )
+from ctjoint.export.models.joint import JointNet
 
 
-class Jcs2d(nn.Module):
+class Jcs2d(JointNet):
     """The 2.5D joint network; see the module docstring."""
+
+    dims = 2
 
     def __init__(
         self,
@@ -69,61 +65,12 @@ class Jcs2d(nn.Module):
         pooled = 2 * widths[-1] + 2 * widths[0] + 2 * (num_seg_classes - 1)
         self.classifier = ClassifierHead(pooled, net.cls_hidden, num_classes, net.dropout)
 
-    def forward_all(self, image: torch.Tensor) -> JointOutput:
-        """Both outputs plus the deep-supervision logits (training)."""
-        return self._run(image, cam=False)[0]
+    def _segment(
+        self, image: torch.Tensor, decoded: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        seg_logits = self.seg_head(decoded)
+        return seg_logits, seg_logits
 
-    def forward_with_cam(
-        self, image: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The exported contract with the optional `cam` output: (`seg_logits`, `cls_logits`,
-        Grad-CAM of the predicted class on the head's coarse feature grid)."""
-        out, cam = self._run(image, cam=True)
-        if cam is None:
-            raise RuntimeError("no class activation map was computed")
-        return out.seg_logits, out.cls_logits, cam
-
-    def _run(self, image: torch.Tensor, *, cam: bool) -> tuple[JointOutput, torch.Tensor | None]:
-        skips = [self.stem(image)]
-        for block in self.encoder:
-            skips.append(block(skips[-1]))
-        bottleneck = skips[-1]
-        x = bottleneck
-        aux: dict[int, torch.Tensor] = {}
-        for level in range(len(self.decoder) - 1, -1, -1):
-            x = self.decoder[level](x, skips[level])
-            if str(level) in self.aux_heads:
-                aux[level] = self.aux_heads[str(level)](x)
-        seg_logits = self.seg_head(x)
-
-        attention, fractions = lesion_statistics(seg_logits.detach())
-        coarse_attention = F.avg_pool2d(attention, kernel_size=self.pool_factor)
-        features = torch.cat(
-            [
-                global_pool(bottleneck),
-                attention_pool(bottleneck, coarse_attention, self.attention_prior),
-                global_pool(x),
-                attention_pool(x, attention, self.attention_prior),
-                fractions * LESION_FRACTION_SCALE,
-            ],
-            dim=1,
-        )
-        aux_logits = tuple(aux[level] for level in self.deep_supervision)
-        cls_logits = self.classifier(features)
-        activation = (
-            grad_cam(
-                self.classifier,
-                features,
-                bottleneck,
-                coarse_attention,
-                self.attention_prior,
-            )
-            if cam
-            else None
-        )
-        return JointOutput(seg_logits, cls_logits, aux_logits), activation
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exported contract: (`seg_logits`, `cls_logits`)."""
-        out = self.forward_all(image)
-        return out.seg_logits, out.cls_logits
+    def _focus(self, bottleneck: torch.Tensor, coarse_attention: torch.Tensor) -> torch.Tensor:
+        # The head reads the bottleneck as it is; the attention weights its pooling only.
+        return bottleneck
