@@ -21,9 +21,10 @@ from ctjoint.gateway.analyzer import (
     fuse_analyses,
 )
 from ctjoint.gateway.intake import DicomInput, Progress, ProgressCallback, SeriesIntake
+from ctjoint.gateway.preprocess import source_label_map
 from ctjoint.gateway.quantify import lesion_statistics
 from ctjoint.gateway.series import list_series_files
-from ctjoint.gateway.source_grid import cam_on_source, source_label_map
+from ctjoint.gateway.source_grid import cam_on_source
 
 
 def analyze_directory(

@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ctjoint.contracts import CLASS_NAMES, MODEL_BOTH, MODEL_DEEPSC3D, MODEL_JCS2D, SEG_CLASS_NAMES
-from ctjoint.gateway.aggregate import aggregate_slice_probabilities, fuse_probabilities, softmax
+from ctjoint.gateway.aggregate import fuse_probabilities, softmax
 from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
 from ctjoint.gateway.errors import BackendError
 from ctjoint.gateway.intake import DicomInput, Progress, ProgressCallback, SeriesIntake
@@ -30,8 +30,6 @@ from ctjoint.gateway.preprocess import (
     PreprocessPlan,
     ResampleGeometry,
     context_view,
-    model_input,
-    preprocess_volume,
 )
 from ctjoint.gateway.quantify import AirLungs, air_lungs, lesion_statistics, quantify_lungs
 from ctjoint.gateway.result import (
@@ -43,7 +41,6 @@ from ctjoint.gateway.result import (
 )
 from ctjoint.gateway.review import combined, disagreement, measure, review_of
 from ctjoint.gateway.series import CtVolume, SeriesSwitch
-from ctjoint.gateway.source_grid import label_map_from, source_label_map
 from ctjoint.gateway.streaming import StreamingInference, StreamStats
 from ctjoint.gateway.tasks import Stopwatch, task_group
 
@@ -180,7 +177,7 @@ class ScanAnalyzer:
             file_numbers=file_numbers,
         )
         streamer: StreamingInference | None = None
-        if self.streaming and info.plan.kind == "2.5d":
+        if self.streaming and info.plan.preprocessor().per_slice:
             streamer = StreamingInference(
                 self.backend,
                 info,
@@ -363,10 +360,7 @@ class ScanAnalyzer:
             # The scan label's map (not each slice's own argmax). 2.5D: one map per source
             # slice; 3D: the one volume's map.
             label_index = CLASS_NAMES.index(result.label)
-            if info.plan.kind == "2.5d":
-                cam = model_cam[:, label_index]
-            else:
-                cam = model_cam[0, label_index]
+            cam = info.plan.preprocessor().scan_cam(model_cam, label_index)
         return ScanAnalysis(
             result=result,
             volume=volume,
@@ -380,23 +374,22 @@ class ScanAnalyzer:
         self, info: ModelInfo, volume: CtVolume, prepared: _Prepared | None
     ) -> tuple[np.ndarray, ResampleGeometry]:
         """The model's input and its geometry, from what an intake prepared when it can."""
-        z = volume.shape[0]
+        preprocessor = info.plan.preprocessor()
         # In-plane slices an intake prepared serve only the plan they were made for.
         reuse = prepared is not None and prepared.plan == info.plan
         if prepared is not None and reuse and prepared.streamer is not None:
-            # Streaming needs only the stacks it did not infer: a view, copied per stack.
+            # Streaming (per-slice models) needs only the stacks it did not infer: a view,
+            # copied per stack.
             context = info.plan.context
             padded = prepared.intake.sorted_planes(pad=context)
             if padded is None:
                 raise RuntimeError("a streamed scan has no in-plane slices")
-            geometry = ResampleGeometry(
-                volume.shape, (z, info.plan.height, info.plan.width), "2.5d"
-            )
-            return context_view(padded, context), geometry
+            return context_view(padded, context), preprocessor.geometry(volume.shape)
         planes = prepared.intake.sorted_planes() if prepared is not None and reuse else None
         if planes is None:
-            return await cpu_bound(preprocess_volume, volume.hu, info.plan)
-        return await cpu_bound(model_input, planes, info.plan, volume.shape)
+            return await cpu_bound(preprocessor.run, volume.hu)
+        image = await cpu_bound(preprocessor.from_planes, planes)
+        return image, preprocessor.geometry(volume.shape)
 
     async def _infer_prepared(
         self,
@@ -439,7 +432,8 @@ class ScanAnalyzer:
     async def _infer(
         self, info: ModelInfo, image: np.ndarray, slices: int, progress: ProgressCallback | None
     ) -> ModelOutputs:
-        if info.plan.kind != "2.5d":
+        if not info.plan.preprocessor().per_slice:
+            # One sample is the whole scan: one request.
             outputs = await self.backend.infer(info.name, image)
             _check_outputs(info, outputs, image.shape[0])
             if progress is not None:
@@ -561,11 +555,7 @@ class _Prepared:
 
 
 def _check_outputs(info: ModelInfo, outputs: ModelOutputs, batch: int) -> None:
-    plan = info.plan
-    grid: tuple[int, ...] = (plan.height, plan.width)
-    if plan.kind == "3d":
-        grid = (plan.depth, *grid)
-    seg_shape = (batch, len(SEG_CLASS_NAMES), *grid)
+    seg_shape = (batch, len(SEG_CLASS_NAMES), *info.plan.preprocessor().grid())
     cls_shape = (batch, len(CLASS_NAMES))
     if outputs.seg_logits.shape != seg_shape or outputs.cls_logits.shape != cls_shape:
         raise BackendError(
@@ -588,16 +578,11 @@ def _labels(
     """Probabilities (scan and, for 2.5D, per slice), the source-grid label map and lesion
     statistics. `known`: label maps of 2.5D slices made while the series streamed in (None:
     no lesion), by slice."""
-    slice_probs: np.ndarray | None = None
-    if info.plan.kind == "2.5d":
-        slice_probs = softmax(outputs.cls_logits, axis=1)
-        probabilities = aggregate_slice_probabilities(slice_probs)
-    else:
-        probabilities = softmax(outputs.cls_logits, axis=1)[0]
-    if known and geometry.kind == "2.5d":
-        label_map = label_map_from(known, outputs.seg_logits, geometry)
-    else:
-        label_map = source_label_map(outputs.seg_logits, geometry)
+    preprocessor = info.plan.preprocessor()
+    probabilities, slice_probs = preprocessor.scan_probabilities(
+        softmax(outputs.cls_logits, axis=1)
+    )
+    label_map = preprocessor.to_source(outputs.seg_logits, geometry, known)
     return probabilities, slice_probs, label_map, lesion_statistics(label_map, volume)
 
 

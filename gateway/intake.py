@@ -24,9 +24,8 @@ from ctjoint.gateway.dicom_io import (
 from ctjoint.gateway.errors import EmptySeriesError, InputError
 from ctjoint.gateway.lesions import LungSlices
 from ctjoint.gateway.limits import cpu_bound
-from ctjoint.gateway.preprocess import PreprocessPlan, inplane_slices
+from ctjoint.gateway.preprocess import PreprocessPlan, inplane_slices, slice_label_maps
 from ctjoint.gateway.series import CtVolume, SeriesAssembler, StudySorter
-from ctjoint.gateway.source_grid import slice_label_maps
 from ctjoint.series_rules import Selection
 
 # A file to analyse: (name used in errors, e.g. "IM00003.dcm" or "", path or bytes).

@@ -7,13 +7,18 @@ the `ResampleGeometry` needed to put model outputs back onto the source slice gr
 
 from __future__ import annotations
 
+import abc
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import ClassVar, Final, Literal
 
 import numpy as np
 
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, MODEL_NAMES
+from ctjoint.gateway.aggregate import aggregate_slice_probabilities
+from ctjoint.gateway.resample import resample_matrix
+from ctjoint.gateway.source_grid import inplane_labels
 
 InputKind = Literal["2.5d", "3d"]
 
@@ -41,12 +46,11 @@ class PreprocessPlan:
     def __post_init__(self) -> None:
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; expected one of {MODEL_NAMES}")
-        if self.kind not in ("2.5d", "3d"):
+        if self.kind not in PREPROCESSORS:
             raise ValueError(f"unknown input kind {self.kind!r}")
         if self.height < 8 or self.width < 8:
             raise ValueError(f"model input {self.height}x{self.width} is too small")
-        if self.kind == "3d" and self.depth < 4:
-            raise ValueError("a 3D plan needs depth >= 4")
+        PREPROCESSORS[self.kind].check(self)
         if self.window_width <= 0 or self.norm_std <= 0:
             raise ValueError("window width and normalisation std must be positive")
         object.__setattr__(self, "height", int(self.height))
@@ -56,7 +60,11 @@ class PreprocessPlan:
 
     @property
     def channels(self) -> int:
-        return 2 * self.context + 1 if self.kind == "2.5d" else 1
+        return PREPROCESSORS[self.kind].channels(self)
+
+    def preprocessor(self) -> Preprocessor:
+        """The one object that knows this plan's kind (`Preprocessor`)."""
+        return PREPROCESSORS[self.kind](self)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -83,35 +91,6 @@ class ResampleGeometry:
     source_shape: tuple[int, int, int]  # (slices, rows, columns) of the assembled series
     model_shape: tuple[int, int, int]  # (slices or depth, height, width) seen by the model
     kind: InputKind
-
-
-def resample_matrix(n_in: int, n_out: int, mode: Literal["area", "linear"]) -> np.ndarray:
-    """A [n_out, n_in] matrix that resamples one axis (pixel centres aligned, edges clamped).
-
-    "area" averages every input cell an output cell covers (anti-aliased downsampling, so
-    noise is averaged rather than aliased); "linear" interpolates between the two nearest
-    input centres (smooth upsampling of logits back onto the source grid).
-    """
-    if n_in <= 0 or n_out <= 0:
-        raise ValueError(f"cannot resample an axis of {n_in} to {n_out}")
-    if mode == "area" and n_out <= n_in:
-        edges = np.linspace(0.0, n_in, n_out + 1)
-        lo, hi = edges[:-1, None], edges[1:, None]
-        cells = np.arange(n_in, dtype=np.float64)[None, :]
-        overlap = np.clip(np.minimum(hi, cells + 1) - np.maximum(lo, cells), 0.0, None)
-        weights = overlap / overlap.sum(axis=1, keepdims=True)
-        return weights.astype(np.float32)
-    # Linear interpolation (also used for "area" when upsampling).
-    centres = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    centres = np.clip(centres, 0.0, n_in - 1)
-    left = np.floor(centres).astype(np.int64)
-    right = np.minimum(left + 1, n_in - 1)
-    frac = centres - left
-    weights = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
-    np.add.at(weights, (rows, left), 1.0 - frac)
-    np.add.at(weights, (rows, right), frac)
-    return weights.astype(np.float32)
 
 
 # Slices per pass of `inplane_slices` over a volume (8 MiB temporaries at 512x512).
@@ -185,24 +164,6 @@ def _inplane_chunk(hu: np.ndarray, plan: PreprocessPlan) -> np.ndarray:
     return out
 
 
-def model_input(
-    slices: np.ndarray, plan: PreprocessPlan, source_shape: tuple[int, int, int]
-) -> tuple[np.ndarray, ResampleGeometry]:
-    """In-plane preprocessed slices [Z, H, W] (sorted along the normal) -> model input.
-
-    2.5D: [Z, 2*context+1, H, W], one sample per source slice.
-    3D:   [1, 1, D, H, W], the whole scan resampled along z.
-    """
-    z, y, x = source_shape
-    if plan.kind == "2.5d":
-        image = context_stack(slices, plan.context)
-        return image, ResampleGeometry((z, y, x), (z, plan.height, plan.width), "2.5d")
-    rz = resample_matrix(z, plan.depth, "area")
-    volume = np.tensordot(rz, slices, axes=(1, 0))
-    image = np.ascontiguousarray(volume[None, None], dtype=np.float32)
-    return image, ResampleGeometry((z, y, x), (plan.depth, plan.height, plan.width), "3d")
-
-
 def context_stack(slices: np.ndarray, context: int) -> np.ndarray:
     """[Z, H, W] -> [Z, 2*context+1, H, W]: each slice with its neighbours (edges repeated)."""
     z = slices.shape[0]
@@ -225,18 +186,6 @@ def context_view(padded: np.ndarray, context: int) -> np.ndarray:
     return np.moveaxis(windows, -1, 1)  # [Z, 2*context+1, H, W]
 
 
-def preprocess_volume(hu: np.ndarray, plan: PreprocessPlan) -> tuple[np.ndarray, ResampleGeometry]:
-    """A HU volume [Z, Y, X] (sorted along the slice normal) -> model input and its geometry.
-
-    2.5D: [Z, 2*context+1, H, W], one sample per source slice.
-    3D:   [1, 1, D, H, W], the whole scan resampled.
-    """
-    if hu.ndim != 3 or min(hu.shape) < 1:
-        raise ValueError(f"expected a [slices, rows, columns] volume, got shape {hu.shape}")
-    z, y, x = (int(s) for s in hu.shape)
-    return model_input(inplane_slices(hu, plan), plan, (z, y, x))
-
-
 def resample_labels(labels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Nearest-neighbour resample of an integer label volume [Z, Y, X] to `shape`.
 
@@ -249,34 +198,286 @@ def resample_labels(labels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarr
     return labels[np.ix_(*idx)]
 
 
-def logits_to_source_labels(
-    seg_logits: np.ndarray, geometry: ResampleGeometry, chunk: int = 16
-) -> np.ndarray:
-    """Model seg logits -> uint8 label map [Z, Y, X] on the source slice grid.
+# --- One interface for the two model kinds ----------------------------------------------------
 
-    Logits (not labels) are interpolated linearly, then argmax: smooth, faithful boundaries.
-    2.5D logits are [Z, K, H, W]; 3D logits are [1, K, D, H, W] or [K, D, H, W].
-    Works in chunks of source slices so a 512x512x300 scan never needs K full-size volumes.
+
+class Preprocessor(abc.ABC):
+    """What a model kind sees, and how its answer goes back to the source grid.
+
+    nnU-Net's plan-driven style: chosen once from the plan (`PreprocessPlan.preprocessor`),
+    `run(volume)` gives the model input and its geometry and `to_source(seg_logits, geometry)`
+    the label map on the source grid. The rest that differs between 2.5D and 3D (the input
+    shape, how scan probabilities come from the classifier, which CAM belongs to the scan) is
+    a method here too, so no caller tests the plan's kind.
     """
-    z, y, x = geometry.source_shape
-    if geometry.kind == "3d":
-        volume = seg_logits[0] if seg_logits.ndim == 5 else seg_logits  # [K, D, H, W]
-        rz = resample_matrix(volume.shape[1], z, "linear")
-    else:
+
+    kind: ClassVar[InputKind]
+    # The batch axis holds source slices (2.5D): requests may split it and slices can be
+    # inferred as their files arrive. Otherwise one sample is the whole scan.
+    per_slice: ClassVar[bool]
+
+    def __init__(self, plan: PreprocessPlan) -> None:
+        if plan.kind != self.kind:
+            raise ValueError(f"a {self.kind} preprocessor was given a {plan.kind} plan")
+        self.plan = plan
+
+    @staticmethod
+    @abc.abstractmethod
+    def check(plan: PreprocessPlan) -> None:
+        """Raise ValueError when the plan lacks what this kind needs."""
+
+    @staticmethod
+    def channels(plan: PreprocessPlan) -> int:
+        """Channels of one sample of `image`."""
+        return 1
+
+    @abc.abstractmethod
+    def grid(self) -> tuple[int, ...]:
+        """The spatial grid of one sample: (H, W) or (D, H, W)."""
+
+    @abc.abstractmethod
+    def model_shape(self, source_slices: int) -> tuple[int, int, int]:
+        """(slices or depth, H, W) the model sees of a scan of `source_slices` slices."""
+
+    @abc.abstractmethod
+    def from_planes(self, planes: np.ndarray) -> np.ndarray:
+        """In-plane preprocessed slices [Z, H, W] (sorted along the normal) -> model input."""
+
+    @abc.abstractmethod
+    def scan_probabilities(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The scan's class probabilities [K] and, per source slice, [Z, K] (None when the
+        model has no per-slice answer), from the softmax of `cls_logits` [batch, K]."""
+
+    @abc.abstractmethod
+    def scan_cam(self, cam: np.ndarray, label_index: int) -> np.ndarray:
+        """The class activation map of class `label_index`: [Z, h, w] (one per source slice)
+        or [d, h, w] (the volume's), from the model's `cam` output."""
+
+    @abc.abstractmethod
+    def planes(self, image: np.ndarray) -> np.ndarray:
+        """The preprocessed slices [Z or D, H, W] of a model input (training's grid)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _on_source_z(
+        cls, seg_logits: np.ndarray, source_slices: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The logits as [K, slices, H, W] and the [Z, slices] z interpolation onto the
+        source's slices (None: they are on them already)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _lesion_slices(cls, seg_logits: np.ndarray, source_slices: int) -> np.ndarray:
+        """Indices of the source slices whose labels can be other than background."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _source_slice_logits(
+        cls, seg_logits: np.ndarray, source_slices: int
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """The [n, K, h, w] logits of the source slices it is given, on the source's z."""
+
+    def input_shape(self, batch: int) -> tuple[int, ...]:
+        """The contract shape of `image` (`batch`: -1 for a dynamic batch axis)."""
+        return (batch, self.channels(self.plan), *self.grid())
+
+    def geometry(self, source_shape: tuple[int, int, int]) -> ResampleGeometry:
+        return ResampleGeometry(source_shape, self.model_shape(source_shape[0]), self.kind)
+
+    def run(self, hu: np.ndarray) -> tuple[np.ndarray, ResampleGeometry]:
+        """A HU volume [Z, Y, X] (sorted along the slice normal) -> model input and geometry."""
+        if hu.ndim != 3 or min(hu.shape) < 1:
+            raise ValueError(f"expected a [slices, rows, columns] volume, got shape {hu.shape}")
+        z, y, x = (int(s) for s in hu.shape)
+        return self.from_planes(inplane_slices(hu, self.plan)), self.geometry((z, y, x))
+
+    @classmethod
+    def to_source(
+        cls,
+        seg_logits: np.ndarray,
+        geometry: ResampleGeometry,
+        known: Mapping[int, np.ndarray | None] | None = None,
+    ) -> np.ndarray:
+        """Label map uint8 [Z, Y, X] on the source grid: `to_source_dense`, computed sparsely
+        (gateway/source_grid.py); lesion-free slices need nothing at all. `known`: source
+        slices labelled already (streaming), by index, None for one without lesion."""
+        z, y, x = geometry.source_shape
+        out = np.zeros((z, y, x), dtype=np.uint8)
+        rows = cls._lesion_slices(seg_logits, z)
+        if known:
+            for index, plane in known.items():
+                if plane is not None:
+                    out[index] = plane
+            rows = rows[~np.isin(rows, list(known))]
+        return inplane_labels(out, rows, cls._source_slice_logits(seg_logits, z))
+
+    @classmethod
+    def to_source_dense(
+        cls, seg_logits: np.ndarray, geometry: ResampleGeometry, chunk: int = 16
+    ) -> np.ndarray:
+        """Model seg logits -> uint8 label map [Z, Y, X] on the source slice grid: the
+        definition `to_source` computes faster.
+
+        Logits (not labels) are interpolated linearly, then argmax: smooth, faithful
+        boundaries. Works in chunks of source slices so a 512x512x300 scan never needs K
+        full-size volumes.
+        """
+        z, y, x = geometry.source_shape
+        volume, rz = cls._on_source_z(seg_logits, z)
+        ry = resample_matrix(volume.shape[2], y, "linear")
+        rx = resample_matrix(volume.shape[3], x, "linear")
+        out = np.empty((z, y, x), dtype=np.uint8)
+        for start in range(0, z, chunk):
+            stop = min(start + chunk, z)
+            if rz is None:
+                part = volume[:, start:stop].astype(np.float32, copy=False)
+            else:
+                logits = volume.astype(np.float32, copy=False)
+                part = np.moveaxis(np.tensordot(rz[start:stop], logits, axes=(1, 1)), 0, 1)
+            up = np.matmul(ry, np.matmul(part, rx.T))  # [K, chunk, Y, X]
+            out[start:stop] = np.argmax(up, axis=0).astype(np.uint8)
+        return out
+
+
+class SliceStacks(Preprocessor):
+    """2.5D: one sample per source slice, the slice with `context` neighbours on each side as
+    channels [Z, 2*context+1, H, W]; the scan's answer is the slices' vote."""
+
+    kind = "2.5d"
+    per_slice = True
+
+    @staticmethod
+    def check(plan: PreprocessPlan) -> None:
+        if plan.context < 0:
+            raise ValueError("a 2.5D plan needs context >= 0")
+
+    @staticmethod
+    def channels(plan: PreprocessPlan) -> int:
+        return 2 * plan.context + 1
+
+    def grid(self) -> tuple[int, ...]:
+        return (self.plan.height, self.plan.width)
+
+    def model_shape(self, source_slices: int) -> tuple[int, int, int]:
+        return (source_slices, self.plan.height, self.plan.width)
+
+    def from_planes(self, planes: np.ndarray) -> np.ndarray:
+        return context_stack(planes, self.plan.context)
+
+    def scan_probabilities(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return aggregate_slice_probabilities(probabilities), probabilities
+
+    def scan_cam(self, cam: np.ndarray, label_index: int) -> np.ndarray:
+        return cam[:, label_index]
+
+    def planes(self, image: np.ndarray) -> np.ndarray:
+        # The centre plane of each stack; neighbours are re-stacked per sample.
+        return image[:, self.plan.context]
+
+    @classmethod
+    def _on_source_z(
+        cls, seg_logits: np.ndarray, source_slices: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         volume = np.moveaxis(seg_logits, 1, 0)  # [K, Z, H, W]
-        if volume.shape[1] != z:
-            raise ValueError(f"2.5D logits have {volume.shape[1]} slices, the series has {z}")
-        rz = None
-    ry = resample_matrix(volume.shape[2], y, "linear")
-    rx = resample_matrix(volume.shape[3], x, "linear")
-    out = np.empty((z, y, x), dtype=np.uint8)
-    for start in range(0, z, chunk):
-        stop = min(start + chunk, z)
-        if rz is None:
-            part = volume[:, start:stop].astype(np.float32, copy=False)
-        else:
-            part = np.tensordot(rz[start:stop], volume.astype(np.float32, copy=False), axes=(1, 1))
-            part = np.moveaxis(part, 0, 1)  # [K, chunk, H, W]
-        up = np.matmul(ry, np.matmul(part, rx.T))  # [K, chunk, Y, X]
-        out[start:stop] = np.argmax(up, axis=0).astype(np.uint8)
-    return out
+        if volume.shape[1] != source_slices:
+            raise ValueError(
+                f"2.5D logits have {volume.shape[1]} slices, the series has {source_slices}"
+            )
+        return volume, None
+
+    @classmethod
+    def _lesion_slices(cls, seg_logits: np.ndarray, source_slices: int) -> np.ndarray:
+        return np.flatnonzero(np.argmax(seg_logits, axis=1).any(axis=(1, 2)))
+
+    @classmethod
+    def _source_slice_logits(
+        cls, seg_logits: np.ndarray, source_slices: int
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda rows: seg_logits[rows]
+
+
+class WholeVolume(Preprocessor):
+    """3D: the whole scan, resampled along z to the plan's depth, as one sample
+    [1, 1, D, H, W]; outputs are interpolated back along z."""
+
+    kind = "3d"
+    per_slice = False
+
+    @staticmethod
+    def check(plan: PreprocessPlan) -> None:
+        if plan.depth < 4:
+            raise ValueError("a 3D plan needs depth >= 4")
+
+    def grid(self) -> tuple[int, ...]:
+        return (self.plan.depth, self.plan.height, self.plan.width)
+
+    def model_shape(self, source_slices: int) -> tuple[int, int, int]:
+        return (self.plan.depth, self.plan.height, self.plan.width)
+
+    def from_planes(self, planes: np.ndarray) -> np.ndarray:
+        rz = resample_matrix(planes.shape[0], self.plan.depth, "area")
+        volume = np.tensordot(rz, planes, axes=(1, 0))
+        return np.ascontiguousarray(volume[None, None], dtype=np.float32)
+
+    def scan_probabilities(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return probabilities[0], None
+
+    def scan_cam(self, cam: np.ndarray, label_index: int) -> np.ndarray:
+        return cam[0, label_index]
+
+    def planes(self, image: np.ndarray) -> np.ndarray:
+        return image[0, 0]
+
+    @classmethod
+    def _on_source_z(
+        cls, seg_logits: np.ndarray, source_slices: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        volume = seg_logits[0] if seg_logits.ndim == 5 else seg_logits  # [K, D, H, W]
+        return volume, resample_matrix(volume.shape[1], source_slices, "linear")
+
+    @classmethod
+    def _lesion_slices(cls, seg_logits: np.ndarray, source_slices: int) -> np.ndarray:
+        volume, rz = cls._on_source_z(seg_logits, source_slices)
+        assert rz is not None
+        model_lesion = np.argmax(volume, axis=0).any(axis=(1, 2))  # [D]
+        return np.flatnonzero((rz[:, model_lesion] > 0).any(axis=1))
+
+    @classmethod
+    def _source_slice_logits(
+        cls, seg_logits: np.ndarray, source_slices: int
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        volume, rz = cls._on_source_z(seg_logits, source_slices)
+        assert rz is not None
+        # The z interpolation, restricted to the slices asked for.
+        return lambda rows: np.tensordot(rz[rows], volume, axes=(1, 1))
+
+
+PREPROCESSORS: Final[dict[str, type[Preprocessor]]] = {
+    SliceStacks.kind: SliceStacks,
+    WholeVolume.kind: WholeVolume,
+}
+
+
+def preprocess_volume(hu: np.ndarray, plan: PreprocessPlan) -> tuple[np.ndarray, ResampleGeometry]:
+    """A HU volume [Z, Y, X] (sorted along the slice normal) -> model input and its geometry:
+    `plan.preprocessor().run(hu)`."""
+    return plan.preprocessor().run(hu)
+
+
+def source_label_map(seg_logits: np.ndarray, geometry: ResampleGeometry) -> np.ndarray:
+    """The label map on the source grid of the kind `geometry` records (`to_source`)."""
+    return PREPROCESSORS[geometry.kind].to_source(seg_logits, geometry)
+
+
+def logits_to_source_labels(seg_logits: np.ndarray, geometry: ResampleGeometry) -> np.ndarray:
+    """The definition `source_label_map` computes faster (`to_source_dense`)."""
+    return PREPROCESSORS[geometry.kind].to_source_dense(seg_logits, geometry)
+
+
+def slice_label_maps(seg_logits: np.ndarray, rows: int, columns: int) -> list[np.ndarray | None]:
+    """The source-grid label maps of a batch of 2.5D slices [n, K, h, w] on a `rows` x
+    `columns` grid, one per slice, None for a slice without lesion (what streaming keeps)."""
+    n, _, h, w = seg_logits.shape
+    geometry = ResampleGeometry((n, rows, columns), (n, h, w), SliceStacks.kind)
+    maps = SliceStacks.to_source(seg_logits, geometry)
+    return [plane if plane.any() else None for plane in maps]

@@ -1,17 +1,18 @@
-"""Model-grid outputs back on the source grid: label maps from logits, CAM for overlays.
+"""Model-grid outputs back on the source grid, in-plane: label maps from logits, CAM.
 
 The model sees a resampled volume (gateway/preprocess.py); users see the scan's own slices.
-`source_label_map` is `preprocess.logits_to_source_labels` computed sparsely (only where
-neighbouring model samples disagree), `cam_on_source` interpolates a class activation map.
+Each model kind's `to_source` puts its logits on the source's slices and `inplane_labels`
+upsamples them sparsely (only where neighbouring model samples disagree); `cam_on_source`
+interpolates a class activation map for overlays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ctjoint.gateway.preprocess import ResampleGeometry, logits_to_source_labels, resample_matrix
+from ctjoint.gateway.resample import resample_matrix
 
 
 def cam_on_source(
@@ -42,70 +43,40 @@ def cam_on_source(
     return out
 
 
-def slice_label_maps(seg_logits: np.ndarray, rows: int, columns: int) -> list[np.ndarray | None]:
-    """`source_label_map` of a batch of 2.5D slices [n, K, h, w] on a `rows` x `columns` source
-    grid, one map per slice, None for a slice without lesion (what streaming keeps)."""
-    n, _, h, w = seg_logits.shape
-    maps = source_label_map(seg_logits, ResampleGeometry((n, rows, columns), (n, h, w), "2.5d"))
-    return [plane if plane.any() else None for plane in maps]
-
-
-def label_map_from(
-    known: dict[int, np.ndarray | None], seg_logits: np.ndarray, geometry: ResampleGeometry
+def inplane_labels(
+    out: np.ndarray, rows: np.ndarray, logits_of: Callable[[np.ndarray], np.ndarray]
 ) -> np.ndarray:
-    """The 2.5D label map from the slices streaming labelled, the others labelled now: equal
-    to `source_label_map` of the whole, each slice's labels depending on its logits alone."""
-    z, y, x = geometry.source_shape
-    out = np.zeros((z, y, x), dtype=np.uint8)
-    for index, plane in known.items():
-        if plane is not None:
-            out[index] = plane
-    rest = [i for i in range(z) if i not in known]
-    if rest:
-        _, h, w = geometry.model_shape
-        sub = ResampleGeometry((len(rest), y, x), (len(rest), h, w), "2.5d")
-        out[rest] = source_label_map(seg_logits[rest], sub)
-    return out
+    """Fill the source slices `rows` of the label map `out` [Z, Y, X] with the argmax of
+    linearly upsampled logits, `logits_of(chunk)` giving the [n, K, h, w] logits of those
+    source slices (the model kind has put them on the source's z already). Returns `out`.
 
-
-def source_label_map(seg_logits: np.ndarray, geometry: ResampleGeometry) -> np.ndarray:
-    """Label map [Z, Y, X] on the source grid: `logits_to_source_labels`, computed sparsely.
-
-    The shared definition interpolates logits linearly (z first for 3D, then rows and columns)
-    and takes the argmax. Linear interpolation is a convex combination of at most two samples
-    per axis, so where every model sample a source pixel draws from has the same argmax, the
+    The shared definition (`preprocess.logits_to_source_labels`) interpolates logits and takes
+    the argmax. Linear interpolation is a convex combination of at most two samples per axis,
+    so where every model sample a source pixel draws from has the same argmax, the
     interpolated logits have it too. Only pixels whose samples disagree (class boundaries, a
-    few percent) need their logits interpolated; lesion-free slices need nothing at all. Same
-    labels (up to float rounding where two classes tie) at a small fraction of the cost: about
-    0.1 s instead of 4 s CPU for 100 slices of 512x512 with typical lesions.
+    few percent) need their logits interpolated. Same labels (up to float rounding where two
+    classes tie) at a small fraction of the cost: about 0.1 s instead of 4 s CPU for 100
+    slices of 512x512 with typical lesions.
     """
-    z, y, x = geometry.source_shape
-    out = np.zeros((z, y, x), dtype=np.uint8)
-    rz: np.ndarray | None = None
-    if geometry.kind == "2.5d":
-        lesion_slices = np.flatnonzero(np.argmax(seg_logits, axis=1).any(axis=(1, 2)))
-    else:
-        volume = seg_logits[0] if seg_logits.ndim == 5 else seg_logits  # [K, D, H, W]
-        model_lesion = np.argmax(volume, axis=0).any(axis=(1, 2))  # [D]
-        rz = resample_matrix(volume.shape[1], z, "linear")  # [Z, D]
-        lesion_slices = np.flatnonzero((rz[:, model_lesion] > 0).any(axis=1))
-    if lesion_slices.size == 0:
+    if rows.size == 0:
         return out
-    h, w = seg_logits.shape[-2:]
-    taps_y = _two_taps(resample_matrix(h, y, "linear"))
-    taps_x = _two_taps(resample_matrix(w, x, "linear"))
+    y, x = out.shape[1:]
+    taps: tuple[_Taps, _Taps] | None = None
     # A few slices at a time, written straight into the map: the logits of every lesion
     # slice at once were a volume-sized temporary (3D: 118 MB of fresh pages at 600 slices).
-    for start in range(0, lesion_slices.size, _UPSAMPLE_CHUNK):
-        rows = lesion_slices[start : start + _UPSAMPLE_CHUNK]
-        # 3D: the z interpolation the 3D path does, restricted to the slices that need it.
-        part = seg_logits[rows] if rz is None else np.tensordot(rz[rows], volume, axes=(1, 1))
-        logits = part.astype(np.float32, copy=False)  # [n, K, H, W]
-        if taps_y is None or taps_x is None:
-            sub = ResampleGeometry((int(rows.size), y, x), (int(rows.size), h, w), "2.5d")
-            out[rows] = logits_to_source_labels(logits, sub)
+    for start in range(0, rows.size, _UPSAMPLE_CHUNK):
+        chunk = rows[start : start + _UPSAMPLE_CHUNK]
+        logits = logits_of(chunk).astype(np.float32, copy=False)  # [n, K, h, w]
+        h, w = logits.shape[-2:]
+        ry, rx = resample_matrix(h, y, "linear"), resample_matrix(w, x, "linear")
+        if taps is None:
+            taps_y, taps_x = _two_taps(ry), _two_taps(rx)
+            taps = None if taps_y is None or taps_x is None else (taps_y, taps_x)
+        if taps is None:
+            # Dense, as the shared definition does it.
+            out[chunk] = np.argmax(np.matmul(ry, np.matmul(logits, rx.T)), axis=1)
         else:
-            out[rows] = _upsample_labels(logits, taps_y, taps_x)
+            out[chunk] = _upsample_labels(logits, *taps)
     return out
 
 
@@ -165,4 +136,4 @@ def _upsample_labels(logits: np.ndarray, taps_y: _Taps, taps_x: _Taps) -> np.nda
     return out
 
 
-__all__ = ["cam_on_source", "label_map_from", "slice_label_maps", "source_label_map"]
+__all__ = ["cam_on_source", "inplane_labels"]

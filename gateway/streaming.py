@@ -70,8 +70,8 @@ class StreamingInference:
         on_inferred: Callable[[int], None] | None = None,
         slice_labels: SliceLabels | None = None,
     ) -> None:
-        if info.plan.kind != "2.5d":
-            raise ValueError(f"streaming inference is for 2.5D models, not {info.plan.kind}")
+        if not info.plan.preprocessor().per_slice:
+            raise ValueError(f"streaming inference is for per-slice models, not {info.plan.kind}")
         self._backend = backend
         self._info = info
         self._context = info.plan.context

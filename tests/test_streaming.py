@@ -36,13 +36,15 @@ from ctjoint.gateway.lesions import LungSlices, peripheral_voxels, segment_lungs
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
     ResampleGeometry,
+    SliceStacks,
     inplane_slices,
     resize_inplane,
+    slice_label_maps,
+    source_label_map,
     window_normalise,
 )
 from ctjoint.gateway.quantify import lungs_with_lesions, peripheral_checked, peripheral_guess
 from ctjoint.gateway.series import CtVolume
-from ctjoint.gateway.source_grid import label_map_from, slice_label_maps, source_label_map
 
 SLICES = 24
 # Lesions spread over the series, so many slices carry evidence and masks.
@@ -282,7 +284,7 @@ def test_label_maps_made_while_streaming_join_the_rest_into_the_whole_volume_map
     streamed = slice_label_maps(logits[:3], 40, 40)
     assert streamed[1] is None and streamed[0] is not None
     known = dict(enumerate(streamed))  # slices 3..5 were inferred after the last file
-    assert np.array_equal(label_map_from(known, logits, geometry), whole)
+    assert np.array_equal(SliceStacks.to_source(logits, geometry, known), whole)
 
 
 def test_the_peripheral_count_started_on_all_enclosed_air_equals_that_of_the_air_lungs() -> None:
