@@ -1,6 +1,7 @@
 """How fast a full gateway refuses a burst, with nothing else running on it.
 
-    .venv/bin/python bench/refusal_burst.py [--limit 8] [--burst 192] [--rounds 3]
+    .venv/bin/python bench/refusal_burst.py [--limit 8] [--burst 192] [--rounds 3] \
+        [--doc docs/reliability.md]
 
 Starts a real gateway (embedded backend, the tests' tiny contract models) admitting `--limit`
 scans, fills every slot with an admitted scan that sends its header and then nothing, and
@@ -14,7 +15,8 @@ tests/test_load.py measures the same under load (admitted scans really running, 
 them on the same cores); this is the floor that the event loop and gRPC set on their own.
 With h2load, each round also fires the burst at bench/bare_refuser.py (a grpc.aio server with
 no ctjoint code that refuses every call) and prints the gateway's CPU per refusal as a ratio to
-that floor, both measured in the same run.
+that floor, both measured in the same run. With --doc the run's table (rounds after the first,
+the command and the machine) replaces the block between DOC_BEGIN and DOC_END of that file.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -38,8 +44,68 @@ from gateway_process import GatewayProcess, scans_by_code
 from lean_burst import fire, h2load_path
 from reliability_helpers import cpu_seconds
 
+from ctjoint.bench import host_facts
 from ctjoint.contracts import MODEL_JCS2D, MODEL_NAMES
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
+
+DOC_BEGIN = "<!-- bench/refusal_burst.py begin -->"
+DOC_END = "<!-- bench/refusal_burst.py end -->"
+TARGET_MS = 50.0
+
+
+@dataclass
+class Generator:
+    """One way of firing the bursts: its refusal times (rounds after the warm-up) and the CPU
+    each refusal cost the process(es) that `cpu` names, over every round."""
+
+    name: str
+    seconds: list[float] = field(default_factory=list)
+    bursts: int = 0
+    cpu: str = ""
+
+
+def doc_lines(
+    command: str,
+    generators: Sequence[Generator],
+    burst_size: int,
+    host: dict[str, object],
+    load_end: float,
+) -> list[str]:
+    """The Markdown block of one run: a row per generator, and where it ran."""
+    lines = [
+        f"`{command}`",
+        "",
+        f"| fired by | bursts of {burst_size} after the first | time to refusal p50 (ms) "
+        "| slowest refusal (ms) | CPU per refusal |",
+        "|---|---|---|---|---|",
+    ]
+    for generator in generators:
+        times = sorted(generator.seconds)
+        p50, slowest = (
+            (f"{statistics.median(times) * 1e3:.1f}", f"{times[-1] * 1e3:.1f}")
+            if times
+            else ("", "")
+        )
+        lines.append(
+            f"| {generator.name} | {generator.bursts} | {p50} | {slowest} | {generator.cpu} |"
+        )
+    load = host.get("load_average") or ["?"]
+    lines += [
+        "",
+        f"Target: every refusal within {TARGET_MS:g} ms. {host.get('cpu')}, "
+        f"{host.get('cores')} cores, 1-min load {load[0]} at start, {load_end:.2f} at end.",
+    ]
+    return lines
+
+
+def write_doc(path: Path, lines: Sequence[str]) -> None:
+    """Replace the block between DOC_BEGIN and DOC_END of `path` with `lines`."""
+    text = path.read_text(encoding="utf-8")
+    start, end = text.find(DOC_BEGIN), text.find(DOC_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path}: no {DOC_BEGIN} ... {DOC_END} block to write into")
+    block = "\n".join([DOC_BEGIN, *lines, DOC_END])
+    path.write_text(text[:start] + block + text[end + len(DOC_END) :], encoding="utf-8")
 
 
 async def burst(
@@ -49,7 +115,13 @@ async def burst(
     limit: int,
     size: int,
     rounds: int,
-) -> None:
+) -> list[Generator]:
+    """Fire the bursts, print each round, and return the figures per generator."""
+    aio, lean_gen, bare_gen = (
+        Generator("grpc.aio client"),
+        Generator("h2load"),
+        Generator("h2load, at bench/bare_refuser.py"),
+    )
     address = gateway.address
     gateway_pid = gateway.process.pid if gateway.process is not None else 0
     async with grpc.aio.insecure_channel(address) as channel:
@@ -72,6 +144,10 @@ async def burst(
 
         def report(number: int, generator: str, times: list[float], counts: dict[str, int]) -> None:
             seconds = sorted(times)
+            kept = {"grpc.aio": aio, "h2load  ": lean_gen, "bare    ": bare_gen}[generator]
+            if number > 1:  # the first burst warms up
+                kept.seconds += times
+                kept.bursts += 1
             print(
                 f"round {number} {generator}: {counts}; time to refusal p50 "
                 f"{statistics.median(seconds) * 1e3:.1f} ms, max {seconds[-1] * 1e3:.1f} ms"
@@ -109,22 +185,26 @@ async def burst(
                     bare_cpu += cpu_seconds(bare.pid) - before_bare
                     report(number, "bare    ", list(floor.seconds), {"h2load": len(floor.seconds)})
         refusals = rounds * size
-        print(
-            f"CPU per refusal, grpc.aio bursts: gateway {aio_gateway_cpu / refusals * 1e3:.3f} ms, "
-            f"client {aio_client_cpu / refusals * 1e3:.3f} ms ({refusals} refusals)"
+        aio.cpu = (
+            f"gateway {aio_gateway_cpu / refusals * 1e3:.3f} ms, "
+            f"client {aio_client_cpu / refusals * 1e3:.3f} ms"
         )
+        print(f"CPU per refusal, grpc.aio bursts: {aio.cpu} ({refusals} refusals)")
+        generators = [aio]
         if lean:
-            print(
-                f"CPU per refusal, h2load bursts: gateway "
-                f"{lean_gateway_cpu / refusals * 1e3:.3f} ms ({refusals} refusals)"
-            )
+            lean_gen.cpu = f"gateway {lean_gateway_cpu / refusals * 1e3:.3f} ms"
+            print(f"CPU per refusal, h2load bursts: {lean_gen.cpu} ({refusals} refusals)")
+            generators.append(lean_gen)
         if bare is not None and bare_cpu > 0:
-            print(
-                f"CPU per refusal, h2load bursts: bare grpc.aio {bare_cpu / refusals * 1e3:.3f} ms;"
-                f" gateway / bare = {lean_gateway_cpu / bare_cpu:.2f}"
+            bare_gen.cpu = (
+                f"bare grpc.aio {bare_cpu / refusals * 1e3:.3f} ms "
+                f"(gateway / bare = {lean_gateway_cpu / bare_cpu:.2f})"
             )
+            print(f"CPU per refusal, h2load bursts: {bare_gen.cpu}")
+            generators.append(bare_gen)
         for call in holders:
             call.cancel()
+    return generators
 
 
 def main() -> None:
@@ -132,7 +212,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=8, help="the gateway's concurrent scans")
     parser.add_argument("--burst", type=int, default=192, help="scans fired at once")
     parser.add_argument("--rounds", type=int, default=3, help="bursts (the first warms up)")
+    parser.add_argument("--doc", type=Path, help="write the table into this Markdown file")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2: the first burst only warms up")
+    command = shlex.join(["bench/refusal_burst.py", *sys.argv[1:]])
+    host = host_facts()
     with tempfile.TemporaryDirectory(prefix="ctjoint-burst-") as tmp:
         models = Path(tmp) / "models"
         models.mkdir()
@@ -152,12 +237,17 @@ def main() -> None:
             assert bare.stdout is not None
             bare_port = int(bare.stdout.readline())
         try:
-            asyncio.run(burst(gateway, bare, bare_port, args.limit, args.burst, args.rounds))
+            generators = asyncio.run(
+                burst(gateway, bare, bare_port, args.limit, args.burst, args.rounds)
+            )
         finally:
             gateway.stop()
             if bare is not None:
                 bare.kill()
                 bare.wait()
+    if args.doc is not None:
+        write_doc(args.doc, doc_lines(command, generators, args.burst, host, os.getloadavg()[0]))
+        print(f"wrote the table into {args.doc}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""`bench/perf_analyzer.py --doc` writes its table between its markers, from a run's reports.
+"""The benchmark scripts' `--doc` writers put their tables between their markers.
 
-The sweep itself needs perf_analyzer and a tritonserver (tests/test_triton_server.py runs
-one); the writer is checked here on a small made-up result, exactly.
+The benchmarks themselves need perf_analyzer, a tritonserver or h2load (tests/test_triton_server.py
+and tests/test_load.py run them); the writers are checked here on small made-up results, exactly.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 import types
 from pathlib import Path
 
@@ -15,13 +16,14 @@ import pytest
 from ctjoint.contracts import repo_root
 from ctjoint.export.triton_perf import PerfReport, PerfRow
 
-SCRIPT = repo_root() / "bench" / "perf_analyzer.py"
+BENCH = repo_root() / "bench"
 
 
-def _script() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("ctjoint_bench_perf_analyzer", SCRIPT)
+def _script(name: str = "perf_analyzer") -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(f"ctjoint_bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -67,3 +69,27 @@ def test_a_doc_without_the_block_is_refused_naming_it(tmp_path: Path) -> None:
     doc.write_text("no block here\n", encoding="utf-8")
     with pytest.raises(SystemExit, match=r"other\.md: no <!-- bench/perf_analyzer\.py begin"):
         perf.write_doc(doc, ["x"])
+
+
+def test_the_refusal_burst_table_has_one_row_per_generator(tmp_path: Path) -> None:
+    burst = _script("refusal_burst")
+    aio = burst.Generator("grpc.aio client", [0.010, 0.030, 0.020], 1, "gateway 0.200 ms")
+    lean = burst.Generator("h2load", [0.0155, 0.0425], 1, "gateway 0.190 ms")
+    host = {"cpu": "AMD EPYC", "cores": 2, "load_average": [0.5, 0.4, 0.3]}
+    lines = burst.doc_lines("bench/refusal_burst.py --rounds 2", [aio, lean], 192, host, 1.0)
+    assert lines == [
+        "`bench/refusal_burst.py --rounds 2`",
+        "",
+        "| fired by | bursts of 192 after the first | time to refusal p50 (ms) "
+        "| slowest refusal (ms) | CPU per refusal |",
+        "|---|---|---|---|---|",
+        "| grpc.aio client | 1 | 20.0 | 30.0 | gateway 0.200 ms |",
+        "| h2load | 1 | 29.0 | 42.5 | gateway 0.190 ms |",
+        "",
+        "Target: every refusal within 50 ms. AMD EPYC, 2 cores, 1-min load 0.5 at start, "
+        "1.00 at end.",
+    ]
+    doc = tmp_path / "reliability.md"
+    doc.write_text(f"{burst.DOC_BEGIN}\nold\n{burst.DOC_END}\n", encoding="utf-8")
+    burst.write_doc(doc, ["new"])
+    assert doc.read_text(encoding="utf-8") == f"{burst.DOC_BEGIN}\nnew\n{burst.DOC_END}\n"
