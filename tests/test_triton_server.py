@@ -158,8 +158,8 @@ def _analyze(backend: InferenceBackend, series: Path, model: str, **kwargs: int)
 class _Recording(TritonBackend):
     """The Triton backend, keeping every batch of outputs it hands the analysis."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, url: str, model: str) -> None:
+        super().__init__(url, (model,), load_timeout_s=30)
         self.cls_logits: list[np.ndarray] = []
 
     async def infer(self, model: str, image: np.ndarray) -> ModelOutputs:
@@ -187,7 +187,7 @@ def test_the_scan_probabilities_are_one_softmax_of_the_served_logits(
         contracts.ENSEMBLE_LESION_LOGITS,
         contracts.ENSEMBLE_DIAGNOSIS_LOGITS,
     }
-    backend = _Recording(triton.grpc_url, (model,), load_timeout_s=30)
+    backend = _Recording(triton.grpc_url, model)
     analysis = _analyze(backend, ct_series_dir, model, batch_size=REQUEST_SLICES)
     logits = np.concatenate(backend.cls_logits)
     if model == contracts.MODEL_JCS2D:
