@@ -686,6 +686,14 @@ def gateway_serve(
             "divided by what analysis takes per decoded byte (docs/reliability.md).",
         ),
     ] = None,
+    kept_freed_memory: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Bytes of freed memory each gateway process may keep for reuse; past it, "
+            "freed memory goes back to the system during a scan and after it.",
+        ),
+    ] = 64 * 1024 * 1024,
     max_concurrent_scans: Annotated[
         int, typer.Option(help="Scans at once; more are refused with RESOURCE_EXHAUSTED.")
     ] = 4,
@@ -866,6 +874,7 @@ def gateway_serve(
                 max_concurrent_scans=max_concurrent_scans,
                 max_scan_bytes=max_scan_bytes,
                 memory_budget_bytes=memory_budget,
+                kept_freed_bytes=kept_freed_memory,
             ),
             grace_seconds=grace,
             threads=threads,

@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 from ctjoint.gateway.errors import AdmissionRefusedError, LimitExceededError
-from ctjoint.gateway.memory import DEFAULT_MAX_SCAN_BYTES, default_budget_bytes
+from ctjoint.gateway.memory import (
+    DEFAULT_KEPT_FREED_BYTES,
+    DEFAULT_MAX_SCAN_BYTES,
+    default_budget_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class GatewayLimits:
     # together; None: from the memory the box or cgroup has (gateway/memory.py).
     max_scan_bytes: int = DEFAULT_MAX_SCAN_BYTES
     memory_budget_bytes: int | None = None
+    # Freed memory each process may keep for reuse before handing it back (memory.FreedMemory).
+    kept_freed_bytes: int = DEFAULT_KEPT_FREED_BYTES
 
     def __post_init__(self) -> None:
         for name in ("max_file_bytes", "max_slices", "max_concurrent_scans", "max_scan_bytes"):
@@ -68,6 +74,8 @@ class GatewayLimits:
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
             object.__setattr__(self, name, value)
+        if int(self.kept_freed_bytes) < 0:
+            raise ValueError(f"kept_freed_bytes cannot be negative, got {self.kept_freed_bytes}")
         if self.memory_budget_bytes is not None and int(self.memory_budget_bytes) < 1:
             raise ValueError(
                 f"memory_budget_bytes must be at least 1, got {self.memory_budget_bytes}"

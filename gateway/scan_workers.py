@@ -49,7 +49,13 @@ from ctjoint.gateway.errors import (
     BackendUnavailableError,
 )
 from ctjoint.gateway.limits import OVERLOAD_GATE
-from ctjoint.gateway.memory import MemoryLedger, ScanMemory, memory_limit_bytes, oom_kills
+from ctjoint.gateway.memory import (
+    FreedMemory,
+    MemoryLedger,
+    ScanMemory,
+    memory_limit_bytes,
+    oom_kills,
+)
 
 if TYPE_CHECKING:
     from ctjoint.gateway.server import GatewayConfig
@@ -624,7 +630,6 @@ async def _serve_scans(sock: socket.socket, ledger: MemoryLedger, slot: int) -> 
     from ctjoint.gateway.logging_setup import configure_logging
     from ctjoint.gateway.server import (
         _freeze_startup_objects,
-        _keep_freed_memory,
         create_analyzer,
         create_backend,
     )
@@ -632,7 +637,8 @@ async def _serve_scans(sock: socket.socket, ledger: MemoryLedger, slot: int) -> 
     channel = await _Channel.over(sock)
     setup: WorkerSetup = await channel.recv()
     configure_logging(setup.log_level, "json" if setup.log_format == "json" else "text")
-    _keep_freed_memory()
+    freed = FreedMemory(setup.config.limits.kept_freed_bytes)
+    freed.tune()
     SCAN_CPU.configure(setup.config.cpu_threads)
     backend = create_backend(setup.config)
     # One reader for the worker's life (a cancelled wait never cuts a message in half).
@@ -658,10 +664,16 @@ async def _serve_scans(sock: socket.socket, ledger: MemoryLedger, slot: int) -> 
                     budget_bytes=setup.budget_bytes,
                     bound=True,
                 )
-                if not await _one_scan(
-                    channel, inbox, analyzer, scan, order, memory, setup.cpu_seconds
-                ):
-                    return
+                # What the scan freed is bounded while it runs and handed back after it.
+                bounding = asyncio.ensure_future(freed.bounding())
+                try:
+                    if not await _one_scan(
+                        channel, inbox, analyzer, scan, order, memory, setup.cpu_seconds
+                    ):
+                        return
+                finally:
+                    bounding.cancel()
+                    freed.release()
     finally:
         reader.cancel()
         await backend.close()

@@ -8,11 +8,8 @@ close the backend. Health, reflection and the Prometheus endpoint come with it.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import logging
-import os
-import platform
 import signal
 import time
 from collections.abc import Awaitable
@@ -36,6 +33,7 @@ from ctjoint.gateway.guards import ClientGuards, fd_headroom
 from ctjoint.gateway.interceptors import ScanServiceInterceptor
 from ctjoint.gateway.limits import DEFAULT_CPU_THREADS, SCAN_CPU, GatewayLimits, ScanSlots
 from ctjoint.gateway.logging_setup import JsonFormatter
+from ctjoint.gateway.memory import DEFAULT_KEPT_FREED_BYTES, FreedMemory
 from ctjoint.gateway.metrics import GatewayMetrics
 from ctjoint.gateway.pacs import Destination
 from ctjoint.gateway.prior import DEFAULT_DEADLINE_S as DEFAULT_PRIOR_DEADLINE_S
@@ -174,7 +172,7 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
     analysed with it in this process: an object cannot be shared with other processes, and
     such a gateway has no protection against a runaway analysis.
     """
-    _keep_freed_memory()
+    _keep_freed_memory(config.limits.kept_freed_bytes)
     SCAN_CPU.configure(config.cpu_threads)
     metrics = GatewayMetrics()
     workers: ScanWorkerPool | None = None
@@ -309,43 +307,11 @@ async def serve(config: GatewayConfig, *, backend: InferenceBackend | None = Non
         log.info("stopped")
 
 
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD: Final = -1
-_M_MMAP_THRESHOLD: Final = -3
-_M_ARENA_MAX: Final = -8
-# Arrays up to this size come from the heap and go back to it: a 512x512x100 mask is 26 MB.
-HEAP_ARRAY_BYTES: Final = 32 * 1024 * 1024
-HEAP_KEPT_BYTES: Final = 1024 * 1024 * 1024
-
-
-def _keep_freed_memory() -> bool:
-    """Let glibc keep freed volume-sized arrays for the next scan instead of returning them.
-
-    By default every mask or label volume of a scan (tens of MB) is a fresh mapping from the
-    kernel, which zeroes it page by page on first touch: after the last file that cost more
-    than the lung step's own work (figures: docs/performance.md). With one arena, a 32 MB mmap
-    threshold and a 1 GB trim threshold, they are reused; RSS stays at its high-water mark
-    (tests/test_load.py checks growth over 1,000 scans). Skipped when the operator set any
-    MALLOC_* variable, or off glibc. True when applied.
-    """
-    if any(name.startswith("MALLOC_") for name in os.environ):
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    applied = all(
-        libc.mallopt(option, value) == 1
-        for option, value in (
-            (_M_ARENA_MAX, 1),
-            (_M_MMAP_THRESHOLD, HEAP_ARRAY_BYTES),
-            (_M_TRIM_THRESHOLD, HEAP_KEPT_BYTES),
-        )
-    )
-    log.debug("malloc tuned for volume-sized arrays: %s", applied)
-    return applied
+def _keep_freed_memory(kept_bytes: int = DEFAULT_KEPT_FREED_BYTES) -> bool:
+    """Let glibc keep freed arrays for reuse, up to `kept_bytes` (gateway/memory.py
+    FreedMemory). Skipped when the operator set any MALLOC_* variable, or off glibc. True
+    when applied."""
+    return FreedMemory(kept_bytes).tune()
 
 
 def _freeze_startup_objects() -> None:
