@@ -33,8 +33,9 @@ from ctjoint.export.train import (
     model_from_checkpoint,
     save_atomic,
 )
-from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
+from ctjoint.gateway.aggregate import softmax
 from ctjoint.gateway.backends.base import Temperature
+from ctjoint.gateway.preprocess import PREPROCESSORS
 
 # log-space search range of a temperature: wide enough for any sane network.
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -74,7 +75,7 @@ class CalibrationFit:
 def scan_probabilities(cls_logits: np.ndarray, kind: str, temperature: float = 1.0) -> np.ndarray:
     """Scan probabilities [3] exactly as the gateway computes them, at a temperature."""
     probs = softmax(np.asarray(cls_logits, np.float64) / temperature, axis=1)
-    return aggregate_slice_probabilities(probs) if kind == "2.5d" else probs[0]
+    return PREPROCESSORS[kind].scan_probabilities(probs)[0]
 
 
 @torch.no_grad()
@@ -84,7 +85,7 @@ def case_logits(
     """Run the network over one prepared case on the model grid."""
     net.eval()
     plan = config.plan
-    if plan.kind == "2.5d":
+    if plan.preprocessor().per_slice:
         cls_parts, seg_parts = [], []
         for start in range(0, len(case.image), PREDICT_BATCH):
             stop = min(start + PREDICT_BATCH, len(case.image))

@@ -122,10 +122,10 @@ class RunConfig:
         if len(self.train.aux_weights) != len(self.net.deep_supervision):
             raise ValueError("one auxiliary loss weight per deep-supervision level is required")
         stride = self.net.total_stride
-        grid = [self.plan.height, self.plan.width]
+        grid = list(self.plan.preprocessor().grid())
         strides = [stride, stride]
-        if self.plan.kind == "3d":
-            grid = [self.plan.depth, *grid]
+        if not self.plan.preprocessor().per_slice:
+            # The 3D network's strided stem divides every axis once more.
             strides = [stride * s for s in self.net.stem_stride]
         for size, step in zip(grid, strides, strict=True):
             if size % step:

@@ -305,7 +305,7 @@ def prepare_case(loaded: LoadedCase, plan: PreprocessPlan) -> PreparedCase:
     """Source grid -> model grid with the shared preprocessing; labels by nearest neighbour."""
     image, geometry = preprocess_volume(loaded.volume.hu, plan)
     # 2.5D keeps the centre plane only; neighbours are re-stacked per sample (context_window).
-    planes = image[:, plan.context] if plan.kind == "2.5d" else image[0, 0]
+    planes = plan.preprocessor().planes(image)
     labels = resample_labels(loaded.lesions, geometry.model_shape)
     return PreparedCase(
         case_id=loaded.ref.case_id,

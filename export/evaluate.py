@@ -41,11 +41,12 @@ from ctjoint.export.metrics import (
     sensitivity_specificity,
 )
 from ctjoint.export.train import json_safe
-from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
+from ctjoint.gateway.aggregate import softmax
 from ctjoint.gateway.analysis import ScanAnalyzer
 from ctjoint.gateway.backends.base import ModelOutputs
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.errors import ModelNotFoundError
+from ctjoint.gateway.preprocess import PREPROCESSORS
 
 EVAL_THREADS = 2
 EVAL_BATCH = 32
@@ -196,7 +197,7 @@ class _RecordingBackend(EmbeddedBackend):
 def _uncalibrated(cls_logits: list[np.ndarray], kind: str) -> tuple[float, ...]:
     """Scan probabilities at temperature 1, computed the way the analysis computes them."""
     probs = softmax(np.concatenate(cls_logits).astype(np.float64), axis=1)
-    scan = aggregate_slice_probabilities(probs) if kind == "2.5d" else probs[0]
+    scan = PREPROCESSORS[kind].scan_probabilities(probs)[0]
     return tuple(float(p) for p in scan)
 
 

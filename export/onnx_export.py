@@ -56,10 +56,7 @@ class ExportReport:
 
 def input_shape(config: RunConfig, batch: int) -> tuple[int, ...]:
     """The contract shape of `image` for a configuration."""
-    plan = config.plan
-    if plan.kind == "2.5d":
-        return (batch, plan.channels, plan.height, plan.width)
-    return (batch, 1, plan.depth, plan.height, plan.width)
+    return config.plan.preprocessor().input_shape(batch)
 
 
 def metadata(config: RunConfig, trained_on: str, temperature: str = "") -> dict[str, str]:

@@ -146,8 +146,8 @@ def profile_shapes(
     and for 3D a depth range when the ONNX depth axis is dynamic (else the plan's depth)."""
     preferred = SERVING[plan.model].preferred_batch_sizes
     opt_batch = max((b for b in preferred if b <= max_batch), default=max_batch)
-    if plan.kind == "2.5d":
-        tail = [plan.channels, plan.height, plan.width]
+    if plan.preprocessor().per_slice:
+        tail = list(plan.preprocessor().input_shape(1)[1:])
         return {
             "min": [1, *tail],
             "opt": [opt_batch, *tail],
@@ -328,7 +328,7 @@ class _Builder:
         context = engine.create_execution_context()
         batch = next(calibration_batches(self.facts.plan, 1))
         batch = batch[: shapes["max"][0]]
-        if self.facts.plan.kind == "3d":
+        if not self.facts.plan.preprocessor().per_slice:
             batch = batch[:1]
         context.set_input_shape(contracts.INPUT_IMAGE, list(batch.shape))
         buffers = [DeviceBuffer.from_array(batch)]

@@ -60,6 +60,7 @@ from ctjoint.export.losses import JointLoss
 from ctjoint.export.metrics import OverlapCounts, overlap
 from ctjoint.export.models import JointNetwork, build_model, count_parameters
 from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
+from ctjoint.gateway.preprocess import PREPROCESSORS
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ def epoch_batches(
     """The batches of one epoch as lists of slice items (2.5D) or case indices (3D)."""
     size = config.train.batch_size
     members: list[Any]
-    if config.plan.kind == "2.5d":
+    if config.plan.preprocessor().per_slice:
         members = slice_items(cases, config.train, rng)
     else:
         members = [int(i) for i in rng.permutation(len(cases))]
@@ -274,7 +275,7 @@ def make_batch(
     rng: np.random.Generator,
 ) -> Batch:
     train_config = config.train if augment_data else None
-    if config.plan.kind == "2.5d":
+    if config.plan.preprocessor().per_slice:
         return slice_batch(cases, members, config.plan.context, train_config, rng)
     return volume_batch([cases[i] for i in members], train_config, rng)
 
@@ -288,7 +289,7 @@ def predict_case(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Label map on the model grid and scan probabilities [3] for one prepared case."""
     net.eval()
-    if kind == "2.5d":
+    if PREPROCESSORS[kind].per_slice:
         labels = []
         slice_logits = []
         for start in range(0, len(case.image), PREDICT_BATCH):

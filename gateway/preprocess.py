@@ -243,8 +243,9 @@ class Preprocessor(abc.ABC):
     def from_planes(self, planes: np.ndarray) -> np.ndarray:
         """In-plane preprocessed slices [Z, H, W] (sorted along the normal) -> model input."""
 
+    @classmethod
     @abc.abstractmethod
-    def scan_probabilities(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def scan_probabilities(cls, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The scan's class probabilities [K] and, per source slice, [Z, K] (None when the
         model has no per-slice answer), from the softmax of `cls_logits` [batch, K]."""
 
@@ -364,7 +365,8 @@ class SliceStacks(Preprocessor):
     def from_planes(self, planes: np.ndarray) -> np.ndarray:
         return context_stack(planes, self.plan.context)
 
-    def scan_probabilities(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    @classmethod
+    def scan_probabilities(cls, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return aggregate_slice_probabilities(probabilities), probabilities
 
     def scan_cam(self, cam: np.ndarray, label_index: int) -> np.ndarray:
@@ -419,7 +421,8 @@ class WholeVolume(Preprocessor):
         volume = np.tensordot(rz, planes, axes=(1, 0))
         return np.ascontiguousarray(volume[None, None], dtype=np.float32)
 
-    def scan_probabilities(self, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    @classmethod
+    def scan_probabilities(cls, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return probabilities[0], None
 
     def scan_cam(self, cam: np.ndarray, label_index: int) -> np.ndarray:

@@ -142,9 +142,7 @@ class ModelOutputs:
 
 def expected_input_shape(plan: PreprocessPlan) -> tuple[int, ...]:
     """The contract shape of `image` for a plan, batch axis dynamic (-1)."""
-    if plan.kind == "2.5d":
-        return (-1, plan.channels, plan.height, plan.width)
-    return (-1, 1, plan.depth, plan.height, plan.width)
+    return plan.preprocessor().input_shape(-1)
 
 
 class InferenceBackend(abc.ABC):
