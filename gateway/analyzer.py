@@ -14,16 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from ctjoint.contracts import CLASS_NAMES, MODEL_BOTH, MODEL_DEEPSC3D, MODEL_JCS2D, SEG_CLASS_NAMES
-from ctjoint.gateway.aggregate import fuse_probabilities, softmax
+from ctjoint.contracts import CLASS_NAMES, MODEL_BOTH, MODEL_DEEPSC3D, MODEL_JCS2D
+from ctjoint.gateway.aggregate import softmax
 from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
-from ctjoint.gateway.errors import BackendError
+from ctjoint.gateway.fusion import fuse_results
+from ctjoint.gateway.inference import ScanInference, check_outputs, inferred_progress
 from ctjoint.gateway.intake import DicomInput, Progress, ProgressCallback, SeriesIntake
 from ctjoint.gateway.limits import cpu_bound
 from ctjoint.gateway.preprocess import (
@@ -34,12 +35,11 @@ from ctjoint.gateway.preprocess import (
 from ctjoint.gateway.quantify import AirLungs, air_lungs, lesion_statistics, quantify_lungs
 from ctjoint.gateway.result import (
     LesionStatistics,
-    ModelAnswer,
     ScanResult,
     SeriesInfo,
     StageTimings,
 )
-from ctjoint.gateway.review import combined, disagreement, measure, review_of
+from ctjoint.gateway.review import measure, review_of
 from ctjoint.gateway.series import CtVolume, SeriesSwitch
 from ctjoint.gateway.streaming import StreamingInference, StreamStats
 from ctjoint.gateway.tasks import Stopwatch, task_group
@@ -185,8 +185,8 @@ class ScanAnalyzer:
                 batch_size=self.batch_size,
                 max_in_flight=self.max_in_flight,
                 expected_slices=expected_slices,
-                check=_check_outputs,
-                on_inferred=_inferred_progress(progress, expected_slices),
+                check=check_outputs,
+                on_inferred=inferred_progress(progress, expected_slices),
                 slice_labels=intake.label_slices,
             )
             intake.on_slice = streamer.add
@@ -279,8 +279,16 @@ class ScanAnalyzer:
                 image, geometry = await self._preprocess(info, volume, prepared)
             if progress is not None:
                 progress(Progress("preprocessed", z, z))
-            outputs, infer_ms, stream, streamed_labels = await self._infer_prepared(
-                info, image, z, prepared, progress
+            inference = ScanInference(
+                self.backend, batch_size=self.batch_size, max_in_flight=self.max_in_flight
+            )
+            outputs, infer_ms, stream, streamed_labels = await inference.timed(
+                info,
+                image,
+                z,
+                progress,
+                streamer=None if prepared is None else prepared.streamer,
+                order=() if prepared is None else prepared.intake.sorted_slots,
             )
             del image
             with clock.timed("postprocess"):
@@ -391,155 +399,13 @@ class ScanAnalyzer:
         image = await cpu_bound(preprocessor.from_planes, planes)
         return image, preprocessor.geometry(volume.shape)
 
-    async def _infer_prepared(
-        self,
-        info: ModelInfo,
-        image: np.ndarray,
-        slices: int,
-        prepared: _Prepared | None,
-        progress: ProgressCallback | None,
-    ) -> tuple[ModelOutputs, float, StreamStats | None, dict[int, np.ndarray | None]]:
-        """Outputs for the whole volume, the inference time, what streaming reused, and the
-        label maps it made (by slice, None: no lesion).
-
-        Without streaming the time is the wall time of the batches; with it, the wall time
-        during which a request was outstanding (they overlapped the upload).
-        """
-        streamer = None if prepared is None else prepared.streamer
-        if prepared is None or streamer is None:
-            started = time.perf_counter()
-            outputs = await self._infer(info, image, slices, progress)
-            return outputs, (time.perf_counter() - started) * 1000.0, None, {}
-        outputs, stream, labels = await streamer.finish(
-            prepared.intake.sorted_slots,
-            image,
-            # `image` may be a strided view (`context_view`): each request gets its own copy.
-            lambda rest: self._infer(info, np.ascontiguousarray(rest), rest.shape[0], None),
-        )
-        _check_outputs(info, outputs, slices)
-        if progress is not None:
-            progress(Progress("inferred", slices, slices))
-        logger.info(
-            "streamed inference: %d of %d slices reused, %d inferred after the last file, "
-            "%d streamed in all",
-            stream.reused,
-            slices,
-            stream.inferred_at_end,
-            stream.streamed,
-        )
-        return outputs, stream.infer_busy_ms, stream, labels
-
-    async def _infer(
-        self, info: ModelInfo, image: np.ndarray, slices: int, progress: ProgressCallback | None
-    ) -> ModelOutputs:
-        if not info.plan.preprocessor().per_slice:
-            # One sample is the whole scan: one request.
-            outputs = await self.backend.infer(info.name, image)
-            _check_outputs(info, outputs, image.shape[0])
-            if progress is not None:
-                progress(Progress("inferred", slices, slices))
-            return outputs
-        total = image.shape[0]
-        starts = list(range(0, total, self.batch_size))
-        results: list[ModelOutputs | None] = [None] * len(starts)
-        gate = asyncio.Semaphore(self.max_in_flight)
-        done = 0
-
-        async def run(i: int, start: int) -> None:
-            nonlocal done
-            batch = image[start : start + self.batch_size]
-            async with gate:
-                outputs = await self.backend.infer(info.name, batch)
-            _check_outputs(info, outputs, batch.shape[0])
-            results[i] = outputs
-            done += batch.shape[0]
-            if progress is not None:
-                progress(Progress("inferred", done, total))
-
-        async with task_group() as tasks:
-            for i, start in enumerate(starts):
-                tasks.create_task(run(i, start))
-        parts = [r for r in results if r is not None]
-        return ModelOutputs(
-            seg_logits=np.concatenate([p.seg_logits for p in parts]),
-            cls_logits=np.concatenate([p.cls_logits for p in parts]),
-            model_ms=sum(p.model_ms for p in parts),
-            cam=(
-                np.concatenate([p.cam for p in parts if p.cam is not None])
-                if all(p.cam is not None for p in parts)
-                else None
-            ),
-        )
-
 
 def fuse_analyses(members: Sequence[ScanAnalysis]) -> ScanAnalysis:
-    """One answer from several networks' analyses of the same volume.
-
-    Label: the argmax of the mean of their calibrated scan probabilities
-    (`fuse_probabilities`). Masks, lesion statistics, lungs, CAM and per-slice evidence: the
-    first network's (jcs2d: 2.5D at full in-plane resolution). Review: every member's reasons,
-    plus `models_disagree` when their labels differ. Each member's own answer is kept in
-    `result.members`.
-    """
+    """One answer from several networks' analyses of the same volume: the first one's arrays
+    with the fused result (gateway/fusion.py)."""
     if len(members) < 2:
         raise ValueError("fusion needs at least two analyses")
-    first = members[0]
-    results = [m.result for m in members]
-    probabilities = fuse_probabilities(
-        np.array([[r.probabilities[name] for name in CLASS_NAMES] for r in results])
-    )
-    review = combined(
-        *(r.review for r in results), disagreement({r.model: r.label for r in results})
-    )
-    timings = [r.timings for r in results]
-    fused = ScanResult.from_probabilities(
-        probabilities.tolist(),
-        lesions=first.result.lesions,
-        series=first.result.series,
-        model=MODEL_BOTH,
-        model_version=" + ".join(f"{r.model} {r.model_version}" for r in results),
-        model_sha256=" + ".join(r.model_sha256 for r in results if r.model_sha256),
-        backend=first.result.backend,
-        timings=StageTimings(
-            read_ms=timings[0].read_ms,
-            validate_ms=timings[0].validate_ms,
-            preprocess_ms=sum(t.preprocess_ms for t in timings),
-            infer_ms=sum(t.infer_ms for t in timings),
-            postprocess_ms=sum(t.postprocess_ms for t in timings),
-            total_ms=sum(t.total_ms for t in timings),
-            model_ms=sum(t.model_ms for t in timings),
-        ),
-        slice_probabilities=first.result.slice_probabilities,
-        quantification=first.result.quantification,
-        review=review,
-        members=tuple(
-            ModelAnswer(
-                model=r.model,
-                model_version=r.model_version,
-                label=r.label,
-                probabilities=r.probabilities,
-                lesion_volume_ml=r.lesions.total_volume_ml,
-                review=r.review,
-            )
-            for r in results
-        ),
-    )
-    return replace(first, result=fused)
-
-
-def _inferred_progress(
-    progress: ProgressCallback | None, expected: int | None
-) -> Callable[[int], None] | None:
-    """Streamed stacks inferred so far as "inferred" progress (capped at the expected count:
-    a stack can be inferred twice when a later file lands between its slices)."""
-    if progress is None:
-        return None
-    report = progress
-
-    def inferred(done: int) -> None:
-        report(Progress("inferred", min(done, expected) if expected else done, expected))
-
-    return inferred
+    return replace(members[0], result=fuse_results([m.result for m in members]))
 
 
 @dataclass(eq=False)
@@ -552,17 +418,6 @@ class _Prepared:
     streamer: StreamingInference | None
     plan: PreprocessPlan | None = None
     air: asyncio.Task[AirLungs] | None = None
-
-
-def _check_outputs(info: ModelInfo, outputs: ModelOutputs, batch: int) -> None:
-    seg_shape = (batch, len(SEG_CLASS_NAMES), *info.plan.preprocessor().grid())
-    cls_shape = (batch, len(CLASS_NAMES))
-    if outputs.seg_logits.shape != seg_shape or outputs.cls_logits.shape != cls_shape:
-        raise BackendError(
-            f"model {info.name!r} returned seg_logits {list(outputs.seg_logits.shape)} and "
-            f"cls_logits {list(outputs.cls_logits.shape)}, expected {list(seg_shape)} and "
-            f"{list(cls_shape)}"
-        )
 
 
 _Labels = tuple[np.ndarray, np.ndarray | None, np.ndarray, LesionStatistics]
