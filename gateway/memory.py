@@ -273,6 +273,8 @@ def _data_bytes() -> int:
     raise RuntimeError("no VmData in /proc/self/status")
 
 
+# prctl(2): no transparent huge pages for the calling process.
+_PR_SET_THP_DISABLE: Final = 41
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD: Final = -1
 _M_MMAP_THRESHOLD: Final = -3
@@ -340,7 +342,9 @@ class FreedMemory:
         return self._libc is not None
 
     def tune(self) -> bool:
-        """Apply the malloc settings; True when applied."""
+        """Apply the malloc settings, and small pages (`small_pages`); True when malloc's
+        settings were applied."""
+        small_pages()
         if self._libc is None:
             return False
         applied = all(
@@ -381,6 +385,25 @@ class FreedMemory:
             self.bound()
 
 
+def small_pages() -> bool:
+    """No transparent huge pages for this process (and the processes it starts); True when
+    the kernel agreed (Linux only).
+
+    The analysis writes its volume-sized masks and maps into zeroed (calloc'd) arrays inside
+    the box of what they hold, so that pages outside are never touched and never resident.
+    NumPy asks for huge pages on large arrays (and a kernel set to "always" uses them anyway):
+    one byte then makes 2 MiB resident, eight 512x512 slices of a bool mask, and the box
+    saves nothing (the SEG's four masks of a 400-slice scan: 278 MiB instead of 96 MiB).
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    return bool(prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0)
+
+
 _CURRENT: ContextVar[ScanMemory | None] = ContextVar("ctjoint_scan_memory", default=None)
 
 
@@ -412,4 +435,5 @@ __all__ = [
     "memory_limit_bytes",
     "oom_kills",
     "scan_memory",
+    "small_pages",
 ]

@@ -94,3 +94,31 @@ def test_the_bound_is_configured_with_the_limits() -> None:
         GatewayLimits(kept_freed_bytes=-1)
     with pytest.raises(ValueError, match="cannot be negative"):
         FreedMemory(-1)
+
+
+# A zeroed 400 MiB array with one byte written every 256 KiB (a bool mask's slice of
+# 512x512 each): with 4 KiB pages that is 1.6 MiB resident, with huge pages all of it.
+_SPARSE = """
+import json, sys
+import numpy as np
+from ctjoint.gateway.memory import small_pages
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+applied = small_pages() if sys.argv[1] == "small" else False
+before = rss()
+mask = np.zeros(400 << 20, dtype=np.bool_)
+mask[:: 256 << 10] = True
+print(json.dumps({"applied": applied, "grown": rss() - before}))
+"""
+
+
+def test_masks_written_in_their_box_stay_small_with_small_pages() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _SPARSE, "small"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["applied"]
+    assert out["grown"] < 16 * MIB
