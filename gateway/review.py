@@ -158,17 +158,11 @@ def location_fractions(label_map: np.ndarray, air_lungs: np.ndarray) -> tuple[fl
 
     `air_lungs` is the gateway's lung segmentation before lesions are added (0 outside,
     1 right, 2 left; holes filled per slice, so a consolidation surrounded by aerated lung
-    counts as lung).
+    counts as lung). Counted a few lesion slices at a time (each row is decided on its own):
+    the masks stay a few MB whatever the scan's size.
     """
-    lesion = label_map > 0
-    total = int(np.count_nonzero(lesion))
-    if total == 0:
-        return 0.0, 0.0, 0
-    slices = np.flatnonzero(lesion.any(axis=(1, 2)))
-    lesion = lesion[slices]
-    sides = air_lungs[slices]
-    outside_lungs = lesion & (sides == 0)
-    between = np.zeros_like(outside_lungs)
+    slices = np.flatnonzero(label_map.any(axis=(1, 2)))
+    total = n_between = n_outside = 0
 
     def seen_before(mask: np.ndarray) -> np.ndarray:
         return np.maximum.accumulate(mask, axis=2)
@@ -176,14 +170,28 @@ def location_fractions(label_map: np.ndarray, air_lungs: np.ndarray) -> tuple[fl
     def seen_after(mask: np.ndarray) -> np.ndarray:
         return np.maximum.accumulate(mask[:, :, ::-1], axis=2)[:, :, ::-1]
 
-    for first, second in ((1, 2), (2, 1)):
-        # Along each row: past the last pixel of one lung, before the first of the other.
-        one, other = sides == first, sides == second
-        gap = seen_before(one) & ~seen_after(one) & seen_after(other) & ~seen_before(other)
-        between |= outside_lungs & gap
-    n_between = int(np.count_nonzero(between))
-    n_outside = int(np.count_nonzero(outside_lungs)) - n_between
+    for start in range(0, slices.size, _LOCATION_CHUNK):
+        part = slices[start : start + _LOCATION_CHUNK]
+        lesion = label_map[part] > 0
+        sides = air_lungs[part]
+        outside_lungs = lesion & (sides == 0)
+        between = np.zeros_like(outside_lungs)
+        for first, second in ((1, 2), (2, 1)):
+            # Along each row: past the last pixel of one lung, before the first of the other.
+            one, other = sides == first, sides == second
+            gap = seen_before(one) & ~seen_after(one) & seen_after(other) & ~seen_before(other)
+            between |= outside_lungs & gap
+        total += int(np.count_nonzero(lesion))
+        n_between += int(np.count_nonzero(between))
+        n_outside += int(np.count_nonzero(outside_lungs))
+    if total == 0:
+        return 0.0, 0.0, 0
+    n_outside -= n_between
     return n_outside / total, n_between / total, total
+
+
+# Lesion slices `location_fractions` looks at at once.
+_LOCATION_CHUNK = 16
 
 
 def end_slice_fractions(lung_map: np.ndarray) -> tuple[float, float]:

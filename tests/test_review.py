@@ -222,3 +222,42 @@ def test_the_overlay_caption_says_review_and_draws_every_reason(tmp_path: Path) 
     assert (line == CAPTION_REVIEW).all(axis=2).any()
     # The image widens to hold the whole caption, every reason written out.
     assert flagged_image.shape[1] > plain_image.shape[1]
+
+
+def _plain_location_fractions(
+    label_map: np.ndarray, air_lungs: np.ndarray
+) -> tuple[float, float, int]:
+    """The rule on the whole volume at once (as it was written first)."""
+    lesion = label_map > 0
+    total = int(np.count_nonzero(lesion))
+    if total == 0:
+        return 0.0, 0.0, 0
+    outside_lungs = lesion & (air_lungs == 0)
+    between = np.zeros_like(outside_lungs)
+    for first, second in ((1, 2), (2, 1)):
+        one, other = air_lungs == first, air_lungs == second
+        before_one = np.maximum.accumulate(one, axis=2)
+        after_one = np.maximum.accumulate(one[:, :, ::-1], axis=2)[:, :, ::-1]
+        before_other = np.maximum.accumulate(other, axis=2)
+        after_other = np.maximum.accumulate(other[:, :, ::-1], axis=2)[:, :, ::-1]
+        between |= outside_lungs & before_one & ~after_one & after_other & ~before_other
+    n_between = int(np.count_nonzero(between))
+    n_outside = int(np.count_nonzero(outside_lungs)) - n_between
+    return n_outside / total, n_between / total, total
+
+
+def test_location_fractions_by_chunks_equal_the_whole_volume_rule() -> None:
+    # 50 slices with lesions scattered over 37 of them: several of the rule's chunks.
+    rng = np.random.default_rng(22)
+    lungs = np.zeros((50, 20, 30), dtype=np.uint8)
+    lungs[:, 4:16, 3:12] = 1
+    lungs[:, 4:16, 18:27] = 2
+    lungs[:, 8:10, 7:9] = 0  # a hole in the right lung
+    labels = (rng.random(lungs.shape) < 0.05).astype(np.uint8) * rng.integers(
+        1, 3, size=lungs.shape, dtype=np.uint8
+    )
+    labels[:13] = 0
+    result = location_fractions(labels, lungs)
+    assert result == _plain_location_fractions(labels, lungs)
+    assert result[0] > 0 and result[1] > 0 and result[2] == int(np.count_nonzero(labels))
+    assert location_fractions(np.zeros_like(labels), lungs) == (0.0, 0.0, 0)
