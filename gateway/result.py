@@ -1,7 +1,8 @@
 """The scan result: what one analysed series comes back as (CLI JSON, gRPC answer, client).
 
-Frozen dataclasses normalised in `__post_init__`; `to_dict()` is JSON-ready and is the format
-`ctjoint analyze --json` writes and the client renders. Holds no patient identifier and no UID.
+Frozen dataclasses normalised in `__post_init__`; `ScanResult.to_dict()` is JSON-ready and is
+the format `ctjoint analyze --json` writes and the client renders, made by the one result
+encoder (ctjoint/result_json.py). Holds no patient identifier and no UID.
 Slice order everywhere is the assembled order: ascending along the slice normal.
 """
 
@@ -11,8 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES, RESULT_SCHEMA
+from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES
 from ctjoint.gateway.review import Review
+from ctjoint.gateway.wire import result_to_proto
+from ctjoint.result_json import result_dict
 from ctjoint.series_rules import Selection
 
 
@@ -28,15 +31,6 @@ class SeriesInfo:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spacing_mm", tuple(float(v) for v in self.spacing_mm))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "slices": self.slices,
-            "rows": self.rows,
-            "columns": self.columns,
-            "spacing_mm": list(self.spacing_mm),
-            "slice_thickness_mm": self.slice_thickness_mm,
-        }
 
 
 @dataclass(frozen=True)
@@ -73,18 +67,6 @@ class LesionStatistics:
     def total_volume_ml(self) -> float:
         return self.total_voxels * self.voxel_volume_ml
 
-    def to_dict(self) -> dict[str, Any]:
-        classes: dict[str, Any] = {
-            name: {"voxels": count, "volume_ml": count * self.voxel_volume_ml}
-            for name, count in self.voxels.items()
-        }
-        return {
-            "voxel_volume_ml": self.voxel_volume_ml,
-            "classes": classes,
-            "total": {"voxels": self.total_voxels, "volume_ml": self.total_volume_ml},
-            "slice_pixels": {name: list(v) for name, v in self.slice_pixels.items()},
-        }
-
 
 LUNG_SIDES = ("right", "left")
 ZONE_NAMES = ("upper", "middle", "lower")
@@ -106,15 +88,6 @@ class ZoneStatistics:
         for name in ("lung_volume_ml", "lesion_volume_ml", "percent_involved"):
             object.__setattr__(self, name, float(getattr(self, name)))
         object.__setattr__(self, "severity", int(self.severity))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "zone": self.zone,
-            "lung_volume_ml": self.lung_volume_ml,
-            "lesion_volume_ml": self.lesion_volume_ml,
-            "percent_involved": self.percent_involved,
-            "severity": self.severity,
-        }
 
 
 @dataclass(frozen=True)
@@ -141,16 +114,6 @@ class LungStatistics:
     @property
     def total_lesion_ml(self) -> float:
         return sum(self.lesion_volume_ml.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "side": self.side,
-            "volume_ml": self.volume_ml,
-            "lesion_volume_ml": dict(self.lesion_volume_ml),
-            "total_lesion_ml": self.total_lesion_ml,
-            "percent_involved": self.percent_involved,
-            "zones": [z.to_dict() for z in self.zones],
-        }
 
 
 @dataclass(frozen=True)
@@ -190,19 +153,6 @@ class Quantification:
         if self.peripheral_fraction == 0.0 and self.central_fraction == 0.0:
             return "none"
         return "peripheral" if self.peripheral_fraction >= self.central_fraction else "central"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "lungs": {lung.side: lung.to_dict() for lung in self.lungs},
-            "bilateral": self.bilateral,
-            "peripheral_fraction": self.peripheral_fraction,
-            "central_fraction": self.central_fraction,
-            "distribution": self.distribution,
-            "peripheral_rule": self.peripheral_rule,
-            "severity_score": self.severity_score,
-            "severity_scale": self.severity_scale,
-        }
 
 
 @dataclass(frozen=True)
@@ -252,15 +202,6 @@ class ModelAnswer:
         probabilities = {name: float(self.probabilities[name]) for name in CLASS_NAMES}
         object.__setattr__(self, "probabilities", probabilities)
         object.__setattr__(self, "lesion_volume_ml", float(self.lesion_volume_ml))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": {"name": self.model, "version": self.model_version},
-            "label": self.label,
-            "probabilities": dict(self.probabilities),
-            "lesion_volume_ml": self.lesion_volume_ml,
-            "review": self.review.to_dict(),
-        }
 
 
 @dataclass(frozen=True)
@@ -312,23 +253,7 @@ class ScanResult:
         return cls(label=label, probabilities=dict(zip(CLASS_NAMES, values, strict=True)), **fields)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": RESULT_SCHEMA,
-            "label": self.label,
-            "probabilities": dict(self.probabilities),
-            "classes": list(CLASS_NAMES),
-            "slice_probabilities": {k: list(v) for k, v in self.slice_probabilities.items()},
-            "lesions": self.lesions.to_dict(),
-            "series": self.series.to_dict(),
-            "model": {"name": self.model, "version": self.model_version},
-            "backend": self.backend,
-            "timings": self.timings.to_dict(),
-            "quantification": (
-                None if self.quantification is None else self.quantification.to_dict()
-            ),
-            "review": self.review.to_dict(),
-            "members": [member.to_dict() for member in self.members],
-            "series_selection": (
-                None if self.series_selection is None else self.series_selection.to_dict()
-            ),
-        }
+        """The JSON-ready dict (`ctjoint analyze --json`): the one result encoder
+        (ctjoint/result_json.py) of the message the gateway sends (gateway/wire.py), so a
+        result written here and one a client saves cannot differ."""
+        return result_dict(result_to_proto(self, request_id=""))

@@ -1,22 +1,27 @@
 """The analysis result on the wire: `ScanAnalysis` -> `ctjoint.v1.ScanResult`.
 
-Every field of `ScanResult.to_dict()` has a home in the message, so the client can rebuild
-exactly the JSON `ctjoint analyze --json` writes (client/results.py is the inverse).
+Every field of the result has a home in the message, and the result's JSON is made from the
+message by one encoder (ctjoint/result_json.py) on both sides: `ScanResult.to_dict()` here,
+client/results.py on the client.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ctjoint.contracts import CLASS_NAMES, LESION_CLASS_NAMES, SEG_CLASS_NAMES
 from ctjoint.gateway.backends.base import ModelInfo
-from ctjoint.gateway.result import Quantification, ScanResult
 from ctjoint.gateway.review import Review
 from ctjoint.series_rules import Selection, SeriesFacts, kernel_family
 from ctjoint.v1 import scan_pb2
+
+if TYPE_CHECKING:
+    # Annotations only: gateway/result.py encodes its JSON through this module.
+    from ctjoint.gateway.result import Quantification, ScanResult
 
 # Level 1 is ~3x faster than the default and loses little here: label maps are long runs of
 # background, which any level squeezes by two or three orders of magnitude.
