@@ -7,6 +7,9 @@ Intake (gateway/intake.py) takes the files; the model's plan drives preprocessin
 lungs are quantified beside inference (gateway/quantify.py). The steps of one scan run in a
 task group (gateway/tasks.py): a failing step cancels the others and its error is the scan's.
 CPU-heavy steps run in worker threads so a gateway's event loop keeps serving other scans.
+
+Size: one job, one scan's steps in their order, with the two-network case and the series
+switch; intake, inference, quantification and fusion are modules of their own.
 """
 
 from __future__ import annotations

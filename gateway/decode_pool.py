@@ -9,6 +9,9 @@ decoded in-process (dicom_io), which is both safe (numpy reads a bounded buffer)
 
 Workers are fresh interpreters (the gateway's grpc.aio threads make fork unsafe), started only
 when the first compressed file arrives, so a gateway that never sees one never starts them.
+
+Size: one job, a pool of decoder processes; most of it supervises them (deadlines, memory
+bound, replacement).
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ Decisions (documented here because the gateway and the export side rely on them)
   Uncompressed pixels are decoded in-process (fast, and numpy only reads a bounded buffer);
   compressed ones in a worker process (gateway/decode_pool.py), so a codec that crashes or
   hangs on crafted bytes costs that file an InvalidAttributeError, not the gateway.
+
+Size: one job (one file to one checked slice). It is long because each attribute the analysis
+trusts has its own named check, and the decode paths (in-process, in a worker, size guards)
+sit beside them.
 """
 
 from __future__ import annotations

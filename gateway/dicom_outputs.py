@@ -22,6 +22,9 @@ geometry of the first file (`output_header`), nothing else; the source's acquisi
 Codes: DICOM (DCM) and SNOMED CT (SCT) where the standard's code tables have a concept we are
 sure of; the rest use the private coding scheme `99CTJOINT` (DICOM reserves "99" prefixes for
 private schemes), so no code is guessed.
+
+Size: one job, a scan's DICOM objects. SEG and SR share the source-header rules, the codes
+and the segment descriptions, so they stay together.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ INTERNAL with a request id instead of gRPC's UNKNOWN-with-traceback, and counts 
 Servicers raise; they never call `context.abort` themselves. The one status decided before
 this interceptor runs is UNAUTHENTICATED: `gateway/auth.py` refuses calls without a valid
 token for every service (reflection included), ahead of this one in the chain.
+
+Size: one job, what every RPC goes through (request id, status mapping, outcome counts); the
+refusal log and the scan context are its state.
 """
 
 from __future__ import annotations

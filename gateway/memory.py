@@ -19,6 +19,9 @@ is allocated (gateway/series.py), before any of it is:
 
 By default the gateway's budget is what the box (or the memory cgroup the gateway runs in)
 leaves after the gateway and its workers, divided by ANALYSIS_BYTES_PER_DECODED_BYTE.
+
+Size: one job, the memory accounting and bounds of scans and workers (ledger, per-worker
+limit, freed-heap trimming).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ while the PACS has left an earlier push unanswered past its wait, so a slow or s
 costs one answer the bound, not every answer. Every push ends counted in the metrics
 (`ctjoint_pacs_pushes{status}`: stored, failed, skipped). Logs and errors name the destination
 and the object kind ("seg", "sr"), never patient data or UIDs.
+
+Size: one job, the push to a PACS over either protocol, with its retry and wait policy.
 """
 
 from __future__ import annotations

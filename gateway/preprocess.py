@@ -3,6 +3,9 @@
 Driven by a saved `PreprocessPlan` (the exported ONNX file carries it), and every run records
 the `ResampleGeometry` needed to put model outputs back onto the source slice grid exactly.
 `export/` imports this module, so training and serving cannot drift apart.
+
+Size: one job, the plan and what it drives both ways: the shared in-plane steps and one
+Preprocessor per model kind, which must agree with each other.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ last file to its answer (then the serving process kills the worker). A worker th
 crash, an out-of-memory kill, a bound) fails its scan with a clear status (AnalysisLimitError:
 RESOURCE_EXHAUSTED; AnalysisCrashedError: INTERNAL) and is replaced in the background.
 Workers are fresh interpreters, as in decode_pool (fork is unsafe beside grpc's threads).
+
+Size: one job, the analysis worker processes: their life cycle (start, hand a scan over, bound,
+kill, replace) and the worker's own loop, which speak one pipe protocol and change together.
 """
 
 from __future__ import annotations

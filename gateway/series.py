@@ -9,6 +9,9 @@ built from a plain array (NIfTI data sets) without any DICOM.
 `StudySorter` lets a scan hold a whole study: files of other series than the one being
 assembled are set aside as they arrive, and once the stream ends the rules of
 ctjoint/series_rules.py say which series is analysed (docs/interoperability.md).
+
+Size: one job, a study's files to the one volume analysed: the assembler's checks as slices
+arrive and its in-place sort, and the sorter that sets other series aside, share CtVolume.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Lifecycle: bind and start (health NOT_SERVING) -> load the backend -> SERVING -> on SIGTERM or
 SIGINT: NOT_SERVING, stop taking new scans, let in-flight scans finish within the grace period,
 close the backend. Health, reflection and the Prometheus endpoint come with it.
+
+Size: one job, the serving process's life cycle; its length is the start-up and shutdown
+steps in their order (backend, workers, health, signals).
 """
 
 from __future__ import annotations

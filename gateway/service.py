@@ -4,6 +4,9 @@ Knows only the `InferenceBackend` interface, never which backend it has. Each fi
 against the limits and validated as it arrives (by the shared analysis pipeline), so a bad
 file ends the scan at once. Errors are raised as the project's exceptions; the interceptor
 turns them into status codes.
+
+Size: one job, the servicer's RPCs (receive, admit, analyse, answer); the receiving loop with
+its limits and deadlines is most of it.
 """
 
 from __future__ import annotations
