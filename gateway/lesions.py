@@ -32,6 +32,10 @@ Statistics (all in the source grid, one voxel = slice spacing x pixel spacing):
 - CT severity score per zone from the percent of the zone involved, 0-5: 0 none, 1 < 5 %,
   2 5-25 %, 3 25-50 %, 4 50-75 %, 5 > 75 % (the lobar 0-5 scale of Pan et al., Radiology 2020,
   applied to six zones); the total is the sum over the six zones, 0-30.
+
+Size: one job, the method above from HU to the statistics, its steps documented together; the
+per-slice half of the segmentation (LungSlices, done as files arrive) is most of it. The
+steps of one analysis and the blocking `quantify` are in gateway/quantify.py.
 """
 
 from __future__ import annotations
