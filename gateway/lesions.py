@@ -402,7 +402,7 @@ def _peripheral(
     # same rule per lesion component, each in its own grown box, transforms far fewer voxels
     # (a 512x512x100 phantom: 3.4 M -> 1.0 M). Each voxel is decided in its own component's
     # box, which holds its whole PERIPHERAL_MM neighbourhood, so the answer is the same.
-    components, _ = ndimage.label(lesion_box)
+    components, _ = _label_compact(lesion_box)
     grown = [
         tuple(
             slice(max(part.start - m, 0), min(part.stop + m, size))
@@ -412,13 +412,41 @@ def _peripheral(
         if found is not None
     ]
     if sum(math.prod(s.stop - s.start for s in g) for g in grown) >= lesion_box.size:
-        depth = ndimage.distance_transform_edt(lung_box, sampling=spacing_mm)
-        out[box] = lesion_box & (depth <= PERIPHERAL_MM)
+        out[box] = lesion_box & _near_pleura(lung_box, spacing_mm)
         return out
     inside = out[box]
     for label, part in enumerate(grown, start=1):
-        depth = ndimage.distance_transform_edt(lung_box[part], sampling=spacing_mm)
-        inside[part] |= (components[part] == label) & (depth <= PERIPHERAL_MM)
+        inside[part] |= (components[part] == label) & _near_pleura(lung_box[part], spacing_mm)
+    return out
+
+
+# Slices `_near_pleura` turns into distances at once.
+_DEPTH_CHUNK: Final = 8
+
+
+def _near_pleura(lungs: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """`distance_transform_edt(lungs, sampling=spacing_mm) <= PERIPHERAL_MM`, bit for bit.
+
+    The distances are scipy's own arithmetic on its feature transform (offsets to the nearest
+    voxel outside, in float64, times the spacing, squared, summed over the axes in order, the
+    square root), done a few slices at a time: scipy's distance transform holds its indices
+    and offsets three times over as int32 and then float64, about 50 bytes a voxel at once
+    (hundreds of MB for a 400-slice scan's lesions), this about 13.
+    """
+    ft = ndimage.distance_transform_edt(
+        lungs, sampling=spacing_mm, return_distances=False, return_indices=True
+    )
+    sampling = np.asarray(spacing_mm, dtype=np.float64)
+    out = np.empty(lungs.shape, dtype=bool)
+    for start in range(0, lungs.shape[0], _DEPTH_CHUNK):
+        stop = min(start + _DEPTH_CHUNK, lungs.shape[0])
+        grid = np.indices((stop - start, *lungs.shape[1:]), dtype=np.int32)
+        grid[0] += start
+        offsets = (ft[:, start:stop] - grid).astype(np.float64)
+        for axis in range(len(sampling)):
+            offsets[axis, ...] *= sampling[axis]
+        np.multiply(offsets, offsets, offsets)
+        out[start:stop] = np.sqrt(np.add.reduce(offsets, axis=0)) <= PERIPHERAL_MM
     return out
 
 

@@ -322,3 +322,18 @@ def test_the_peripheral_rule_started_before_the_3d_air_step_gives_the_same_count
     assert guess[0][(volume.shape[0] // 2, *_POCKET)].all()  # the guess took the pocket in
     expected = int(np.count_nonzero(peripheral_mask(air, phantom.lesions, volume.spacing_mm)))
     assert peripheral_checked(air, guess, phantom.lesions, volume) == expected
+
+
+def test_near_pleura_equals_scipys_distance_rule() -> None:
+    # Blobs of lung with holes, anisotropic spacing, more slices than a chunk: every voxel's
+    # verdict equals the whole-volume distance transform's (issue 22, points 3 and 4).
+    from ctjoint.gateway.lesions import PERIPHERAL_MM, _near_pleura
+
+    rng = np.random.default_rng(22)
+    noise = ndimage.gaussian_filter(rng.random((27, 40, 44)), 2.0)
+    lungs = noise > np.quantile(noise, 0.2)
+    for spacing in ((5.0, 1.5, 1.5), (2.5, 2.0, 2.0), (8.0, 1.0, 1.2)):
+        expected = ndimage.distance_transform_edt(lungs, sampling=spacing) <= PERIPHERAL_MM
+        near = _near_pleura(lungs, spacing)
+        np.testing.assert_array_equal(near, expected)
+        assert near.any() and not near.all()
