@@ -272,7 +272,7 @@ class ModelFacts:
         # The head pools the bottleneck: the input grid divided by the network's total stride
         # (times the 3D stem's own stride per axis).
         strides = [config.net.total_stride] * len(grid(config.plan))
-        if config.plan.kind == "3d":
+        if not config.plan.preprocessor().per_slice:
             strides = [config.net.total_stride * s for s in config.net.stem_stride]
         cam_grid = tuple(
             size // step for size, step in zip(grid(config.plan), strides, strict=True)
@@ -383,14 +383,12 @@ ONNX_TRT_ACCELERATOR: Final = Accelerator(
 
 def grid(plan: PreprocessPlan) -> tuple[int, ...]:
     """The spatial grid of the model (H, W) or (D, H, W)."""
-    if plan.kind == "3d":
-        return (plan.depth, plan.height, plan.width)
-    return (plan.height, plan.width)
+    return plan.preprocessor().grid()
 
 
 def image_dims(plan: PreprocessPlan) -> tuple[int, ...]:
     """`image` without the batch axis: [3, H, W] (2.5D) or [1, D, H, W] (3D)."""
-    return (plan.channels, *grid(plan))
+    return plan.preprocessor().input_shape(0)[1:]
 
 
 def logits_outputs(plan: PreprocessPlan) -> tuple[TensorSpec, TensorSpec]:
