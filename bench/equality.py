@@ -12,8 +12,10 @@ client's decoding of the gateway's answer (`client/results.py` of `gateway/wire.
 without the timings, which change every run; the label map, lung map and CAM arrays; the
 overlay PNG; the SEG (binary and labelmap) and the SR, after the values made fresh per run
 (UIDs not taken from the source, dates and times not taken from it, and the group lengths
-that count the UIDs' bytes) are replaced by stable tokens. The phantom series themselves are digested too, so a change of the inputs is named as
-such. `--save` also keeps each canonical result JSON beside the digest, to read a difference.
+that count the UIDs' bytes) are replaced by stable tokens. The phantom series themselves are
+digested too, so a change of the inputs is named as such. `--save` also keeps the text
+outputs (result JSON, SEG and SR as text) beside the digest, and `--check` writes this run's
+when something differs, to diff the two.
 """
 
 from __future__ import annotations
