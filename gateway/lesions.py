@@ -223,33 +223,39 @@ class LungSlices:
             return None, np.zeros((0, 0, 0), dtype=bool)
         z0, z1 = union[0].start, union[0].stop
         rows, columns = union[1], union[2]
-        # The box's slices and one more on each side (none past the ends): edge air there
-        # joins the enclosed air to the outside.
-        codes = [self._codes[order[i]][rows, columns] for i in range(z0, z1)]
-        components, count = _label_compact(np.stack(codes) == _ENCLOSED_AIR)
-        nothing = np.zeros(codes[0].shape, dtype=np.uint8)
-        before = self._codes[order[z0 - 1]][rows, columns] if z0 > 0 else nothing
-        after = self._codes[order[z1]][rows, columns] if z1 < len(order) else nothing
-        edge_air = np.stack([before, *codes, after]) == _EDGE_AIR
+        depth = z1 - z0
+        # Slice by slice, into one mask: no stacked copies of the slices' codes (each as big
+        # as the box, about 25 MB at 512x512x400, and several were alive at once).
+        enclosed = np.empty((depth, rows.stop - rows.start, columns.stop - columns.start), bool)
+        for k in range(depth):
+            np.equal(self._codes[order[z0 + k]][rows, columns], _ENCLOSED_AIR, out=enclosed[k])
+        components, count = _label_compact(enclosed)
+        del enclosed
         touched = np.zeros(count + 1, dtype=bool)
-        # Enclosed voxels with edge-reaching air in the slice before or after them.
-        touched[components[edge_air[:-2]]] = True
-        touched[components[edge_air[2:]]] = True
+        # Enclosed voxels with edge-reaching air in the slice before or after them: the box's
+        # slices and one more on each side (none past the ends), whose edge air joins the
+        # enclosed air to the outside.
+        for j in range(max(z0 - 1, 0), min(z1 + 1, len(order))):
+            edge = self._codes[order[j]][rows, columns] == _EDGE_AIR
+            if not edge.any():
+                continue
+            for k in (j - 1 - z0, j + 1 - z0):
+                if 0 <= k < depth:
+                    touched[components[k][edge]] = True
         sizes = _component_sizes(components, count)
         sizes[touched] = 0
         sizes[0] = 0
         largest = sizes.max()
         keep = sizes >= max(1, MIN_LUNG_FRACTION * largest) if largest else sizes > 0
-        kept = keep[components]
-        # Slices that lost an enclosed component need their holes filled again; the others
-        # take what `add` filled.
-        lost = ((components > 0) & ~kept).any(axis=(1, 2))
-        lungs = np.zeros(kept.shape, dtype=bool)
-        for k in range(z1 - z0):
+        lungs = np.zeros(components.shape, dtype=bool)
+        for k in range(depth):
             slot = order[z0 + k]
             box, filled = self._boxes[slot], self._filled[slot]
-            if lost[k]:
-                lungs[k] = _fill_holes_per_slice(kept[k][None])[0]
+            kept = keep[components[k]]
+            if ((components[k] > 0) & ~kept).any():
+                # The slice lost an enclosed component: its holes are filled again; the
+                # others take what `add` filled.
+                lungs[k] = _fill_holes_per_slice(kept[None])[0]
             elif box is not None and filled is not None:
                 lungs[
                     k,
