@@ -104,7 +104,9 @@ class LungSlices:
 
     def __init__(self) -> None:
         # By slot: a gateway fills slots in arrival order and sorts them at the end.
-        self._codes: dict[int, np.ndarray] = {}
+        # Each slice's air codes inside the box of its pixels that are not edge air (air
+        # reaching the slice's edge fills the rest: 40 % of a chest slice), with that box.
+        self._codes: dict[int, tuple[slice, slice, np.ndarray]] = {}
         self._midlines: dict[int, float] = {}
         # (rows, columns) box of the slice's enclosed air grown by a pixel, None without any;
         # and the enclosed air in it with its holes filled.
@@ -149,7 +151,19 @@ class LungSlices:
             )
             # The slice's lungs if every enclosed component is kept, as nearly always.
             filled = _fill_holes_per_slice(enclosed[box][None])[0]
-        self._codes[slot] = codes
+        inner = codes != _EDGE_AIR
+        kept_rows, kept_columns = (
+            np.flatnonzero(inner.any(axis=1)),
+            np.flatnonzero(inner.any(axis=0)),
+        )
+        if kept_rows.size:
+            part = (
+                slice(int(kept_rows[0]), int(kept_rows[-1]) + 1),
+                slice(int(kept_columns[0]), int(kept_columns[-1]) + 1),
+            )
+        else:
+            part = (slice(0, 0), slice(0, 0))
+        self._codes[slot] = (*part, codes[part].copy())
         self._shape = (int(codes.shape[0]), int(codes.shape[1]))
         self._midlines[slot] = _body_midline(hu)
         self._boxes[slot] = box
@@ -166,7 +180,7 @@ class LungSlices:
         missing = [slot for slot in order if slot not in self._codes]
         if missing or not order:
             raise ValueError(f"no air codes for slot(s) {missing[:3] or 'none given'}")
-        shape = (len(order), *self._codes[order[0]].shape)
+        shape = (len(order), *self._shape)
         box, air = self._air_lungs(order)
         midlines = self.midlines(order)
         if lesion_map is None:
@@ -214,6 +228,20 @@ class LungSlices:
             slice(min(b[1].start for b in found), max(b[1].stop for b in found)),
         )
 
+    def _codes_in(self, slot: int, rows: slice, columns: slice) -> np.ndarray:
+        """Slice `slot`'s air codes in the window (rows, columns): edge air outside the part
+        that was kept."""
+        kept_rows, kept_columns, codes = self._codes[slot]
+        out = np.full((rows.stop - rows.start, columns.stop - columns.start), _EDGE_AIR, np.uint8)
+        r0, r1 = max(rows.start, kept_rows.start), min(rows.stop, kept_rows.stop)
+        c0, c1 = max(columns.start, kept_columns.start), min(columns.stop, kept_columns.stop)
+        if r0 < r1 and c0 < c1:
+            out[r0 - rows.start : r1 - rows.start, c0 - columns.start : c1 - columns.start] = codes[
+                r0 - kept_rows.start : r1 - kept_rows.start,
+                c0 - kept_columns.start : c1 - kept_columns.start,
+            ]
+        return out
+
     def _air_lungs(
         self, order: Sequence[int] | range
     ) -> tuple[tuple[slice, slice, slice] | None, np.ndarray]:
@@ -228,7 +256,7 @@ class LungSlices:
         # as the box, about 25 MB at 512x512x400, and several were alive at once).
         enclosed = np.empty((depth, rows.stop - rows.start, columns.stop - columns.start), bool)
         for k in range(depth):
-            np.equal(self._codes[order[z0 + k]][rows, columns], _ENCLOSED_AIR, out=enclosed[k])
+            np.equal(self._codes_in(order[z0 + k], rows, columns), _ENCLOSED_AIR, out=enclosed[k])
         components, count = _label_compact(enclosed)
         del enclosed
         touched = np.zeros(count + 1, dtype=bool)
@@ -236,7 +264,7 @@ class LungSlices:
         # slices and one more on each side (none past the ends), whose edge air joins the
         # enclosed air to the outside.
         for j in range(max(z0 - 1, 0), min(z1 + 1, len(order))):
-            edge = self._codes[order[j]][rows, columns] == _EDGE_AIR
+            edge = self._codes_in(order[j], rows, columns) == _EDGE_AIR
             if not edge.any():
                 continue
             for k in (j - 1 - z0, j + 1 - z0):

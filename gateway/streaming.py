@@ -247,20 +247,40 @@ class StreamingInference:
             self._busy_ms += (time.perf_counter() - started) * 1000.0
             self._model_ms += rest.model_ms
         position = {i: k for k, i in enumerate(missing)}
-        samples: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+        # Copied into the outputs one slice at a time, each streamed result dropped after its
+        # last use: a batch's arrays go once their slices are copied, instead of every batch
+        # staying beside a stacked copy (79 MB of seg logits at 400 slices).
+        last = {key: i for i, key in enumerate(keys)}
+        seg: np.ndarray | None = None
+        cls: np.ndarray | None = None
+        cam: np.ndarray | None = None
+        every_cam = True
         for i, key in enumerate(keys):
             k = position.get(i)
             if k is None or rest is None:
-                samples.append(self._results[key])
+                s, c_, m = self._results[key]
+                if last[key] == i:
+                    del self._results[key]
             else:
-                cam_k = None if rest.cam is None else rest.cam[k]
-                samples.append((rest.seg_logits[k], rest.cls_logits[k], cam_k))
-        cams = [m for _, _, m in samples if m is not None]
+                s, c_ = rest.seg_logits[k], rest.cls_logits[k]
+                m = None if rest.cam is None else rest.cam[k]
+            if seg is None or cls is None:
+                seg = np.empty((n, *s.shape), dtype=s.dtype)
+                cls = np.empty((n, *c_.shape), dtype=c_.dtype)
+                if m is not None:
+                    cam = np.empty((n, *m.shape), dtype=m.dtype)
+            seg[i], cls[i] = s, c_
+            if m is None:
+                every_cam = False
+            elif cam is not None:
+                cam[i] = m
+        if seg is None or cls is None:
+            raise RuntimeError("a streamed scan finished without a slice")
         outputs = ModelOutputs(
-            seg_logits=np.stack([s for s, _, _ in samples]),
-            cls_logits=np.stack([c for _, c, _ in samples]),
+            seg_logits=seg,
+            cls_logits=cls,
             model_ms=self._model_ms,
-            cam=np.stack(cams) if len(cams) == n else None,
+            cam=cam if every_cam else None,
         )
         stats = StreamStats(
             streamed=self._streamed,
