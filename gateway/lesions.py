@@ -174,14 +174,19 @@ class LungSlices:
         order: Sequence[int] | range,
         orientation: Sequence[float],
         lesion_map: np.ndarray | None = None,
+        *,
+        release: bool = False,
     ) -> np.ndarray:
         """The lung label map of the slices in `order` (slots, first to last along the normal);
-        `lesion_map`'s voxels are added as step 3 says."""
+        `lesion_map`'s voxels are added as step 3 says. With `release`, the air codes are
+        freed as soon as they are read (`release_codes`), before the 3D labelling."""
         missing = [slot for slot in order if slot not in self._codes]
         if missing or not order:
             raise ValueError(f"no air codes for slot(s) {missing[:3] or 'none given'}")
         shape = (len(order), *self._shape)
-        box, air = self._air_lungs(order)
+        box, air = self._air_lungs(order, release=release)
+        if release:
+            self.release_codes()
         midlines = self.midlines(order)
         if lesion_map is None:
             out = np.zeros(shape, dtype=np.uint8)
@@ -243,7 +248,7 @@ class LungSlices:
         return out
 
     def _air_lungs(
-        self, order: Sequence[int] | range
+        self, order: Sequence[int] | range, *, release: bool = False
     ) -> tuple[tuple[slice, slice, slice] | None, np.ndarray]:
         """Steps 1-3 without lesions: (box, lung mask inside the box), or (None, empty)."""
         union = self._union_box(order)
@@ -252,24 +257,28 @@ class LungSlices:
         z0, z1 = union[0].start, union[0].stop
         rows, columns = union[1], union[2]
         depth = z1 - z0
-        # Slice by slice, into one mask: no stacked copies of the slices' codes (each as big
-        # as the box, about 25 MB at 512x512x400, and several were alive at once).
-        enclosed = np.empty((depth, rows.stop - rows.start, columns.stop - columns.start), bool)
-        for k in range(depth):
-            np.equal(self._codes_in(order[z0 + k], rows, columns), _ENCLOSED_AIR, out=enclosed[k])
+        # Slice by slice, into two masks: no stacked copies of the slices' codes (each as big
+        # as the box, about 25 MB at 512x512x400, and several were alive at once). Edge air in
+        # the slice before or after a box slice joins its enclosed air to the outside: the
+        # box's slices and one more on each side (none past the ends) are read.
+        shape = (depth, rows.stop - rows.start, columns.stop - columns.start)
+        enclosed = np.empty(shape, dtype=bool)
+        near_edge = np.zeros(shape, dtype=bool)
+        for j in range(max(z0 - 1, 0), min(z1 + 1, len(order))):
+            codes = self._codes_in(order[j], rows, columns)
+            if z0 <= j < z1:
+                np.equal(codes, _ENCLOSED_AIR, out=enclosed[j - z0])
+            edge = codes == _EDGE_AIR
+            for k in (j - 1 - z0, j + 1 - z0):
+                if 0 <= k < depth:
+                    near_edge[k] |= edge
+        if release:
+            self.release_codes()
         components, count = _label_compact(enclosed)
         del enclosed
         touched = np.zeros(count + 1, dtype=bool)
-        # Enclosed voxels with edge-reaching air in the slice before or after them: the box's
-        # slices and one more on each side (none past the ends), whose edge air joins the
-        # enclosed air to the outside.
-        for j in range(max(z0 - 1, 0), min(z1 + 1, len(order))):
-            edge = self._codes_in(order[j], rows, columns) == _EDGE_AIR
-            if not edge.any():
-                continue
-            for k in (j - 1 - z0, j + 1 - z0):
-                if 0 <= k < depth:
-                    touched[components[k][edge]] = True
+        touched[components[near_edge]] = True
+        del near_edge
         sizes = _component_sizes(components, count)
         sizes[touched] = 0
         sizes[0] = 0

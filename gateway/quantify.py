@@ -60,9 +60,9 @@ def air_lungs(
     started = time.perf_counter()
     if lung_slices is None or order is None:
         lung_slices, order = LungSlices.of(volume.hu), range(volume.shape[0])
-    air = lung_slices.lungs(order, volume.orientation)
-    # Nothing else needs the per-slice air codes (a slice's worth of bytes per slice).
-    lung_slices.release_codes()
+    # Nothing else needs the per-slice air codes (a slice's worth of bytes per slice): freed
+    # once read, before the 3D labelling.
+    air = lung_slices.lungs(order, volume.orientation, release=True)
     return AirLungs(air, lung_slices.midlines(order), (time.perf_counter() - started) * 1000.0)
 
 

@@ -337,3 +337,19 @@ def test_near_pleura_equals_scipys_distance_rule() -> None:
         near = _near_pleura(lungs, spacing)
         np.testing.assert_array_equal(near, expected)
         assert near.any() and not near.all()
+
+
+def test_lungs_that_release_the_air_codes_are_the_same_lungs() -> None:
+    # The analysis frees the codes once read (issue 22, point 3); awkward air keeps the 3D
+    # step's edge-air and dropped-pocket paths busy.
+    _, volume = _phantom("covid19", 7)
+    volume = _awkward_air(volume)
+    order = range(volume.shape[0])
+    kept = LungSlices.of(volume.hu)
+    released = LungSlices.of(volume.hu)
+    expected = kept.lungs(order, volume.orientation)
+    np.testing.assert_array_equal(released.lungs(order, volume.orientation, release=True), expected)
+    np.testing.assert_array_equal(expected, _whole_volume_lungs(volume))
+    with pytest.raises(ValueError, match="no air codes"):
+        released.lungs(order, volume.orientation)
+    assert kept.lungs(order, volume.orientation).tolist() == expected.tolist()
