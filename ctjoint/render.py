@@ -89,7 +89,9 @@ def render_overlay(
         )
     if lung_map is not None and np.shape(lung_map) != label_map.shape:
         raise ValueError(f"lung map {np.shape(lung_map)} must match the label map")
-    chosen = choose_slices(np.count_nonzero(label_map, axis=(1, 2)), tiles)
+    # Slice by slice: count_nonzero over axes makes a boolean copy of the whole map.
+    lesion_pixels = np.array([np.count_nonzero(plane) for plane in label_map], dtype=np.intp)
+    chosen = choose_slices(lesion_pixels, tiles)
     factor = max(1, math.ceil(max(volume_hu.shape[1:]) / MAX_TILE_PIXELS))
     heat = None
     if cam is not None:

@@ -196,7 +196,11 @@ _LOCATION_CHUNK = 16
 
 def end_slice_fractions(lung_map: np.ndarray) -> tuple[float, float]:
     """Lung area of the first and the last slice, each over the largest slice's lung area."""
-    per_slice = np.count_nonzero(lung_map, axis=(1, 2))
+    # A few slices at a time: count_nonzero over axes makes a boolean copy of what it counts.
+    per_slice = np.zeros(lung_map.shape[0], dtype=np.int64)
+    for start in range(0, lung_map.shape[0], _LOCATION_CHUNK):
+        part = lung_map[start : start + _LOCATION_CHUNK]
+        per_slice[start : start + _LOCATION_CHUNK] = np.count_nonzero(part, axis=(1, 2))
     peak = int(per_slice.max()) if per_slice.size else 0
     if peak == 0:
         return 0.0, 0.0
