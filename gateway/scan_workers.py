@@ -80,10 +80,6 @@ _FRAME = struct.Struct("!Q")
 # One frame carries at most a DICOM file or an answer: room for the stream reader to buffer.
 _READ_LIMIT: Final = 16 * 1024 * 1024
 _PR_SET_PDEATHSIG: Final = 1
-# Files of a scan forwarded to its worker and not yet taken by its pipeline: past this the
-# serving process stops reading the client's stream (gRPC flow control holds the client back)
-# instead of the worker queueing every file of a fast upload (a 400-slice series is 200 MB).
-FILES_IN_FLIGHT: Final = 16
 # Workers run at this niceness: when the cores are busy with analysis, the kernel still gives
 # the serving process (gRPC, admission, refusals) the CPU the moment it wants it (CFS weight
 # 1024 against 110 per worker). Analysis loses nothing while the serving process idles.
@@ -353,11 +349,9 @@ class ScanWorkerPool:
         scan = self._scans
         ended = False
         worker.oom_kills_at_scan = oom_kills()
-        # A place per file forwarded, given back as the worker's pipeline takes the file.
-        window = asyncio.Semaphore(FILES_IN_FLIGHT)
         try:
             await worker.channel.send(("scan", scan, order))
-            answer = asyncio.ensure_future(self._answer(worker, scan, progress, window))
+            answer = asyncio.ensure_future(self._answer(worker, scan, progress))
             try:
                 # Each next file is awaited against the answer, so a worker that dies (or
                 # answers early) while the client is between files ends the scan at once.
@@ -383,8 +377,6 @@ class ScanWorkerPool:
                     except StopAsyncIteration:
                         break
                     if answer.done():
-                        break
-                    if not await _place(window, answer):
                         break
                     # Forwarding a file costs this loop a copy or two: during a burst of
                     # refusals it waits (bounded) so that the refusals go out first.
@@ -417,11 +409,7 @@ class ScanWorkerPool:
     # --- internals ---------------------------------------------------------------------------
 
     async def _answer(
-        self,
-        worker: _Worker,
-        scan: int,
-        progress: ProgressCallback | None,
-        window: asyncio.Semaphore,
+        self, worker: _Worker, scan: int, progress: ProgressCallback | None
     ) -> ScanAnswer:
         while True:
             message = await worker.inbox.get()
@@ -430,9 +418,7 @@ class ScanWorkerPool:
                 raise await self._death(worker)
             if message[1] != scan:
                 continue  # the tail of a scan stopped before (never expected; harmless)
-            if kind == "took":
-                window.release()
-            elif kind == "progress":
+            if kind == "progress":
                 if progress is not None:
                     progress(Progress(*message[2:]))
             elif kind == "answer":
@@ -604,21 +590,6 @@ class ScanWorkerPool:
         self._track(asyncio.ensure_future(notify()))
 
 
-async def _place(window: asyncio.Semaphore, answer: asyncio.Future[Any]) -> bool:
-    """Wait for a place in the window of files in flight; False if the answer came first."""
-    if not window.locked():
-        await window.acquire()
-        return True
-    place = asyncio.ensure_future(window.acquire())
-    try:
-        await asyncio.wait({place, answer}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not place.done():
-            place.cancel()
-            await asyncio.gather(place, return_exceptions=True)
-    return place.done() and not place.cancelled()
-
-
 def _exit_description(code: int | None) -> str:
     if code is None:
         return "still running"
@@ -757,8 +728,6 @@ async def _one_scan(
 
     async def inputs() -> AsyncIterator[tuple[str, bytes]]:
         while (content := await files.get()) is not None:
-            # Taken: the gateway may forward one more (FILES_IN_FLIGHT).
-            _tell(channel, ("took", scan))
             yield "", content
 
     def progress(event: Progress) -> None:
