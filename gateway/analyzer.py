@@ -294,6 +294,10 @@ class ScanAnalyzer:
                 order=() if prepared is None else prepared.intake.sorted_slots,
             )
             del image
+            if prepared is not None and prepared.plan == info.plan:
+                # The input is made and inferred: its in-plane slices are done with (the
+                # other network of MODEL_BOTH makes its own).
+                prepared.intake.release_planes()
             with clock.timed("postprocess"):
                 labels = await cpu_bound(_labels, info, outputs, geometry, volume, streamed_labels)
             probabilities, slice_probs, label_map, lesions = labels

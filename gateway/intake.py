@@ -203,6 +203,12 @@ class SeriesIntake:
         order = [slots[0]] * pad + list(slots) + [slots[-1]] * pad
         return np.stack([self.planes[slot] for slot in order])
 
+    def release_planes(self) -> None:
+        """Drop the in-plane slices once the model's input is made from them (25 MB at
+        512x512x400 for a 128x128 model), so postprocessing runs without them."""
+        self.planes.clear()
+        self._plane_rows = None
+
     async def finish(self) -> CtVolume:
         """Sort, check spacing and return the volume (EmptySeriesError if nothing arrived)."""
         started = time.perf_counter()
