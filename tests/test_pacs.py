@@ -204,7 +204,11 @@ def test_a_pacs_that_never_answers_does_not_slow_the_answers(
         silent_pacs=round(statistics.median(with_pacs), 3),
         ratio=round(statistics.median(with_pacs) / statistics.median(without), 3),
     )
-    assert statistics.median(with_pacs) <= 1.2 * statistics.median(without), (without, with_pacs)
+    # A wait for the peer would add the whole bound (1 s) to every answer; the pushing
+    # gateway's own extra work (SEG, SR, queueing the store) is far less. Half the bound keeps
+    # this a test of "no wait", not a ratio that a loaded machine's noise can break.
+    slower = statistics.median(with_pacs) - statistics.median(without)
+    assert slower < 0.5 * DEFAULT_WAIT_S, (without, with_pacs)
     # Seven pushes: two sending (held by the peer), five queued; none has ended yet.
     assert "ctjoint_pacs_pushes_in_flight 7.0" in scrape
 
