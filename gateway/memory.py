@@ -359,6 +359,9 @@ class FreedMemory:
             )
         )
         log.debug("malloc tuned for volume-sized arrays: %s", applied)
+        if applied:
+            global _TUNED
+            _TUNED = self
         return applied
 
     def free_bytes(self) -> int:
@@ -386,6 +389,17 @@ class FreedMemory:
         while True:
             await asyncio.sleep(FREED_CHECK_S)
             self.bound()
+
+
+# The process's FreedMemory once tuned (None: glibc's own behaviour, nothing to bound).
+_TUNED: FreedMemory | None = None
+
+
+def hand_back() -> bool:
+    """`FreedMemory.bound` for this process's tuned allocator; nothing when none was tuned.
+    For a step that frees much while it holds the event loop, where a worker's periodic
+    check cannot run (streaming's final copy frees its batches as it fills one array)."""
+    return _TUNED is not None and _TUNED.bound()
 
 
 def small_pages() -> bool:
@@ -435,6 +449,7 @@ __all__ = [
     "ScanMemory",
     "current_scan_memory",
     "default_budget_bytes",
+    "hand_back",
     "memory_limit_bytes",
     "oom_kills",
     "scan_memory",

@@ -23,7 +23,11 @@ import numpy as np
 
 from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
 from ctjoint.gateway.limits import cpu_bound
+from ctjoint.gateway.memory import hand_back
 from ctjoint.gateway.series import DUPLICATE_POSITION_MM, SPACING_RELATIVE_TOLERANCE
+
+# `finish` hands freed memory back every this many slices copied (gateway/memory.py).
+_HAND_BACK_EVERY = 64
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +278,9 @@ class StreamingInference:
                 every_cam = False
             elif cam is not None:
                 cam[i] = m
+            if i % _HAND_BACK_EVERY == _HAND_BACK_EVERY - 1:
+                # The batches copied so far are free: handed back now, not after the copy.
+                hand_back()
         if seg is None or cls is None:
             raise RuntimeError("a streamed scan finished without a slice")
         outputs = ModelOutputs(
