@@ -60,12 +60,12 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-# The deepsc3d weights bundled before issue 16 call the varied normal phantom of this seed CAP
-# (p=0.63 measured 2026-12-03; jcs2d gets it right once calibrated). Strict: the marker must go
-# once retrained weights label it right (tests/test_bundled_weights.py holds the targets).
+# The bundled deepsc3d (retrained on the varied training family) still calls the varied normal
+# phantom of this seed abnormal; jcs2d gets it right. Strict: the marker must go once the weights
+# label it right (tests/test_bundled_weights.py holds the targets).
 _NOT_YET_RETRAINED = pytest.mark.xfail(
     strict=True,
-    reason="issue 16: bundled weights not yet retrained on the varied phantoms (docs/models.md)",
+    reason="issue 16: bundled deepsc3d calls this normal phantom abnormal (docs/models.md)",
 )
 CASES = [
     pytest.param(model, kind, marks=_NOT_YET_RETRAINED)
