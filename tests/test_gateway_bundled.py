@@ -17,7 +17,6 @@ from gateway_process import GatewayProcess, ctjoint
 
 from ctjoint.contracts import (
     CASE_SERIES_DIR,
-    MODEL_DEEPSC3D,
     MODEL_NAMES,
     default_model_dir,
     onnx_path,
@@ -60,20 +59,7 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-# The bundled deepsc3d (retrained on the varied training family) still calls the varied normal
-# phantom of this seed abnormal; jcs2d gets it right. Strict: the marker must go once the weights
-# label it right (tests/test_bundled_weights.py holds the targets).
-_NOT_YET_RETRAINED = pytest.mark.xfail(
-    strict=True,
-    reason="issue 16: bundled deepsc3d calls this normal phantom abnormal (docs/models.md)",
-)
-CASES = [
-    pytest.param(model, kind, marks=_NOT_YET_RETRAINED)
-    if (model, kind) == (MODEL_DEEPSC3D, "normal")
-    else pytest.param(model, kind)
-    for model in MODEL_NAMES
-    for kind in KINDS
-]
+CASES = [pytest.param(model, kind) for model in MODEL_NAMES for kind in KINDS]
 
 
 @pytest.mark.slow
