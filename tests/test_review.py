@@ -106,7 +106,7 @@ def test_location_rules_fire_above_their_limits_only_with_enough_lesion() -> Non
     policy = ReviewPolicy()
     heart = _signals(lesion_ml=39.0, between_fraction=0.9)
     assert review_of(heart, "deepsc3d", policy).reasons == (LESION_AT_HEART_OR_DIAPHRAGM,)
-    outside = _signals(lesion_ml=10.0, outside_fraction=0.9)
+    outside = _signals(lesion_ml=10.0, outside_fraction=policy.max_outside_fraction + 0.05)
     assert review_of(outside, "deepsc3d", policy).reasons == (LESION_OUTSIDE_LUNGS,)
     tiny = _signals(lesion_ml=policy.min_lesion_ml / 2, between_fraction=1.0)
     assert review_of(tiny, "deepsc3d", policy).needed is False
