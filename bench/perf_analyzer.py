@@ -25,7 +25,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ctjoint.bench import host_facts
+from ctjoint.bench import host_facts, write_doc_block
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, TRITON_TARGET_CPU, repo_root
 from ctjoint.export.triton_perf import PerfAnalyzerError, PerfReport, run_perf_analyzer
 from ctjoint.gateway.backends.triton import REQUEST_SLICES
@@ -139,12 +139,7 @@ def doc_lines(
 
 def write_doc(path: Path, lines: Sequence[str]) -> None:
     """Replace the block between DOC_BEGIN and DOC_END of `path` with `lines`."""
-    text = path.read_text(encoding="utf-8")
-    start, end = text.find(DOC_BEGIN), text.find(DOC_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"{path}: no {DOC_BEGIN} ... {DOC_END} block to write into")
-    block = "\n".join([DOC_BEGIN, *lines, DOC_END])
-    path.write_text(text[:start] + block + text[end + len(DOC_END) :], encoding="utf-8")
+    write_doc_block(path, DOC_BEGIN, DOC_END, lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,7 +44,7 @@ from gateway_process import GatewayProcess, scans_by_code
 from lean_burst import fire, h2load_path
 from reliability_helpers import cpu_seconds
 
-from ctjoint.bench import host_facts
+from ctjoint.bench import host_facts, write_doc_block
 from ctjoint.contracts import MODEL_JCS2D, MODEL_NAMES
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
@@ -100,12 +100,7 @@ def doc_lines(
 
 def write_doc(path: Path, lines: Sequence[str]) -> None:
     """Replace the block between DOC_BEGIN and DOC_END of `path` with `lines`."""
-    text = path.read_text(encoding="utf-8")
-    start, end = text.find(DOC_BEGIN), text.find(DOC_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"{path}: no {DOC_BEGIN} ... {DOC_END} block to write into")
-    block = "\n".join([DOC_BEGIN, *lines, DOC_END])
-    path.write_text(text[:start] + block + text[end + len(DOC_END) :], encoding="utf-8")
+    write_doc_block(path, DOC_BEGIN, DOC_END, lines)
 
 
 async def burst(

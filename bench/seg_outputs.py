@@ -32,6 +32,7 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 
+from ctjoint.bench import write_doc_block
 from ctjoint.contracts import SEG_CONSOLIDATION, SEG_GROUND_GLASS
 from ctjoint.export.phantom import write_phantom_case
 from ctjoint.gateway.analysis import ScanAnalysis, analyze_directory
@@ -213,13 +214,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_doc(path: Path, lines: list[str]) -> None:
-    """Replace the block between DOC_BEGIN and DOC_END in `path` with `lines`."""
-    text = path.read_text(encoding="utf-8")
-    start, end = text.find(DOC_BEGIN), text.find(DOC_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"{path}: no {DOC_BEGIN} ... {DOC_END} block to write into")
-    block = "\n".join([DOC_BEGIN, *lines, DOC_END])
-    path.write_text(text[:start] + block + text[end + len(DOC_END) :], encoding="utf-8")
+    """Replace the block between DOC_BEGIN and DOC_END of `path` with `lines`."""
+    write_doc_block(path, DOC_BEGIN, DOC_END, lines)
 
 
 if __name__ == "__main__":

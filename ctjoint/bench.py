@@ -439,6 +439,17 @@ def parse_concurrency(text: str) -> list[int]:
     return sorted(set(levels))
 
 
+def write_doc_block(path: Path, begin: str, end: str, lines: Sequence[str]) -> None:
+    """Replace the block between the marker lines `begin` and `end` of a docs page with
+    `lines`: how the benchmark scripts write their tables into docs/ (never typed by hand)."""
+    text = path.read_text(encoding="utf-8")
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise SystemExit(f"{path}: no {begin} ... {end} block to write into")
+    block = "\n".join([begin, *lines, end])
+    path.write_text(text[:start] + block + text[stop + len(end) :], encoding="utf-8")
+
+
 def host_facts() -> dict[str, Any]:
     """Where the figures were taken: CPU model, cores, load, Python."""
     cpu = platform.processor() or platform.machine()
