@@ -25,7 +25,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ctjoint.bench import host_facts, write_doc_block
+from ctjoint.bench import host_facts, host_line, write_doc_block
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, TRITON_TARGET_CPU, repo_root
 from ctjoint.export.triton_perf import PerfAnalyzerError, PerfReport, run_perf_analyzer
 from ctjoint.gateway.backends.triton import REQUEST_SLICES
@@ -128,12 +128,7 @@ def doc_lines(
                 f"| {row.throughput_per_s * report.batch:.1f} {UNIT[report.model]} "
                 f"| {row.p50_latency_ms:.1f} / {row.p99_latency_ms:.1f} | {through} |"
             )
-    load = host.get("load_average") or ["?"]
-    lines += [
-        "",
-        f"{host.get('cpu')}, {host.get('cores')} cores, 1-min load {load[0]} at start, "
-        f"{load_end:.2f} at end; the CPU tritonserver of `make triton-runtime`.",
-    ]
+    lines += ["", f"{host_line(host, load_end)}; the CPU tritonserver of `make triton-runtime`."]
     return lines
 
 

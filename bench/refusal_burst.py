@@ -44,7 +44,7 @@ from gateway_process import GatewayProcess, scans_by_code
 from lean_burst import fire, h2load_path
 from reliability_helpers import cpu_seconds
 
-from ctjoint.bench import host_facts, write_doc_block
+from ctjoint.bench import host_facts, host_line, write_doc_block
 from ctjoint.contracts import MODEL_JCS2D, MODEL_NAMES
 from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
@@ -89,12 +89,7 @@ def doc_lines(
         lines.append(
             f"| {generator.name} | {generator.bursts} | {p50} | {slowest} | {generator.cpu} |"
         )
-    load = host.get("load_average") or ["?"]
-    lines += [
-        "",
-        f"Target: every refusal within {TARGET_MS:g} ms. {host.get('cpu')}, "
-        f"{host.get('cores')} cores, 1-min load {load[0]} at start, {load_end:.2f} at end.",
-    ]
+    lines += ["", f"Target: every refusal within {TARGET_MS:g} ms. {host_line(host, load_end)}."]
     return lines
 
 

@@ -450,6 +450,16 @@ def write_doc_block(path: Path, begin: str, end: str, lines: Sequence[str]) -> N
     path.write_text(text[:start] + block + text[stop + len(end) :], encoding="utf-8")
 
 
+def host_line(host: Mapping[str, Any], load_end: float) -> str:
+    """The footer of a benchmark's docs table: the CPU, its cores and the load around the run
+    (these machines are shared, so a figure says what else was running)."""
+    load = host.get("load_average") or ["?"]
+    return (
+        f"{host.get('cpu')}, {host.get('cores')} cores, 1-min load {load[0]} at start, "
+        f"{load_end:.2f} at end"
+    )
+
+
 def host_facts() -> dict[str, Any]:
     """Where the figures were taken: CPU model, cores, load, Python."""
     cpu = platform.processor() or platform.machine()

@@ -9,6 +9,7 @@ else is one implementation here, so the 2.5D and 3D networks cannot drift apart.
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import torch
@@ -26,7 +27,7 @@ from ctjoint.export.models.blocks import (
 )
 
 
-class JointNet(nn.Module):
+class JointNet(nn.Module, abc.ABC):
     """A joint segmentation + classification network (see the module docstring)."""
 
     # Spatial dimensions of the input: 2 (slices) or 3 (volumes).
@@ -40,15 +41,15 @@ class JointNet(nn.Module):
     pool_factor: int
     attention_prior: float
 
+    @abc.abstractmethod
     def _segment(
         self, image: torch.Tensor, decoded: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(seg logits on the input grid, logits the lesion attention is computed from)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _focus(self, bottleneck: torch.Tensor, coarse_attention: torch.Tensor) -> torch.Tensor:
         """The coarse features the classification head pools (and Grad-CAM explains)."""
-        raise NotImplementedError
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exported contract: (`seg_logits`, `cls_logits`)."""
