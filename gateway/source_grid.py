@@ -76,7 +76,7 @@ def inplane_labels(
             # Dense, as the shared definition does it.
             out[chunk] = np.argmax(np.matmul(ry, np.matmul(logits, rx.T)), axis=1)
         else:
-            out[chunk] = _upsample_labels(logits, *taps)
+            _upsample_into(out, chunk, logits, *taps)
     return out
 
 
@@ -102,19 +102,58 @@ def _two_taps(matrix: np.ndarray) -> _Taps | None:
     return first, second, w_first, w_second
 
 
-def _upsample_labels(logits: np.ndarray, taps_y: _Taps, taps_x: _Taps) -> np.ndarray:
-    """[n, K, H, W] logits -> [n, Y, X] labels; interpolates only where neighbours disagree."""
-    y0, y1, wy0, wy1 = taps_y
-    x0, x1, wx0, wx1 = taps_x
-    n, k, h, w = logits.shape
+def _upsample_into(
+    out: np.ndarray, rows: np.ndarray, logits: np.ndarray, taps_y: _Taps, taps_x: _Taps
+) -> None:
+    """Write the labels of source slices `rows` into `out` (zeros there), from their
+    [n, K, H, W] logits: only inside the box of the model cells that can give a lesion (a
+    lesion corner, or corners that disagree); background elsewhere is left as it is. The
+    lesions of a chest CT cover a small part of each slice: at 512x512x400 the upsampling
+    after the last file took 0.3 s over whole slices."""
+    y0, x0 = taps_y[0], taps_x[0]
     labels = np.argmax(logits, axis=1).astype(np.uint8)  # [n, H, W]
-    # A model cell (h..h+1, w..w+1) is mixed if its four labels differ. Every source pixel draws
-    # from one cell (its taps are adjacent), so only pixels in mixed cells need logits.
+    mixed = _mixed_cells(labels)
+    may_hold = (labels != 0) | mixed
+    cells_y = np.flatnonzero(may_hold.any(axis=(0, 2)))
+    if cells_y.size == 0:
+        return
+    cells_x = np.flatnonzero(may_hold.any(axis=(0, 1)))
+    # A source pixel takes its cell's label, or is interpolated in a mixed cell: outside the
+    # source rows and columns whose first tap falls among these cells it is background. The
+    # first taps ascend, so those rows and columns are one range each.
+    ys = slice(*np.searchsorted(y0, [cells_y[0], cells_y[-1] + 1]).tolist())
+    xs = slice(*np.searchsorted(x0, [cells_x[0], cells_x[-1] + 1]).tolist())
+    out[rows, ys, xs] = _upsample_labels(
+        logits, labels, mixed, _crop(taps_y, ys), _crop(taps_x, xs)
+    )
+
+
+def _crop(taps: _Taps, part: slice) -> _Taps:
+    """The taps of the output pixels in `part`."""
+    first, second, w_first, w_second = taps
+    return first[part], second[part], w_first[part], w_second[part]
+
+
+def _mixed_cells(labels: np.ndarray) -> np.ndarray:
+    """[n, H, W]: a model cell (h..h+1, w..w+1) is mixed if its four labels differ. Every
+    source pixel draws from one cell (its taps are adjacent), so only pixels in mixed cells
+    need logits."""
     edge = np.pad(labels, ((0, 0), (0, 1), (0, 1)), mode="edge")
     corner = edge[:, :-1, :-1]
     mixed = corner != edge[:, 1:, :-1]
     mixed |= corner != edge[:, :-1, 1:]
     mixed |= corner != edge[:, 1:, 1:]
+    return mixed
+
+
+def _upsample_labels(
+    logits: np.ndarray, labels: np.ndarray, mixed: np.ndarray, taps_y: _Taps, taps_x: _Taps
+) -> np.ndarray:
+    """[n, K, H, W] logits (with their argmax `labels` and `_mixed_cells`) -> [n, Y, X]
+    labels of the source pixels the taps give; interpolates only where neighbours disagree."""
+    y0, y1, wy0, wy1 = taps_y
+    x0, x1, wx0, wx1 = taps_x
+    n, k, h, w = logits.shape
     out = np.empty((n, len(y0), len(x0)), dtype=np.uint8)
     for start in range(0, n, _UPSAMPLE_CHUNK):
         stop = min(start + _UPSAMPLE_CHUNK, n)

@@ -7,12 +7,14 @@ import pytest
 
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
+    ResampleGeometry,
     context_stack,
     logits_to_source_labels,
     preprocess_volume,
     resample_labels,
     resample_matrix,
     resize_inplane,
+    source_label_map,
     window_normalise,
 )
 
@@ -97,3 +99,27 @@ def test_confident_lesion_slices_make_the_scan_abnormal_with_their_class() -> No
     scan = aggregate_slice_probabilities(probs)
     assert int(np.argmax(scan)) == 1
     assert abs(float(scan.sum()) - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("slices", [24, 64, 100, 400])
+def test_the_3d_depth_resampling_equals_the_dense_matrix_product(slices: int) -> None:
+    # Sparse sums of the source slices each depth slice covers, against the definition: the
+    # [depth, Z] matrix times the stacked planes (issue 22, point 4).
+    plan = PreprocessPlan.default("deepsc3d", height=16, width=12, depth=64)
+    planes = np.random.default_rng(slices).normal(size=(slices, 16, 12)).astype(np.float32)
+    image = plan.preprocessor().from_planes(planes)
+    dense = np.tensordot(resample_matrix(slices, 64, "area"), planes, axes=(1, 0))
+    assert image.shape == (1, 1, 64, 16, 12) and image.dtype == np.float32
+    np.testing.assert_allclose(image[0, 0], dense, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("slices", [24, 64, 400])
+def test_3d_labels_on_the_source_grid_equal_the_dense_definition_at_real_depths(
+    slices: int,
+) -> None:
+    logits = np.random.default_rng(slices).normal(size=(1, 3, 64, 6, 6)).astype(np.float32)
+    logits[0, 0, ::5] += 6.0  # lesion-free stretches of the model's depth
+    geometry = ResampleGeometry((slices, 12, 10), (64, 6, 6), "3d")
+    np.testing.assert_array_equal(
+        source_label_map(logits, geometry), logits_to_source_labels(logits, geometry)
+    )
