@@ -149,11 +149,11 @@ class SeriesIntake:
             self.planes.append(self._keep_plane(slot, inplane_slices(ct_slice.hu, self._plan)))
             preprocessed = time.perf_counter()
             self.preprocess_ms += (preprocessed - validated) * 1000.0
-        if self.lung_slices is not None:
-            self.lung_slices.add(slot, ct_slice.hu)
-            self.lungs_ms += (time.perf_counter() - preprocessed) * 1000.0
         normal = self._assembler.normal
         distance = float(np.dot(ct_slice.position, normal)) if normal is not None else 0.0
+        if self.lung_slices is not None:
+            self.lung_slices.add(slot, ct_slice.hu, distance)
+            self.lungs_ms += (time.perf_counter() - preprocessed) * 1000.0
         return slot, distance
 
     def label_slices(self, seg_logits: np.ndarray) -> list[np.ndarray | None]:

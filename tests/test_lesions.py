@@ -353,3 +353,83 @@ def test_lungs_that_release_the_air_codes_are_the_same_lungs() -> None:
     with pytest.raises(ValueError, match="no air codes"):
         released.lungs(order, volume.orientation)
     assert kept.lungs(order, volume.orientation).tolist() == expected.tolist()
+
+
+def _streamed_lungs(volume: CtVolume, arrival: np.ndarray, *, distances: bool) -> np.ndarray:
+    """The lungs from slices fed in `arrival` order (slice indices) as an intake feeds them:
+    slot = arrival number, with each slice's distance along the normal when `distances`."""
+    streamed = LungSlices()
+    for slot, index in enumerate(arrival):
+        distance = 2.5 * float(index) if distances else None
+        streamed.add(slot, volume.hu[index], distance)
+    slots = [int(s) for s in np.argsort(arrival)]
+    return streamed.lungs(slots, volume.orientation)
+
+
+@pytest.mark.parametrize("arrival", ["shuffled", "descending", "ascending"])
+@pytest.mark.parametrize("distances", [True, False], ids=["with-distance", "without"])
+@pytest.mark.parametrize("kind", ["covid19", "cap"])
+def test_lungs_of_slices_arriving_in_any_order_equal_the_whole_volume_definition(
+    kind: str, arrival: str, distances: bool
+) -> None:
+    # Links between adjacent slices are found as slices arrive (with distances) or at the end
+    # (without); awkward air makes them decide which pockets are lungs (issue 22, point 1).
+    _, volume = _phantom(kind, 7)
+    volume = _awkward_air(volume)
+    n = volume.shape[0]
+    order = {
+        "shuffled": np.random.default_rng(5).permutation(n),
+        "descending": np.arange(n)[::-1],
+        "ascending": np.arange(n),
+    }[arrival]
+    expected = _whole_volume_lungs(volume)
+    assert np.array_equal(_streamed_lungs(volume, order, distances=distances), expected)
+
+
+def _random_air(seed: int, shape: tuple[int, int, int], sigma: float, fraction: float) -> CtVolume:
+    """Smoothed noise cut at a quantile: air pockets of every size, some joined to the image
+    border in-plane or through other slices, others enclosed."""
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), sigma)
+    hu = np.where(noise < np.quantile(noise, fraction), -1000.0, 40.0)
+    return CtVolume.from_array(hu.astype(np.float32), (2.5, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_lungs_of_random_air_equal_the_whole_volume_definition(seed: int) -> None:
+    volume = _random_air(seed, (12, 40, 48), sigma=1.0 + 0.4 * seed, fraction=0.35)
+    expected = _whole_volume_lungs(volume)
+    arrival = np.random.default_rng(100 + seed).permutation(volume.shape[0])
+    assert np.array_equal(_streamed_lungs(volume, arrival, distances=True), expected)
+    assert np.array_equal(segment_lungs(volume), expected)
+
+
+def test_slices_with_more_enclosed_pockets_than_a_byte_numbers_are_the_same_lungs() -> None:
+    # 31 x 31 one-pixel pockets a slice (codes past 255), columns of them joined through the
+    # slices, and a large pocket so the keep rule drops the small ones in some slices only.
+    hu = np.full((6, 64, 64), 40.0, dtype=np.float32)
+    hu[:, 1:63:2, 1:63:2] = -1000.0
+    hu[2:4, 1:63:2, 1:63:2] = 40.0
+    hu[:, 66 // 2 : 60, 40:62] = -900.0
+    volume = CtVolume.from_array(hu, (2.5, 1.0, 1.0))
+    expected = _whole_volume_lungs(volume)
+    assert expected.any() and not expected[:, 1:31:2, 1:31:2].any()
+    arrival = np.random.default_rng(3).permutation(6)
+    assert np.array_equal(_streamed_lungs(volume, arrival, distances=True), expected)
+
+
+def test_a_slice_arriving_between_two_linked_slices_unlinks_them() -> None:
+    """Slices 0 and 2 arrive first, adjacent then, their pockets overlapping; slice 1 lands
+    between them later. Slice 2's pocket reaches the outside through slice 3; slice 0's pocket
+    is its own component and stays lung, which it would not if 0 and 2 were still linked."""
+    hu = np.zeros((5, 16, 16), dtype=np.float32)
+    hu[:, :2] = -1000.0  # outside air along the top edge of every slice
+    hu[:, 10:14, 10:14] = -900.0  # a lung through every slice
+    hu[0, 5:9, 5:9] = -1000.0
+    hu[2, 5:9, 5:9] = -1000.0
+    hu[3, 2:9, 5:9] = -1000.0  # a channel from the edge over slice 2's pocket
+    volume = CtVolume.from_array(hu, (1.0, 1.0, 1.0))
+    expected = _whole_volume_lungs(volume)
+    assert expected[0, 5:9, 5:9].all() and not expected[2, 5:9, 5:9].any()
+    for arrival in ([0, 2, 4, 3, 1], [2, 0, 1, 4, 3], [4, 0, 2, 1, 3]):
+        lungs = _streamed_lungs(volume, np.array(arrival), distances=True)
+        assert np.array_equal(lungs, expected), arrival
