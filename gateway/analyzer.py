@@ -305,19 +305,24 @@ class ScanAnalyzer:
             model_cam, model_ms = outputs.cam, outputs.model_ms
             del outputs, labels
             done, lungs = await quantify_lungs(
-                air, label_map, volume, lung_slices=lung_slices, order=order
+                air,
+                label_map,
+                volume,
+                lung_slices=lung_slices,
+                order=order,
+                # The networks of MODEL_BOTH share the air lungs: each writes into a copy.
+                keep_air=prepared is not None and prepared.air is not None,
             )
         # Busy time: the air step overlapped inference.
         clock.add("postprocess", done.ms + lungs.ms)
         with clock.timed("postprocess"):
             label = CLASS_NAMES[int(np.argmax(probabilities))]
-            signals = await cpu_bound(
-                measure,
+            # From what the quantifier counted: no pass over a volume.
+            signals = measure(
                 label=label,
                 probabilities=dict(zip(CLASS_NAMES, probabilities.tolist(), strict=True)),
-                label_map=label_map,
-                air_lungs=done.lungs,
-                lung_map=lungs.lung_map,
+                location=lungs.location,
+                slice_lung_voxels=lungs.slice_lung_voxels,
                 voxel_ml=volume.voxel_volume_ml,
                 spacing_mm=volume.spacing_mm,
                 slice_thickness_mm=volume.slice_thickness_mm,

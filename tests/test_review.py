@@ -29,8 +29,11 @@ from ctjoint.gateway.review import (
     ReviewSignals,
     combined,
     disagreement,
+    end_fractions,
     end_slice_fractions,
+    lesion_location,
     location_fractions,
+    measure,
     review_of,
 )
 from ctjoint.gateway.wire import result_to_proto
@@ -261,3 +264,64 @@ def test_location_fractions_by_chunks_equal_the_whole_volume_rule() -> None:
     assert result == _plain_location_fractions(labels, lungs)
     assert result[0] > 0 and result[1] > 0 and result[2] == int(np.count_nonzero(labels))
     assert location_fractions(np.zeros_like(labels), lungs) == (0.0, 0.0, 0)
+
+
+@pytest.mark.parametrize("case", ["scattered", "edges", "one-lung", "left-first", "no-lungs"])
+def test_the_location_rule_from_the_lesion_rows_equals_the_whole_volume_rule(case: str) -> None:
+    rng = np.random.default_rng(8)
+    shape = (12, 30, 40)
+    # Lungs as pixel noise: rows where each lung starts, stops and starts again.
+    lungs = (rng.random(shape) < 0.2) * rng.integers(1, 3, shape)
+    if case == "one-lung":
+        lungs[lungs == 2] = 0
+    elif case == "left-first":
+        lungs = np.zeros(shape, dtype=np.int64)
+        lungs[:, 5:25, 28:36] = 1
+        lungs[:, 5:25, 4:12] = 2
+    elif case == "no-lungs":
+        lungs[:] = 0
+    lungs = lungs.astype(np.uint8)
+    labels = ((rng.random(shape) < 0.15) * rng.integers(1, 3, shape)).astype(np.uint8)
+    if case == "edges":
+        labels[:] = 0
+        labels[:, :, [0, -1]] = 1
+        labels[:, [0, -1], :] = 2
+    found = np.nonzero(labels)
+    order = rng.permutation(found[0].size)  # any order of the voxels
+    located = lesion_location(lungs, *(axis[order] for axis in found))
+    assert located == _plain_location_fractions(labels, lungs)
+    assert location_fractions(labels, lungs) == located
+    if case in ("scattered", "left-first"):
+        assert located[1] > 0  # some lesion voxels are between the lungs
+
+
+def test_measure_from_the_quantifiers_counts_gives_the_signals_of_the_maps() -> None:
+    lungs = _two_lungs()
+    lungs[0, 2:4] = 0  # a smaller first slice
+    lesion = np.zeros_like(lungs)
+    lesion[1, 4:6, 5:7] = 2
+    lesion[2, 3, 2] = 1
+    slice_voxels = np.count_nonzero(lungs, axis=(1, 2))
+    assert end_fractions(slice_voxels) == end_slice_fractions(lungs)
+    assert end_fractions(np.zeros(3, dtype=np.int64)) == end_slice_fractions(np.zeros_like(lungs))
+    signals = measure(
+        label="covid19",
+        probabilities={"covid19": 0.9, "cap": 0.05, "normal": 0.05},
+        location=location_fractions(lesion, lungs),
+        slice_lung_voxels=slice_voxels,
+        voxel_ml=0.5,
+        spacing_mm=(2.0, 0.7, 0.7),
+        slice_thickness_mm=3.0,
+    )
+    first, last = end_slice_fractions(lungs)
+    assert signals == ReviewSignals(
+        confidence=0.9,
+        lesion_ml=5 * 0.5,
+        outside_fraction=0.0,
+        between_fraction=4 / 5,
+        lung_ml=int(np.count_nonzero(lungs)) * 0.5,
+        first_slice_lung_fraction=first,
+        last_slice_lung_fraction=last,
+        slice_mm=3.0,
+    )
+    assert (first, last) == (24 / 36, 1.0)
