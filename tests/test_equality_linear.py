@@ -11,7 +11,7 @@ from dicom_factory import chest_volume
 from scipy import ndimage
 from test_review import _plain_location_fractions
 
-from ctjoint.contracts import LUNG_LEFT, LUNG_RIGHT, SEG_CLASS_NAMES
+from ctjoint.contracts import LESION_CLASS_NAMES, LUNG_LEFT, LUNG_RIGHT, SEG_CLASS_NAMES
 from ctjoint.export.phantom import generate_phantom
 from ctjoint.gateway.analysis import source_label_map
 from ctjoint.gateway.lesions import (
@@ -33,6 +33,7 @@ from ctjoint.gateway.quantify import (
     LesionVoxels,
     LungQuantities,
     air_lungs,
+    lesion_statistics,
     lesions_in_lungs,
     lungs_with_lesions,
     quantify_lungs,
@@ -252,3 +253,14 @@ def test_lesion_voxels_are_those_np_nonzero_finds_in_its_order(layout: str) -> N
     for found, plain in zip((voxels.z, voxels.y, voxels.x), expected, strict=True):
         np.testing.assert_array_equal(found, plain)
     np.testing.assert_array_equal(voxels.values, labels[expected])
+
+
+@pytest.mark.parametrize("case", ["phantom-covid19-3", "random", "none"])
+def test_lesion_statistics_count_each_class_per_slice_as_the_plain_masks_do(case: str) -> None:
+    volume, labels = _lesion_case(case)
+    statistics = lesion_statistics(labels, volume)
+    for name in LESION_CLASS_NAMES:
+        per_slice = np.count_nonzero(labels == SEG_CLASS_NAMES.index(name), axis=(1, 2))
+        assert statistics.slice_pixels[name] == tuple(int(v) for v in per_slice)
+        assert statistics.voxels[name] == int(per_slice.sum())
+    assert statistics.voxel_volume_ml == volume.voxel_volume_ml
