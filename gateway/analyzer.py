@@ -35,7 +35,13 @@ from ctjoint.gateway.preprocess import (
     ResampleGeometry,
     context_view,
 )
-from ctjoint.gateway.quantify import AirLungs, air_lungs, lesion_statistics, quantify_lungs
+from ctjoint.gateway.quantify import (
+    AirLungs,
+    LesionVoxels,
+    air_lungs,
+    lesion_statistics,
+    quantify_lungs,
+)
 from ctjoint.gateway.result import (
     LesionStatistics,
     ScanResult,
@@ -300,7 +306,7 @@ class ScanAnalyzer:
                 prepared.intake.release_planes()
             with clock.timed("postprocess"):
                 labels = await cpu_bound(_labels, info, outputs, geometry, volume, streamed_labels)
-            probabilities, slice_probs, label_map, lesions = labels
+            probabilities, slice_probs, label_map, voxels, lesions = labels
             # The label map holds what the logits said: they go (79 MB at 400 2.5D slices).
             model_cam, model_ms = outputs.cam, outputs.model_ms
             del outputs, labels
@@ -312,6 +318,7 @@ class ScanAnalyzer:
                 order=order,
                 # The networks of MODEL_BOTH share the air lungs: each writes into a copy.
                 keep_air=prepared is not None and prepared.air is not None,
+                voxels=voxels,
             )
         # Busy time: the air step overlapped inference.
         clock.add("postprocess", done.ms + lungs.ms)
@@ -432,7 +439,7 @@ class _Prepared:
     air: asyncio.Task[AirLungs] | None = None
 
 
-_Labels = tuple[np.ndarray, np.ndarray | None, np.ndarray, LesionStatistics]
+_Labels = tuple[np.ndarray, np.ndarray | None, np.ndarray, LesionVoxels, LesionStatistics]
 
 
 def _labels(
@@ -442,15 +449,16 @@ def _labels(
     volume: CtVolume,
     known: dict[int, np.ndarray | None] | None = None,
 ) -> _Labels:
-    """Probabilities (scan and, for 2.5D, per slice), the source-grid label map and lesion
-    statistics. `known`: label maps of 2.5D slices made while the series streamed in (None:
-    no lesion), by slice."""
+    """Probabilities (scan and, for 2.5D, per slice), the source-grid label map, its lesion
+    voxels and lesion statistics. `known`: label maps of 2.5D slices made while the series
+    streamed in (None: no lesion), by slice."""
     preprocessor = info.plan.preprocessor()
     probabilities, slice_probs = preprocessor.scan_probabilities(
         softmax(outputs.cls_logits, axis=1)
     )
     label_map = preprocessor.to_source(outputs.seg_logits, geometry, known)
-    return probabilities, slice_probs, label_map, lesion_statistics(label_map, volume)
+    voxels = LesionVoxels.of(label_map)
+    return probabilities, slice_probs, label_map, voxels, lesion_statistics(voxels, volume)
 
 
 __all__ = [

@@ -258,7 +258,7 @@ def test_lesion_voxels_are_those_np_nonzero_finds_in_its_order(layout: str) -> N
 @pytest.mark.parametrize("case", ["phantom-covid19-3", "random", "none"])
 def test_lesion_statistics_count_each_class_per_slice_as_the_plain_masks_do(case: str) -> None:
     volume, labels = _lesion_case(case)
-    statistics = lesion_statistics(labels, volume)
+    statistics = lesion_statistics(LesionVoxels.of(labels), volume)
     for name in LESION_CLASS_NAMES:
         per_slice = np.count_nonzero(labels == SEG_CLASS_NAMES.index(name), axis=(1, 2))
         assert statistics.slice_pixels[name] == tuple(int(v) for v in per_slice)
