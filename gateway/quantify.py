@@ -3,7 +3,9 @@
 One implementation for the gateway, `ctjoint analyze` and the tests (`quantify`). The lungs'
 air segmentation needs only HU, so an analysis starts it (`air_lungs`) while the model runs,
 from the per-slice work its intake did as files arrived (gateway/lesions.py `LungSlices`);
-`quantify_lungs` then adds the model's lesions. The method and its rules: gateway/lesions.py.
+`quantify_lungs` then adds the model's lesions, from their voxels alone (`lesions_in_lungs`:
+work in proportion to the lesions, not to the scan). The method and its rules:
+gateway/lesions.py.
 """
 
 from __future__ import annotations
