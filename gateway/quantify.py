@@ -343,18 +343,6 @@ def _lung_statistics(
     return tuple(sides)
 
 
-def lungs_with_lesions(
-    air: np.ndarray, label_map: np.ndarray, midlines: np.ndarray, volume: CtVolume
-) -> np.ndarray:
-    """`segment_lungs(volume, label_map)` from `air = segment_lungs(volume)`, exactly, written
-    into `air`: the lesion voxels outside the air lungs, each on its side of the midline."""
-    voxels = LesionVoxels.of(label_map)
-    outside = air[voxels.z, voxels.y, voxels.x] == 0
-    z, y, x = voxels.z[outside], voxels.y[outside], voxels.x[outside]
-    air[z, y, x] = _sides_at(x, midlines[z], volume.orientation)
-    return air
-
-
 Guess = tuple[np.ndarray, tuple[slice, slice, slice], np.ndarray]
 
 
@@ -404,7 +392,6 @@ __all__ = [
     "air_lungs",
     "lesion_statistics",
     "lesions_in_lungs",
-    "lungs_with_lesions",
     "peripheral_checked",
     "peripheral_guess",
     "quantify",

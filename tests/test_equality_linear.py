@@ -35,7 +35,6 @@ from ctjoint.gateway.quantify import (
     air_lungs,
     lesion_statistics,
     lesions_in_lungs,
-    lungs_with_lesions,
     quantify_lungs,
 )
 from ctjoint.gateway.series import CtVolume
@@ -205,9 +204,6 @@ def test_lesions_in_lungs_equal_segment_lungs_and_lung_statistics(case: str) -> 
     written = lesions.added_to(air.lungs)
     assert written is air.lungs
     np.testing.assert_array_equal(written, plain_map)
-    np.testing.assert_array_equal(
-        lungs_with_lesions(plain_air.copy(), labels, air.midlines, volume), plain_map
-    )
 
 
 @pytest.mark.parametrize("keep_air", [False, True])

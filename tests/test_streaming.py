@@ -43,7 +43,12 @@ from ctjoint.gateway.preprocess import (
     source_label_map,
     window_normalise,
 )
-from ctjoint.gateway.quantify import lungs_with_lesions, peripheral_checked, peripheral_guess
+from ctjoint.gateway.quantify import (
+    air_lungs,
+    lesions_in_lungs,
+    peripheral_checked,
+    peripheral_guess,
+)
 from ctjoint.gateway.series import CtVolume
 
 SLICES = 24
@@ -268,10 +273,9 @@ def test_lesions_added_to_precomputed_air_lungs_give_the_lungs_of_segment_lungs(
     labels = np.zeros(volume.shape, dtype=np.uint8)
     labels[2:6, 20:30, 8:24] = 1  # reaches from the right lung into the body wall
     labels[7:9, 40:50, 36:60] = 2  # from the left lung out into the air beside the body
-    air = segment_lungs(volume)
-    assert np.count_nonzero((labels > 0) & (air == 0)) > 0  # lesion voxels outside the air
-    midlines = LungSlices.of(volume.hu).midlines(range(volume.shape[0]))
-    combined = lungs_with_lesions(air.copy(), labels, midlines, volume)
+    air = air_lungs(volume)
+    assert np.count_nonzero((labels > 0) & (air.lungs == 0)) > 0  # lesion voxels outside the air
+    combined = lesions_in_lungs(air, labels, volume).added_to(air.lungs)
     assert np.array_equal(combined, segment_lungs(volume, labels))
 
 
