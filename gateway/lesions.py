@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final, NamedTuple
 
 import numpy as np
@@ -720,18 +720,39 @@ def lung_statistics(
     label_map: np.ndarray, lungs: np.ndarray, volume: CtVolume
 ) -> tuple[LungStatistics, ...]:
     """Volumes, lesion volumes, involvement and zones of each lung (right, left)."""
-    voxel_ml = volume.voxel_volume_ml
-    # Slices ascend along the normal; the upper zone is at the end when the normal points to
-    # the head (+z in LPS, every axial series), at the start otherwise.
-    head_last = float(slice_normal(volume.orientation)[2]) >= 0.0
     # Per-lung figures need only the lungs' box (zones are cut by slice position relative to
     # the lung's own extent, which the crop does not change): a fifth of a chest CT's voxels.
     box = _box(lungs, grow_in_plane=0) or (slice(0, 0), slice(0, 0), slice(0, 0))
     counts = _side_counts(lungs[box], label_map[box])
+    sides = [counts[_RIGHT], counts[_LEFT]]
+    return statistics_of_counts(
+        np.stack([per_lung for per_lung, _, _ in sides]),
+        np.stack([per_lesion for _, per_lesion, _ in sides]),
+        {name: np.array([classes[name] for _, _, classes in sides]) for name in LESION_CLASS_NAMES},
+        volume,
+    )
+
+
+def statistics_of_counts(
+    per_lung: np.ndarray,
+    per_lesion: np.ndarray,
+    classes: Mapping[str, np.ndarray],
+    volume: CtVolume,
+) -> tuple[LungStatistics, ...]:
+    """`lung_statistics` from its counts: [2, Z] lung and lesion voxels per slice of the right
+    and the left lung, and each lesion class's voxels in each lung ([2])."""
+    voxel_ml = volume.voxel_volume_ml
+    # Slices ascend along the normal; the upper zone is at the end when the normal points to
+    # the head (+z in LPS, every axial series), at the start otherwise.
+    head_last = float(slice_normal(volume.orientation)[2]) >= 0.0
+    # Zone edges are rounded from slice positions within the lungs' slices: the counts are
+    # cropped to them, whatever slices they were counted over.
+    held = np.flatnonzero(per_lung.sum(axis=0))
+    box = slice(int(held[0]), int(held[-1]) + 1) if held.size else slice(0, 0)
     sides: list[LungStatistics] = []
-    for side_value, side_name in zip((_RIGHT, _LEFT), LUNG_SIDES, strict=True):
-        per_slice_lung, per_slice_lesion, class_voxels = counts[side_value]
-        classes = {name: class_voxels[name] * voxel_ml for name in LESION_CLASS_NAMES}
+    for side, side_name in enumerate(LUNG_SIDES):
+        per_slice_lung, per_slice_lesion = per_lung[side, box], per_lesion[side, box]
+        lesion_ml = {name: int(classes[name][side]) * voxel_ml for name in LESION_CLASS_NAMES}
         present = np.flatnonzero(per_slice_lung)
         zones: list[ZoneStatistics] = []
         for zone_index, zone_name in enumerate(ZONE_NAMES):
@@ -760,7 +781,7 @@ def lung_statistics(
             LungStatistics(
                 side=side_name,
                 volume_ml=lung_voxels * voxel_ml,
-                lesion_volume_ml=classes,
+                lesion_volume_ml=lesion_ml,
                 percent_involved=100.0 * lesion_in_side / lung_voxels if lung_voxels else 0.0,
                 zones=tuple(zones),
             )
@@ -782,4 +803,5 @@ __all__ = [
     "segment_lungs",
     "severity_score",
     "split_sides",
+    "statistics_of_counts",
 ]

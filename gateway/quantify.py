@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctjoint.contracts import LESION_CLASS_NAMES, LUNG_LEFT, LUNG_RIGHT, SEG_CLASS_NAMES
-from ctjoint.gateway.dicom_io import slice_normal
 from ctjoint.gateway.lesions import (
     LungSlices,
     after_leaving_lung,
@@ -26,16 +25,13 @@ from ctjoint.gateway.lesions import (
     peripheral_mask,
     peripheral_voxels,
     quantification_of,
-    severity_score,
+    statistics_of_counts,
 )
 from ctjoint.gateway.limits import cpu_bound
 from ctjoint.gateway.result import (
-    LUNG_SIDES,
-    ZONE_NAMES,
     LesionStatistics,
     LungStatistics,
     Quantification,
-    ZoneStatistics,
 )
 from ctjoint.gateway.review import lesion_location
 from ctjoint.gateway.series import CtVolume
@@ -281,66 +277,10 @@ def lesions_in_lungs(
     return LesionsInLungs(
         added=added,
         added_sides=sides[outside],
-        statistics=_lung_statistics(per_lung, per_lesion, classes, volume),
+        statistics=statistics_of_counts(per_lung, per_lesion, classes, volume),
         slice_lung_voxels=per_lung.sum(axis=0),
         location=lesion_location(air.lungs, z, y, x),
     )
-
-
-def _lung_statistics(
-    per_lung: np.ndarray,
-    per_lesion: np.ndarray,
-    classes: dict[str, np.ndarray],
-    volume: CtVolume,
-) -> tuple[LungStatistics, ...]:
-    """lesions.lung_statistics from its counts: [2, Z] lung and lesion voxels per slice of the
-    right and the left lung, and each lesion class's voxels in each lung."""
-    voxel_ml = volume.voxel_volume_ml
-    # Slices ascend along the normal; the upper zone is at the end when the normal points to
-    # the head (+z in LPS, every axial series), at the start otherwise.
-    head_last = float(slice_normal(volume.orientation)[2]) >= 0.0
-    # The counts of the lung map's box, as lung_statistics takes them: zone edges are rounded
-    # from slice positions within it.
-    held = np.flatnonzero(per_lung.sum(axis=0))
-    box = slice(int(held[0]), int(held[-1]) + 1) if held.size else slice(0, 0)
-    sides: list[LungStatistics] = []
-    for side, side_name in enumerate(LUNG_SIDES):
-        per_slice_lung, per_slice_lesion = per_lung[side, box], per_lesion[side, box]
-        lesion_classes = {name: int(classes[name][side]) * voxel_ml for name in LESION_CLASS_NAMES}
-        present = np.flatnonzero(per_slice_lung)
-        zones: list[ZoneStatistics] = []
-        for zone_index, zone_name in enumerate(ZONE_NAMES):
-            if present.size:
-                lo, hi = int(present[0]), int(present[-1]) + 1
-                edges = np.linspace(lo, hi, len(ZONE_NAMES) + 1)
-                third = len(ZONE_NAMES) - 1 - zone_index if head_last else zone_index
-                start, stop = round(edges[third]), round(edges[third + 1])
-                lung_v = int(per_slice_lung[start:stop].sum())
-                lesion_v = int(per_slice_lesion[start:stop].sum())
-            else:
-                lung_v = lesion_v = 0
-            percent = 100.0 * lesion_v / lung_v if lung_v else 0.0
-            zones.append(
-                ZoneStatistics(
-                    zone=zone_name,
-                    lung_volume_ml=lung_v * voxel_ml,
-                    lesion_volume_ml=lesion_v * voxel_ml,
-                    percent_involved=percent,
-                    severity=severity_score(percent),
-                )
-            )
-        lung_voxels = int(per_slice_lung.sum())
-        lesion_in_side = int(per_slice_lesion.sum())
-        sides.append(
-            LungStatistics(
-                side=side_name,
-                volume_ml=lung_voxels * voxel_ml,
-                lesion_volume_ml=lesion_classes,
-                percent_involved=100.0 * lesion_in_side / lung_voxels if lung_voxels else 0.0,
-                zones=tuple(zones),
-            )
-        )
-    return tuple(sides)
 
 
 Guess = tuple[np.ndarray, tuple[slice, slice, slice], np.ndarray]
