@@ -208,21 +208,24 @@ def _split(label_map: np.ndarray, piece: _Piece | None) -> list[_Piece]:
     for run in np.split(present, cuts):
         first, last = int(run[0]), int(run[-1]) + 1
         projection = lesion[first:last].max(axis=0) != 0
-        groups, _ = ndimage.label(projection, structure=np.ones((3, 3), dtype=bool))
+        # Labelled in the projection's own box (a 512x512 image costs about 2 ms a run).
+        r0, c0 = (int(np.argmax(projection.any(axis=axis))) for axis in (1, 0))
+        r1 = projection.shape[0] - int(np.argmax(projection.any(axis=1)[::-1]))
+        c1 = projection.shape[1] - int(np.argmax(projection.any(axis=0)[::-1]))
+        groups, _ = ndimage.label(projection[r0:r1, c0:c1], structure=np.ones((3, 3), bool))
         for label, found in enumerate(ndimage.find_objects(groups), start=1):
             if found is None:
                 continue
             mine = groups[found] == label
-            rows, columns = found
+            rows = slice(r0 + found[0].start, r0 + found[0].stop)
+            columns = slice(c0 + found[1].start, c0 + found[1].stop)
             inside = np.logical_and(lesion[first:last, rows, columns], mine)
             held = np.flatnonzero(inside.any(axis=(1, 2)))
+            start = box[0].start + first
             out.append(
                 _Piece(
                     (
-                        slice(
-                            box[0].start + first + int(held[0]),
-                            box[0].start + first + int(held[-1]) + 1,
-                        ),
+                        slice(start + int(held[0]), start + int(held[-1]) + 1),
                         slice(box[1].start + rows.start, box[1].start + rows.stop),
                         slice(box[2].start + columns.start, box[2].start + columns.stop),
                     ),
@@ -238,11 +241,14 @@ def _pieces(label_map: np.ndarray, plans: list[_Plan]) -> list[_Piece]:
     todo = _split(label_map, None)
     while todo:
         piece = todo.pop()
+        alone = _best(piece.lengths, plans)[1]
+        if alone < 2 * _NS_PIECE:  # two pieces would cost more
+            done.append(piece)
+            continue
         parts = _split(label_map, piece)
         if len(parts) == 1 and parts[0].box == piece.box:
             done.append(piece)
             continue
-        alone = _best(piece.lengths, plans)[1]
         if sum(_best(part.lengths, plans)[1] for part in parts) < alone:
             todo.extend(parts)
         else:
