@@ -44,7 +44,7 @@ _NS_FIRST_STEP: Final = 0.12
 _NS_LOOKUP: Final = 1.0
 _NS_SECOND_STEP: Final = 0.28
 _NS_THIRD_STEP: Final = 0.2
-_NS_PIECE: Final = 150_000.0
+_NS_PIECE: Final = 330_000.0
 # A float64 step costs about twice a float32 one.
 _WIDE: Final = 2.0
 # Most elements of pass 1's output in one piece: its float32 sums stay about 16 MB (a piece
