@@ -314,8 +314,6 @@ class ScanAnalyzer:
                 air,
                 label_map,
                 volume,
-                lung_slices=lung_slices,
-                order=order,
                 # The networks of MODEL_BOTH share the air lungs: each writes into a copy.
                 keep_air=prepared is not None and prepared.air is not None,
                 voxels=voxels,

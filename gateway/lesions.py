@@ -269,36 +269,6 @@ class LungSlices:
         self._edges.clear()
         self._pairs.clear()
 
-    def all_enclosed_air(
-        self, order: Sequence[int] | range
-    ) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
-        """Boolean [Z, Y, X]: every slice's enclosed air with its holes filled, and a box
-        outside which it is empty. It holds the air lungs (`lungs(order, ...) > 0`), and is
-        them unless the 3D step drops a pocket (noise, gas outside the lungs): a caller can
-        start on it before that step is done and take the dropped pockets out after."""
-        shape = (len(order), *self._shape)
-        out = np.zeros(shape, dtype=bool)
-        for index, slot in enumerate(order):
-            box, filled = self._boxes[slot], self._filled[slot]
-            if box is not None and filled is not None:
-                out[index][box] = filled
-        return out, self._union_box(order) or (slice(0, 0), slice(0, 0), slice(0, 0))
-
-    def _union_box(self, order: Sequence[int] | range) -> tuple[slice, slice, slice] | None:
-        """The box around every slice's (grown) enclosed-air box; None without enclosed air.
-        The slices' boxes have a free margin, so the union does too: filling holes inside it
-        fills the same holes as in the whole slice."""
-        boxes = [self._boxes[slot] for slot in order]
-        present = [i for i, b in enumerate(boxes) if b is not None]
-        found = [b for b in boxes if b is not None]
-        if not found:
-            return None
-        return (
-            slice(present[0], present[-1] + 1),
-            slice(min(b[0].start for b in found), max(b[0].stop for b in found)),
-            slice(min(b[1].start for b in found), max(b[1].stop for b in found)),
-        )
-
     def _edge_in(self, slot: int, rows: slice, columns: slice) -> np.ndarray:
         """Boolean window (rows, columns) of slice `slot`: its edge air."""
         kept_rows, kept_columns, bits = self._edges[slot]
@@ -627,48 +597,6 @@ def peripheral_mask(
     return _peripheral(lungs, label_map, spacing_mm)
 
 
-# Up to this many voxels leaving the lung are handled one by one (about 0.1 ms each at
-# 0.7 mm pixels); beyond, running the rule again is cheaper.
-_FEW_LEFT: Final = 64
-
-
-def after_leaving_lung(
-    peripheral: np.ndarray,
-    label_map: np.ndarray,
-    left: np.ndarray,
-    spacing_mm: tuple[float, float, float],
-) -> bool:
-    """Update `peripheral` (a `peripheral_mask`) in place for the voxels `left` ([N, 3]
-    indices) that are no longer lung; False, with nothing changed, when there are too many of
-    them (run the rule again then).
-
-    A lesion voxel's distance to the pleura is its distance to the nearest voxel outside the
-    lung, so with more voxels outside it is the smaller of the old distance and the distance
-    to the voxels that left. Each lesion voxel within `PERIPHERAL_MM` of one of those becomes
-    peripheral; nothing else changes. Lesion voxels count as lung whatever `left` says.
-    Distances are computed the way scipy's transform computes them, so the answer is the same.
-    """
-    points = left[label_map[tuple(left.T)] == 0] if len(left) else left
-    if len(points) > _FEW_LEFT:
-        return False
-    sampling = np.asarray(spacing_mm, dtype=np.float64)
-    reach = np.floor(PERIPHERAL_MM / sampling).astype(int)
-    shape = np.asarray(label_map.shape)
-    for point in points:
-        lo, hi = np.maximum(point - reach, 0), np.minimum(point + reach + 1, shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-        lesion = label_map[box] > 0
-        if not lesion.any():
-            continue
-        dz, dy, dx = (
-            ((np.arange(a, b, dtype=np.float64) - c) * s) ** 2
-            for a, b, c, s in zip(lo, hi, point, sampling, strict=True)
-        )
-        depth = np.sqrt(dz[:, None, None] + dy[None, :, None] + dx[None, None, :])
-        peripheral[box] |= lesion & (depth <= PERIPHERAL_MM)
-    return True
-
-
 def quantification_of(
     sides: tuple[LungStatistics, ...], *, lesion_voxels: int, peripheral: int
 ) -> Quantification:
@@ -794,7 +722,6 @@ __all__ = [
     "LUNG_THRESHOLD_HU",
     "PERIPHERAL_MM",
     "LungSlices",
-    "after_leaving_lung",
     "bounding_box",
     "lung_statistics",
     "peripheral_mask",

@@ -20,14 +20,12 @@ import numpy as np
 from ctjoint.contracts import LESION_CLASS_NAMES, LUNG_LEFT, LUNG_RIGHT, SEG_CLASS_NAMES
 from ctjoint.gateway.lesions import (
     LungSlices,
-    after_leaving_lung,
     bounding_box,
-    peripheral_mask,
-    peripheral_voxels,
     quantification_of,
     statistics_of_counts,
 )
 from ctjoint.gateway.limits import cpu_bound
+from ctjoint.gateway.pleura import count_peripheral
 from ctjoint.gateway.result import (
     LesionStatistics,
     LungStatistics,
@@ -97,41 +95,25 @@ async def quantify_lungs(
     label_map: np.ndarray,
     volume: CtVolume,
     *,
-    lung_slices: LungSlices | None = None,
-    order: Sequence[int] | None = None,
     keep_air: bool = False,
     voxels: LesionVoxels | None = None,
 ) -> tuple[AirLungs, LungQuantities]:
     """The lungs with the model's lesions and their statistics, once `air` is done.
 
-    With the intake's `lung_slices`, the peripheral rule's distance transform starts on every
-    enclosed air pocket while the air step decides which are lungs; the pockets that step
-    drops are taken out after (`peripheral_checked`). The lesions are written into the air
-    lungs, which become the lung map, once nothing reads them any more; with `keep_air`
-    (another network's analysis reads them after) into a copy. `voxels`: the label map's
-    lesion voxels when a caller has found them already.
+    The peripheral rule (gateway/pleura.py) and the lesions' sides run side by side on the
+    air lungs. The lesions are written into the air lungs, which become the lung map, once
+    nothing reads them any more; with `keep_air` (another network's analysis reads them
+    after) into a copy. `voxels`: the label map's lesion voxels when a caller has found them
+    already.
     """
+    done = await air
+    started = time.perf_counter()
     async with task_group() as tasks:
-        guess = None
-        if lung_slices is not None and order is not None:
-            guess = tasks.create_task(
-                cpu_bound(peripheral_guess, lung_slices, order, label_map, volume)
-            )
-        done = await air
-        started = time.perf_counter()
         sides = tasks.create_task(cpu_bound(lesions_in_lungs, done, label_map, volume, voxels))
-        if guess is not None:
-            peripheral = await cpu_bound(
-                peripheral_checked, done.lungs, await guess, label_map, volume
-            )
-            del guess  # its volume-sized masks are done with
-        else:
-            peripheral = await cpu_bound(
-                peripheral_voxels, done.lungs, label_map, volume.spacing_mm
-            )
+        peripheral = await cpu_bound(count_peripheral, done.lungs, label_map, volume.spacing_mm)
         lesions = await sides
-        # Written only now: the peripheral rule above reads the air lungs.
-        lung_map = await cpu_bound(lesions.added_to, done.lungs, copy=keep_air)
+    # Written only now: the peripheral rule above reads the air lungs.
+    lung_map = await cpu_bound(lesions.added_to, done.lungs, copy=keep_air)
     quantification = quantification_of(
         lesions.statistics, lesion_voxels=lesions.location[2], peripheral=peripheral
     )
@@ -151,9 +133,7 @@ def quantify(label_map: np.ndarray, volume: CtVolume) -> Quantification:
         slices = LungSlices.of(volume.hu)
         order = range(volume.shape[0])
         air = cpu_bound(air_lungs, volume, slices, order)
-        _, quantities = await quantify_lungs(
-            air, label_map, volume, lung_slices=slices, order=order
-        )
+        _, quantities = await quantify_lungs(air, label_map, volume)
         return quantities
 
     return asyncio.run(run()).quantification
@@ -283,31 +263,6 @@ def lesions_in_lungs(
     )
 
 
-Guess = tuple[np.ndarray, tuple[slice, slice, slice], np.ndarray]
-
-
-def peripheral_guess(
-    lung_slices: LungSlices, order: Sequence[int], label_map: np.ndarray, volume: CtVolume
-) -> Guess:
-    """The peripheral-rule mask if every enclosed air pocket were lung (`all_enclosed_air`,
-    which holds the air lungs), with that lung mask and its box, for `peripheral_checked`."""
-    guessed_lungs, box = lung_slices.all_enclosed_air(order)
-    return guessed_lungs, box, peripheral_mask(guessed_lungs, label_map, volume.spacing_mm)
-
-
-def peripheral_checked(
-    air: np.ndarray, guess: Guess, label_map: np.ndarray, volume: CtVolume
-) -> int:
-    """Peripheral lesion voxels of the real air lungs, from the guess: the pockets the 3D step
-    dropped leave the lung (`after_leaving_lung`); if there are many, the rule runs again."""
-    guessed_lungs, box, mask = guess
-    left = np.argwhere(guessed_lungs[box] & (air[box] == 0))
-    left += [part.start for part in box]
-    if not after_leaving_lung(mask, label_map, left, volume.spacing_mm):
-        mask = peripheral_mask(air, label_map, volume.spacing_mm)
-    return int(np.count_nonzero(mask))
-
-
 def lesion_statistics(found: LesionVoxels, volume: CtVolume) -> LesionStatistics:
     """Voxel counts per lesion class, per slice and in total, and the voxel volume in mL, from
     the label map's lesion voxels (masks of each class over every lesion slice took 0.05 s at
@@ -332,8 +287,6 @@ __all__ = [
     "air_lungs",
     "lesion_statistics",
     "lesions_in_lungs",
-    "peripheral_checked",
-    "peripheral_guess",
     "quantify",
     "quantify_lungs",
     "side_voxels",

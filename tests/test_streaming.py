@@ -32,7 +32,7 @@ from ctjoint.gateway import intake as intake_module
 from ctjoint.gateway.analysis import ScanAnalysis, ScanAnalyzer
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.errors import DuplicateSliceError, MixedSeriesError
-from ctjoint.gateway.lesions import LungSlices, peripheral_voxels, segment_lungs
+from ctjoint.gateway.lesions import segment_lungs
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
     ResampleGeometry,
@@ -46,8 +46,6 @@ from ctjoint.gateway.preprocess import (
 from ctjoint.gateway.quantify import (
     air_lungs,
     lesions_in_lungs,
-    peripheral_checked,
-    peripheral_guess,
 )
 from ctjoint.gateway.series import CtVolume
 
@@ -289,27 +287,6 @@ def test_label_maps_made_while_streaming_join_the_rest_into_the_whole_volume_map
     assert streamed[1] is None and streamed[0] is not None
     known = dict(enumerate(streamed))  # slices 3..5 were inferred after the last file
     assert np.array_equal(SliceStacks.to_source(logits, geometry, known), whole)
-
-
-def test_the_peripheral_count_started_on_all_enclosed_air_equals_that_of_the_air_lungs() -> None:
-    volume = CtVolume.from_array(chest_volume(12, 64, LESIONS), (2.5, 0.7, 0.7))
-    labels = np.zeros(volume.shape, dtype=np.uint8)
-    labels[4:8, 20:30, 12:24] = 1
-    slices = LungSlices.of(volume.hu)
-    order = range(volume.shape[0])
-    air = slices.lungs(order, volume.orientation)
-    guess = peripheral_guess(slices, order, labels, volume)
-    guessed_lungs, box, _ = guess
-    assert np.array_equal(guessed_lungs, air > 0)  # nothing dropped here
-    assert not guessed_lungs[~_inside(box, guessed_lungs.shape)].any()
-    exact = peripheral_voxels(air, labels, volume.spacing_mm)
-    assert peripheral_checked(air, guess, labels, volume) == exact
-
-
-def _inside(box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    mask[box] = True
-    return mask
 
 
 def test_a_failed_label_map_while_streaming_fails_the_scan_and_leaves_nothing_running(
