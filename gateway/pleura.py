@@ -358,13 +358,4 @@ def count_peripheral(lungs: np.ndarray, label_map: np.ndarray, spacing_mm: Spaci
     )
 
 
-def peripheral_lesions(lungs: np.ndarray, label_map: np.ndarray, spacing_mm: Spacing) -> np.ndarray:
-    """Boolean [Z, Y, X]: the peripheral lesion voxels, `lesions.peripheral_mask`'s answer
-    (for `lesions.after_leaving_lung`, which updates it in place)."""
-    out = np.zeros(label_map.shape, dtype=bool)
-    for box, near in _peripheral_pieces(lungs, label_map, spacing_mm):
-        out[box] |= near
-    return out
-
-
-__all__ = ["count_peripheral", "peripheral_lesions"]
+__all__ = ["count_peripheral"]
