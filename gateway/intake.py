@@ -94,7 +94,10 @@ class SeriesIntake:
         self.planes: list[np.ndarray] = []
         self._plane_rows: np.ndarray | None = None
         # The per-slice half of the lung segmentation, by arrival slot (only with a plan).
-        self.lung_slices: LungSlices | None = None if plan is None else LungSlices()
+        # With the count known, each slice's lungs are written into the lung map as it arrives.
+        self.lung_slices: LungSlices | None = (
+            None if plan is None else LungSlices(capacity=expected_slices)
+        )
 
     @property
     def count(self) -> int:

@@ -73,21 +73,10 @@ def air_lungs(
         lung_slices, order = LungSlices.of(volume.hu), range(volume.shape[0])
     # Nothing else needs the per-slice air codes (a slice's worth of bytes per slice): freed
     # once read, before the 3D labelling.
-    air = lung_slices.lungs(order, volume.orientation, release=True)
-    sides = side_voxels(air)
+    sides = np.zeros((2, len(order)), dtype=np.int64)
+    air = lung_slices.lungs(order, volume.orientation, release=True, side_voxels=sides)
     ms = (time.perf_counter() - started) * 1000.0
     return AirLungs(air, lung_slices.midlines(order), ms, sides)
-
-
-def side_voxels(lungs: np.ndarray) -> np.ndarray:
-    """[2, Z]: voxels of the right and of the left lung in each slice of a lung map."""
-    out = np.zeros((2, lungs.shape[0]), dtype=np.int64)
-    # Slice by slice, the empty ones skipped: counts over axes make a boolean copy of what
-    # they count (0.02-0.04 s at 512x512x400; 16 slices at a time, all of them: 0.07 s).
-    for z in np.flatnonzero(lungs.any(axis=(1, 2))):
-        right = np.count_nonzero(lungs[z] == LUNG_RIGHT)
-        out[0, z], out[1, z] = right, np.count_nonzero(lungs[z]) - right
-    return out
 
 
 async def quantify_lungs(
@@ -289,5 +278,4 @@ __all__ = [
     "lesions_in_lungs",
     "quantify",
     "quantify_lungs",
-    "side_voxels",
 ]

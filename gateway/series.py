@@ -332,7 +332,7 @@ class SeriesAssembler:
         volume = used if capacity == count else used.copy()
         # Index in `volume` of each arrival slot (reversed when filled from the end).
         rows = [count - 1 - r.slot if self._descending else r.slot for r in records]
-        _permute_in_place(volume, rows)
+        permute_in_place(volume, rows)
         row_spacing, col_spacing = first.pixel_spacing
         origin = records[0].position
         self.sorted_slots = tuple(r.slot for r in records)
@@ -523,7 +523,7 @@ def _check_plausible_spacing(spacing: float, first: CtSlice) -> None:
         )
 
 
-def _permute_in_place(volume: np.ndarray, slots: Sequence[int]) -> None:
+def permute_in_place(volume: np.ndarray, slots: Sequence[int]) -> None:
     """Reorder slices so that volume[i] becomes old volume[slots[i]], with one slice of scratch.
 
     Follows the permutation's cycles instead of `volume[slots]`, which would copy the series.

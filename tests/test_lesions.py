@@ -327,10 +327,16 @@ def test_lungs_that_release_the_air_codes_are_the_same_lungs() -> None:
     assert kept.lungs(order, volume.orientation).tolist() == expected.tolist()
 
 
-def _streamed_lungs(volume: CtVolume, arrival: np.ndarray, *, distances: bool) -> np.ndarray:
+def _streamed_lungs(
+    volume: CtVolume, arrival: np.ndarray, *, distances: bool, capacity: str = "none"
+) -> np.ndarray:
     """The lungs from slices fed in `arrival` order (slice indices) as an intake feeds them:
-    slot = arrival number, with each slice's distance along the normal when `distances`."""
-    streamed = LungSlices()
+    slot = arrival number, with each slice's distance along the normal when `distances`.
+    `capacity`: the slice count an intake was told ("exact"), none, a few too few ("short",
+    the slices past it kept aside) or too many ("long")."""
+    n = volume.shape[0]
+    told = {"none": None, "exact": n, "short": n - 3, "long": n + 5}[capacity]
+    streamed = LungSlices(capacity=told)
     for slot, index in enumerate(arrival):
         distance = 2.5 * float(index) if distances else None
         streamed.add(slot, volume.hu[index], distance)
@@ -338,11 +344,12 @@ def _streamed_lungs(volume: CtVolume, arrival: np.ndarray, *, distances: bool) -
     return streamed.lungs(slots, volume.orientation)
 
 
+@pytest.mark.parametrize("capacity", ["none", "exact", "short", "long"])
 @pytest.mark.parametrize("arrival", ["shuffled", "descending", "ascending"])
 @pytest.mark.parametrize("distances", [True, False], ids=["with-distance", "without"])
 @pytest.mark.parametrize("kind", ["covid19", "cap"])
 def test_lungs_of_slices_arriving_in_any_order_equal_the_whole_volume_definition(
-    kind: str, arrival: str, distances: bool
+    kind: str, arrival: str, distances: bool, capacity: str
 ) -> None:
     # Links between adjacent slices are found as slices arrive (with distances) or at the end
     # (without); awkward air makes them decide which pockets are lungs (issue 22, point 1).
@@ -355,7 +362,8 @@ def test_lungs_of_slices_arriving_in_any_order_equal_the_whole_volume_definition
         "ascending": np.arange(n),
     }[arrival]
     expected = _whole_volume_lungs(volume)
-    assert np.array_equal(_streamed_lungs(volume, order, distances=distances), expected)
+    streamed = _streamed_lungs(volume, order, distances=distances, capacity=capacity)
+    assert np.array_equal(streamed, expected)
 
 
 def _random_air(seed: int, shape: tuple[int, int, int], sigma: float, fraction: float) -> CtVolume:
@@ -372,6 +380,8 @@ def test_lungs_of_random_air_equal_the_whole_volume_definition(seed: int) -> Non
     expected = _whole_volume_lungs(volume)
     arrival = np.random.default_rng(100 + seed).permutation(volume.shape[0])
     assert np.array_equal(_streamed_lungs(volume, arrival, distances=True), expected)
+    written = _streamed_lungs(volume, arrival, distances=True, capacity="exact")
+    assert np.array_equal(written, expected)
     assert np.array_equal(segment_lungs(volume), expected)
 
 
@@ -387,6 +397,19 @@ def test_slices_with_more_enclosed_pockets_than_a_byte_numbers_are_the_same_lung
     assert expected.any() and not expected[:, 1:31:2, 1:31:2].any()
     arrival = np.random.default_rng(3).permutation(6)
     assert np.array_equal(_streamed_lungs(volume, arrival, distances=True), expected)
+    written = _streamed_lungs(volume, arrival, distances=True, capacity="exact")
+    assert np.array_equal(written, expected)
+
+
+def test_the_lung_map_written_as_slices_arrive_is_handed_out_once() -> None:
+    _, volume = _phantom("covid19", 7)
+    slices = LungSlices(capacity=volume.shape[0])
+    for index, plane in enumerate(volume.hu):
+        slices.add(index, plane, float(index))
+    order = range(volume.shape[0])
+    assert np.array_equal(slices.lungs(order, volume.orientation), segment_lungs(volume))
+    with pytest.raises(ValueError, match="handed out already"):
+        slices.lungs(order, volume.orientation)
 
 
 def test_a_slice_arriving_between_two_linked_slices_unlinks_them() -> None:

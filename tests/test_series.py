@@ -21,9 +21,9 @@ from ctjoint.gateway.errors import (
 from ctjoint.gateway.series import (
     CtVolume,
     SeriesAssembler,
-    _permute_in_place,
     list_series_files,
     load_series_dir,
+    permute_in_place,
 )
 
 
@@ -192,7 +192,7 @@ def test_in_place_permutation_matches_fancy_indexing() -> None:
     volume = rng.normal(size=(17, 3, 2)).astype(np.float32)
     slots = list(rng.permutation(17))
     expected = volume[slots]
-    _permute_in_place(volume, slots)
+    permute_in_place(volume, slots)
     np.testing.assert_array_equal(volume, expected)
 
 
