@@ -271,8 +271,11 @@ class Preprocessor(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def _lesion_slices(cls, seg_logits: np.ndarray, source_slices: int) -> np.ndarray:
-        """Indices of the source slices whose labels can be other than background."""
+    def _lesion_slices(
+        cls, seg_logits: np.ndarray, source_slices: int, among: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Indices of the source slices whose labels can be other than background, of
+        those in `among` (all: None)."""
 
     @classmethod
     @abc.abstractmethod
@@ -307,12 +310,14 @@ class Preprocessor(abc.ABC):
         slices labelled already (streaming), by index, None for one without lesion."""
         z, y, x = geometry.source_shape
         out = np.zeros((z, y, x), dtype=np.uint8)
-        rows = cls._lesion_slices(seg_logits, z)
+        among = None
         if known:
             for index, plane in known.items():
                 if plane is not None:
                     out[index] = plane
-            rows = rows[~np.isin(rows, list(known))]
+            # Known slices' logits are not read (streaming drops them once labelled).
+            among = np.flatnonzero(~np.isin(np.arange(z), list(known)))
+        rows = cls._lesion_slices(seg_logits, z, among)
         return inplane_labels(out, rows, cls._source_slice_logits(seg_logits, z))
 
     @classmethod
@@ -391,14 +396,17 @@ class SliceStacks(Preprocessor):
         return volume, None
 
     @classmethod
-    def _lesion_slices(cls, seg_logits: np.ndarray, source_slices: int) -> np.ndarray:
+    def _lesion_slices(
+        cls, seg_logits: np.ndarray, source_slices: int, among: np.ndarray | None = None
+    ) -> np.ndarray:
+        rows = np.arange(seg_logits.shape[0]) if among is None else among
         # 16 slices at a time: argmax's int64 result for every slice at once was 52 MB at
         # 400 slices of 128x128.
         found = [
-            np.argmax(seg_logits[start : start + 16], axis=1).any(axis=(1, 2))
-            for start in range(0, seg_logits.shape[0], 16)
+            np.argmax(seg_logits[rows[start : start + 16]], axis=1).any(axis=(1, 2))
+            for start in range(0, rows.size, 16)
         ]
-        return np.flatnonzero(np.concatenate(found)) if found else np.zeros(0, dtype=np.intp)
+        return rows[np.concatenate(found)] if found else np.zeros(0, dtype=np.intp)
 
     @classmethod
     def _source_slice_logits(
@@ -454,11 +462,14 @@ class WholeVolume(Preprocessor):
         return volume, resample_matrix(volume.shape[1], source_slices, "linear")
 
     @classmethod
-    def _lesion_slices(cls, seg_logits: np.ndarray, source_slices: int) -> np.ndarray:
+    def _lesion_slices(
+        cls, seg_logits: np.ndarray, source_slices: int, among: np.ndarray | None = None
+    ) -> np.ndarray:
         volume, rz = cls._on_source_z(seg_logits, source_slices)
         assert rz is not None
         model_lesion = np.argmax(volume, axis=0).any(axis=(1, 2))  # [D]
-        return np.flatnonzero((rz[:, model_lesion] > 0).any(axis=1))
+        rows = np.flatnonzero((rz[:, model_lesion] > 0).any(axis=1))
+        return rows if among is None else rows[np.isin(rows, among)]
 
     @classmethod
     def _source_slice_logits(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ctjoint.contracts import SEG_CLASS_NAMES
 from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
 from ctjoint.gateway.limits import cpu_bound
 from ctjoint.gateway.memory import hand_back
@@ -95,7 +96,8 @@ class StreamingInference:
         self._min_gap = float("inf")
         self._queued: set[StackKey] = set()
         self._pending: list[StackKey] = []
-        self._results: dict[StackKey, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+        # Seg logits (None once the stack is labelled), class logits and CAM by stack.
+        self._results: dict[StackKey, tuple[np.ndarray | None, np.ndarray, np.ndarray | None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._error: BaseException | None = None
         self._model_ms = 0.0
@@ -197,6 +199,12 @@ class StreamingInference:
     ) -> None:
         labels = await cpu_bound(slice_labels, seg_logits)
         self._labels.update(zip(keys, labels, strict=True))
+        # A labelled stack's seg logits are done with: the label map is made from the labels
+        # (79 MB of logits at 400 slices need not wait for the last file).
+        for key in keys:
+            result = self._results.get(key)
+            if result is not None:
+                self._results[key] = (None, result[1], result[2])
 
     def _label_done(self, task: asyncio.Task[None]) -> None:
         """A failed labelling fails the scan like a failed request (never lost silently)."""
@@ -255,12 +263,17 @@ class StreamingInference:
         # last use: a batch's arrays go once their slices are copied, instead of every batch
         # staying beside a stacked copy (79 MB of seg logits at 400 slices).
         last = {key: i for i, key in enumerate(keys)}
-        seg: np.ndarray | None = None
+        # Zeros where a slice's label map is known already (its logits were dropped): nothing
+        # reads those rows (`Preprocessor.to_source`), and their pages are never touched.
+        seg = np.zeros(
+            (n, len(SEG_CLASS_NAMES), *self._info.plan.preprocessor().grid()), dtype=np.float32
+        )
         cls: np.ndarray | None = None
         cam: np.ndarray | None = None
         every_cam = True
         for i, key in enumerate(keys):
             k = position.get(i)
+            s: np.ndarray | None
             if k is None or rest is None:
                 s, c_, m = self._results[key]
                 if last[key] == i:
@@ -268,12 +281,13 @@ class StreamingInference:
             else:
                 s, c_ = rest.seg_logits[k], rest.cls_logits[k]
                 m = None if rest.cam is None else rest.cam[k]
-            if seg is None or cls is None:
-                seg = np.empty((n, *s.shape), dtype=s.dtype)
+            if cls is None:
                 cls = np.empty((n, *c_.shape), dtype=c_.dtype)
                 if m is not None:
                     cam = np.empty((n, *m.shape), dtype=m.dtype)
-            seg[i], cls[i] = s, c_
+            if s is not None:
+                seg[i] = s
+            cls[i] = c_
             if m is None:
                 every_cam = False
             elif cam is not None:
@@ -281,7 +295,7 @@ class StreamingInference:
             if i % _HAND_BACK_EVERY == _HAND_BACK_EVERY - 1:
                 # The batches copied so far are free: handed back now, not after the copy.
                 hand_back()
-        if seg is None or cls is None:
+        if cls is None:
             raise RuntimeError("a streamed scan finished without a slice")
         outputs = ModelOutputs(
             seg_logits=seg,
