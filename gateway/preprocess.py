@@ -314,7 +314,9 @@ class Preprocessor(abc.ABC):
         if known:
             for index, plane in known.items():
                 if plane is not None:
-                    out[index] = plane
+                    # Only the rows that hold lesions: the others' pages stay untouched.
+                    held = np.flatnonzero(plane.any(axis=1))
+                    out[index, held[0] : held[-1] + 1] = plane[held[0] : held[-1] + 1]
             # Known slices' logits are not read (streaming drops them once labelled).
             among = np.flatnonzero(~np.isin(np.arange(z), list(known)))
         rows = cls._lesion_slices(seg_logits, z, among)
