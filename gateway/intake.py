@@ -155,7 +155,7 @@ class SeriesIntake:
         normal = self._assembler.normal
         distance = float(np.dot(ct_slice.position, normal)) if normal is not None else 0.0
         if self.lung_slices is not None:
-            self.lung_slices.add(slot, ct_slice.hu, distance)
+            self.lung_slices.add(slot, ct_slice.hu, distance, ct_slice.orientation)
             self.lungs_ms += (time.perf_counter() - preprocessed) * 1000.0
         return slot, distance
 

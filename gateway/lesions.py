@@ -135,6 +135,8 @@ class LungSlices:
         self._capacity = capacity
         self._out: np.ndarray | None = None
         self._handed_out = False
+        # Slots written with sides already: (row direction's x >= 0, right, left voxels).
+        self._sided: dict[int, tuple[bool, int, int]] = {}
         # By slot: a gateway fills slots in arrival order and sorts them at the end.
         # Each slice's air codes in its enclosed-air box (`_boxes`), None without enclosed
         # air: one byte a pixel while the slice has at most 254 enclosed components.
@@ -169,9 +171,17 @@ class LungSlices:
         """Step 4's midline column of the slices in `order`."""
         return np.array([self._midlines[slot] for slot in order], dtype=np.float64)
 
-    def add(self, slot: int, hu: np.ndarray, distance: float | None = None) -> None:
+    def add(
+        self,
+        slot: int,
+        hu: np.ndarray,
+        distance: float | None = None,
+        orientation: Sequence[float] | None = None,
+    ) -> None:
         """Take slice `slot` (HU [Y, X]); only what this slice tells is kept, not `hu`. With its
-        `distance` along the normal, what it tells its present neighbours is found now."""
+        `distance` along the normal, what it tells its present neighbours is found now; with
+        its `orientation` (the series'), its lungs go into the lung map by slot split into
+        sides already."""
         air = hu < LUNG_THRESHOLD_HU
         components, count = ndimage.label(air)
         edge = np.zeros(count + 1, dtype=bool)
@@ -219,7 +229,20 @@ class LungSlices:
         if box is not None and filled is not None and self._in_buffer(slot):
             if self._out is None:
                 self._out = np.zeros((self._capacity or 0, *codes.shape), dtype=np.uint8)
-            self._out[slot][box] = filled
+            window = self._out[slot][box]
+            window[...] = filled
+            if orientation is not None:
+                # Sides now (step 4 needs this slice's midline only); `lungs` keeps them when
+                # the series' orientation is this one and the keep rule drops nothing here.
+                counts = np.zeros((2, 1), dtype=np.int64)
+                _write_sides(
+                    self._out[slot][None],
+                    [(0, box, None)],
+                    np.array([self._midlines[slot]]),
+                    orientation,
+                    counts,
+                )
+                self._sided[slot] = (orientation[0] >= 0, int(counts[0, 0]), int(counts[1, 0]))
             filled = None  # held by the buffer
         self._filled[slot] = filled
         self._areas[slot] = areas
@@ -265,12 +288,39 @@ class LungSlices:
         midlines = self.midlines(order)
         if self._out is not None:
             out = self._sorted_buffer(order)
+            parts = self._still_unsided(out, order, parts, orientation, side_voxels)
         else:
             out = np.zeros(shape, dtype=np.uint8)
         _write_sides(out, parts, midlines, orientation, side_voxels)
         if lesion_map is None:
             return out
         return split_sides((out > 0) | (lesion_map > 0), midlines, orientation)
+
+    def _still_unsided(
+        self,
+        out: np.ndarray,
+        order: Sequence[int] | range,
+        parts: list[tuple[int, tuple[slice, slice], np.ndarray | None]],
+        orientation: Sequence[float],
+        side_voxels: np.ndarray | None,
+    ) -> list[tuple[int, tuple[slice, slice], np.ndarray | None]]:
+        """The parts whose sides are still to be written: a slice split into sides as it
+        arrived, all of its air kept, is done (its counts copied into `side_voxels`); one
+        split for another orientation goes back to lung or not."""
+        towards_left = orientation[0] >= 0
+        left_over = []
+        for index, box, mask in parts:
+            sided = self._sided.get(order[index]) if mask is None else None
+            if sided is None:
+                left_over.append((index, box, mask))
+            elif sided[0] == towards_left:
+                if side_voxels is not None:
+                    side_voxels[:, index] = sided[1:]
+            else:
+                window = out[index, box[0], box[1]]
+                np.minimum(window, 1, out=window)
+                left_over.append((index, box, mask))
+        return left_over
 
     def _in_buffer(self, slot: int) -> bool:
         """Whether slice `slot`'s filled air goes into the lung map by slot."""

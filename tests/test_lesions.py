@@ -328,7 +328,12 @@ def test_lungs_that_release_the_air_codes_are_the_same_lungs() -> None:
 
 
 def _streamed_lungs(
-    volume: CtVolume, arrival: np.ndarray, *, distances: bool, capacity: str = "none"
+    volume: CtVolume,
+    arrival: np.ndarray,
+    *,
+    distances: bool,
+    capacity: str = "none",
+    sides_at: str = "arrival",
 ) -> np.ndarray:
     """The lungs from slices fed in `arrival` order (slice indices) as an intake feeds them:
     slot = arrival number, with each slice's distance along the normal when `distances`.
@@ -337,9 +342,13 @@ def _streamed_lungs(
     n = volume.shape[0]
     told = {"none": None, "exact": n, "short": n - 3, "long": n + 5}[capacity]
     streamed = LungSlices(capacity=told)
+    # `sides_at`: the series' orientation given with each slice ("arrival"), a flipped one
+    # (the sides written as slices arrive must be redone), or none (written at the end).
+    flipped = (-volume.orientation[0], *volume.orientation[1:])
+    given = {"arrival": volume.orientation, "flipped": flipped, "end": None}[sides_at]
     for slot, index in enumerate(arrival):
         distance = 2.5 * float(index) if distances else None
-        streamed.add(slot, volume.hu[index], distance)
+        streamed.add(slot, volume.hu[index], distance, given)
     slots = [int(s) for s in np.argsort(arrival)]
     return streamed.lungs(slots, volume.orientation)
 
@@ -399,6 +408,23 @@ def test_slices_with_more_enclosed_pockets_than_a_byte_numbers_are_the_same_lung
     assert np.array_equal(_streamed_lungs(volume, arrival, distances=True), expected)
     written = _streamed_lungs(volume, arrival, distances=True, capacity="exact")
     assert np.array_equal(written, expected)
+
+
+@pytest.mark.parametrize("sides_at", ["arrival", "flipped", "end"])
+def test_lungs_split_into_sides_as_slices_arrive_equal_the_definition(sides_at: str) -> None:
+    _, volume = _phantom("covid19", 7)
+    volume = _awkward_air(volume)  # the keep rule drops a pocket: some slices are redone
+    arrival = np.random.default_rng(11).permutation(volume.shape[0])
+    expected = _whole_volume_lungs(volume)
+    written = _streamed_lungs(volume, arrival, distances=True, capacity="exact", sides_at=sides_at)
+    assert np.array_equal(written, expected)
+    slices = LungSlices(capacity=volume.shape[0])
+    for index, plane in enumerate(volume.hu):
+        slices.add(index, plane, float(index), volume.orientation if sides_at != "end" else None)
+    counts = np.zeros((2, volume.shape[0]), dtype=np.int64)
+    lungs = slices.lungs(range(volume.shape[0]), volume.orientation, side_voxels=counts)
+    plain = [np.count_nonzero(lungs == side, axis=(1, 2)) for side in (1, 2)]
+    np.testing.assert_array_equal(counts, plain)
 
 
 def test_the_lung_map_written_as_slices_arrive_is_handed_out_once() -> None:
