@@ -345,13 +345,18 @@ def ratio_triton(contents: Sequence[bytes], model: str, triton_url: str, runs: i
 async def _stage_times(
     series: dict[int, Sequence[bytes]], models: Sequence[str], runs: int
 ) -> dict[str, dict[int, dict[str, list[float]]]]:
-    """Milliseconds per stage of each model at each count, `runs` times, in-process as
-    `ctjoint analyze` runs (embedded backend, streaming intake, files as bytes)."""
+    """Milliseconds per stage of each model at each count, `runs` times, in-process as a scan
+    worker runs it (embedded backend, streaming intake, files as bytes, its allocator)."""
     import gc
 
     from ctjoint.gateway.analysis import ScanAnalyzer
     from ctjoint.gateway.backends.embedded import EmbeddedBackend
+    from ctjoint.gateway.server import _keep_freed_memory
 
+    # Memory as a gateway's scan worker has it (gateway/memory.py FreedMemory: freed arrays
+    # kept for reuse, small pages): huge pages, when the kernel finds them, made a 100-slice
+    # volume's fresh pages several times cheaper than a 400-slice one's on the build machine.
+    _keep_freed_memory()
     backend = EmbeddedBackend(list(models))
     await backend.load()
     analyzer = ScanAnalyzer(backend, streaming=True)
