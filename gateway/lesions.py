@@ -473,18 +473,15 @@ def _write_sides(
     side_voxels: np.ndarray | None = None,
 ) -> None:
     """Write each part's lung mask into `out` (None: it holds it already) and split it into
-    sides at the slice's midline, one slice at a time (no box-sized temporaries). Row
-    direction's x component: + means columns run towards the patient's left (LPS), as
-    `_split_into` says. `side_voxels` ([2, Z], zeros): each slice's right and left lung
+    sides at the slice's midline (`sides_at`), one slice at a time (no box-sized
+    temporaries). `side_voxels` ([2, Z], zeros): each slice's right and left lung
     voxels are counted into it, in the part's box only (nothing outside is lung)."""
-    first, second = (_RIGHT, _LEFT) if orientation[0] >= 0 else (_LEFT, _RIGHT)
     for index, (rows, columns), mask in parts:
         window = out[index, rows, columns]
         if mask is not None:
             window[...] = mask
         span = np.arange(columns.start, columns.stop, dtype=np.float64)
-        sides = np.where(span < midlines[index], first, second).astype(np.uint8)
-        np.multiply(window, sides[None, :], out=window)
+        np.multiply(window, sides_at(span, midlines[index], orientation)[None, :], out=window)
         if side_voxels is not None:
             right = np.count_nonzero(window == _RIGHT)
             side_voxels[0, index] = right
@@ -608,13 +605,18 @@ def _split_into(
 ) -> None:
     """Write the sides of the lung mask `inside` (the box `box` of the volume) into `out`."""
     columns = np.arange(box[2].start, box[2].stop, dtype=np.float64)
+    sides = sides_at(columns[None, None, :], midlines[box[0], None, None], orientation)
+    np.copyto(out[box], np.broadcast_to(sides, inside.shape), where=inside)
+
+
+def sides_at(
+    columns: np.ndarray, midlines: np.ndarray | float, orientation: Sequence[float]
+) -> np.ndarray:
+    """Step 4 for pixels at `columns` (float64) of slices with these body midlines
+    (broadcast): 1 right lung, 2 left lung, uint8. The one place the rule is written."""
     # Row direction's x component: + means columns run towards the patient's left (LPS).
-    towards_left = orientation[0] >= 0
-    before = columns[None, None, :] < midlines[box[0], None, None]  # [z, 1, x]
-    first, second = (_RIGHT, _LEFT) if towards_left else (_LEFT, _RIGHT)
-    part = out[box]
-    part[inside & before] = first
-    part[inside & ~before] = second
+    first, second = (_RIGHT, _LEFT) if orientation[0] >= 0 else (_LEFT, _RIGHT)
+    return np.where(columns < midlines, first, second).astype(np.uint8)
 
 
 def _peripheral(
@@ -849,6 +851,7 @@ __all__ = [
     "quantification_of",
     "segment_lungs",
     "severity_score",
+    "sides_at",
     "split_sides",
     "statistics_of_counts",
 ]

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctjoint.contracts import LESION_CLASS_NAMES, LUNG_LEFT, LUNG_RIGHT, SEG_CLASS_NAMES
+from ctjoint.contracts import LESION_CLASS_NAMES, SEG_CLASS_NAMES
 from ctjoint.gateway.lesions import (
     LungSlices,
     bounding_box,
     quantification_of,
+    sides_at,
     statistics_of_counts,
 )
 from ctjoint.gateway.limits import cpu_bound
@@ -177,14 +178,6 @@ def _flat_nonzero(lines: np.ndarray) -> np.ndarray:
     return candidates[flat[candidates] != 0]
 
 
-def _sides_at(x: np.ndarray, midlines: np.ndarray, orientation: Sequence[float]) -> np.ndarray:
-    """Side (1 right, 2 left) of voxels at columns `x` of slices with these body midlines:
-    lesions.py's step 4 (`split_sides`), voxel by voxel."""
-    # Row direction's x component: + means columns run towards the patient's left (LPS).
-    before, after = (LUNG_RIGHT, LUNG_LEFT) if orientation[0] >= 0 else (LUNG_LEFT, LUNG_RIGHT)
-    return np.where(x.astype(np.float64) < midlines, before, after).astype(np.uint8)
-
-
 @dataclass(frozen=True, eq=False)
 class LesionsInLungs:
     """What the model's lesions make of the air lungs, found from the lesion voxels alone:
@@ -232,7 +225,9 @@ def lesions_in_lungs(
     sides = air.lungs[z, y, x]
     outside = sides == 0
     added = (z[outside], y[outside], x[outside])
-    sides[outside] = _sides_at(added[2], air.midlines[added[0]], volume.orientation)
+    sides[outside] = sides_at(
+        added[2].astype(np.float64), air.midlines[added[0]], volume.orientation
+    )
     depth = label_map.shape[0]
     index = sides.astype(np.intp) - 1  # 0 right, 1 left
     per_lung = air.side_voxels + np.bincount(
