@@ -316,11 +316,14 @@ class StreamingInference:
         return outputs, stats, labels
 
     async def cancel(self) -> None:
-        """Stop streamed requests (the scan failed or was cancelled) and wait for them."""
+        """Stop streamed requests (the scan failed or was cancelled) and wait for them.
+        Labelling batches are waited for, not cancelled: each runs in a worker thread that a
+        cancelled task would leave running, holding what it reads (the intake's grid) after
+        the scan has moved on; they take milliseconds."""
         self._pending.clear()
-        tasks = [*self._tasks, *self._label_tasks]
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
+        tasks = [*self._tasks, *self._label_tasks]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._results.clear()
