@@ -336,7 +336,10 @@ class LungSlices:
         self._handed_out = True
         slots = list(order)
         if sorted(slots) == list(range(len(slots))) and len(slots) <= out.shape[0]:
-            permute_in_place(out, slots)
+            # A slice's filled air lies in its box's rows (`add`): nothing else is moved.
+            boxes = [self._boxes.get(slot) for slot in range(len(slots))]
+            extents = [None if box is None else box[0] for box in boxes]
+            permute_in_place(out, slots, extents)
             return out[: len(slots)]
         copied = np.zeros((len(slots), *out.shape[1:]), dtype=out.dtype)
         for index, slot in enumerate(slots):

@@ -523,10 +523,16 @@ def _check_plausible_spacing(spacing: float, first: CtSlice) -> None:
         )
 
 
-def permute_in_place(volume: np.ndarray, slots: Sequence[int]) -> None:
+def permute_in_place(
+    volume: np.ndarray, slots: Sequence[int], rows: Sequence[slice | None] | None = None
+) -> None:
     """Reorder slices so that volume[i] becomes old volume[slots[i]], with one slice of scratch.
 
     Follows the permutation's cycles instead of `volume[slots]`, which would copy the series.
+    `rows`, by old slice: the rows outside which that slice is zero (None: all zero). Only
+    those rows are read and written, so pages never written stay untouched: on this build
+    machine a fresh 4 KiB page costs about 27 us, and moving whole 512x512 lung-map slices
+    faulted in the 40 % of pages outside the lungs' rows (0.3 s at 400 slices).
     """
     done = np.zeros(len(slots), dtype=bool)
     scratch: np.ndarray | None = None
@@ -534,17 +540,34 @@ def permute_in_place(volume: np.ndarray, slots: Sequence[int]) -> None:
         if done[start] or slots[start] == start:
             done[start] = True
             continue
-        if scratch is None:
-            scratch = np.empty_like(volume[0])
-        scratch[...] = volume[start]
+        if rows is None:
+            if scratch is None:
+                scratch = np.empty_like(volume[0])
+            scratch[...] = volume[start]
+            i = start
+            while True:
+                done[i] = True
+                j = slots[i]
+                if j == start:
+                    volume[i] = scratch
+                    break
+                volume[i] = volume[j]
+                i = j
+            continue
+        held = rows[start]
+        kept = None if held is None else volume[start, held].copy()
         i = start
         while True:
             done[i] = True
             j = slots[i]
+            there = rows[i]
+            if there is not None:
+                volume[i, there] = 0
+            source = held if j == start else rows[j]
+            if source is not None:
+                volume[i, source] = kept if j == start else volume[j, source]
             if j == start:
-                volume[i] = scratch
                 break
-            volume[i] = volume[j]
             i = j
 
 

@@ -196,6 +196,27 @@ def test_in_place_permutation_matches_fancy_indexing() -> None:
     np.testing.assert_array_equal(volume, expected)
 
 
+def test_in_place_permutation_of_row_extents_matches_fancy_indexing() -> None:
+    # Each slice zero outside its rows (None: zero everywhere), as a lung map by slot is.
+    rng = np.random.default_rng(1)
+    count, height = 23, 9
+    volume = np.zeros((count, height, 4), dtype=np.uint8)
+    rows: list[slice | None] = []
+    for index in range(count):
+        if index % 5 == 0:
+            rows.append(None)
+            continue
+        first = int(rng.integers(0, height - 1))
+        extent = slice(first, int(rng.integers(first + 1, height + 1)))
+        volume[index, extent] = rng.integers(1, 4, size=(extent.stop - extent.start, 4))
+        rows.append(extent)
+    for seed in range(4):
+        slots = list(np.random.default_rng(seed).permutation(count))
+        moved = volume.copy()
+        permute_in_place(moved, slots, rows)
+        np.testing.assert_array_equal(moved, volume[slots])
+
+
 def test_nifti_arrays_are_reordered_to_z_y_x() -> None:
     data = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)  # (x, y, z)
     volume = CtVolume.from_nifti_array(data, (0.5, 0.6, 2.0))
