@@ -83,6 +83,9 @@ class TrainConfig:
     # and labels alike, so the network cannot key on one generator's body and heart shapes.
     zoom: float = 0.0
     rotate_deg: float = 0.0
+    # Whole-volume batches: probability per scan that soft tissue in a random part of it
+    # becomes fat (train.tissue_fat_augment), for chests fattier than the phantoms draw.
+    tissue_fat: float = 0.0
     # Label smoothing of the classification target: a scan-level label from a few hundred
     # phantoms does not justify p = 1.000, and smoothing keeps the logits from running away.
     label_smoothing: float = 0.0
@@ -97,6 +100,8 @@ class TrainConfig:
             raise ValueError("epochs >= 0, batch_size >= 1 and lr > 0 are required")
         if not (0.0 <= self.zoom < 0.5 and 0.0 <= self.rotate_deg <= 45.0):
             raise ValueError("zoom must lie in [0, 0.5) and rotate_deg in [0, 45]")
+        if not 0.0 <= self.tissue_fat <= 1.0:
+            raise ValueError("tissue_fat is a probability: it must lie in [0, 1]")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("label_smoothing must lie in [0, 1)")
         if self.task_balance not in ("fixed", "uncertainty"):
@@ -225,6 +230,7 @@ def _deepsc3d(name: str) -> RunConfig:
                 max_shift_px=4,
                 zoom=0.15,
                 rotate_deg=10.0,
+                tissue_fat=0.5,
                 label_smoothing=0.05,
             ),
         )

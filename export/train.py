@@ -60,7 +60,7 @@ from ctjoint.export.losses import JointLoss
 from ctjoint.export.metrics import OverlapCounts, overlap
 from ctjoint.export.models import JointNetwork, build_model, count_parameters
 from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
-from ctjoint.gateway.preprocess import PREPROCESSORS
+from ctjoint.gateway.preprocess import PREPROCESSORS, PreprocessPlan
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,55 @@ def augment(
     return image.astype(np.float32), labels
 
 
+# Soft tissue (muscle, blood, liver: 40-55 HU in the phantoms) as the augmentation finds it,
+# and the fat it becomes.
+SOFT_TISSUE_HU = (-20.0, 90.0)
+FAT_HU = (-120.0, -60.0)
+_SOFT_TISSUE_MEAN_HU = 45.0
+
+
+def tissue_fat_augment(
+    image: np.ndarray,
+    labels: np.ndarray,
+    plan: PreprocessPlan,
+    probability: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Body-habitus variety: with `probability` per sample of a whole-volume batch ([B, 1, Z,
+    H, W] normalised image, [B, Z, H, W] labels), soft tissue (smoothed over 3 voxels, no
+    lesion) in a random smooth part of the volume (30-100 % of it) becomes fat, noise kept.
+
+    Fat around the lung apices and in the mediastinum varies from patient to patient, and
+    the training family draws that space as soft tissue; a network that learned "non-air
+    tissue beside the lung is a lesion" is caught by fattier chests. Labels are unchanged."""
+    if probability <= 0:
+        return image
+    scale = np.float32(1.0 / (plan.window_width * plan.norm_std))
+    low_hu = plan.window_center - plan.window_width / 2.0
+
+    def normalised(hu: float) -> float:
+        return ((hu - low_hu) / plan.window_width - plan.norm_mean) / plan.norm_std
+
+    low, high = normalised(SOFT_TISSUE_HU[0]), normalised(SOFT_TISSUE_HU[1])
+    out = image
+    for i in range(image.shape[0]):
+        if rng.random() >= probability:
+            continue
+        if out is image:
+            out = image.copy()
+        volume = out[i, 0]
+        coarse = rng.random((4, 6, 6))
+        field = ndimage.zoom(
+            coarse, [n / c for n, c in zip(volume.shape, coarse.shape, strict=True)], order=1
+        )[: volume.shape[0], : volume.shape[1], : volume.shape[2]]
+        part = field <= np.quantile(field, rng.uniform(0.3, 1.0))
+        smooth = ndimage.uniform_filter(volume, size=3)
+        soft = (smooth >= low) & (smooth <= high) & (labels[i] == 0) & part
+        shift = float(rng.uniform(*FAT_HU)) - _SOFT_TISSUE_MEAN_HU
+        volume[soft] += np.float32(shift) * scale
+    return out
+
+
 def _warp(array: np.ndarray, matrix: np.ndarray, order: int, fill: float) -> np.ndarray:
     """Resample `array` ([..., H, W] or [..., D, H, W] spatial tail of len(matrix)) about
     its centre with `matrix` (output -> input coordinates)."""
@@ -234,12 +283,18 @@ def slice_batch(
 
 
 def volume_batch(
-    cases: Sequence[PreparedCase], config: TrainConfig | None, rng: np.random.Generator
+    cases: Sequence[PreparedCase],
+    config: TrainConfig | None,
+    rng: np.random.Generator,
+    plan: PreprocessPlan | None = None,
 ) -> Batch:
-    """A 3D batch of whole scans; `config` None means no augmentation."""
+    """A 3D batch of whole scans; `config` None means no augmentation (`plan`: the input's,
+    for the tissue augmentation)."""
     image = np.stack([case.image for case in cases])[:, None].astype(np.float32)
     labels = np.stack([case.labels for case in cases])
     if config is not None:
+        if plan is not None and config.tissue_fat > 0:
+            image = tissue_fat_augment(image, labels, plan, config.tissue_fat, rng)
         image, labels = geometric_augment(image, labels, config, rng)
         image, labels = augment(image, labels, config, rng)
     targets = np.array([case.label for case in cases], dtype=np.int64)
@@ -277,7 +332,7 @@ def make_batch(
     train_config = config.train if augment_data else None
     if config.plan.preprocessor().per_slice:
         return slice_batch(cases, members, config.plan.context, train_config, rng)
-    return volume_batch([cases[i] for i in members], train_config, rng)
+    return volume_batch([cases[i] for i in members], train_config, rng, config.plan)
 
 
 # --- Prediction on the model grid (validation) -------------------------------------------------

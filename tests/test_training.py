@@ -24,6 +24,7 @@ from ctjoint.export.train import (
     make_batch,
     model_from_checkpoint,
     slice_items,
+    tissue_fat_augment,
     train_run,
 )
 from ctjoint.gateway.preprocess import PreprocessPlan
@@ -198,6 +199,31 @@ def test_geometric_augmentation_moves_image_and_labels_together() -> None:
     inside = warped[:, 0][warped_labels == 2]
     assert inside.mean() > 0.8  # the lesion's voxels stay bright
     assert warped[:, 0][warped_labels == 0].mean() < -0.8  # air stays air, also at the rim
+
+
+def test_tissue_fat_augmentation_turns_only_soft_tissue_outside_lesions_into_fat() -> None:
+    plan = get_config("deepsc3d", "tiny").plan
+    low = plan.window_center - plan.window_width / 2.0
+
+    def normalised(hu: np.ndarray) -> np.ndarray:
+        return ((hu - low) / plan.window_width - plan.norm_mean) / plan.norm_std
+
+    hu = np.full((1, 1, 8, 24, 24), 45.0, dtype=np.float32)  # soft tissue
+    hu[..., :8] = -850.0  # lung
+    hu[..., 20:] = 700.0  # bone
+    labels = np.zeros((1, 8, 24, 24), dtype=np.uint8)
+    labels[0, 2:6, 10:16, 10:16] = 2  # a consolidation at soft-tissue HU
+    image = normalised(hu)
+    out = tissue_fat_augment(image, labels, plan, 1.0, np.random.default_rng(5))
+    back = (out * plan.norm_std + plan.norm_mean) * plan.window_width + low
+    changed = np.abs(back - hu) > 0.5
+    assert changed.any()
+    assert not changed[..., :8].any() and not changed[..., 20:].any()
+    assert not changed[0, 0][labels[0] > 0].any()
+    assert np.all((back[changed] >= -120.5) & (back[changed] <= -59.5))
+    assert np.array_equal(image, normalised(hu))  # the input batch is not written
+    same = tissue_fat_augment(image, labels, plan, 0.0, np.random.default_rng(5))
+    assert same is image
 
 
 def test_no_geometric_augmentation_leaves_the_batch_untouched() -> None:
