@@ -50,13 +50,13 @@ class ReviewPolicy:
     # Calibrated probability of the label below which a result is flagged, per model: the
     # operating point chosen on the training family's validation split.
     min_confidence: Mapping[str, float] = field(
-        default_factory=lambda: {"jcs2d": 0.66, "deepsc3d": 0.96}
+        default_factory=lambda: {"jcs2d": 0.66, "deepsc3d": 0.984}
     )
     # Lesion location rules apply from this much lesion on (a few voxels say nothing).
     min_lesion_ml: float = 1.0
     # Fraction of the lesion volume outside the lungs and not between them (chest wall, body
     # outside the thorax, air outside the body).
-    max_outside_fraction: float = 0.9
+    max_outside_fraction: float = 0.91
     # Fraction of the lesion volume between the lungs (heart, mediastinum, diaphragm domes).
     max_between_fraction: float = 0.46
     # Both lungs together, lesions included (mL).

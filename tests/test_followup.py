@@ -4,10 +4,10 @@ without a prior, an Orthanc that is down and one that hangs each still get their
 time, saying why there is no comparison.
 
 Categories are asserted against the phantom truth with the bundled jcs2d weights, whose
-labels and volumes are reliable on these phantoms (docs/follow-up.md); the bundled deepsc3d
-weights call lesion-free phantoms covid19 with hundreds of mL of ground glass (a known open
-issue), so for deepsc3d the test asserts that the gateway's comparison is the comparison of
-its two answers, and its truth categories are a strict expected failure.
+labels and volumes are reliable on these phantoms (docs/follow-up.md). For deepsc3d the test
+also asserts that the gateway's comparison is the comparison of its two answers; its truth
+categories are asserted too, the resolved follow-up as a strict expected failure (the bundled
+deepsc3d still labels that lesion-free rescan pneumonia, a known open issue).
 """
 
 from __future__ import annotations
@@ -187,7 +187,23 @@ def test_deepsc3d_comparison_is_that_of_its_two_answers(
     assert result.comparison.prior_total_ml == pytest.approx(expected.prior_total_ml, abs=1e-3)
 
 
-@pytest.mark.parametrize("change", ["stable", "progress", "improve", "resolve"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "stable",
+        "progress",
+        "improve",
+        # The bundled deepsc3d still labels this lesion-free 96x96x24 rescan pneumonia with
+        # about 20 mL of lesion, so it says `improved` (docs/follow-up.md: 1 of 10 resolved
+        # follow-ups right at this size). Strict: better weights must drop the marker.
+        pytest.param(
+            "resolve",
+            marks=pytest.mark.xfail(
+                strict=True, reason="deepsc3d calls the lesion-free 96x96x24 rescan pneumonia"
+            ),
+        ),
+    ],
+)
 def test_deepsc3d_follow_up_category_against_the_truth(
     follow_ups: dict[str, Any], change: str
 ) -> None:
