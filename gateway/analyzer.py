@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from ctjoint.contracts import CLASS_NAMES, MODEL_BOTH, MODEL_DEEPSC3D, MODEL_JCS2D
 from ctjoint.gateway.aggregate import softmax
 from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
+from ctjoint.gateway.density import AERATED_MAX_HU, drop_aerated
 from ctjoint.gateway.fusion import fuse_results
 from ctjoint.gateway.inference import ScanInference, check_outputs, inferred_progress
 from ctjoint.gateway.intake import DicomInput, Progress, ProgressCallback, SeriesIntake
@@ -100,7 +101,8 @@ class ScanAnalyzer:
     preprocessed as they arrive and a 2.5D model infers slices before the last file is in
     (gateway/streaming.py), its "inferred" progress counting stacks as they are inferred;
     without it, everything after assembly runs on the whole volume, batch after batch. Both
-    give the same result.
+    give the same result. `aerated_max_hu`: the density rule's limit (gateway/density.py);
+    None leaves the networks' lesion maps as they are (benchmarks of the rule itself).
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class ScanAnalyzer:
         max_in_flight: int = 1,
         skip_localizers: bool = True,
         streaming: bool = False,
+        aerated_max_hu: float | None = AERATED_MAX_HU,
     ) -> None:
         if batch_size < 1 or max_in_flight < 1:
             raise ValueError("batch_size and max_in_flight must be at least 1")
@@ -119,6 +122,7 @@ class ScanAnalyzer:
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
         self.streaming = streaming
+        self.aerated_max_hu = aerated_max_hu
 
     async def analyze_files(
         self,
@@ -305,7 +309,9 @@ class ScanAnalyzer:
                 # other network of MODEL_BOTH makes its own).
                 prepared.intake.release_planes()
             with clock.timed("postprocess"):
-                labels = await cpu_bound(_labels, info, outputs, geometry, volume, streamed_labels)
+                labels = await cpu_bound(
+                    _labels, info, outputs, geometry, volume, streamed_labels, self.aerated_max_hu
+                )
             probabilities, slice_probs, label_map, voxels, lesions = labels
             # The label map holds what the logits said: they go (79 MB at 400 2.5D slices).
             model_cam, model_ms = outputs.cam, outputs.model_ms
@@ -446,16 +452,20 @@ def _labels(
     geometry: ResampleGeometry,
     volume: CtVolume,
     known: dict[int, np.ndarray | None] | None = None,
+    aerated_max_hu: float | None = AERATED_MAX_HU,
 ) -> _Labels:
     """Probabilities (scan and, for 2.5D, per slice), the source-grid label map, its lesion
     voxels and lesion statistics. `known`: label maps of 2.5D slices made while the series
-    streamed in (None: no lesion), by slice."""
+    streamed in (None: no lesion), by slice; `aerated_max_hu`: the density rule's limit (None:
+    off)."""
     preprocessor = info.plan.preprocessor()
     probabilities, slice_probs = preprocessor.scan_probabilities(
         softmax(outputs.cls_logits, axis=1)
     )
     label_map = preprocessor.to_source(outputs.seg_logits, geometry, known)
     voxels = LesionVoxels.of(label_map)
+    if aerated_max_hu is not None:
+        voxels = drop_aerated(label_map, voxels, volume.hu, aerated_max_hu)
     return probabilities, slice_probs, label_map, voxels, lesion_statistics(voxels, volume)
 
 
