@@ -76,9 +76,9 @@ def fresh_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 # The bundled weights miss the targets on the varied phantoms: jcs2d is still the one trained
-# before issue 16 (lesion Dice 0.78 / 0.73 here), and the retrained deepsc3d's lesion Dice is
-# short of them on both families (0.63 / 0.66 here, 0.82 / 0.73-0.75 at 256 x 256 in
-# docs/models.md, written by eval_report).
+# before issue 16 (lesion Dice 0.78 / 0.73 here; 0.81 / 0.76-0.79 at 256 x 256), and the
+# retrained deepsc3d's lesion Dice is short of them on both families (0.64 / 0.67 here, 0.83 /
+# 0.76-0.79 at 256 x 256 with the density rule), figures in docs/models.md (eval_report).
 # Strict: once weights meet the targets, this marker must go.
 @pytest.mark.xfail(
     strict=True,
