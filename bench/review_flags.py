@@ -9,7 +9,8 @@ Three sets of fresh phantoms, each analysed with `--model both` (one decode, bot
   held-out:   the held-out family (fourier), never used to choose anything;
   hard:       held-out cases made hard on purpose: a slab through the mid lungs (apex and base
               cut off), and whole chests re-sliced to keep every k-th slice (>= 7.5 mm).
-Per case the signals of gateway/review.py are stored (WORK/signals.json; a rerun reuses them),
+Per case the signals of gateway/review.py are stored (WORK/signals.json; a rerun reuses them
+while the networks' ONNX files and the gateway's code are those they were measured with),
 the thresholds are chosen on validation (rules below), and every set is scored with them:
 every wrong label should be flagged, at most 10 % of right labels. `--doc` writes the tables
 between the markers of docs/review.md.
@@ -26,6 +27,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -40,6 +42,7 @@ from ctjoint.contracts import (
 )
 from ctjoint.export.phantom import write_phantom_case
 from ctjoint.export.phantom_scanner import SLICE_MM_RANGE
+from ctjoint.gateway import review as review_module
 from ctjoint.gateway.analysis import analyze_directory
 from ctjoint.gateway.review import (
     DEFAULT_POLICY,
@@ -130,9 +133,12 @@ def series_of(case: dict[str, object], work: Path) -> tuple[Path, str]:
 
 
 def measure(plan: list[dict[str, object]], work: Path, model_dir: Path) -> list[dict[str, object]]:
-    """Signals of every case (cached in WORK/signals.json by case name)."""
+    """Signals of every case (cached in WORK/signals.json by case name, for one analysis key:
+    signals measured with other weights or another pipeline are measured again)."""
     cache_path = work / "signals.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    key = analysis_key(model_dir)
+    stored = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache: dict[str, Any] = stored.get("cases", {}) if stored.get("key") == key else {}
     rows = []
     for case in plan:
         name = str(case["name"])
@@ -151,7 +157,7 @@ def measure(plan: list[dict[str, object]], work: Path, model_dir: Path) -> list[
                     "signals": member.review.signals.to_dict(),
                 }
             cache[name] = {**case, "coverage": coverage, "members": members}
-            cache_path.write_text(json.dumps(cache, indent=1))
+            cache_path.write_text(json.dumps({"key": key, "cases": cache}, indent=1))
             shutil.rmtree(work / name, ignore_errors=True)
             print(
                 f"{name}: "
@@ -345,6 +351,18 @@ def score_lines(table: list[dict[str, object]]) -> list[str]:
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def analysis_key(model_dir: Path) -> str:
+    """What the signals depend on besides the phantoms: the networks' ONNX files and the
+    gateway's code (a postprocessing change moves them as much as new weights do)."""
+    digest = hashlib.sha256()
+    for model in MODELS:
+        digest.update((model_dir / f"{model}.onnx").read_bytes())
+    gateway = Path(review_module.__file__).parent
+    for source in sorted(gateway.rglob("*.py")):
+        digest.update(source.relative_to(gateway).as_posix().encode() + source.read_bytes())
+    return digest.hexdigest()
 
 
 def main() -> int:

@@ -56,9 +56,9 @@ class ReviewPolicy:
     min_lesion_ml: float = 1.0
     # Fraction of the lesion volume outside the lungs and not between them (chest wall, body
     # outside the thorax, air outside the body).
-    max_outside_fraction: float = 0.91
+    max_outside_fraction: float = 0.92
     # Fraction of the lesion volume between the lungs (heart, mediastinum, diaphragm domes).
-    max_between_fraction: float = 0.46
+    max_between_fraction: float = 0.47
     # Both lungs together, lesions included (mL).
     min_lung_ml: float = 200.0
     plausible_lung_ml: tuple[float, float] = (1420.0, 10040.0)
