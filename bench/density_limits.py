@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from doc_section import MissingMarkersError, replace_section  # bench/doc_section.py
 
 from ctjoint.contracts import CLASS_NAMES, MODEL_DEEPSC3D, MODEL_JCS2D
 from ctjoint.export.dataset import CaseRef, discover_cases, load_case
@@ -123,13 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.doc is not None:
-        doc = args.doc.read_text(encoding="utf-8")
-        if DOC_BEGIN not in doc or DOC_END not in doc:
-            print(f"{args.doc}: has no {DOC_BEGIN} / {DOC_END} lines", file=sys.stderr)
+        try:
+            replace_section(args.doc, DOC_BEGIN, DOC_END, text)
+        except MissingMarkersError as error:
+            print(error, file=sys.stderr)
             return 2
-        head, rest = doc.split(DOC_BEGIN, 1)
-        _, tail = rest.split(DOC_END, 1)
-        args.doc.write_text(f"{head}{DOC_BEGIN}\n{text}\n{DOC_END}{tail}", encoding="utf-8")
     return 0
 
 

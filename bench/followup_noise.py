@@ -29,6 +29,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from doc_section import MissingMarkersError, replace_section  # bench/doc_section.py
+
 from ctjoint.export.phantom import write_phantom_case
 from ctjoint.export.phantom_followup import CHANGES, write_follow_up
 from ctjoint.gateway.analysis import analyze_directory
@@ -178,13 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     if args.doc is not None:
-        doc = args.doc.read_text(encoding="utf-8")
-        if DOC_BEGIN not in doc or DOC_END not in doc:
-            print(f"{args.doc}: has no {DOC_BEGIN} / {DOC_END} lines", file=sys.stderr)
+        try:
+            replace_section(args.doc, DOC_BEGIN, DOC_END, text)
+        except MissingMarkersError as error:
+            print(error, file=sys.stderr)
             return 2
-        head, rest = doc.split(DOC_BEGIN, 1)
-        _, tail = rest.split(DOC_END, 1)
-        args.doc.write_text(f"{head}{DOC_BEGIN}\n{text}\n{DOC_END}{tail}", encoding="utf-8")
     return 0
 
 

@@ -93,3 +93,15 @@ def test_the_refusal_burst_table_has_one_row_per_generator(tmp_path: Path) -> No
     doc.write_text(f"{burst.DOC_BEGIN}\nold\n{burst.DOC_END}\n", encoding="utf-8")
     burst.write_doc(doc, ["new"])
     assert doc.read_text(encoding="utf-8") == f"{burst.DOC_BEGIN}\nnew\n{burst.DOC_END}\n"
+
+
+def test_a_section_is_replaced_between_its_markers_and_missing_markers_are_named(
+    tmp_path: Path,
+) -> None:
+    section = _script("doc_section")
+    doc = tmp_path / "topic.md"
+    doc.write_text("intro\n<!-- b -->\nold table\n<!-- e -->\noutro\n", encoding="utf-8")
+    section.replace_section(doc, "<!-- b -->", "<!-- e -->", "| new |")
+    assert doc.read_text(encoding="utf-8") == "intro\n<!-- b -->\n| new |\n<!-- e -->\noutro\n"
+    with pytest.raises(section.MissingMarkersError, match=r"topic\.md: has no <!-- x --> / "):
+        section.replace_section(doc, "<!-- x -->", "<!-- e -->", "t")
