@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from doc_section import MissingMarkersError, replace_section  # bench/doc_section.py
+from doc_section import publish  # bench/doc_section.py
 
 from ctjoint.contracts import CLASS_NAMES, MODEL_DEEPSC3D, MODEL_JCS2D
 from ctjoint.export.dataset import CaseRef, discover_cases, load_case
@@ -121,15 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Chosen on the validation set (highest mean Dice of both networks): {best:g} HU;"
         f" in force (gateway/density.py): {AERATED_MAX_HU:g} HU.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.doc is not None:
-        try:
-            replace_section(args.doc, DOC_BEGIN, DOC_END, text)
-        except MissingMarkersError as error:
-            print(error, file=sys.stderr)
-            return 2
-    return 0
+    return publish("\n".join(lines), args.doc, DOC_BEGIN, DOC_END)
 
 
 if __name__ == "__main__":

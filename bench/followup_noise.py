@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from doc_section import MissingMarkersError, replace_section  # bench/doc_section.py
+from doc_section import publish  # bench/doc_section.py
 
 from ctjoint.export.phantom import write_phantom_case
 from ctjoint.export.phantom_followup import CHANGES, write_follow_up
@@ -176,16 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         f"--slices {args.slices}"
     )
     text = f"Measured by `{command}` (bundled weights, embedded ONNX Runtime):\n\n{table}"
-    print(text)
     if args.json is not None:
         args.json.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    if args.doc is not None:
-        try:
-            replace_section(args.doc, DOC_BEGIN, DOC_END, text)
-        except MissingMarkersError as error:
-            print(error, file=sys.stderr)
-            return 2
-    return 0
+    return publish(text, args.doc, DOC_BEGIN, DOC_END)
 
 
 if __name__ == "__main__":

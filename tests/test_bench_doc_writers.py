@@ -105,3 +105,18 @@ def test_a_section_is_replaced_between_its_markers_and_missing_markers_are_named
     assert doc.read_text(encoding="utf-8") == "intro\n<!-- b -->\n| new |\n<!-- e -->\noutro\n"
     with pytest.raises(section.MissingMarkersError, match=r"topic\.md: has no <!-- x --> / "):
         section.replace_section(doc, "<!-- x -->", "<!-- e -->", "t")
+
+
+def test_publish_prints_writes_and_answers_2_without_markers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    section = _script("doc_section")
+    doc = tmp_path / "topic.md"
+    doc.write_text("<!-- b -->\n<!-- e -->\n", encoding="utf-8")
+    assert section.publish("| t |", doc, "<!-- b -->", "<!-- e -->") == 0
+    assert doc.read_text(encoding="utf-8") == "<!-- b -->\n| t |\n<!-- e -->\n"
+    assert section.publish("| u |", None, "<!-- b -->", "<!-- e -->") == 0
+    assert section.publish("| v |", doc, "<!-- x -->", "<!-- e -->") == 2
+    out = capsys.readouterr()
+    assert out.out == "| t |\n| u |\n| v |\n"
+    assert "topic.md: has no <!-- x --> / <!-- e --> lines" in out.err
