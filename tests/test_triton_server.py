@@ -102,7 +102,11 @@ def _image(plan: PreprocessPlan, batch: int, seed: int = 0) -> np.ndarray:
 
 def _stats(client: triton_grpc.InferenceServerClient, model: str) -> tuple[int, int, dict]:
     stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    batches = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["batch_stats"]}
+    # Protobuf JSON leaves out empty fields: a model that has run no batch yet (the first test
+    # to use this server) has no `batch_stats` at all.
+    batches = {
+        int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])
+    }
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0)), batches
 
 
