@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from ctjoint.contracts import MODEL_DEEPSC3D
+from ctjoint.export.phantom import write_phantom_case
+from ctjoint.gateway.analysis import ScanAnalysis, ScanAnalyzer
+from ctjoint.gateway.backends.embedded import EmbeddedBackend
 from ctjoint.gateway.density import AERATED_MAX_HU, drop_aerated, neighbourhood_mean_hu
 from ctjoint.gateway.quantify import LesionVoxels
+from ctjoint.gateway.series import load_series_dir
 
 
 def test_neighbourhood_mean_is_the_3x3_uniform_filter_with_nearest_edges() -> None:
@@ -63,3 +71,26 @@ def test_a_label_map_on_another_grid_is_refused() -> None:
     label_map = np.ones((1, 4, 4), dtype=np.uint8)
     with pytest.raises(ValueError, match=r"HU volume \(1, 4, 5\) and label map \(1, 4, 4\)"):
         drop_aerated(label_map, LesionVoxels.of(label_map), np.zeros((1, 4, 5), np.int16))
+
+
+def test_the_analysis_applies_the_rule_to_the_networks_map_and_keeps_the_label(
+    tmp_path: Path,
+) -> None:
+    case = tmp_path / "case"
+    write_phantom_case(case, kind="covid19", seed=7, slices=24, size=96)
+    volume = load_series_dir(case / "series")
+
+    async def run(limit: float | None) -> ScanAnalysis:
+        async with EmbeddedBackend([MODEL_DEEPSC3D], intra_op_threads=1) as backend:
+            analyzer = ScanAnalyzer(backend, aerated_max_hu=limit)
+            return await analyzer.analyze_volume(volume, MODEL_DEEPSC3D)
+
+    raw, ruled = asyncio.run(run(None)), asyncio.run(run(AERATED_MAX_HU))
+    expected = raw.label_map.copy()
+    kept = drop_aerated(expected, LesionVoxels.of(expected), volume.hu)
+    # Not vacuous: the bundled network's map spills into aerated lung on this phantom.
+    assert kept.z.size < LesionVoxels.of(raw.label_map).z.size
+    np.testing.assert_array_equal(ruled.label_map, expected)
+    assert ruled.result.lesions.total_voxels == kept.z.size
+    assert ruled.result.label == raw.result.label
+    assert ruled.result.probabilities == raw.result.probabilities
