@@ -28,20 +28,16 @@ from doc_section import publish  # bench/doc_section.py
 
 from ctjoint.contracts import CLASS_NAMES, MODEL_DEEPSC3D, MODEL_JCS2D
 from ctjoint.export.dataset import CaseRef, discover_cases, load_case
+from ctjoint.export.metrics import dice_score
 from ctjoint.gateway.analysis import ScanAnalyzer
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
-from ctjoint.gateway.density import AERATED_MAX_HU, drop_aerated
+from ctjoint.gateway.density import AERATED_MAX_HU, drop_aerated, neighbourhood_mean_hu
 from ctjoint.gateway.quantify import LesionVoxels
 
 MODELS = (MODEL_JCS2D, MODEL_DEEPSC3D)
 LIMITS = (-850.0, -800.0, -750.0, -700.0)
 DOC_BEGIN = "<!-- bench/density_limits.py begin -->"
 DOC_END = "<!-- bench/density_limits.py end -->"
-
-
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = int(pred.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
 
 
 def _abnormal(data: Path, split: str | None, per_class: int) -> list[CaseRef]:
@@ -63,15 +59,14 @@ async def _rows(refs: list[CaseRef], model: str) -> list[list[float]]:
             analysis = await analyzer.analyze_volume(loaded.volume, model)
             truth = loaded.lesions > 0
             hu = loaded.volume.hu
-            row = [_dice(analysis.label_map > 0, truth)]
-            kept = []
+            row = [dice_score(analysis.label_map > 0, truth)]
             for limit in LIMITS:
                 label_map = analysis.label_map.copy()
                 drop_aerated(label_map, LesionVoxels.of(label_map), hu, limit)
-                row.append(_dice(label_map > 0, truth))
-                truth_map = truth.astype(np.uint8)
-                drop_aerated(truth_map, LesionVoxels.of(truth_map), hu, limit)
-                kept.append(float(truth_map.sum()) / max(int(truth.sum()), 1))
+                row.append(dice_score(label_map > 0, truth))
+            # The rule keeps a voxel whose neighbourhood mean is above the limit.
+            truth_mean = neighbourhood_mean_hu(hu, LesionVoxels.of(truth.view(np.uint8)))
+            kept = [float(np.mean(truth_mean > limit)) for limit in LIMITS]
             rows.append(row + kept)
             print(f"  {model} {ref.case_id}: " + " ".join(f"{v:.3f}" for v in row), flush=True)
     return rows

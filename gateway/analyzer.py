@@ -451,8 +451,8 @@ def _labels(
     outputs: ModelOutputs,
     geometry: ResampleGeometry,
     volume: CtVolume,
-    known: dict[int, np.ndarray | None] | None = None,
-    aerated_max_hu: float | None = AERATED_MAX_HU,
+    known: dict[int, np.ndarray | None] | None,
+    aerated_max_hu: float | None,
 ) -> _Labels:
     """Probabilities (scan and, for 2.5D, per slice), the source-grid label map, its lesion
     voxels and lesion statistics. `known`: label maps of 2.5D slices made while the series
