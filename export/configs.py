@@ -179,6 +179,9 @@ def _jcs2d(name: str) -> RunConfig:
                 lr=2e-3,
                 negatives_per_lesion_slice=1.0,
                 max_slices_per_epoch=2400,
+                zoom=0.15,
+                rotate_deg=10.0,
+                tissue_fat=0.5,
             ),
         )
     # Paper scale: JCS works on 512x512 slices with a deep encoder.

@@ -50,7 +50,7 @@ class ReviewPolicy:
     # Calibrated probability of the label below which a result is flagged, per model: the
     # operating point chosen on the training family's validation split.
     min_confidence: Mapping[str, float] = field(
-        default_factory=lambda: {"jcs2d": 0.66, "deepsc3d": 0.984}
+        default_factory=lambda: {"jcs2d": 0.894, "deepsc3d": 0.984}
     )
     # Lesion location rules apply from this much lesion on (a few voxels say nothing).
     min_lesion_ml: float = 1.0
@@ -58,10 +58,10 @@ class ReviewPolicy:
     # outside the thorax, air outside the body).
     max_outside_fraction: float = 0.92
     # Fraction of the lesion volume between the lungs (heart, mediastinum, diaphragm domes).
-    max_between_fraction: float = 0.47
+    max_between_fraction: float = 0.48
     # Both lungs together, lesions included (mL).
     min_lung_ml: float = 200.0
-    plausible_lung_ml: tuple[float, float] = (1420.0, 10040.0)
+    plausible_lung_ml: tuple[float, float] = (1420.0, 10000.0)
     # Lung area on the first or last slice as a fraction of the largest slice's: a lung that
     # is still wide at an end of the series was cut off there.
     max_end_lung_fraction: float = 0.21

@@ -226,9 +226,45 @@ def test_tissue_fat_augmentation_turns_only_soft_tissue_outside_lesions_into_fat
     assert same is image
 
 
+def test_tissue_fat_augmentation_of_slice_stacks_spares_the_centre_lesion_in_every_plane() -> None:
+    config = get_config("jcs2d", "tiny")
+    plan = config.plan
+    low = plan.window_center - plan.window_width / 2.0
+    hu = np.full((12, 24, 24), 45.0, dtype=np.float32)  # soft tissue
+    hu[:, :, :6] = -850.0  # lung
+    labels = np.zeros((12, 24, 24), dtype=np.uint8)
+    labels[:, 10:14, 10:14] = 2  # a consolidation at soft-tissue HU on every slice
+    case = PreparedCase(
+        "c", 1, ((hu - low) / plan.window_width - plan.norm_mean) / plan.norm_std, labels
+    )
+    train = dataclasses.replace(
+        config.train,
+        tissue_fat=1.0,
+        zoom=0.0,
+        rotate_deg=0.0,
+        max_shift_px=0,
+        intensity_scale=0.0,
+        intensity_shift=0.0,
+        noise_std=0.0,
+    )
+    augmented = dataclasses.replace(config, train=train)
+    items = [(0, z) for z in range(2, 10)]
+    batch = make_batch(augmented, [case], items, True, np.random.default_rng(4))
+    image = batch.image.numpy()
+    assert image.shape == (8, 2 * plan.context + 1, 24, 24)
+    back = (image * plan.norm_std + plan.norm_mean) * plan.window_width + low
+    soft = hu[0] > -100.0
+    changed = (np.abs(back - 45.0) > 0.5) & soft
+    assert changed.any()
+    # The lesion and its 2-pixel margin keep their density in the centre and the neighbours.
+    assert not changed[:, :, 8:16, 8:16].any()
+    assert np.allclose(back[:, :, :, :6], -850.0, atol=0.5)  # lung stays lung
+    assert np.all((back[changed] >= -120.5) & (back[changed] <= -59.5))
+    assert np.array_equal(batch.seg.numpy(), labels[2:10])
+
+
 def test_no_geometric_augmentation_leaves_the_batch_untouched() -> None:
-    config = get_config("jcs2d", "tiny").train
-    assert config.zoom == 0 and config.rotate_deg == 0
+    config = dataclasses.replace(get_config("jcs2d", "tiny").train, zoom=0.0, rotate_deg=0.0)
     image = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
     labels = np.ones((2, 8, 8), dtype=np.int64)
     out, out_labels = geometric_augment(image, labels, config, np.random.default_rng(0))
