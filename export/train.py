@@ -230,6 +230,8 @@ def _stack_tissue_fat(
     """`tissue_fat_augment` of 2.5D stacks ([B, C, H, W], the centre plane's [B, H, W]
     labels): each stack is a thin volume, and the centre's lesions, widened by two pixels,
     stand for its neighbours' (a consolidation is soft-tissue dense and must stay one)."""
+    if probability <= 0:
+        return image
     near = ndimage.binary_dilation(labels > 0, structure=np.ones((1, 5, 5), dtype=bool))
     planes = np.broadcast_to(near[:, None], image.shape).astype(np.uint8)
     return tissue_fat_augment(image[:, None], planes, plan, probability, rng)[:, 0]
@@ -276,22 +278,19 @@ def geometric_augment(
 def slice_batch(
     cases: Sequence[PreparedCase],
     items: Sequence[tuple[int, int]],
-    context: int,
     config: TrainConfig | None,
     rng: np.random.Generator,
-    plan: PreprocessPlan | None = None,
+    plan: PreprocessPlan,
 ) -> Batch:
-    """A 2.5D batch; `config` None means no augmentation (`plan`: the input's, for the tissue
-    augmentation)."""
-    image = np.stack([context_window(cases[c].image, z, context) for c, z in items])
+    """A 2.5D batch; `config` None means no augmentation."""
+    image = np.stack([context_window(cases[c].image, z, plan.context) for c, z in items])
     labels = np.stack([cases[c].labels[z] for c, z in items])
     targets = np.array(
         [cases[c].label if cases[c].labels[z].any() else CLASS_NORMAL for c, z in items]
     )
     image = image.astype(np.float32)
     if config is not None:
-        if plan is not None and config.tissue_fat > 0:
-            image = _stack_tissue_fat(image, labels, plan, config.tissue_fat, rng)
+        image = _stack_tissue_fat(image, labels, plan, config.tissue_fat, rng)
         image, labels = geometric_augment(image, labels, config, rng)
         image, labels = augment(image, labels, config, rng)
     return Batch(
@@ -350,7 +349,7 @@ def make_batch(
 ) -> Batch:
     train_config = config.train if augment_data else None
     if config.plan.preprocessor().per_slice:
-        return slice_batch(cases, members, config.plan.context, train_config, rng, config.plan)
+        return slice_batch(cases, members, train_config, rng, config.plan)
     return volume_batch([cases[i] for i in members], train_config, rng, config.plan)
 
 
