@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -87,6 +88,27 @@ async def analyze(
 
     stub = scan_pb2_grpc.ScanServiceStub(channel)
     return await stub.AnalyzeScan(requests(), timeout=60)
+
+
+async def analyze_refusable(
+    address: str, files: list[bytes], *, timeout: float = 60
+) -> scan_pb2.ScanResult:
+    """One jcs2d AnalyzeScan on gRPC's synchronous API, in a worker thread so that this event
+    loop keeps serving the gateway. For scans the gateway may end while files are still being
+    sent: a grpc.aio client then reports INTERNAL (its write into a finished call), the
+    synchronous API the gateway's own status. Raises grpc.RpcError."""
+
+    def requests() -> Iterator[scan_pb2.ScanRequest]:
+        yield scan_pb2.ScanRequest(header=scan_pb2.ScanHeader(model=MODEL_JCS2D))
+        for content in files:
+            yield scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=content))
+
+    def call() -> scan_pb2.ScanResult:
+        with grpc.insecure_channel(address) as channel:
+            stub = scan_pb2_grpc.ScanServiceStub(channel)
+            return stub.AnalyzeScan(requests(), timeout=timeout)
+
+    return await asyncio.to_thread(call)
 
 
 def scan_in_process(

@@ -5,8 +5,7 @@ failures map to UNAVAILABLE / INTERNAL (never UNKNOWN), and the service runs on 
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -14,13 +13,13 @@ import grpc.aio
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from inprocess_gateway import analyze_refusable, free_port
 
 from ctjoint.contracts import CLASS_NAMES, MODEL_JCS2D, SEG_CLASS_NAMES
 from ctjoint.gateway.backends.base import InferenceBackend, ModelInfo, ModelOutputs
 from ctjoint.gateway.errors import BackendUnavailableError
 from ctjoint.gateway.preprocess import PreprocessPlan
 from ctjoint.gateway.server import GatewayConfig, serve
-from ctjoint.v1 import scan_pb2, scan_pb2_grpc
 
 PLAN = PreprocessPlan.default(MODEL_JCS2D, height=16, width=16)
 
@@ -62,12 +61,6 @@ class ScriptedBackend(InferenceBackend):
         self._ready = False
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def _health(address: str) -> int | None:
     async with grpc.aio.insecure_channel(address) as channel:
         try:
@@ -79,16 +72,6 @@ async def _health(address: str) -> int | None:
         return int(reply.status)
 
 
-async def _scan(address: str, files: list[bytes]) -> scan_pb2.ScanResult:
-    async def stream() -> AsyncIterator[scan_pb2.ScanRequest]:
-        yield scan_pb2.ScanRequest(header=scan_pb2.ScanHeader(model=MODEL_JCS2D))
-        for content in files:
-            yield scan_pb2.ScanRequest(file=scan_pb2.DicomFile(content=content))
-
-    async with grpc.aio.insecure_channel(address) as channel:
-        return await scan_pb2_grpc.ScanServiceStub(channel).AnalyzeScan(stream(), timeout=30)
-
-
 def _run_with_gateway(
     body: Callable[[str, ScriptedBackend], Awaitable[None]], *, load: bool = True
 ) -> None:
@@ -96,7 +79,7 @@ def _run_with_gateway(
         backend = ScriptedBackend()
         if load:
             backend.allow_load.set()
-        port = _free_port()
+        port = free_port()
         config = GatewayConfig(port=port, models=(MODEL_JCS2D,), grace_seconds=1.0)
         server = asyncio.ensure_future(serve(config, backend=backend))
         address = f"127.0.0.1:{port}"
@@ -123,8 +106,8 @@ def files(ct_series_dir: Path) -> list[bytes]:
 def test_health_is_not_serving_until_the_backend_has_loaded(files: list[bytes]) -> None:
     async def body(address: str, backend: ScriptedBackend) -> None:
         assert await _health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await _scan(address, files)
+        with pytest.raises(grpc.RpcError) as info:
+            await analyze_refusable(address, files)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "not ready" in (info.value.details() or "")
         backend.allow_load.set()
@@ -133,14 +116,14 @@ def test_health_is_not_serving_until_the_backend_has_loaded(files: list[bytes]) 
                 break
             await asyncio.sleep(0.05)
         assert await _health(address) == health_pb2.HealthCheckResponse.SERVING
-        assert (await _scan(address, files)).label == "normal"
+        assert (await analyze_refusable(address, files)).label == "normal"
 
     _run_with_gateway(body, load=False)
 
 
 def test_the_service_runs_on_any_backend(files: list[bytes]) -> None:
     async def body(address: str, backend: ScriptedBackend) -> None:
-        result = await _scan(address, files)
+        result = await analyze_refusable(address, files)
         assert result.backend == "scripted"
         assert result.model.version == "scripted-1"
         assert list(result.class_names) == list(CLASS_NAMES)
@@ -151,8 +134,8 @@ def test_the_service_runs_on_any_backend(files: list[bytes]) -> None:
 def test_a_backend_that_went_away_is_unavailable(files: list[bytes]) -> None:
     async def body(address: str, backend: ScriptedBackend) -> None:
         backend.failure = BackendUnavailableError("triton at 10.0.0.9:8001 is not answering")
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await _scan(address, files)
+        with pytest.raises(grpc.RpcError) as info:
+            await analyze_refusable(address, files)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         # The details name no internal address (gateway/interceptors.py: public_details).
         assert info.value.details() == "triton at <address> is not answering"
@@ -164,8 +147,8 @@ def test_a_backend_that_went_away_is_unavailable(files: list[bytes]) -> None:
 def test_a_bug_is_internal_with_a_request_id_never_unknown(files: list[bytes]) -> None:
     async def body(address: str, backend: ScriptedBackend) -> None:
         backend.failure = ZeroDivisionError("division by zero")
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await _scan(address, files)
+        with pytest.raises(grpc.RpcError) as info:
+            await analyze_refusable(address, files)
         assert info.value.code() == grpc.StatusCode.INTERNAL
         details = info.value.details() or ""
         assert details.startswith("internal error in the gateway (request id ")
@@ -177,8 +160,8 @@ def test_a_bug_is_internal_with_a_request_id_never_unknown(files: list[bytes]) -
 def test_running_out_of_memory_is_resource_exhausted(files: list[bytes]) -> None:
     async def body(address: str, backend: ScriptedBackend) -> None:
         backend.failure = MemoryError()
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await _scan(address, files)
+        with pytest.raises(grpc.RpcError) as info:
+            await analyze_refusable(address, files)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "not enough memory" in (info.value.details() or "")
         assert await _health(address) == health_pb2.HealthCheckResponse.SERVING
