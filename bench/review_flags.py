@@ -49,8 +49,7 @@ from ctjoint.gateway.review import (
     REASONS,
     ReviewPolicy,
     ReviewSignals,
-    combined,
-    disagreement,
+    fused_review,
     review_of,
 )
 
@@ -180,13 +179,35 @@ def _right(row: dict[str, object], model: str) -> bool:
     return row["members"][model]["label"] == row["kind"]  # type: ignore[index]
 
 
+def _fused(row: dict[str, object]) -> tuple[str, float]:
+    """The fused answer of `--model both` (gateway/aggregate.py `fuse_probabilities`): the
+    argmax of the members' mean probabilities, and that mean's value."""
+    members = row["members"]  # type: ignore[assignment]
+    mean = np.mean(
+        [[members[m]["probabilities"][c] for c in CLASS_NAMES] for m in MODELS],  # type: ignore[index]
+        axis=0,
+    )
+    return CLASS_NAMES[int(np.argmax(mean))], float(mean.max())
+
+
+def _label(row: dict[str, object], model: str) -> str:
+    if model == MODEL_BOTH:
+        return _fused(row)[0]
+    return str(row["members"][model]["label"])  # type: ignore[index]
+
+
+def _confidence(row: dict[str, object], model: str) -> float:
+    return _fused(row)[1] if model == MODEL_BOTH else _signals(row, model).confidence
+
+
 def choose_policy(validation: list[dict[str, object]]) -> tuple[ReviewPolicy, list[str]]:
     """Thresholds from the validation rows alone, with the reasoning for each as text."""
     notes = []
     confidence = {}
-    for model in MODELS:
-        right = [_signals(r, model).confidence for r in validation if _right(r, model)]
-        wrong = [_signals(r, model).confidence for r in validation if not _right(r, model)]
+    for model in (*MODELS, MODEL_BOTH):
+        # The fused answer's confidence is the mean probability of its label (`_fused`).
+        right = [_confidence(r, model) for r in validation if _label(r, model) == r["kind"]]
+        wrong = [_confidence(r, model) for r in validation if _label(r, model) != r["kind"]]
         # Catch every wrong validation label if that costs at most 10 % of the right ones;
         # without wrong labels, flag the least confident 5 % of the right ones.
         cap = float(np.quantile(right, 0.10)) if right else 1.0
@@ -248,12 +269,9 @@ def answers(row: dict[str, object], policy: ReviewPolicy) -> dict[str, tuple[str
         review = review_of(_signals(row, model), model, policy, label=label)
         reviews.append(review)
         out[model] = (members[model]["label"], review.reasons)  # type: ignore[index]
-    mean = np.mean(
-        [[members[m]["probabilities"][c] for c in CLASS_NAMES] for m in MODELS],  # type: ignore[index]
-        axis=0,
-    )
-    fused = combined(*reviews, disagreement({m: out[m][0] for m in MODELS}))
-    out[MODEL_BOTH] = (CLASS_NAMES[int(np.argmax(mean))], fused.reasons)
+    label, confidence = _fused(row)
+    fused = fused_review(reviews, {m: out[m][0] for m in MODELS}, confidence, policy)
+    out[MODEL_BOTH] = (label, fused.reasons)
     return out
 
 

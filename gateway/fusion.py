@@ -2,7 +2,8 @@
 
 The networks see the same volume through their own preprocessing; their calibrated scan
 probabilities are averaged (gateway/aggregate.py `fuse_probabilities`), their review reasons
-joined, and each member's own answer kept in the fused result.
+joined (`review.fused_review`: the fused answer's confidence is its own), and each member's
+own answer kept in the fused result.
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import numpy as np
 from ctjoint.contracts import CLASS_NAMES, MODEL_BOTH
 from ctjoint.gateway.aggregate import fuse_probabilities
 from ctjoint.gateway.result import ModelAnswer, ScanResult, StageTimings
-from ctjoint.gateway.review import combined, disagreement
+from ctjoint.gateway.review import DEFAULT_POLICY, ReviewPolicy, fused_review
 
 
-def fuse_results(results: Sequence[ScanResult]) -> ScanResult:
+def fuse_results(
+    results: Sequence[ScanResult], policy: ReviewPolicy = DEFAULT_POLICY
+) -> ScanResult:
     """One answer from several networks' results of the same volume.
 
     Label: the argmax of the mean of their calibrated scan probabilities
     (`fuse_probabilities`). Lesion statistics, quantification and per-slice evidence (and, in
     the analysis, masks, lungs and CAM): the first network's (jcs2d: 2.5D at full in-plane
-    resolution). Review: every member's reasons, plus `models_disagree` when their labels
-    differ. Each member's own answer is kept in `result.members`.
+    resolution). Review (`fused_review`): every member's reasons but its low confidence, the
+    fused probability of the label against the fused operating point, and `models_disagree`
+    when their labels differ. Each member's own answer is kept in `result.members`.
     """
     if len(results) < 2:
         raise ValueError("fusion needs at least two analyses")
@@ -32,8 +36,11 @@ def fuse_results(results: Sequence[ScanResult]) -> ScanResult:
     probabilities = fuse_probabilities(
         np.array([[r.probabilities[name] for name in CLASS_NAMES] for r in results])
     )
-    review = combined(
-        *(r.review for r in results), disagreement({r.model: r.label for r in results})
+    review = fused_review(
+        [r.review for r in results],
+        {r.model: r.label for r in results},
+        float(probabilities.max()),
+        policy,
     )
     timings = [r.timings for r in results]
     return ScanResult.from_probabilities(

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from ctjoint.contracts import CLASS_NAMES, CLASS_NORMAL
+from ctjoint.contracts import CLASS_NAMES, CLASS_NORMAL, MODEL_BOTH
 
 NORMAL: Final = CLASS_NAMES[CLASS_NORMAL]
 
@@ -47,10 +47,11 @@ class ReviewPolicy:
     family's validation phantoms for the bundled weights (docs/review.md: how, and how often
     each rule fired). New weights: rerun it and copy what it chose."""
 
-    # Calibrated probability of the label below which a result is flagged, per model: the
-    # operating point chosen on the training family's validation split.
+    # Calibrated probability of the label below which a result is flagged, per model, and for
+    # the fused answer of `--model both` (its mean probability): the operating points chosen
+    # on the training family's validation split.
     min_confidence: Mapping[str, float] = field(
-        default_factory=lambda: {"jcs2d": 0.894, "deepsc3d": 0.984}
+        default_factory=lambda: {"jcs2d": 0.894, "deepsc3d": 0.984, MODEL_BOTH: 0.945}
     )
     # Lesion location rules apply from this much lesion on (a few voxels say nothing).
     min_lesion_ml: float = 1.0
@@ -345,14 +346,38 @@ def disagreement(labels: Mapping[str, str]) -> Review:
     return Review.of([(MODELS_DISAGREE, f"the networks disagree: {said}")])
 
 
-def combined(*reviews: Review, signals: ReviewSignals | None = None) -> Review:
-    """Every reason of several reviews (one scan seen by several networks)."""
+def fused_review(
+    reviews: Sequence[Review],
+    labels: Mapping[str, str],
+    confidence: float,
+    policy: ReviewPolicy = DEFAULT_POLICY,
+) -> Review:
+    """The review of the fused answer of several networks on one scan: every member's reasons
+    but its own low confidence, plus `low_confidence` when the fused probability of the fused
+    label (the members' mean) is under the fused operating point, plus `models_disagree`.
+
+    The fused label is what the user reads, so its own probability is what may be too low: a
+    network that hesitates where the other is sure and agrees moves the mean, not the label.
+    Each member keeps its own review (with its own low confidence) in `members`.
+    """
     pairs = [
         (code, r.details[i] if r.details else "")
         for r in reviews
         for i, code in enumerate(r.reasons)
+        if code != LOW_CONFIDENCE
     ]
-    return Review.of(pairs, signals)
+    floor = policy.confidence_for(MODEL_BOTH)
+    if confidence < floor:
+        pairs.append(
+            (
+                LOW_CONFIDENCE,
+                f"p = {confidence:.3f} for the fused label, below the operating point {floor:g} "
+                "of the fused answer",
+            )
+        )
+    disagree = disagreement(labels)
+    pairs += zip(disagree.reasons, disagree.details, strict=True)
+    return Review.of(pairs)
 
 
 __all__ = [
@@ -361,10 +386,10 @@ __all__ = [
     "Review",
     "ReviewPolicy",
     "ReviewSignals",
-    "combined",
     "disagreement",
     "end_fractions",
     "end_slice_fractions",
+    "fused_review",
     "lesion_location",
     "location_fractions",
     "measure",
