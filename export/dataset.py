@@ -55,7 +55,9 @@ from ctjoint.gateway.preprocess import (
     context_stack,
     preprocess_volume,
     resample_labels,
+    resize_inplane,
 )
+from ctjoint.gateway.resample import resample_matrix
 from ctjoint.gateway.series import CtVolume, load_series_dir
 
 logger = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # DICOM patient axes of the served grid, as nibabel axis codes of the (x, y, z) array.
 DICOM_AXCODES = ("L", "P", "S")
 SPLIT_FRACTIONS = (0.70, 0.15)  # train, val; the rest is test
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: lesion fractions stored beside the labels
 
 LABEL_ALIASES = {
     "covid19": "covid19",
@@ -114,13 +116,16 @@ class PreparedCase:
 
     `image` [Z, H, W] (2.5D: one plane per source slice; 3D: the resampled depth) is the
     normalised intensity in float16 (half the memory, far below the network's noise floor);
-    `labels` is the lesion label map on the same grid.
+    `labels` is the lesion label map on the same grid; `fractions` [lesion classes, Z, H, W]
+    uint8 the share of each model cell every lesion class covers, in 255ths (`lesion_fractions`:
+    the soft targets of TrainConfig.soft_targets), or None where not prepared.
     """
 
     case_id: str
     label: int
     image: np.ndarray
     labels: np.ndarray
+    fractions: np.ndarray | None = None
 
     def lesion_planes(self) -> np.ndarray:
         """Indices of planes (slices) holding at least one lesion pixel."""
@@ -301,8 +306,29 @@ def load_case(ref: CaseRef) -> LoadedCase:
     return LoadedCase(ref, volume, lesions)
 
 
+def lesion_fractions(lesions: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """uint8 [lesion classes, *shape]: the share of each model cell that every lesion class
+    covers, in 255ths, by the area average the image itself gets (per axis).
+
+    Nearest-neighbour labels lose where in a cell a lesion boundary lies; the gateway's
+    linear upsampling of logits could restore it, so a network that learned them perfectly
+    still tops out near 0.95 lesion Dice on a 2x finer source grid (bench/target_ceiling.py).
+    """
+    rz = None
+    if lesions.shape[0] != shape[0]:
+        rz = resample_matrix(lesions.shape[0], shape[0], "area").astype(np.float32)
+    out = np.empty((len(SEG_CLASS_NAMES) - 1, *shape), dtype=np.uint8)
+    for k in range(1, len(SEG_CLASS_NAMES)):
+        plane = resize_inplane((lesions == k).astype(np.float32), shape[1], shape[2], "area")
+        if rz is not None:
+            plane = np.tensordot(rz, plane, axes=(1, 0))
+        out[k - 1] = np.clip(np.rint(plane * 255.0), 0, 255).astype(np.uint8)
+    return out
+
+
 def prepare_case(loaded: LoadedCase, plan: PreprocessPlan) -> PreparedCase:
-    """Source grid -> model grid with the shared preprocessing; labels by nearest neighbour."""
+    """Source grid -> model grid with the shared preprocessing; labels by nearest neighbour,
+    lesion fractions by area."""
     image, geometry = preprocess_volume(loaded.volume.hu, plan)
     # 2.5D keeps the centre plane only; neighbours are re-stacked per sample (context_window).
     planes = plan.preprocessor().planes(image)
@@ -312,6 +338,7 @@ def prepare_case(loaded: LoadedCase, plan: PreprocessPlan) -> PreparedCase:
         label=loaded.ref.label,
         image=planes.astype(np.float16),
         labels=np.ascontiguousarray(labels, dtype=np.uint8),
+        fractions=lesion_fractions(loaded.lesions, geometry.model_shape),
     )
 
 
@@ -371,15 +398,26 @@ class CaseCache:
                 with np.load(path) as stored:
                     if str(stored["source_id"]) == source_id:
                         return PreparedCase(
-                            ref.case_id, ref.label, stored["image"], stored["labels"]
+                            ref.case_id,
+                            ref.label,
+                            stored["image"],
+                            stored["labels"],
+                            stored["fractions"],
                         )
             except (OSError, ValueError, KeyError):
                 logger.warning("cache entry %s unreadable; rebuilding it", path.name)
         prepared = prepare_case(load_case(ref), self.plan)
         self.folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".tmp.npz")
+        fractions = prepared.fractions
+        if fractions is None:  # prepare_case always makes them
+            raise DatasetError(f"case {ref.case_id}: no lesion fractions were prepared")
         np.savez(
-            partial, image=prepared.image, labels=prepared.labels, source_id=np.array(source_id)
+            partial,
+            image=prepared.image,
+            labels=prepared.labels,
+            fractions=fractions,
+            source_id=np.array(source_id),
         )
         os.replace(partial, path)  # atomic: a killed run never leaves a half-written entry
         return prepared

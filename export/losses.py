@@ -55,20 +55,24 @@ class LossTerms(NamedTuple):
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - soft Dice, averaged over the lesion classes and the union "any lesion".
 
-    `logits` [N, K, ...], `target` [N, ...] integer labels. Dice is computed over the whole
+    `logits` [N, K, ...], `target` [N, ...] integer labels or [N, K, ...] class probabilities
+    (soft targets). Dice is computed over the whole
     batch (not per image) so that lesion-free images, common in 2.5D batches, add false-positive
     mass without dividing zero by zero. The union term is the binary lesion Dice we report.
     """
     probs = torch.softmax(logits.float(), dim=1)
     num_classes = logits.shape[1]
-    onehot = F.one_hot(target.long(), num_classes).movedim(-1, 1).to(probs.dtype)
+    if target.is_floating_point():
+        onehot = target.to(probs.dtype)
+    else:
+        onehot = F.one_hot(target.long(), num_classes).movedim(-1, 1).to(probs.dtype)
     axes = (0, *range(2, logits.dim()))
     lesion_probs = probs[:, 1:]
     lesion_onehot = onehot[:, 1:]
     intersection = (lesion_probs * lesion_onehot).sum(dim=axes)
     denominator = lesion_probs.sum(dim=axes) + lesion_onehot.sum(dim=axes)
     any_probs = 1.0 - probs[:, SEG_BACKGROUND]
-    any_target = (target != SEG_BACKGROUND).to(probs.dtype)
+    any_target = 1.0 - onehot[:, SEG_BACKGROUND]
     any_intersection = (any_probs * any_target).sum()
     any_denominator = any_probs.sum() + any_target.sum()
     dice = torch.cat(
@@ -83,14 +87,21 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy (every voxel) + soft Dice (lesion overlap, robust to class imbalance).
 
-    Computed in float32 whatever precision the network ran in.
+    Computed in float32 whatever precision the network ran in. `target`: integer labels, or
+    class probabilities [N, K, ...] (soft cross-entropy against them).
     """
     logits = logits.float()
-    return F.cross_entropy(logits, target.long()) + soft_dice_loss(logits, target)
+    hard = target if target.is_floating_point() else target.long()
+    return F.cross_entropy(logits, hard) + soft_dice_loss(logits, target)
 
 
 def downsample_target(target: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Nearest-neighbour resize of an integer label map [N, ...] to a coarser grid."""
+    """Resize a target to a coarser grid: an integer label map [N, ...] by nearest neighbour,
+    class probabilities [N, K, ...] by area average."""
+    if target.is_floating_point():
+        if target.shape[2:] == shape:
+            return target
+        return F.interpolate(target, size=tuple(shape), mode="area")
     if target.shape[1:] == shape:
         return target
     resized = F.interpolate(target[:, None].float(), size=tuple(shape), mode="nearest")

@@ -150,7 +150,8 @@ def augment(
     image: np.ndarray, labels: np.ndarray, config: TrainConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Intensity jitter, noise and in-plane translation of a batch ([B, C, ...] image,
-    [B, ...] labels); geometry changes are applied identically to image and labels."""
+    [B, ...] labels or [B, lesion classes, ...] fractions); geometry changes are applied
+    identically to image and labels."""
     b = int(image.shape[0])
     extra = (1,) * (image.ndim - 1)
     jitter = config.intensity_scale
@@ -257,10 +258,12 @@ def geometric_augment(
     image: np.ndarray, labels: np.ndarray, config: TrainConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample zoom (each axis) and in-plane rotation of a [B, C, *spatial] image and its
-    [B, *spatial] labels: linear for the image, nearest for the labels, air outside."""
+    [B, *spatial] labels (nearest) or [B, lesion classes, *spatial] float fractions (linear):
+    linear for the image, air and no lesion outside."""
     if config.zoom <= 0 and config.rotate_deg <= 0:
         return image, labels
-    ndim = labels.ndim - 1
+    ndim = image.ndim - 2
+    label_order = 1 if labels.dtype.kind == "f" else 0
     image = image.copy()
     labels = labels.copy()
     for i in range(image.shape[0]):
@@ -271,7 +274,7 @@ def geometric_augment(
         rotation[-2:, -2:] = [[c, -s], [s, c]]
         matrix = rotation @ np.diag(1.0 / scale)  # output -> input: shrink = zoom in
         image[i] = _warp(image[i], matrix, 1, AIR)
-        labels[i] = _warp(labels[i], matrix, 0, 0)
+        labels[i] = _warp(labels[i], matrix, label_order, 0)
     return image, labels
 
 
@@ -281,23 +284,50 @@ def slice_batch(
     config: TrainConfig | None,
     rng: np.random.Generator,
     plan: PreprocessPlan,
+    *,
+    soft: bool = False,
 ) -> Batch:
-    """A 2.5D batch; `config` None means no augmentation."""
+    """A 2.5D batch; `config` None means no augmentation; `soft`: the segmentation target is
+    the cases' lesion fractions (`soft_target`), else their labels."""
     image = np.stack([context_window(cases[c].image, z, plan.context) for c, z in items])
     labels = np.stack([cases[c].labels[z] for c, z in items])
     targets = np.array(
         [cases[c].label if cases[c].labels[z].any() else CLASS_NORMAL for c, z in items]
     )
     image = image.astype(np.float32)
+    seg = _fractions([cases[c] for c, _ in items], [z for _, z in items]) if soft else labels
     if config is not None:
         image = _stack_tissue_fat(image, labels, plan, config.tissue_fat, rng)
-        image, labels = geometric_augment(image, labels, config, rng)
-        image, labels = augment(image, labels, config, rng)
+        image, seg = geometric_augment(image, seg, config, rng)
+        image, seg = augment(image, seg, config, rng)
     return Batch(
         torch.from_numpy(image),
-        torch.from_numpy(labels.astype(np.int64)),
+        _seg_target(seg, soft),
         torch.from_numpy(targets.astype(np.int64)),
     )
+
+
+def _fractions(cases: Sequence[PreparedCase], planes: Sequence[int] | None = None) -> np.ndarray:
+    """[B, lesion classes, *spatial] float32 fractions of `cases` (plane `planes[i]` of case
+    i, or the whole case)."""
+    out = []
+    for i, case in enumerate(cases):
+        if case.fractions is None:
+            raise ValueError(f"case {case.case_id} has no lesion fractions (prepare it again)")
+        out.append(case.fractions if planes is None else case.fractions[:, planes[i]])
+    return np.stack(out).astype(np.float32) / 255.0
+
+
+def _seg_target(seg: np.ndarray, soft: bool) -> torch.Tensor:
+    """The loss's segmentation target: int64 labels, or with `soft` class probabilities
+    [B, K, *spatial] (background: what the lesion fractions leave)."""
+    if not soft:
+        return torch.from_numpy(seg.astype(np.int64))
+    lesions = np.clip(seg, 0.0, 1.0)
+    total = lesions.sum(axis=1, keepdims=True)
+    lesions = lesions / np.maximum(total, 1.0)  # warped fractions may add up past one
+    background = 1.0 - lesions.sum(axis=1, keepdims=True)
+    return torch.from_numpy(np.concatenate([background, lesions], axis=1).astype(np.float32))
 
 
 def volume_batch(
@@ -305,22 +335,21 @@ def volume_batch(
     config: TrainConfig | None,
     rng: np.random.Generator,
     plan: PreprocessPlan | None = None,
+    *,
+    soft: bool = False,
 ) -> Batch:
     """A 3D batch of whole scans; `config` None means no augmentation (`plan`: the input's,
-    for the tissue augmentation)."""
+    for the tissue augmentation); `soft` as in `slice_batch`."""
     image = np.stack([case.image for case in cases])[:, None].astype(np.float32)
     labels = np.stack([case.labels for case in cases])
+    seg = _fractions(cases) if soft else labels
     if config is not None:
         if plan is not None and config.tissue_fat > 0:
             image = tissue_fat_augment(image, labels, plan, config.tissue_fat, rng)
-        image, labels = geometric_augment(image, labels, config, rng)
-        image, labels = augment(image, labels, config, rng)
+        image, seg = geometric_augment(image, seg, config, rng)
+        image, seg = augment(image, seg, config, rng)
     targets = np.array([case.label for case in cases], dtype=np.int64)
-    return Batch(
-        torch.from_numpy(image),
-        torch.from_numpy(labels.astype(np.int64)),
-        torch.from_numpy(targets),
-    )
+    return Batch(torch.from_numpy(image), _seg_target(seg, soft), torch.from_numpy(targets))
 
 
 def epoch_batches(
@@ -348,9 +377,10 @@ def make_batch(
     rng: np.random.Generator,
 ) -> Batch:
     train_config = config.train if augment_data else None
+    soft = config.train.soft_targets
     if config.plan.preprocessor().per_slice:
-        return slice_batch(cases, members, train_config, rng, config.plan)
-    return volume_batch([cases[i] for i in members], train_config, rng, config.plan)
+        return slice_batch(cases, members, train_config, rng, config.plan, soft=soft)
+    return volume_batch([cases[i] for i in members], train_config, rng, config.plan, soft=soft)
 
 
 # --- Prediction on the model grid (validation) -------------------------------------------------

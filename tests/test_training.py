@@ -14,8 +14,8 @@ from synthetic_ct import write_nifti_set
 
 from ctjoint.contracts import CLASS_NORMAL
 from ctjoint.export.configs import NetConfig, RunConfig, get_config
-from ctjoint.export.dataset import CaseCache, PreparedCase, discover_cases
-from ctjoint.export.losses import JointLoss, soft_dice_loss
+from ctjoint.export.dataset import CaseCache, PreparedCase, discover_cases, lesion_fractions
+from ctjoint.export.losses import JointLoss, segmentation_loss, soft_dice_loss
 from ctjoint.export.models import build_model
 from ctjoint.export.models.blocks import JointOutput
 from ctjoint.export.train import (
@@ -105,13 +105,80 @@ def test_soft_dice_loss_vanishes_for_a_perfect_prediction() -> None:
     assert float(soft_dice_loss(logits, target)) == pytest.approx(0.0, abs=1e-4)
 
 
-def test_lesion_free_slices_are_trained_as_normal(nifti_set: Path, tmp_path: Path) -> None:
+def test_lesion_fractions_are_each_model_cells_share_of_every_lesion_class() -> None:
+    lesions = np.zeros((4, 8, 8), dtype=np.uint8)
+    lesions[:, 0:2, 0:1] = 1  # half of model cell (0, 0) on a grid twice as coarse
+    lesions[:2, 4:8, 4:8] = 2  # four whole cells, in the first two source slices only
+    planes = lesion_fractions(lesions, (4, 4, 4))
+    assert planes.shape == (2, 4, 4, 4) and planes.dtype == np.uint8
+    assert np.all(planes[0, :, 0, 0] == 128) and np.count_nonzero(planes[0]) == 4
+    assert np.all(planes[1, :2, 2:, 2:] == 255) and np.count_nonzero(planes[1]) == 8
+    # A 3D plan halves the slices too: the consolidation fills the first depth slice.
+    volume = lesion_fractions(lesions, (2, 4, 4))
+    assert np.all(volume[1, 0, 2:, 2:] == 255) and not volume[1, 1].any()
+    assert np.all(volume[0, :, 0, 0] == 128)
+
+
+def test_a_one_hot_soft_target_gives_the_loss_of_its_labels() -> None:
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[0, 2:5, 2:5] = 1
+    target[1, 4:, 3:] = 2
+    logits = torch.randn(2, 3, 8, 8)
+    onehot = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float()
+    assert float(segmentation_loss(logits, onehot)) == pytest.approx(
+        float(segmentation_loss(logits, target)), rel=1e-5
+    )
+    assert float(soft_dice_loss(logits, onehot)) == pytest.approx(
+        float(soft_dice_loss(logits, target)), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("model", ["jcs2d", "deepsc3d"])
+def test_soft_targets_are_class_probabilities_from_the_fractions(
+    model: str, nifti_set: Path, tmp_path: Path
+) -> None:
+    config = small_config(model)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, soft_targets=True))
+    cases = prepared(config, nifti_set, tmp_path)
+    rng = np.random.default_rng(0)
+    if model == "jcs2d":
+        members: list = slice_items(cases, config.train, rng)[:16]
+        fractions = np.stack([cases[c].fractions[:, z] for c, z in members])  # type: ignore[index]
+    else:
+        members = [0, 1]
+        fractions = np.stack([cases[i].fractions for i in members])  # type: ignore[misc]
+    seg = make_batch(config, cases, members, False, rng).seg.numpy()
+    assert seg.dtype == np.float32 and seg.shape[1] == 3
+    assert np.allclose(seg.sum(axis=1), 1.0, atol=1e-6)
+    assert np.allclose(seg[:, 1:], fractions / 255.0, atol=1e-6)
+    assert seg[:, 1:].max() == 1.0  # the sample holds lesions
+
+
+def test_geometric_augmentation_moves_fractions_with_the_image_linearly() -> None:
+    config = dataclasses.replace(get_config("deepsc3d", "tiny").train, zoom=0.3, rotate_deg=20.0)
+    image = np.full((2, 1, 16, 48, 48), -1.0, dtype=np.float32)
+    fractions = np.zeros((2, 2, 16, 48, 48), dtype=np.float32)
+    image[:, :, 5:11, 16:32, 16:32] = 1.0
+    fractions[:, 1, 5:11, 16:32, 16:32] = 1.0
+    warped, moved = geometric_augment(image, fractions, config, np.random.default_rng(3))
+    assert moved.shape == fractions.shape and not moved[:, 0].any()
+    assert np.any((moved > 0.05) & (moved < 0.95))  # linear: the rim keeps partial shares
+    assert moved.min() >= 0.0 and moved.max() <= 1.0 + 1e-6
+    assert warped[:, 0][moved[:, 1] > 0.95].mean() > 0.8  # the lesion's voxels stay bright
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "fractions"])
+def test_lesion_free_slices_are_trained_as_normal(
+    soft: bool, nifti_set: Path, tmp_path: Path
+) -> None:
     config = small_config("jcs2d")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, soft_targets=soft))
     cases = prepared(config, nifti_set, tmp_path)
     rng = np.random.default_rng(0)
     items = slice_items(cases, config.train, rng)
     batch = make_batch(config, cases, items, False, rng)
-    has_lesion = batch.seg.flatten(1).any(dim=1)
+    lesions = batch.seg[:, 1:] if soft else batch.seg
+    has_lesion = lesions.flatten(1).any(dim=1)
     assert torch.all(batch.cls[~has_lesion] == CLASS_NORMAL)
     assert torch.all(batch.cls[has_lesion] != CLASS_NORMAL)
 
@@ -124,12 +191,14 @@ def test_every_lesion_slice_is_sampled_each_epoch(nifti_set: Path, tmp_path: Pat
     assert lesion_slices and lesion_slices <= items
 
 
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "fractions"])
 @pytest.mark.parametrize("model", ["jcs2d", "deepsc3d"])
 def test_a_few_training_steps_lower_the_joint_loss(
-    model: str, nifti_set: Path, tmp_path: Path
+    model: str, soft: bool, nifti_set: Path, tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
     config = small_config(model)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, soft_targets=soft))
     cases = prepared(config, nifti_set, tmp_path)
     rng = np.random.default_rng(0)
     members = slice_items(cases, config.train, rng)[:16] if model == "jcs2d" else list(range(4))
@@ -246,6 +315,7 @@ def test_tissue_fat_augmentation_of_slice_stacks_spares_the_centre_lesion_in_eve
         intensity_scale=0.0,
         intensity_shift=0.0,
         noise_std=0.0,
+        soft_targets=False,
     )
     augmented = dataclasses.replace(config, train=train)
     items = [(0, z) for z in range(2, 10)]
