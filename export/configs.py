@@ -89,7 +89,8 @@ class TrainConfig:
     # Segmentation targets: each model cell's lesion class fractions (soft cross-entropy and
     # soft Dice) instead of nearest-neighbour labels, which cap the source-grid lesion Dice
     # near 0.95 at twice the model's resolution (bench/target_ceiling.py; docs/models.md:
-    # the one run with it did not beat the bundled weights, so the tiny configs keep it off).
+    # the runs with it lost to the bundled weights on fresh scans, so the tiny configs keep
+    # it off).
     soft_targets: bool = False
     # Label smoothing of the classification target: a scan-level label from a few hundred
     # phantoms does not justify p = 1.000, and smoothing keeps the logits from running away.
