@@ -43,6 +43,7 @@ from ctjoint.contracts import (
 from ctjoint.export.phantom import write_phantom_case
 from ctjoint.export.phantom_scanner import SLICE_MM_RANGE
 from ctjoint.gateway import review as review_module
+from ctjoint.gateway.aggregate import fuse_probabilities
 from ctjoint.gateway.analysis import analyze_directory
 from ctjoint.gateway.review import (
     DEFAULT_POLICY,
@@ -183,9 +184,8 @@ def _fused(row: dict[str, object]) -> tuple[str, float]:
     """The fused answer of `--model both` (gateway/aggregate.py `fuse_probabilities`): the
     argmax of the members' mean probabilities, and that mean's value."""
     members = row["members"]  # type: ignore[assignment]
-    mean = np.mean(
-        [[members[m]["probabilities"][c] for c in CLASS_NAMES] for m in MODELS],  # type: ignore[index]
-        axis=0,
+    mean = fuse_probabilities(
+        np.array([[members[m]["probabilities"][c] for c in CLASS_NAMES] for m in MODELS])  # type: ignore[index]
     )
     return CLASS_NAMES[int(np.argmax(mean))], float(mean.max())
 

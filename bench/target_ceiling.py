@@ -10,7 +10,8 @@ network that reproduced its targets exactly would score:
 - `nearest`: targets resampled by nearest neighbour (`preprocess.resample_labels`, what
   `ctjoint train` uses), the network's logits one-hot;
 - `area`: targets as the fraction of each model cell every class covers (the area average the
-  image itself gets), the network's logits their logarithm.
+  image itself gets: `dataset.lesion_fractions`, what `TrainConfig.soft_targets` trains on),
+  the network's logits their logarithm.
 Both are upsampled by the gateway's own `source_label_map` and compared with the phantom's
 truth (any lesion), on fresh abnormal phantoms of both shape families, rendered in memory.
 The gap between the two is what hard targets cost whatever the network learns.
@@ -30,16 +31,15 @@ from doc_section import publish  # bench/doc_section.py
 
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, SEG_CLASS_NAMES
 from ctjoint.export.configs import get_config
+from ctjoint.export.dataset import lesion_fractions
 from ctjoint.export.phantom import generate_phantom
 from ctjoint.export.phantom_families import FAMILIES
 from ctjoint.gateway.preprocess import (
     PreprocessPlan,
     ResampleGeometry,
     resample_labels,
-    resize_inplane,
     source_label_map,
 )
-from ctjoint.gateway.resample import resample_matrix
 
 BEGIN = "<!-- target_ceiling: begin -->"
 END = "<!-- target_ceiling: end -->"
@@ -53,17 +53,6 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.count_nonzero(a & b) / total if total else 1.0
 
 
-def _area_fractions(truth: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """[K, *shape]: the fraction of each model cell every class covers (area average per axis)."""
-    classes = len(SEG_CLASS_NAMES)
-    out = np.empty((classes, *shape), dtype=np.float32)
-    rz = resample_matrix(truth.shape[0], shape[0], "area").astype(np.float32)
-    for k in range(classes):
-        plane = resize_inplane((truth == k).astype(np.float32), shape[1], shape[2], "area")
-        out[k] = np.tensordot(rz, plane, axes=(1, 0))
-    return out
-
-
 def ceilings(truth: np.ndarray, plan: PreprocessPlan) -> tuple[float, float]:
     """(nearest, area) source-grid Dice of a network that reproduces its targets exactly."""
     z, y, x = truth.shape
@@ -72,7 +61,11 @@ def ceilings(truth: np.ndarray, plan: PreprocessPlan) -> tuple[float, float]:
     geometry = ResampleGeometry((z, y, x), shape, plan.kind)
     eye = np.eye(len(SEG_CLASS_NAMES), dtype=np.float32)
     hard = np.moveaxis(eye[resample_labels(truth, shape)], -1, 0) * 10.0  # [K, D, H, W]
-    soft = np.log(_area_fractions(truth, shape) + 1e-4)
+    # What `ctjoint train` learns with soft targets: the lesion fractions it caches (255ths),
+    # the background what they leave.
+    lesions = lesion_fractions(truth, shape).astype(np.float32) / 255.0
+    background = np.clip(1.0 - lesions.sum(axis=0, keepdims=True), 0.0, 1.0)
+    soft = np.log(np.concatenate([background, lesions]) + 1e-4)
     found = []
     for logits in (hard, soft):
         # The gateway's layouts: 2.5D [slices, K, H, W], 3D [1, K, D, H, W].

@@ -56,9 +56,9 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - soft Dice, averaged over the lesion classes and the union "any lesion".
 
     `logits` [N, K, ...], `target` [N, ...] integer labels or [N, K, ...] class probabilities
-    (soft targets). Dice is computed over the whole
-    batch (not per image) so that lesion-free images, common in 2.5D batches, add false-positive
-    mass without dividing zero by zero. The union term is the binary lesion Dice we report.
+    (soft targets). Dice is computed over the whole batch (not per image) so that lesion-free
+    images, common in 2.5D batches, add false-positive mass without dividing zero by zero. The
+    union term is the binary lesion Dice we report.
     """
     probs = torch.softmax(logits.float(), dim=1)
     num_classes = logits.shape[1]

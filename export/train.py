@@ -288,7 +288,7 @@ def slice_batch(
     soft: bool = False,
 ) -> Batch:
     """A 2.5D batch; `config` None means no augmentation; `soft`: the segmentation target is
-    the cases' lesion fractions (`soft_target`), else their labels."""
+    the cases' lesion fractions (`_seg_target`), else their labels."""
     image = np.stack([context_window(cases[c].image, z, plan.context) for c, z in items])
     labels = np.stack([cases[c].labels[z] for c, z in items])
     targets = np.array(

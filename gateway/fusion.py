@@ -15,12 +15,10 @@ import numpy as np
 from ctjoint.contracts import CLASS_NAMES, MODEL_BOTH
 from ctjoint.gateway.aggregate import fuse_probabilities
 from ctjoint.gateway.result import ModelAnswer, ScanResult, StageTimings
-from ctjoint.gateway.review import DEFAULT_POLICY, ReviewPolicy, fused_review
+from ctjoint.gateway.review import fused_review
 
 
-def fuse_results(
-    results: Sequence[ScanResult], policy: ReviewPolicy = DEFAULT_POLICY
-) -> ScanResult:
+def fuse_results(results: Sequence[ScanResult]) -> ScanResult:
     """One answer from several networks' results of the same volume.
 
     Label: the argmax of the mean of their calibrated scan probabilities
@@ -40,7 +38,6 @@ def fuse_results(
         [r.review for r in results],
         {r.model: r.label for r in results},
         float(probabilities.max()),
-        policy,
     )
     timings = [r.timings for r in results]
     return ScanResult.from_probabilities(
