@@ -56,6 +56,14 @@ class ConfigName(StrEnum):
     full = "full"
 
 
+class TrainDevice(StrEnum):
+    """Where `ctjoint train` computes (export/torch_device.py)."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class FollowUpChange(StrEnum):
     """What a follow-up study does to the lesions (export/phantom_followup.py)."""
 
@@ -266,6 +274,12 @@ def train(
     init: Annotated[
         Path | None, typer.Option(help="Start from this checkpoint's weights (fine-tune).")
     ] = None,
+    device: Annotated[
+        TrainDevice, typer.Option(help="Where the network computes: auto = CUDA if present.")
+    ] = TrainDevice.auto,
+    loader_threads: Annotated[
+        int, typer.Option(min=1, help="Threads that build augmented batches ahead.")
+    ] = 1,
 ) -> None:
     """Train a joint network with its joint loss; checkpoints are resumable."""
     from ctjoint.export.train import train_model
@@ -280,6 +294,8 @@ def train(
         resume=resume,
         threads=threads,
         init=init,
+        device=device.value,
+        loader_threads=loader_threads,
     )
     typer.echo(result)
 

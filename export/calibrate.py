@@ -82,8 +82,10 @@ def scan_probabilities(cls_logits: np.ndarray, kind: str, temperature: float = 1
 def case_logits(
     net: JointNetwork, case: PreparedCase, config: RunConfig, rng: np.random.Generator
 ) -> CaseLogits:
-    """Run the network over one prepared case on the model grid."""
+    """Run the network over one prepared case on the model grid (on the device its weights
+    are on)."""
     net.eval()
+    device = next(net.parameters()).device
     plan = config.plan
     if plan.preprocessor().per_slice:
         cls_parts, seg_parts = [], []
@@ -92,16 +94,16 @@ def case_logits(
             stack = np.stack(
                 [context_window(case.image, z, plan.context) for z in range(start, stop)]
             )
-            seg, cls = net(torch.from_numpy(stack.astype(np.float32)))
-            cls_parts.append(cls.float().numpy())
-            seg_parts.append(seg.float().numpy())
+            seg, cls = net(torch.from_numpy(stack.astype(np.float32)).to(device))
+            cls_parts.append(cls.float().cpu().numpy())
+            seg_parts.append(seg.float().cpu().numpy())
         cls_logits = np.concatenate(cls_parts)
         seg_all = np.concatenate(seg_parts)  # [Z, K, H, W]
     else:
-        image = torch.from_numpy(case.image.astype(np.float32))[None, None]
+        image = torch.from_numpy(case.image.astype(np.float32))[None, None].to(device)
         seg, cls = net(image)
-        cls_logits = cls.float().numpy()
-        seg_all = seg.float().numpy()[0][None]  # [1, K, D, H, W] -> K first after moveaxis
+        cls_logits = cls.float().cpu().numpy()
+        seg_all = seg.float().cpu().numpy()[0][None]  # [1, K, D, H, W] -> K first after moveaxis
     flat = np.moveaxis(seg_all, 1, -1).reshape(-1, seg_all.shape[1])
     truth = case.labels.reshape(-1)
     pick = rng.choice(len(flat), size=min(SEG_VOXELS_PER_CASE, len(flat)), replace=False)

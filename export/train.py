@@ -28,7 +28,9 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,13 @@ from ctjoint.export.errors import TrainingError
 from ctjoint.export.losses import JointLoss
 from ctjoint.export.metrics import OverlapCounts, overlap
 from ctjoint.export.models import JointNetwork, build_model, count_parameters
+from ctjoint.export.torch_device import (
+    autocast,
+    describe,
+    peak_memory_gib,
+    reset_peak_memory,
+    resolve_device,
+)
 from ctjoint.gateway.aggregate import aggregate_slice_probabilities, softmax
 from ctjoint.gateway.preprocess import PREPROCESSORS, PreprocessPlan
 
@@ -73,6 +82,7 @@ DEFAULT_THREADS = 2
 # Normalised intensity of air (the bottom of the lung window): what shifted-in borders hold.
 AIR = -1.0
 PREDICT_BATCH = 32
+LOSS_CURVE_PARTS = 10
 
 
 # --- Reproducibility --------------------------------------------------------------------------
@@ -91,10 +101,10 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
-def autocast(enabled: bool) -> torch.autocast:
-    """bfloat16 autocast on CPUs that compute bf16 natively; a no-op context elsewhere."""
-    native = enabled and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=native)
+def batch_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
+    """The augmentation generator of one batch: batches built by several loader threads, in
+    any order, are the same as batches built one after another."""
+    return np.random.default_rng([seed, epoch, step])
 
 
 # --- Batches -----------------------------------------------------------------------------------
@@ -107,6 +117,49 @@ class Batch:
     image: torch.Tensor
     seg: torch.Tensor
     cls: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        if device.type == "cpu":
+            return self
+        return Batch(self.image.to(device), self.seg.to(device), self.cls.to(device))
+
+
+class BatchLoader:
+    """Builds one epoch's augmented batches in background threads, in order, a few ahead of
+    the step that needs them: numpy and scipy release the GIL in the heavy parts, so a GPU
+    step no longer waits for the CPU to draw its batch (the log's batch_wait_seconds says
+    how long it still did)."""
+
+    def __init__(
+        self, build: Callable[[int, list[Any]], Batch], batches: Sequence[list[Any]], threads: int
+    ) -> None:
+        self._build = build
+        self._batches = batches
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batches")
+        self._pending: deque[Future[Batch]] = deque()
+        self._submitted = 0
+        self._ahead = 2 * threads
+
+    def __enter__(self) -> BatchLoader:
+        self._top_up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _top_up(self) -> None:
+        while self._submitted < len(self._batches) and len(self._pending) < self._ahead:
+            step = self._submitted
+            self._pending.append(self._pool.submit(self._build, step, self._batches[step]))
+            self._submitted += 1
+
+    def next(self) -> Batch:
+        """The next batch in order (a build error surfaces here)."""
+        if not self._pending:
+            raise IndexError("the epoch has no more batches")
+        batch = self._pending.popleft().result()
+        self._top_up()
+        return batch
 
 
 def slice_items(
@@ -390,24 +443,27 @@ def make_batch(
 def predict_case(
     net: JointNetwork, case: PreparedCase, context: int, kind: str, amp: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Label map on the model grid and scan probabilities [3] for one prepared case."""
+    """Label map on the model grid and scan probabilities [3] for one prepared case (on the
+    device the network's weights are on)."""
     net.eval()
+    device = next(net.parameters()).device
     if PREPROCESSORS[kind].per_slice:
         labels = []
         slice_logits = []
         for start in range(0, len(case.image), PREDICT_BATCH):
             stop = min(start + PREDICT_BATCH, len(case.image))
             stack = np.stack([context_window(case.image, z, context) for z in range(start, stop)])
-            with autocast(amp):
-                seg, cls = net(torch.from_numpy(stack.astype(np.float32)))
-            labels.append(seg.argmax(dim=1).to(torch.uint8).numpy())
-            slice_logits.append(cls.float().numpy())
+            with autocast(amp, device):
+                seg, cls = net(torch.from_numpy(stack.astype(np.float32)).to(device))
+            labels.append(seg.argmax(dim=1).to(torch.uint8).cpu().numpy())
+            slice_logits.append(cls.float().cpu().numpy())
         probs = aggregate_slice_probabilities(softmax(np.concatenate(slice_logits), axis=1))
         return np.concatenate(labels), probs
-    image = torch.from_numpy(case.image.astype(np.float32))[None, None]
-    with autocast(amp):
+    image = torch.from_numpy(case.image.astype(np.float32))[None, None].to(device)
+    with autocast(amp, device):
         seg, cls = net(image)
-    return seg[0].argmax(dim=0).to(torch.uint8).numpy(), softmax(cls.float().numpy(), axis=1)[0]
+    label_map = seg[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
+    return label_map, softmax(cls.float().cpu().numpy(), axis=1)[0]
 
 
 def validate(net: JointNetwork, cases: Sequence[PreparedCase], config: RunConfig) -> dict[str, Any]:
@@ -447,7 +503,7 @@ def validation_score(metrics: dict[str, Any]) -> float:
 
 def _fp32_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {
-        k: (v.detach().float() if v.is_floating_point() else v.detach()).clone()
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
         for k, v in module.state_dict().items()
     }
 
@@ -523,6 +579,15 @@ def lr_schedule(step: int, warmup: int, total: int) -> float:
     return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def loss_curve(step_losses: Sequence[float], parts: int = LOSS_CURVE_PARTS) -> list[float]:
+    """Mean loss of each of up to `parts` consecutive, equal shares of an epoch's steps: how
+    the loss moved inside an epoch, small enough for the log."""
+    if not step_losses:
+        return []
+    chunks = np.array_split(np.asarray(step_losses, dtype=np.float64), min(parts, len(step_losses)))
+    return [float(chunk.mean()) for chunk in chunks]
+
+
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -572,6 +637,8 @@ def train_model(
     resume: bool = False,
     threads: int | None = None,
     init: Path | None = None,
+    device: str = "auto",
+    loader_threads: int = 1,
 ) -> str:
     """Train `model` on a data set folder; returns a one-paragraph summary.
 
@@ -592,6 +659,8 @@ def train_model(
         threads=threads,
         epochs=epochs,
         init=init,
+        device=device,
+        loader_threads=loader_threads,
     )
     return result.summary()
 
@@ -607,10 +676,17 @@ def train_run(
     epochs: int | None = None,
     console: Console | None = None,
     init: Path | None = None,
+    device: str = "auto",
+    loader_threads: int = 1,
 ) -> TrainResult:
     """Train with an explicit configuration (tests use small ones). On `resume` the stored
-    configuration and seed win; `epochs` may still extend the run."""
+    configuration and seed win; `epochs` may still extend the run. `device`: where the
+    network computes (torch_device.resolve_device); `loader_threads`: threads that build
+    augmented batches ahead of the step that needs them."""
+    if loader_threads < 1:
+        raise TrainingError(f"loader_threads must be at least 1, not {loader_threads}")
     torch.set_num_threads(threads or DEFAULT_THREADS)
+    target = resolve_device(device)
     last_path = run_dir / LAST_CHECKPOINT
     state: dict[str, Any] | None = None
     if resume:
@@ -642,7 +718,10 @@ def train_run(
     net = build_model(config)
     if init is not None and state is None:
         _load_init(net, config, Path(init))
-    loss_fn = JointLoss(config.train)
+    net.to(target)
+    loss_fn = JointLoss(config.train).to(target)
+    if target.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
     parameters = count_parameters(net)
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -682,19 +761,33 @@ def train_run(
     started = time.perf_counter()
     for epoch in range(start_epoch, config.train.epochs):
         epoch_started = time.perf_counter()
-        rng = epoch_rng(seed, epoch)
         torch.manual_seed(seed * 100_003 + epoch)  # dropout masks, replayable on resume
-        batches = epoch_batches(config, train_cases, rng)
+        batches = epoch_batches(config, train_cases, epoch_rng(seed, epoch))
         net.train()
+        reset_peak_memory(target)
         totals = {"loss": 0.0, "seg": 0.0, "cls": 0.0}
         weights = (1.0, 1.0)
-        with _progress(console) as progress:
+        waited = 0.0
+        samples = 0
+        step_losses: list[float] = []
+
+        def build(step: int, members: list[Any], epoch: int = epoch) -> Batch:
+            rng = batch_rng(seed, epoch, step)
+            return make_batch(config, train_cases, members, True, rng)
+
+        with (
+            _progress(console) as progress,
+            BatchLoader(build, batches, loader_threads) as loader,
+        ):
             task = progress.add_task(
                 f"epoch {epoch + 1}/{config.train.epochs}", total=len(batches), status=""
             )
-            for step, members in enumerate(batches):
-                batch = make_batch(config, train_cases, members, True, rng)
-                with autocast(config.train.amp):
+            for step in range(len(batches)):
+                asked = time.perf_counter()
+                batch = loader.next().to(target)
+                waited += time.perf_counter() - asked
+                samples += int(batch.cls.shape[0])
+                with autocast(config.train.amp, target):
                     out = net.forward_all(batch.image)
                 terms = loss_fn(out, batch.seg, batch.cls)
                 optimizer.zero_grad(set_to_none=True)
@@ -702,7 +795,8 @@ def train_run(
                 nn.utils.clip_grad_norm_(net.parameters(), config.train.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                totals["loss"] += float(terms.total.detach())
+                step_losses.append(float(terms.total.detach()))
+                totals["loss"] += step_losses[-1]
                 totals["seg"] += float(terms.seg)
                 totals["cls"] += float(terms.cls)
                 weights = (terms.seg_weight, terms.cls_weight)
@@ -713,6 +807,7 @@ def train_run(
                     f"cls {totals['cls'] / (step + 1):.3f}",
                 )
         n = max(1, len(batches))
+        train_seconds = time.perf_counter() - epoch_started
         metrics = validate(net, val_cases, config) if val_cases else {}
         score = validation_score(metrics)
         record = {
@@ -724,6 +819,12 @@ def train_run(
             "cls_weight": weights[1],
             "lr": scheduler.get_last_lr()[0],
             "steps": len(batches),
+            "loss_curve": loss_curve(step_losses),
+            "samples": samples,
+            "samples_per_second": samples / max(train_seconds, 1e-9),
+            "batch_wait_seconds": waited,
+            "train_seconds": train_seconds,
+            "peak_memory_gib": peak_memory_gib(target),
             "seconds": time.perf_counter() - epoch_started,
             "val": metrics,
             "score": score,
@@ -748,26 +849,30 @@ def train_run(
             },
             last_path,
         )
-        _write_log(run_dir, config, seed, parameters, history, wall)
+        _write_log(run_dir, config, seed, parameters, history, wall, target)
         console.print(
             f"epoch {epoch + 1}: seg {record['seg_loss']:.3f} cls {record['cls_loss']:.3f} "
             f"val dice {metrics.get('dice', math.nan):.3f} "
             f"acc {metrics.get('accuracy', math.nan):.3f}"
-            f"{' (best)' if improved else ''} [{record['seconds']:.0f} s]"
+            f"{' (best)' if improved else ''} [{record['seconds']:.0f} s, "
+            f"{record['samples_per_second']:.1f} samples/s]"
         )
 
     wall = wall_before + time.perf_counter() - started
-    _write_log(run_dir, config, seed, parameters, history, wall)
+    _write_log(run_dir, config, seed, parameters, history, wall, target)
     if val_cases and (run_dir / BEST_CHECKPOINT).is_file():
-        _calibrate_best(run_dir / BEST_CHECKPOINT, val_cases, seed)
+        _calibrate_best(run_dir / BEST_CHECKPOINT, val_cases, seed, target)
     return TrainResult(run_dir, config, parameters, history, wall, len(train_cases))
 
 
-def _calibrate_best(path: Path, val_cases: Sequence[PreparedCase], seed: int) -> None:
+def _calibrate_best(
+    path: Path, val_cases: Sequence[PreparedCase], seed: int, device: torch.device
+) -> None:
     """Fit the best model's logit temperatures on the validation cases and store them."""
     from ctjoint.export.calibrate import calibrate_network
 
     net, config, data = model_from_checkpoint(path)
+    net.to(device)
     fit = calibrate_network(net, config, val_cases, seed=seed)
     data["temperature"] = {"cls": fit.temperature.cls, "seg": fit.temperature.seg}
     data["calibration"] = fit.to_dict()
@@ -792,12 +897,14 @@ def _write_log(
     parameters: int,
     history: list[dict[str, Any]],
     wall: float,
+    device: torch.device,
 ) -> None:
     log = {
         "model": config.model,
         "config": config.to_dict(),
         "seed": seed,
         "parameters": parameters,
+        "device": describe(device),
         "classes": list(CLASS_NAMES),
         "wall_seconds": wall,
         "epochs": history,

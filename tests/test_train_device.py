@@ -1,0 +1,147 @@
+"""Where training computes (`--device`) and how batches reach it (loader threads): the
+same seed draws the same batches whatever the threads, the log says what ran where, and a
+GPU run (skipped without one) trains and writes CPU checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from synthetic_ct import write_nifti_set
+from test_training import small_config
+
+from ctjoint.export.dataset import CaseCache, discover_cases
+from ctjoint.export.torch_device import resolve_device
+from ctjoint.export.train import (
+    Batch,
+    BatchLoader,
+    TrainingError,
+    batch_rng,
+    epoch_batches,
+    epoch_rng,
+    loss_curve,
+    make_batch,
+    model_from_checkpoint,
+    train_run,
+)
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def nifti_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_nifti_set(tmp_path_factory.mktemp("nifti") / "set", per_class=4, size=32, slices=8)
+
+
+def test_auto_is_the_cpu_without_cuda_and_cuda_with_it() -> None:
+    assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+    assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(CUDA, reason="asks for CUDA where there is none")
+def test_cuda_without_a_gpu_says_why() -> None:
+    with pytest.raises(
+        TrainingError, match=r"--device cuda: torch .* (built without CUDA|sees no)"
+    ):
+        resolve_device("cuda")
+
+
+def test_an_unknown_device_is_refused() -> None:
+    with pytest.raises(TrainingError, match=r"unknown device 'tpu'; expected one of"):
+        resolve_device("tpu")
+
+
+def test_loader_threads_build_the_same_batches_in_the_same_order(nifti_set: Path) -> None:
+    config = small_config("jcs2d")
+    cases = CaseCache(nifti_set / "cache", config.plan).get_many(discover_cases(nifti_set, "train"))
+    batches = epoch_batches(config, cases, epoch_rng(7, 0))
+    assert len(batches) >= 3
+
+    def build(step: int, members: list[int]) -> Batch:
+        return make_batch(config, cases, members, True, batch_rng(7, 0, step))
+
+    with BatchLoader(build, batches, 1) as loader:
+        one = [loader.next() for _ in batches]
+    with BatchLoader(build, batches, 4) as loader:
+        four = [loader.next() for _ in batches]
+        with pytest.raises(IndexError, match="no more batches"):
+            loader.next()
+    for a, b in zip(one, four, strict=True):
+        assert torch.equal(a.image, b.image) and torch.equal(a.seg, b.seg)
+        assert torch.equal(a.cls, b.cls)
+
+
+def test_a_batch_that_cannot_be_built_fails_the_step_that_needs_it() -> None:
+    def build(step: int, members: list[int]) -> Batch:
+        raise ValueError(f"case {members[0]} has no lesion fractions")
+
+    with (
+        BatchLoader(build, [[3], [4]], 2) as loader,
+        pytest.raises(ValueError, match="case 3 has no lesion fractions"),
+    ):
+        loader.next()
+
+
+def test_the_log_records_the_device_and_the_throughput(nifti_set: Path, tmp_path: Path) -> None:
+    quiet = Console(quiet=True)
+    one = train_run(small_config("jcs2d"), nifti_set, tmp_path / "one", device="cpu", console=quiet)
+    three = train_run(
+        small_config("jcs2d"),
+        nifti_set,
+        tmp_path / "three",
+        device="cpu",
+        loader_threads=3,
+        console=quiet,
+    )
+    # Same seed, same batches: the loader's threads change nothing the network sees.
+    assert three.history[0]["loss"] == one.history[0]["loss"]
+    log = json.loads((tmp_path / "three" / "train_log.json").read_text())
+    assert log["device"]["type"] == "cpu"
+    epoch = log["epochs"][0]
+    config = small_config("jcs2d")
+    cases = CaseCache(tmp_path / "three" / "cache", config.plan).get_many(
+        discover_cases(nifti_set, "train")
+    )
+    batches = epoch_batches(config, cases, epoch_rng(0, 0))
+    assert (epoch["steps"], epoch["samples"]) == (len(batches), sum(map(len, batches)))
+    assert epoch["samples_per_second"] == pytest.approx(
+        epoch["samples"] / epoch["train_seconds"], rel=1e-6
+    )
+    assert 0.0 <= epoch["batch_wait_seconds"] <= epoch["train_seconds"]
+    assert len(epoch["loss_curve"]) == min(10, epoch["steps"])
+    assert sum(epoch["loss_curve"]) / len(epoch["loss_curve"]) == pytest.approx(
+        epoch["loss"], rel=0.2
+    )
+    assert epoch["peak_memory_gib"] is None
+
+
+def test_the_loss_curve_averages_equal_shares_of_the_steps() -> None:
+    assert loss_curve([4.0, 2.0, 3.0, 1.0], parts=2) == [3.0, 2.0]
+    assert loss_curve([5.0, 1.0], parts=10) == [5.0, 1.0]
+    assert loss_curve([]) == []
+
+
+def test_loader_threads_below_one_are_refused(nifti_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="loader_threads must be at least 1, not 0"):
+        train_run(small_config("jcs2d"), nifti_set, tmp_path / "r", loader_threads=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", ["jcs2d", "deepsc3d"])
+def test_training_on_the_gpu_writes_cpu_checkpoints(
+    model: str, nifti_set: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / model
+    result = train_run(
+        small_config(model, 2), nifti_set, run, device="cuda", console=Console(quiet=True)
+    )
+    log = json.loads((run / "train_log.json").read_text())
+    assert log["device"]["type"] == "cuda"
+    assert all(e["peak_memory_gib"] > 0 for e in log["epochs"])
+    assert len(result.history) == 2
+    _, _, data = model_from_checkpoint(run / "best.pt")
+    assert all(t.device.type == "cpu" for t in data["state_dict"].values())
+    assert data["temperature"]["cls"] > 0
