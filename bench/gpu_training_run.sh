@@ -17,7 +17,7 @@ SIZE=${SIZE:-512}
 CONFIG=${CONFIG:-full}
 JCS_EPOCHS=${JCS_EPOCHS:-4}
 SC_EPOCHS=${SC_EPOCHS:-20}
-CHECK_ARGS=${CHECK_ARGS:---budget-s 140}
+CHECK_ARGS=${CHECK_ARGS:---budget-s 120}
 WORK=${WORK:-/tmp/ctjoint-gpu-run}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
@@ -52,7 +52,9 @@ prepare=$!
 
 stamp "gpu check ($CHECK_ARGS)"
 # shellcheck disable=SC2086  # CHECK_ARGS is a list of arguments
-timeout 230 "$PYTHON" bench/gpu_models.py $CHECK_ARGS --out "$OUT" 2>&1 | tail -25
+timeout 200 "$PYTHON" bench/gpu_models.py $CHECK_ARGS --out "$OUT" 2>&1 | tail -25
+stamp "training tests on $DEVICE"
+timeout 80 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_train_device.py 2>&1 | tail -4
 wait "$prepare"
 stamp "prepared: $(tail -4 "$OUT/prepare.log" | tr '\n' ' ')"
 
