@@ -328,6 +328,40 @@ def perf_on_gpu_repository(report: Report, engines: dict[str, Path], work: Path)
             print(perf.summary(), flush=True)
 
 
+TABLE_BEGIN = "<!-- bench/gpu_models.py begin -->"
+TABLE_END = "<!-- bench/gpu_models.py end -->"
+
+
+def table(report: Report) -> str:
+    """One row per network, configuration and mode: samples/s at the smallest and largest
+    batch measured, that batch's peak memory and the worst parity against eager fp32."""
+    lines = [
+        f"{report.device}, torch {report.torch}, {report.started[:10]} "
+        f"({report.seconds:.0f} s of a {report.budget_s:.0f} s budget; "
+        f"{len(report.skipped)} measurements skipped):",
+        "",
+        "| model | config | mode | samples/s at batch 1 | largest batch | samples/s there "
+        "| peak MiB there | max probability difference | min mask agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = dict.fromkeys((p.model, p.config, p.mode) for p in report.points)
+    for model, config, mode in keys:
+        points = sorted(
+            (p for p in report.points if (p.model, p.config, p.mode) == (model, config, mode)),
+            key=lambda p: p.batch,
+        )
+        first, last = points[0], points[-1]
+        peak = "-" if last.peak_mib is None else f"{last.peak_mib:.0f}"
+        lines.append(
+            f"| {model} | {config} | {mode} | "
+            f"{first.samples_per_s:,.0f}{'' if first.batch == 1 else f' (batch {first.batch})'} "
+            f"| {last.batch} | {last.samples_per_s:,.0f} | {peak} "
+            f"| {max(p.max_prob_diff for p in points):.1e} "
+            f"| {min(p.mask_agreement for p in points):.5f} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(report: Report, path: Path) -> str:
     """samples/s against batch, one panel per network and configuration, one line per mode."""
     try:
@@ -371,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--smoke", action="store_true", help="CPU, tiny configuration, small batches"
     )
     parser.add_argument("--plot", type=Path, help="only draw the PNG of an earlier JSON")
+    parser.add_argument("--doc", type=Path, help="with --plot: write its table here too")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.plot is not None:
@@ -380,7 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             **{k: data[k] for k in ("device", "torch", "python", "started", "budget_s")}
         )
         loaded.points = points
+        loaded.skipped = list(data.get("skipped", []))
+        loaded.seconds = float(data.get("seconds", 0.0))
         print(plot(loaded, args.out / "gpu_check.png"))
+        if args.doc is not None:
+            from doc_section import publish  # bench/doc_section.py
+
+            return publish(table(loaded), args.doc, TABLE_BEGIN, TABLE_END)
         return 0
 
     started = time.monotonic()

@@ -849,7 +849,7 @@ def train_run(
             },
             last_path,
         )
-        _write_log(run_dir, config, seed, parameters, history, wall, target)
+        _write_log(run_dir, config, seed, parameters, history, wall, target, len(train_cases))
         console.print(
             f"epoch {epoch + 1}: seg {record['seg_loss']:.3f} cls {record['cls_loss']:.3f} "
             f"val dice {metrics.get('dice', math.nan):.3f} "
@@ -859,7 +859,7 @@ def train_run(
         )
 
     wall = wall_before + time.perf_counter() - started
-    _write_log(run_dir, config, seed, parameters, history, wall, target)
+    _write_log(run_dir, config, seed, parameters, history, wall, target, len(train_cases))
     if val_cases and (run_dir / BEST_CHECKPOINT).is_file():
         _calibrate_best(run_dir / BEST_CHECKPOINT, val_cases, seed, target)
     return TrainResult(run_dir, config, parameters, history, wall, len(train_cases))
@@ -898,6 +898,7 @@ def _write_log(
     history: list[dict[str, Any]],
     wall: float,
     device: torch.device,
+    train_cases: int,
 ) -> None:
     log = {
         "model": config.model,
@@ -905,6 +906,7 @@ def _write_log(
         "seed": seed,
         "parameters": parameters,
         "device": describe(device),
+        "train_cases": train_cases,
         "classes": list(CLASS_NAMES),
         "wall_seconds": wall,
         "epochs": history,

@@ -7,9 +7,11 @@ and tests/test_load.py run them); the writers are checked here on small made-up 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,3 +122,81 @@ def test_publish_prints_writes_and_answers_2_without_markers(
     out = capsys.readouterr()
     assert out.out == "| t |\n| u |\n| v |\n"
     assert "topic.md: has no <!-- x --> / <!-- e --> lines" in out.err
+
+
+def _epoch(epoch: int, loss: float, samples: int, train_s: float, wait_s: float) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "loss": loss,
+        "loss_curve": [loss + 0.5, loss - 0.5],
+        "samples": samples,
+        "samples_per_second": samples / train_s,
+        "batch_wait_seconds": wait_s,
+        "train_seconds": train_s,
+        "peak_memory_gib": 10.26,
+        "val": {"dice": 0.5, "accuracy": 1.0},
+    }
+
+
+def test_the_training_table_reads_each_epoch_and_plans_the_paper_epochs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    throughput = _script("train_throughput")
+    log = {
+        "model": "jcs2d",
+        "config": {"name": "full"},
+        "device": {"name": "NVIDIA H200", "torch": "2.11"},
+        "train_cases": 10,
+        "epochs": [_epoch(1, 2.0, 1000, 40.0, 2.0), _epoch(2, 1.0, 1000, 10.0, 2.0)],
+    }
+    text = throughput.render([log], [10], 1000)
+    lines = text.splitlines()
+    assert lines[0] == "Measured on NVIDIA H200 (torch 2.11), `--config full`, bf16 autocast:"
+    assert (
+        lines[4] == "| jcs2d | 1 | 2.000 | 2.50 -> 1.50 | 1000 | 25.0 | 5% | 10.3 | 0.500 | 1.000 |"
+    )
+    assert (
+        lines[5]
+        == "| jcs2d | 2 | 1.000 | 1.50 -> 0.50 | 1000 | 100.0 | 20% | 10.3 | 0.500 | 1.000 |"
+    )
+    # Epoch 2 only: 100 samples/s measured, 125 without the 2 s wait; 100 samples per scan,
+    # 100,000 per epoch of 1,000 scans: 1000 s / 800 s per epoch, the full config's 60 epochs.
+    assert (
+        lines[-1] == "| jcs2d | 100.0 - 125.0 | 100.0 | 100,000 | 0.22 - 0.28 | 60 | 13.3 - 16.7 |"
+    )
+
+
+def test_the_committed_training_table_is_what_the_committed_logs_say(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    throughput = _script("train_throughput")
+    logs = [
+        json.loads((repo_root() / "docs" / "gpu" / f"{m}_full_train_log.json").read_text())
+        for m in ("jcs2d", "deepsc3d")
+    ]
+    doc = (repo_root() / "docs" / "models.md").read_text(encoding="utf-8")
+    section = doc.split(throughput.BEGIN + "\n", 1)[1].split("\n" + throughput.END, 1)[0]
+    assert section == throughput.render(logs, [12, 12], 1260)
+
+
+def test_the_gpu_check_table_has_one_row_per_model_config_and_mode() -> None:
+    gpu = _script("gpu_models")
+    report = gpu.Report("NVIDIA H200", "2.11", "3.12", "2026-12-04T15:48:42+00:00", 120.0)
+    report.seconds = 193.0
+    report.skipped = ["deepsc3d full: the time budget was spent"]
+    report.points = [
+        gpu.Point("jcs2d", "tiny", "eager fp32", 1, 5.0, 200.0, 40.0, 0.0, 1.0),
+        gpu.Point("jcs2d", "tiny", "eager fp32", 64, 4.0, 16000.0, 660.4, 0.0, 0.99995),
+        gpu.Point("deepsc3d", "tiny", "cuda graphs", 2, 1.0, 2000.0, None, 2.5e-4, 1.0),
+    ]
+    assert gpu.table(report).splitlines() == [
+        "NVIDIA H200, torch 2.11, 2026-12-04 (193 s of a 120 s budget; 1 measurements skipped):",
+        "",
+        "| model | config | mode | samples/s at batch 1 | largest batch | samples/s there "
+        "| peak MiB there | max probability difference | min mask agreement |",
+        "|---|---|---|---|---|---|---|---|---|",
+        "| jcs2d | tiny | eager fp32 | 200 | 64 | 16,000 | 660 | 0.0e+00 | 0.99995 |",
+        "| deepsc3d | tiny | cuda graphs | 2,000 (batch 2) | 2 | 2,000 | - | 2.5e-04 | 1.00000 |",
+    ]
