@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from ctjoint.contracts import CLASS_NAMES as CLASSES
 from ctjoint.contracts import repo_root
 from ctjoint.export.triton_perf import PerfReport, PerfRow
 
@@ -200,3 +201,52 @@ def test_the_gpu_check_table_has_one_row_per_model_config_and_mode() -> None:
         "| jcs2d | tiny | eager fp32 | 200 | 64 | 16,000 | 660 | 0.0e+00 | 0.99995 |",
         "| deepsc3d | tiny | cuda graphs | 2,000 (batch 2) | 2 | 2,000 | - | 2.5e-04 | 1.00000 |",
     ]
+
+
+def test_the_temperature_floor_of_a_set_with_a_wrong_label(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    floor = _script("temperature_floor")
+
+    def case(label: str, probs: list[float]) -> dict[str, Any]:
+        return {
+            "label": label,
+            "uncalibrated_probabilities": dict(zip(CLASSES, probs, strict=True)),
+        }
+
+    report = {
+        "model": "deepsc3d",
+        "classes": list(CLASSES),
+        "calibration": {"ece_after": 0.2},
+        "per_case": [
+            case("covid19", [0.8, 0.1, 0.1]),
+            case("cap", [0.1, 0.8, 0.1]),
+            case("normal", [0.1, 0.8, 0.1]),  # wrong, as confident as the right ones
+        ],
+    }
+    result = floor.sweep(report)
+    assert (result["cases"], result["wrong"]) == (3, 1)
+    # One bin: accuracy 2/3 against confidence 0.8; a temperature moving every confidence to
+    # 2/3 removes the gap (0.8^a / (0.8^a + 2 x 0.1^a) = 2/3 where 8^a = 4: a = 1/T = 2/3).
+    assert result["ece_t1"] == pytest.approx(0.8 - 2 / 3)
+    assert result["ece_min"] < 0.005 and result["t_min"] == pytest.approx(1.5, rel=0.02)
+    with pytest.raises(ValueError, match="jcs2d: only deepsc3d"):
+        floor.sweep({**report, "model": "jcs2d"})
+
+
+def test_the_committed_temperature_floor_is_what_the_committed_reports_say(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    floor = _script("temperature_floor")
+    names = [
+        f"deepsc3d.bundled.{s}.json" for s in ("eval15_quadric", "eval15_fourier", "eval_fourier")
+    ]
+    reports = [json.loads((repo_root() / "docs" / "eval" / n).read_text()) for n in names]
+    named = [(n, floor.sweep(r)) for n, r in zip(names, reports, strict=True)]
+    for (_, swept), report in zip(named, reports, strict=True):
+        assert swept["ece_t1"] == pytest.approx(report["calibration"]["ece_before"], abs=1e-9)
+    doc = (repo_root() / "docs" / "models.md").read_text(encoding="utf-8")
+    section = doc.split(floor.BEGIN + "\n", 1)[1].split("\n" + floor.END, 1)[0]
+    assert section == floor.render(named)
