@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
-# One short session on a bare GPU machine (torch, numpy, scipy, typer, rich; pydicom and
-# nibabel as wheels in $WHEELS): `make gpu-check`'s model measurements, then the `full`
-# configurations trained for a few epochs on fresh 512x512 phantoms with `ctjoint train
-# --device cuda`, so the logs show the loss moving and the samples/s. Every step is bounded
+# One short session on a bare GPU machine (bench/gpu_env.sh makes it ready): `make
+# gpu-check`'s model measurements, then the `full` configurations trained for a few epochs on
+# fresh 512x512 phantoms with `ctjoint train --device cuda`, so the logs show the loss moving
+# and the samples/s. Every step is bounded
 # by a timeout and what it wrote is kept even if a later step fails.
 #
 #   OUT=out/gpu-run bash bench/gpu_training_run.sh                  # on the GPU machine
 #   DEVICE=cpu CONFIG=tiny N=9 SIZE=96 JCS_EPOCHS=1 SC_EPOCHS=1 CHECK_ARGS=--smoke \
 #     bash bench/gpu_training_run.sh                                # anywhere: proves it runs
 set -u
-OUT=${OUT:-out/gpu-run}
-WHEELS=${WHEELS:-.whl}
 DEVICE=${DEVICE:-cuda}
 N=${N:-18}
 SIZE=${SIZE:-512}
@@ -18,27 +16,8 @@ CONFIG=${CONFIG:-full}
 JCS_EPOCHS=${JCS_EPOCHS:-4}
 SC_EPOCHS=${SC_EPOCHS:-20}
 CHECK_ARGS=${CHECK_ARGS:---budget-s 120}
-WORK=${WORK:-/tmp/ctjoint-gpu-run}
-PYTHON=${PYTHON:-python3}
-mkdir -p "$OUT" "$WORK"
-stamp() { echo "[$(date +%T)] $*"; }
-
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$WORK/site" "$WHEELS"/*.whl || exit 1
-fi
-# The package from the checkout through a symlink view (as `make gpu-check` does).
-VIEW=$WORK/view
-rm -rf "$VIEW" && mkdir -p "$VIEW/ctjoint"
-for f in ctjoint/*.py ctjoint/py.typed ctjoint/v1; do ln -s "$PWD/$f" "$VIEW/ctjoint/"; done
-for d in gateway client export; do ln -s "$PWD/$d" "$VIEW/ctjoint/$d"; done
-export PYTHONPATH=$VIEW:$WORK/site PYTHONUNBUFFERED=1
-# -P: the checkout's own ctjoint/ (no gateway/ inside) must not shadow the view.
-ctjoint() { "$PYTHON" -P -m ctjoint.cli "$@"; }
-
-stamp "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | head -3
-"$PYTHON" -c 'import os, torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cpus", os.cpu_count())'
+# shellcheck source=bench/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
 
 # Data and the preprocessing caches, on the CPU, while the GPU check runs.
 DATA=$WORK/data
@@ -46,8 +25,8 @@ DATA=$WORK/data
     ctjoint phantom-set "$DATA" --n "$N" --size "$SIZE" --seed 88 --workers 12 &&
         for m in jcs2d deepsc3d; do
             ctjoint train --model "$m" --config "$CONFIG" --data "$DATA" --epochs 0 \
-                --out "$WORK/runs/$m" --device cpu --threads 4 &
-        done && wait
+                --out "$WORK/runs/$m" --device cpu --prepare-workers 6
+        done
 ) >"$OUT/prepare.log" 2>&1 &
 prepare=$!
 

@@ -280,6 +280,9 @@ def train(
     loader_threads: Annotated[
         int, typer.Option(min=1, help="Threads that build augmented batches ahead.")
     ] = 1,
+    prepare_workers: Annotated[
+        int, typer.Option(min=1, help="Processes that fill the preprocessing cache.")
+    ] = 1,
 ) -> None:
     """Train a joint network with its joint loss; checkpoints are resumable."""
     from ctjoint.export.train import train_model
@@ -296,6 +299,7 @@ def train(
         init=init,
         device=device.value,
         loader_threads=loader_threads,
+        prepare_workers=prepare_workers,
     )
     typer.echo(result)
 

@@ -31,8 +31,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -368,6 +370,11 @@ def _fingerprint(path: Path | None) -> str:
     return digest.hexdigest()
 
 
+def _prepare_into(cache: CaseCache, ref: CaseRef) -> None:
+    """Pool worker (top level, so it pickles under spawn): prepare one case into the cache."""
+    cache.get(ref)
+
+
 def plan_key(plan: PreprocessPlan) -> str:
     """Short stable name of a preprocessing plan (cache sub-folder)."""
     return hashlib.sha256(plan.to_json().encode("utf-8")).hexdigest()[:12]
@@ -423,12 +430,45 @@ class CaseCache:
         return prepared
 
     def get_many(
-        self, refs: Sequence[CaseRef], advance: Callable[[], None] | None = None
+        self,
+        refs: Sequence[CaseRef],
+        advance: Callable[[], None] | None = None,
+        workers: int = 1,
     ) -> list[PreparedCase]:
-        """Prepared cases in order; `advance` is called after each (progress bars)."""
+        """Prepared cases in order; `advance` is called after each (progress bars).
+        `workers` > 1 prepares the cases the cache lacks in that many processes (decoding
+        and resampling a 512 x 512 scan takes seconds of one core)."""
+        if workers < 1:
+            raise DatasetError(f"workers must be at least 1, not {workers}")
+        missing = [i for i, ref in enumerate(refs) if not self.is_current(ref)]
+        prepared_apart: set[int] = set()
+        if workers > 1 and len(missing) > 1:
+            context = multiprocessing.get_context("spawn")  # no fork of a threaded torch
+            with ProcessPoolExecutor(min(workers, len(missing)), mp_context=context) as pool:
+                jobs = [pool.submit(_prepare_into, self, refs[i]) for i in missing]
+                try:
+                    for future in as_completed(jobs):
+                        future.result()  # a case that cannot be prepared fails the call here
+                        if advance is not None:
+                            advance()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+            prepared_apart = set(missing)
         out = []
-        for ref in refs:
+        for i, ref in enumerate(refs):
             out.append(self.get(ref))
-            if advance is not None:
+            if advance is not None and i not in prepared_apart:
                 advance()
         return out
+
+    def is_current(self, ref: CaseRef) -> bool:
+        """Whether the cache holds this case for its present source files."""
+        path = self._path(ref)
+        if not path.is_file():
+            return False
+        try:
+            with np.load(path) as stored:
+                return bool(str(stored["source_id"]) == self._source_id(ref))
+        except (OSError, ValueError, KeyError):
+            return False

@@ -639,6 +639,7 @@ def train_model(
     init: Path | None = None,
     device: str = "auto",
     loader_threads: int = 1,
+    prepare_workers: int = 1,
 ) -> str:
     """Train `model` on a data set folder; returns a one-paragraph summary.
 
@@ -661,6 +662,7 @@ def train_model(
         init=init,
         device=device,
         loader_threads=loader_threads,
+        prepare_workers=prepare_workers,
     )
     return result.summary()
 
@@ -678,11 +680,13 @@ def train_run(
     init: Path | None = None,
     device: str = "auto",
     loader_threads: int = 1,
+    prepare_workers: int = 1,
 ) -> TrainResult:
     """Train with an explicit configuration (tests use small ones). On `resume` the stored
     configuration and seed win; `epochs` may still extend the run. `device`: where the
     network computes (torch_device.resolve_device); `loader_threads`: threads that build
-    augmented batches ahead of the step that needs them."""
+    augmented batches ahead of the step that needs them; `prepare_workers`: processes that
+    fill the preprocessing cache."""
     if loader_threads < 1:
         raise TrainingError(f"loader_threads must be at least 1, not {loader_threads}")
     torch.set_num_threads(threads or DEFAULT_THREADS)
@@ -712,8 +716,12 @@ def train_run(
     cache = CaseCache(Path(os.environ.get(ENV_CACHE_DIR) or run_dir / "cache"), config.plan)
     with _progress(console) as progress:
         task = progress.add_task("preparing", total=len(train_refs) + len(val_refs), status="")
-        train_cases = cache.get_many(train_refs, lambda: progress.advance(task))
-        val_cases = cache.get_many(val_refs, lambda: progress.advance(task))
+        train_cases = cache.get_many(
+            train_refs, lambda: progress.advance(task), workers=prepare_workers
+        )
+        val_cases = cache.get_many(
+            val_refs, lambda: progress.advance(task), workers=prepare_workers
+        )
 
     net = build_model(config)
     if init is not None and state is None:

@@ -144,3 +144,23 @@ def test_cache_rebuilds_when_the_source_changes(nifti_set: Path, tmp_path: Path)
     image = nib.load(ref.mask)
     nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), ref.mask)
     assert not cache.get(ref).labels.any()
+
+
+def test_worker_processes_fill_the_cache_with_what_one_process_makes(
+    nifti_set: Path, tmp_path: Path
+) -> None:
+    plan = PreprocessPlan.default("deepsc3d", 32, 32, 8)
+    refs = discover_cases(nifti_set)
+    ticks: list[int] = []
+    apart = CaseCache(tmp_path / "apart", plan).get_many(refs, lambda: ticks.append(1), workers=3)
+    alone = CaseCache(tmp_path / "alone", plan).get_many(refs)
+    assert len(ticks) == len(refs)  # one progress tick per case, prepared apart or not
+    for a, b in zip(apart, alone, strict=True):
+        assert (a.case_id, a.label) == (b.case_id, b.label)
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)
+        assert a.fractions is not None and b.fractions is not None
+        assert np.array_equal(a.fractions, b.fractions)
+    cache = CaseCache(tmp_path / "apart", plan)
+    assert all(cache.is_current(ref) for ref in refs)
+    with pytest.raises(DatasetError, match="workers must be at least 1, not 0"):
+        cache.get_many(refs, workers=0)
