@@ -13,6 +13,11 @@ a COVID-19 scan looks normal, and the scan label comes from the slice vote in
 gateway.aggregate, which reads abnormality from the most abnormal slices. deepsc3d trains on
 whole scans.
 
+Devices: the network, the loss and the optimizer run where `device` says
+(export/torch_device.py: a CUDA GPU when torch sees one); batches are drawn and augmented on
+the CPU by BatchLoader threads, each batch from its own seeded generator, and checkpoints
+always hold CPU tensors.
+
 Augmentation: intensity scale/shift and noise (scanner and reconstruction variation) and small
 in-plane translations. No left-right flip: the chest is not mirror-symmetric (heart, aorta,
 the three-lobed right lung), and side is diagnostic evidence (CAP is typically unilateral and
