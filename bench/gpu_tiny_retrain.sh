@@ -34,7 +34,7 @@ done
 train() {  # model epochs seconds
     stamp "train $1 tiny from the bundled weights, $2 epochs, on $DEVICE"
     timeout "$3" "$PYTHON" -P -m ctjoint.cli train --model "$1" --config tiny --data "$DATA" \
-        --epochs "$2" --out "$WORK/runs/$1" --device "$DEVICE" --threads 8 --loader-threads 12 \
+        --epochs "$2" --out "$WORK/runs/$1" --device "$DEVICE" --threads 8 --loader-workers 12 \
         --prepare-workers 14 --init "$VIEW/ctjoint/export/weights/$1_tiny.pt" 2>&1 |
         grep -v "━" | tail -40
     cp "$WORK/runs/$1/best.pt" "$OUT/$1_tiny_retrained.pt" 2>/dev/null

@@ -43,7 +43,7 @@ stamp "prepared: $(tail -4 "$OUT/prepare.log" | tr '\n' ' ')"
 train() {  # model epochs seconds
     stamp "train $1 $CONFIG, $2 epochs, on $DEVICE"
     timeout "$3" "$PYTHON" -P -m ctjoint.cli train --model "$1" --config "$CONFIG" --data "$DATA" --epochs "$2" --out "$WORK/runs/$1" \
-        --device "$DEVICE" --threads 8 --loader-threads 8 2>&1 | grep -v "━" | tail -30
+        --device "$DEVICE" --threads 8 --loader-workers 8 2>&1 | grep -v "━" | tail -30
     cp "$WORK/runs/$1/train_log.json" "$OUT/$1_${CONFIG}_train_log.json" 2>/dev/null
 }
 train jcs2d "$JCS_EPOCHS" 150

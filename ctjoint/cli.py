@@ -277,9 +277,10 @@ def train(
     device: Annotated[
         TrainDevice, typer.Option(help="Where the network computes: auto = CUDA if present.")
     ] = TrainDevice.auto,
-    loader_threads: Annotated[
-        int, typer.Option(min=1, help="Threads that build augmented batches ahead.")
-    ] = 1,
+    loader_workers: Annotated[
+        int,
+        typer.Option(min=0, help="Processes that build augmented batches ahead (0: none)."),
+    ] = 0,
     prepare_workers: Annotated[
         int, typer.Option(min=1, help="Processes that fill the preprocessing cache.")
     ] = 1,
@@ -298,7 +299,7 @@ def train(
         threads=threads,
         init=init,
         device=device.value,
-        loader_threads=loader_threads,
+        loader_workers=loader_workers,
         prepare_workers=prepare_workers,
     )
     typer.echo(result)

@@ -15,8 +15,8 @@ whole scans.
 
 Devices: the network, the loss and the optimizer run where `device` says
 (export/torch_device.py: a CUDA GPU when torch sees one); batches are drawn and augmented on
-the CPU by BatchLoader threads, each batch from its own seeded generator, and checkpoints
-always hold CPU tensors.
+the CPU, by torch DataLoader worker processes when asked (EpochBatches: each batch from its
+own seeded generator), and checkpoints always hold CPU tensors.
 
 Augmentation: intensity scale/shift and noise (scanner and reconstruction variation) and small
 in-plane translations. No left-right flip: the chest is not mirror-symmetric (heart, aorta,
@@ -33,9 +33,7 @@ import math
 import os
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,8 @@ from rich.progress import (
 )
 from scipy import ndimage
 from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 
 from ctjoint.contracts import CLASS_NAMES, CLASS_NORMAL
 from ctjoint.export.configs import RunConfig, TrainConfig, get_config
@@ -88,6 +88,7 @@ DEFAULT_THREADS = 2
 AIR = -1.0
 PREDICT_BATCH = 32
 LOSS_CURVE_PARTS = 10
+LOADER_PREFETCH = 4  # batches each loader worker keeps ready
 
 
 # --- Reproducibility --------------------------------------------------------------------------
@@ -126,45 +127,57 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
             return self
-        return Batch(self.image.to(device), self.seg.to(device), self.cls.to(device))
+        return Batch(
+            self.image.to(device, non_blocking=True),
+            self.seg.to(device, non_blocking=True),
+            self.cls.to(device, non_blocking=True),
+        )
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (DataLoader's pin_memory calls this), for asynchronous copies to
+        a GPU."""
+        return Batch(self.image.pin_memory(), self.seg.pin_memory(), self.cls.pin_memory())
 
 
-class BatchLoader:
-    """Builds one epoch's augmented batches in background threads, in order, a few ahead of
-    the step that needs them: numpy and scipy release the GIL in the heavy parts, so a GPU
-    step no longer waits for the CPU to draw its batch (the log's batch_wait_seconds says
-    how long it still did)."""
+class EpochBatches(TorchDataset[Batch]):
+    """One epoch's augmented batches for torch's DataLoader: item `step` is batch `step`,
+    drawn from its own generator (batch_rng), so worker processes build exactly what the
+    main process would. Workers (forked: the prepared cases are shared, not copied) keep the
+    GPU from waiting on scipy's warps, which hold the GIL for much of their time."""
 
     def __init__(
-        self, build: Callable[[int, list[Any]], Batch], batches: Sequence[list[Any]], threads: int
+        self,
+        config: RunConfig,
+        cases: Sequence[PreparedCase],
+        batches: Sequence[list[Any]],
+        seed: int,
+        epoch: int,
     ) -> None:
-        self._build = build
-        self._batches = batches
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batches")
-        self._pending: deque[Future[Batch]] = deque()
-        self._submitted = 0
-        self._ahead = 2 * threads
+        self.config = config
+        self.cases = cases
+        self.batches = batches
+        self.seed = seed
+        self.epoch = epoch
 
-    def __enter__(self) -> BatchLoader:
-        self._top_up()
-        return self
+    def __len__(self) -> int:
+        return len(self.batches)
 
-    def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def __getitem__(self, step: int) -> Batch:
+        rng = batch_rng(self.seed, self.epoch, step)
+        return make_batch(self.config, self.cases, self.batches[step], True, rng)
 
-    def _top_up(self) -> None:
-        while self._submitted < len(self._batches) and len(self._pending) < self._ahead:
-            step = self._submitted
-            self._pending.append(self._pool.submit(self._build, step, self._batches[step]))
-            self._submitted += 1
 
-    def next(self) -> Batch:
-        """The next batch in order (a build error surfaces here)."""
-        if not self._pending:
-            raise IndexError("the epoch has no more batches")
-        batch = self._pending.popleft().result()
-        self._top_up()
-        return batch
+def epoch_loader(dataset: EpochBatches, workers: int, pin_memory: bool) -> DataLoader[Batch]:
+    """The batches in order; `workers` processes build them ahead (0: in this process, when
+    asked)."""
+    return DataLoader(
+        dataset,
+        batch_size=None,  # items are whole batches already
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=LOADER_PREFETCH if workers > 0 else None,
+    )
 
 
 def slice_items(
@@ -643,7 +656,7 @@ def train_model(
     threads: int | None = None,
     init: Path | None = None,
     device: str = "auto",
-    loader_threads: int = 1,
+    loader_workers: int = 0,
     prepare_workers: int = 1,
 ) -> str:
     """Train `model` on a data set folder; returns a one-paragraph summary.
@@ -666,7 +679,7 @@ def train_model(
         epochs=epochs,
         init=init,
         device=device,
-        loader_threads=loader_threads,
+        loader_workers=loader_workers,
         prepare_workers=prepare_workers,
     )
     return result.summary()
@@ -684,16 +697,16 @@ def train_run(
     console: Console | None = None,
     init: Path | None = None,
     device: str = "auto",
-    loader_threads: int = 1,
+    loader_workers: int = 0,
     prepare_workers: int = 1,
 ) -> TrainResult:
     """Train with an explicit configuration (tests use small ones). On `resume` the stored
     configuration and seed win; `epochs` may still extend the run. `device`: where the
-    network computes (torch_device.resolve_device); `loader_threads`: threads that build
-    augmented batches ahead of the step that needs them; `prepare_workers`: processes that
-    fill the preprocessing cache."""
-    if loader_threads < 1:
-        raise TrainingError(f"loader_threads must be at least 1, not {loader_threads}")
+    network computes (torch_device.resolve_device); `loader_workers`: processes that build
+    augmented batches ahead of the step that needs them (0: the training process builds
+    each when it needs it); `prepare_workers`: processes that fill the preprocessing cache."""
+    if loader_workers < 0:
+        raise TrainingError(f"loader_workers must be 0 or more, not {loader_workers}")
     torch.set_num_threads(threads or DEFAULT_THREADS)
     target = resolve_device(device)
     last_path = run_dir / LAST_CHECKPOINT
@@ -784,20 +797,20 @@ def train_run(
         samples = 0
         step_losses: list[float] = []
 
-        def build(step: int, members: list[Any], epoch: int = epoch) -> Batch:
-            rng = batch_rng(seed, epoch, step)
-            return make_batch(config, train_cases, members, True, rng)
-
-        with (
-            _progress(console) as progress,
-            BatchLoader(build, batches, loader_threads) as loader,
-        ):
+        loader = iter(
+            epoch_loader(
+                EpochBatches(config, train_cases, batches, seed, epoch),
+                loader_workers,
+                pin_memory=target.type == "cuda",
+            )
+        )
+        with _progress(console) as progress:
             task = progress.add_task(
                 f"epoch {epoch + 1}/{config.train.epochs}", total=len(batches), status=""
             )
             for step in range(len(batches)):
                 asked = time.perf_counter()
-                batch = loader.next().to(target)
+                batch = next(loader).to(target)
                 waited += time.perf_counter() - asked
                 samples += int(batch.cls.shape[0])
                 with autocast(config.train.amp, target):

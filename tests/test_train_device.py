@@ -1,9 +1,10 @@
-"""Where training computes (`--device`) and how batches reach it (loader threads): the
-same seed draws the same batches whatever the threads, the log says what ran where, and a
+"""Where training computes (`--device`) and how batches reach it (loader workers): the
+same seed draws the same batches whatever the workers, the log says what ran where, and a
 GPU run (skipped without one) trains and writes CPU checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,11 +17,11 @@ from test_training import small_config
 from ctjoint.export.dataset import CaseCache, discover_cases
 from ctjoint.export.torch_device import resolve_device
 from ctjoint.export.train import (
-    Batch,
-    BatchLoader,
+    EpochBatches,
     TrainingError,
     batch_rng,
     epoch_batches,
+    epoch_loader,
     epoch_rng,
     loss_curve,
     make_batch,
@@ -54,35 +55,32 @@ def test_an_unknown_device_is_refused() -> None:
         resolve_device("tpu")
 
 
-def test_loader_threads_build_the_same_batches_in_the_same_order(nifti_set: Path) -> None:
+def test_loader_workers_build_the_same_batches_in_the_same_order(nifti_set: Path) -> None:
     config = small_config("jcs2d")
     cases = CaseCache(nifti_set / "cache", config.plan).get_many(discover_cases(nifti_set, "train"))
     batches = epoch_batches(config, cases, epoch_rng(7, 0))
     assert len(batches) >= 3
-
-    def build(step: int, members: list[int]) -> Batch:
-        return make_batch(config, cases, members, True, batch_rng(7, 0, step))
-
-    with BatchLoader(build, batches, 1) as loader:
-        one = [loader.next() for _ in batches]
-    with BatchLoader(build, batches, 4) as loader:
-        four = [loader.next() for _ in batches]
-        with pytest.raises(IndexError, match="no more batches"):
-            loader.next()
-    for a, b in zip(one, four, strict=True):
+    dataset = EpochBatches(config, cases, batches, seed=7, epoch=0)
+    alone = list(epoch_loader(dataset, 0, pin_memory=False))
+    apart = list(epoch_loader(dataset, 2, pin_memory=False))
+    assert len(alone) == len(apart) == len(batches)
+    for a, b in zip(alone, apart, strict=True):
         assert torch.equal(a.image, b.image) and torch.equal(a.seg, b.seg)
         assert torch.equal(a.cls, b.cls)
+    # And batch `step` is what make_batch draws from that step's generator.
+    again = make_batch(config, cases, batches[1], True, batch_rng(7, 0, 1))
+    assert torch.equal(apart[1].image, again.image)
 
 
-def test_a_batch_that_cannot_be_built_fails_the_step_that_needs_it() -> None:
-    def build(step: int, members: list[int]) -> Batch:
-        raise ValueError(f"case {members[0]} has no lesion fractions")
-
-    with (
-        BatchLoader(build, [[3], [4]], 2) as loader,
-        pytest.raises(ValueError, match="case 3 has no lesion fractions"),
-    ):
-        loader.next()
+def test_a_batch_that_cannot_be_built_fails_the_step_that_needs_it(nifti_set: Path) -> None:
+    config = small_config("jcs2d")
+    cases = CaseCache(nifti_set / "cache", config.plan).get_many(discover_cases(nifti_set, "train"))
+    broken = [dataclasses.replace(case, fractions=None) for case in cases]
+    soft = dataclasses.replace(config, train=dataclasses.replace(config.train, soft_targets=True))
+    batches = epoch_batches(soft, broken, epoch_rng(0, 0))
+    loader = epoch_loader(EpochBatches(soft, broken, batches, 0, 0), 2, pin_memory=False)
+    with pytest.raises(ValueError, match=r"case \S+ has no lesion fractions"):
+        next(iter(loader))
 
 
 def test_the_log_records_the_device_and_the_throughput(nifti_set: Path, tmp_path: Path) -> None:
@@ -93,10 +91,10 @@ def test_the_log_records_the_device_and_the_throughput(nifti_set: Path, tmp_path
         nifti_set,
         tmp_path / "three",
         device="cpu",
-        loader_threads=3,
+        loader_workers=2,
         console=quiet,
     )
-    # Same seed, same batches: the loader's threads change nothing the network sees.
+    # Same seed, same batches: the loader's workers change nothing the network sees.
     assert three.history[0]["loss"] == one.history[0]["loss"]
     log = json.loads((tmp_path / "three" / "train_log.json").read_text())
     assert log["device"]["type"] == "cpu"
@@ -124,9 +122,9 @@ def test_the_loss_curve_averages_equal_shares_of_the_steps() -> None:
     assert loss_curve([]) == []
 
 
-def test_loader_threads_below_one_are_refused(nifti_set: Path, tmp_path: Path) -> None:
-    with pytest.raises(TrainingError, match="loader_threads must be at least 1, not 0"):
-        train_run(small_config("jcs2d"), nifti_set, tmp_path / "r", loader_threads=0)
+def test_a_negative_number_of_loader_workers_is_refused(nifti_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="loader_workers must be 0 or more, not -1"):
+        train_run(small_config("jcs2d"), nifti_set, tmp_path / "r", loader_workers=-1)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
