@@ -125,6 +125,12 @@ def test_publish_prints_writes_and_answers_2_without_markers(
     assert "topic.md: has no <!-- x --> / <!-- e --> lines" in out.err
 
 
+def _models_section(script: types.ModuleType) -> str:
+    """What docs/models.md holds between a benchmark script's BEGIN and END markers."""
+    doc = (repo_root() / "docs" / "models.md").read_text(encoding="utf-8")
+    return doc.split(script.BEGIN + "\n", 1)[1].split("\n" + script.END, 1)[0]
+
+
 def _epoch(epoch: int, loss: float, samples: int, train_s: float, wait_s: float) -> dict[str, Any]:
     return {
         "epoch": epoch,
@@ -177,9 +183,7 @@ def test_the_committed_training_table_is_what_the_committed_logs_say(
         json.loads((repo_root() / "docs" / "gpu" / f"{m}_full_train_log.json").read_text())
         for m in ("jcs2d", "deepsc3d")
     ]
-    doc = (repo_root() / "docs" / "models.md").read_text(encoding="utf-8")
-    section = doc.split(throughput.BEGIN + "\n", 1)[1].split("\n" + throughput.END, 1)[0]
-    assert section == throughput.render(logs, [12, 12], 1260)
+    assert _models_section(throughput) == throughput.render(logs, [12, 12], 1260)
 
 
 def test_the_gpu_check_table_has_one_row_per_model_config_and_mode() -> None:
@@ -247,6 +251,4 @@ def test_the_committed_temperature_floor_is_what_the_committed_reports_say(
     named = [(n, floor.sweep(r)) for n, r in zip(names, reports, strict=True)]
     for (_, swept), report in zip(named, reports, strict=True):
         assert swept["ece_t1"] == pytest.approx(report["calibration"]["ece_before"], abs=1e-9)
-    doc = (repo_root() / "docs" / "models.md").read_text(encoding="utf-8")
-    section = doc.split(floor.BEGIN + "\n", 1)[1].split("\n" + floor.END, 1)[0]
-    assert section == floor.render(named)
+    assert _models_section(floor) == floor.render(named)
