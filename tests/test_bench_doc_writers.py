@@ -125,6 +125,12 @@ def test_publish_prints_writes_and_answers_2_without_markers(
     assert "topic.md: has no <!-- x --> / <!-- e --> lines" in out.err
 
 
+@pytest.fixture
+def bench_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scripts that import bench/doc_section.py find it as the command line would."""
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
 def _models_section(script: types.ModuleType) -> str:
     """What docs/models.md holds between a benchmark script's BEGIN and END markers."""
     doc = (repo_root() / "docs" / "models.md").read_text(encoding="utf-8")
@@ -145,10 +151,8 @@ def _epoch(epoch: int, loss: float, samples: int, train_s: float, wait_s: float)
     }
 
 
-def test_the_training_table_reads_each_epoch_and_plans_the_paper_epochs(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.syspath_prepend(str(BENCH))
+@pytest.mark.usefixtures("bench_on_path")
+def test_the_training_table_reads_each_epoch_and_plans_the_paper_epochs() -> None:
     throughput = _script("train_throughput")
     log = {
         "model": "jcs2d",
@@ -174,10 +178,8 @@ def test_the_training_table_reads_each_epoch_and_plans_the_paper_epochs(
     )
 
 
-def test_the_committed_training_table_is_what_the_committed_logs_say(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.syspath_prepend(str(BENCH))
+@pytest.mark.usefixtures("bench_on_path")
+def test_the_committed_training_table_is_what_the_committed_logs_say() -> None:
     throughput = _script("train_throughput")
     logs = [
         json.loads((repo_root() / "docs" / "gpu" / f"{m}_full_train_log.json").read_text())
@@ -207,10 +209,8 @@ def test_the_gpu_check_table_has_one_row_per_model_config_and_mode() -> None:
     ]
 
 
-def test_the_temperature_floor_of_a_set_with_a_wrong_label(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.syspath_prepend(str(BENCH))
+@pytest.mark.usefixtures("bench_on_path")
+def test_the_temperature_floor_of_a_set_with_a_wrong_label() -> None:
     floor = _script("temperature_floor")
 
     def case(label: str, probs: list[float]) -> dict[str, Any]:
@@ -239,10 +239,8 @@ def test_the_temperature_floor_of_a_set_with_a_wrong_label(
         floor.sweep({**report, "model": "jcs2d"})
 
 
-def test_the_committed_temperature_floor_is_what_the_committed_reports_say(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.syspath_prepend(str(BENCH))
+@pytest.mark.usefixtures("bench_on_path")
+def test_the_committed_temperature_floor_is_what_the_committed_reports_say() -> None:
     floor = _script("temperature_floor")
     names = [
         f"deepsc3d.bundled.{s}.json" for s in ("eval15_quadric", "eval15_fourier", "eval_fourier")
