@@ -284,6 +284,9 @@ def train(
     prepare_workers: Annotated[
         int, typer.Option(min=1, help="Processes that fill the preprocessing cache.")
     ] = 1,
+    lr: Annotated[
+        float | None, typer.Option(help="Override the config's base learning rate.")
+    ] = None,
 ) -> None:
     """Train a joint network with its joint loss; checkpoints are resumable."""
     from ctjoint.export.train import train_model
@@ -301,6 +304,7 @@ def train(
         device=device.value,
         loader_workers=loader_workers,
         prepare_workers=prepare_workers,
+        lr=lr,
     )
     typer.echo(result)
 

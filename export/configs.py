@@ -168,6 +168,10 @@ class RunConfig:
     def with_epochs(self, epochs: int) -> RunConfig:
         return replace(self, train=replace(self.train, epochs=epochs))
 
+    def with_lr(self, lr: float) -> RunConfig:
+        """The same run at another base learning rate (fine-tuning from trained weights)."""
+        return replace(self, train=replace(self.train, lr=lr))
+
 
 def _jcs2d(name: str) -> RunConfig:
     if name == "tiny":

@@ -658,17 +658,25 @@ def train_model(
     device: str = "auto",
     loader_workers: int = 0,
     prepare_workers: int = 1,
+    lr: float | None = None,
 ) -> str:
     """Train `model` on a data set folder; returns a one-paragraph summary.
 
     Checkpoints go to `out_dir` (default runs/<model>-<config>); `resume` continues from its
     last.pt with the stored configuration (`epochs` may extend it); `init` starts a new run
-    from the weights of another checkpoint of the same network (fine-tuning).
+    from the weights of another checkpoint of the same network (fine-tuning), usually with
+    a lower `lr` than the configuration's.
     """
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"{model}-{config_name}"
     config = get_config(model, config_name)
     if epochs is not None:
         config = config.with_epochs(epochs)
+    if lr is not None:
+        if resume:
+            raise TrainingError("--lr sets a new run's rate; a resumed run keeps its own")
+        if not lr > 0:
+            raise TrainingError(f"--lr must be positive, not {lr}")
+        config = config.with_lr(lr)
     result = train_run(
         config,
         data_dir,

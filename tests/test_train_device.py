@@ -14,6 +14,7 @@ from rich.console import Console
 from synthetic_ct import write_nifti_set
 from test_training import small_config
 
+from ctjoint.export.configs import get_config
 from ctjoint.export.dataset import CaseCache, discover_cases
 from ctjoint.export.torch_device import resolve_device
 from ctjoint.export.train import (
@@ -26,6 +27,7 @@ from ctjoint.export.train import (
     loss_curve,
     make_batch,
     model_from_checkpoint,
+    train_model,
     train_run,
 )
 
@@ -143,3 +145,12 @@ def test_training_on_the_gpu_writes_cpu_checkpoints(
     _, _, data = model_from_checkpoint(run / "best.pt")
     assert all(t.device.type == "cpu" for t in data["state_dict"].values())
     assert data["temperature"]["cls"] > 0
+
+
+def test_a_fine_tune_takes_its_own_learning_rate(nifti_set: Path, tmp_path: Path) -> None:
+    base = get_config("jcs2d", "tiny")
+    assert base.with_lr(5e-4).train == dataclasses.replace(base.train, lr=5e-4)
+    with pytest.raises(TrainingError, match=r"--lr must be positive, not 0\.0"):
+        train_model("jcs2d", nifti_set, out_dir=tmp_path / "zero", lr=0.0)
+    with pytest.raises(TrainingError, match="--lr sets a new run's rate; a resumed run keeps"):
+        train_model("jcs2d", nifti_set, out_dir=tmp_path / "resumed", resume=True, lr=1e-4)
