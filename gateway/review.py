@@ -51,7 +51,7 @@ class ReviewPolicy:
     # the fused answer of `--model both` (its mean probability): the operating points chosen
     # on the training family's validation split.
     min_confidence: Mapping[str, float] = field(
-        default_factory=lambda: {"jcs2d": 0.894, "deepsc3d": 0.984, MODEL_BOTH: 0.945}
+        default_factory=lambda: {"jcs2d": 0.919, "deepsc3d": 0.984, MODEL_BOTH: 0.958}
     )
     # Lesion location rules apply from this much lesion on (a few voxels say nothing).
     min_lesion_ml: float = 1.0
@@ -59,7 +59,7 @@ class ReviewPolicy:
     # outside the thorax, air outside the body).
     max_outside_fraction: float = 0.92
     # Fraction of the lesion volume between the lungs (heart, mediastinum, diaphragm domes).
-    max_between_fraction: float = 0.48
+    max_between_fraction: float = 0.47
     # Both lungs together, lesions included (mL).
     min_lung_ml: float = 200.0
     plausible_lung_ml: tuple[float, float] = (1420.0, 10000.0)
