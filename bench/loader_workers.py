@@ -40,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def seconds(workers: int) -> float:
         started = time.perf_counter()
-        for _ in epoch_loader(dataset, workers, pin_memory=False):
-            pass
-        return time.perf_counter() - started
+        built = sum(1 for _ in epoch_loader(dataset, workers, pin_memory=False))
+        elapsed = time.perf_counter() - started
+        if built != len(batches):
+            raise SystemExit(f"{workers} workers built {built} of {len(batches)} batches")
+        return elapsed
 
     for r in range(args.rounds):
         alone, apart = seconds(0), seconds(args.workers)

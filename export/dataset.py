@@ -440,9 +440,10 @@ class CaseCache:
         and resampling a 512 x 512 scan takes seconds of one core)."""
         if workers < 1:
             raise DatasetError(f"workers must be at least 1, not {workers}")
-        missing = [i for i, ref in enumerate(refs) if not self.is_current(ref)]
         prepared_apart: set[int] = set()
-        if workers > 1 and len(missing) > 1:
+        # One process: get() below reads or builds each entry, so nothing is checked twice.
+        missing = [i for i, r in enumerate(refs) if not self.is_current(r)] if workers > 1 else []
+        if len(missing) > 1:
             context = multiprocessing.get_context("spawn")  # no fork of a threaded torch
             with ProcessPoolExecutor(min(workers, len(missing)), mp_context=context) as pool:
                 jobs = [pool.submit(_prepare_into, self, refs[i]) for i in missing]

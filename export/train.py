@@ -108,7 +108,7 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
 
 
 def batch_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
-    """The augmentation generator of one batch: batches built by several loader threads, in
+    """The augmentation generator of one batch: batches built by loader worker processes, in
     any order, are the same as batches built one after another."""
     return np.random.default_rng([seed, epoch, step])
 
