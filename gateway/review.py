@@ -269,7 +269,8 @@ def review_of(
     label: str | None = None,
 ) -> Review:
     """Apply the policy's rules to one model's signals. The lesion location rules question
-    what supports an abnormal label: they are skipped when `label` is "normal"."""
+    what supports an abnormal label: they are skipped when `label` is "normal"; a series cut
+    inside the lungs questions what a normal label asserts: it is skipped for the others."""
     found: list[tuple[str, str]] = []
     floor = policy.confidence_for(model)
     if signals.confidence < floor:
@@ -314,7 +315,10 @@ def review_of(
             )
         )
     ends = max(signals.first_slice_lung_fraction, signals.last_slice_lung_fraction)
-    if signals.lung_ml >= policy.min_lung_ml and ends > policy.max_end_lung_fraction:
+    # Lung left out of the series can hide lesions, so it questions a normal label (or an
+    # unknown one); a finding in the lung that was scanned stands whatever the rest holds.
+    cut = signals.lung_ml >= policy.min_lung_ml and ends > policy.max_end_lung_fraction
+    if cut and label in (None, NORMAL):
         which = (
             "first"
             if signals.first_slice_lung_fraction >= signals.last_slice_lung_fraction
