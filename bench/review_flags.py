@@ -8,7 +8,9 @@ Three sets of fresh phantoms, each analysed with `--model both` (one decode, bot
               thresholds are chosen on;
   held-out:   the held-out family (fourier), never used to choose anything;
   hard:       held-out cases made hard on purpose: a slab through the mid lungs (apex and base
-              cut off), and whole chests re-sliced to keep every k-th slice (>= 7.5 mm).
+              cut off), whole chests re-sliced to keep every k-th slice (>= 7.5 mm), and
+              mimics: normal chests with every look-alike of disease at the top of its range
+              (`ctjoint phantom --mimic`: dependent density, vessels, heart, diaphragm domes).
 Per case the signals of gateway/review.py are stored (WORK/signals.json; a rerun reuses them
 while the networks' ONNX files and the gateway's code are those they were measured with),
 the thresholds are chosen on validation (rules below), and every set is scored with them:
@@ -63,6 +65,7 @@ HELD_OUT_SEED = 9_200_000
 HARD_SEED = 9_300_000
 THICK_MM = 7.5
 SLAB_SLICES = 16
+HARD_VARIANTS = ("slab", "thick", "mimic")
 
 
 # --- cases ------------------------------------------------------------------------------------
@@ -96,10 +99,11 @@ def cases(per_class: int, size: int, work: Path) -> list[dict[str, object]]:
                 {"set": set_name, "kind": kind, "seed": base + i, "family": family, "variant": ""}
             )
     hard = max(1, per_class // 2)
-    for variant in ("slab", "thick"):
+    for offset, variant in enumerate(HARD_VARIANTS):
         for i in range(hard * len(CLASS_NAMES)):
-            kind = CLASS_NAMES[i % len(CLASS_NAMES)]
-            seed = HARD_SEED + (0 if variant == "slab" else 1000) + i
+            # A mimic is a normal chest that looks diseased: all of them normal.
+            kind = "normal" if variant == "mimic" else CLASS_NAMES[i % len(CLASS_NAMES)]
+            seed = HARD_SEED + 1000 * offset + i
             plan.append(
                 {"set": "hard", "kind": kind, "seed": seed, "family": "fourier", "variant": variant}
             )
@@ -120,6 +124,7 @@ def series_of(case: dict[str, object], work: Path) -> tuple[Path, str]:
         slices=slices,
         size=int(case["size"]),  # type: ignore[call-overload]
         family=str(case["family"]),
+        mimic=case["variant"] == "mimic",
     )
     series = written.out_dir / CASE_SERIES_DIR
     truth = json.loads((written.out_dir / "truth" / "label.json").read_text())

@@ -221,6 +221,13 @@ def phantom(
         FollowUpChange, typer.Option(help="With --follow-up-of: what became of the lesions.")
     ] = FollowUpChange.stable,
     days: Annotated[int, typer.Option(help="With --follow-up-of: days after that study.")] = 14,
+    mimic: Annotated[
+        bool,
+        typer.Option(
+            help="Push every look-alike of disease to the top of its range (dependent density, "
+            "vessels, heart, diaphragm domes): a hard case for the review flag."
+        ),
+    ] = False,
 ) -> None:
     """Write a synthetic chest-CT DICOM series plus NIfTI ground truth and its label."""
     if follow_up_of is not None:
@@ -231,7 +238,13 @@ def phantom(
     from ctjoint.export.phantom import write_phantom_case
 
     case = write_phantom_case(
-        out_dir, kind=kind.value, seed=seed, slices=slices, size=size, family=family.value
+        out_dir,
+        kind=kind.value,
+        seed=seed,
+        slices=slices,
+        size=size,
+        family=family.value,
+        mimic=mimic,
     )
     typer.echo(case.summary())
 

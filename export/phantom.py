@@ -375,9 +375,11 @@ def generate_phantom(
     size: int = REFERENCE_SIZE,
     family: str = TRAINING_FAMILY,
     follow_up: FollowUp | None = None,
+    mimic: bool = False,
 ) -> PhantomVolume:
     """Render a phantom in memory (nothing is written); with `follow_up`, a later study of
-    the same patient (see FollowUp)."""
+    the same patient (see FollowUp); with `mimic`, the same patient with every look-alike of
+    disease at the top of its range (`Body.mimic`; the same random streams draw the rest)."""
     _check_args(kind, seed, slices, size, family)
     # The training family keeps its historical streams; another family gets its own.
     salt = 0x0C7 if family == TRAINING_FAMILY else 0x0C7 + 1 + FAMILIES.index(family)
@@ -386,6 +388,8 @@ def generate_phantom(
         np.random.default_rng(s) for s in streams
     )
     body = make_body(family, anatomy_rng)
+    if mimic:
+        body = body.mimic()
     scanner = Scanner.sample(
         scan_rng,
         half_width=body.half_width,
@@ -648,6 +652,7 @@ def write_phantom_case(
     family: str = TRAINING_FAMILY,
     follow_up: FollowUp | None = None,
     truth_extra: Mapping[str, Any] | None = None,
+    mimic: bool = False,
 ) -> PhantomCase:
     """Write CASE/series/*.dcm and CASE/truth/{lesions,lungs}.nii.gz + label.json.
 
@@ -659,7 +664,13 @@ def write_phantom_case(
         _prepare_out_dir(out_dir)  # raises with the precise reason
     # Render before touching the disk, so a failure leaves no half-written case.
     phantom = generate_phantom(
-        kind=kind, seed=seed, slices=slices, size=size, family=family, follow_up=follow_up
+        kind=kind,
+        seed=seed,
+        slices=slices,
+        size=size,
+        family=family,
+        follow_up=follow_up,
+        mimic=mimic,
     )
     _prepare_out_dir(out_dir)
     write_series(phantom, out_dir / CASE_SERIES_DIR)
@@ -675,6 +686,7 @@ def write_phantom_case(
         "size": size,
         "family": family,
         "follow_up": None if follow_up is None else dataclasses.asdict(follow_up),
+        "mimic": mimic,
     }
     info.update(truth_extra or {})
     (truth / TRUTH_LABEL).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

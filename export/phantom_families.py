@@ -9,6 +9,7 @@ both: it is how the image was made, not what was scanned.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -38,6 +39,8 @@ FAMILY_QUADRIC: Final = "quadric"
 FAMILY_FOURIER: Final = "fourier"
 FAMILIES: Final = (FAMILY_QUADRIC, FAMILY_FOURIER)
 TRAINING_FAMILY: Final = FAMILY_QUADRIC
+# Dependent (posterior basal) density of a mimic: the top of each family's drawn range (HU).
+MIMIC_DEPENDENT_HU: Final = {FAMILY_QUADRIC: 220.0, FAMILY_FOURIER: 200.0}
 
 FloatArray = npt.NDArray[np.float32]
 ByteArray = npt.NDArray[np.uint8]
@@ -87,6 +90,12 @@ class Body(Protocol):
         """The body (with arms) on a 2D (v, u) grid."""
         ...
 
+    def mimic(self) -> Body:
+        """The same body with what looks like disease without being any at the top of its
+        family's range: dependent density, vessel density and calibre, the heart and the
+        diaphragm domes in partial volume with lung (hard cases for the review flag)."""
+        ...
+
     def render(
         self,
         grid: Grid,
@@ -126,6 +135,20 @@ class QuadricBody:
     @property
     def back_v(self) -> float:
         return BACK_FRACTION * self.anatomy.half_depth
+
+    def mimic(self) -> QuadricBody:
+        a = self.anatomy
+        return QuadricBody(
+            dataclasses.replace(
+                a,
+                dependent_hu=MIMIC_DEPENDENT_HU[FAMILY_QUADRIC],
+                dependent_mm=22.0,
+                vessel_scale=1.3,
+                vessel_depth=8,
+                heart_power=1.7,
+                lung_gradient_hu=max(a.lung_gradient_hu, 60.0),
+            )
+        )
 
     def outline(self, u: FloatArray, v: FloatArray) -> BoolArray:
         plane = np.full((v.size, u.size), np.nan, np.float32)[None]

@@ -99,6 +99,7 @@ def write_follow_up(
         family=str(gen["family"]),
         follow_up=follow_up,
         truth_extra=truth,
+        mimic=bool(gen.get("mimic", False)),
     )
 
 

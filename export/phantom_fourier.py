@@ -42,7 +42,7 @@ from ctjoint.export.phantom_anatomy import (
     Segment,
     draw_tubes,
 )
-from ctjoint.export.phantom_families import Rendered
+from ctjoint.export.phantom_families import FAMILY_FOURIER, MIMIC_DEPENDENT_HU, Rendered
 
 FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
@@ -221,6 +221,17 @@ class FourierBody:
 
     def outline(self, u: FloatArray, v: FloatArray) -> BoolArray:
         return np.asarray(self._depth(u[None, :], v[:, None]) >= 0)
+
+    def mimic(self) -> FourierBody:
+        return dataclasses.replace(
+            self,
+            dependent_hu=MIMIC_DEPENDENT_HU[FAMILY_FOURIER],
+            dependent_mm=25.0,
+            heart_size=(75.0, 50.0),
+            bump=60.0,
+            n_vessels=70,
+            aorta_r=14.0,
+        )
 
     def _heart(self, u: FloatArray, v: FloatArray, z: FloatArray | float) -> FloatArray:
         """< 1 inside the egg-shaped heart."""

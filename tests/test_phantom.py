@@ -508,3 +508,30 @@ def test_cli_phantom_writes_the_requested_family(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     _, _, info = read_truth(tmp_path / "c")
     assert info["family"] == "fourier"
+
+
+@pytest.mark.parametrize("family", ["quadric", "fourier"])
+def test_a_mimic_is_the_same_patient_with_denser_look_alikes_and_no_lesion(family: str) -> None:
+    plain = generate_phantom(kind="normal", seed=31, slices=16, size=64, family=family)
+    mimic = generate_phantom(kind="normal", seed=31, slices=16, size=64, family=family, mimic=True)
+    assert plain.hu.shape == mimic.hu.shape
+    assert not mimic.lesions.any()
+    # Dependent density and denser vessels: the lungs both share are brighter in the mimic.
+    shared = (plain.lungs > 0) & (mimic.lungs > 0)
+    assert shared.sum() > 0.5 * (plain.lungs > 0).sum()
+    assert float(mimic.hu[shared].mean()) > float(plain.hu[shared].mean()) + 10.0
+
+
+def test_cli_phantom_mimic_is_recorded_and_its_follow_up_stays_one(tmp_path: Path) -> None:
+    args = ["phantom", str(tmp_path / "m"), "--kind", "normal", "--seed", "3", "--slices", "4"]
+    args += ["--size", "48", "--family", "fourier", "--mimic"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    _, _, info = read_truth(tmp_path / "m")
+    assert info["generation"]["mimic"] is True
+    later = CliRunner().invoke(
+        app, ["phantom", str(tmp_path / "later"), "--follow-up-of", str(tmp_path / "m")]
+    )
+    assert later.exit_code == 0, later.output
+    _, _, after = read_truth(tmp_path / "later")
+    assert after["generation"]["mimic"] is True
