@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import shutil
@@ -233,6 +234,10 @@ def choose_policy(validation: list[dict[str, object]]) -> tuple[ReviewPolicy, li
         for r, m in rows
         if r["kind"] != "normal" and _signals(r, m).lesion_ml >= DEFAULT_POLICY.min_lesion_ml
     ]
+    smallest = min((s.lesion_ml for s in lesioned), default=float("nan"))
+    normal_ml = max(
+        (_signals(r, m).lesion_ml for r, m in rows if r["kind"] == "normal"), default=float("nan")
+    )
     outside = max((s.outside_fraction for s in lesioned), default=0.0)
     between = max((s.between_fraction for s in lesioned), default=0.0)
     full = [_signals(r, m) for r, m in rows if r["coverage"] == "full"]
@@ -257,6 +262,11 @@ def choose_policy(validation: list[dict[str, object]]) -> tuple[ReviewPolicy, li
         f"right validation answers with lesions: outside fraction up to {outside:.3f}, between "
         f"up to {between:.3f}; full-coverage end-slice lung fraction up to {ends:.3f}; lungs "
         f"{min(lungs):.0f}-{max(lungs):.0f} mL; training slices up to {SLICE_MM_RANGE[1]:g} mm"
+    )
+    notes.append(
+        f"lesion burden (set by hand, not chosen here: {policy.min_abnormal_lesion_ml:g} mL): "
+        f"right abnormal validation answers carried at least {smallest:.1f} mL, right normal "
+        f"ones at most {normal_ml:.1f} mL"
     )
     return policy, notes
 
@@ -378,14 +388,33 @@ def _sha(path: Path) -> str:
 
 def analysis_key(model_dir: Path) -> str:
     """What the signals depend on besides the phantoms: the networks' ONNX files and the
-    gateway's code (a postprocessing change moves them as much as new weights do)."""
+    gateway's code (a postprocessing change moves them as much as new weights do). Of
+    gateway/review.py only the code that measures counts: new thresholds or rules re-score
+    the stored signals without measuring them again."""
     digest = hashlib.sha256()
     for model in MODELS:
         digest.update((model_dir / f"{model}.onnx").read_bytes())
     gateway = Path(review_module.__file__).parent
+    review_file = Path(review_module.__file__).resolve()
     for source in sorted(gateway.rglob("*.py")):
+        if source.resolve() == review_file:
+            continue
         digest.update(source.relative_to(gateway).as_posix().encode() + source.read_bytes())
+    for measuring in MEASURING:
+        digest.update(inspect.getsource(measuring).encode())
     return digest.hexdigest()
+
+
+# What in gateway/review.py computes the signals (the rest decides on them).
+MEASURING = (
+    review_module.ReviewSignals,
+    review_module.measure,
+    review_module.location_fractions,
+    review_module.lesion_location,
+    review_module._row_extents,
+    review_module.end_slice_fractions,
+    review_module.end_fractions,
+)
 
 
 def main() -> int:

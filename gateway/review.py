@@ -24,6 +24,7 @@ NORMAL: Final = CLASS_NAMES[CLASS_NORMAL]
 LOW_CONFIDENCE: Final = "low_confidence"
 LESION_OUTSIDE_LUNGS: Final = "lesion_outside_lungs"
 LESION_AT_HEART_OR_DIAPHRAGM: Final = "lesion_at_heart_or_diaphragm"
+LESION_BURDEN_SMALL: Final = "lesion_burden_small"
 LUNGS_NOT_FOUND: Final = "lungs_not_found"
 LUNG_VOLUME_IMPLAUSIBLE: Final = "lung_volume_implausible"
 COVERAGE_CUT: Final = "coverage_cut"
@@ -38,6 +39,7 @@ REASONS: Final = (
     COVERAGE_CUT,
     THICK_SLICES,
     MODELS_DISAGREE,
+    LESION_BURDEN_SMALL,
 )
 
 
@@ -51,7 +53,7 @@ class ReviewPolicy:
     # the fused answer of `--model both` (its mean probability): the operating points chosen
     # on the training family's validation split.
     min_confidence: Mapping[str, float] = field(
-        default_factory=lambda: {"jcs2d": 0.919, "deepsc3d": 0.984, MODEL_BOTH: 0.958}
+        default_factory=lambda: {"jcs2d": 0.919, "deepsc3d": 0.982, MODEL_BOTH: 0.957}
     )
     # Lesion location rules apply from this much lesion on (a few voxels say nothing).
     min_lesion_ml: float = 1.0
@@ -59,7 +61,10 @@ class ReviewPolicy:
     # outside the thorax, air outside the body).
     max_outside_fraction: float = 0.92
     # Fraction of the lesion volume between the lungs (heart, mediastinum, diaphragm domes).
-    max_between_fraction: float = 0.47
+    max_between_fraction: float = 0.46
+    # An abnormal label resting on less lesion than this (mL): a small fraction of the
+    # smallest burden a right abnormal validation answer had.
+    min_abnormal_lesion_ml: float = 10.0
     # Both lungs together, lesions included (mL).
     min_lung_ml: float = 200.0
     plausible_lung_ml: tuple[float, float] = (1420.0, 10000.0)
@@ -268,9 +273,10 @@ def review_of(
     *,
     label: str | None = None,
 ) -> Review:
-    """Apply the policy's rules to one model's signals. The lesion location rules question
-    what supports an abnormal label: they are skipped when `label` is "normal"; a series cut
-    inside the lungs questions what a normal label asserts: it is skipped for the others."""
+    """Apply the policy's rules to one model's signals. The lesion location and burden rules
+    question what supports an abnormal label: they are skipped when `label` is "normal" (the
+    burden rule also when it is unknown); a series cut inside the lungs questions what a
+    normal label asserts: it is skipped for the others."""
     found: list[tuple[str, str]] = []
     floor = policy.confidence_for(model)
     if signals.confidence < floor:
@@ -299,6 +305,14 @@ def review_of(
                     f"{policy.max_between_fraction:.0%})",
                 )
             )
+    if label not in (None, NORMAL) and signals.lesion_ml < policy.min_abnormal_lesion_ml:
+        found.append(
+            (
+                LESION_BURDEN_SMALL,
+                f"{signals.lesion_ml:.1f} mL of lesion for an abnormal label (at least "
+                f"{policy.min_abnormal_lesion_ml:g} mL)",
+            )
+        )
     low, high = policy.plausible_lung_ml
     if signals.lung_ml < policy.min_lung_ml:
         found.append(

@@ -18,6 +18,7 @@ from ctjoint.gateway.analysis import analyze_directory
 from ctjoint.gateway.review import (
     COVERAGE_CUT,
     LESION_AT_HEART_OR_DIAPHRAGM,
+    LESION_BURDEN_SMALL,
     LESION_OUTSIDE_LUNGS,
     LOW_CONFIDENCE,
     LUNGS_NOT_FOUND,
@@ -126,10 +127,25 @@ def test_lungs_still_wide_at_an_end_of_the_series_mean_it_was_cut() -> None:
     assert review.reasons == (COVERAGE_CUT,)
     assert "the last slice still holds 100% of the widest lung slice" in review.details[0]
     # Unscanned lung may hide lesions: it questions "normal", not a finding that was seen.
-    cut = _signals(last_slice_lung_fraction=1.0)
+    cut = _signals(last_slice_lung_fraction=1.0, lesion_ml=80.0)
     assert review_of(cut, MODEL_JCS2D, label="normal").reasons == (COVERAGE_CUT,)
     assert review_of(cut, MODEL_JCS2D, label="covid19").needed is False
     assert review_of(cut, MODEL_JCS2D, label="cap").needed is False
+
+
+def test_an_abnormal_label_on_a_few_millilitres_of_lesion_is_flagged() -> None:
+    """A normal chest drawn as a mimic was called CAP with p = 0.999 on 7.6 mL of "lesion"
+    (docs/review.md): nothing else questioned it."""
+    policy = ReviewPolicy()
+    speck = _signals(lesion_ml=7.6)
+    review = review_of(speck, MODEL_JCS2D, policy, label="cap")
+    assert review.reasons == (LESION_BURDEN_SMALL,)
+    assert review.details == ("7.6 mL of lesion for an abnormal label (at least 10 mL)",)
+    enough = _signals(lesion_ml=policy.min_abnormal_lesion_ml)
+    assert review_of(enough, MODEL_JCS2D, policy, label="covid19").needed is False
+    # A normal label, or none, is not supported by lesions at all.
+    assert review_of(speck, MODEL_JCS2D, policy, label="normal").needed is False
+    assert review_of(speck, MODEL_JCS2D, policy).needed is False
 
 
 def test_no_lungs_and_thick_slices_are_reasons_of_their_own() -> None:
@@ -191,6 +207,9 @@ def test_thick_slices_are_flagged_through_the_analysis_and_the_wire(
     schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
     jsonschema.validate(direct, schema)
     jsonschema.validate(rebuilt, schema)
+    # Every reason the gateway can give is one the schema admits, and no other.
+    review_schema = schema["$defs"]["review"]["properties"]["reasons"]["items"]
+    assert set(review_schema["enum"]) == set(REASONS)
 
 
 def test_a_flag_without_reasons_on_the_wire_does_not_decode(
