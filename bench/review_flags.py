@@ -285,7 +285,7 @@ def answers(row: dict[str, object], policy: ReviewPolicy) -> dict[str, tuple[str
         reviews.append(review)
         out[model] = (members[model]["label"], review.reasons)  # type: ignore[index]
     label, confidence = _fused(row)
-    fused = fused_review(reviews, {m: out[m][0] for m in MODELS}, confidence, policy)
+    fused = fused_review(reviews, {m: out[m][0] for m in MODELS}, confidence, policy, label=label)
     out[MODEL_BOTH] = (label, fused.reasons)
     return out
 

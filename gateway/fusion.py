@@ -24,9 +24,10 @@ def fuse_results(results: Sequence[ScanResult]) -> ScanResult:
     Label: the argmax of the mean of their calibrated scan probabilities
     (`fuse_probabilities`). Lesion statistics, quantification and per-slice evidence (and, in
     the analysis, masks, lungs and CAM): the first network's (jcs2d: 2.5D at full in-plane
-    resolution). Review (`fused_review`): every member's reasons but its low confidence, the
-    fused probability of the label against the fused operating point, and `models_disagree`
-    when their labels differ. Each member's own answer is kept in `result.members`.
+    resolution). Review (`fused_review`): every member's reasons but its low confidence (and,
+    for a member with another label, those that questioned that label), the fused
+    probability of the label against the fused operating point, and `models_disagree` when
+    their labels differ. Each member's own answer is kept in `result.members`.
     """
     if len(results) < 2:
         raise ValueError("fusion needs at least two analyses")
@@ -38,6 +39,7 @@ def fuse_results(results: Sequence[ScanResult]) -> ScanResult:
         [r.review for r in results],
         {r.model: r.label for r in results},
         float(probabilities.max()),
+        label=CLASS_NAMES[int(np.argmax(probabilities))],
     )
     timings = [r.timings for r in results]
     return ScanResult.from_probabilities(

@@ -30,6 +30,10 @@ LUNG_VOLUME_IMPLAUSIBLE: Final = "lung_volume_implausible"
 COVERAGE_CUT: Final = "coverage_cut"
 THICK_SLICES: Final = "thick_slices"
 MODELS_DISAGREE: Final = "models_disagree"
+# Reasons that question one label (an abnormal one's lesions, a normal one's coverage).
+LABEL_DEPENDENT: Final = frozenset(
+    {LESION_OUTSIDE_LUNGS, LESION_AT_HEART_OR_DIAPHRAGM, LESION_BURDEN_SMALL, COVERAGE_CUT}
+)
 REASONS: Final = (
     LOW_CONFIDENCE,
     LESION_OUTSIDE_LUNGS,
@@ -369,6 +373,8 @@ def fused_review(
     labels: Mapping[str, str],
     confidence: float,
     policy: ReviewPolicy = DEFAULT_POLICY,
+    *,
+    label: str | None = None,
 ) -> Review:
     """The review of the fused answer of several networks on one scan: every member's reasons
     but its own low confidence, plus `low_confidence` when the fused probability of the fused
@@ -376,13 +382,17 @@ def fused_review(
 
     The fused label is what the user reads, so its own probability is what may be too low: a
     network that hesitates where the other is sure and agrees moves the mean, not the label.
-    Each member keeps its own review (with its own low confidence) in `members`.
+    Likewise a member whose label is not the fused `label` keeps only the reasons that hold
+    whatever the label (lungs, slices): its lesion and coverage reasons questioned an answer
+    the fused one is not, and `models_disagree` says it disagreed. Each member keeps its own
+    review (with its own low confidence) in `members`.
     """
     pairs = [
         (code, r.details[i] if r.details else "")
-        for r in reviews
+        for r, said in zip(reviews, labels.values(), strict=True)
         for i, code in enumerate(r.reasons)
         if code != LOW_CONFIDENCE
+        and (label is None or said == label or code not in LABEL_DEPENDENT)
     ]
     floor = policy.confidence_for(MODEL_BOTH)
     if confidence < floor:

@@ -21,6 +21,7 @@ from ctjoint.gateway.review import (
     LESION_BURDEN_SMALL,
     LESION_OUTSIDE_LUNGS,
     LOW_CONFIDENCE,
+    LUNG_VOLUME_IMPLAUSIBLE,
     LUNGS_NOT_FOUND,
     MODELS_DISAGREE,
     REASONS,
@@ -180,6 +181,26 @@ def test_the_fused_answer_is_judged_on_its_own_probability() -> None:
     # Every other reason of a member stays.
     thick = review_of(_signals(confidence=0.903, slice_mm=8.0), "deepsc3d", policy)
     assert fused_review([sure, thick], agree, 0.96, policy).reasons == (THICK_SLICES,)
+
+
+def test_a_disagreeing_member_keeps_only_the_reasons_that_hold_for_any_label() -> None:
+    """The slab case of docs/review.md: jcs2d normal, deepsc3d COVID-19 on 7.6 mL; the fused
+    answer is normal, so deepsc3d's small-burden reason questions an answer it is not."""
+    policy = ReviewPolicy()
+    jcs2d = review_of(_signals(last_slice_lung_fraction=0.9), "jcs2d", policy, label="normal")
+    deepsc3d = review_of(
+        _signals(lesion_ml=7.6, lung_ml=1000.0, confidence=0.999),
+        "deepsc3d",
+        policy,
+        label="covid19",
+    )
+    assert deepsc3d.reasons == (LUNG_VOLUME_IMPLAUSIBLE, LESION_BURDEN_SMALL)
+    labels = {"jcs2d": "normal", "deepsc3d": "covid19"}
+    fused = fused_review([jcs2d, deepsc3d], labels, 0.99, policy, label="normal")
+    assert fused.reasons == (LUNG_VOLUME_IMPLAUSIBLE, COVERAGE_CUT, MODELS_DISAGREE)
+    # Had the fused answer been COVID-19, jcs2d's coverage reason would go instead.
+    fused = fused_review([jcs2d, deepsc3d], labels, 0.99, policy, label="covid19")
+    assert fused.reasons == (LUNG_VOLUME_IMPLAUSIBLE, MODELS_DISAGREE, LESION_BURDEN_SMALL)
 
 
 def test_a_review_without_reasons_cannot_be_needed() -> None:
