@@ -193,15 +193,9 @@ def test_deepsc3d_comparison_is_that_of_its_two_answers(
         "stable",
         "progress",
         "improve",
-        # The bundled deepsc3d still labels this lesion-free 96x96x24 rescan pneumonia with
-        # about 20 mL of lesion, so it says `improved` (docs/follow-up.md: 1 of 10 resolved
-        # follow-ups right at this size). Strict: better weights must drop the marker.
-        pytest.param(
-            "resolve",
-            marks=pytest.mark.xfail(
-                strict=True, reason="deepsc3d calls the lesion-free 96x96x24 rescan pneumonia"
-            ),
-        ),
+        # Until 2026-12-04 the bundled deepsc3d labelled this lesion-free rescan pneumonia
+        # (a strict xfail); the averaged weights call it normal: `resolved`.
+        "resolve",
     ],
 )
 def test_deepsc3d_follow_up_category_against_the_truth(
