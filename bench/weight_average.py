@@ -15,20 +15,16 @@ records what it was made from (`averaged_from`: each parent's sha256 and weight)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
 from ctjoint.export.errors import TrainingError
+from ctjoint.export.evaluate import sha256_file
 from ctjoint.export.train import load_checkpoint, save_atomic
 
 
 class AverageError(Exception):
     """The two checkpoints cannot be averaged (named, with the reason)."""
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def average(first: Path, second: Path, weight: float) -> dict[str, object]:
@@ -57,8 +53,8 @@ def average(first: Path, second: Path, weight: float) -> dict[str, object]:
     out["state_dict"] = mixed
     out["metrics"] = {}
     out["averaged_from"] = [
-        {"sha256": _sha256(first), "weight": 1.0 - weight},
-        {"sha256": _sha256(second), "weight": weight},
+        {"sha256": sha256_file(first), "weight": 1.0 - weight},
+        {"sha256": sha256_file(second), "weight": weight},
     ]
     return out
 

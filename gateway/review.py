@@ -66,8 +66,8 @@ class ReviewPolicy:
     max_outside_fraction: float = 0.92
     # Fraction of the lesion volume between the lungs (heart, mediastinum, diaphragm domes).
     max_between_fraction: float = 0.46
-    # An abnormal label resting on less lesion than this (mL): a small fraction of the
-    # smallest burden a right abnormal validation answer had.
+    # An abnormal label resting on less lesion than this (mL). Set by hand, not chosen on
+    # validation (right abnormal validation answers carry 50 mL and more; docs/review.md).
     min_abnormal_lesion_ml: float = 10.0
     # Both lungs together, lesions included (mL).
     min_lung_ml: float = 200.0

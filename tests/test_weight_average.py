@@ -12,6 +12,7 @@ import torch
 
 from ctjoint.contracts import repo_root
 from ctjoint.export.bundled import bundled_weights
+from ctjoint.export.evaluate import sha256_file
 
 BENCH = repo_root() / "bench"
 
@@ -45,6 +46,7 @@ def test_the_average_is_the_weighted_mean_and_drops_the_temperatures(tmp_path: P
             assert torch.equal(value, parent[name])  # integer buffers: the first's
     assert "temperature" not in out and "calibration" not in out
     assert [p["weight"] for p in out["averaged_from"]] == [0.75, 0.25]
+    assert [p["sha256"] for p in out["averaged_from"]] == [sha256_file(first), sha256_file(second)]
 
 
 def test_checkpoints_of_different_networks_or_weights_out_of_range_are_refused() -> None:
