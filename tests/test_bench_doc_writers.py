@@ -6,29 +6,23 @@ and tests/test_load.py run them); the writers are checked here on small made-up 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 from typing import Any
 
+import bench_scripts
 import pytest
 
 from ctjoint.contracts import CLASS_NAMES as CLASSES
 from ctjoint.contracts import repo_root
 from ctjoint.export.triton_perf import PerfReport, PerfRow
 
-BENCH = repo_root() / "bench"
+BENCH = bench_scripts.BENCH
 
 
 def _script(name: str = "perf_analyzer") -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(f"ctjoint_bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load(name)
 
 
 def _report(model: str, batch: int, rows: list[PerfRow]) -> PerfReport:

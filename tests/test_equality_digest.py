@@ -7,29 +7,21 @@ proof: fresh UIDs and times of SEG/SR do not count, one voxel of a mask does.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
+import bench_scripts
 import pytest
 
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D
 from ctjoint.export.phantom import write_phantom_case
 from ctjoint.gateway.series import list_series_files
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "equality.py"
-
 
 @pytest.fixture(scope="module")
 def equality() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ctjoint_bench_equality", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load("equality")
 
 
 @pytest.fixture(scope="module")

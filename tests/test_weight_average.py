@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
 from pathlib import Path
 
+import bench_scripts
 import pytest
 import torch
 
-from ctjoint.contracts import repo_root
 from ctjoint.export.bundled import bundled_weights
 from ctjoint.export.evaluate import sha256_file
 
-BENCH = repo_root() / "bench"
-
-
-def _script() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "ctjoint_bench_weight_average", BENCH / "weight_average.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_the_average_is_the_weighted_mean_and_drops_the_temperatures(tmp_path: Path) -> None:
-    soup = _script()
+    soup = bench_scripts.load("weight_average")
     first = bundled_weights("deepsc3d")
     data = torch.load(first, weights_only=True)
     data["state_dict"] = {
@@ -50,7 +34,7 @@ def test_the_average_is_the_weighted_mean_and_drops_the_temperatures(tmp_path: P
 
 
 def test_checkpoints_of_different_networks_or_weights_out_of_range_are_refused() -> None:
-    soup = _script()
+    soup = bench_scripts.load("weight_average")
     with pytest.raises(soup.AverageError, match="differ in model: deepsc3d / jcs2d"):
         soup.average(bundled_weights("deepsc3d"), bundled_weights("jcs2d"), 0.5)
     with pytest.raises(soup.AverageError, match=r"weight 1.5 is not in \[0, 1\]"):
