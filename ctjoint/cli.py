@@ -261,12 +261,27 @@ def phantom_set(
         PhantomFamily,
         typer.Option(help="Shape family: quadric (training) or fourier (held out)."),
     ] = PhantomFamily.quadric,
+    mimic_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of the normal cases drawn as mimics (see `phantom --mimic`): hard "
+            "negatives for training.",
+        ),
+    ] = 0.0,
 ) -> None:
     """Write a labelled train/val/test set of phantom cases."""
     from ctjoint.export.phantom import write_phantom_set
 
     summary = write_phantom_set(
-        out_dir, n=n, seed=seed, size=size, workers=workers, family=family.value
+        out_dir,
+        n=n,
+        seed=seed,
+        size=size,
+        workers=workers,
+        family=family.value,
+        mimic_share=mimic_share,
     )
     typer.echo(summary)
 

@@ -36,6 +36,7 @@ import csv
 import dataclasses
 import datetime as dt
 import json
+import math
 import multiprocessing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from ctjoint.contracts import (
     CASE_SERIES_DIR,
     CASE_TRUTH_DIR,
     CLASS_NAMES,
+    CLASS_NORMAL,
     LESION_CLASS_NAMES,
     LUNG_LEFT,
     LUNG_RIGHT,
@@ -762,11 +764,26 @@ def plan_set(n: int, seed: int) -> list[tuple[str, str, str, int]]:
     return [(f"case_{i:0{width}d}", kinds[i], splits[i], case_seed(seed, i)) for i in range(n)]
 
 
-def _write_set_case(job: tuple[str, str, int, int, str, int | None]) -> PhantomCase:
+def mimic_cases(plan: list[tuple[str, str, str, int]], share: float) -> set[str]:
+    """Names of the normal cases drawn as mimics: `share` of them, spread evenly in case order.
+
+    Hard negatives for training: a normal chest whose look-alikes of disease sit at the top of
+    their range teaches a network not to call them lesions."""
+    if not 0.0 <= share <= 1.0:
+        raise PhantomError(f"mimic share must be within 0-1, got {share}")
+    normals = [name for name, label, _, _ in plan if label == CLASS_NAMES[CLASS_NORMAL]]
+    return {
+        name
+        for i, name in enumerate(normals)
+        if math.floor((i + 1) * share) > math.floor(i * share)
+    }
+
+
+def _write_set_case(job: tuple[str, str, int, int, str, int | None, bool]) -> PhantomCase:
     """Pool worker (top level, so it pickles under the spawn start method)."""
-    out_dir, kind, seed, size, family, slices = job
+    out_dir, kind, seed, size, family, slices, mimic = job
     return write_phantom_case(
-        Path(out_dir), kind=kind, seed=seed, slices=slices, size=size, family=family
+        Path(out_dir), kind=kind, seed=seed, slices=slices, size=size, family=family, mimic=mimic
     )
 
 
@@ -779,11 +796,12 @@ def write_phantom_set(
     workers: int,
     family: str = TRAINING_FAMILY,
     slices: int | None = None,
+    mimic_share: float = 0.0,
 ) -> str:
     """Write SET/labels.csv and SET/<case>/ for n balanced cases; returns a summary.
 
     `slices` fixes every case's slice count (small sets for tests); by default each scan
-    draws its own thickness and spacing."""
+    draws its own thickness and spacing. `mimic_share` of the normal cases are mimics."""
     out_dir = Path(out_dir)
     if n < 1:
         raise PhantomError(f"n must be >= 1, got {n}")
@@ -792,7 +810,11 @@ def write_phantom_set(
     _check_args(CLASS_NAMES[0], seed, slices, size, family)
     _prepare_out_dir(out_dir)
     plan = plan_set(n, seed)
-    jobs = [(str(out_dir / name), label, s, size, family, slices) for name, label, _, s in plan]
+    mimics = mimic_cases(plan, mimic_share)
+    jobs = [
+        (str(out_dir / name), label, s, size, family, slices, name in mimics)
+        for name, label, _, s in plan
+    ]
     results: list[PhantomCase]
     if workers == 1 or n == 1:
         results = [_write_set_case(job) for job in jobs]
@@ -806,11 +828,11 @@ def write_phantom_set(
         writer.writerow(["case", "label", "split"])
         for name, label, split, _ in plan:
             writer.writerow([name, label, split])
-    return _set_summary(out_dir, plan, results)
+    return _set_summary(out_dir, plan, results, len(mimics))
 
 
 def _set_summary(
-    out_dir: Path, plan: list[tuple[str, str, str, int]], results: list[PhantomCase]
+    out_dir: Path, plan: list[tuple[str, str, str, int]], results: list[PhantomCase], mimics: int
 ) -> str:
     lines = [f"phantom set {out_dir}: {len(plan)} cases, labels in {out_dir / SET_LABELS_CSV}"]
     header = f"  {'':8s}" + "".join(f"{s:>7s}" for s in SPLITS) + f"{'total':>7s}"
@@ -827,6 +849,8 @@ def _set_summary(
     lines.append(
         f"  lesion volume in all cases: ground-glass {ggo:.0f} mL, consolidation {cons:.0f} mL"
     )
+    if mimics:
+        lines.append(f"  {mimics} normal cases drawn as mimics")
     return "\n".join(lines)
 
 
@@ -838,6 +862,7 @@ __all__ = [
     "ScanGeometry",
     "case_seed",
     "generate_phantom",
+    "mimic_cases",
     "plan_set",
     "read_truth",
     "write_phantom_case",

@@ -32,6 +32,8 @@ from ctjoint.export.phantom import (
     PhantomError,
     PhantomVolume,
     generate_phantom,
+    mimic_cases,
+    plan_set,
     read_truth,
     write_phantom_case,
     write_phantom_set,
@@ -379,6 +381,38 @@ def test_phantom_set_has_balanced_labels_and_stratified_splits(tmp_path: Path) -
     for row in rows:
         assert read_truth(tmp_path / "set" / row["case"])[2]["label"] == row["label"]
     assert "6 cases" in summary
+
+
+@pytest.mark.parametrize(("share", "expected"), [(0.0, 0), (0.5, 5), (0.3, 3), (1.0, 10)])
+def test_mimic_share_picks_that_many_normal_cases_and_only_normal_ones(
+    share: float, expected: int
+) -> None:
+    plan = plan_set(30, seed=3)
+    chosen = mimic_cases(plan, share)
+    assert len(chosen) == expected
+    labels = {name: label for name, label, _, _ in plan}
+    assert {labels[name] for name in chosen} <= {"normal"}
+
+
+def test_mimic_share_outside_zero_to_one_is_refused() -> None:
+    with pytest.raises(PhantomError, match=r"mimic share must be within 0-1, got 1\.5"):
+        mimic_cases(plan_set(6, seed=1), 1.5)
+
+
+def test_cli_phantom_set_records_which_normal_cases_are_mimics(tmp_path: Path) -> None:
+    args = ["phantom-set", str(tmp_path / "set"), "--n", "6", "--seed", "2", "--size", "32"]
+    result = CliRunner().invoke(app, [*args, "--workers", "1", "--mimic-share", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "1 normal cases drawn as mimics" in result.output
+    with (tmp_path / "set" / SET_LABELS_CSV).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    flags = {
+        row["case"]: read_truth(tmp_path / "set" / row["case"])[2]["generation"]["mimic"]
+        for row in rows
+    }
+    normals = [row["case"] for row in rows if row["label"] == "normal"]
+    assert [flags[name] for name in normals] == [False, True]
+    assert sum(flags.values()) == 1
 
 
 def test_phantom_set_is_the_same_with_one_or_two_workers(tmp_path: Path) -> None:
