@@ -278,14 +278,14 @@ def answers(row: dict[str, object], policy: ReviewPolicy) -> dict[str, tuple[str
     """(label, reasons) per network and for the fused answer, under `policy`."""
     members = row["members"]  # type: ignore[assignment]
     out = {}
-    reviews = []
+    reviews = {}
     for model in MODELS:
         label = members[model]["label"]  # type: ignore[index]
         review = review_of(_signals(row, model), model, policy, label=label)
-        reviews.append(review)
-        out[model] = (members[model]["label"], review.reasons)  # type: ignore[index]
+        reviews[model] = (label, review)
+        out[model] = (label, review.reasons)
     label, confidence = _fused(row)
-    fused = fused_review(reviews, {m: out[m][0] for m in MODELS}, confidence, policy, label=label)
+    fused = fused_review(reviews, confidence, policy, label=label)
     out[MODEL_BOTH] = (label, fused.reasons)
     return out
 

@@ -36,8 +36,7 @@ def fuse_results(results: Sequence[ScanResult]) -> ScanResult:
         np.array([[r.probabilities[name] for name in CLASS_NAMES] for r in results])
     )
     review = fused_review(
-        [r.review for r in results],
-        {r.model: r.label for r in results},
+        {r.model: (r.label, r.review) for r in results},
         float(probabilities.max()),
         label=CLASS_NAMES[int(np.argmax(probabilities))],
     )

@@ -369,16 +369,16 @@ def disagreement(labels: Mapping[str, str]) -> Review:
 
 
 def fused_review(
-    reviews: Sequence[Review],
-    labels: Mapping[str, str],
+    members: Mapping[str, tuple[str, Review]],
     confidence: float,
     policy: ReviewPolicy = DEFAULT_POLICY,
     *,
     label: str | None = None,
 ) -> Review:
-    """The review of the fused answer of several networks on one scan: every member's reasons
-    but its own low confidence, plus `low_confidence` when the fused probability of the fused
-    label (the members' mean) is under the fused operating point, plus `models_disagree`.
+    """The review of the fused answer of several networks on one scan (`members`: each
+    network's (label, review)): every member's reasons but its own low confidence, plus
+    `low_confidence` when the fused probability of the fused label (the members' mean) is under
+    the fused operating point, plus `models_disagree`.
 
     The fused label is what the user reads, so its own probability is what may be too low: a
     network that hesitates where the other is sure and agrees moves the mean, not the label.
@@ -389,7 +389,7 @@ def fused_review(
     """
     pairs = [
         (code, r.details[i] if r.details else "")
-        for r, said in zip(reviews, labels.values(), strict=True)
+        for said, r in members.values()
         for i, code in enumerate(r.reasons)
         if code != LOW_CONFIDENCE
         and (label is None or said == label or code not in LABEL_DEPENDENT)
@@ -403,7 +403,7 @@ def fused_review(
                 "of the fused answer",
             )
         )
-    disagree = disagreement(labels)
+    disagree = disagreement({model: said for model, (said, _) in members.items()})
     pairs += zip(disagree.reasons, disagree.details, strict=True)
     return Review.of(pairs)
 

@@ -160,27 +160,28 @@ def test_disagreeing_networks_are_a_reason_and_reasons_combine_once_in_order() -
     disagree = disagreement({"jcs2d": "normal", "deepsc3d": "cap"})
     assert disagree.details == ("the networks disagree: jcs2d normal, deepsc3d cap",)
     thick = review_of(_signals(slice_mm=8.0), MODEL_JCS2D)
-    both = fused_review([thick, thick], {"jcs2d": "normal", "deepsc3d": "cap"}, 0.99)
+    both = fused_review({"jcs2d": ("normal", thick), "deepsc3d": ("cap", thick)}, 0.99)
     assert both.reasons == (THICK_SLICES, MODELS_DISAGREE)
     assert both.details[1] == disagree.details[0]
 
 
 def test_the_fused_answer_is_judged_on_its_own_probability() -> None:
     policy = ReviewPolicy(min_confidence={"jcs2d": 0.9, "deepsc3d": 0.98, "both": 0.95})
-    agree = {"jcs2d": "covid19", "deepsc3d": "covid19"}
     sure = review_of(_signals(confidence=0.998), "jcs2d", policy)
     hesitant = review_of(_signals(confidence=0.903), "deepsc3d", policy)
     assert (sure.reasons, hesitant.reasons) == ((), (LOW_CONFIDENCE,))
+    agree = {"jcs2d": ("covid19", sure), "deepsc3d": ("covid19", hesitant)}
     # The members agree and their mean, 0.9505, clears the fused operating point.
-    assert fused_review([sure, hesitant], agree, 0.9505, policy).needed is False
-    low = fused_review([sure, hesitant], agree, 0.94, policy)
+    assert fused_review(agree, 0.9505, policy).needed is False
+    low = fused_review(agree, 0.94, policy)
     assert low.reasons == (LOW_CONFIDENCE,)
     assert low.details == (
         "p = 0.940 for the fused label, below the operating point 0.95 of the fused answer",
     )
     # Every other reason of a member stays.
     thick = review_of(_signals(confidence=0.903, slice_mm=8.0), "deepsc3d", policy)
-    assert fused_review([sure, thick], agree, 0.96, policy).reasons == (THICK_SLICES,)
+    agree["deepsc3d"] = ("covid19", thick)
+    assert fused_review(agree, 0.96, policy).reasons == (THICK_SLICES,)
 
 
 def test_a_disagreeing_member_keeps_only_the_reasons_that_hold_for_any_label() -> None:
@@ -195,11 +196,11 @@ def test_a_disagreeing_member_keeps_only_the_reasons_that_hold_for_any_label() -
         label="covid19",
     )
     assert deepsc3d.reasons == (LUNG_VOLUME_IMPLAUSIBLE, LESION_BURDEN_SMALL)
-    labels = {"jcs2d": "normal", "deepsc3d": "covid19"}
-    fused = fused_review([jcs2d, deepsc3d], labels, 0.99, policy, label="normal")
+    members = {"jcs2d": ("normal", jcs2d), "deepsc3d": ("covid19", deepsc3d)}
+    fused = fused_review(members, 0.99, policy, label="normal")
     assert fused.reasons == (LUNG_VOLUME_IMPLAUSIBLE, COVERAGE_CUT, MODELS_DISAGREE)
     # Had the fused answer been COVID-19, jcs2d's coverage reason would go instead.
-    fused = fused_review([jcs2d, deepsc3d], labels, 0.99, policy, label="covid19")
+    fused = fused_review(members, 0.99, policy, label="covid19")
     assert fused.reasons == (LUNG_VOLUME_IMPLAUSIBLE, MODELS_DISAGREE, LESION_BURDEN_SMALL)
 
 
