@@ -33,6 +33,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -415,18 +416,22 @@ class CaseCache:
                 logger.warning("cache entry %s unreadable; rebuilding it", path.name)
         prepared = prepare_case(load_case(ref), self.plan)
         self.folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".tmp.npz")
         fractions = prepared.fractions
         if fractions is None:  # prepare_case always makes them
             raise DatasetError(f"case {ref.case_id}: no lesion fractions were prepared")
-        np.savez(
-            partial,
-            image=prepared.image,
-            labels=prepared.labels,
-            fractions=fractions,
-            source_id=np.array(source_id),
-        )
-        os.replace(partial, path)  # atomic: a killed run never leaves a half-written entry
+        # A partial file of its own: runs that share a cache (CTJOINT_CACHE_DIR) may prepare
+        # the same case at once, and one must not move the other's file away.
+        with tempfile.NamedTemporaryFile(
+            dir=self.folder, prefix=f"{path.stem}.", suffix=".tmp.npz", delete=False
+        ) as handle:
+            np.savez(
+                handle,
+                image=prepared.image,
+                labels=prepared.labels,
+                fractions=fractions,
+                source_id=np.array(source_id),
+            )
+        os.replace(handle.name, path)  # atomic: a killed run never leaves a half-written entry
         return prepared
 
     def get_many(

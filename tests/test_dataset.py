@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -134,6 +136,32 @@ def test_cache_serves_a_prepared_case_without_rereading(
     second = cache.get(ref)
     np.testing.assert_array_equal(first.image, second.image)
     assert first.image.shape == (8, 16, 16)
+
+
+def test_two_writers_of_one_cache_entry_do_not_trip_over_each_other(
+    nifti_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs sharing a cache prepare the same case at once: both have written their
+    partial file before either moves it into place (a barrier holds them there)."""
+    ref = discover_cases(nifti_set)[0]
+    plan = PreprocessPlan.default("deepsc3d", 16, 16, 8)
+    both_written = threading.Barrier(2, timeout=30)
+    savez = np.savez
+
+    def savez_then_wait(file: object, **arrays: object) -> None:
+        savez(file, **arrays)  # type: ignore[arg-type]
+        both_written.wait()
+
+    monkeypatch.setattr(dataset.np, "savez", savez_then_wait)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(CaseCache(tmp_path / "shared", plan).get, ref) for _ in range(2)]
+        first, second = (run.result() for run in runs)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(first.image, second.image)
+    cache = CaseCache(tmp_path / "shared", plan)
+    assert cache.is_current(ref)
+    names = [entry.name for entry in cache.folder.iterdir()]  # no partial file left behind
+    assert len(names) == 1 and names[0].startswith(ref.case_id) and ".tmp" not in names[0]
 
 
 def test_cache_rebuilds_when_the_source_changes(nifti_set: Path, tmp_path: Path) -> None:
