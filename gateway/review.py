@@ -57,7 +57,7 @@ class ReviewPolicy:
     # the fused answer of `--model both` (its mean probability): the operating points chosen
     # on the training family's validation split.
     min_confidence: Mapping[str, float] = field(
-        default_factory=lambda: {"jcs2d": 0.917, "deepsc3d": 0.982, MODEL_BOTH: 0.957}
+        default_factory=lambda: {"jcs2d": 0.923, "deepsc3d": 0.982, MODEL_BOTH: 0.959}
     )
     # Lesion location rules apply from this much lesion on (a few voxels say nothing).
     min_lesion_ml: float = 1.0
