@@ -264,10 +264,8 @@ def phantom_set(
     mimic_share: Annotated[
         float,
         typer.Option(
-            min=0.0,
-            max=1.0,
-            help="Share of the normal cases drawn as mimics (see `phantom --mimic`): hard "
-            "negatives for training.",
+            help="Share (0-1) of the normal cases drawn as mimics (see `phantom --mimic`): "
+            "hard negatives for training."
         ),
     ] = 0.0,
 ) -> None:

@@ -424,13 +424,17 @@ class CaseCache:
         with tempfile.NamedTemporaryFile(
             dir=self.folder, prefix=f"{path.stem}.", suffix=".tmp.npz", delete=False
         ) as handle:
-            np.savez(
-                handle,
-                image=prepared.image,
-                labels=prepared.labels,
-                fractions=fractions,
-                source_id=np.array(source_id),
-            )
+            try:
+                np.savez(
+                    handle,
+                    image=prepared.image,
+                    labels=prepared.labels,
+                    fractions=fractions,
+                    source_id=np.array(source_id),
+                )
+            except BaseException:
+                os.unlink(handle.name)  # its name is its own: nothing else would remove it
+                raise
         os.replace(handle.name, path)  # atomic: a killed run never leaves a half-written entry
         return prepared
 

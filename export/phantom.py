@@ -808,9 +808,9 @@ def write_phantom_set(
     if workers < 1:
         raise PhantomError(f"workers must be >= 1, got {workers}")
     _check_args(CLASS_NAMES[0], seed, slices, size, family)
-    _prepare_out_dir(out_dir)
     plan = plan_set(n, seed)
     mimics = mimic_cases(plan, mimic_share)
+    _prepare_out_dir(out_dir)
     jobs = [
         (str(out_dir / name), label, s, size, family, slices, name in mimics)
         for name, label, _, s in plan

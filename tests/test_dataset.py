@@ -164,6 +164,21 @@ def test_two_writers_of_one_cache_entry_do_not_trip_over_each_other(
     assert len(names) == 1 and names[0].startswith(ref.case_id) and ".tmp" not in names[0]
 
 
+def test_a_failed_cache_write_leaves_no_partial_file(
+    nifti_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = discover_cases(nifti_set)[0]
+    cache = CaseCache(tmp_path / "cache", PreprocessPlan.default("deepsc3d", 16, 16, 8))
+
+    def disk_full(file: object, **arrays: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dataset.np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        cache.get(ref)
+    assert list(cache.folder.iterdir()) == []
+
+
 def test_cache_rebuilds_when_the_source_changes(nifti_set: Path, tmp_path: Path) -> None:
     ref = discover_cases(nifti_set)[0]
     cache = CaseCache(tmp_path / "cache", PreprocessPlan.default("deepsc3d", 16, 16, 8))

@@ -399,6 +399,17 @@ def test_mimic_share_outside_zero_to_one_is_refused() -> None:
         mimic_cases(plan_set(6, seed=1), 1.5)
 
 
+def test_cli_phantom_set_refuses_a_mimic_share_outside_zero_to_one_before_writing(
+    tmp_path: Path,
+) -> None:
+    args = ["phantom-set", str(tmp_path / "set"), "--n", "6", "--size", "32"]
+    result = CliRunner().invoke(app, [*args, "--mimic-share", "1.5"])
+    assert result.exit_code == 2
+    assert "error: mimic share must be within 0-1, got 1.5" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "set").exists()
+
+
 def test_cli_phantom_set_records_which_normal_cases_are_mimics(tmp_path: Path) -> None:
     args = ["phantom-set", str(tmp_path / "set"), "--n", "6", "--seed", "2", "--size", "32"]
     result = CliRunner().invoke(app, [*args, "--workers", "1", "--mimic-share", "0.5"])
