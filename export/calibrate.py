@@ -4,7 +4,10 @@ A network trained to near-zero loss on phantoms is over-confident on scans unlik
 scalar per head (Guo et al., 2017) that divides the logits restores honest probabilities
 without changing a single argmax. The classification temperature is fitted on the scan-level
 probabilities the product reports (for jcs2d: after the gateway's slice vote), the
-segmentation temperature on a uniform sample of voxels. Both are stored in the checkpoint
+segmentation temperature on a uniform sample of voxels. A validation split the network
+separates without a doubt gives no finite fit (the likelihood grows as the temperature falls):
+then the classification temperature is fitted against Platt's prior-corrected targets
+(Platt, 1999), which a finite temperature can reach. Both are stored in the checkpoint
 (`temperature`), exported as ONNX metadata and applied by every backend
 (`gateway.backends.base.Temperature`).
 """
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
+from ctjoint.contracts import CLASS_NAMES
 from ctjoint.export.configs import RunConfig
 from ctjoint.export.dataset import CaseCache, PreparedCase, context_window, discover_cases
 from ctjoint.export.models import JointNetwork
@@ -39,6 +43,9 @@ from ctjoint.gateway.preprocess import PREPROCESSORS
 
 # log-space search range of a temperature: wide enough for any sane network.
 TEMPERATURE_BOUNDS = (0.05, 20.0)
+# The classification NLL at the lower bound no higher than at the fit (within this much):
+# it falls all the way down, so the fit has no finite optimum.
+SEPARABLE_NLL = 1e-6
 SEG_VOXELS_PER_CASE = 4000
 EPS = 1e-7
 
@@ -61,12 +68,16 @@ class CalibrationFit:
     cls_nll: tuple[float, float]
     seg_nll: tuple[float, float]
     cases: int
+    # The classification NLL fell all the way to the lower bound (validation separated), so
+    # the temperature was fitted against Platt's targets instead (`platt_targets`).
+    cls_separable: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "cls": self.temperature.cls,
             "seg": self.temperature.seg,
             "fitted_on": f"validation split ({self.cases} cases)",
+            "cls_target": "platt" if self.cls_separable else "labels",
             "cls_nll_before_after": list(self.cls_nll),
             "seg_nll_before_after": list(self.seg_nll),
         }
@@ -118,6 +129,26 @@ def _cls_nll(cases: Sequence[CaseLogits], kind: str, temperature: float) -> floa
     return float(np.mean(losses))
 
 
+def platt_targets(labels: Sequence[int], classes: int) -> np.ndarray:
+    """[cases, classes] soft targets: a case of a class with n validation cases gets
+    (n + 1) / (n + 2) on its class and the rest shared by the others (Platt's prior
+    correction, which keeps a fit on a handful of cleanly separated cases from concluding
+    that the network is never wrong)."""
+    index = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(index, minlength=classes).astype(np.float64)
+    own = (counts[index] + 1.0) / (counts[index] + 2.0)
+    targets = np.repeat(((1.0 - own) / (classes - 1))[:, None], classes, axis=1)
+    targets[np.arange(len(index)), index] = own
+    return targets
+
+
+def _cls_soft_nll(
+    cases: Sequence[CaseLogits], kind: str, temperature: float, targets: np.ndarray
+) -> float:
+    probs = np.stack([scan_probabilities(c.cls_logits, kind, temperature) for c in cases])
+    return float(-np.mean(np.sum(targets * np.log(np.clip(probs, EPS, 1.0)), axis=1)))
+
+
 def _seg_nll(logits: np.ndarray, truth: np.ndarray, temperature: float) -> float:
     probs = softmax(logits / temperature, axis=1)
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(truth)), truth], EPS, 1.0))))
@@ -136,12 +167,18 @@ def fit_temperature(cases: Sequence[CaseLogits], kind: str) -> CalibrationFit:
     seg_logits = np.concatenate([c.seg_logits for c in cases]).astype(np.float64)
     seg_truth = np.concatenate([c.seg_truth for c in cases])
     t_cls = _fit(lambda t: _cls_nll(cases, kind, t))
+    lowest = _cls_nll(cases, kind, TEMPERATURE_BOUNDS[0])
+    separable = lowest <= _cls_nll(cases, kind, t_cls) + SEPARABLE_NLL
+    if separable:
+        targets = platt_targets([c.label for c in cases], len(CLASS_NAMES))
+        t_cls = _fit(lambda t: _cls_soft_nll(cases, kind, t, targets))
     t_seg = _fit(lambda t: _seg_nll(seg_logits, seg_truth, t))
     return CalibrationFit(
         temperature=Temperature(cls=round(t_cls, 4), seg=round(t_seg, 4)),
         cls_nll=(_cls_nll(cases, kind, 1.0), _cls_nll(cases, kind, t_cls)),
         seg_nll=(_seg_nll(seg_logits, seg_truth, 1.0), _seg_nll(seg_logits, seg_truth, t_seg)),
         cases=len(cases),
+        cls_separable=separable,
     )
 
 
@@ -173,8 +210,10 @@ def calibrate_checkpoint(
     data["calibration"] = fit.to_dict()
     target = Path(out) if out is not None else source
     save_atomic(data, target)
+    separable = " (validation separated: fitted to Platt's targets)" if fit.cls_separable else ""
     return (
-        f"{config.model}: temperature cls {fit.temperature.cls:.3f}, seg {fit.temperature.seg:.3f} "
+        f"{config.model}: temperature cls {fit.temperature.cls:.3f}{separable}, "
+        f"seg {fit.temperature.seg:.3f} "
         f"(validation NLL cls {fit.cls_nll[0]:.3f} -> {fit.cls_nll[1]:.3f}, seg "
         f"{fit.seg_nll[0]:.4f} -> {fit.seg_nll[1]:.4f}, {fit.cases} cases); wrote {target}"
     )
@@ -186,5 +225,6 @@ __all__ = [
     "calibrate_checkpoint",
     "calibrate_network",
     "fit_temperature",
+    "platt_targets",
     "scan_probabilities",
 ]

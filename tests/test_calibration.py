@@ -13,7 +13,13 @@ import pytest
 from contract_models import export_contract_model
 
 from ctjoint.contracts import MODEL_DEEPSC3D, MODEL_JCS2D, ONNX_META_TEMPERATURE
-from ctjoint.export.calibrate import CaseLogits, fit_temperature, scan_probabilities
+from ctjoint.export.calibrate import (
+    TEMPERATURE_BOUNDS,
+    CaseLogits,
+    fit_temperature,
+    platt_targets,
+    scan_probabilities,
+)
 from ctjoint.export.metrics import brier_score, expected_calibration_error
 from ctjoint.export.triton_spec import ModelFacts, ensemble_spec, postprocess_spec
 from ctjoint.gateway.aggregate import softmax
@@ -49,6 +55,32 @@ def test_fit_recovers_the_temperature_that_generated_the_labels() -> None:
     fit = fit_temperature(cases, "3d")
     assert fit.temperature.cls == pytest.approx(true_t, rel=0.1)
     assert fit.cls_nll[1] < fit.cls_nll[0]
+    assert not fit.cls_separable
+
+
+def test_platt_targets_give_each_case_its_class_count_plus_one_over_plus_two() -> None:
+    targets = platt_targets([0, 0, 1], 3)
+    np.testing.assert_allclose(
+        targets, [[3 / 4, 1 / 8, 1 / 8], [3 / 4, 1 / 8, 1 / 8], [1 / 6, 2 / 3, 1 / 6]]
+    )
+
+
+def test_a_validation_split_separated_without_doubt_does_not_run_to_the_bound() -> None:
+    # Every case right with the same margin: the likelihood only grows as the temperature
+    # falls, so the plain fit would stop at the search bound (0.05: logits x 20).
+    margin = 6.0
+    cases = [
+        CaseLogits(label, margin * np.eye(3)[label][None], np.zeros((1, 3)), np.zeros(1, np.int64))
+        for label in range(3)
+        for _ in range(10)
+    ]
+    fit = fit_temperature(cases, "3d")
+    assert fit.cls_separable
+    assert fit.to_dict()["cls_target"] == "platt"
+    # Platt's target for a class of 10 cases is 11/12: exp(margin / T) / (exp(margin / T) + 2)
+    # = 11/12 at T = margin / ln 22.
+    assert fit.temperature.cls == pytest.approx(margin / np.log(22.0), rel=1e-3)
+    assert fit.temperature.cls > TEMPERATURE_BOUNDS[0] * 10
 
 
 def test_jcs2d_scan_probabilities_go_through_the_slice_vote() -> None:
