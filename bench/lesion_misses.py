@@ -39,6 +39,7 @@ from ctjoint.export.dataset import CaseRef, discover_cases, load_case, read_nift
 from ctjoint.export.metrics import dice_score
 from ctjoint.gateway.analysis import ScanAnalyzer
 from ctjoint.gateway.backends.embedded import EmbeddedBackend
+from ctjoint.gateway.review import between_lungs
 
 MODELS = (MODEL_JCS2D, MODEL_DEEPSC3D)
 PLACES = ("lung", "heart/mediastinum", "chest wall")
@@ -48,38 +49,31 @@ DOC_BEGIN = "<!-- bench/lesion_misses.py begin -->"
 DOC_END = "<!-- bench/lesion_misses.py end -->"
 
 
-def between_lungs(lungs: np.ndarray) -> np.ndarray:
-    """Voxels outside the lungs lying, on their image row, between the last pixel of one lung
-    and the first of the other (lungs: 0 outside, 1 right, 2 left)."""
-    width = lungs.shape[2]
-    columns = np.arange(width)
-    extents = []
-    for side in (1, 2):
-        on = lungs == side
-        found = on.any(axis=2)
-        first = np.where(found, on.argmax(axis=2), -1)
-        last = np.where(found, width - 1 - on[:, :, ::-1].argmax(axis=2), width)
-        extents.append((first[..., None], last[..., None], found[..., None]))
-    (first_r, last_r, found_r), (first_l, last_l, found_l) = extents
-    both = found_r & found_l
-    between = both & (
-        ((last_r < columns) & (columns < first_l)) | ((last_l < columns) & (columns < first_r))
-    )
-    return between & (lungs == 0)
+# In-plane 4-neighbourhood of a [Z, Y, X] array: slices are not neighbours.
+IN_PLANE = np.zeros((1, 3, 3), dtype=bool)
+IN_PLANE[0, 1, :] = IN_PLANE[0, :, 1] = True
+
+
+def between_mask(lungs: np.ndarray) -> np.ndarray:
+    """Voxels outside the lungs and between them on their image row (lungs: 0 outside,
+    1 right, 2 left), by the review's rule (gateway/review.py `between_lungs`)."""
+    out = np.zeros(lungs.shape, dtype=bool)
+    for k in range(lungs.shape[0]):  # a slice at a time: a 512 x 512 x 500 scan's outside
+        y, x = np.nonzero(lungs[k] == 0)  # voxels at once would be gigabytes of indices
+        out[k, y, x] = between_lungs(lungs[k : k + 1], np.zeros_like(y), y, x)
+    return out
 
 
 def places(lesions: np.ndarray, lungs: np.ndarray, pixel_mm: float) -> np.ndarray:
     """[Z, Y, X] uint8: the index into PLACES of each truth lesion voxel, by what its
     lesion cross-section (connected on its slice) touches (the heart first), and 255 elsewhere."""
     steps = max(1, round(NEAR_MM / pixel_mm))
-    near = np.zeros((1, 3, 3), dtype=bool)
-    near[0, 1, :] = near[0, :, 1] = True  # in-plane cross: slices are not neighbours
-    between = between_lungs(lungs)
+    between = between_mask(lungs)
     outside = (lungs == 0) & ~between
-    by_heart = ndimage.binary_dilation(between, near, iterations=steps)
-    by_wall = ndimage.binary_dilation(outside, near, iterations=steps)
+    by_heart = ndimage.binary_dilation(between, IN_PLANE, iterations=steps)
+    by_wall = ndimage.binary_dilation(outside, IN_PLANE, iterations=steps)
     plane = np.zeros((3, 3, 3), dtype=bool)
-    plane[1] = near[0]  # a lesion's cross-section on each slice is judged on its own
+    plane[1] = IN_PLANE[0]  # a lesion's cross-section on each slice is judged on its own
     components, count = ndimage.label(lesions > 0, plane)
     place = np.zeros(count + 1, dtype=np.uint8)
     place[np.unique(components[by_wall])] = 2
@@ -90,10 +84,8 @@ def places(lesions: np.ndarray, lungs: np.ndarray, pixel_mm: float) -> np.ndarra
 
 def edges(lesions: np.ndarray) -> np.ndarray:
     """Truth lesion voxels with a lesion-free in-plane neighbour."""
-    near = np.zeros((1, 3, 3), dtype=bool)
-    near[0, 1, :] = near[0, :, 1] = True
     inside = lesions > 0
-    return inside & ~ndimage.binary_erosion(inside, near)
+    return inside & ~ndimage.binary_erosion(inside, IN_PLANE)
 
 
 def _abnormal(data: Path) -> list[CaseRef]:

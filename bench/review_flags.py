@@ -411,6 +411,7 @@ MEASURING = (
     review_module.measure,
     review_module.location_fractions,
     review_module.lesion_location,
+    review_module.between_lungs,
     review_module._row_extents,
     review_module.end_slice_fractions,
     review_module.end_fractions,

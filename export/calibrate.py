@@ -121,12 +121,15 @@ def case_logits(
     return CaseLogits(case.label, cls_logits, flat[pick], truth[pick].astype(np.int64))
 
 
-def _cls_nll(cases: Sequence[CaseLogits], kind: str, temperature: float) -> float:
-    losses = [
-        -math.log(max(float(scan_probabilities(c.cls_logits, kind, temperature)[c.label]), EPS))
-        for c in cases
-    ]
-    return float(np.mean(losses))
+def _cls_nll(
+    cases: Sequence[CaseLogits], kind: str, temperature: float, targets: np.ndarray | None = None
+) -> float:
+    """Mean cross-entropy of the scan probabilities against `targets` [cases, classes]
+    (default: each case's label)."""
+    probs = np.stack([scan_probabilities(c.cls_logits, kind, temperature) for c in cases])
+    if targets is None:
+        targets = np.eye(probs.shape[1])[[c.label for c in cases]]
+    return float(-np.mean(np.sum(targets * np.log(np.clip(probs, EPS, 1.0)), axis=1)))
 
 
 def platt_targets(labels: Sequence[int], classes: int) -> np.ndarray:
@@ -140,13 +143,6 @@ def platt_targets(labels: Sequence[int], classes: int) -> np.ndarray:
     targets = np.repeat(((1.0 - own) / (classes - 1))[:, None], classes, axis=1)
     targets[np.arange(len(index)), index] = own
     return targets
-
-
-def _cls_soft_nll(
-    cases: Sequence[CaseLogits], kind: str, temperature: float, targets: np.ndarray
-) -> float:
-    probs = np.stack([scan_probabilities(c.cls_logits, kind, temperature) for c in cases])
-    return float(-np.mean(np.sum(targets * np.log(np.clip(probs, EPS, 1.0)), axis=1)))
 
 
 def _seg_nll(logits: np.ndarray, truth: np.ndarray, temperature: float) -> float:
@@ -171,7 +167,7 @@ def fit_temperature(cases: Sequence[CaseLogits], kind: str) -> CalibrationFit:
     separable = lowest <= _cls_nll(cases, kind, t_cls) + SEPARABLE_NLL
     if separable:
         targets = platt_targets([c.label for c in cases], len(CLASS_NAMES))
-        t_cls = _fit(lambda t: _cls_soft_nll(cases, kind, t, targets))
+        t_cls = _fit(lambda t: _cls_nll(cases, kind, t, targets))
     t_seg = _fit(lambda t: _seg_nll(seg_logits, seg_truth, t))
     return CalibrationFit(
         temperature=Temperature(cls=round(t_cls, 4), seg=round(t_seg, 4)),

@@ -188,17 +188,25 @@ def lesion_location(
         return 0.0, 0.0, 0
     outside = air_lungs[z, y, x] == 0
     oz, oy, ox = z[outside], y[outside], x[outside]
-    rows, which = np.unique(oz.astype(np.intp) * air_lungs.shape[1] + oy, return_inverse=True)
+    between = between_lungs(air_lungs, oz, oy, ox)
+    n_between = int(np.count_nonzero(between))
+    n_outside = int(oz.size) - n_between
+    return n_outside / total, n_between / total, total
+
+
+def between_lungs(air_lungs: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """For voxels (z, y, x) outside the lungs: whether each lies between them, the last pixel
+    of one lung before it and the first of the other after it on its image row (only the
+    rows these voxels are on are read)."""
+    rows, which = np.unique(z.astype(np.intp) * air_lungs.shape[1] + y, return_inverse=True)
     first_right, last_right, first_left, last_left = _row_extents(
         air_lungs, *np.divmod(rows, air_lungs.shape[1])
     )
     # A row without one of the lungs has first -1 and last past the row: nothing between.
-    between = ((last_right[which] < ox) & (ox < first_left[which])) | (
-        (last_left[which] < ox) & (ox < first_right[which])
+    result: np.ndarray = ((last_right[which] < x) & (x < first_left[which])) | (
+        (last_left[which] < x) & (x < first_right[which])
     )
-    n_between = int(np.count_nonzero(between))
-    n_outside = int(oz.size) - n_between
-    return n_outside / total, n_between / total, total
+    return result
 
 
 def _row_extents(air_lungs: np.ndarray, z: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -414,6 +422,7 @@ __all__ = [
     "Review",
     "ReviewPolicy",
     "ReviewSignals",
+    "between_lungs",
     "disagreement",
     "end_fractions",
     "end_slice_fractions",

@@ -27,7 +27,7 @@ def _lungs(slices: int) -> np.ndarray:
 def test_between_the_lungs_is_the_tissue_on_a_row_with_a_lung_on_each_side(
     misses: types.ModuleType,
 ) -> None:
-    between = misses.between_lungs(_lungs(1))
+    between = misses.between_mask(_lungs(1))
     expected = np.zeros((1, 7, 13), dtype=bool)
     expected[0, 1:6, 6] = True
     assert np.array_equal(between, expected)
